@@ -1,0 +1,76 @@
+"""OmniQ core: models, the storage contract, the JSON codec, errors, the sync bridge and the
+fsspec plumbing shared by every file storage."""
+
+from .codec import check_json_value, decode, encode
+from .errors import (
+    AsyncContextError,
+    CapabilityError,
+    ConfigurationError,
+    InvalidNameError,
+    LeaseLostError,
+    MissingDependencyError,
+    NotFoundError,
+    OmniQError,
+    ResultTimeoutError,
+    SerializationError,
+    StorageError,
+    TaskCancelledError,
+)
+from .fs import Store
+from .interfaces import AsyncEventStorage, AsyncQueue, AsyncResultStorage
+from .models import (
+    Claimed,
+    ErrorInfo,
+    EventType,
+    QueueSize,
+    ResultStatus,
+    Task,
+    TaskEvent,
+    TaskInfo,
+    TaskResult,
+    TaskStatus,
+    new_id,
+    utcnow,
+)
+from .names import validate_name
+from .sync import SyncWrapper, blocking, run_sync
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncContextError",
+    "AsyncEventStorage",
+    "AsyncQueue",
+    "AsyncResultStorage",
+    "CapabilityError",
+    "Claimed",
+    "ConfigurationError",
+    "ErrorInfo",
+    "EventType",
+    "InvalidNameError",
+    "LeaseLostError",
+    "MissingDependencyError",
+    "NotFoundError",
+    "OmniQError",
+    "QueueSize",
+    "ResultStatus",
+    "ResultTimeoutError",
+    "SerializationError",
+    "StorageError",
+    "Store",
+    "SyncWrapper",
+    "Task",
+    "TaskCancelledError",
+    "TaskEvent",
+    "TaskInfo",
+    "TaskResult",
+    "TaskStatus",
+    "blocking",
+    "check_json_value",
+    "decode",
+    "encode",
+    "new_id",
+    "run_sync",
+    "utcnow",
+    "validate_name",
+]

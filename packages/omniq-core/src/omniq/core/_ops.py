@@ -1,0 +1,456 @@
+"""The file operations behind ``Store``: local (os calls), fsspec sync, fsspec async.
+
+Every class answers the same operations with the same meaning (see the op constructors in
+``fs.py``). Transient failures (timeouts, connection resets, 5xx) of idempotent operations are
+retried with backoff; other failures become ``StorageError`` with the original as the cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, NamedTuple, Protocol, TypeVar
+
+from .errors import OmniQError, StorageError
+
+log = logging.getLogger("omniq.fs")
+T = TypeVar("T")
+
+RETRIES = 4
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+              NotADirectoryError, ValueError, TypeError, KeyError, OmniQError)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, _PERMANENT):
+        return False
+    return isinstance(exc, Exception)
+
+
+def _backoff(attempt: int) -> float:
+    return min(2.0, 0.05 * (2**attempt)) * (0.5 + random.random() / 2)
+
+
+def _storage_error(what: str, key: str, exc: BaseException) -> StorageError:
+    return StorageError(f"{what} {key!r} failed: {type(exc).__name__}: {exc}")
+
+
+class Ops(Protocol):
+    def read(self, key: str) -> bytes | None: ...
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None]: ...
+    def write(self, key: str, data: bytes) -> None: ...
+    def create(self, key: str, data: bytes) -> bool: ...
+    def create_many(self, items: list[tuple[str, bytes]]) -> list[bool]: ...
+    def delete(self, key: str) -> bool: ...
+    def delete_many(self, keys: list[str]) -> None: ...
+    def list(self, prefix: str, detail: bool) -> list[Any]: ...
+    def list_dirs(self, prefix: str) -> list[str]: ...
+    def exists(self, key: str) -> bool: ...
+
+
+def _retry(what: str, key: str, fn: Callable[[], T]) -> T:
+    for attempt in range(RETRIES):
+        try:
+            return fn()
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+            if attempt == RETRIES - 1:
+                raise _storage_error(what, key, exc) from exc
+            log.warning("retrying %s %r after %s: %s", what, key, type(exc).__name__, exc)
+            time.sleep(_backoff(attempt))
+    raise AssertionError("unreachable")
+
+
+async def _aretry(what: str, key: str, fn: Callable[[], Awaitable[T]]) -> T:
+    for attempt in range(RETRIES):
+        try:
+            return await fn()
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+            if attempt == RETRIES - 1:
+                raise _storage_error(what, key, exc) from exc
+            log.warning("retrying %s %r after %s: %s", what, key, type(exc).__name__, exc)
+            await asyncio.sleep(_backoff(attempt))
+    raise AssertionError("unreachable")
+
+
+class Entry(NamedTuple):
+    """One file in a listing: its base name, size in bytes and modification time (epoch s)."""
+
+    name: str
+    size: int
+    mtime: float
+
+
+_entry = Entry
+
+
+class LocalOps:
+    """A local directory through os calls (called from one worker thread per program)."""
+
+    def __init__(self, root: str, *, fsync: bool = False) -> None:
+        self.root = root
+        self.fsync = fsync
+        self._link_ok = True
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, key)
+
+    def _tmp_write(self, path: str, data: bytes) -> str:
+        directory = os.path.dirname(path)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileNotFoundError:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        return {key: self.read(key) for key in keys}
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._tmp_write(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        if not self._link_ok:
+            return self._create_excl(path, data)
+        tmp = self._tmp_write(path, data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            log.info("hard links unsupported under %s; using O_EXCL create", self.root)
+            self._link_ok = False
+            return self._create_excl(path, data)
+        finally:
+            os.unlink(tmp)
+
+    def create_many(self, items: list[tuple[str, bytes]]) -> list[bool]:
+        return [self.create(key, data) for key, data in items]
+
+    def _create_excl(self, path: str, data: bytes) -> bool:
+        try:
+            with open(path, "xb") as f:
+                f.write(data)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            return True
+        except FileExistsError:
+            return False
+
+    def delete(self, key: str) -> bool:
+        try:
+            os.unlink(self._path(key))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            self.delete(key)
+
+    def list(self, prefix: str, detail: bool) -> list[Any]:
+        out: list[Any] = []
+        try:
+            with os.scandir(self._path(prefix)) as it:
+                for entry in it:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if not entry.is_file():
+                            continue
+                        if detail:
+                            st = entry.stat()
+                            out.append(_entry(entry.name, st.st_size, st.st_mtime))
+                        else:
+                            out.append(entry.name)
+                    except FileNotFoundError:
+                        continue
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out.sort()
+        return out
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        try:
+            with os.scandir(self._path(prefix)) as it:
+                return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(field)
+        if value is None:
+            continue
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return 0.0
+
+
+def _basename(name: str) -> str:
+    return name.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _listing(infos: list[dict[str, Any]], detail: bool) -> list[Any]:
+    out: list[Any] = []
+    for info in infos:
+        if info.get("type") != "file":
+            continue
+        name = _basename(info["name"])
+        if name.startswith("."):
+            continue
+        out.append(_entry(name, int(info.get("size") or 0), _mtime(info)) if detail else name)
+    out.sort()
+    return out
+
+
+def _dirs(infos: list[dict[str, Any]]) -> list[str]:
+    names = {_basename(i["name"]) for i in infos if i.get("type") == "directory"}
+    return sorted(n for n in names if n and not n.startswith("."))
+
+
+def _is_exists_error(exc: BaseException) -> bool:
+    if isinstance(exc, FileExistsError):
+        return True
+    # Some stores report a failed precondition as a generic error carrying HTTP 412.
+    text = f"{type(exc).__name__} {exc}"
+    return "412" in text or "PreconditionFailed" in text or "ConditionNotMet" in text
+
+
+class FsspecOps:
+    """Any fsspec filesystem through its sync API (memory; remote stores outside asyncio)."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def read(self, key: str) -> bytes | None:
+        def go() -> bytes | None:
+            try:
+                return self.fs.cat_file(key)  # type: ignore[no-any-return]
+            except FileNotFoundError:
+                return None
+
+        return _retry("read", key, go)
+
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        if not keys:
+            return {}
+        got = _retry("read", keys[0], lambda: self.fs.cat(keys, on_error="return"))
+        return _collect(keys, got, self.read)
+
+    def write(self, key: str, data: bytes) -> None:
+        _retry("write", key, lambda: self.fs.pipe_file(key, data))
+
+    def create(self, key: str, data: bytes) -> bool:
+        for attempt in range(RETRIES):
+            try:
+                self.fs.pipe_file(key, data, mode="create")
+                return True
+            except Exception as exc:
+                if _is_exists_error(exc):
+                    # A retried request whose first try succeeded also says "exists".
+                    return attempt > 0 and self.read(key) == data
+                if not _is_transient(exc) or attempt == RETRIES - 1:
+                    raise _storage_error("create", key, exc) from exc
+                time.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
+
+    def create_many(self, items: list[tuple[str, bytes]]) -> list[bool]:
+        return [self.create(key, data) for key, data in items]
+
+    def delete(self, key: str) -> bool:
+        def go() -> bool:
+            try:
+                self.fs.rm_file(key)
+                return True
+            except FileNotFoundError:
+                return False
+
+        return _retry("delete", key, go)
+
+    def delete_many(self, keys: list[str]) -> None:
+        if keys:
+            try:
+                _retry("delete", keys[0], lambda: self.fs.rm(keys))
+            except FileNotFoundError:
+                for key in keys:
+                    self.delete(key)
+
+    def list(self, prefix: str, detail: bool) -> list[Any]:
+        return _listing(self._ls(prefix), detail)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        return _dirs(self._ls(prefix))
+
+    def _ls(self, prefix: str) -> list[dict[str, Any]]:
+        def go() -> list[dict[str, Any]]:
+            try:
+                return self.fs.ls(prefix, detail=True)  # type: ignore[no-any-return]
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+
+        return _retry("list", prefix, go)
+
+    def exists(self, key: str) -> bool:
+        return _retry("exists", key, lambda: bool(self.fs.exists(key)))
+
+
+def _collect(keys: list[str], got: Any, single: Callable[[str], bytes | None]) -> dict[
+        str, bytes | None]:
+    out: dict[str, bytes | None] = {}
+    values = got if isinstance(got, dict) else {}
+    for key in keys:
+        value = values.get(key)
+        if value is None:
+            value = next((v for k, v in values.items() if k.endswith(key)), None)
+        if isinstance(value, FileNotFoundError):
+            out[key] = None
+        elif isinstance(value, (bytes, bytearray)):
+            out[key] = bytes(value)
+        else:
+            out[key] = single(key)  # odd path echo or an error: ask once more, alone
+    return out
+
+
+class AsyncFsspecOps:
+    """An async fsspec filesystem (s3fs, gcsfs, adlfs) on the running asyncio loop."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    async def aclose(self) -> None:
+        inner = self.fs.fs
+        for name in ("close", "_close"):
+            method = getattr(inner, name, None)
+            if method is not None and asyncio.iscoroutinefunction(method):
+                await method()
+                return
+        s3 = getattr(inner, "_s3", None)
+        if s3 is not None:
+            await s3.__aexit__(None, None, None)
+            inner._s3 = None
+        session = getattr(inner, "_session", None)
+        if session is not None and hasattr(session, "close"):
+            result = session.close()
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def read(self, key: str) -> bytes | None:
+        async def go() -> bytes | None:
+            try:
+                return await self.fs._cat_file(key)  # type: ignore[no-any-return]
+            except FileNotFoundError:
+                return None
+
+        return await _aretry("read", key, go)
+
+    async def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        values = await asyncio.gather(*(self.read(k) for k in keys))
+        return dict(zip(keys, values))
+
+    async def write(self, key: str, data: bytes) -> None:
+        await _aretry("write", key, lambda: self.fs._pipe_file(key, data))
+
+    async def create(self, key: str, data: bytes) -> bool:
+        for attempt in range(RETRIES):
+            try:
+                await self.fs._pipe_file(key, data, mode="create")
+                return True
+            except Exception as exc:
+                if _is_exists_error(exc):
+                    return attempt > 0 and await self.read(key) == data
+                if not _is_transient(exc) or attempt == RETRIES - 1:
+                    raise _storage_error("create", key, exc) from exc
+                await asyncio.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
+
+    async def create_many(self, items: list[tuple[str, bytes]]) -> list[bool]:
+        return list(await asyncio.gather(*(self.create(key, data) for key, data in items)))
+
+    async def delete(self, key: str) -> bool:
+        async def go() -> bool:
+            try:
+                await self.fs._rm_file(key)
+                return True
+            except FileNotFoundError:
+                return False
+
+        return await _aretry("delete", key, go)
+
+    async def delete_many(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        try:
+            await _aretry("delete", keys[0], lambda: self.fs._rm(keys))
+        except FileNotFoundError:
+            await asyncio.gather(*(self.delete(k) for k in keys))
+
+    async def _ls(self, prefix: str) -> list[dict[str, Any]]:
+        async def go() -> list[dict[str, Any]]:
+            try:
+                return await self.fs._ls(prefix, detail=True)  # type: ignore[no-any-return]
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+
+        return await _aretry("list", prefix, go)
+
+    async def list(self, prefix: str, detail: bool) -> list[Any]:
+        return _listing(await self._ls(prefix), detail)
+
+    async def list_dirs(self, prefix: str) -> list[str]:
+        return _dirs(await self._ls(prefix))
+
+    async def exists(self, key: str) -> bool:
+        return await _aretry("exists", key, lambda: self.fs._exists(key))  # type: ignore[no-any-return]

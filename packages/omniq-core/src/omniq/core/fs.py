@@ -1,0 +1,312 @@
+"""fsspec plumbing shared by every file storage: one ``Store`` rooted at ``base_dir``.
+
+A storage class describes a multi-step operation as a *program*: a generator that yields
+``Op`` requests (``read``, ``write``, ``create``, ...) and receives their results. ``Store.run``
+drives the whole program
+
+* inline for the memory filesystem (no blocking I/O),
+* in **one** worker-thread hop for a local directory (no thread hop per file operation),
+* natively async through an async ``DirFileSystem`` for S3, GCS and Azure under asyncio,
+* in one worker-thread hop over the sync fsspec API for remote stores under trio.
+
+Exclusive create uses the primitive that is really atomic on each store: locally a fully written
+temporary file is hard-linked into place (``link(2)`` fails with EEXIST exactly like ``O_EXCL``,
+and a reader never sees a half-written claim); on S3, GCS and Azure ``pipe_file(mode="create")``
+(conditional PUT). Listing caches are off: a stale listing loses or duplicates work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import uuid
+import weakref
+from collections.abc import Callable, Generator, Iterable
+from typing import Any, NamedTuple, TypeVar
+
+import anyio
+import anyio.to_thread
+import fsspec
+import sniffio
+from fsspec.core import split_protocol
+from fsspec.implementations.dirfs import DirFileSystem
+
+from ._ops import AsyncFsspecOps, Entry, FsspecOps, LocalOps, Ops
+from .errors import CapabilityError, ConfigurationError, MissingDependencyError
+
+log = logging.getLogger("omniq.fs")
+R = TypeVar("R")
+
+
+class Op(NamedTuple):
+    name: str
+    args: tuple[Any, ...]
+
+
+Program = Generator[Op, Any, R]
+
+
+# Op constructors: ``data = yield read("a/b.json")`` inside a program.
+def read(key: str) -> Op:
+    """Bytes of ``key``, or None if it does not exist."""
+    return Op("read", (key,))
+
+
+def read_many(keys: Iterable[str]) -> Op:
+    """``{key: bytes or None}`` for many keys, fetched concurrently."""
+    return Op("read_many", (list(keys),))
+
+
+def write(key: str, data: bytes) -> Op:
+    """Replace ``key`` atomically (temp + rename locally, one PUT remotely)."""
+    return Op("write", (key, data))
+
+
+def create(key: str, data: bytes) -> Op:
+    """Create ``key`` only if absent; True if this call created it, False if it existed."""
+    return Op("create", (key, data))
+
+
+def create_many(items: Iterable[tuple[str, bytes]]) -> Op:
+    """Exclusive-create many keys (concurrently where the store allows); list of bools."""
+    return Op("create_many", (list(items),))
+
+
+def delete(key: str) -> Op:
+    """Delete ``key``; True if it existed (always True on S3, which does not say)."""
+    return Op("delete", (key,))
+
+
+def delete_many(keys: Iterable[str]) -> Op:
+    return Op("delete_many", (list(keys),))
+
+
+def listdir(prefix: str, detail: bool = False) -> Op:
+    """Files directly under ``prefix`` as sorted ``Entry`` (detail) or names; [] if absent."""
+    return Op("list", (prefix, detail))
+
+
+def listdirs(prefix: str) -> Op:
+    """Sorted names of the sub-directories directly under ``prefix``."""
+    return Op("list_dirs", (prefix,))
+
+
+def exists(key: str) -> Op:
+    return Op("exists", (key,))
+
+
+def now() -> Op:
+    """The current time (epoch seconds); lets tests inject a clock through ``Store.clock``."""
+    return Op("now", ())
+
+
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "abfs": "azure", "abfss": "azure",
+           "az": "azure", "adl": "azure"}
+_KIND = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "abfs": "azure", "abfss": "azure",
+         "az": "azure", "memory": "memory", "file": "local", "local": "local"}
+_USERINFO = re.compile(r"(://)[^/@]*@")
+
+
+def redact_url(url: str) -> str:
+    """Drop ``user:password@`` from a URL so it can be shown."""
+    return _USERINFO.sub(r"\1***@", url)
+
+
+def _fs_class(protocol: str, package: str) -> type[Any]:
+    try:
+        return fsspec.get_filesystem_class(protocol)  # type: ignore[no-any-return]
+    except (ImportError, ValueError) as exc:
+        extra = _EXTRAS.get(protocol)
+        hint = (f"install it with `pip install {package}[{extra}]` (or `[cloud]` for all three)"
+                if extra else "install the fsspec plugin for it")
+        raise MissingDependencyError(
+            f"the {protocol}:// filesystem is not available: {exc}; {hint}"
+        ) from exc
+
+
+class Store:
+    """Files under ``base_dir`` on any fsspec filesystem.
+
+    ``storage_options`` go to fsspec unchanged (credentials, endpoints) and are never shown in
+    ``repr``, logs or error messages.
+    """
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str],
+        storage_options: dict[str, Any] | None = None,
+        *,
+        package: str = "omniq-core",
+        fsync: bool = False,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if not isinstance(base_dir, (str, os.PathLike)) or not str(base_dir):
+            raise ConfigurationError("base_dir must be a non-empty path or fsspec URL")
+        url = os.fspath(base_dir)
+        protocol, path = split_protocol(url)
+        protocol = protocol or "file"
+        self.protocol = protocol
+        self.kind = _KIND.get(protocol, "remote")
+        self.url = redact_url(url)
+        self._options = dict(storage_options or {})
+        self.clock = clock or _wall_clock
+        self._package = package
+        self._async_ops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncFsspecOps]
+        self._async_ops = weakref.WeakKeyDictionary()
+        self._sync_ops: Ops
+        if self.kind == "local":
+            if self._options:
+                log.debug("storage_options are ignored for a local directory")
+            root = os.path.abspath(os.path.expanduser(path))
+            self.root = root
+            self._sync_ops = LocalOps(root, fsync=fsync)
+        else:
+            self.root = path.rstrip("/")
+            if not self.root:
+                raise ConfigurationError(f"base_dir {self.url!r} needs a bucket or path")
+            _fs_class(protocol, package)
+            self._sync_ops = FsspecOps(self._make_dirfs(asynchronous=False))
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def _make_dirfs(self, asynchronous: bool) -> DirFileSystem:
+        cls = _fs_class(self.protocol, self._package)
+        options = dict(self._options)
+        extra: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
+        if asynchronous:
+            extra["asynchronous"] = True
+        try:
+            fs = cls(**{**extra, **options})
+        except TypeError:  # filesystems that do not take listing-cache arguments
+            fs = cls(**options, skip_instance_cache=True, **(
+                {"asynchronous": True} if asynchronous else {}))
+        return DirFileSystem(path=self.root, fs=fs, asynchronous=asynchronous)
+
+    @property
+    def is_local(self) -> bool:
+        return self.kind == "local"
+
+    @property
+    def shared_across_processes(self) -> bool:
+        """False for the memory filesystem, which lives inside one process."""
+        return self.kind != "memory"
+
+    # -- running programs -------------------------------------------------------------------
+    async def run(self, program: Program[R]) -> R:
+        """Drive ``program`` to completion and return its value."""
+        if self.kind == "memory":
+            return _drive(program, self._sync_ops, self.clock)
+        if self.kind == "local":
+            return await anyio.to_thread.run_sync(_drive, program, self._sync_ops, self.clock)
+        if sniffio.current_async_library() != "asyncio":
+            return await anyio.to_thread.run_sync(_drive, program, self._sync_ops, self.clock)
+        ops = await self._ops_for_loop()
+        return await _adrive(program, ops, self.clock)
+
+    async def _ops_for_loop(self) -> AsyncFsspecOps:
+        loop = asyncio.get_running_loop()
+        ops = self._async_ops.get(loop)
+        if ops is None:
+            dirfs = self._make_dirfs(asynchronous=True)
+            setter = getattr(dirfs.fs, "set_session", None)
+            if setter is not None and asyncio.iscoroutinefunction(setter):
+                await setter()
+            ops = self._async_ops[loop] = AsyncFsspecOps(dirfs)
+        return ops
+
+    async def aclose(self) -> None:
+        """Close the network sessions opened on the current event loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        ops = self._async_ops.pop(loop, None)
+        if ops is not None:
+            await ops.aclose()
+
+    # -- one-op conveniences ----------------------------------------------------------------
+    async def read(self, key: str) -> bytes | None:
+        return await self.run(_one(read(key)))
+
+    async def read_many(self, keys: Iterable[str]) -> dict[str, bytes | None]:
+        return await self.run(_one(read_many(keys)))
+
+    async def write(self, key: str, data: bytes) -> None:
+        await self.run(_one(write(key, data)))
+
+    async def create(self, key: str, data: bytes) -> bool:
+        return await self.run(_one(create(key, data)))
+
+    async def delete(self, key: str) -> bool:
+        return await self.run(_one(delete(key)))
+
+    async def delete_many(self, keys: Iterable[str]) -> None:
+        await self.run(_one(delete_many(keys)))
+
+    async def list(self, prefix: str) -> list[str]:
+        return await self.run(_one(listdir(prefix)))
+
+    async def list_detail(self, prefix: str) -> list[Entry]:
+        return await self.run(_one(listdir(prefix, True)))
+
+    async def list_dirs(self, prefix: str) -> list[str]:
+        return await self.run(_one(listdirs(prefix)))
+
+    async def exists(self, key: str) -> bool:
+        return await self.run(_one(exists(key)))
+
+    async def probe_exclusive_create(self) -> None:
+        """Prove that exclusive create is enforced here: create one key twice.
+
+        Raises CapabilityError if the second create also succeeds.
+        """
+        key = f"_omniq/probe-{uuid.uuid4().hex}"
+        first = await self.create(key, b"1")
+        second = await self.create(key, b"2")
+        await self.delete(key)
+        if not first or second:
+            raise CapabilityError(
+                f"{self.url}: this filesystem does not enforce exclusive create "
+                f"(first={first}, second={second}); several workers would run the same task"
+            )
+
+
+def _wall_clock() -> float:
+    import time
+
+    return time.time()
+
+
+def _one(op: Op) -> Program[Any]:
+    return (yield op)
+
+
+def _drive(program: Program[R], ops: Ops, clock: Callable[[], float]) -> R:
+    try:
+        op = next(program)
+        while True:
+            try:
+                result = clock() if op.name == "now" else getattr(ops, op.name)(*op.args)
+            except Exception as exc:  # handed to the program, which may handle it
+                op = program.throw(exc)
+            else:
+                op = program.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+async def _adrive(program: Program[R], ops: AsyncFsspecOps, clock: Callable[[], float]) -> R:
+    try:
+        op = next(program)
+        while True:
+            try:
+                result = clock() if op.name == "now" else await getattr(ops, op.name)(*op.args)
+            except Exception as exc:
+                op = program.throw(exc)
+            else:
+                op = program.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]

@@ -1,0 +1,249 @@
+"""Data models: tasks, results and events, as msgspec structs."""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import msgspec
+
+from .errors import SerializationError
+
+SCHEMA_VERSION = 1
+"""Version written into every stored document (field ``v``)."""
+
+UTC = timezone.utc
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def ensure_utc(value: datetime | None, name: str = "timestamp") -> datetime | None:
+    """Return ``value`` in UTC; naive datetimes are refused (their zone is unknown)."""
+    if value is None:
+        return None
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware, got naive {value!r}")
+    return value.astimezone(UTC)
+
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_id_lock = threading.Lock()
+_last_id: list[int] = [0, 0]  # [millis, random part]
+
+
+def new_id() -> str:
+    """A 26-character ULID-style id: sortable by creation time, unique, monotonic per process."""
+    ms = time.time_ns() // 1_000_000
+    with _id_lock:
+        if ms <= _last_id[0]:
+            ms = _last_id[0]
+            rand = _last_id[1] + 1
+        else:
+            rand = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for increments
+        _last_id[0], _last_id[1] = ms, rand
+    value = (ms << 80) | rand
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+class TaskStatus(str, enum.Enum):
+    PENDING = "pending"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class ResultStatus(str, enum.Enum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+
+
+class EventType(str, enum.Enum):
+    ENQUEUED = "enqueued"
+    STARTED = "started"
+    RETRIED = "retried"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DEAD_LETTERED = "dead_lettered"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    LEASE_EXPIRED = "lease_expired"
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True, frozen=True):
+    """An exception captured as data."""
+
+    type: str
+    message: str
+    traceback: str | None = None
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, *, with_traceback: bool = True) -> ErrorInfo:
+        import traceback as tb
+
+        text = "".join(tb.format_exception(exc)) if with_traceback else None
+        return cls(type=f"{type(exc).__module__}.{type(exc).__qualname__}", message=str(exc),
+                   traceback=text)
+
+
+class _Document(msgspec.Struct, kw_only=True):
+    v: int = SCHEMA_VERSION
+
+    def _check_version(self) -> None:
+        if self.v > SCHEMA_VERSION or self.v < 1:
+            raise SerializationError(
+                f"{type(self).__name__} schema version {self.v} is not supported "
+                f"(this OmniQ reads 1..{SCHEMA_VERSION})"
+            )
+
+
+class Task(_Document, kw_only=True):
+    """A unit of work. ``func`` is an import path ``"package.module:function"``."""
+
+    func: str
+    args: list[Any] = msgspec.field(default_factory=list)
+    kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
+    id: str = msgspec.field(default_factory=new_id)
+    queue: str = "default"
+    priority: int = 0
+    eta: datetime | None = None
+    expires_at: datetime | None = None
+    max_retries: int = 0
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 300.0
+    retry_jitter: bool = True
+    timeout: float | None = None
+    attempt: int = 1
+    failures: int = 0
+    created_at: datetime = msgspec.field(default_factory=utcnow)
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    last_error: ErrorInfo | None = None
+
+    def __post_init__(self) -> None:
+        self._check_version()
+        if isinstance(self.args, tuple):  # accept tuples from Python callers
+            self.args = list(self.args)
+        self.eta = ensure_utc(self.eta, "eta")
+        self.expires_at = ensure_utc(self.expires_at, "expires_at")
+        self.created_at = ensure_utc(self.created_at, "created_at") or utcnow()
+        if self.attempt < 1:
+            raise ValueError("attempt starts at 1")
+        if not MIN_PRIORITY <= self.priority <= MAX_PRIORITY:
+            raise ValueError(f"priority must be in [{MIN_PRIORITY}, {MAX_PRIORITY}]")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+
+    def retry_delay(self, failures: int, rand: float) -> float:
+        """Exponential backoff after ``failures`` failed attempts; ``rand`` in [0, 1)."""
+        delay = min(self.retry_backoff_max, self.retry_backoff * (2 ** max(0, failures - 1)))
+        if self.retry_jitter:
+            delay = delay / 2 + delay / 2 * rand
+        return max(0.0, delay)
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+MIN_PRIORITY = -999
+MAX_PRIORITY = 999
+
+
+class TaskResult(_Document, kw_only=True):
+    """The outcome of one task (the last attempt that wrote it)."""
+
+    task_id: str
+    status: ResultStatus
+    value: Any = None
+    error: ErrorInfo | None = None
+    attempt: int = 1
+    queue: str | None = None
+    func: str | None = None
+    worker_id: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime = msgspec.field(default_factory=utcnow)
+    expires_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        self._check_version()
+        self.started_at = ensure_utc(self.started_at, "started_at")
+        self.finished_at = ensure_utc(self.finished_at, "finished_at") or utcnow()
+        self.expires_at = ensure_utc(self.expires_at, "expires_at")
+
+    @property
+    def ok(self) -> bool:
+        return self.status is ResultStatus.SUCCESS
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+class TaskEvent(_Document, kw_only=True):
+    """One step in a task's life, stored as one JSON document."""
+
+    task_id: str
+    type: EventType
+    time: datetime = msgspec.field(default_factory=utcnow)
+    id: str = msgspec.field(default_factory=new_id)
+    queue: str | None = None
+    worker_id: str | None = None
+    attempt: int | None = None
+    error: ErrorInfo | None = None
+    duration: float | None = None
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._check_version()
+        self.time = ensure_utc(self.time, "time") or utcnow()
+
+
+class Claimed(msgspec.Struct, kw_only=True):
+    """A task held by one worker: what ``ack``, ``nack`` and ``extend_lease`` need."""
+
+    task: Task
+    attempt: int
+    lease_until: datetime
+    worker_id: str
+    token: str
+    claimed_at: datetime = msgspec.field(default_factory=utcnow)
+
+    @property
+    def id(self) -> str:
+        return self.task.id
+
+    @property
+    def queue(self) -> str:
+        return self.task.queue
+
+    def remaining(self, now: datetime | None = None) -> timedelta:
+        return self.lease_until - (now or utcnow())
+
+
+class TaskInfo(msgspec.Struct, kw_only=True):
+    """What ``get_task`` reports: the task document and where it stands."""
+
+    task: Task | None
+    status: TaskStatus
+    attempt: int | None = None
+    worker_id: str | None = None
+    lease_until: datetime | None = None
+    error: ErrorInfo | None = None
+
+
+class QueueSize(msgspec.Struct, kw_only=True):
+    ready: int = 0
+    scheduled: int = 0
+    running: int = 0
+    dead: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.ready + self.scheduled + self.running + self.dead

@@ -1,0 +1,205 @@
+"""The blocking twins of the ``Async*`` classes.
+
+One daemon thread per process runs one asyncio event loop, started on first use and shared by
+every sync object. Calls from any number of threads are submitted to it; a call from a thread
+whose own event loop is running raises :class:`AsyncContextError` at once instead of blocking
+that loop. After ``fork`` the child starts a fresh loop thread; at interpreter exit pending work
+is cancelled and the loop is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import functools
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any, Generic, TypeVar, overload
+
+import sniffio
+from typing_extensions import Concatenate, ParamSpec, Self
+
+from .errors import AsyncContextError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+A = TypeVar("A")
+
+
+class _LoopThread:
+    """The process-wide event-loop thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is not None:
+            return loop
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+                thread = threading.Thread(
+                    target=self._serve, args=(loop, ready), name="omniq-loop", daemon=True
+                )
+                thread.start()
+                ready.wait()
+                self._thread, self._loop = thread, loop
+            return self._loop
+
+    @staticmethod
+    def _serve(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        loop.run_forever()
+
+    def in_loop_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def run(self, make_coro: Callable[[], Coroutine[Any, Any, R]], owner: str) -> R:
+        _refuse_async_context(owner)
+        if self.in_loop_thread():
+            raise AsyncContextError(f"{owner} called from OmniQ's own event-loop thread")
+        loop = self.loop()
+        future = asyncio.run_coroutine_threadsafe(make_coro(), loop)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()
+            try:
+                future.result(timeout=5)
+            except BaseException:  # noqa: BLE001 - the interrupt is what we re-raise
+                pass
+            raise
+        except concurrent.futures.CancelledError:
+            raise asyncio.CancelledError(f"{owner} was cancelled (event loop shutting down)")
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is None or thread is None or not thread.is_alive():
+            return
+
+        async def cancel_all() -> None:
+            me = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await loop.shutdown_asyncgens()
+
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(timeout)
+        except BaseException:  # noqa: BLE001 - best effort at exit
+            pass
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        if not thread.is_alive():
+            loop.close()
+
+    def reset_after_fork(self) -> None:
+        # The loop thread does not exist in the child; its loop object must not be reused.
+        self._lock = threading.Lock()
+        self._loop = None
+        self._thread = None
+
+
+_LOOP = _LoopThread()
+atexit.register(_LOOP.shutdown)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_LOOP.reset_after_fork)
+
+
+def _refuse_async_context(owner: str) -> None:
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return
+    raise AsyncContextError(
+        f"{owner} is the blocking API and was called inside a running {library} event loop; "
+        f"it would block that loop. Use the async class (Async{owner.split('.')[0]}) and await it."
+    )
+
+
+def run_sync(make_coro: Callable[[], Coroutine[Any, Any, R]], owner: str = "OmniQ") -> R:
+    """Run a coroutine on the shared loop thread and return its result (blocking)."""
+    return _LOOP.run(make_coro, owner)
+
+
+def shared_loop() -> asyncio.AbstractEventLoop:
+    """The shared event loop (started if needed)."""
+    return _LOOP.loop()
+
+
+class blocking(Generic[P, R]):  # noqa: N801 - used like a decorator
+    """Descriptor that turns an ``async def`` method of the wrapped object into a blocking one.
+
+    ``enqueue = blocking(AsyncFileQueue.enqueue)`` gives ``FileQueue().enqueue(task) -> str``
+    with the same signature, docstring and return type as the async method.
+    """
+
+    def __init__(self, method: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]]) -> None:
+        self._method = method
+        self._name = method.__name__
+        self.__doc__ = method.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._owner_name = f"{owner.__name__}.{name}"
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> Self: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> Callable[P, R]: ...
+    def __get__(self, obj: object | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        target = obj._async  # type: ignore[attr-defined]
+        name, owner_name = self._name, getattr(self, "_owner_name", self._name)
+
+        @functools.wraps(self._method)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            method = getattr(target, name)
+            return _LOOP.run(lambda: method(*args, **kwargs), owner_name)
+
+        return call
+
+
+class SyncWrapper(Generic[A]):
+    """Base of the blocking twins: holds the async object and closes it on ``with`` exit."""
+
+    _async: A
+
+    def __init__(self, wrapped: A) -> None:
+        self._async = wrapped
+
+    @property
+    def async_api(self) -> A:
+        """The async object this twin drives (use it from async code)."""
+        return self._async
+
+    def close(self) -> None:
+        """Release the storage connections of the wrapped object."""
+        close = getattr(self._async, "close", None)
+        if close is not None:
+            _LOOP.run(close, f"{type(self).__name__}.close")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._async!r})"

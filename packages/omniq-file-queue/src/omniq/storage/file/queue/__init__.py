@@ -1,0 +1,46 @@
+"""OmniQ's file task queue: ``AsyncFileQueue`` and its blocking twin ``FileQueue``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from omniq.core.sync import SyncWrapper, blocking
+
+from ._queue import AsyncFileQueue, default_worker_id
+
+__version__ = "0.1.0"
+
+
+class FileQueue(SyncWrapper[AsyncFileQueue]):
+    """Blocking twin of :class:`AsyncFileQueue` (same arguments, same method names).
+
+    Safe from many threads; raises AsyncContextError if called inside a running event loop.
+    """
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str],
+        storage_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(AsyncFileQueue(base_dir, storage_options, **kwargs))
+
+    enqueue = blocking(AsyncFileQueue.enqueue)
+    enqueue_many = blocking(AsyncFileQueue.enqueue_many)
+    dequeue = blocking(AsyncFileQueue.dequeue)
+    ack = blocking(AsyncFileQueue.ack)
+    nack = blocking(AsyncFileQueue.nack)
+    release = blocking(AsyncFileQueue.release)
+    extend_lease = blocking(AsyncFileQueue.extend_lease)
+    reap = blocking(AsyncFileQueue.reap)
+    get_task = blocking(AsyncFileQueue.get_task)
+    cancel = blocking(AsyncFileQueue.cancel)
+    size = blocking(AsyncFileQueue.size)
+    list_queues = blocking(AsyncFileQueue.list_queues)
+    purge = blocking(AsyncFileQueue.purge)
+    list_dead = blocking(AsyncFileQueue.list_dead)
+    requeue_dead = blocking(AsyncFileQueue.requeue_dead)
+
+
+__all__ = ["AsyncFileQueue", "FileQueue", "default_worker_id"]

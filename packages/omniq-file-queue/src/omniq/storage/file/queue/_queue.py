@@ -1,0 +1,655 @@
+"""AsyncFileQueue: a leased task queue on any fsspec filesystem.
+
+Every multi-step operation is a *program* (a generator of storage ops, see
+``omniq.core.fs``) so that a local directory pays one thread hop per operation and object
+stores run natively async.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import anyio
+import msgspec
+
+from omniq.core import codec
+from omniq.core.errors import (
+    LeaseLostError,
+    NotFoundError,
+    SerializationError,
+    TaskCancelledError,
+)
+from omniq.core.fs import (
+    Program,
+    Store,
+    create,
+    create_many,
+    delete,
+    delete_many,
+    exists,
+    listdir,
+    listdirs,
+    now,
+    read,
+    read_many,
+    write,
+)
+from omniq.core.interfaces import AsyncQueue
+from omniq.core.models import (
+    UTC,
+    Claimed,
+    ErrorInfo,
+    EventType,
+    QueueSize,
+    Task,
+    TaskEvent,
+    TaskInfo,
+    TaskStatus,
+)
+from omniq.core.names import validate_name
+
+from . import _layout as L
+
+log = logging.getLogger("omniq.queue")
+
+EventHook = Callable[[TaskEvent], Awaitable[None]]
+
+_TOMBSTONE_STATUS = {L.DONE: TaskStatus.DONE, L.CANCELLED: TaskStatus.CANCELLED,
+                     L.EXPIRED: TaskStatus.EXPIRED}
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _dt(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def _error_info(error: ErrorInfo | BaseException | str | None) -> ErrorInfo | None:
+    if error is None or isinstance(error, ErrorInfo):
+        return error
+    if isinstance(error, BaseException):
+        return ErrorInfo.from_exception(error)
+    return ErrorInfo(type="error", message=str(error))
+
+
+class _Cache:
+    """Claim candidates from the last listing of one queue, shared by this instance's callers."""
+
+    __slots__ = ("at", "items")
+
+    def __init__(self, at: float, items: list[L.Candidate]) -> None:
+        self.at = at
+        self.items = items
+
+
+class AsyncFileQueue(AsyncQueue):
+    """A task queue whose state is files under ``base_dir``; safe for many workers.
+
+    Args:
+        base_dir: local path or fsspec URL (``s3://bucket/prefix``, ``gs://...``,
+            ``abfs://container/prefix``, ``memory://name``).
+        storage_options: passed to fsspec (credentials, endpoint); never shown.
+        lease: default seconds a claim lasts unless extended.
+        poll_interval: first pause between empty polls when ``dequeue(wait=...)``; grows to
+            ``max_poll_interval``.
+        clock_skew: tolerated clock difference between workers; a lease is taken over only
+            ``clock_skew`` seconds after it expired by the taker's clock.
+        tombstone_ttl: how long finished attempts stay visible to ``get_task`` (and fence
+            stale workers) before they are cleaned up.
+        on_event: async callback for events the queue itself observes (expired tasks, lease
+            take-overs); the worker reports the rest.
+        clock: epoch-seconds clock, for tests.
+    """
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str],
+        storage_options: dict[str, Any] | None = None,
+        *,
+        lease: float = 60.0,
+        poll_interval: float = 0.2,
+        max_poll_interval: float = 2.0,
+        clock_skew: float = 5.0,
+        tombstone_ttl: float = 300.0,
+        refresh_interval: float = 1.0,
+        batch: int = 256,
+        spread: int = 8,
+        fsync: bool = False,
+        on_event: EventHook | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if lease <= 0:
+            raise ValueError("lease must be positive")
+        self.store = Store(base_dir, storage_options, package="omniq-file-queue", fsync=fsync,
+                           clock=clock)
+        self.lease = float(lease)
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max(max_poll_interval, poll_interval)
+        self.clock_skew = clock_skew
+        self.tombstone_ttl = tombstone_ttl
+        self.refresh_interval = refresh_interval
+        self.reap_interval = max(0.2, self.lease / 4)
+        self.batch = batch
+        self.spread = max(1, spread)
+        self.on_event = on_event
+        self.worker_id = default_worker_id()
+        self._checked = False
+        self._cache: dict[str, _Cache] = {}
+        self._reaped: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return f"AsyncFileQueue({self.store.url!r})"
+
+    async def close(self) -> None:
+        await self.store.aclose()
+
+    def _now(self) -> float:
+        return self.store.clock()
+
+    async def _check(self) -> None:
+        if not self._checked:
+            await self.store.probe_exclusive_create()
+            if not self.store.shared_across_processes:
+                log.debug("%s lives in this process only; workers elsewhere cannot see it", self)
+            self._checked = True
+
+    async def _emit(self, kind: EventType, task: Task, **fields: Any) -> None:
+        if self.on_event is None:
+            return
+        try:
+            await self.on_event(TaskEvent(task_id=task.id, type=kind, queue=task.queue, **fields))
+        except Exception:  # events must never break the queue
+            log.exception("event hook failed for %s %s", kind.value, task.id)
+
+    # -- enqueue -----------------------------------------------------------------------------
+    def _check_task(self, task: Task) -> None:
+        validate_name(task.queue, "queue name")
+        validate_name(task.id, "task id")
+
+    async def enqueue(self, task: Task) -> str:
+        """Store ``task``; ready now, or at ``task.eta``. Idempotent for the same id."""
+        return (await self.enqueue_many([task]))[0]
+
+    async def enqueue_many(self, tasks: Sequence[Task]) -> list[str]:
+        """Store many tasks in one batch (one thread hop locally, concurrent PUTs remotely)."""
+        for task in tasks:
+            self._check_task(task)
+        encoded = [(task, codec.encode(task)) for task in tasks]  # errors before any write
+        await self._check()
+        await self.store.run(self._enqueue_program(encoded))
+        return [task.id for task in tasks]
+
+    def _enqueue_program(self, items: list[tuple[Task, bytes]]) -> Program[None]:
+        current = yield now()
+        ready: list[tuple[str, bytes]] = []
+        for task, data in items:
+            if task.eta is not None and task.eta.timestamp() > current:
+                eta_ms = int(task.eta.timestamp() * 1000)
+                yield write(L.sched_key(task.queue, task.id, task.attempt), data)
+                yield write(L.due_key(task.queue, eta_ms, task.priority, task.id, task.attempt),
+                            b"")
+            else:
+                ready.append((L.ready_key(task.queue, task.priority, task.id, task.attempt), data))
+        if ready:
+            yield create_many(ready)
+
+    # -- dequeue -----------------------------------------------------------------------------
+    async def dequeue(
+        self,
+        queues: Sequence[str] | str = ("default",),
+        *,
+        lease: float | None = None,
+        wait: float = 0.0,
+        worker_id: str | None = None,
+    ) -> Claimed | None:
+        """Claim the next task. Queues are tried in the order given; within a queue the
+        highest priority first, then the oldest (due time for delayed tasks, else creation).
+        """
+        names = [queues] if isinstance(queues, str) else list(queues)
+        for name in names:
+            validate_name(name, "queue name")
+        await self._check()
+        seconds = self.lease if lease is None else float(lease)
+        worker = worker_id or self.worker_id
+        deadline = time.monotonic() + max(0.0, wait)
+        pause = self.poll_interval
+        while True:
+            for name in names:
+                claimed = await self._claim_from(name, seconds, worker)
+                if claimed is not None:
+                    return claimed
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            await anyio.sleep(min(pause, left))
+            pause = min(pause * 1.5, self.max_poll_interval)
+
+    async def _claim_from(self, queue: str, lease: float, worker: str) -> Claimed | None:
+        current = self._now()
+        if current - self._reaped.get(queue, 0.0) >= self.reap_interval:
+            self._reaped[queue] = current
+            await self.reap(queue)
+        cache = self._cache.get(queue)
+        refreshed = False
+        while True:
+            if cache is None or not cache.items or current - cache.at > self.refresh_interval:
+                if refreshed:
+                    return None
+                items = await self.store.run(self._scan_program(queue))
+                cache = self._cache[queue] = _Cache(current, items)
+                refreshed = True
+            while cache.items:
+                candidate = cache.items.pop(self._pick(cache.items))
+                got = await self.store.run(self._claim_program(queue, candidate, lease, worker))
+                if isinstance(got, Claimed):
+                    return got
+                if isinstance(got, Task):
+                    log.info("task %s expired before it started", got.id)
+                    await self._emit(EventType.EXPIRED, got, attempt=got.attempt)
+            if refreshed:
+                return None
+            cache = None
+
+    def _pick(self, items: list[L.Candidate]) -> int:
+        """A random index among the first ``spread`` candidates of the top priority, so that
+        workers polling the same queue rarely race for the same file."""
+        top, window = items[0].rank, min(self.spread, len(items))
+        same = next((i for i in range(1, window) if items[i].rank != top), window)
+        return random.randrange(same)
+
+    def _scan_program(self, queue: str) -> Program[list[L.Candidate]]:
+        found: list[L.Candidate] = []
+        for rank_dir in (yield listdirs(f"{queue}/ready")):
+            names = yield listdir(f"{queue}/ready/{rank_dir}")
+            for name in names[: self.batch]:
+                candidate = L.ready_candidate(queue, rank_dir, name)
+                if candidate is not None:
+                    found.append(candidate)
+            if len(found) >= self.batch:
+                break
+        current_ms = (yield now()) * 1000
+        for name in (yield listdir(f"{queue}/due"))[: self.batch]:
+            candidate = L.due_candidate(queue, name)
+            if candidate is None:
+                continue
+            if candidate.time_ms > current_ms:
+                break
+            found.append(candidate)
+        found.sort()
+        return found[: self.batch]
+
+    def _claim_program(
+        self, queue: str, cand: L.Candidate, lease: float, worker: str
+    ) -> Program[Claimed | Task | None]:
+        body = yield read(cand.key)
+        if body is None:  # claimed by someone else meanwhile
+            if cand.marker:
+                yield delete(cand.marker)
+            return None
+        try:
+            task = codec.decode(body, Task)
+            if task.id != cand.task_id or task.attempt != cand.attempt or task.queue != queue:
+                raise SerializationError("document does not match its file name")
+        except SerializationError as exc:
+            yield from self._quarantine(cand.key, body, exc)
+            if cand.marker:
+                yield delete(cand.marker)
+            return None
+        current = yield now()
+        run = L.run_key(queue, task.id, cand.attempt)
+        if task.is_expired(_dt(current)):
+            won = yield create(run, L.EXPIRED)
+            result: Claimed | Task | None = task if won else None
+        else:
+            claimed = Claimed(task=task, attempt=cand.attempt, lease_until=_dt(current + lease),
+                              worker_id=worker, token=uuid.uuid4().hex,
+                              claimed_at=_dt(current))
+            won = yield create(run, codec.encode(claimed))
+            result = claimed if won else None
+        # Winner or not, this entry is spent: the winner removes it, and a loser finding the
+        # attempt already claimed (or finished) removes a stale copy.
+        yield delete(cand.key)
+        if cand.marker:
+            yield delete(cand.marker)
+        return result
+
+    def _quarantine(self, key: str, data: bytes, reason: BaseException) -> Program[None]:
+        queue, _, rest = key.partition("/")
+        area, _, name = rest.partition("/")
+        target = f"{queue}/quarantine/{area}.{name.replace('/', '.')}.{time.time_ns()}"
+        yield write(target, data)
+        yield delete(key)
+        log.warning("moved unreadable %s to %s: %s", key, target, reason)
+
+    # -- leases ------------------------------------------------------------------------------
+    def _holds(self, data: bytes | None, claimed: Claimed) -> bool:
+        if data is None or len(data) <= L.TOMBSTONE_MAX:
+            return False
+        try:
+            return codec.decode(data, Claimed).token == claimed.token
+        except SerializationError:
+            return False
+
+    def _verify(self, claimed: Claimed, always: bool) -> Program[bool]:
+        """Whether ``claimed`` still holds its attempt. Inside its own lease no other worker
+        may take it over (they wait ``clock_skew`` more), so the read is skipped then."""
+        current = yield now()
+        if not always and current < claimed.lease_until.timestamp():
+            return True
+        data = yield read(L.run_key(claimed.queue, claimed.id, claimed.attempt))
+        return self._holds(data, claimed)
+
+    def _lost(self, claimed: Claimed, action: str) -> LeaseLostError:
+        return LeaseLostError(
+            f"{action} of task {claimed.id} attempt {claimed.attempt} refused: the lease was "
+            "taken over or the attempt already finished; nothing was changed"
+        )
+
+    async def ack(self, claimed: Claimed) -> None:
+        """The attempt succeeded: the task is done. Raises LeaseLostError after a take-over."""
+        if not await self.store.run(self._finish_program(claimed, L.DONE, None)):
+            raise self._lost(claimed, "ack")
+
+    def _finish_program(
+        self, claimed: Claimed, state: bytes, follow_up: Program[None] | None
+    ) -> Program[bool]:
+        if not (yield from self._verify(claimed, always=False)):
+            return False
+        if follow_up is not None:
+            yield from follow_up
+        yield write(L.run_key(claimed.queue, claimed.id, claimed.attempt), state)
+        return True
+
+    async def nack(
+        self,
+        claimed: Claimed,
+        *,
+        error: ErrorInfo | BaseException | str | None = None,
+        retry_in: float | None = None,
+    ) -> TaskStatus:
+        """The attempt failed. Retried with exponential backoff and jitter while retries
+        remain (returns SCHEDULED, or PENDING for an immediate retry), else dead-lettered
+        (returns DEAD) with the error kept."""
+        task = msgspec.structs.replace(claimed.task, failures=claimed.task.failures + 1,
+                                       last_error=_error_info(error))
+        if task.failures > task.max_retries:
+            status, state = TaskStatus.DEAD, L.DEAD
+            follow: Program[None] = self._dead_program(task)
+        else:
+            delay = task.retry_delay(task.failures, random.random()) if retry_in is None \
+                else max(0.0, retry_in)
+            status = TaskStatus.SCHEDULED if delay > 0 else TaskStatus.PENDING
+            state = L.RETRIED
+            follow = self._requeue_program(task, delay)
+        if not await self.store.run(self._finish_program(claimed, state, follow)):
+            raise self._lost(claimed, "nack")
+        return status
+
+    def _dead_program(self, task: Task) -> Program[None]:
+        yield write(L.dead_key(task.queue, task.id), codec.encode(task))
+
+    def _requeue_program(self, task: Task, delay: float) -> Program[None]:
+        current = yield now()
+        nxt = msgspec.structs.replace(task, attempt=task.attempt + 1,
+                                      eta=_dt(current + delay) if delay > 0 else None)
+        yield from self._enqueue_program([(nxt, codec.encode(nxt))])
+
+    async def release(self, claimed: Claimed) -> None:
+        """Give the task back now, without counting a failure (e.g. on shutdown)."""
+        follow = self._requeue_program(claimed.task, 0.0)
+        if not await self.store.run(self._finish_program(claimed, L.RELEASED, follow)):
+            raise self._lost(claimed, "release")
+
+    async def extend_lease(self, claimed: Claimed, seconds: float | None = None) -> Claimed:
+        """Heartbeat: the lease now ends ``seconds`` (default: the queue's lease) from now.
+
+        Raises LeaseLostError if another worker took the task over, TaskCancelledError if
+        it was cancelled (the attempt is then recorded as cancelled).
+        """
+        got = await self.store.run(self._extend_program(claimed, seconds or self.lease))
+        if got is None:
+            raise self._lost(claimed, "extend_lease")
+        if got is False:
+            raise TaskCancelledError(f"task {claimed.id} was cancelled")
+        return got
+
+    def _extend_program(self, claimed: Claimed, seconds: float) -> Program[Claimed | bool | None]:
+        run = L.run_key(claimed.queue, claimed.id, claimed.attempt)
+        if not self._holds((yield read(run)), claimed):
+            return None
+        cancel = L.cancel_key(claimed.queue, claimed.id)
+        if (yield exists(cancel)):
+            yield write(run, L.CANCELLED)
+            yield delete(cancel)
+            return False
+        current = yield now()
+        renewed = msgspec.structs.replace(claimed, lease_until=_dt(current + seconds))
+        yield write(run, codec.encode(renewed))
+        return renewed
+
+    async def reap(self, queue: str = "default") -> list[Claimed]:
+        """Requeue tasks whose lease expired (their worker died) as their next attempt, and
+        clean up old tombstones. Runs by itself inside ``dequeue``; returns the expired claims.
+        """
+        validate_name(queue, "queue name")
+        taken = await self.store.run(self._reap_program(queue))
+        for claimed in taken:
+            log.warning("lease of task %s attempt %d (worker %s) expired; requeued",
+                        claimed.id, claimed.attempt, claimed.worker_id)
+            await self._emit(EventType.LEASE_EXPIRED, claimed.task, attempt=claimed.attempt,
+                             worker_id=claimed.worker_id)
+        return taken
+
+    def _reap_program(self, queue: str) -> Program[list[Claimed]]:
+        current = yield now()
+        entries = yield listdir(f"{queue}/run", True)
+        old_tombstones, suspects = [], []
+        for entry in entries:
+            key = f"{queue}/run/{entry.name}"
+            if entry.size <= L.TOMBSTONE_MAX:
+                if current - entry.mtime > self.tombstone_ttl:
+                    old_tombstones.append(key)
+            elif current - entry.mtime >= self.lease:
+                suspects.append(key)
+        if old_tombstones:
+            yield delete_many(old_tombstones)
+        taken: list[Claimed] = []
+        if not suspects:
+            return taken
+        for key, data in (yield read_many(suspects)).items():
+            if data is None or len(data) <= L.TOMBSTONE_MAX:
+                continue
+            try:
+                claimed = codec.decode(data, Claimed)
+            except SerializationError as exc:
+                yield from self._quarantine(key, data, exc)
+                continue
+            if current <= claimed.lease_until.timestamp() + self.clock_skew:
+                continue
+            nxt = msgspec.structs.replace(claimed.task, attempt=claimed.attempt + 1, eta=None)
+            won = yield create(L.ready_key(queue, nxt.priority, nxt.id, nxt.attempt),
+                               codec.encode(nxt))
+            yield write(key, L.LOST)
+            if won:
+                taken.append(claimed)
+        return taken
+
+    # -- inspection --------------------------------------------------------------------------
+    async def _queues_for(self, queue: str | None) -> list[str]:
+        if queue is not None:
+            return [validate_name(queue, "queue name")]
+        return await self.list_queues()
+
+    async def get_task(self, task_id: str, queue: str | None = None) -> TaskInfo:
+        """Where the task stands (searches every queue when ``queue`` is None)."""
+        validate_name(task_id, "task id")
+        for name in await self._queues_for(queue):
+            found = await self.store.run(self._locate_program(name, task_id))
+            if found is not None:
+                return found[0]
+        raise NotFoundError(f"task {task_id} not found")
+
+    def _locate_program(self, queue: str, task_id: str) -> Program[tuple[TaskInfo, str] | None]:
+        attempts = [
+            parsed[1]
+            for name in (yield listdir(f"{queue}/run"))
+            if name.endswith(".json") and (parsed := L.split_id_attempt(name[:-5])) is not None
+            and parsed[0] == task_id
+        ]
+        last = max(attempts, default=0)
+        if last:
+            run = L.run_key(queue, task_id, last)
+            data = yield read(run)
+            if data is not None and len(data) > L.TOMBSTONE_MAX:
+                try:
+                    claimed = codec.decode(data, Claimed)
+                    return TaskInfo(task=claimed.task, status=TaskStatus.RUNNING, attempt=last,
+                                    worker_id=claimed.worker_id,
+                                    lease_until=claimed.lease_until), run
+                except SerializationError:
+                    pass
+            elif data in _TOMBSTONE_STATUS:
+                return TaskInfo(task=None, status=_TOMBSTONE_STATUS[data], attempt=last), run
+        nxt = last + 1
+        for rank_dir in (yield listdirs(f"{queue}/ready")):
+            key = f"{queue}/ready/{rank_dir}/{task_id}.{nxt}.json"
+            body = yield read(key)
+            if body is not None:
+                return self._info(body, TaskStatus.PENDING, nxt), key
+        key = L.sched_key(queue, task_id, nxt)
+        body = yield read(key)
+        if body is not None:
+            return self._info(body, TaskStatus.SCHEDULED, nxt), key
+        key = L.dead_key(queue, task_id)
+        body = yield read(key)
+        if body is not None:
+            return self._info(body, TaskStatus.DEAD, None), key
+        return None
+
+    @staticmethod
+    def _info(body: bytes, status: TaskStatus, attempt: int | None) -> TaskInfo:
+        try:
+            task: Task | None = codec.decode(body, Task)
+        except SerializationError:
+            task = None
+        return TaskInfo(task=task, status=status, attempt=attempt or (task and task.attempt),
+                        error=task.last_error if task else None)
+
+    async def cancel(self, task_id: str, queue: str | None = None) -> bool:
+        """A pending or scheduled task is withdrawn; a running one is asked to stop (its
+        next ``extend_lease`` raises TaskCancelledError). False if it already finished."""
+        validate_name(task_id, "task id")
+        for name in await self._queues_for(queue):
+            result = await self.store.run(self._cancel_program(name, task_id))
+            if result is not None:
+                return result
+        return False
+
+    def _cancel_program(self, queue: str, task_id: str) -> Program[bool | None]:
+        found = yield from self._locate_program(queue, task_id)
+        if found is None:
+            return None
+        info, key = found
+        if info.status in (TaskStatus.PENDING, TaskStatus.SCHEDULED):
+            assert info.attempt is not None
+            if (yield create(L.run_key(queue, task_id, info.attempt), L.CANCELLED)):
+                yield delete(key)
+                task = info.task
+                if info.status is TaskStatus.SCHEDULED and task is not None and task.eta:
+                    yield delete(L.due_key(queue, int(task.eta.timestamp() * 1000),
+                                           task.priority, task_id, info.attempt))
+                return True
+            info = TaskInfo(task=None, status=TaskStatus.RUNNING)  # claimed just now
+        if info.status is TaskStatus.RUNNING:
+            yield write(L.cancel_key(queue, task_id), b"")
+            return True
+        return False
+
+    async def size(self, queue: str = "default") -> QueueSize:
+        """Counts of ready, scheduled, running and dead tasks (lists the queue)."""
+        validate_name(queue, "queue name")
+        return await self.store.run(self._size_program(queue))
+
+    def _size_program(self, queue: str) -> Program[QueueSize]:
+        ready = 0
+        for rank_dir in (yield listdirs(f"{queue}/ready")):
+            ready += len((yield listdir(f"{queue}/ready/{rank_dir}")))
+        scheduled = len((yield listdir(f"{queue}/sched")))
+        running = sum(1 for e in (yield listdir(f"{queue}/run", True))
+                      if e.size > L.TOMBSTONE_MAX)
+        dead = len((yield listdir(f"{queue}/dead")))
+        return QueueSize(ready=ready, scheduled=scheduled, running=running, dead=dead)
+
+    async def list_queues(self) -> list[str]:
+        names = await self.store.list_dirs("")
+        valid = []
+        for name in names:
+            try:
+                valid.append(validate_name(name, "queue name"))
+            except ValueError:
+                continue
+        return valid
+
+    async def purge(self, queue: str = "default") -> int:
+        """Delete every ready and scheduled task of ``queue``; returns how many."""
+        validate_name(queue, "queue name")
+        self._cache.pop(queue, None)
+        return await self.store.run(self._purge_program(queue))
+
+    def _purge_program(self, queue: str) -> Program[int]:
+        keys = []
+        for rank_dir in (yield listdirs(f"{queue}/ready")):
+            keys += [f"{queue}/ready/{rank_dir}/{n}" for n in (yield listdir(
+                f"{queue}/ready/{rank_dir}"))]
+        sched = [f"{queue}/sched/{n}" for n in (yield listdir(f"{queue}/sched"))]
+        markers = [f"{queue}/due/{n}" for n in (yield listdir(f"{queue}/due"))]
+        yield delete_many(markers + keys + sched)
+        return len(keys) + len(sched)
+
+    async def list_dead(self, queue: str = "default", limit: int | None = 100) -> list[TaskInfo]:
+        """Dead-lettered tasks, oldest first, with their last error."""
+        validate_name(queue, "queue name")
+        return await self.store.run(self._list_dead_program(queue, limit))
+
+    def _list_dead_program(self, queue: str, limit: int | None) -> Program[list[TaskInfo]]:
+        names = (yield listdir(f"{queue}/dead"))[:limit]
+        bodies = yield read_many(f"{queue}/dead/{n}" for n in names)
+        return [self._info(body, TaskStatus.DEAD, None) for body in bodies.values()
+                if body is not None]
+
+    async def requeue_dead(self, queue: str = "default", task_id: str | None = None) -> int:
+        """Put dead-lettered tasks (one, or all) back as ready, with their failures reset."""
+        validate_name(queue, "queue name")
+        if task_id is not None:
+            validate_name(task_id, "task id")
+        return await self.store.run(self._requeue_dead_program(queue, task_id))
+
+    def _requeue_dead_program(self, queue: str, task_id: str | None) -> Program[int]:
+        names = [f"{task_id}.json"] if task_id else (yield listdir(f"{queue}/dead"))
+        count = 0
+        for name in names:
+            key = f"{queue}/dead/{name}"
+            body = yield read(key)
+            if body is None:
+                continue
+            try:
+                task = codec.decode(body, Task)
+            except SerializationError as exc:
+                yield from self._quarantine(key, body, exc)
+                continue
+            nxt = msgspec.structs.replace(task, attempt=task.attempt + 1, failures=0, eta=None)
+            yield create(L.ready_key(queue, nxt.priority, nxt.id, nxt.attempt),
+                         codec.encode(nxt))
+            yield delete(key)
+            count += 1
+        return count
