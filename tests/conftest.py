@@ -67,7 +67,8 @@ class StorageTarget:
 
     kind: str  # "memory" | "local" | "s3" | "azure" | "gcs"
     base_dir: str  # unique per test
-    storage_options: dict = dataclasses.field(default_factory=dict, hash=False)  # {} for memory/local
+    # {} for memory/local; not part of the hash, so targets can be dict keys / set members
+    storage_options: dict = dataclasses.field(default_factory=dict, hash=False)
 
     @property
     def protocol(self) -> str:
@@ -85,7 +86,7 @@ class StorageTarget:
             **self.storage_options,
         )
 
-    def sub(self, name: str) -> "StorageTarget":
+    def sub(self, name: str) -> StorageTarget:
         """Same storage, ``base_dir + "/" + name``."""
         return dataclasses.replace(self, base_dir=self.base_dir.rstrip("/") + "/" + name.strip("/"))
 
@@ -105,7 +106,10 @@ def _sigterm_to_keyboard_interrupt(signum, frame):
 def _install_sigterm_handler() -> None:
     global _previous_sigterm
     with _sigterm_lock:
-        if _previous_sigterm is not None or threading.current_thread() is not threading.main_thread():
+        if (
+            _previous_sigterm is not None
+            or threading.current_thread() is not threading.main_thread()
+        ):
             return
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             _previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_keyboard_interrupt)
@@ -123,18 +127,18 @@ def _restore_sigterm_handler() -> None:
 def _start_emulator(request: pytest.FixtureRequest, name: str):
     emu = emulators.EMULATORS[name]()
     request.addfinalizer(emu.stop)  # registered first: a half-started emulator is stopped too
+    problem = None
     try:
         emu.check_available()
-    except emulators.EmulatorUnavailable as exc:
-        emulator_unavailable(name, exc)
-    _install_sigterm_handler()
-    try:
+        _install_sigterm_handler()
         emu.start()
     except emulators.EmulatorUnavailable as exc:
-        emulator_unavailable(name, exc)
+        problem = exc
     finally:
         if emu.pid is not None:
             STARTED_EMULATOR_PIDS.add(emu.pid)
+    if problem is not None:  # outside the except block: no "During handling..." noise
+        emulator_unavailable(name, problem)
     return emu
 
 
@@ -162,10 +166,13 @@ def require_emulator_program():
     program is not installed. For tests that run an emulator themselves."""
 
     def check(name: str) -> None:
+        problem = None
         try:
             emulators.EMULATORS[name]().check_available()
         except emulators.EmulatorUnavailable as exc:
-            emulator_unavailable(name, exc)
+            problem = exc
+        if problem is not None:
+            emulator_unavailable(name, problem)
 
     return check
 
@@ -222,12 +229,6 @@ def local_storage(request, tmp_path):
 
 
 # --------------------------------------------------------------------------- hooks
-
-
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "emulator: needs a storage emulator (S3, Azure or GCS); deselect with -m 'not emulator'"
-    )
 
 
 @pytest.hookimpl(trylast=True)

@@ -3,7 +3,8 @@
 Use as a module (``tests/conftest.py`` does)::
 
     from emulators import S3Emulator
-    with S3Emulator() as s3:                 # start(): free port, wait for HTTP, create bucket
+
+    with S3Emulator() as s3:  # start(): free port, wait for HTTP, create bucket
         fs = fsspec.filesystem("s3", **s3.storage_options)
         fs.pipe_file(s3.url("some/key"), b"...")
     # stop(): SIGTERM to the emulator's own process group, SIGKILL if needed, reap
@@ -35,7 +36,6 @@ import os
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 import atexit
-import errno
 import importlib.util
 import json
 import platform
@@ -89,7 +89,7 @@ class EmulatorUnavailable(RuntimeError):
 
 # --------------------------------------------------------------------------- process helpers
 
-_live: set["Emulator"] = set()
+_live: set[Emulator] = set()
 _live_lock = threading.Lock()
 
 
@@ -228,7 +228,7 @@ class Emulator:
         """Raise EmulatorUnavailable (saying how to install it) if the program is missing."""
         self.command(0)
 
-    def start(self) -> "Emulator":
+    def start(self) -> Emulator:
         """Start on a free 127.0.0.1 port, wait until it answers over HTTP, create the bucket."""
         with self._lock:
             if self.running:
@@ -262,7 +262,7 @@ class Emulator:
         with self._lock:
             self._terminate()
 
-    def __enter__(self) -> "Emulator":
+    def __enter__(self) -> Emulator:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -511,9 +511,7 @@ EMULATORS: dict[str, type[Emulator]] = {
 # --------------------------------------------------------------------------- exclusive create
 
 
-def exclusive_create(
-    protocol: str, storage_options: dict, path: str, data: bytes, fs=None
-) -> bool:
+def exclusive_create(protocol: str, storage_options: dict, path: str, data: bytes, fs=None) -> bool:
     """Create ``path`` only if it is absent: True if this call created it, False if it existed.
 
     The primitive OmniQ relies on, per backend: ``open(path, "xb")`` (O_EXCL) on the local

@@ -50,7 +50,7 @@ class Ops(Protocol):
     def create_many(self, items: list[tuple[str, bytes]]) -> list[bool]: ...
     def delete(self, key: str) -> bool: ...
     def delete_many(self, keys: list[str]) -> None: ...
-    def list(self, prefix: str, detail: bool) -> list[Any]: ...
+    def ls(self, prefix: str, detail: bool) -> list[Any]: ...
     def list_dirs(self, prefix: str) -> list[str]: ...
     def exists(self, key: str) -> bool: ...
 
@@ -189,7 +189,7 @@ class LocalOps:
         for key in keys:
             self.delete(key)
 
-    def list(self, prefix: str, detail: bool) -> list[Any]:
+    def ls(self, prefix: str, detail: bool) -> list[Any]:
         out: list[Any] = []
         try:
             with os.scandir(self._path(prefix)) as it:
@@ -328,7 +328,7 @@ class FsspecOps:
                 for key in keys:
                     self.delete(key)
 
-    def list(self, prefix: str, detail: bool) -> list[Any]:
+    def ls(self, prefix: str, detail: bool) -> list[Any]:
         return _listing(self._ls(prefix), detail)
 
     def list_dirs(self, prefix: str) -> list[str]:
@@ -371,21 +371,27 @@ class AsyncFsspecOps:
         self.fs = fs
 
     async def aclose(self) -> None:
+        """Close the client sessions now, while their loop runs, and drop the finalizers the
+        plugins registered (they would try again at exit, with the loop gone)."""
         inner = self.fs.fs
-        for name in ("close", "_close"):
-            method = getattr(inner, name, None)
-            if method is not None and asyncio.iscoroutinefunction(method):
-                await method()
-                return
+        closers = []
         s3 = getattr(inner, "_s3", None)
         if s3 is not None:
-            await s3.__aexit__(None, None, None)
-            inner._s3 = None
+            closers.append(s3.__aexit__(None, None, None))
         session = getattr(inner, "_session", None)
-        if session is not None and hasattr(session, "close"):
-            result = session.close()
-            if asyncio.iscoroutine(result):
-                await result
+        if session is not None and not getattr(session, "closed", True):
+            closers.append(session.close())
+        service = getattr(inner, "service_client", None)
+        if service is not None and hasattr(service, "close"):
+            closers.append(service.close())
+        for closer in closers:
+            try:
+                result = closer
+                if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                    await result
+            except Exception as exc:  # closing is best effort
+                log.debug("closing %s: %s", type(inner).__name__, exc)
+        _detach_finalizers(inner)
 
     async def read(self, key: str) -> bytes | None:
         async def go() -> bytes | None:
@@ -446,7 +452,7 @@ class AsyncFsspecOps:
 
         return await _aretry("list", prefix, go)
 
-    async def list(self, prefix: str, detail: bool) -> list[Any]:
+    async def ls(self, prefix: str, detail: bool) -> list[Any]:
         return _listing(await self._ls(prefix), detail)
 
     async def list_dirs(self, prefix: str) -> list[str]:
@@ -454,3 +460,12 @@ class AsyncFsspecOps:
 
     async def exists(self, key: str) -> bool:
         return await _aretry("exists", key, lambda: self.fs._exists(key))  # type: ignore[no-any-return]
+
+
+def _detach_finalizers(obj: Any) -> None:
+    import weakref
+
+    registry = getattr(weakref.finalize, "_registry", {})
+    for finalizer, info in list(registry.items()):
+        if info.weakref() is obj:
+            finalizer.detach()

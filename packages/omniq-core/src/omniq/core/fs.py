@@ -18,6 +18,7 @@ and a reader never sees a half-written claim); on S3, GCS and Azure ``pipe_file(
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import os
 import re
@@ -85,7 +86,7 @@ def delete_many(keys: Iterable[str]) -> Op:
 
 def listdir(prefix: str, detail: bool = False) -> Op:
     """Files directly under ``prefix`` as sorted ``Entry`` (detail) or names; [] if absent."""
-    return Op("list", (prefix, detail))
+    return Op("ls", (prefix, detail))
 
 
 def listdirs(prefix: str) -> Op:
@@ -155,19 +156,26 @@ class Store:
         self._package = package
         self._async_ops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncFsspecOps]
         self._async_ops = weakref.WeakKeyDictionary()
-        self._sync_ops: Ops
+        self._sync: Ops | None = None
         if self.kind == "local":
             if self._options:
                 log.debug("storage_options are ignored for a local directory")
             root = os.path.abspath(os.path.expanduser(path))
             self.root = root
-            self._sync_ops = LocalOps(root, fsync=fsync)
+            self._sync = LocalOps(root, fsync=fsync)
         else:
             self.root = path.rstrip("/")
             if not self.root:
                 raise ConfigurationError(f"base_dir {self.url!r} needs a bucket or path")
             _fs_class(protocol, package)
-            self._sync_ops = FsspecOps(self._make_dirfs(asynchronous=False))
+
+    @property
+    def _sync_ops(self) -> Ops:
+        # Remote stores build their sync filesystem only when needed (trio, or no loop):
+        # under asyncio they run natively async and never open a second session.
+        if self._sync is None:
+            self._sync = FsspecOps(self._make_dirfs(asynchronous=False))
+        return self._sync
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -246,13 +254,13 @@ class Store:
     async def delete_many(self, keys: Iterable[str]) -> None:
         await self.run(_one(delete_many(keys)))
 
-    async def list(self, prefix: str) -> list[str]:
+    async def list(self, prefix: str) -> builtins.list[str]:
         return await self.run(_one(listdir(prefix)))
 
-    async def list_detail(self, prefix: str) -> list[Entry]:
+    async def list_detail(self, prefix: str) -> builtins.list[Entry]:
         return await self.run(_one(listdir(prefix, True)))
 
-    async def list_dirs(self, prefix: str) -> list[str]:
+    async def list_dirs(self, prefix: str) -> builtins.list[str]:
         return await self.run(_one(listdirs(prefix)))
 
     async def exists(self, key: str) -> bool:

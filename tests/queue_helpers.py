@@ -1,0 +1,25 @@
+"""Helpers shared by the queue tests (imported by module name; tests/ is on sys.path)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from omniq.storage.file.queue import AsyncFileQueue
+
+
+class FakeClock:
+    """An epoch-seconds clock the test moves by hand (starts at the real time)."""
+
+    def __init__(self) -> None:
+        self.t = time.time()
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def make_queue(storage: Any, **kwargs: Any) -> AsyncFileQueue:
+    return AsyncFileQueue(storage.base_dir, storage.storage_options, **kwargs)

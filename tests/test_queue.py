@@ -1,0 +1,347 @@
+"""Conformance tests of AsyncFileQueue / FileQueue on all five filesystems."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from queue_helpers import FakeClock, make_queue
+
+from omniq.core import (
+    CapabilityError,
+    InvalidNameError,
+    LeaseLostError,
+    NotFoundError,
+    SerializationError,
+    Task,
+    TaskCancelledError,
+    TaskEvent,
+    TaskStatus,
+)
+from omniq.core.models import EventType, utcnow
+from omniq.storage.file.queue import FileQueue
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def drain(q, queues=("default",), **kw) -> list:
+    out = []
+    while (c := await q.dequeue(queues, **kw)) is not None:
+        out.append(c)
+        await q.ack(c)
+    return out
+
+
+async def test_lifecycle_and_status(storage) -> None:
+    async with make_queue(storage) as q:
+        task = Task(func="pkg.mod:fn", args=[1, "two"], kwargs={"status": {"x": [1]}})
+        assert await q.enqueue(task) == task.id
+        info = await q.get_task(task.id)
+        assert info.status is TaskStatus.PENDING and info.task == task
+        assert (await q.size()).ready == 1
+
+        claimed = await q.dequeue(worker_id="w1")
+        assert claimed is not None and claimed.task == task and claimed.attempt == 1
+        assert claimed.lease_until > utcnow()
+        info = await q.get_task(task.id)
+        assert info.status is TaskStatus.RUNNING and info.worker_id == "w1"
+        size = await q.size()
+        assert (size.ready, size.running) == (0, 1)
+        assert await q.dequeue() is None
+
+        await q.ack(claimed)
+        assert (await q.get_task(task.id)).status is TaskStatus.DONE
+        assert (await q.size()).total == 0
+        with pytest.raises(NotFoundError):
+            await q.get_task("unknown-id")
+
+
+async def test_priority_then_fifo(storage) -> None:
+    async with make_queue(storage, spread=1) as q:
+        low = [Task(func="m:f", args=[i], priority=-5) for i in range(3)]
+        high = [Task(func="m:f", args=[i], priority=7) for i in range(3)]
+        mid = Task(func="m:f", priority=0)
+        await q.enqueue_many(low + [mid] + high)
+        order = [c.task.id for c in await drain(q)]
+        assert order == [t.id for t in high] + [mid.id] + [t.id for t in low]
+
+
+async def test_queues_in_given_order(storage) -> None:
+    async with make_queue(storage) as q:
+        a = Task(func="m:f", queue="alpha")
+        b = Task(func="m:f", queue="beta", priority=50)
+        await q.enqueue_many([a, b])
+        first = await q.dequeue(["alpha", "beta"])
+        assert first is not None and first.id == a.id
+        await q.ack(first)
+        assert sorted(await q.list_queues()) == ["alpha", "beta"]
+        assert await q.dequeue("alpha") is None
+        second = await q.dequeue(["alpha", "beta"])
+        assert second is not None and second.id == b.id
+
+
+async def test_delayed_task_becomes_ready_at_eta(storage) -> None:
+    clock = FakeClock()
+    async with make_queue(storage, clock=clock) as q:
+        task = Task(func="m:f", eta=utcnow() + timedelta(seconds=30))
+        await q.enqueue(task)
+        assert (await q.get_task(task.id)).status is TaskStatus.SCHEDULED
+        assert (await q.size()).scheduled == 1
+        assert await q.dequeue() is None
+        clock.advance(31)
+        claimed = await q.dequeue()
+        assert claimed is not None and claimed.id == task.id
+        await q.ack(claimed)
+        assert (await q.size()).total == 0
+
+
+async def test_expired_task_is_not_run(storage) -> None:
+    events: list[TaskEvent] = []
+
+    async def hook(event: TaskEvent) -> None:
+        events.append(event)
+
+    clock = FakeClock()
+    async with make_queue(storage, clock=clock, on_event=hook) as q:
+        task = Task(func="m:f", expires_at=utcnow() + timedelta(seconds=10))
+        await q.enqueue(task)
+        clock.advance(11)
+        assert await q.dequeue() is None
+        assert (await q.get_task(task.id)).status is TaskStatus.EXPIRED
+        assert [e.type for e in events] == [EventType.EXPIRED]
+
+
+async def test_retry_with_backoff_then_dead_letter(storage) -> None:
+    clock = FakeClock()
+    async with make_queue(storage, clock=clock) as q:
+        task = Task(func="m:f", max_retries=2, retry_backoff=10, retry_jitter=False)
+        await q.enqueue(task)
+        first = await q.dequeue()
+        assert first is not None
+        assert await q.nack(first, error=ValueError("boom")) is TaskStatus.SCHEDULED
+        info = await q.get_task(task.id)
+        assert info.status is TaskStatus.SCHEDULED and info.attempt == 2
+        assert info.error is not None and info.error.message == "boom"
+        assert await q.dequeue() is None  # backoff: 10 s
+        clock.advance(10.5)
+        second = await q.dequeue()
+        assert second is not None and second.attempt == 2 and second.task.failures == 1
+        assert await q.nack(second, error="again") is TaskStatus.SCHEDULED
+        assert await q.dequeue() is None
+        clock.advance(19)  # exponential: 20 s after the second failure
+        assert await q.dequeue() is None
+        clock.advance(1.5)
+        third = await q.dequeue()
+        assert third is not None and third.attempt == 3
+        assert await q.nack(third, error=RuntimeError("last")) is TaskStatus.DEAD
+        info = await q.get_task(task.id)
+        assert info.status is TaskStatus.DEAD and info.error is not None
+        assert info.error.type == "builtins.RuntimeError"
+        dead = await q.list_dead()
+        assert [d.task.id for d in dead if d.task] == [task.id]
+        assert (await q.size()).dead == 1
+
+        assert await q.requeue_dead() == 1
+        again = await q.dequeue()
+        assert again is not None and again.id == task.id and again.task.failures == 0
+        await q.ack(again)
+        assert (await q.size()).total == 0
+
+
+async def test_nack_retry_in_zero_is_immediate(storage) -> None:
+    async with make_queue(storage) as q:
+        await q.enqueue(Task(func="m:f", max_retries=1))
+        first = await q.dequeue()
+        assert first is not None
+        assert await q.nack(first, retry_in=0) is TaskStatus.PENDING
+        second = await q.dequeue()
+        assert second is not None and second.attempt == 2
+
+
+async def test_lease_takeover_fences_the_old_holder(storage) -> None:
+    clock = FakeClock()
+    async with make_queue(storage, clock=clock, lease=10, clock_skew=2) as q:
+        task = Task(func="m:f")
+        await q.enqueue(task)
+        old = await q.dequeue(worker_id="old")
+        assert old is not None
+        clock.advance(11)  # expired, but inside the skew tolerance
+        assert await q.dequeue(worker_id="new") is None
+        clock.advance(3)  # past the skew and the reap interval (lease / 4)
+        new = await q.dequeue(worker_id="new")
+        assert new is not None and new.id == task.id and new.attempt == 2
+
+        for action in (q.ack(old), q.nack(old, error="late"), q.extend_lease(old, 30),
+                       q.release(old)):
+            with pytest.raises(LeaseLostError):
+                await action
+        info = await q.get_task(task.id)
+        assert info.status is TaskStatus.RUNNING and info.worker_id == "new"
+        assert info.attempt == 2
+        await q.ack(new)
+        assert (await q.get_task(task.id)).status is TaskStatus.DONE
+
+
+async def test_extend_lease_keeps_the_task(storage) -> None:
+    clock = FakeClock()
+    async with make_queue(storage, clock=clock, lease=10, clock_skew=1) as q:
+        await q.enqueue(Task(func="m:f"))
+        claimed = await q.dequeue()
+        assert claimed is not None
+        clock.advance(8)
+        claimed = await q.extend_lease(claimed, 10)
+        clock.advance(8)
+        assert await q.dequeue() is None
+        assert await q.reap() == []
+        await q.ack(claimed)
+
+
+async def test_release_gives_the_task_back(storage) -> None:
+    async with make_queue(storage) as q:
+        await q.enqueue(Task(func="m:f"))
+        claimed = await q.dequeue()
+        assert claimed is not None
+        await q.release(claimed)
+        again = await q.dequeue()
+        assert again is not None and again.id == claimed.id and again.task.failures == 0
+
+
+async def test_cancel_pending_and_running(storage) -> None:
+    async with make_queue(storage) as q:
+        pending = Task(func="m:f")
+        running = Task(func="m:f")
+        await q.enqueue(running)
+        claimed = await q.dequeue()
+        assert claimed is not None
+        await q.enqueue(pending)
+        assert await q.cancel(pending.id) is True
+        assert (await q.get_task(pending.id)).status is TaskStatus.CANCELLED
+        assert await q.dequeue() is None
+
+        assert await q.cancel(running.id) is True
+        with pytest.raises(TaskCancelledError):
+            await q.extend_lease(claimed)
+        assert (await q.get_task(running.id)).status is TaskStatus.CANCELLED
+        assert await q.cancel(running.id) is False
+
+
+async def test_cancel_scheduled(storage) -> None:
+    clock = FakeClock()
+    async with make_queue(storage, clock=clock) as q:
+        task = Task(func="m:f", eta=utcnow() + timedelta(seconds=5))
+        await q.enqueue(task)
+        assert await q.cancel(task.id, queue="default") is True
+        clock.advance(6)
+        assert await q.dequeue() is None
+        assert (await q.size()).total == 0
+
+
+async def test_purge(storage) -> None:
+    async with make_queue(storage) as q:
+        await q.enqueue_many([Task(func="m:f") for _ in range(5)])
+        await q.enqueue(Task(func="m:f", eta=utcnow() + timedelta(hours=1)))
+        assert await q.purge() == 6
+        assert (await q.size()).total == 0
+        assert await q.dequeue() is None
+
+
+async def test_enqueue_is_idempotent_per_id(storage) -> None:
+    async with make_queue(storage) as q:
+        task = Task(func="m:f", id="order-42")
+        await q.enqueue(task)
+        await q.enqueue(task)
+        assert (await q.size()).ready == 1
+
+
+async def test_corrupt_file_is_quarantined_and_good_tasks_run(storage) -> None:
+    async with make_queue(storage) as q:
+        good = Task(func="m:f")
+        await q.enqueue(good)
+        bad_key = "default/ready/p0999/01ZZZZZZZZZZZZZZZZZZZZZZZZ.1.json"
+        await q.store.write(bad_key, b'{"v": 1, "func": trunc')
+        got = await drain(q)
+        assert [c.id for c in got] == [good.id]
+        assert await q.store.read(bad_key) is None
+        kept = await q.store.list("default/quarantine")
+        assert len(kept) == 1
+        assert await q.store.read(f"default/quarantine/{kept[0]}") == b'{"v": 1, "func": trunc'
+
+
+async def test_future_schema_version_is_quarantined(storage) -> None:
+    async with make_queue(storage) as q:
+        task = Task(func="m:f")
+        data = q.store  # noqa: F841 - keep the store open
+        from omniq.core import encode
+
+        raw = encode(task).replace(b'"v":1', b'"v":99')
+        await q.store.write(f"default/ready/p0999/{task.id}.1.json", raw)
+        assert await q.dequeue() is None
+        assert len(await q.store.list("default/quarantine")) == 1
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "/abs", "a\\b", "nul\x00", "\u0430bc", "",
+                                 "x" * 200, ".hidden", "tab\tname"])
+async def test_bad_names_are_rejected(storage, bad: str) -> None:
+    async with make_queue(storage) as q:
+        with pytest.raises(InvalidNameError):
+            await q.enqueue(Task(func="m:f", queue=bad))
+        with pytest.raises(InvalidNameError):
+            await q.enqueue(Task(func="m:f", id=bad))
+        with pytest.raises(InvalidNameError):
+            await q.dequeue(bad)
+        with pytest.raises(InvalidNameError):
+            await q.get_task(bad)
+        assert await q.list_queues() == []
+
+
+async def test_unencodable_args_fail_at_enqueue(storage) -> None:
+    async with make_queue(storage) as q:
+        with pytest.raises(SerializationError, match="datetime"):
+            await q.enqueue(Task(func="m:f", args=[utcnow()]))
+        with pytest.raises(SerializationError, match="nested deeper"):
+            nested: list = []
+            for _ in range(100):
+                nested = [nested]
+            await q.enqueue(Task(func="m:f", args=nested))
+        assert (await q.size()).total == 0
+
+
+async def test_probe_refuses_a_store_without_exclusive_create(storage, monkeypatch) -> None:
+    q = make_queue(storage)
+    ops = q.store._sync_ops
+    monkeypatch.setattr(type(q.store), "create", _always_created)
+    with pytest.raises(CapabilityError, match="exclusive create"):
+        await q.enqueue(Task(func="m:f"))
+    assert ops is q.store._sync_ops
+    await q.close()
+
+
+async def _always_created(self, key: str, data: bytes) -> bool:
+    return True
+
+
+def test_sync_twin_from_many_threads(storage) -> None:
+    with FileQueue(storage.base_dir, storage.storage_options) as q:
+        ids = q.enqueue_many([Task(func="m:f", args=[i]) for i in range(40)])
+        acked: list[str] = []
+        lock = threading.Lock()
+
+        def work() -> None:
+            while (c := q.dequeue()) is not None:
+                q.ack(c)
+                with lock:
+                    acked.append(c.id)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(acked) == sorted(ids)
+        assert q.size().total == 0
