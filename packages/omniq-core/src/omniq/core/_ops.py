@@ -53,6 +53,7 @@ class Ops(Protocol):
     def ls(self, prefix: str, detail: bool) -> list[Any]: ...
     def list_dirs(self, prefix: str) -> list[str]: ...
     def exists(self, key: str) -> bool: ...
+    def remove_dir(self, prefix: str) -> bool: ...
 
 
 def _retry(what: str, key: str, fn: Callable[[], T]) -> T:
@@ -221,6 +222,15 @@ class LocalOps:
     def exists(self, key: str) -> bool:
         return os.path.exists(self._path(key))
 
+    def remove_dir(self, prefix: str) -> bool:
+        if not prefix.strip("/"):
+            return False  # never the root itself
+        try:
+            os.rmdir(self._path(prefix))
+            return True
+        except OSError:  # absent, not empty (files or an in-flight temp file), not a directory
+            return False
+
 
 def _mtime(info: dict[str, Any]) -> float:
     for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
@@ -346,6 +356,9 @@ class FsspecOps:
     def exists(self, key: str) -> bool:
         return _retry("exists", key, lambda: bool(self.fs.exists(key)))
 
+    def remove_dir(self, prefix: str) -> bool:
+        return False  # no empty directories on object stores or memory
+
 
 def _collect(keys: list[str], got: Any, single: Callable[[str], bytes | None]) -> dict[
         str, bytes | None]:
@@ -460,6 +473,9 @@ class AsyncFsspecOps:
 
     async def exists(self, key: str) -> bool:
         return await _aretry("exists", key, lambda: self.fs._exists(key))  # type: ignore[no-any-return]
+
+    async def remove_dir(self, prefix: str) -> bool:
+        return False  # no empty directories on object stores
 
 
 def _detach_finalizers(obj: Any) -> None:

@@ -98,6 +98,15 @@ def exists(key: str) -> Op:
     return Op("exists", (key,))
 
 
+def remove_dir(prefix: str) -> Op:
+    """Remove the directory ``prefix`` if it is empty; True if this call removed it.
+
+    Only a local directory keeps empty directories behind; on object stores and the memory
+    filesystem a prefix vanishes with its last file, so this is a no-op (False) there.
+    """
+    return Op("remove_dir", (prefix,))
+
+
 def now() -> Op:
     """The current time (epoch seconds); lets tests inject a clock through ``Store.clock``."""
     return Op("now", ())

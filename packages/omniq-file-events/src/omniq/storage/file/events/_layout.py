@@ -1,0 +1,103 @@
+"""Key layout of the event storage under ``base_dir`` (see ``docs/results-events.md``).
+
+::
+
+    events/by-time/{YYYY-MM-DD}/{HH}/{time_ms:013d}~{event_id}~{type}~{task_id}.json
+        the event (primary copy), partitioned by the UTC day and hour of ``event.time``
+    events/by-task/{task_id}/{time_ms:013d}~{event_id}~{type}.json
+        the same document again: the per-task index
+
+``~`` separates the fields because no task id, event id or event type can contain it
+(``validate_name`` allows only ``[A-Za-z0-9_.-]``). A file name alone therefore tells the
+time, id, type and task of an event: queries filter on names before reading anything, and
+``cleanup`` finds the per-task copy of every event it deletes without reading it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import NamedTuple
+
+from omniq.core.models import UTC
+
+ROOT = "events"
+BY_TIME = "events/by-time"
+BY_TASK = "events/by-task"
+SEP = "~"
+SUFFIX = ".json"
+DAY_FORMAT = "%Y-%m-%d"
+HOUR = 3600.0
+DAY = 86400.0
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def epoch_ms(value: datetime) -> int:
+    """Milliseconds since the epoch, exact (integer arithmetic)."""
+    return (value - _EPOCH) // _MS
+
+
+class Name(NamedTuple):
+    """What an event file name says about the event."""
+
+    time_ms: int
+    event_id: str
+    type: str
+    task_id: str
+
+    @property
+    def sort_key(self) -> tuple[int, str]:
+        return self.time_ms, self.event_id
+
+
+def day_of(time_ms: int) -> str:
+    return datetime.fromtimestamp(time_ms / 1000, UTC).strftime(DAY_FORMAT)
+
+
+def hour_of(time_ms: int) -> str:
+    return datetime.fromtimestamp(time_ms / 1000, UTC).strftime("%H")
+
+
+def time_key(n: Name) -> str:
+    return (f"{BY_TIME}/{day_of(n.time_ms)}/{hour_of(n.time_ms)}/"
+            f"{n.time_ms:013d}{SEP}{n.event_id}{SEP}{n.type}{SEP}{n.task_id}{SUFFIX}")
+
+
+def task_key(n: Name) -> str:
+    return f"{BY_TASK}/{n.task_id}/{n.time_ms:013d}{SEP}{n.event_id}{SEP}{n.type}{SUFFIX}"
+
+
+def parse_time_name(name: str) -> Name | None:
+    """Parse a ``by-time`` file name; None if it is not one."""
+    if not name.endswith(SUFFIX):
+        return None
+    parts = name[: -len(SUFFIX)].split(SEP)
+    if len(parts) != 4 or not parts[0].isdigit() or not all(parts[1:]):
+        return None
+    return Name(int(parts[0]), parts[1], parts[2], parts[3])
+
+
+def parse_task_name(task_id: str, name: str) -> Name | None:
+    """Parse a ``by-task/{task_id}`` file name; None if it is not one."""
+    if not name.endswith(SUFFIX):
+        return None
+    parts = name[: -len(SUFFIX)].split(SEP)
+    if len(parts) != 3 or not parts[0].isdigit() or not all(parts[1:]):
+        return None
+    return Name(int(parts[0]), parts[1], parts[2], task_id)
+
+
+def day_start(name: str) -> float | None:
+    """Epoch seconds at which day partition ``name`` starts; None if not a day name."""
+    try:
+        return datetime.strptime(name, DAY_FORMAT).replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
+
+
+def hour_start(day: float, name: str) -> float | None:
+    """Epoch seconds at which hour partition ``name`` of a day starts; None if malformed."""
+    if len(name) != 2 or not name.isdigit() or int(name) > 23:
+        return None
+    return day + int(name) * HOUR
