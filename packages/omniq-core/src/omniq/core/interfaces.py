@@ -77,8 +77,10 @@ class AsyncQueue(AsyncResource):
         *,
         error: ErrorInfo | BaseException | str | None = None,
         retry_in: float | None = None,
+        retry: bool = True,
     ) -> TaskStatus:
-        """The attempt failed: retry later (SCHEDULED/PENDING) or dead-letter it (DEAD)."""
+        """The attempt failed: retry later (SCHEDULED/PENDING) or dead-letter it (DEAD);
+        ``retry=False`` dead-letters at once."""
 
     @abc.abstractmethod
     async def release(self, claimed: Claimed) -> None:

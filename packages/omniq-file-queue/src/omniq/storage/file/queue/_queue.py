@@ -376,13 +376,15 @@ class AsyncFileQueue(AsyncQueue):
         *,
         error: ErrorInfo | BaseException | str | None = None,
         retry_in: float | None = None,
+        retry: bool = True,
     ) -> TaskStatus:
         """The attempt failed. Retried with exponential backoff and jitter while retries
         remain (returns SCHEDULED, or PENDING for an immediate retry), else dead-lettered
-        (returns DEAD) with the error kept."""
+        (returns DEAD) with the error kept. ``retry=False`` dead-letters at once (for
+        failures no retry can fix, such as a function that does not import)."""
         task = msgspec.structs.replace(claimed.task, failures=claimed.task.failures + 1,
                                        last_error=_error_info(error))
-        if task.failures > task.max_retries:
+        if not retry or task.failures > task.max_retries:
             status, state = TaskStatus.DEAD, L.DEAD
             follow: Program[None] = self._dead_program(task)
         else:

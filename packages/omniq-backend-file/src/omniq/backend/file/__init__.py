@@ -1,0 +1,153 @@
+"""OmniQ's file backend: queue, results and events together, a worker, the ``omniq`` command.
+
+``AsyncFileBackend`` / ``FileBackend`` and their workers ``AsyncWorker`` / ``Worker``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+from typing_extensions import ParamSpec
+
+from omniq.core.sync import SyncWrapper, blocking, run_sync
+
+from ._backend import AsyncFileBackend, AsyncTaskFunction
+from ._config import BackendConfig, resolve_config
+from ._functions import FunctionImportError, FunctionNotAllowedError, func_path
+from ._worker import AsyncWorker
+
+__version__ = "0.1.0"
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Worker(SyncWrapper[AsyncWorker]):
+    """Blocking twin of :class:`AsyncWorker`: ``worker.run()`` blocks until stopped.
+
+    Runs on OmniQ's shared event-loop thread; SIGINT/SIGTERM received by the main thread
+    stop it gracefully (a second signal stops it at once).
+    """
+
+    def __init__(self, worker: AsyncWorker) -> None:
+        super().__init__(worker)
+        worker.handle_signals = False  # signals reach the calling (main) thread instead
+
+    def run(self) -> dict[str, int]:
+        """Work until stopped; returns the worker's counters."""
+        worker = self._async
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum: int, frame: Any) -> None:
+                worker.stop()
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, handler)
+        try:
+            return run_sync(worker.run, "Worker.run")
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def stop(self) -> None:
+        """Ask the worker to stop gracefully (safe from any thread)."""
+        self._async.stop()
+
+    cleanup = blocking(AsyncWorker.cleanup)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self._async.stats
+
+    def close(self) -> None:
+        """Nothing to release: the backend owns the storage connections."""
+
+
+class TaskFunction(Generic[P, R]):
+    """A function registered with ``@FileBackend.task``: ``send.enqueue(...)`` blocks and
+    returns the task id; calling ``send(...)`` runs it here."""
+
+    def __init__(self, inner: AsyncTaskFunction[P, R]) -> None:
+        self._inner = inner
+        self.__wrapped__ = inner.func
+        self.__omniq_func__ = inner.func
+        self.__name__ = inner.__name__
+        self.__doc__ = inner.__doc__
+        self.path = inner.path
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._inner.func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<task {self.path}>"
+
+    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        inner = self._inner
+        return run_sync(lambda: inner.enqueue(*args, **kwargs), "TaskFunction.enqueue")  # type: ignore[no-any-return]
+
+    def enqueue_with(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                     **options: Any) -> str:
+        inner = self._inner
+        return run_sync(lambda: inner.enqueue_with(args, kwargs, **options),  # type: ignore[no-any-return]
+                        "TaskFunction.enqueue_with")
+
+
+class FileBackend(SyncWrapper[AsyncFileBackend]):
+    """Blocking twin of :class:`AsyncFileBackend` (same arguments and method names)."""
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+        **settings: Any,
+    ) -> None:
+        super().__init__(AsyncFileBackend(base_dir, storage_options, **settings))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **settings: Any) -> FileBackend:
+        return cls(environ=environ, **settings)
+
+    @property
+    def config(self) -> BackendConfig:
+        return self._async.config
+
+    enqueue = blocking(AsyncFileBackend.enqueue)
+    enqueue_task = blocking(AsyncFileBackend.enqueue_task)
+    result = blocking(AsyncFileBackend.result)
+    get_task = blocking(AsyncFileBackend.get_task)
+    cancel = blocking(AsyncFileBackend.cancel)
+
+    def make_task(self, *args: Any, **kwargs: Any) -> Any:
+        return self._async.make_task(*args, **kwargs)
+
+    def task(self, func: Callable[P, R] | None = None, **options: Any) -> Any:
+        """Decorator: ``@backend.task(queue="mail")`` then ``send.enqueue(to=...)``."""
+
+        def wrap(fn: Callable[P, R]) -> TaskFunction[P, R]:
+            return TaskFunction(AsyncTaskFunction(self._async, fn, options))
+
+        return wrap(func) if func is not None else wrap
+
+    def worker(self, queues: Sequence[str] | str = ("default",), concurrency: int = 4,
+               **options: Any) -> Worker:
+        """A blocking worker; ``.run()`` works until SIGINT/SIGTERM or ``.stop()``."""
+        return Worker(self._async.worker(queues, concurrency, **options))
+
+
+__all__ = [
+    "AsyncFileBackend",
+    "AsyncTaskFunction",
+    "AsyncWorker",
+    "BackendConfig",
+    "FileBackend",
+    "FunctionImportError",
+    "FunctionNotAllowedError",
+    "TaskFunction",
+    "Worker",
+    "func_path",
+    "resolve_config",
+]

@@ -1,0 +1,216 @@
+"""AsyncFileBackend: the queue, the results and (optionally) the events under one base_dir."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from typing_extensions import ParamSpec, Self
+
+from omniq.core.errors import ConfigurationError
+from omniq.core.interfaces import AsyncResource
+from omniq.core.models import EventType, Task, TaskEvent, TaskInfo, TaskResult, utcnow
+from omniq.storage.file.events import AsyncFileEventStorage
+from omniq.storage.file.queue import AsyncFileQueue
+from omniq.storage.file.results import AsyncFileResultStorage
+
+from ._config import BackendConfig, resolve_config
+from ._functions import func_path
+
+if TYPE_CHECKING:
+    from ._worker import AsyncWorker
+
+log = logging.getLogger("omniq.backend")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class AsyncFileBackend(AsyncResource):
+    """Queue + result storage + event storage on fsspec filesystems.
+
+    ``AsyncFileBackend("s3://bucket/app", {"key": ..., "secret": ...}, events=True)`` keeps
+    ``queue/``, ``results/`` and ``events/`` under the base dir; each part can live elsewhere
+    (``queue_dir=``/``queue_options=``, ``results_dir=``, ``events_dir=``). Settings also come
+    from ``config`` (a dict) and ``OMNIQ_*`` environment variables; precedence: keyword
+    arguments > config > environment > defaults.
+    """
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+        clock: Callable[[], float] | None = None,
+        **settings: Any,
+    ) -> None:
+        self.config: BackendConfig = resolve_config(
+            {"base_dir": os.fspath(base_dir) if base_dir is not None else None,
+             "storage_options": storage_options, **settings}, config, environ)
+        cfg = self.config
+        queue_part = cfg.part("queue")
+        self.queue = AsyncFileQueue(queue_part.base_dir, queue_part.storage_options,
+                                    lease=cfg.lease, on_event=self._queue_event, clock=clock)
+        self.results: AsyncFileResultStorage | None = None
+        if cfg.results:
+            part = cfg.part("results")
+            self.results = AsyncFileResultStorage(
+                part.base_dir, part.storage_options, clock=clock,
+                default_ttl=None if cfg.result_ttl is None else timedelta(seconds=cfg.result_ttl))
+        self.events: AsyncFileEventStorage | None = None
+        if cfg.events:
+            part = cfg.part("events")
+            self.events = AsyncFileEventStorage(part.base_dir, part.storage_options, clock=clock)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **settings: Any) -> Self:
+        """Configure from ``OMNIQ_*`` variables (``OMNIQ_BASE_DIR``,
+        ``OMNIQ_STORAGE_OPTIONS`` as JSON, ``OMNIQ_EVENTS``, ...), overridden by ``settings``."""
+        return cls(environ=environ, **settings)
+
+    def __repr__(self) -> str:
+        parts = [repr(self.queue.store.url)]
+        parts.append(f"results={self.results.store.url!r}" if self.results else "results=off")
+        parts.append(f"events={self.events.store.url!r}" if self.events else "events=off")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    async def close(self) -> None:
+        for part in (self.queue, self.results, self.events):
+            if part is not None:
+                await part.close()
+
+    async def emit(self, event: TaskEvent) -> None:
+        """Record an event if event storage is on (never raises for storage trouble)."""
+        if self.events is not None:
+            await self.events.log(event)
+
+    async def _queue_event(self, event: TaskEvent) -> None:
+        await self.emit(event)
+
+    # -- producing ---------------------------------------------------------------------------
+    def make_task(
+        self,
+        func: Callable[..., Any] | str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str = "default",
+        priority: int = 0,
+        delay: float | timedelta | None = None,
+        eta: datetime | None = None,
+        ttl: float | timedelta | None = None,
+        max_retries: int | None = None,
+        retry_backoff: float | None = None,
+        timeout: float | None = None,
+        task_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Task:
+        """Build the Task that ``enqueue`` would store (no I/O)."""
+        if delay is not None and eta is not None:
+            raise ConfigurationError("give delay or eta, not both")
+        now = utcnow()
+        if delay is not None:
+            eta = now + (delay if isinstance(delay, timedelta) else timedelta(seconds=delay))
+        expires = None
+        if ttl is not None:
+            expires = (eta or now) + (ttl if isinstance(ttl, timedelta) else timedelta(
+                seconds=ttl))
+        fields: dict[str, Any] = {
+            "func": func_path(func), "args": list(args), "kwargs": dict(kwargs or {}),
+            "queue": queue, "priority": priority, "eta": eta, "expires_at": expires,
+            "max_retries": self.config.max_retries if max_retries is None else max_retries,
+            "timeout": self.config.timeout if timeout is None else timeout,
+            "metadata": dict(metadata or {}),
+        }
+        if retry_backoff is not None:
+            fields["retry_backoff"] = retry_backoff
+        if task_id is not None:
+            fields["id"] = task_id
+        return Task(**fields)
+
+    async def enqueue(
+        self,
+        func: Callable[..., Any] | str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> str:
+        """Queue ``func(*args, **kwargs)``; returns the task id.
+
+        Options: queue, priority, delay (s or timedelta), eta, ttl, max_retries,
+        retry_backoff, timeout, task_id, metadata. ``args``/``kwargs`` are explicit, so a
+        user argument named ``queue`` or ``timeout`` never collides with an option.
+        """
+        task = self.make_task(func, args, kwargs, **options)
+        await self.queue.enqueue(task)
+        await self.emit(TaskEvent(task_id=task.id, type=EventType.ENQUEUED, queue=task.queue,
+                                  data={"func": task.func}))
+        return task.id
+
+    async def enqueue_task(self, task: Task) -> str:
+        await self.queue.enqueue(task)
+        await self.emit(TaskEvent(task_id=task.id, type=EventType.ENQUEUED, queue=task.queue,
+                                  data={"func": task.func}))
+        return task.id
+
+    async def result(self, task_id: str, wait: float | None = None) -> TaskResult | None:
+        """The task's result; with ``wait`` seconds, wait for it (ResultTimeoutError)."""
+        if self.results is None:
+            raise ConfigurationError("result storage is off for this backend (results=False)")
+        if wait is None:
+            return await self.results.get(task_id)
+        return await self.results.wait(task_id, timeout=wait)
+
+    async def get_task(self, task_id: str) -> TaskInfo:
+        return await self.queue.get_task(task_id)
+
+    async def cancel(self, task_id: str) -> bool:
+        return await self.queue.cancel(task_id)
+
+    def task(self, func: Callable[P, R] | None = None, **options: Any) -> Any:
+        """Decorator: ``@backend.task(queue="mail")`` then ``await send.enqueue(to=...)``."""
+
+        def wrap(fn: Callable[P, R]) -> AsyncTaskFunction[P, R]:
+            return AsyncTaskFunction(self, fn, options)
+
+        return wrap(func) if func is not None else wrap
+
+    def worker(self, queues: Sequence[str] | str = ("default",), concurrency: int = 4,
+               **options: Any) -> AsyncWorker:
+        """A worker running tasks from ``queues`` (see AsyncWorker for the options)."""
+        from ._worker import AsyncWorker
+
+        return AsyncWorker(self, queues, concurrency, **options)
+
+
+class AsyncTaskFunction(Generic[P, R]):
+    """A function registered with ``@backend.task``; still callable directly."""
+
+    def __init__(self, backend: Any, func: Callable[P, R], options: Mapping[str, Any]) -> None:
+        self.backend = backend
+        self.func = func
+        self.options = dict(options)
+        self.__wrapped__ = func
+        self.__omniq_func__ = func
+        self.__name__ = getattr(func, "__name__", "task")
+        self.__doc__ = func.__doc__
+        self.path = func_path(func)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<task {self.path}>"
+
+    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Queue a call with the decorator's options (``await`` it on the async backend)."""
+        return self.backend.enqueue(self.path, args, kwargs, **self.options)
+
+    def enqueue_with(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                     **options: Any) -> Any:
+        """Queue a call overriding options (delay, priority, queue, ...)."""
+        return self.backend.enqueue(self.path, args, kwargs, **{**self.options, **options})

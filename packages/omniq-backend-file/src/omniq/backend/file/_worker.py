@@ -1,0 +1,326 @@
+"""The worker: claims tasks, runs them, records results and events, retries, heartbeats."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import anyio.to_process
+import anyio.to_thread
+
+from omniq.core.errors import LeaseLostError, TaskCancelledError
+from omniq.core.models import (
+    Claimed,
+    ErrorInfo,
+    EventType,
+    ResultStatus,
+    TaskEvent,
+    TaskResult,
+    TaskStatus,
+    utcnow,
+)
+from omniq.storage.file.queue import default_worker_id
+
+from ._functions import FunctionImportError, FunctionNotAllowedError, is_async, resolve
+
+log = logging.getLogger("omniq.worker")
+
+
+def _call_in_process(path: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    func = resolve(path)
+    return getattr(func, "__omniq_func__", func)(*args, **kwargs)
+
+
+class AsyncWorker:
+    """Runs tasks from ``queues`` with at most ``concurrency`` at a time.
+
+    Async functions run on the event loop, plain functions in a thread pool, or in a process
+    pool with ``processes=N`` (for CPU-bound work). A task never holds a slot it does not
+    have: the worker claims only when a slot is free. Leases are extended every third of
+    their length while a task runs. On SIGINT/SIGTERM (or ``stop()``) it takes nothing new,
+    lets running tasks finish for ``grace`` seconds, then releases the rest so another worker
+    gets them at once.
+
+    Args:
+        allow: if given, only functions whose path matches an entry run (exact
+            ``"pkg.mod:func"`` or a module prefix ``"pkg.mod"``); others fail without retry.
+        cleanup_interval: seconds between expiry clean-ups of results and events.
+        burst: stop once the queues stay empty for ``idle_timeout`` seconds (like
+            ``rq worker --burst``).
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        queues: Sequence[str] | str = ("default",),
+        concurrency: int = 4,
+        *,
+        processes: int | None = None,
+        lease: float | None = None,
+        grace: float = 30.0,
+        allow: Sequence[str] | None = None,
+        cleanup_interval: float = 600.0,
+        poll: float = 1.0,
+        burst: bool = False,
+        idle_timeout: float = 1.0,
+        worker_id: str | None = None,
+        handle_signals: bool = True,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.backend = backend
+        self.queue = backend.queue
+        self.queues = [queues] if isinstance(queues, str) else list(queues)
+        self.concurrency = concurrency
+        self.processes = processes
+        self.lease = lease or self.queue.lease
+        self.grace = grace
+        self.allow = list(allow) if allow is not None else None
+        self.cleanup_interval = cleanup_interval
+        self.poll = poll
+        self.burst = burst
+        self.idle_timeout = idle_timeout
+        self.worker_id = worker_id or default_worker_id()
+        self.handle_signals = handle_signals
+        self.stats = {"claimed": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead": 0,
+                      "released": 0, "lost": 0, "cancelled": 0}
+        self.running: dict[str, Claimed] = {}
+        self.max_running = 0
+        self._stopping = False
+        self._scopes: dict[str, anyio.CancelScope] = {}
+
+    def __repr__(self) -> str:
+        return (f"AsyncWorker({self.worker_id!r}, queues={self.queues}, "
+                f"concurrency={self.concurrency})")
+
+    def stop(self) -> None:
+        """Ask the worker to stop gracefully (thread-safe; a second call stops at once)."""
+        if self._stopping:
+            self.grace = 0.0
+        self._stopping = True
+
+    async def _event(self, kind: EventType, claimed: Claimed, **fields: Any) -> None:
+        if self.backend.events is not None:
+            await self.backend.emit(TaskEvent(task_id=claimed.id, type=kind,
+                                              queue=claimed.queue, worker_id=self.worker_id,
+                                              attempt=claimed.attempt, **fields))
+
+    async def run(self) -> dict[str, int]:
+        """Work until stopped (or, in burst mode, until the queues are empty)."""
+        log.info("worker %s started on %s (concurrency %d)", self.worker_id,
+                 ",".join(self.queues), self.concurrency)
+        slots = anyio.Semaphore(self.concurrency)
+        self._process_limiter = anyio.CapacityLimiter(self.processes or 1)
+        self._stopping = False
+        async with anyio.create_task_group() as tg:
+            if self.handle_signals and threading.current_thread() is threading.main_thread():
+                tg.start_soon(self._watch_signals)
+            tg.start_soon(self._cleanup_loop)
+            idle_since: float | None = None
+            while not self._stopping:
+                with anyio.move_on_after(self.poll):
+                    await slots.acquire()
+                    try:
+                        claimed = await self.queue.dequeue(
+                            self.queues, lease=self.lease, wait=min(self.poll, 0.5),
+                            worker_id=self.worker_id)
+                    except BaseException:
+                        slots.release()
+                        raise
+                    if claimed is None:
+                        slots.release()
+                    else:
+                        idle_since = None
+                        self.running[claimed.id] = claimed
+                        self.max_running = max(self.max_running, len(self.running))
+                        tg.start_soon(self._run_one, claimed, slots)
+                        continue
+                if self.burst and not self.running:
+                    idle_since = idle_since or time.monotonic()
+                    if time.monotonic() - idle_since >= self.idle_timeout:
+                        break
+            await self._drain()
+            tg.cancel_scope.cancel()
+        log.info("worker %s stopped: %s", self.worker_id, self.stats)
+        return dict(self.stats)
+
+    async def _drain(self) -> None:
+        with anyio.move_on_after(self.grace):
+            while self.running:
+                await anyio.sleep(0.05)
+        for task_id, scope in list(self._scopes.items()):
+            log.info("task %s did not finish within the grace period; releasing it", task_id)
+            scope.cancel()
+        while self.running:
+            await anyio.sleep(0.01)
+
+    async def _watch_signals(self) -> None:
+        try:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s; stopping (again to stop now)",
+                             signal.Signals(signum).name)
+                    self.stop()
+        except (NotImplementedError, RuntimeError, ValueError):
+            return
+
+    async def _cleanup_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.cleanup_interval)
+            await self.cleanup()
+
+    async def cleanup(self) -> None:
+        """Drop expired results and old events (runs by itself every cleanup_interval)."""
+        try:
+            if self.backend.results is not None:
+                await self.backend.results.cleanup_expired()
+            retention = self.backend.config.event_retention
+            if self.backend.events is not None and retention is not None:
+                from datetime import timedelta
+
+                await self.backend.events.cleanup(timedelta(seconds=retention))
+        except Exception:
+            log.exception("expiry clean-up failed; will try again")
+
+    # -- one task ----------------------------------------------------------------------------
+    async def _run_one(self, claimed: Claimed, slots: anyio.Semaphore) -> None:
+        try:
+            await self._execute(claimed)
+        except Exception:
+            log.exception("internal error while handling task %s", claimed.id)
+        finally:
+            self.running.pop(claimed.id, None)
+            slots.release()
+
+    async def _execute(self, claimed: Claimed) -> None:
+        self.stats["claimed"] += 1
+        task = claimed.task
+        started = utcnow()
+        log.info("task %s %s started (attempt %d)", task.id, task.func, claimed.attempt)
+        await self._event(EventType.STARTED, claimed, data={"func": task.func})
+        state: dict[str, Any] = {"claimed": claimed, "lost": False, "cancelled": False}
+        outcome: Any = None
+        error: BaseException | None = None
+        retry = True
+        try:
+            func = resolve(task.func, self.allow)
+        except (FunctionImportError, FunctionNotAllowedError) as exc:
+            error, retry = exc, False
+        else:
+            async with anyio.create_task_group() as tg:
+                with anyio.CancelScope() as scope:
+                    self._scopes[task.id] = scope
+                    tg.start_soon(self._heartbeat, state, scope)
+                    try:
+                        outcome = await self._call(func, claimed)
+                    except Exception as exc:
+                        error = exc
+                    finally:
+                        tg.cancel_scope.cancel()
+                self._scopes.pop(task.id, None)
+            if scope.cancelled_caught and not state["lost"] and not state["cancelled"]:
+                await self._release(state["claimed"])
+                return
+        claimed = state["claimed"]
+        duration = (utcnow() - started).total_seconds()
+        if state["lost"]:
+            self.stats["lost"] += 1
+            log.warning("task %s: lease lost to another worker; result discarded", task.id)
+            return
+        if state["cancelled"]:
+            self.stats["cancelled"] += 1
+            log.info("task %s cancelled while running", task.id)
+            await self._event(EventType.CANCELLED, claimed, duration=duration)
+            return
+        if error is None:
+            await self._succeed(claimed, outcome, started, duration)
+        else:
+            await self._fail(claimed, error, retry, started, duration)
+
+    async def _call(self, func: Any, claimed: Claimed) -> Any:
+        task = claimed.task
+        timeout = task.timeout if task.timeout and task.timeout > 0 else math.inf
+        with anyio.fail_after(timeout):
+            if is_async(func):
+                return await func(*task.args, **task.kwargs)
+            if self.processes:
+                return await anyio.to_process.run_sync(
+                    _call_in_process, task.func, task.args, task.kwargs, cancellable=True,
+                    limiter=self._process_limiter)
+            call = functools.partial(func, *task.args, **task.kwargs)
+            return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+
+    async def _heartbeat(self, state: dict[str, Any], scope: anyio.CancelScope) -> None:
+        while True:
+            await anyio.sleep(self.lease / 3)
+            try:
+                state["claimed"] = await self.queue.extend_lease(state["claimed"], self.lease)
+            except LeaseLostError:
+                state["lost"] = True
+                scope.cancel()
+                return
+            except TaskCancelledError:
+                state["cancelled"] = True
+                scope.cancel()
+                return
+            except Exception as exc:
+                log.warning("heartbeat for task %s failed: %s", state["claimed"].id, exc)
+
+    async def _release(self, claimed: Claimed) -> None:
+        try:
+            await self.queue.release(claimed)
+            self.stats["released"] += 1
+        except LeaseLostError:
+            self.stats["lost"] += 1
+
+    async def _record(self, result: TaskResult) -> None:
+        if self.backend.results is not None:
+            await self.backend.results.set(result)
+
+    async def _succeed(self, claimed: Claimed, value: Any, started: Any, duration: float) -> None:
+        task = claimed.task
+        await self._record(TaskResult(
+            task_id=task.id, status=ResultStatus.SUCCESS, value=value, attempt=claimed.attempt,
+            queue=task.queue, func=task.func, worker_id=self.worker_id, started_at=started))
+        try:
+            await self.queue.ack(claimed)
+        except LeaseLostError:
+            self.stats["lost"] += 1
+            log.warning("task %s finished after its lease was taken over", task.id)
+            return
+        self.stats["succeeded"] += 1
+        log.info("task %s succeeded in %.3fs", task.id, duration)
+        await self._event(EventType.SUCCEEDED, claimed, duration=duration)
+
+    async def _fail(self, claimed: Claimed, error: BaseException, retry: bool, started: Any,
+                    duration: float) -> None:
+        task = claimed.task
+        if isinstance(error, TimeoutError) and not str(error):
+            error = TimeoutError(f"task exceeded its timeout of {task.timeout}s")
+        info = ErrorInfo.from_exception(error)
+        try:
+            status = await self.queue.nack(claimed, error=info, retry=retry)
+        except LeaseLostError:
+            self.stats["lost"] += 1
+            return
+        self.stats["failed"] += 1
+        if status is TaskStatus.DEAD:
+            self.stats["dead"] += 1
+            log.info("task %s failed: %s: %s (dead-lettered)", task.id, info.type, info.message)
+            await self._record(TaskResult(
+                task_id=task.id, status=ResultStatus.FAILURE, error=info,
+                attempt=claimed.attempt, queue=task.queue, func=task.func,
+                worker_id=self.worker_id, started_at=started))
+            await self._event(EventType.FAILED, claimed, error=info, duration=duration)
+            await self._event(EventType.DEAD_LETTERED, claimed, error=info)
+        else:
+            self.stats["retried"] += 1
+            log.info("task %s failed: %s: %s (will retry)", task.id, info.type, info.message)
+            await self._event(EventType.RETRIED, claimed, error=info, duration=duration)
