@@ -176,7 +176,7 @@ class Store:
             self.root = path.rstrip("/")
             if not self.root:
                 raise ConfigurationError(f"base_dir {self.url!r} needs a bucket or path")
-            _fs_class(protocol, package)
+            self._native_async = bool(getattr(_fs_class(protocol, package), "async_impl", False))
 
     @property
     def _sync_ops(self) -> Ops:
@@ -218,7 +218,7 @@ class Store:
             return _drive(program, self._sync_ops, self.clock)
         if self.kind == "local":
             return await anyio.to_thread.run_sync(_drive, program, self._sync_ops, self.clock)
-        if sniffio.current_async_library() != "asyncio":
+        if not self._native_async or sniffio.current_async_library() != "asyncio":
             return await anyio.to_thread.run_sync(_drive, program, self._sync_ops, self.clock)
         ops = await self._ops_for_loop()
         return await _adrive(program, ops, self.clock)

@@ -54,7 +54,8 @@ class AsyncFileBackend(AsyncResource):
         cfg = self.config
         queue_part = cfg.part("queue")
         self.queue = AsyncFileQueue(queue_part.base_dir, queue_part.storage_options,
-                                    lease=cfg.lease, on_event=self._queue_event, clock=clock)
+                                    lease=cfg.lease, clock_skew=cfg.clock_skew,
+                                    on_event=self._queue_event, clock=clock)
         self.results: AsyncFileResultStorage | None = None
         if cfg.results:
             part = cfg.part("results")

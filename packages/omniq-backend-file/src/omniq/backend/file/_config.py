@@ -48,6 +48,7 @@ class BackendConfig:
     result_ttl: float | None = 7 * 24 * 3600.0
     event_retention: float | None = 30 * 24 * 3600.0
     lease: float = 60.0
+    clock_skew: float = 5.0
     max_retries: int = 0
     timeout: float | None = None
 
