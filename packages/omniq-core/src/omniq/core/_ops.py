@@ -35,7 +35,7 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _backoff(attempt: int) -> float:
-    return min(2.0, 0.05 * (2**attempt)) * (0.5 + random.random() / 2)
+    return min(2.0, 0.05 * 2.0**attempt) * (0.5 + random.random() / 2)
 
 
 def _storage_error(what: str, key: str, exc: BaseException) -> StorageError:
@@ -472,7 +472,7 @@ class AsyncFsspecOps:
         return _dirs(await self._ls(prefix))
 
     async def exists(self, key: str) -> bool:
-        return await _aretry("exists", key, lambda: self.fs._exists(key))  # type: ignore[no-any-return]
+        return await _aretry("exists", key, lambda: self.fs._exists(key))
 
     async def remove_dir(self, prefix: str) -> bool:
         return False  # no empty directories on object stores

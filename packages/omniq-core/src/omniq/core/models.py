@@ -130,8 +130,9 @@ class Task(_Document, kw_only=True):
 
     def __post_init__(self) -> None:
         self._check_version()
-        if isinstance(self.args, tuple):  # accept tuples from Python callers
-            self.args = list(self.args)
+        args: Any = self.args
+        if isinstance(args, tuple):  # accept tuples from Python callers
+            self.args = list(args)
         self.eta = ensure_utc(self.eta, "eta")
         self.expires_at = ensure_utc(self.expires_at, "expires_at")
         self.created_at = ensure_utc(self.created_at, "created_at") or utcnow()
@@ -144,7 +145,7 @@ class Task(_Document, kw_only=True):
 
     def retry_delay(self, failures: int, rand: float) -> float:
         """Exponential backoff after ``failures`` failed attempts; ``rand`` in [0, 1)."""
-        delay = min(self.retry_backoff_max, self.retry_backoff * (2 ** max(0, failures - 1)))
+        delay = min(self.retry_backoff_max, self.retry_backoff * 2.0 ** max(0, failures - 1))
         if self.retry_jitter:
             delay = delay / 2 + delay / 2 * rand
         return max(0.0, delay)

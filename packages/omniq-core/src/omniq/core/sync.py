@@ -165,7 +165,7 @@ class blocking(Generic[P, R]):  # noqa: N801 - used like a decorator
 
         @functools.wraps(self._method)
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
-            method = getattr(target, name)
+            method: Callable[P, Coroutine[Any, Any, R]] = getattr(target, name)
             return _LOOP.run(lambda: method(*args, **kwargs), owner_name)
 
         return call

@@ -40,7 +40,7 @@ class Worker(SyncWrapper[AsyncWorker]):
     def run(self) -> dict[str, int]:
         """Work until stopped; returns the worker's counters."""
         worker = self._async
-        previous: dict[int, Any] = {}
+        previous: dict[Any, Any] = {}
         if threading.current_thread() is threading.main_thread():
             def handler(signum: int, frame: Any) -> None:
                 worker.stop()

@@ -135,6 +135,7 @@ class AsyncFileBackend(AsyncResource):
 
     async def enqueue(
         self,
+        /,
         func: Callable[..., Any] | str,
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,

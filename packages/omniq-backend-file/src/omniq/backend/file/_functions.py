@@ -22,14 +22,14 @@ class FunctionImportError(OmniQError):
 def func_path(func: Callable[..., Any] | str) -> str:
     """``"package.module:qualname"`` for a module-level callable (or a path, checked)."""
     if isinstance(func, str):
-        module, sep, name = func.partition(":")
-        if not sep or not module or not name:
+        head, sep, name = func.partition(":")
+        if not sep or not head or not name:
             raise ConfigurationError(
                 f"function path {func!r} must look like 'package.module:function'")
         return func
     target = getattr(func, "__omniq_func__", func)
-    module = getattr(target, "__module__", None)
-    qualname = getattr(target, "__qualname__", None)
+    module: str | None = getattr(target, "__module__", None)
+    qualname: str | None = getattr(target, "__qualname__", None)
     if not module or not qualname or "<locals>" in qualname or "<lambda>" in qualname:
         raise ConfigurationError(
             f"{func!r} is not importable by a worker; define it at module level")

@@ -421,7 +421,7 @@ class AsyncFileQueue(AsyncQueue):
         got = await self.store.run(self._extend_program(claimed, seconds or self.lease))
         if got is None:
             raise self._lost(claimed, "extend_lease")
-        if got is False:
+        if isinstance(got, bool):
             raise TaskCancelledError(f"task {claimed.id} was cancelled")
         return got
 
@@ -544,7 +544,9 @@ class AsyncFileQueue(AsyncQueue):
             task: Task | None = codec.decode(body, Task)
         except SerializationError:
             task = None
-        return TaskInfo(task=task, status=status, attempt=attempt or (task and task.attempt),
+        if attempt is None and task is not None:
+            attempt = task.attempt
+        return TaskInfo(task=task, status=status, attempt=attempt,
                         error=task.last_error if task else None)
 
     async def cancel(self, task_id: str, queue: str | None = None) -> bool:
