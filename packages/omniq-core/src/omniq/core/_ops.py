@@ -51,6 +51,7 @@ class Ops(Protocol):
     def delete(self, key: str) -> bool: ...
     def delete_many(self, keys: list[str]) -> None: ...
     def ls(self, prefix: str, detail: bool) -> list[Any]: ...
+    def ls_head(self, prefix: str, limit: int) -> list[str]: ...
     def list_dirs(self, prefix: str) -> list[str]: ...
     def exists(self, key: str) -> bool: ...
     def remove_dir(self, prefix: str) -> bool: ...
@@ -212,6 +213,9 @@ class LocalOps:
         out.sort()
         return out
 
+    def ls_head(self, prefix: str, limit: int) -> list[str]:
+        return self.ls(prefix, False)[:limit]  # type: ignore[no-any-return]
+
     def list_dirs(self, prefix: str) -> list[str]:
         try:
             with os.scandir(self._path(prefix)) as it:
@@ -341,6 +345,16 @@ class FsspecOps:
     def ls(self, prefix: str, detail: bool) -> list[Any]:
         return _listing(self._ls(prefix), detail)
 
+    def ls_head(self, prefix: str, limit: int) -> list[str]:
+        inner = self.fs.fs
+        if hasattr(inner, "_lsdir") and hasattr(inner, "_call_s3"):
+            from fsspec.asyn import sync
+
+            infos = _retry("list", prefix, lambda: sync(
+                inner.loop, _s3_head, inner, self.fs._join(prefix), limit))
+            return _listing(infos, False)[:limit]  # type: ignore[no-any-return]
+        return self.ls(prefix, False)[:limit]  # type: ignore[no-any-return]
+
     def list_dirs(self, prefix: str) -> list[str]:
         return _dirs(self._ls(prefix))
 
@@ -468,6 +482,14 @@ class AsyncFsspecOps:
     async def ls(self, prefix: str, detail: bool) -> list[Any]:
         return _listing(await self._ls(prefix), detail)
 
+    async def ls_head(self, prefix: str, limit: int) -> list[str]:
+        inner = self.fs.fs
+        if hasattr(inner, "_lsdir") and hasattr(inner, "_call_s3"):
+            path = self.fs._join(prefix)
+            infos = await _aretry("list", prefix, lambda: _s3_head(inner, path, limit))
+            return _listing(infos, False)[:limit]  # type: ignore[no-any-return]
+        return (await self.ls(prefix, False))[:limit]  # type: ignore[no-any-return]
+
     async def list_dirs(self, prefix: str) -> list[str]:
         return _dirs(await self._ls(prefix))
 
@@ -485,3 +507,12 @@ def _detach_finalizers(obj: Any) -> None:
     for finalizer, info in list(registry.items()):
         if info.weakref() is obj:
             finalizer.detach()
+
+
+async def _s3_head(s3: Any, path: str, limit: int) -> list[dict[str, Any]]:
+    """The first ``limit`` entries under ``path`` in key order: one LIST request, however
+    many keys the prefix holds (S3 lists in UTF-8 byte order)."""
+    try:
+        return await s3._lsdir(path, max_items=limit, refresh=True)  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        return []

@@ -89,6 +89,12 @@ def listdir(prefix: str, detail: bool = False) -> Op:
     return Op("ls", (prefix, detail))
 
 
+def listhead(prefix: str, limit: int) -> Op:
+    """The first ``limit`` file names under ``prefix`` in sorted order. On S3 this is one
+    LIST request whatever the number of keys; elsewhere a full listing, sliced."""
+    return Op("ls_head", (prefix, limit))
+
+
 def listdirs(prefix: str) -> Op:
     """Sorted names of the sub-directories directly under ``prefix``."""
     return Op("list_dirs", (prefix,))

@@ -37,6 +37,7 @@ from omniq.core.fs import (
     exists,
     listdir,
     listdirs,
+    listhead,
     now,
     read,
     read_many,
@@ -270,15 +271,14 @@ class AsyncFileQueue(AsyncQueue):
     def _scan_program(self, queue: str) -> Program[list[L.Candidate]]:
         found: list[L.Candidate] = []
         for rank_dir in (yield listdirs(f"{queue}/ready")):
-            names = yield listdir(f"{queue}/ready/{rank_dir}")
-            for name in names[: self.batch]:
+            for name in (yield listhead(f"{queue}/ready/{rank_dir}", self.batch)):
                 candidate = L.ready_candidate(queue, rank_dir, name)
                 if candidate is not None:
                     found.append(candidate)
             if len(found) >= self.batch:
                 break
         current_ms = (yield now()) * 1000
-        for name in (yield listdir(f"{queue}/due"))[: self.batch]:
+        for name in (yield listhead(f"{queue}/due", self.batch)):
             candidate = L.due_candidate(queue, name)
             if candidate is None:
                 continue
