@@ -25,9 +25,11 @@ from omniq.storage.file.queue import FileQueue
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request) -> str:
+    """Every conformance test runs on asyncio and on trio (remote stores then go through
+    the sync fsspec API in a worker thread)."""
+    return request.param
 
 
 async def drain(q, queues=("default",), **kw) -> list:
