@@ -27,7 +27,7 @@ class SerializationError(OmniQError, TypeError):
     """A value cannot be carried by the JSON codec, or a stored document cannot be read."""
 
 
-class StorageError(OmniQError):
+class StorageError(OmniQError, OSError):
     """The filesystem failed; ``__cause__`` holds the original exception."""
 
 

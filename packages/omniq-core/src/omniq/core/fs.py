@@ -35,7 +35,7 @@ from fsspec.core import split_protocol
 from fsspec.implementations.dirfs import DirFileSystem
 
 from ._ops import AsyncFsspecOps, Entry, FsspecOps, LocalOps, Ops
-from .errors import CapabilityError, ConfigurationError, MissingDependencyError
+from .errors import CapabilityError, ConfigurationError, MissingDependencyError, StorageError
 
 log = logging.getLogger("omniq.fs")
 R = TypeVar("R")
@@ -135,7 +135,8 @@ def _fs_class(protocol: str, package: str) -> type[Any]:
         return fsspec.get_filesystem_class(protocol)  # type: ignore[no-any-return]
     except (ImportError, ValueError) as exc:
         extra = _EXTRAS.get(protocol)
-        hint = (f"install it with `pip install {package}[{extra}]` (or `[cloud]` for all three)"
+        hint = (f'install it with `pip install "{package}[{extra}]"` (or `[cloud]` for all '
+                f'three; with the backend: `pip install "omniq-backend-file[{extra}]"`)'
                 if extra else "install the fsspec plugin for it")
         raise MissingDependencyError(
             f"the {protocol}:// filesystem is not available: {exc}; {hint}"
@@ -307,6 +308,15 @@ def _one(op: Op) -> Program[Any]:
     return (yield op)
 
 
+def _as_storage_error(op: Op, exc: Exception) -> Exception:
+    if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+        key = op.args[0] if op.args else ""
+        error = StorageError(f"{op.name} {key!r} failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+    return exc
+
+
 def _drive(program: Program[R], ops: Ops, clock: Callable[[], float]) -> R:
     try:
         op = next(program)
@@ -314,7 +324,7 @@ def _drive(program: Program[R], ops: Ops, clock: Callable[[], float]) -> R:
             try:
                 result = clock() if op.name == "now" else getattr(ops, op.name)(*op.args)
             except Exception as exc:  # handed to the program, which may handle it
-                op = program.throw(exc)
+                op = program.throw(_as_storage_error(op, exc))
             else:
                 op = program.send(result)
     except StopIteration as stop:
@@ -328,7 +338,7 @@ async def _adrive(program: Program[R], ops: AsyncFsspecOps, clock: Callable[[], 
             try:
                 result = clock() if op.name == "now" else await getattr(ops, op.name)(*op.args)
             except Exception as exc:
-                op = program.throw(exc)
+                op = program.throw(_as_storage_error(op, exc))
             else:
                 op = program.send(result)
     except StopIteration as stop:

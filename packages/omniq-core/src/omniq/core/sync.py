@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures
 import functools
+import inspect
 import os
 import threading
 from collections.abc import Callable, Coroutine
@@ -36,6 +36,7 @@ class _LoopThread:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self.exiting = False
 
     def loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
@@ -67,20 +68,20 @@ class _LoopThread:
         if self.in_loop_thread():
             raise AsyncContextError(f"{owner} called from OmniQ's own event-loop thread")
         loop = self.loop()
-        future = asyncio.run_coroutine_threadsafe(make_coro(), loop)
+        call: _Call[R] = _Call(make_coro(), self)
+        loop.call_soon_threadsafe(call.start)
         try:
-            return future.result()
+            call.done.wait()
         except KeyboardInterrupt:
-            future.cancel()
-            try:
-                future.result(timeout=5)
-            except BaseException:  # noqa: BLE001 - the interrupt is what we re-raise
-                pass
+            # Cancel the coroutine and let its cleanup finish before the interrupt goes on
+            # (``call.start`` was queued first, so the task exists when ``cancel`` runs).
+            loop.call_soon_threadsafe(call.cancel)
+            call.done.wait(5)
             raise
-        except concurrent.futures.CancelledError:
-            raise asyncio.CancelledError(f"{owner} was cancelled (event loop shutting down)")
+        return call.outcome(owner)
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        self.exiting = True
         with self._lock:
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
@@ -109,6 +110,52 @@ class _LoopThread:
         self._lock = threading.Lock()
         self._loop = None
         self._thread = None
+        self.exiting = False
+
+
+class _Call(Generic[R]):
+    """One coroutine submitted to the loop thread, and the caller thread waiting for it."""
+
+    def __init__(self, coro: Coroutine[Any, Any, R], owner: _LoopThread) -> None:
+        self.coro = coro
+        self.owner = owner
+        self.done = threading.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.value: R | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:  # in the loop thread
+        self.task = asyncio.get_running_loop().create_task(self._guarded())
+        self.task.add_done_callback(self._finished)
+
+    def cancel(self) -> None:  # in the loop thread
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _guarded(self) -> None:
+        try:
+            self.value = await self.coro
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt raised by
+            self.error = exc  # the coroutine go to the caller; they must not kill the loop
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() and self.owner.exiting:
+            # Cancelled by the shutdown at interpreter exit: the waiting (daemon) thread stays
+            # blocked and dies with the interpreter instead of raising into it mid-shutdown.
+            return
+        self.done.set()
+
+    def outcome(self, owner: str) -> R:
+        task = self.task
+        if task is None or task.cancelled():
+            self.coro.close()  # never started: no "coroutine was never awaited" warning
+            raise asyncio.CancelledError(f"{owner} was cancelled")
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+        return self.value  # type: ignore[return-value]
 
 
 _LOOP = _LoopThread()
@@ -149,6 +196,16 @@ class blocking(Generic[P, R]):  # noqa: N801 - used like a decorator
         self._method = method
         self._name = method.__name__
         self.__doc__ = method.__doc__
+        self._signature: inspect.Signature | None = None
+
+    def _bound_signature(self) -> inspect.Signature | None:
+        if self._signature is None:
+            try:
+                sig = inspect.signature(self._method)
+            except (TypeError, ValueError):
+                return None
+            self._signature = sig.replace(parameters=list(sig.parameters.values())[1:])
+        return self._signature
 
     def __set_name__(self, owner: type, name: str) -> None:
         self._owner_name = f"{owner.__name__}.{name}"
@@ -168,6 +225,7 @@ class blocking(Generic[P, R]):  # noqa: N801 - used like a decorator
             method: Callable[P, Coroutine[Any, Any, R]] = getattr(target, name)
             return _LOOP.run(lambda: method(*args, **kwargs), owner_name)
 
+        call.__signature__ = self._bound_signature()  # type: ignore[attr-defined]  # no self
         return call
 
 
@@ -178,6 +236,13 @@ class SyncWrapper(Generic[A]):
 
     def __init__(self, wrapped: A) -> None:
         self._async = wrapped
+
+    @classmethod
+    def wrap(cls, wrapped: A) -> Self:
+        """The blocking twin of an existing async object (shares its connections)."""
+        twin = cls.__new__(cls)
+        SyncWrapper.__init__(twin, wrapped)
+        return twin
 
     @property
     def async_api(self) -> A:

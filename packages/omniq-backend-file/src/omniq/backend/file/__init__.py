@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -14,6 +15,9 @@ from typing import Any, Generic, TypeVar
 from typing_extensions import ParamSpec
 
 from omniq.core.sync import SyncWrapper, blocking, run_sync
+from omniq.storage.file.events import FileEventStorage
+from omniq.storage.file.queue import FileQueue
+from omniq.storage.file.results import FileResultStorage
 
 from ._backend import AsyncFileBackend, AsyncTaskFunction
 from ._config import BackendConfig, resolve_config
@@ -21,6 +25,8 @@ from ._functions import FunctionImportError, FunctionNotAllowedError, func_path
 from ._worker import AsyncWorker
 
 __version__ = "0.1.0"
+
+log = logging.getLogger("omniq.worker")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -43,6 +49,7 @@ class Worker(SyncWrapper[AsyncWorker]):
         previous: dict[Any, Any] = {}
         if threading.current_thread() is threading.main_thread():
             def handler(signum: int, frame: Any) -> None:
+                log.info("received %s; stopping (again to stop now)", signal.Signals(signum).name)
                 worker.stop()
 
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -115,8 +122,26 @@ class FileBackend(SyncWrapper[AsyncFileBackend]):
     def config(self) -> BackendConfig:
         return self._async.config
 
+    @property
+    def queue(self) -> FileQueue:
+        """The blocking queue (size, list_queues, list_dead, purge, get_task, ...)."""
+        return FileQueue.wrap(self._async.queue)
+
+    @property
+    def results(self) -> FileResultStorage | None:
+        """The blocking result storage, or None when results are off."""
+        part = self._async.results
+        return None if part is None else FileResultStorage.wrap(part)
+
+    @property
+    def events(self) -> FileEventStorage | None:
+        """The blocking event storage (``query``), or None when events are off."""
+        part = self._async.events
+        return None if part is None else FileEventStorage.wrap(part)
+
     enqueue = blocking(AsyncFileBackend.enqueue)
     enqueue_task = blocking(AsyncFileBackend.enqueue_task)
+    requeue_dead = blocking(AsyncFileBackend.requeue_dead)
     result = blocking(AsyncFileBackend.result)
     get_task = blocking(AsyncFileBackend.get_task)
     cancel = blocking(AsyncFileBackend.cancel)

@@ -167,6 +167,24 @@ class AsyncFileBackend(AsyncResource):
             return await self.results.get(task_id)
         return await self.results.wait(task_id, timeout=wait)
 
+    async def requeue_dead(self, queue: str = "default", task_id: str | None = None) -> list[str]:
+        """Put dead-lettered tasks (one, or all of ``queue``) back as ready; their stale
+        failure results are deleted and an ``enqueued`` event records the requeue."""
+        if task_id is not None:
+            ids = [task_id]
+        else:
+            ids = [info.task.id for info in await self.queue.list_dead(queue, limit=None)
+                   if info.task is not None]
+        done = []
+        for one in ids:
+            if await self.queue.requeue_dead(queue, one):
+                if self.results is not None:
+                    await self.results.delete(one)
+                await self.emit(TaskEvent(task_id=one, type=EventType.ENQUEUED, queue=queue,
+                                          data={"requeued": True}))
+                done.append(one)
+        return done
+
     async def get_task(self, task_id: str) -> TaskInfo:
         return await self.queue.get_task(task_id)
 

@@ -38,6 +38,7 @@ class FileQueue(SyncWrapper[AsyncFileQueue]):
     cancel = blocking(AsyncFileQueue.cancel)
     size = blocking(AsyncFileQueue.size)
     list_queues = blocking(AsyncFileQueue.list_queues)
+    next_due = blocking(AsyncFileQueue.next_due)
     purge = blocking(AsyncFileQueue.purge)
     list_dead = blocking(AsyncFileQueue.list_dead)
     requeue_dead = blocking(AsyncFileQueue.requeue_dead)

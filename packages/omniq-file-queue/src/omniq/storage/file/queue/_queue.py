@@ -594,6 +594,15 @@ class AsyncFileQueue(AsyncQueue):
         dead = len((yield listdir(f"{queue}/dead")))
         return QueueSize(ready=ready, scheduled=scheduled, running=running, dead=dead)
 
+    async def next_due(self, queue: str = "default") -> datetime | None:
+        """When the earliest delayed or retrying task of ``queue`` comes due (None if none)."""
+        validate_name(queue, "queue name")
+        for name in await self.store.run(_head(f"{queue}/due", 1)):
+            candidate = L.due_candidate(queue, name)
+            if candidate is not None:
+                return _dt(candidate.time_ms / 1000)
+        return None
+
     async def list_queues(self) -> list[str]:
         names = await self.store.list_dirs("")
         valid = []
@@ -657,3 +666,7 @@ class AsyncFileQueue(AsyncQueue):
             yield delete(key)
             count += 1
         return count
+
+
+def _head(prefix: str, limit: int) -> Program[list[str]]:
+    return (yield listhead(prefix, limit))  # type: ignore[no-any-return]
