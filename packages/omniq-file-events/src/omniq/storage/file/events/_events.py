@@ -41,17 +41,20 @@ class _Window:
 
     def overlaps(self, start: float, length: float) -> bool:
         """Whether the partition ``[start, start + length)`` may hold events of the window."""
-        return ((self.since_s is None or start + length > self.since_s)
-                and (self.until_s is None or start < self.until_s))
+        return (self.since_s is None or start + length > self.since_s) and (
+            self.until_s is None or start < self.until_s
+        )
 
     def may_hold(self, time_ms: int) -> bool:
         """Cheap test on the millisecond in a file name (the exact test follows decoding)."""
-        return ((self.since_ms is None or time_ms >= self.since_ms)
-                and (self.until_ms is None or time_ms <= self.until_ms))
+        return (self.since_ms is None or time_ms >= self.since_ms) and (
+            self.until_ms is None or time_ms <= self.until_ms
+        )
 
     def holds(self, time: datetime) -> bool:
-        return ((self.since is None or time >= self.since)
-                and (self.until is None or time < self.until))
+        return (self.since is None or time >= self.since) and (
+            self.until is None or time < self.until
+        )
 
 
 class AsyncFileEventStorage(AsyncEventStorage):
@@ -78,8 +81,9 @@ class AsyncFileEventStorage(AsyncEventStorage):
         fsync: bool = False,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self.store = Store(base_dir, storage_options, package="omniq-file-events", fsync=fsync,
-                           clock=clock)
+        self.store = Store(
+            base_dir, storage_options, package="omniq-file-events", fsync=fsync, clock=clock
+        )
         self.batch = max(1, batch)
         self.written = 0
         """Events recorded by this instance."""
@@ -122,8 +126,15 @@ class AsyncFileEventStorage(AsyncEventStorage):
             await self.store.run(self._log_program(name, data))
         except Exception as exc:  # storage trouble must not break the caller
             self.failed_writes += 1
-            log.warning("could not record event %s (%s of task %s) in %s: %s: %s", event.id,
-                        name.type, event.task_id, self.store.url, type(exc).__name__, exc)
+            log.warning(
+                "could not record event %s (%s of task %s) in %s: %s: %s",
+                event.id,
+                name.type,
+                event.task_id,
+                self.store.url,
+                type(exc).__name__,
+                exc,
+            )
             log.debug("event write failure", exc_info=True)
             return
         self.written += 1
@@ -161,27 +172,39 @@ class AsyncFileEventStorage(AsyncEventStorage):
             return await self.store.run(self._task_program(task_id, kind, window, limit))
         return await self.store.run(self._time_program(kind, window, limit))
 
-    def _select(self, prefix: str, listing: Iterable[tuple[str, L.Name | None]],
-                kind: str | None, window: _Window) -> list[str]:
+    def _select(
+        self,
+        prefix: str,
+        listing: Iterable[tuple[str, L.Name | None]],
+        kind: str | None,
+        window: _Window,
+    ) -> list[str]:
         """Keys of the listed events that may match, in time order (names only, no reads)."""
-        chosen = [(parsed.sort_key, f"{prefix}/{name}") for name, parsed in listing
-                  if parsed is not None and (kind is None or parsed.type == kind)
-                  and window.may_hold(parsed.time_ms)]
+        chosen = [
+            (parsed.sort_key, f"{prefix}/{name}")
+            for name, parsed in listing
+            if parsed is not None
+            and (kind is None or parsed.type == kind)
+            and window.may_hold(parsed.time_ms)
+        ]
         chosen.sort()
         return [key for _, key in chosen]
 
-    def _task_program(self, task_id: str, kind: str | None, window: _Window,
-                      limit: int | None) -> Program[list[TaskEvent]]:
+    def _task_program(
+        self, task_id: str, kind: str | None, window: _Window, limit: int | None
+    ) -> Program[list[TaskEvent]]:
         prefix = f"{L.BY_TASK}/{task_id}"
         listing = yield listdir(prefix)
-        keys = self._select(prefix, ((n, L.parse_task_name(task_id, n)) for n in listing),
-                            kind, window)
+        keys = self._select(
+            prefix, ((n, L.parse_task_name(task_id, n)) for n in listing), kind, window
+        )
         out: list[TaskEvent] = []
         yield from self._read(keys, window, out, limit)
         return out
 
-    def _time_program(self, kind: str | None, window: _Window,
-                      limit: int | None) -> Program[list[TaskEvent]]:
+    def _time_program(
+        self, kind: str | None, window: _Window, limit: int | None
+    ) -> Program[list[TaskEvent]]:
         out: list[TaskEvent] = []
         for day in (yield listdirs(L.BY_TIME)):
             day_start = L.day_start(day)
@@ -193,19 +216,21 @@ class AsyncFileEventStorage(AsyncEventStorage):
                     continue
                 prefix = f"{L.BY_TIME}/{day}/{hour}"
                 listing = yield listdir(prefix)
-                keys = self._select(prefix, ((n, L.parse_time_name(n)) for n in listing),
-                                    kind, window)
+                keys = self._select(
+                    prefix, ((n, L.parse_time_name(n)) for n in listing), kind, window
+                )
                 if (yield from self._read(keys, window, out, limit)):
                     return out
         return out
 
-    def _read(self, keys: list[str], window: _Window, out: list[TaskEvent],
-              limit: int | None) -> Program[bool]:
+    def _read(
+        self, keys: list[str], window: _Window, out: list[TaskEvent], limit: int | None
+    ) -> Program[bool]:
         """Append the events stored at ``keys`` to ``out``; True once ``limit`` is reached."""
         first = 0
         while first < len(keys):
             step = self.batch if limit is None else min(self.batch, limit - len(out))
-            chunk = keys[first:first + step]
+            chunk = keys[first : first + step]
             first += step
             bodies = yield read_many(chunk)
             for key in chunk:
@@ -278,6 +303,10 @@ class AsyncFileEventStorage(AsyncEventStorage):
             for task_id in sorted(tasks):
                 yield remove_dir(f"{L.BY_TASK}/{task_id}")
         if removed:
-            log.info("deleted %d events older than %s from %s", removed,
-                     datetime.fromtimestamp(cutoff, UTC).isoformat(), self.store.url)
+            log.info(
+                "deleted %d events older than %s from %s",
+                removed,
+                datetime.fromtimestamp(cutoff, UTC).isoformat(),
+                self.store.url,
+            )
         return removed

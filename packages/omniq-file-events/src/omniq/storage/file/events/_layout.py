@@ -60,8 +60,10 @@ def hour_of(time_ms: int) -> str:
 
 
 def time_key(n: Name) -> str:
-    return (f"{BY_TIME}/{day_of(n.time_ms)}/{hour_of(n.time_ms)}/"
-            f"{n.time_ms:013d}{SEP}{n.event_id}{SEP}{n.type}{SEP}{n.task_id}{SUFFIX}")
+    return (
+        f"{BY_TIME}/{day_of(n.time_ms)}/{hour_of(n.time_ms)}/"
+        f"{n.time_ms:013d}{SEP}{n.event_id}{SEP}{n.type}{SEP}{n.task_id}{SUFFIX}"
+    )
 
 
 def task_key(n: Name) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 from omniq.core.sync import SyncWrapper, blocking
 
-from ._results import DEFAULT_TTL, AsyncFileResultStorage
+from ._results import DEFAULT_TTL, AsyncFileResultStorage, NewerSchemaError
 
 __version__ = "0.1.0"
 
@@ -35,4 +35,4 @@ class FileResultStorage(SyncWrapper[AsyncFileResultStorage]):
     cleanup_expired = blocking(AsyncFileResultStorage.cleanup_expired)
 
 
-__all__ = ["DEFAULT_TTL", "AsyncFileResultStorage", "FileResultStorage"]
+__all__ = ["DEFAULT_TTL", "AsyncFileResultStorage", "FileResultStorage", "NewerSchemaError"]

@@ -35,7 +35,7 @@ from omniq.core.fs import (
     write,
 )
 from omniq.core.interfaces import AsyncResultStorage
-from omniq.core.models import UTC, ErrorInfo, ResultStatus, TaskResult
+from omniq.core.models import SCHEMA_VERSION, UTC, ErrorInfo, ResultStatus, TaskResult
 from omniq.core.names import validate_name
 
 from . import _layout as L
@@ -50,10 +50,36 @@ def _dt(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
+class NewerSchemaError(SerializationError):
+    """A stored result was written by a newer OmniQ (higher schema version ``v``)."""
+
+    def __init__(self, key: str, version: int, attempt: Any) -> None:
+        super().__init__(
+            f"{key} was written by a newer OmniQ (schema version {version}; this one reads "
+            f"1..{SCHEMA_VERSION}): upgrade omniq-core to read it"
+        )
+        self.attempt = attempt if isinstance(attempt, int) else 1
+
+
+def _newer_schema(key: str, data: bytes) -> NewerSchemaError | None:
+    """The error to raise if ``data`` is a JSON object of a newer schema version."""
+    try:
+        doc = codec.loads(data)
+    except SerializationError:
+        return None
+    version = doc.get("v") if isinstance(doc, dict) else None
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        return NewerSchemaError(key, version, doc.get("attempt"))
+    return None
+
+
 def _type_name(value: Any) -> str:
     kind = type(value)
-    return kind.__qualname__ if kind.__module__ == "builtins" else \
-        f"{kind.__module__}.{kind.__qualname__}"
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
 
 
 class AsyncFileResultStorage(AsyncResultStorage):
@@ -90,8 +116,9 @@ class AsyncFileResultStorage(AsyncResultStorage):
             raise ValueError("default_ttl must be positive (or None for no expiry)")
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
-        self.store = Store(base_dir, storage_options, package="omniq-file-results", fsync=fsync,
-                           clock=clock)
+        self.store = Store(
+            base_dir, storage_options, package="omniq-file-results", fsync=fsync, clock=clock
+        )
         self.default_ttl = default_ttl
         self.poll_interval = poll_interval
         self.max_poll_interval = max(max_poll_interval, poll_interval)
@@ -107,8 +134,9 @@ class AsyncFileResultStorage(AsyncResultStorage):
     def _prepare(self, result: TaskResult) -> tuple[TaskResult, bytes]:
         """Stamp the expiry and encode; an unencodable value becomes a FAILURE result."""
         if result.expires_at is None and self.default_ttl is not None:
-            result = msgspec.structs.replace(result,
-                                             expires_at=result.finished_at + self.default_ttl)
+            result = msgspec.structs.replace(
+                result, expires_at=result.finished_at + self.default_ttl
+            )
         try:
             return result, codec.encode(result)
         except SerializationError as exc:
@@ -120,16 +148,17 @@ class AsyncFileResultStorage(AsyncResultStorage):
         try:
             codec.check_json_value(result.value, "result value")
         except SerializationError:
-            message = (f"the result value of task {result.task_id} (type "
-                       f"{_type_name(result.value)}) is not JSON-serializable: {exc}")
+            message = (
+                f"the result value of task {result.task_id} (type "
+                f"{_type_name(result.value)}) is not JSON-serializable: {exc}"
+            )
         else:  # the value is fine; the document as a whole is not (e.g. too large)
             message = f"the result of task {result.task_id} cannot be stored: {exc}"
         log.warning("%s; storing a FAILURE result instead", message)
         error = result.error
         if result.status is not ResultStatus.FAILURE or error is None:
             error = ErrorInfo(type=_SERIALIZATION_ERROR, message=message)
-        return msgspec.structs.replace(result, status=ResultStatus.FAILURE, value=None,
-                                       error=error)
+        return msgspec.structs.replace(result, status=ResultStatus.FAILURE, value=None, error=error)
 
     async def set(self, result: TaskResult) -> None:
         """Store ``result`` atomically (temp file + rename locally, one PUT remotely).
@@ -142,16 +171,24 @@ class AsyncFileResultStorage(AsyncResultStorage):
         prepared, data = self._prepare(result)
         stored = await self.store.run(self._set_program(prepared, data))
         if stored is not None:
-            log.info("result of task %s attempt %d dropped: attempt %d is stored already",
-                     prepared.task_id, prepared.attempt, stored)
+            log.info(
+                "result of task %s attempt %d dropped: attempt %d is stored already",
+                prepared.task_id,
+                prepared.attempt,
+                stored,
+            )
 
     def _set_program(self, result: TaskResult, data: bytes) -> Program[int | None]:
         key = L.result_key(result.task_id)
         old = yield read(key)
         if old is not None:
-            current = yield from self._decode(key, old)
-            if current is not None and current.attempt > result.attempt:
-                return current.attempt
+            try:
+                current = yield from self._decode(key, old)
+                stored = None if current is None else current.attempt
+            except NewerSchemaError as exc:
+                stored = exc.attempt
+            if stored is not None and stored > result.attempt:
+                return stored
         if result.expires_at is not None:
             marker = L.marker_key(L.epoch_ms(result.expires_at), result.task_id)
             try:
@@ -163,15 +200,22 @@ class AsyncFileResultStorage(AsyncResultStorage):
 
     # -- reading -----------------------------------------------------------------------------
     def _decode(self, key: str, data: bytes) -> Program[TaskResult | None]:
-        """Decode a stored result; an unreadable file is moved to quarantine (None)."""
+        """Decode a stored result; an unreadable file is moved to quarantine (None).
+
+        A result of a newer schema version is left alone: NewerSchemaError.
+        """
         try:
             result = codec.decode(data, TaskResult)
         except SerializationError as exc:
+            newer = _newer_schema(key, data)
+            if newer is not None:
+                raise newer from exc
             yield from self._quarantine(key, data, exc)
             return None
         if L.result_key(result.task_id) != key:
             yield from self._quarantine(
-                key, data, f"the document is the result of task {result.task_id!r}")
+                key, data, f"the document is the result of task {result.task_id!r}"
+            )
             return None
         return result
 
@@ -188,7 +232,8 @@ class AsyncFileResultStorage(AsyncResultStorage):
         """The result, or None if there is none or it has expired (even before cleanup).
 
         An unreadable result file is moved to ``results/_quarantine/`` (logged on
-        ``omniq.results``) and reads as None.
+        ``omniq.results``) and reads as None. A result written by a newer OmniQ (higher
+        schema version) is left in place and raises SerializationError.
         """
         validate_name(task_id, "task id")
         return await self.store.run(self._get_program(task_id))
@@ -267,20 +312,27 @@ class AsyncFileResultStorage(AsyncResultStorage):
                 due.setdefault(parsed[1], []).append((parsed[0], f"{prefix}/{marker}"))
             ids = builtins.list(due)
             for first in range(0, len(ids), self.batch):
-                chunk = ids[first:first + self.batch]
+                chunk = ids[first : first + self.batch]
                 bodies = yield read_many(L.result_key(t) for t in chunk)
                 doomed: builtins.list[str] = []
                 spent: builtins.list[str] = []
                 for task_id in chunk:
                     key = L.result_key(task_id)
                     data = bodies.get(key)
-                    result = None if data is None else (yield from self._decode(key, data))
+                    try:
+                        result = None if data is None else (yield from self._decode(key, data))
+                    except NewerSchemaError:  # not ours to judge: keep it and its markers
+                        kept += len(due[task_id])
+                        continue
                     if result is not None and result.is_expired(now_dt):
                         doomed.append(key)
                         spent += [m for _, m in due[task_id]]
                         continue
-                    live = None if result is None or result.expires_at is None \
+                    live = (
+                        None
+                        if result is None or result.expires_at is None
                         else L.epoch_ms(result.expires_at)
+                    )
                     for ms, marker in due[task_id]:
                         if ms == live:  # due this very millisecond, not yet expired
                             kept += 1
@@ -316,13 +368,17 @@ class AsyncFileResultStorage(AsyncResultStorage):
         step = self.batch if limit is None else min(self.batch, max(limit, 16))
         out: builtins.list[TaskResult] = []
         for first in range(0, len(names), step):
-            keys = [f"{L.RESULTS}/{n}" for n in names[first:first + step]]
+            keys = [f"{L.RESULTS}/{n}" for n in names[first : first + step]]
             bodies = yield read_many(keys)
             for key in keys:
                 data = bodies.get(key)
                 if data is None:  # deleted since the listing
                     continue
-                result = yield from self._decode(key, data)
+                try:
+                    result = yield from self._decode(key, data)
+                except NewerSchemaError as exc:
+                    log.warning("skipping %s", exc)
+                    continue
                 if result is None or result.is_expired(now_dt):
                     continue
                 if status is not None and result.status is not status:
