@@ -1,0 +1,403 @@
+"""The ``omniq`` command: run workers, enqueue tasks and look at queues, results and events.
+
+Every subcommand takes the base directory (a local path or an fsspec URL such as
+``s3://bucket/app``) first. Storage options (credentials, endpoints) come from
+``--storage-options JSON`` or else from the ``OMNIQ_STORAGE_OPTIONS`` environment variable;
+other settings from ``OMNIQ_*`` variables (flags win over the environment). They are never
+printed.
+
+Exit codes: 0 success; 1 the task failed (``result``); 2 usage error, bad input, not found or
+timed out; 3 storage unreachable or failing; 4 internal error (a bug: please report it);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from omniq.core.errors import (
+    CapabilityError,
+    MissingDependencyError,
+    NotFoundError,
+    OmniQError,
+    ResultTimeoutError,
+    StorageError,
+)
+from omniq.core.fs import redact_url
+from omniq.core.models import UTC, QueueSize, TaskEvent, TaskInfo
+from omniq.core.sync import run_sync
+
+from . import _cli_format as fmt
+from ._cli_format import CliError, Redactor
+
+ENV_STORAGE_OPTIONS = fmt.ENV_STORAGE_OPTIONS
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+EXIT_FAILED, EXIT_USAGE, EXIT_STORAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+
+
+class _Context:
+    def __init__(
+        self, ns: argparse.Namespace, environ: Mapping[str, str], redactor: Redactor
+    ) -> None:
+        self.ns = ns
+        self.environ = environ
+        self.redact = redactor
+
+    def backend(self, **settings: Any) -> Any:
+        """A FileBackend for BASE_DIR; ``--storage-options`` wins over OMNIQ_STORAGE_OPTIONS
+        (which the backend's configuration reads from ``environ`` itself)."""
+        from . import FileBackend
+
+        options = fmt.json_flag(self.ns.storage_options, "--storage-options", dict)
+        base_dir = self.ns.base_dir
+        if base_dir.startswith("memory://"):
+            print(
+                "omniq: warning: memory:// storage lives inside this process only; other "
+                "processes (workers, other commands) will not see it",
+                file=sys.stderr,
+            )
+        settings = {k: v for k, v in settings.items() if v is not None}
+        return FileBackend(base_dir, options, environ=self.environ, **settings)
+
+
+def _add_paths(paths: Sequence[str] | None) -> None:
+    """Make task modules importable: each --path DIR, then the current directory (like celery
+    and rq do), go to the front of sys.path."""
+    wanted = [os.path.abspath(p) for p in (paths or [])] + [os.getcwd()]
+    for entry in reversed(wanted):
+        if entry in sys.path:
+            sys.path.remove(entry)
+        sys.path.insert(0, entry)
+
+
+def _setup_logging(level: str, redactor: Redactor, fmt_text: str) -> None:
+    """Log records (the worker's, and storage warnings of every command) go to stderr with
+    storage-option values hidden."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt.RedactingFormatter(fmt_text, redactor))
+    handler.set_name("omniq-cli")
+    root = logging.getLogger()
+    for old in list(root.handlers):  # from an earlier main() in this process
+        if old.get_name() == "omniq-cli":
+            root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(max(0.0, seconds))
+
+
+# -- worker ----------------------------------------------------------------------------------------
+def cmd_worker(ctx: _Context) -> int:
+    ns = ctx.ns
+    _add_paths(ns.path)
+    with ctx.backend(events=ns.events) as backend:
+        worker = backend.worker(
+            ns.queue or ["default"],
+            ns.concurrency,
+            processes=ns.processes,
+            allow=ns.allow,
+            lease=ns.lease,
+            grace=ns.grace,
+            burst=ns.burst,
+            idle_timeout=ns.idle_timeout,
+            **({"worker_id": ns.worker_id} if ns.worker_id else {}),
+        )
+        logging.getLogger("omniq.cli").info(
+            "storage %s; Ctrl-C or SIGTERM stops gracefully", backend.async_api
+        )
+        stats = worker.run()
+    print("worker stopped: " + " ".join(f"{k}={v}" for k, v in stats.items()), flush=True)
+    return 0
+
+
+# -- enqueue ---------------------------------------------------------------------------------------
+def cmd_enqueue(ctx: _Context) -> int:
+    from ._functions import func_path, resolve
+
+    ns = ctx.ns
+    args = fmt.json_flag(ns.args, "--args", list) or []
+    kwargs = fmt.json_flag(ns.kwargs, "--kwargs", dict) or {}
+    path = func_path(ns.func)
+    if not ns.no_check:
+        _add_paths(ns.path)
+        try:
+            resolve(path)
+        except OmniQError as exc:
+            raise CliError(
+                f"{exc} (is it importable here? use --path DIR, or --no-check to skip this check)"
+            ) from None
+        except Exception as exc:
+            raise CliError(
+                f"importing {path} raised {type(exc).__name__}: {exc} (--no-check skips this check)"
+            ) from None
+    options = {
+        "queue": ns.queue,
+        "priority": ns.priority,
+        "delay": ns.delay,
+        "ttl": ns.ttl,
+        "max_retries": ns.max_retries,
+        "retry_backoff": ns.retry_backoff,
+        "timeout": ns.timeout,
+        "task_id": ns.task_id,
+    }
+    with ctx.backend(events=ns.events) as backend:
+        try:
+            task_id = backend.enqueue(
+                path, args, kwargs, **{k: v for k, v in options.items() if v is not None}
+            )
+        except ValueError as exc:
+            if isinstance(exc, OmniQError):
+                raise
+            raise CliError(f"invalid task: {exc}") from None
+    print(task_id, flush=True)
+    return 0
+
+
+# -- status ----------------------------------------------------------------------------------------
+async def _sizes(backend: Any, queues: Sequence[str] | None) -> dict[str, QueueSize]:
+    queue = backend.queue
+    names = list(queues) if queues else await queue.list_queues()
+    return {name: await queue.size(name) for name in names}
+
+
+def cmd_status(ctx: _Context) -> int:
+    ns = ctx.ns
+    interval = ns.watch
+    with ctx.backend() as backend:
+        shown = 0
+        tty = sys.stdout.isatty()
+        try:
+            while True:
+                sizes = run_sync(lambda: _sizes(backend.async_api, ns.queue), "omniq status")
+                now = datetime.now(UTC)
+                if ns.json:
+                    print(fmt.status_json(sizes, now), flush=True)
+                else:
+                    if interval is not None and tty:
+                        sys.stdout.write("\033[H\033[J")
+                    elif shown:
+                        print()
+                    if interval is not None:
+                        print(
+                            f"{redact_url(ns.base_dir)}  {fmt.fmt_time(now)}  "
+                            f"(every {interval:g}s, Ctrl-C to stop)"
+                        )
+                    print(fmt.status_table(sizes), flush=True)
+                shown += 1
+                if interval is None or (ns.iterations and shown >= ns.iterations):
+                    return 0
+                _sleep(interval)
+        except KeyboardInterrupt:
+            return 0
+
+
+# -- result ----------------------------------------------------------------------------------------
+def cmd_result(ctx: _Context) -> int:
+    ns = ctx.ns
+    with ctx.backend() as backend:
+        try:
+            result = backend.result(ns.task_id, wait=ns.wait)
+        except ResultTimeoutError as exc:
+            raise CliError(str(exc)) from None
+        if result is None:
+            try:
+                info = backend.get_task(ns.task_id)
+            except NotFoundError:
+                raise CliError(
+                    f"no result for task {ns.task_id} (unknown task, or its result expired)"
+                ) from None
+            raise CliError(
+                f"task {ns.task_id} has no result yet (it is "
+                f"{info.status.value}); --wait SECONDS waits for it"
+            ) from None
+    if ns.json:
+        print(fmt.to_json(result), flush=True)
+    elif result.ok:
+        print(json.dumps(result.value, ensure_ascii=False), flush=True)
+    else:
+        print(fmt.failure_text(result), flush=True)
+    return 0 if result.ok else EXIT_FAILED
+
+
+# -- events ----------------------------------------------------------------------------------------
+FOLLOW_LOOKBACK = 10.0  # seconds re-read on every poll: events may land out of order
+
+
+def cmd_events(ctx: _Context) -> int:
+    from datetime import timedelta
+
+    ns = ctx.ns
+    since = fmt.parse_when(ns.since, "--since") if ns.since else None
+    until = fmt.parse_when(ns.until, "--until") if ns.until else None
+    printed = 0
+    seen: dict[str, datetime] = {}
+    with ctx.backend(events=True) as backend:
+        storage = backend.async_api.events
+
+        def fetch(start: datetime | None) -> list[TaskEvent]:
+            limit = None if ns.limit is None else ns.limit - printed + len(seen)
+            return run_sync(
+                lambda: storage.query(ns.task, ns.type, start, until, limit), "omniq events"
+            )
+
+        polls = 0
+        try:
+            while True:
+                start = since
+                if seen:
+                    newest = max(seen.values())
+                    start = newest - timedelta(seconds=FOLLOW_LOOKBACK)
+                    if since is not None:
+                        start = max(start, since)
+                    seen = {k: t for k, t in seen.items() if t >= start}
+                for event in fetch(start):
+                    if event.id in seen:
+                        continue
+                    seen[event.id] = event.time
+                    print(fmt.to_json(event) if ns.json else fmt.event_line(event), flush=True)
+                    printed += 1
+                    if ns.limit is not None and printed >= ns.limit:
+                        return 0
+                polls += 1
+                if not ns.follow or (ns.iterations and polls >= ns.iterations):
+                    if not printed and not ns.follow:
+                        print(
+                            "omniq: no events match (events are recorded only with --events "
+                            "or OMNIQ_EVENTS=1)",
+                            file=sys.stderr,
+                        )
+                    return 0
+                _sleep(ns.interval)
+        except KeyboardInterrupt:
+            return 0
+
+
+# -- dead ------------------------------------------------------------------------------------------
+async def _dead(
+    backend: Any, queues: Sequence[str] | None, requeue: str | None
+) -> tuple[list[tuple[str, TaskInfo]], int]:
+    queue = backend.queue
+    names = list(queues) if queues else await queue.list_queues()
+    if requeue is None:
+        found = []
+        for name in names:
+            found += [(name, info) for info in await queue.list_dead(name, limit=None)]
+        return found, 0
+    count = 0
+    for name in names:
+        # Through the backend: it also drops the stale failure result and records an event.
+        count += len(await backend.requeue_dead(name, None if requeue == "*" else requeue))
+        if count and requeue != "*":
+            break
+    return [], count
+
+
+def cmd_dead(ctx: _Context) -> int:
+    ns = ctx.ns
+    with ctx.backend() as backend:
+        found, count = run_sync(
+            lambda: _dead(backend.async_api, ns.queue, ns.requeue), "omniq dead"
+        )
+    if ns.requeue is not None:
+        if ns.requeue != "*" and not count:
+            raise CliError(
+                f"task {ns.requeue} is not dead-lettered"
+                + (f" in {', '.join(ns.queue)}" if ns.queue else "")
+            )
+        print(fmt.to_json({"requeued": count}) if ns.json else f"requeued {count} task(s)")
+        return 0
+    if ns.json:
+        print(fmt.to_json([{"queue": q, **msgspec.to_builtins(i)} for q, i in found]))
+    else:
+        print(fmt.dead_table(found))
+    return 0
+
+
+HANDLERS = {
+    "worker": cmd_worker,
+    "enqueue": cmd_enqueue,
+    "status": cmd_status,
+    "result": cmd_result,
+    "events": cmd_events,
+    "dead": cmd_dead,
+}
+
+
+# -- entry point -----------------------------------------------------------------------------------
+def _exit_code(exc: BaseException) -> int | None:
+    if isinstance(exc, (ResultTimeoutError, NotFoundError)):
+        return EXIT_USAGE
+    if isinstance(exc, (StorageError, CapabilityError, MissingDependencyError, OSError)):
+        return EXIT_STORAGE
+    if isinstance(exc, OmniQError):
+        return EXIT_USAGE
+    return None
+
+
+def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None = None) -> int:
+    """Run the ``omniq`` command; returns the exit code."""
+    env = os.environ if environ is None else environ
+    args = list(sys.argv[1:] if argv is None else argv)
+    redactor = Redactor()
+    redactor.add_raw(env.get(ENV_STORAGE_OPTIONS))
+    for text in fmt.storage_options_text(args):
+        redactor.add_raw(text)
+    for arg in args:  # user:password@ in a URL
+        redactor.add_value(re.findall(r"://([^/@]+)@", arg))
+    fmt.Parser.redactor = redactor
+    try:
+        ns = fmt.build_parser(HANDLERS).parse_args(fmt.prepare_argv(args))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    _setup_logging(
+        getattr(ns, "log_level", "WARNING"),
+        redactor,
+        LOG_FORMAT if ns.command == "worker" else "omniq: %(levelname)s: %(message)s",
+    )
+    try:
+        return int(ns.handler(_Context(ns, env, redactor)))
+    except KeyboardInterrupt:
+        print("omniq: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (`omniq events ... | head`): not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
+    except CliError as exc:
+        print(f"omniq: error: {redactor(str(exc))}", file=sys.stderr)
+        return exc.code
+    except BaseException as exc:
+        leaf = fmt.leaf(exc)
+        code = _exit_code(leaf)
+        if code is None:
+            if not isinstance(leaf, Exception):
+                raise
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            print(redactor(text), file=sys.stderr)
+            print(
+                f"omniq: internal error: {redactor(f'{type(leaf).__name__}: {leaf}')}",
+                file=sys.stderr,
+            )
+            return EXIT_INTERNAL
+        kind = "storage error" if code == EXIT_STORAGE else "error"
+        message = str(leaf) if isinstance(leaf, OmniQError) else f"{type(leaf).__name__}: {leaf}"
+        print(f"omniq: {kind}: {redactor(message)}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
