@@ -77,6 +77,42 @@ SUBSETS: tuple[tuple[str, ...], ...] = (
 #:         ...write a result to memory:// and read it back...
 #:     ''']
 EXTRA_SMOKE: dict[str, list[str]] = {
+    # Each part used for real, installed alone from its wheel: a local directory store.
+    "omniq-file-results": [
+        """
+        import tempfile
+        from omniq.core import ResultStatus, TaskResult
+        from omniq.storage.file.results import FileResultStorage
+        with FileResultStorage(tempfile.mkdtemp()) as results:
+            results.set(TaskResult(task_id="t1", status=ResultStatus.SUCCESS, value={"n": 1}))
+            got = results.wait("t1", timeout=5)
+            assert got.ok and got.value == {"n": 1}, got
+        """
+    ],
+    "omniq-file-events": [
+        """
+        import tempfile
+        from omniq.core import EventType, TaskEvent
+        from omniq.storage.file.events import FileEventStorage
+        with FileEventStorage(tempfile.mkdtemp()) as events:
+            events.log(TaskEvent(task_id="t1", type=EventType.STARTED))
+            events.log(TaskEvent(task_id="t1", type=EventType.SUCCEEDED))
+            kinds = [e.type for e in events.query(task_id="t1")]
+            assert kinds == [EventType.STARTED, EventType.SUCCEEDED], kinds
+        """
+    ],
+    "omniq-file-queue": [
+        """
+        import tempfile
+        from omniq.core import Task
+        from omniq.storage.file.queue import FileQueue
+        with FileQueue(tempfile.mkdtemp()) as q:
+            q.enqueue(Task(func="m:f", args=[1]))
+            claimed = q.dequeue()
+            assert claimed is not None and claimed.task.args == [1]
+            q.ack(claimed)
+        """
+    ],
     "omniq-backend-file": [
         """
         from importlib.metadata import entry_points
