@@ -52,6 +52,19 @@ class BackendConfig:
     max_retries: int = 0
     timeout: float | None = None
 
+    def __repr__(self) -> str:
+        from omniq.core.fs import redact_url
+
+        # Directory URLs may carry ``user:password@``; options are never shown.
+        shown: list[str] = []
+        for field in dataclasses.fields(self):
+            if field.repr:
+                value = getattr(self, field.name)
+                if field.name.endswith("_dir") and isinstance(value, str):
+                    value = redact_url(value)
+                shown.append(f"{field.name}={value!r}")
+        return f"BackendConfig({', '.join(shown)})"
+
     def part(self, name: str) -> PartConfig:
         own_dir = getattr(self, f"{name}_dir")
         own_options = getattr(self, f"{name}_options")

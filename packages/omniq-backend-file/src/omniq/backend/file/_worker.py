@@ -15,7 +15,7 @@ import anyio
 import anyio.to_process
 import anyio.to_thread
 
-from omniq.core.errors import LeaseLostError, TaskCancelledError
+from omniq.core.errors import LeaseLostError, StorageError, TaskCancelledError
 from omniq.core.models import (
     Claimed,
     ErrorInfo,
@@ -100,6 +100,11 @@ class AsyncWorker:
         return (f"AsyncWorker({self.worker_id!r}, queues={self.queues}, "
                 f"concurrency={self.concurrency})")
 
+    def _stop_requested(self) -> bool:
+        # A call, not the attribute: the type checker would narrow ``self._stopping`` to
+        # False inside the run loop, although stop() may set it at any await.
+        return self._stopping
+
     def stop(self) -> None:
         """Ask the worker to stop gracefully (thread-safe; a second call stops at once)."""
         if self._stopping:
@@ -124,16 +129,41 @@ class AsyncWorker:
                 tg.start_soon(self._watch_signals)
             tg.start_soon(self._cleanup_loop)
             idle_since: float | None = None
+            failures = 0  # consecutive failed claims (storage trouble)
             while not self._stopping:
+                got_slot = False
                 with anyio.move_on_after(self.poll):
                     await slots.acquire()
+                    got_slot = True
+                if got_slot:
+                    if self._stop_requested():  # stopped while waiting: take nothing new
+                        slots.release()
+                        break
+                    # Not under the poll timeout: a claim cancelled half-way (after its run
+                    # file was created) would leave the task claimed by no one until the
+                    # lease expired. dequeue's own ``wait`` bounds this call.
                     try:
                         claimed = await self.queue.dequeue(
                             self.queues, lease=self.lease, wait=min(self.poll, 0.5),
                             worker_id=self.worker_id)
+                    except (StorageError, OSError) as exc:
+                        # Storage trouble (an outage, a store restarting) must not kill the
+                        # worker: log it, back off, try again.
+                        slots.release()
+                        failures += 1
+                        delay = min(5.0, 0.1 * 2 ** min(failures, 6))
+                        log.warning("worker %s: claiming from %s failed (%s: %s); retrying in "
+                                    "%.1f s", self.worker_id, ",".join(self.queues),
+                                    type(exc).__name__, exc, delay)
+                        await self._pause(delay)
+                        continue
                     except BaseException:
                         slots.release()
                         raise
+                    failures = 0
+                    if claimed is not None and self._stop_requested():
+                        await self._release(claimed)  # stopped while polling: give it back
+                        claimed = None
                     if claimed is None:
                         slots.release()
                     else:
@@ -150,6 +180,12 @@ class AsyncWorker:
             tg.cancel_scope.cancel()
         log.info("worker %s stopped: %s", self.worker_id, self.stats)
         return dict(self.stats)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if the worker is asked to stop meanwhile."""
+        end = time.monotonic() + seconds
+        while not self._stop_requested() and (left := end - time.monotonic()) > 0:
+            await anyio.sleep(min(0.1, left))
 
     async def _drain(self) -> None:
         with anyio.move_on_after(self.grace):
@@ -214,18 +250,23 @@ class AsyncWorker:
         except (FunctionImportError, FunctionNotAllowedError) as exc:
             error, retry = exc, False
         else:
+            # Whether the function returned or raised. Not ``scope.cancelled_caught``: the
+            # ``finally`` below cancels the enclosing task group too, so the cancellation is
+            # caught there and an interrupted task would pass for a success returning None.
+            finished = False
             async with anyio.create_task_group() as tg:
                 with anyio.CancelScope() as scope:
                     self._scopes[task.id] = scope
                     tg.start_soon(self._heartbeat, state, scope)
                     try:
                         outcome = await self._call(func, claimed)
+                        finished = True
                     except Exception as exc:
-                        error = exc
+                        error, finished = exc, True
                     finally:
                         tg.cancel_scope.cancel()
                 self._scopes.pop(task.id, None)
-            if scope.cancelled_caught and not state["lost"] and not state["cancelled"]:
+            if not finished and not state["lost"] and not state["cancelled"]:
                 await self._release(state["claimed"])
                 return
         claimed = state["claimed"]
