@@ -425,7 +425,9 @@ async def test_cancel_a_running_task(storage):
         assert (await backend.get_task(task_id)).status is TaskStatus.CANCELLED
         assert await types_of(backend, task_id) == [
             (EventType.ENQUEUED, None), (EventType.STARTED, 1), (EventType.CANCELLED, 1)]
-        assert await backend.result(task_id) is None
+        result = await backend.result(task_id, wait=5)  # waiters learn it was cancelled
+        assert result is not None and result.status is ResultStatus.FAILURE
+        assert result.error is not None and result.error.type.endswith("TaskCancelledError")
         assert (worker.stats["succeeded"], worker.stats["failed"]) == (0, 0)
         assert await backend.cancel(task_id) is False  # already finished
 
@@ -441,9 +443,51 @@ async def test_cancel_a_pending_task(storage):
         stats = await backend.worker(**BURST).run()
         assert (stats["claimed"], stats["succeeded"]) == (1, 1)
         assert (await backend.result(other)).value == 7
-        assert await backend.result(task_id) is None
+        result = await backend.result(task_id)
+        assert result is not None and result.status is ResultStatus.FAILURE
+        assert result.error is not None and result.error.type.endswith("TaskCancelledError")
         assert (await backend.get_task(task_id)).status is TaskStatus.CANCELLED
-        assert EventType.STARTED not in [t for t, _ in await types_of(backend, task_id)]
+        assert await types_of(backend, task_id) == [(EventType.ENQUEUED, None),
+                                                    (EventType.CANCELLED, 1)]
+
+
+@MEMORY
+@pytest.mark.anyio
+async def test_unstorable_return_value_is_a_failure_without_retry(storage):
+    async with make(storage, events=True) as backend:
+        task_id = await backend.enqueue(worker_tasks.returns_a_set, max_retries=3)
+        stats = await backend.worker(**BURST).run()
+        assert (stats["claimed"], stats["succeeded"], stats["dead"]) == (1, 0, 1)
+        result = await backend.result(task_id)
+        assert result is not None and result.status is ResultStatus.FAILURE
+        assert result.error is not None and "SerializationError" in result.error.type
+        assert "set" in result.error.message
+        assert (await backend.get_task(task_id)).status is TaskStatus.DEAD
+
+
+@MEMORY
+@pytest.mark.anyio
+async def test_burst_waits_for_a_retry_that_comes_due(storage, tmp_path):
+    async with make(storage) as backend:
+        task_id = await backend.enqueue(worker_tasks.fail_once, (str(tmp_path / "m"),),
+                                        max_retries=1, retry_backoff=0.8)
+        stats = await backend.worker(burst=True, idle_timeout=0.3, poll=0.1).run()
+        assert (stats["retried"], stats["succeeded"]) == (1, 1)
+        result = await backend.result(task_id)
+        assert result is not None and result.value == "second time lucky"
+        assert result.attempt == 2
+
+
+@MEMORY
+@pytest.mark.anyio
+async def test_stop_before_run_is_honoured(storage):
+    async with make(storage) as backend:
+        await backend.enqueue(worker_tasks.add, (1, 2))
+        worker = backend.worker(poll=0.1)
+        worker.stop()
+        with anyio.fail_after(5):
+            stats = await worker.run()
+        assert stats["claimed"] == 0
 
 
 # -- events and logging ------------------------------------------------------------------------

@@ -106,6 +106,10 @@ def always_fail(message: str) -> None:
     raise ValueError(message)
 
 
+def returns_a_set() -> set[int]:
+    return {1, 2}
+
+
 def fail_once(marker: str) -> str:
     """Fails the first time (creating ``marker``), succeeds afterwards."""
     path = Path(marker)

@@ -10,9 +10,17 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from typing_extensions import ParamSpec, Self
 
-from omniq.core.errors import ConfigurationError
+from omniq.core.errors import ConfigurationError, NotFoundError
 from omniq.core.interfaces import AsyncResource
-from omniq.core.models import EventType, Task, TaskEvent, TaskInfo, TaskResult, utcnow
+from omniq.core.models import (
+    EventType,
+    Task,
+    TaskEvent,
+    TaskInfo,
+    TaskResult,
+    TaskStatus,
+    utcnow,
+)
 from omniq.storage.file.events import AsyncFileEventStorage
 from omniq.storage.file.queue import AsyncFileQueue
 from omniq.storage.file.results import AsyncFileResultStorage
@@ -189,7 +197,22 @@ class AsyncFileBackend(AsyncResource):
         return await self.queue.get_task(task_id)
 
     async def cancel(self, task_id: str) -> bool:
-        return await self.queue.cancel(task_id)
+        """Cancel a task. A pending or scheduled one never runs (a CANCELLED event and a
+        FAILURE result record it now); a running one stops at its next heartbeat."""
+        try:
+            info = await self.queue.get_task(task_id)
+        except NotFoundError:
+            return False
+        if not await self.queue.cancel(task_id, info.task.queue if info.task else None):
+            return False
+        if info.status in (TaskStatus.PENDING, TaskStatus.SCHEDULED) and info.task is not None:
+            from ._worker import cancelled_result
+
+            if self.results is not None:
+                await self.results.set(cancelled_result(info.task, info.attempt or 1, None))
+            await self.emit(TaskEvent(task_id=task_id, type=EventType.CANCELLED,
+                                      queue=info.task.queue, attempt=info.attempt))
+        return True
 
     def task(self, func: Callable[P, R] | None = None, **options: Any) -> Any:
         """Decorator: ``@backend.task(queue="mail")`` then ``await send.enqueue(to=...)``."""

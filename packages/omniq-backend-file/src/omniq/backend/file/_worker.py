@@ -9,13 +9,20 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
 import anyio.to_process
 import anyio.to_thread
 
-from omniq.core.errors import LeaseLostError, StorageError, TaskCancelledError
+from omniq.core import codec
+from omniq.core.errors import (
+    LeaseLostError,
+    SerializationError,
+    StorageError,
+    TaskCancelledError,
+)
 from omniq.core.models import (
     Claimed,
     ErrorInfo,
@@ -123,7 +130,6 @@ class AsyncWorker:
                  ",".join(self.queues), self.concurrency)
         slots = anyio.Semaphore(self.concurrency)
         self._process_limiter = anyio.CapacityLimiter(self.processes or 1)
-        self._stopping = False
         async with anyio.create_task_group() as tg:
             if self.handle_signals and threading.current_thread() is threading.main_thread():
                 tg.start_soon(self._watch_signals)
@@ -175,11 +181,23 @@ class AsyncWorker:
                 if self.burst and not self.running:
                     idle_since = idle_since or time.monotonic()
                     if time.monotonic() - idle_since >= self.idle_timeout:
-                        break
+                        if not await self._due_soon():
+                            break
+                        idle_since = None
             await self._drain()
             tg.cancel_scope.cancel()
+        self._stopping = False  # a stop() before run() is honoured; afterwards it may run again
         log.info("worker %s stopped: %s", self.worker_id, self.stats)
         return dict(self.stats)
+
+    async def _due_soon(self) -> bool:
+        """Burst mode: whether a delayed or retrying task comes due within idle_timeout."""
+        horizon = utcnow() + timedelta(seconds=self.idle_timeout)
+        for name in self.queues:
+            due = await self.queue.next_due(name)
+            if due is not None and due <= horizon:
+                return True
+        return False
 
     async def _pause(self, seconds: float) -> None:
         """Sleep ``seconds``, or less if the worker is asked to stop meanwhile."""
@@ -278,8 +296,15 @@ class AsyncWorker:
         if state["cancelled"]:
             self.stats["cancelled"] += 1
             log.info("task %s cancelled while running", task.id)
+            await self._record(cancelled_result(task, claimed.attempt, self.worker_id, started))
             await self._event(EventType.CANCELLED, claimed, duration=duration)
             return
+        if error is None:
+            try:  # a return value that cannot be stored is the task's failure, not a success
+                codec.encode(TaskResult(task_id=task.id, status=ResultStatus.SUCCESS,
+                                        value=outcome))
+            except SerializationError as exc:
+                error, retry = exc, False
         if error is None:
             await self._succeed(claimed, outcome, started, duration)
         else:
@@ -365,3 +390,12 @@ class AsyncWorker:
             self.stats["retried"] += 1
             log.info("task %s failed: %s: %s (will retry)", task.id, info.type, info.message)
             await self._event(EventType.RETRIED, claimed, error=info, duration=duration)
+
+
+def cancelled_result(task: Any, attempt: int, worker_id: str | None,
+                     started: datetime | None = None) -> TaskResult:
+    """The FAILURE result recorded for a cancelled task, so that waiters stop waiting."""
+    error = ErrorInfo(type=f"{TaskCancelledError.__module__}.{TaskCancelledError.__qualname__}",
+                      message=f"task {task.id} was cancelled")
+    return TaskResult(task_id=task.id, status=ResultStatus.FAILURE, error=error, attempt=attempt,
+                      queue=task.queue, func=task.func, worker_id=worker_id, started_at=started)
