@@ -51,6 +51,18 @@ def new_id() -> str:
     return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
+def _reset_ids_after_fork() -> None:
+    # A forked child must not continue the parent's sequence: within the same millisecond both
+    # would hand out the same "last + 1" ids.
+    global _id_lock
+    _id_lock = threading.Lock()
+    _last_id[0] = _last_id[1] = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_ids_after_fork)
+
+
 class TaskStatus(str, enum.Enum):
     PENDING = "pending"
     SCHEDULED = "scheduled"
@@ -145,7 +157,8 @@ class Task(_Document, kw_only=True):
 
     def retry_delay(self, failures: int, rand: float) -> float:
         """Exponential backoff after ``failures`` failed attempts; ``rand`` in [0, 1)."""
-        delay = min(self.retry_backoff_max, self.retry_backoff * 2.0 ** max(0, failures - 1))
+        exponent = min(max(0, failures - 1), 1000)  # 2.0 ** 1024 overflows; capped anyway
+        delay = min(self.retry_backoff_max, self.retry_backoff * 2.0**exponent)
         if self.retry_jitter:
             delay = delay / 2 + delay / 2 * rand
         return max(0.0, delay)

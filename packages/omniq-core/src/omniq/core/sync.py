@@ -137,8 +137,8 @@ class _Call(Generic[R]):
             self.value = await self.coro
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt raised by
-            self.error = exc  # the coroutine go to the caller; they must not kill the loop
+        except BaseException as exc:  # SystemExit/KeyboardInterrupt too: they go to the
+            self.error = exc  # caller and must not kill the loop thread (hanging every call)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() and self.owner.exiting:
