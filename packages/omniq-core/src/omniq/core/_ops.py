@@ -110,11 +110,15 @@ class LocalOps:
     def _tmp_write(self, path: str, data: bytes) -> str:
         directory = os.path.dirname(path)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileNotFoundError:
-            os.makedirs(directory, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        for attempt in range(3):
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+                # Missing, or an empty directory removed by a concurrent cleanup just now.
+                os.makedirs(directory, exist_ok=True)
         try:
             view = memoryview(data)
             while view:

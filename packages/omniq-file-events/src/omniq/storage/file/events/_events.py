@@ -143,10 +143,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
         # The primary copy first: an index entry never exists without it, so cleanup (which
         # walks the primary copies) also removes every index entry.
         for key in (L.time_key(name), L.task_key(name)):
-            try:
-                yield write_op(key, data)
-            except FileNotFoundError:  # a local directory removed by a cleanup just now
-                yield write_op(key, data)
+            yield write_op(key, data)
 
     # -- reading -----------------------------------------------------------------------------
     async def query(

@@ -191,10 +191,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
                 return stored
         if result.expires_at is not None:
             marker = L.marker_key(L.epoch_ms(result.expires_at), result.task_id)
-            try:
-                yield write(marker, b"")
-            except FileNotFoundError:  # a local bucket directory removed by a cleanup just now
-                yield write(marker, b"")
+            yield write(marker, b"")
         yield write(key, data)
         return None
 
