@@ -6,7 +6,6 @@ import threading
 from datetime import timedelta
 
 import pytest
-from queue_helpers import FakeClock, make_queue
 
 from omniq.core import (
     CapabilityError,
@@ -21,6 +20,7 @@ from omniq.core import (
 )
 from omniq.core.models import EventType, utcnow
 from omniq.storage.file.queue import FileQueue
+from queue_helpers import FakeClock, make_queue
 
 pytestmark = pytest.mark.anyio
 
@@ -69,7 +69,7 @@ async def test_priority_then_fifo(storage) -> None:
         low = [Task(func="m:f", args=[i], priority=-5) for i in range(3)]
         high = [Task(func="m:f", args=[i], priority=7) for i in range(3)]
         mid = Task(func="m:f", priority=0)
-        await q.enqueue_many(low + [mid] + high)
+        await q.enqueue_many([*low, mid, *high])
         order = [c.task.id for c in await drain(q)]
         assert order == [t.id for t in high] + [mid.id] + [t.id for t in low]
 
@@ -179,8 +179,12 @@ async def test_lease_takeover_fences_the_old_holder(storage) -> None:
         new = await q.dequeue(worker_id="new")
         assert new is not None and new.id == task.id and new.attempt == 2
 
-        for action in (q.ack(old), q.nack(old, error="late"), q.extend_lease(old, 30),
-                       q.release(old)):
+        for action in (
+            q.ack(old),
+            q.nack(old, error="late"),
+            q.extend_lease(old, 30),
+            q.release(old),
+        ):
             with pytest.raises(LeaseLostError):
                 await action
         info = await q.get_task(task.id)
@@ -287,8 +291,10 @@ async def test_future_schema_version_is_quarantined(storage) -> None:
         assert len(await q.store.list("default/quarantine")) == 1
 
 
-@pytest.mark.parametrize("bad", ["../x", "a/b", "/abs", "a\\b", "nul\x00", "\u0430bc", "",
-                                 "x" * 200, ".hidden", "tab\tname"])
+@pytest.mark.parametrize(
+    "bad",
+    ["../x", "a/b", "/abs", "a\\b", "nul\x00", "\u0430bc", "", "x" * 200, ".hidden", "tab\tname"],
+)
 async def test_bad_names_are_rejected(storage, bad: str) -> None:
     async with make_queue(storage) as q:
         with pytest.raises(InvalidNameError):

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from queue_helpers import make_queue
 
 from omniq.core import LeaseLostError, Task
 from omniq.storage.file.queue import AsyncFileQueue
+from queue_helpers import make_queue
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -40,8 +40,16 @@ def _drain_process(base_dir: str, options: dict[str, Any], consumers: int, out: 
                     ok = True
                 except LeaseLostError:
                     ok = False
-                records.append({"id": claimed.id, "attempt": claimed.attempt, "ok": ok,
-                                "worker": claimed.worker_id, "start": start, "end": time.time()})
+                records.append(
+                    {
+                        "id": claimed.id,
+                        "attempt": claimed.attempt,
+                        "ok": ok,
+                        "worker": claimed.worker_id,
+                        "start": start,
+                        "end": time.time(),
+                    }
+                )
         return records
 
     async def main() -> None:
@@ -57,14 +65,18 @@ def _race(storage, tmp_path: Path, tasks: int, processes: int, consumers: int) -
             ids = []
             for start in range(0, tasks, 500):
                 ids += await q.enqueue_many(
-                    [Task(func="m:f", args=[i]) for i in range(start, min(tasks, start + 500))])
+                    [Task(func="m:f", args=[i]) for i in range(start, min(tasks, start + 500))]
+                )
             return ids
 
     ids = asyncio.run(fill())
     outs = [str(tmp_path / f"out{i}.json") for i in range(processes)]
-    procs = [SPAWN.Process(target=_drain_process,
-                           args=(storage.base_dir, storage.storage_options, consumers, out))
-             for out in outs]
+    procs = [
+        SPAWN.Process(
+            target=_drain_process, args=(storage.base_dir, storage.storage_options, consumers, out)
+        )
+        for out in outs
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -113,8 +125,9 @@ def test_sigkilled_worker_loses_nothing(storage_for_processes, tmp_path: Path, c
 
     ids = asyncio.run(fill())
     flag = tmp_path / "held.json"
-    proc = SPAWN.Process(target=_hold_and_hang,
-                         args=(storage.base_dir, storage.storage_options, count, str(flag)))
+    proc = SPAWN.Process(
+        target=_hold_and_hang, args=(storage.base_dir, storage.storage_options, count, str(flag))
+    )
     proc.start()
     deadline = time.time() + 60
     while not flag.exists() and time.time() < deadline:
@@ -176,8 +189,8 @@ def test_enqueue_killed_mid_write_leaves_no_garbage(local_storage, tmp_path: Pat
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
 
-        async def check() -> int:
-            async with make_queue(base) as q:
+        async def check(target=base) -> int:
+            async with make_queue(target) as q:
                 n = 0
                 while (c := await q.dequeue()) is not None:
                     assert len(c.task.args[0]) == 200_000

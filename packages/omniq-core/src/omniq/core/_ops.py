@@ -24,8 +24,17 @@ log = logging.getLogger("omniq.fs")
 T = TypeVar("T")
 
 RETRIES = 4
-_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-              NotADirectoryError, ValueError, TypeError, KeyError, OmniQError)
+_PERMANENT = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    ValueError,
+    TypeError,
+    KeyError,
+    OmniQError,
+)
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -122,7 +131,7 @@ class LocalOps:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             if self.fsync:
                 os.fsync(fd)
         except BaseException:
@@ -218,7 +227,7 @@ class LocalOps:
         return out
 
     def ls_head(self, prefix: str, limit: int) -> list[str]:
-        return self.ls(prefix, False)[:limit]  # type: ignore[no-any-return]
+        return self.ls(prefix, False)[:limit]
 
     def list_dirs(self, prefix: str) -> list[str]:
         try:
@@ -354,10 +363,13 @@ class FsspecOps:
         if hasattr(inner, "_lsdir") and hasattr(inner, "_call_s3"):
             from fsspec.asyn import sync
 
-            infos = _retry("list", prefix, lambda: sync(
-                inner.loop, _s3_head, inner, self.fs._join(prefix), limit))
-            return _listing(infos, False)[:limit]  # type: ignore[no-any-return]
-        return self.ls(prefix, False)[:limit]  # type: ignore[no-any-return]
+            infos = _retry(
+                "list",
+                prefix,
+                lambda: sync(inner.loop, _s3_head, inner, self.fs._join(prefix), limit),
+            )
+            return _listing(infos, False)[:limit]
+        return self.ls(prefix, False)[:limit]
 
     def list_dirs(self, prefix: str) -> list[str]:
         return _dirs(self._ls(prefix))
@@ -378,8 +390,9 @@ class FsspecOps:
         return False  # no empty directories on object stores or memory
 
 
-def _collect(keys: list[str], got: Any, single: Callable[[str], bytes | None]) -> dict[
-        str, bytes | None]:
+def _collect(
+    keys: list[str], got: Any, single: Callable[[str], bytes | None]
+) -> dict[str, bytes | None]:
     out: dict[str, bytes | None] = {}
     values = got if isinstance(got, dict) else {}
     for key in keys:
@@ -435,7 +448,7 @@ class AsyncFsspecOps:
 
     async def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
         values = await asyncio.gather(*(self.read(k) for k in keys))
-        return dict(zip(keys, values))
+        return dict(zip(keys, values, strict=True))
 
     async def write(self, key: str, data: bytes) -> None:
         await _aretry("write", key, lambda: self.fs._pipe_file(key, data))
@@ -491,8 +504,8 @@ class AsyncFsspecOps:
         if hasattr(inner, "_lsdir") and hasattr(inner, "_call_s3"):
             path = self.fs._join(prefix)
             infos = await _aretry("list", prefix, lambda: _s3_head(inner, path, limit))
-            return _listing(infos, False)[:limit]  # type: ignore[no-any-return]
-        return (await self.ls(prefix, False))[:limit]  # type: ignore[no-any-return]
+            return _listing(infos, False)[:limit]
+        return (await self.ls(prefix, False))[:limit]
 
     async def list_dirs(self, prefix: str) -> list[str]:
         return _dirs(await self._ls(prefix))

@@ -118,10 +118,28 @@ def now() -> Op:
     return Op("now", ())
 
 
-_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "abfs": "azure", "abfss": "azure",
-           "az": "azure", "adl": "azure"}
-_KIND = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "abfs": "azure", "abfss": "azure",
-         "az": "azure", "memory": "memory", "file": "local", "local": "local"}
+_EXTRAS = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gcs",
+    "gcs": "gcs",
+    "abfs": "azure",
+    "abfss": "azure",
+    "az": "azure",
+    "adl": "azure",
+}
+_KIND = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gcs",
+    "gcs": "gcs",
+    "abfs": "azure",
+    "abfss": "azure",
+    "az": "azure",
+    "memory": "memory",
+    "file": "local",
+    "local": "local",
+}
 _USERINFO = re.compile(r"(://)[^/@]*@")
 
 
@@ -135,9 +153,12 @@ def _fs_class(protocol: str, package: str) -> type[Any]:
         return fsspec.get_filesystem_class(protocol)  # type: ignore[no-any-return]
     except (ImportError, ValueError) as exc:
         extra = _EXTRAS.get(protocol)
-        hint = (f'install it with `pip install "{package}[{extra}]"` (or `[cloud]` for all '
-                f'three; with the backend: `pip install "omniq-backend-file[{extra}]"`)'
-                if extra else "install the fsspec plugin for it")
+        hint = (
+            f'install it with `pip install "{package}[{extra}]"` (or `[cloud]` for all '
+            f'three; with the backend: `pip install "omniq-backend-file[{extra}]"`)'
+            if extra
+            else "install the fsspec plugin for it"
+        )
         raise MissingDependencyError(
             f"the {protocol}:// filesystem is not available: {exc}; {hint}"
         ) from exc
@@ -205,8 +226,11 @@ class Store:
         try:
             fs = cls(**{**extra, **options})
         except TypeError:  # filesystems that do not take listing-cache arguments
-            fs = cls(**options, skip_instance_cache=True, **(
-                {"asynchronous": True} if asynchronous else {}))
+            fs = cls(
+                **options,
+                skip_instance_cache=True,
+                **({"asynchronous": True} if asynchronous else {}),
+            )
         return DirFileSystem(path=self.root, fs=fs, asynchronous=asynchronous)
 
     @property

@@ -10,6 +10,7 @@ import abc
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
+
 from typing_extensions import Self
 
 from .models import (
@@ -26,7 +27,7 @@ from .models import (
 )
 
 
-class AsyncResource(abc.ABC):
+class AsyncResource(abc.ABC):  # noqa: B024 - a mixin with optional close()
     """Opened lazily; ``async with`` closes it."""
 
     async def close(self) -> None:  # noqa: B027 - optional for implementations

@@ -103,8 +103,11 @@ class ErrorInfo(msgspec.Struct, kw_only=True, frozen=True):
         import traceback as tb
 
         text = "".join(tb.format_exception(exc)) if with_traceback else None
-        return cls(type=f"{type(exc).__module__}.{type(exc).__qualname__}", message=str(exc),
-                   traceback=text)
+        return cls(
+            type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            message=str(exc),
+            traceback=text,
+        )
 
 
 class _Document(msgspec.Struct, kw_only=True):

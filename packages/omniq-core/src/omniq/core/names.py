@@ -22,8 +22,9 @@ def validate_name(name: object, what: str = "name") -> str:
     if not name:
         raise InvalidNameError(f"{what} must not be empty")
     if len(name) > MAX_NAME_LENGTH:
-        raise InvalidNameError(f"{what} is {len(name)} characters long; the limit is "
-                               f"{MAX_NAME_LENGTH}")
+        raise InvalidNameError(
+            f"{what} is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}"
+        )
     if _NAME.fullmatch(name) is None:
         bad = next((c for c in name if not (c.isascii() and (c.isalnum() or c in "_.-"))), None)
         detail = f"character {bad!r}" if bad is not None else "a leading '.', '_' or '-'"

@@ -17,10 +17,10 @@ import os
 import threading
 from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Concatenate, Generic, TypeVar, overload
 
 import sniffio
-from typing_extensions import Concatenate, ParamSpec, Self
+from typing_extensions import ParamSpec, Self
 
 from .errors import AsyncContextError
 
@@ -98,7 +98,7 @@ class _LoopThread:
 
         try:
             asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(timeout)
-        except BaseException:  # noqa: BLE001 - best effort at exit
+        except BaseException:
             pass
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout)
@@ -185,7 +185,7 @@ def shared_loop() -> asyncio.AbstractEventLoop:
     return _LOOP.loop()
 
 
-class blocking(Generic[P, R]):  # noqa: N801 - used like a decorator
+class blocking(Generic[P, R]):
     """Descriptor that turns an ``async def`` method of the wrapped object into a blocking one.
 
     ``enqueue = blocking(AsyncFileQueue.enqueue)`` gives ``FileQueue().enqueue(task) -> str``

@@ -48,6 +48,7 @@ class Worker(SyncWrapper[AsyncWorker]):
         worker = self._async
         previous: dict[Any, Any] = {}
         if threading.current_thread() is threading.main_thread():
+
             def handler(signum: int, frame: Any) -> None:
                 log.info("received %s; stopping (again to stop now)", signal.Signals(signum).name)
                 worker.stop()
@@ -96,11 +97,14 @@ class TaskFunction(Generic[P, R]):
         inner = self._inner
         return run_sync(lambda: inner.enqueue(*args, **kwargs), "TaskFunction.enqueue")  # type: ignore[no-any-return]
 
-    def enqueue_with(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
-                     **options: Any) -> str:
+    def enqueue_with(
+        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> str:
         inner = self._inner
-        return run_sync(lambda: inner.enqueue_with(args, kwargs, **options),  # type: ignore[no-any-return]
-                        "TaskFunction.enqueue_with")
+        task_id: str = run_sync(
+            lambda: inner.enqueue_with(args, kwargs, **options), "TaskFunction.enqueue_with"
+        )
+        return task_id
 
 
 class FileBackend(SyncWrapper[AsyncFileBackend]):
@@ -157,8 +161,9 @@ class FileBackend(SyncWrapper[AsyncFileBackend]):
 
         return wrap(func) if func is not None else wrap
 
-    def worker(self, queues: Sequence[str] | str = ("default",), concurrency: int = 4,
-               **options: Any) -> Worker:
+    def worker(
+        self, queues: Sequence[str] | str = ("default",), concurrency: int = 4, **options: Any
+    ) -> Worker:
         """A blocking worker; ``.run()`` works until SIGINT/SIGTERM or ``.stop()``."""
         return Worker(self._async.worker(queues, concurrency, **options))
 

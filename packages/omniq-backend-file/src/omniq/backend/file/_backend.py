@@ -57,19 +57,33 @@ class AsyncFileBackend(AsyncResource):
         **settings: Any,
     ) -> None:
         self.config: BackendConfig = resolve_config(
-            {"base_dir": os.fspath(base_dir) if base_dir is not None else None,
-             "storage_options": storage_options, **settings}, config, environ)
+            {
+                "base_dir": os.fspath(base_dir) if base_dir is not None else None,
+                "storage_options": storage_options,
+                **settings,
+            },
+            config,
+            environ,
+        )
         cfg = self.config
         queue_part = cfg.part("queue")
-        self.queue = AsyncFileQueue(queue_part.base_dir, queue_part.storage_options,
-                                    lease=cfg.lease, clock_skew=cfg.clock_skew,
-                                    on_event=self._queue_event, clock=clock)
+        self.queue = AsyncFileQueue(
+            queue_part.base_dir,
+            queue_part.storage_options,
+            lease=cfg.lease,
+            clock_skew=cfg.clock_skew,
+            on_event=self._queue_event,
+            clock=clock,
+        )
         self.results: AsyncFileResultStorage | None = None
         if cfg.results:
             part = cfg.part("results")
             self.results = AsyncFileResultStorage(
-                part.base_dir, part.storage_options, clock=clock,
-                default_ttl=None if cfg.result_ttl is None else timedelta(seconds=cfg.result_ttl))
+                part.base_dir,
+                part.storage_options,
+                clock=clock,
+                default_ttl=None if cfg.result_ttl is None else timedelta(seconds=cfg.result_ttl),
+            )
         self.events: AsyncFileEventStorage | None = None
         if cfg.events:
             part = cfg.part("events")
@@ -126,11 +140,15 @@ class AsyncFileBackend(AsyncResource):
             eta = now + (delay if isinstance(delay, timedelta) else timedelta(seconds=delay))
         expires = None
         if ttl is not None:
-            expires = (eta or now) + (ttl if isinstance(ttl, timedelta) else timedelta(
-                seconds=ttl))
+            expires = (eta or now) + (ttl if isinstance(ttl, timedelta) else timedelta(seconds=ttl))
         fields: dict[str, Any] = {
-            "func": func_path(func), "args": list(args), "kwargs": dict(kwargs or {}),
-            "queue": queue, "priority": priority, "eta": eta, "expires_at": expires,
+            "func": func_path(func),
+            "args": list(args),
+            "kwargs": dict(kwargs or {}),
+            "queue": queue,
+            "priority": priority,
+            "eta": eta,
+            "expires_at": expires,
             "max_retries": self.config.max_retries if max_retries is None else max_retries,
             "timeout": self.config.timeout if timeout is None else timeout,
             "metadata": dict(metadata or {}),
@@ -157,14 +175,20 @@ class AsyncFileBackend(AsyncResource):
         """
         task = self.make_task(func, args, kwargs, **options)
         await self.queue.enqueue(task)
-        await self.emit(TaskEvent(task_id=task.id, type=EventType.ENQUEUED, queue=task.queue,
-                                  data={"func": task.func}))
+        await self.emit(
+            TaskEvent(
+                task_id=task.id, type=EventType.ENQUEUED, queue=task.queue, data={"func": task.func}
+            )
+        )
         return task.id
 
     async def enqueue_task(self, task: Task) -> str:
         await self.queue.enqueue(task)
-        await self.emit(TaskEvent(task_id=task.id, type=EventType.ENQUEUED, queue=task.queue,
-                                  data={"func": task.func}))
+        await self.emit(
+            TaskEvent(
+                task_id=task.id, type=EventType.ENQUEUED, queue=task.queue, data={"func": task.func}
+            )
+        )
         return task.id
 
     async def result(self, task_id: str, wait: float | None = None) -> TaskResult | None:
@@ -181,15 +205,21 @@ class AsyncFileBackend(AsyncResource):
         if task_id is not None:
             ids = [task_id]
         else:
-            ids = [info.task.id for info in await self.queue.list_dead(queue, limit=None)
-                   if info.task is not None]
+            ids = [
+                info.task.id
+                for info in await self.queue.list_dead(queue, limit=None)
+                if info.task is not None
+            ]
         done = []
         for one in ids:
             if await self.queue.requeue_dead(queue, one):
                 if self.results is not None:
                     await self.results.delete(one)
-                await self.emit(TaskEvent(task_id=one, type=EventType.ENQUEUED, queue=queue,
-                                          data={"requeued": True}))
+                await self.emit(
+                    TaskEvent(
+                        task_id=one, type=EventType.ENQUEUED, queue=queue, data={"requeued": True}
+                    )
+                )
                 done.append(one)
         return done
 
@@ -210,8 +240,14 @@ class AsyncFileBackend(AsyncResource):
 
             if self.results is not None:
                 await self.results.set(cancelled_result(info.task, info.attempt or 1, None))
-            await self.emit(TaskEvent(task_id=task_id, type=EventType.CANCELLED,
-                                      queue=info.task.queue, attempt=info.attempt))
+            await self.emit(
+                TaskEvent(
+                    task_id=task_id,
+                    type=EventType.CANCELLED,
+                    queue=info.task.queue,
+                    attempt=info.attempt,
+                )
+            )
         return True
 
     def task(self, func: Callable[P, R] | None = None, **options: Any) -> Any:
@@ -222,8 +258,9 @@ class AsyncFileBackend(AsyncResource):
 
         return wrap(func) if func is not None else wrap
 
-    def worker(self, queues: Sequence[str] | str = ("default",), concurrency: int = 4,
-               **options: Any) -> AsyncWorker:
+    def worker(
+        self, queues: Sequence[str] | str = ("default",), concurrency: int = 4, **options: Any
+    ) -> AsyncWorker:
         """A worker running tasks from ``queues`` (see AsyncWorker for the options)."""
         from ._worker import AsyncWorker
 
@@ -253,7 +290,8 @@ class AsyncTaskFunction(Generic[P, R]):
         """Queue a call with the decorator's options (``await`` it on the async backend)."""
         return self.backend.enqueue(self.path, args, kwargs, **self.options)
 
-    def enqueue_with(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
-                     **options: Any) -> Any:
+    def enqueue_with(
+        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> Any:
         """Queue a call overriding options (delay, priority, queue, ...)."""
         return self.backend.enqueue(self.path, args, kwargs, **{**self.options, **options})

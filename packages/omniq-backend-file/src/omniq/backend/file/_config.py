@@ -71,17 +71,29 @@ class BackendConfig:
         if own_dir is None:
             if self.base_dir is None:
                 raise ConfigurationError(
-                    f"no storage for {name}: give base_dir (or OMNIQ_BASE_DIR), or {name}_dir")
+                    f"no storage for {name}: give base_dir (or OMNIQ_BASE_DIR), or {name}_dir"
+                )
             own_dir = f"{self.base_dir.rstrip('/')}/{name}"
             options = self.storage_options if own_options is None else own_options
         else:
-            options = own_options if own_options is not None else (
-                self.storage_options if self.base_dir is None else {})
+            options = (
+                own_options
+                if own_options is not None
+                else (self.storage_options if self.base_dir is None else {})
+            )
         return PartConfig(own_dir, dict(options))
 
 
-_BOOL = {"1": True, "true": True, "yes": True, "on": True,
-         "0": False, "false": False, "no": False, "off": False}
+_BOOL = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 
 
 def _convert(name: str, value: Any, kind: Any) -> Any:
@@ -102,8 +114,9 @@ def _convert(name: str, value: Any, kind: Any) -> Any:
             return int(value)
     except (KeyError, ValueError) as exc:
         # The value may be a secret (storage options): name the setting, never the value.
-        raise ConfigurationError(f"setting {name} has an invalid value ({type(exc).__name__})"
-                                 ) from None
+        raise ConfigurationError(
+            f"setting {name} has an invalid value ({type(exc).__name__})"
+        ) from None
     return value
 
 

@@ -25,14 +25,16 @@ def func_path(func: Callable[..., Any] | str) -> str:
         head, sep, name = func.partition(":")
         if not sep or not head or not name:
             raise ConfigurationError(
-                f"function path {func!r} must look like 'package.module:function'")
+                f"function path {func!r} must look like 'package.module:function'"
+            )
         return func
     target = getattr(func, "__omniq_func__", func)
     module: str | None = getattr(target, "__module__", None)
     qualname: str | None = getattr(target, "__qualname__", None)
     if not module or not qualname or "<locals>" in qualname or "<lambda>" in qualname:
         raise ConfigurationError(
-            f"{func!r} is not importable by a worker; define it at module level")
+            f"{func!r} is not importable by a worker; define it at module level"
+        )
     return f"{module}:{qualname}"
 
 
@@ -43,8 +45,9 @@ def is_allowed(path: str, allow: Sequence[str] | None) -> bool:
         return True
     module = path.partition(":")[0]
     for entry in allow:
-        if entry == path or ":" not in entry and (module == entry or
-                                                  module.startswith(entry + ".")):
+        if entry == path or (
+            ":" not in entry and (module == entry or module.startswith(entry + "."))
+        ):
             return True
     return False
 
@@ -69,5 +72,6 @@ def resolve(path: str, allow: Sequence[str] | None = None) -> Callable[..., Any]
 
 def is_async(func: Callable[..., Any]) -> bool:
     target = getattr(func, "__wrapped__", func)
-    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
-        getattr(target, "__call__", None))
+    # An object whose __call__ is a coroutine function counts too.
+    call = type(target).__call__ if not inspect.isroutine(target) else None
+    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(call)

@@ -96,16 +96,25 @@ class AsyncWorker:
         self.idle_timeout = idle_timeout
         self.worker_id = worker_id or default_worker_id()
         self.handle_signals = handle_signals
-        self.stats = {"claimed": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead": 0,
-                      "released": 0, "lost": 0, "cancelled": 0}
+        self.stats = {
+            "claimed": 0,
+            "succeeded": 0,
+            "failed": 0,
+            "retried": 0,
+            "dead": 0,
+            "released": 0,
+            "lost": 0,
+            "cancelled": 0,
+        }
         self.running: dict[str, Claimed] = {}
         self.max_running = 0
         self._stopping = False
         self._scopes: dict[str, anyio.CancelScope] = {}
 
     def __repr__(self) -> str:
-        return (f"AsyncWorker({self.worker_id!r}, queues={self.queues}, "
-                f"concurrency={self.concurrency})")
+        return (
+            f"AsyncWorker({self.worker_id!r}, queues={self.queues}, concurrency={self.concurrency})"
+        )
 
     def _stop_requested(self) -> bool:
         # A call, not the attribute: the type checker would narrow ``self._stopping`` to
@@ -120,14 +129,25 @@ class AsyncWorker:
 
     async def _event(self, kind: EventType, claimed: Claimed, **fields: Any) -> None:
         if self.backend.events is not None:
-            await self.backend.emit(TaskEvent(task_id=claimed.id, type=kind,
-                                              queue=claimed.queue, worker_id=self.worker_id,
-                                              attempt=claimed.attempt, **fields))
+            await self.backend.emit(
+                TaskEvent(
+                    task_id=claimed.id,
+                    type=kind,
+                    queue=claimed.queue,
+                    worker_id=self.worker_id,
+                    attempt=claimed.attempt,
+                    **fields,
+                )
+            )
 
     async def run(self) -> dict[str, int]:
         """Work until stopped (or, in burst mode, until the queues are empty)."""
-        log.info("worker %s started on %s (concurrency %d)", self.worker_id,
-                 ",".join(self.queues), self.concurrency)
+        log.info(
+            "worker %s started on %s (concurrency %d)",
+            self.worker_id,
+            ",".join(self.queues),
+            self.concurrency,
+        )
         slots = anyio.Semaphore(self.concurrency)
         self._process_limiter = anyio.CapacityLimiter(self.processes or 1)
         async with anyio.create_task_group() as tg:
@@ -150,17 +170,25 @@ class AsyncWorker:
                     # lease expired. dequeue's own ``wait`` bounds this call.
                     try:
                         claimed = await self.queue.dequeue(
-                            self.queues, lease=self.lease, wait=min(self.poll, 0.5),
-                            worker_id=self.worker_id)
+                            self.queues,
+                            lease=self.lease,
+                            wait=min(self.poll, 0.5),
+                            worker_id=self.worker_id,
+                        )
                     except (StorageError, OSError) as exc:
                         # Storage trouble (an outage, a store restarting) must not kill the
                         # worker: log it, back off, try again.
                         slots.release()
                         failures += 1
                         delay = min(5.0, 0.1 * 2 ** min(failures, 6))
-                        log.warning("worker %s: claiming from %s failed (%s: %s); retrying in "
-                                    "%.1f s", self.worker_id, ",".join(self.queues),
-                                    type(exc).__name__, exc, delay)
+                        log.warning(
+                            "worker %s: claiming from %s failed (%s: %s); retrying in %.1f s",
+                            self.worker_id,
+                            ",".join(self.queues),
+                            type(exc).__name__,
+                            exc,
+                            delay,
+                        )
                         await self._pause(delay)
                         continue
                     except BaseException:
@@ -219,8 +247,9 @@ class AsyncWorker:
         try:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
-                    log.info("received %s; stopping (again to stop now)",
-                             signal.Signals(signum).name)
+                    log.info(
+                        "received %s; stopping (again to stop now)", signal.Signals(signum).name
+                    )
                     self.stop()
         except (NotImplementedError, RuntimeError, ValueError):
             return
@@ -301,8 +330,9 @@ class AsyncWorker:
             return
         if error is None:
             try:  # a return value that cannot be stored is the task's failure, not a success
-                codec.encode(TaskResult(task_id=task.id, status=ResultStatus.SUCCESS,
-                                        value=outcome))
+                codec.encode(
+                    TaskResult(task_id=task.id, status=ResultStatus.SUCCESS, value=outcome)
+                )
             except SerializationError as exc:
                 error, retry = exc, False
         if error is None:
@@ -318,8 +348,13 @@ class AsyncWorker:
                 return await func(*task.args, **task.kwargs)
             if self.processes:
                 return await anyio.to_process.run_sync(
-                    _call_in_process, task.func, task.args, task.kwargs, cancellable=True,
-                    limiter=self._process_limiter)
+                    _call_in_process,
+                    task.func,
+                    task.args,
+                    task.kwargs,
+                    cancellable=True,
+                    limiter=self._process_limiter,
+                )
             call = functools.partial(func, *task.args, **task.kwargs)
             return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
 
@@ -352,9 +387,18 @@ class AsyncWorker:
 
     async def _succeed(self, claimed: Claimed, value: Any, started: Any, duration: float) -> None:
         task = claimed.task
-        await self._record(TaskResult(
-            task_id=task.id, status=ResultStatus.SUCCESS, value=value, attempt=claimed.attempt,
-            queue=task.queue, func=task.func, worker_id=self.worker_id, started_at=started))
+        await self._record(
+            TaskResult(
+                task_id=task.id,
+                status=ResultStatus.SUCCESS,
+                value=value,
+                attempt=claimed.attempt,
+                queue=task.queue,
+                func=task.func,
+                worker_id=self.worker_id,
+                started_at=started,
+            )
+        )
         try:
             await self.queue.ack(claimed)
         except LeaseLostError:
@@ -365,8 +409,9 @@ class AsyncWorker:
         log.info("task %s succeeded in %.3fs", task.id, duration)
         await self._event(EventType.SUCCEEDED, claimed, duration=duration)
 
-    async def _fail(self, claimed: Claimed, error: BaseException, retry: bool, started: Any,
-                    duration: float) -> None:
+    async def _fail(
+        self, claimed: Claimed, error: BaseException, retry: bool, started: Any, duration: float
+    ) -> None:
         task = claimed.task
         if isinstance(error, TimeoutError) and not str(error):
             error = TimeoutError(f"task exceeded its timeout of {task.timeout}s")
@@ -380,10 +425,18 @@ class AsyncWorker:
         if status is TaskStatus.DEAD:
             self.stats["dead"] += 1
             log.info("task %s failed: %s: %s (dead-lettered)", task.id, info.type, info.message)
-            await self._record(TaskResult(
-                task_id=task.id, status=ResultStatus.FAILURE, error=info,
-                attempt=claimed.attempt, queue=task.queue, func=task.func,
-                worker_id=self.worker_id, started_at=started))
+            await self._record(
+                TaskResult(
+                    task_id=task.id,
+                    status=ResultStatus.FAILURE,
+                    error=info,
+                    attempt=claimed.attempt,
+                    queue=task.queue,
+                    func=task.func,
+                    worker_id=self.worker_id,
+                    started_at=started,
+                )
+            )
             await self._event(EventType.FAILED, claimed, error=info, duration=duration)
             await self._event(EventType.DEAD_LETTERED, claimed, error=info)
         else:
@@ -392,10 +445,21 @@ class AsyncWorker:
             await self._event(EventType.RETRIED, claimed, error=info, duration=duration)
 
 
-def cancelled_result(task: Any, attempt: int, worker_id: str | None,
-                     started: datetime | None = None) -> TaskResult:
+def cancelled_result(
+    task: Any, attempt: int, worker_id: str | None, started: datetime | None = None
+) -> TaskResult:
     """The FAILURE result recorded for a cancelled task, so that waiters stop waiting."""
-    error = ErrorInfo(type=f"{TaskCancelledError.__module__}.{TaskCancelledError.__qualname__}",
-                      message=f"task {task.id} was cancelled")
-    return TaskResult(task_id=task.id, status=ResultStatus.FAILURE, error=error, attempt=attempt,
-                      queue=task.queue, func=task.func, worker_id=worker_id, started_at=started)
+    error = ErrorInfo(
+        type=f"{TaskCancelledError.__module__}.{TaskCancelledError.__qualname__}",
+        message=f"task {task.id} was cancelled",
+    )
+    return TaskResult(
+        task_id=task.id,
+        status=ResultStatus.FAILURE,
+        error=error,
+        attempt=attempt,
+        queue=task.queue,
+        func=task.func,
+        worker_id=worker_id,
+        started_at=started,
+    )

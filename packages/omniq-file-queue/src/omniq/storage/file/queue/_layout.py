@@ -23,7 +23,14 @@ TOMBSTONE_MAX = 16
 """A claim file this small is a tombstone (the attempt is over), not a live lease."""
 
 DONE, RETRIED, DEAD, LOST, RELEASED, CANCELLED, EXPIRED = (
-    b"done", b"retried", b"dead", b"lost", b"released", b"cancelled", b"expired")
+    b"done",
+    b"retried",
+    b"dead",
+    b"lost",
+    b"released",
+    b"cancelled",
+    b"expired",
+)
 
 _CROCKFORD = {c: i for i, c in enumerate("0123456789ABCDEFGHJKMNPQRSTVWXYZ")}
 
@@ -95,8 +102,14 @@ def ready_candidate(queue: str, rank_dir: str, name: str) -> Candidate | None:
     if parsed is None:
         return None
     task_id, attempt = parsed
-    return Candidate(int(rank_dir[1:]), id_time_ms(task_id), task_id, attempt,
-                     f"{queue}/ready/{rank_dir}/{name}", None)
+    return Candidate(
+        int(rank_dir[1:]),
+        id_time_ms(task_id),
+        task_id,
+        attempt,
+        f"{queue}/ready/{rank_dir}/{name}",
+        None,
+    )
 
 
 def due_candidate(queue: str, name: str) -> Candidate | None:
@@ -106,5 +119,11 @@ def due_candidate(queue: str, name: str) -> Candidate | None:
     if parsed is None or not eta.isdigit() or not rank_text.isdigit():
         return None
     task_id, attempt = parsed
-    return Candidate(int(rank_text), int(eta), task_id, attempt,
-                     sched_key(queue, task_id, attempt), f"{queue}/due/{name}")
+    return Candidate(
+        int(rank_text),
+        int(eta),
+        task_id,
+        attempt,
+        sched_key(queue, task_id, attempt),
+        f"{queue}/due/{name}",
+    )

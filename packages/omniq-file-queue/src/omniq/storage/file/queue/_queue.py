@@ -63,8 +63,11 @@ log = logging.getLogger("omniq.queue")
 
 EventHook = Callable[[TaskEvent], Awaitable[None]]
 
-_TOMBSTONE_STATUS = {L.DONE: TaskStatus.DONE, L.CANCELLED: TaskStatus.CANCELLED,
-                     L.EXPIRED: TaskStatus.EXPIRED}
+_TOMBSTONE_STATUS = {
+    L.DONE: TaskStatus.DONE,
+    L.CANCELLED: TaskStatus.CANCELLED,
+    L.EXPIRED: TaskStatus.EXPIRED,
+}
 
 
 def default_worker_id() -> str:
@@ -131,8 +134,9 @@ class AsyncFileQueue(AsyncQueue):
     ) -> None:
         if lease <= 0:
             raise ValueError("lease must be positive")
-        self.store = Store(base_dir, storage_options, package="omniq-file-queue", fsync=fsync,
-                           clock=clock)
+        self.store = Store(
+            base_dir, storage_options, package="omniq-file-queue", fsync=fsync, clock=clock
+        )
         self.lease = float(lease)
         self.poll_interval = poll_interval
         self.max_poll_interval = max(max_poll_interval, poll_interval)
@@ -197,8 +201,9 @@ class AsyncFileQueue(AsyncQueue):
             if task.eta is not None and task.eta.timestamp() > current:
                 eta_ms = int(task.eta.timestamp() * 1000)
                 yield write(L.sched_key(task.queue, task.id, task.attempt), data)
-                yield write(L.due_key(task.queue, eta_ms, task.priority, task.id, task.attempt),
-                            b"")
+                yield write(
+                    L.due_key(task.queue, eta_ms, task.priority, task.id, task.attempt), b""
+                )
             else:
                 ready.append((L.ready_key(task.queue, task.priority, task.id, task.attempt), data))
         if ready:
@@ -311,9 +316,14 @@ class AsyncFileQueue(AsyncQueue):
             won = yield create(run, L.EXPIRED)
             result: Claimed | Task | None = task if won else None
         else:
-            claimed = Claimed(task=task, attempt=cand.attempt, lease_until=_dt(current + lease),
-                              worker_id=worker, token=uuid.uuid4().hex,
-                              claimed_at=_dt(current))
+            claimed = Claimed(
+                task=task,
+                attempt=cand.attempt,
+                lease_until=_dt(current + lease),
+                worker_id=worker,
+                token=uuid.uuid4().hex,
+                claimed_at=_dt(current),
+            )
             won = yield create(run, codec.encode(claimed))
             result = claimed if won else None
         # Winner or not, this entry is spent: the winner removes it, and a loser finding the
@@ -382,14 +392,18 @@ class AsyncFileQueue(AsyncQueue):
         remain (returns SCHEDULED, or PENDING for an immediate retry), else dead-lettered
         (returns DEAD) with the error kept. ``retry=False`` dead-letters at once (for
         failures no retry can fix, such as a function that does not import)."""
-        task = msgspec.structs.replace(claimed.task, failures=claimed.task.failures + 1,
-                                       last_error=_error_info(error))
+        task = msgspec.structs.replace(
+            claimed.task, failures=claimed.task.failures + 1, last_error=_error_info(error)
+        )
         if not retry or task.failures > task.max_retries:
             status, state = TaskStatus.DEAD, L.DEAD
             follow: Program[None] = self._dead_program(task)
         else:
-            delay = task.retry_delay(task.failures, random.random()) if retry_in is None \
+            delay = (
+                task.retry_delay(task.failures, random.random())
+                if retry_in is None
                 else max(0.0, retry_in)
+            )
             status = TaskStatus.SCHEDULED if delay > 0 else TaskStatus.PENDING
             state = L.RETRIED
             follow = self._requeue_program(task, delay)
@@ -402,8 +416,9 @@ class AsyncFileQueue(AsyncQueue):
 
     def _requeue_program(self, task: Task, delay: float) -> Program[None]:
         current = yield now()
-        nxt = msgspec.structs.replace(task, attempt=task.attempt + 1,
-                                      eta=_dt(current + delay) if delay > 0 else None)
+        nxt = msgspec.structs.replace(
+            task, attempt=task.attempt + 1, eta=_dt(current + delay) if delay > 0 else None
+        )
         yield from self._enqueue_program([(nxt, codec.encode(nxt))])
 
     async def release(self, claimed: Claimed) -> None:
@@ -446,10 +461,18 @@ class AsyncFileQueue(AsyncQueue):
         validate_name(queue, "queue name")
         taken = await self.store.run(self._reap_program(queue))
         for claimed in taken:
-            log.warning("lease of task %s attempt %d (worker %s) expired; requeued",
-                        claimed.id, claimed.attempt, claimed.worker_id)
-            await self._emit(EventType.LEASE_EXPIRED, claimed.task, attempt=claimed.attempt,
-                             worker_id=claimed.worker_id)
+            log.warning(
+                "lease of task %s attempt %d (worker %s) expired; requeued",
+                claimed.id,
+                claimed.attempt,
+                claimed.worker_id,
+            )
+            await self._emit(
+                EventType.LEASE_EXPIRED,
+                claimed.task,
+                attempt=claimed.attempt,
+                worker_id=claimed.worker_id,
+            )
         return taken
 
     def _reap_program(self, queue: str) -> Program[list[Claimed]]:
@@ -479,8 +502,9 @@ class AsyncFileQueue(AsyncQueue):
             if current <= claimed.lease_until.timestamp() + self.clock_skew:
                 continue
             nxt = msgspec.structs.replace(claimed.task, attempt=claimed.attempt + 1, eta=None)
-            won = yield create(L.ready_key(queue, nxt.priority, nxt.id, nxt.attempt),
-                               codec.encode(nxt))
+            won = yield create(
+                L.ready_key(queue, nxt.priority, nxt.id, nxt.attempt), codec.encode(nxt)
+            )
             yield write(key, L.LOST)
             if won:
                 taken.append(claimed)
@@ -505,7 +529,8 @@ class AsyncFileQueue(AsyncQueue):
         attempts = [
             parsed[1]
             for name in (yield listdir(f"{queue}/run"))
-            if name.endswith(".json") and (parsed := L.split_id_attempt(name[:-5])) is not None
+            if name.endswith(".json")
+            and (parsed := L.split_id_attempt(name[:-5])) is not None
             and parsed[0] == task_id
         ]
         last = max(attempts, default=0)
@@ -515,9 +540,13 @@ class AsyncFileQueue(AsyncQueue):
             if data is not None and len(data) > L.TOMBSTONE_MAX:
                 try:
                     claimed = codec.decode(data, Claimed)
-                    return TaskInfo(task=claimed.task, status=TaskStatus.RUNNING, attempt=last,
-                                    worker_id=claimed.worker_id,
-                                    lease_until=claimed.lease_until), run
+                    return TaskInfo(
+                        task=claimed.task,
+                        status=TaskStatus.RUNNING,
+                        attempt=last,
+                        worker_id=claimed.worker_id,
+                        lease_until=claimed.lease_until,
+                    ), run
                 except SerializationError:
                     pass
             elif data in _TOMBSTONE_STATUS:
@@ -546,8 +575,9 @@ class AsyncFileQueue(AsyncQueue):
             task = None
         if attempt is None and task is not None:
             attempt = task.attempt
-        return TaskInfo(task=task, status=status, attempt=attempt,
-                        error=task.last_error if task else None)
+        return TaskInfo(
+            task=task, status=status, attempt=attempt, error=task.last_error if task else None
+        )
 
     async def cancel(self, task_id: str, queue: str | None = None) -> bool:
         """A pending or scheduled task is withdrawn; a running one is asked to stop (its
@@ -570,8 +600,15 @@ class AsyncFileQueue(AsyncQueue):
                 yield delete(key)
                 task = info.task
                 if info.status is TaskStatus.SCHEDULED and task is not None and task.eta:
-                    yield delete(L.due_key(queue, int(task.eta.timestamp() * 1000),
-                                           task.priority, task_id, info.attempt))
+                    yield delete(
+                        L.due_key(
+                            queue,
+                            int(task.eta.timestamp() * 1000),
+                            task.priority,
+                            task_id,
+                            info.attempt,
+                        )
+                    )
                 return True
             info = TaskInfo(task=None, status=TaskStatus.RUNNING)  # claimed just now
         if info.status is TaskStatus.RUNNING:
@@ -589,8 +626,7 @@ class AsyncFileQueue(AsyncQueue):
         for rank_dir in (yield listdirs(f"{queue}/ready")):
             ready += len((yield listdir(f"{queue}/ready/{rank_dir}")))
         scheduled = len((yield listdir(f"{queue}/sched")))
-        running = sum(1 for e in (yield listdir(f"{queue}/run", True))
-                      if e.size > L.TOMBSTONE_MAX)
+        running = sum(1 for e in (yield listdir(f"{queue}/run", True)) if e.size > L.TOMBSTONE_MAX)
         dead = len((yield listdir(f"{queue}/dead")))
         return QueueSize(ready=ready, scheduled=scheduled, running=running, dead=dead)
 
@@ -622,8 +658,10 @@ class AsyncFileQueue(AsyncQueue):
     def _purge_program(self, queue: str) -> Program[int]:
         keys = []
         for rank_dir in (yield listdirs(f"{queue}/ready")):
-            keys += [f"{queue}/ready/{rank_dir}/{n}" for n in (yield listdir(
-                f"{queue}/ready/{rank_dir}"))]
+            keys += [
+                f"{queue}/ready/{rank_dir}/{n}"
+                for n in (yield listdir(f"{queue}/ready/{rank_dir}"))
+            ]
         sched = [f"{queue}/sched/{n}" for n in (yield listdir(f"{queue}/sched"))]
         markers = [f"{queue}/due/{n}" for n in (yield listdir(f"{queue}/due"))]
         yield delete_many(markers + keys + sched)
@@ -637,8 +675,9 @@ class AsyncFileQueue(AsyncQueue):
     def _list_dead_program(self, queue: str, limit: int | None) -> Program[list[TaskInfo]]:
         names = (yield listdir(f"{queue}/dead"))[:limit]
         bodies = yield read_many(f"{queue}/dead/{n}" for n in names)
-        return [self._info(body, TaskStatus.DEAD, None) for body in bodies.values()
-                if body is not None]
+        return [
+            self._info(body, TaskStatus.DEAD, None) for body in bodies.values() if body is not None
+        ]
 
     async def requeue_dead(self, queue: str = "default", task_id: str | None = None) -> int:
         """Put dead-lettered tasks (one, or all) back as ready, with their failures reset."""
@@ -661,8 +700,7 @@ class AsyncFileQueue(AsyncQueue):
                 yield from self._quarantine(key, body, exc)
                 continue
             nxt = msgspec.structs.replace(task, attempt=task.attempt + 1, failures=0, eta=None)
-            yield create(L.ready_key(queue, nxt.priority, nxt.id, nxt.attempt),
-                         codec.encode(nxt))
+            yield create(L.ready_key(queue, nxt.priority, nxt.id, nxt.attempt), codec.encode(nxt))
             yield delete(key)
             count += 1
         return count
