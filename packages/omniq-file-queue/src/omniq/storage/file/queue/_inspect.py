@@ -1,0 +1,245 @@
+"""Inspection and maintenance of a file queue: status lookup, cancel, counts, purge, dead
+letters. Mixed into ``AsyncFileQueue``; every operation is a storage program."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from omniq.core import codec
+from omniq.core.errors import NotFoundError, SerializationError
+from omniq.core.fs import (
+    Program,
+    Store,
+    create,
+    delete,
+    delete_many,
+    listdir,
+    listdirs,
+    listhead,
+    read,
+    read_many,
+    write,
+)
+from omniq.core.models import UTC, Claimed, QueueSize, Task, TaskInfo, TaskStatus
+from omniq.core.names import validate_name
+
+from . import _layout as L
+
+_TOMBSTONE_STATUS = {
+    L.DONE: TaskStatus.DONE,
+    L.CANCELLED: TaskStatus.CANCELLED,
+    L.EXPIRED: TaskStatus.EXPIRED,
+}
+
+
+class QueueInspection:
+    """get_task, cancel, size, list_queues, purge, list_dead, requeue_dead, next_due."""
+
+    store: Store
+    _cache: dict[str, Any]
+
+    if TYPE_CHECKING:
+
+        def _quarantine(self, key: str, data: bytes, reason: BaseException) -> Program[None]: ...
+
+    # -- inspection --------------------------------------------------------------------------
+    async def _queues_for(self, queue: str | None) -> list[str]:
+        if queue is not None:
+            return [validate_name(queue, "queue name")]
+        return await self.list_queues()
+
+    async def get_task(self, task_id: str, queue: str | None = None) -> TaskInfo:
+        """Where the task stands (searches every queue when ``queue`` is None)."""
+        validate_name(task_id, "task id")
+        for name in await self._queues_for(queue):
+            found = await self.store.run(self._locate_program(name, task_id))
+            if found is not None:
+                return found[0]
+        raise NotFoundError(f"task {task_id} not found")
+
+    def _locate_program(self, queue: str, task_id: str) -> Program[tuple[TaskInfo, str] | None]:
+        attempts = [
+            parsed[1]
+            for name in (yield listdir(f"{queue}/run"))
+            if name.endswith(".json")
+            and (parsed := L.split_id_attempt(name[:-5])) is not None
+            and parsed[0] == task_id
+        ]
+        last = max(attempts, default=0)
+        if last:
+            run = L.run_key(queue, task_id, last)
+            data = yield read(run)
+            if data is not None and len(data) > L.TOMBSTONE_MAX:
+                try:
+                    claimed = codec.decode(data, Claimed)
+                    return TaskInfo(
+                        task=claimed.task,
+                        status=TaskStatus.RUNNING,
+                        attempt=last,
+                        worker_id=claimed.worker_id,
+                        lease_until=claimed.lease_until,
+                    ), run
+                except SerializationError:
+                    pass
+            elif data in _TOMBSTONE_STATUS:
+                return TaskInfo(task=None, status=_TOMBSTONE_STATUS[data], attempt=last), run
+        nxt = last + 1
+        for rank_dir in (yield listdirs(f"{queue}/ready")):
+            key = f"{queue}/ready/{rank_dir}/{task_id}.{nxt}.json"
+            body = yield read(key)
+            if body is not None:
+                return self._info(body, TaskStatus.PENDING, nxt), key
+        key = L.sched_key(queue, task_id, nxt)
+        body = yield read(key)
+        if body is not None:
+            return self._info(body, TaskStatus.SCHEDULED, nxt), key
+        key = L.dead_key(queue, task_id)
+        body = yield read(key)
+        if body is not None:
+            return self._info(body, TaskStatus.DEAD, None), key
+        return None
+
+    @staticmethod
+    def _info(body: bytes, status: TaskStatus, attempt: int | None) -> TaskInfo:
+        try:
+            task: Task | None = codec.decode(body, Task)
+        except SerializationError:
+            task = None
+        if attempt is None and task is not None:
+            attempt = task.attempt
+        return TaskInfo(
+            task=task, status=status, attempt=attempt, error=task.last_error if task else None
+        )
+
+    async def cancel(self, task_id: str, queue: str | None = None) -> bool:
+        """A pending or scheduled task is withdrawn; a running one is asked to stop (its
+        next ``extend_lease`` raises TaskCancelledError). False if it already finished."""
+        validate_name(task_id, "task id")
+        for name in await self._queues_for(queue):
+            result = await self.store.run(self._cancel_program(name, task_id))
+            if result is not None:
+                return result
+        return False
+
+    def _cancel_program(self, queue: str, task_id: str) -> Program[bool | None]:
+        found = yield from self._locate_program(queue, task_id)
+        if found is None:
+            return None
+        info, key = found
+        if info.status in (TaskStatus.PENDING, TaskStatus.SCHEDULED):
+            assert info.attempt is not None
+            if (yield create(L.run_key(queue, task_id, info.attempt), L.CANCELLED)):
+                yield delete(key)
+                task = info.task
+                if info.status is TaskStatus.SCHEDULED and task is not None and task.eta:
+                    yield delete(
+                        L.due_key(
+                            queue,
+                            int(task.eta.timestamp() * 1000),
+                            task.priority,
+                            task_id,
+                            info.attempt,
+                        )
+                    )
+                return True
+            info = TaskInfo(task=None, status=TaskStatus.RUNNING)  # claimed just now
+        if info.status is TaskStatus.RUNNING:
+            yield write(L.cancel_key(queue, task_id), b"")
+            return True
+        return False
+
+    async def size(self, queue: str = "default") -> QueueSize:
+        """Counts of ready, scheduled, running and dead tasks (lists the queue)."""
+        validate_name(queue, "queue name")
+        return await self.store.run(self._size_program(queue))
+
+    def _size_program(self, queue: str) -> Program[QueueSize]:
+        ready = 0
+        for rank_dir in (yield listdirs(f"{queue}/ready")):
+            ready += len((yield listdir(f"{queue}/ready/{rank_dir}")))
+        scheduled = len((yield listdir(f"{queue}/sched")))
+        running = sum(1 for e in (yield listdir(f"{queue}/run", True)) if e.size > L.TOMBSTONE_MAX)
+        dead = len((yield listdir(f"{queue}/dead")))
+        return QueueSize(ready=ready, scheduled=scheduled, running=running, dead=dead)
+
+    async def next_due(self, queue: str = "default") -> datetime | None:
+        """When the earliest delayed or retrying task of ``queue`` comes due (None if none)."""
+        validate_name(queue, "queue name")
+        for name in await self.store.run(_head(f"{queue}/due", 1)):
+            candidate = L.due_candidate(queue, name)
+            if candidate is not None:
+                return datetime.fromtimestamp(candidate.time_ms / 1000, UTC)
+        return None
+
+    async def list_queues(self) -> list[str]:
+        names = await self.store.list_dirs("")
+        valid = []
+        for name in names:
+            try:
+                valid.append(validate_name(name, "queue name"))
+            except ValueError:
+                continue
+        return valid
+
+    async def purge(self, queue: str = "default") -> int:
+        """Delete every ready and scheduled task of ``queue``; returns how many."""
+        validate_name(queue, "queue name")
+        self._cache.pop(queue, None)
+        return await self.store.run(self._purge_program(queue))
+
+    def _purge_program(self, queue: str) -> Program[int]:
+        keys = []
+        for rank_dir in (yield listdirs(f"{queue}/ready")):
+            keys += [
+                f"{queue}/ready/{rank_dir}/{n}"
+                for n in (yield listdir(f"{queue}/ready/{rank_dir}"))
+            ]
+        sched = [f"{queue}/sched/{n}" for n in (yield listdir(f"{queue}/sched"))]
+        markers = [f"{queue}/due/{n}" for n in (yield listdir(f"{queue}/due"))]
+        yield delete_many(markers + keys + sched)
+        return len(keys) + len(sched)
+
+    async def list_dead(self, queue: str = "default", limit: int | None = 100) -> list[TaskInfo]:
+        """Dead-lettered tasks, oldest first, with their last error."""
+        validate_name(queue, "queue name")
+        return await self.store.run(self._list_dead_program(queue, limit))
+
+    def _list_dead_program(self, queue: str, limit: int | None) -> Program[list[TaskInfo]]:
+        names = (yield listdir(f"{queue}/dead"))[:limit]
+        bodies = yield read_many(f"{queue}/dead/{n}" for n in names)
+        return [
+            self._info(body, TaskStatus.DEAD, None) for body in bodies.values() if body is not None
+        ]
+
+    async def requeue_dead(self, queue: str = "default", task_id: str | None = None) -> int:
+        """Put dead-lettered tasks (one, or all) back as ready, with their failures reset."""
+        validate_name(queue, "queue name")
+        if task_id is not None:
+            validate_name(task_id, "task id")
+        return await self.store.run(self._requeue_dead_program(queue, task_id))
+
+    def _requeue_dead_program(self, queue: str, task_id: str | None) -> Program[int]:
+        names = [f"{task_id}.json"] if task_id else (yield listdir(f"{queue}/dead"))
+        count = 0
+        for name in names:
+            key = f"{queue}/dead/{name}"
+            body = yield read(key)
+            if body is None:
+                continue
+            try:
+                task = codec.decode(body, Task)
+            except SerializationError as exc:
+                yield from self._quarantine(key, body, exc)
+                continue
+            nxt = msgspec.structs.replace(task, attempt=task.attempt + 1, failures=0, eta=None)
+            yield create(L.ready_key(queue, nxt.priority, nxt.id, nxt.attempt), codec.encode(nxt))
+            yield delete(key)
+            count += 1
+        return count
+
+
+def _head(prefix: str, limit: int) -> Program[list[str]]:
+    return (yield listhead(prefix, limit))  # type: ignore[no-any-return]
