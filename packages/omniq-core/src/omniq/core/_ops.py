@@ -305,7 +305,7 @@ class FsspecOps:
     def read(self, key: str) -> bytes | None:
         def go() -> bytes | None:
             try:
-                return self.fs.cat_file(key)  # type: ignore[no-any-return]
+                return self.fs.cat_file(key, **_read_options(self.fs))  # type: ignore[no-any-return]
             except FileNotFoundError:
                 return None
 
@@ -314,7 +314,9 @@ class FsspecOps:
     def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
         if not keys:
             return {}
-        got = _retry("read", keys[0], lambda: self.fs.cat(keys, on_error="return"))
+        got = _retry(
+            "read", keys[0], lambda: self.fs.cat(keys, on_error="return", **_read_options(self.fs))
+        )
         return _collect(keys, got, self.read)
 
     def write(self, key: str, data: bytes) -> None:
@@ -440,7 +442,7 @@ class AsyncFsspecOps:
     async def read(self, key: str) -> bytes | None:
         async def go() -> bytes | None:
             try:
-                return await self.fs._cat_file(key)  # type: ignore[no-any-return]
+                return await self.fs._cat_file(key, **_read_options(self.fs))  # type: ignore[no-any-return]
             except FileNotFoundError:
                 return None
 
@@ -533,3 +535,9 @@ async def _s3_head(s3: Any, path: str, limit: int) -> list[dict[str, Any]]:
         return await s3._lsdir(path, max_items=limit, refresh=True)  # type: ignore[no-any-return]
     except FileNotFoundError:
         return []
+
+
+def _read_options(dirfs: Any) -> dict[str, Any]:
+    """s3fs asks for the object's size (a HEAD, plus a LIST when it is missing) before every
+    GET unless reads are single-stream; our documents are small, so one GET is enough."""
+    return {"max_concurrency": 1} if hasattr(dirfs.fs, "_call_s3") else {}

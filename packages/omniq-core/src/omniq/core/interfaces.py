@@ -124,8 +124,9 @@ class AsyncResultStorage(AsyncResource):
     """Task results with expiry."""
 
     @abc.abstractmethod
-    async def set(self, result: TaskResult) -> None:
-        """Store a result atomically (the later attempt's write wins)."""
+    async def set(self, result: TaskResult, *, check_attempt: bool = True) -> None:
+        """Store a result atomically (the later attempt's write wins; ``check_attempt=False``
+        when the caller knows no later attempt exists)."""
 
     @abc.abstractmethod
     async def get(self, task_id: str) -> TaskResult | None:

@@ -63,8 +63,9 @@ def resolve(path: str, allow: Sequence[str] | None = None) -> Callable[..., Any]
         obj: Any = sys.modules.get(module_name) or importlib.import_module(module_name)
         for part in qualname.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise FunctionImportError(f"cannot import {path}: {exc}") from exc
+    except Exception as exc:  # also a module that fails while importing (SyntaxError, ...):
+        # retrying cannot fix it, and it must not escape as an internal worker error
+        raise FunctionImportError(f"cannot import {path}: {type(exc).__name__}: {exc}") from exc
     if not callable(obj):
         raise FunctionImportError(f"{path} is a {type(obj).__name__}, not a function")
     return obj  # type: ignore[no-any-return]

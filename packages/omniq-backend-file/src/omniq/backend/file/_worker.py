@@ -8,7 +8,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -33,6 +33,7 @@ from omniq.core.models import (
     TaskStatus,
     utcnow,
 )
+from omniq.core.names import validate_name
 from omniq.storage.file.queue import default_worker_id
 
 from ._functions import FunctionImportError, FunctionNotAllowedError, is_async, resolve
@@ -84,7 +85,10 @@ class AsyncWorker:
             raise ValueError("concurrency must be >= 1")
         self.backend = backend
         self.queue = backend.queue
-        self.queues = [queues] if isinstance(queues, str) else list(queues)
+        # Unsafe names are refused now, not inside run()'s task group.
+        given: Any = queues
+        single = isinstance(given, (str, bytes)) or not isinstance(given, Iterable)
+        self.queues = [validate_name(q, "queue name") for q in ([given] if single else given)]
         self.concurrency = concurrency
         self.processes = processes
         self.lease = lease or self.queue.lease
@@ -381,9 +385,12 @@ class AsyncWorker:
         except LeaseLostError:
             self.stats["lost"] += 1
 
-    async def _record(self, result: TaskResult) -> None:
+    async def _record(self, result: TaskResult, claimed: Claimed | None = None) -> None:
         if self.backend.results is not None:
-            await self.backend.results.set(result)
+            # Inside our lease no later attempt can exist (takers wait for the lease plus the
+            # clock skew), so the result storage may skip its read-compare.
+            latest = claimed is not None and utcnow() < claimed.lease_until
+            await self.backend.results.set(result, check_attempt=not latest)
 
     async def _succeed(self, claimed: Claimed, value: Any, started: Any, duration: float) -> None:
         task = claimed.task
@@ -397,7 +404,8 @@ class AsyncWorker:
                 func=task.func,
                 worker_id=self.worker_id,
                 started_at=started,
-            )
+            ),
+            claimed,
         )
         try:
             await self.queue.ack(claimed)

@@ -13,7 +13,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -213,9 +213,10 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         """Claim the next task. Queues are tried in the order given; within a queue the
         highest priority first, then the oldest (due time for delayed tasks, else creation).
         """
-        names = [queues] if isinstance(queues, str) else list(queues)
-        for name in names:
-            validate_name(name, "queue name")
+        # One name, or several; anything else (None, bytes, a number) is an invalid name.
+        given: Any = queues
+        single = isinstance(given, (str, bytes)) or not isinstance(given, Iterable)
+        names = [validate_name(name, "queue name") for name in ([given] if single else given)]
         await self._check()
         seconds = self.lease if lease is None else float(lease)
         worker = worker_id or self.worker_id

@@ -160,16 +160,18 @@ class AsyncFileResultStorage(AsyncResultStorage):
             error = ErrorInfo(type=_SERIALIZATION_ERROR, message=message)
         return msgspec.structs.replace(result, status=ResultStatus.FAILURE, value=None, error=error)
 
-    async def set(self, result: TaskResult) -> None:
+    async def set(self, result: TaskResult, *, check_attempt: bool = True) -> None:
         """Store ``result`` atomically (temp file + rename locally, one PUT remotely).
 
         A value that cannot be stored as JSON does not raise: a FAILURE result saying so is
         stored instead. The later write wins, except that a write of a lower ``attempt`` than
         the stored result's is dropped (a late duplicate of an earlier attempt).
+        ``check_attempt=False`` skips that read when the caller knows no later attempt can
+        exist (a worker still inside its lease).
         """
         validate_name(result.task_id, "task id")
         prepared, data = self._prepare(result)
-        stored = await self.store.run(self._set_program(prepared, data))
+        stored = await self.store.run(self._set_program(prepared, data, check_attempt))
         if stored is not None:
             log.info(
                 "result of task %s attempt %d dropped: attempt %d is stored already",
@@ -178,9 +180,11 @@ class AsyncFileResultStorage(AsyncResultStorage):
                 stored,
             )
 
-    def _set_program(self, result: TaskResult, data: bytes) -> Program[int | None]:
+    def _set_program(
+        self, result: TaskResult, data: bytes, check_attempt: bool = True
+    ) -> Program[int | None]:
         key = L.result_key(result.task_id)
-        old = yield read(key)
+        old = (yield read(key)) if check_attempt else None
         if old is not None:
             try:
                 current = yield from self._decode(key, old)
