@@ -57,6 +57,7 @@ class Ops(Protocol):
     def write(self, key: str, data: bytes) -> None: ...
     def create(self, key: str, data: bytes) -> bool: ...
     def create_many(self, items: list[tuple[str, bytes]]) -> list[bool]: ...
+    def mark(self, key: str, data: bytes) -> None: ...
     def delete(self, key: str) -> bool: ...
     def delete_many(self, keys: list[str]) -> None: ...
     def ls(self, prefix: str, detail: bool) -> list[Any]: ...
@@ -181,6 +182,21 @@ class LocalOps:
 
     def create_many(self, items: list[tuple[str, bytes]]) -> list[bool]:
         return [self.create(key, data) for key, data in items]
+
+    def mark(self, key: str, data: bytes) -> None:
+        # In place: no new file (a create costs far more than a write on some disks). A
+        # reader may see the file empty for an instant; callers only mark with tiny states.
+        try:
+            fd = os.open(self._path(key), os.O_WRONLY | os.O_TRUNC)
+        except FileNotFoundError:
+            self.write(key, data)
+            return
+        try:
+            os.write(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _create_excl(self, path: str, data: bytes) -> bool:
         try:
@@ -322,6 +338,8 @@ class FsspecOps:
     def write(self, key: str, data: bytes) -> None:
         _retry("write", key, lambda: self.fs.pipe_file(key, data))
 
+    mark = write
+
     def create(self, key: str, data: bytes) -> bool:
         for attempt in range(RETRIES):
             try:
@@ -454,6 +472,8 @@ class AsyncFsspecOps:
 
     async def write(self, key: str, data: bytes) -> None:
         await _aretry("write", key, lambda: self.fs._pipe_file(key, data))
+
+    mark = write
 
     async def create(self, key: str, data: bytes) -> bool:
         for attempt in range(RETRIES):

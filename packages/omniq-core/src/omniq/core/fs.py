@@ -65,6 +65,12 @@ def write(key: str, data: bytes) -> Op:
     return Op("write", (key, data))
 
 
+def mark(key: str, data: bytes) -> Op:
+    """Replace a small existing file (a tombstone) in place: no new file locally, where a
+    reader may see it empty for an instant; one PUT remotely."""
+    return Op("mark", (key, data))
+
+
 def create(key: str, data: bytes) -> Op:
     """Create ``key`` only if absent; True if this call created it, False if it existed."""
     return Op("create", (key, data))

@@ -37,6 +37,7 @@ from omniq.core.fs import (
     listdir,
     listdirs,
     listhead,
+    mark,
     now,
     read,
     read_many,
@@ -370,7 +371,7 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
             return False
         if follow_up is not None:
             yield from follow_up
-        yield write(L.run_key(claimed.queue, claimed.id, claimed.attempt), state)
+        yield mark(L.run_key(claimed.queue, claimed.id, claimed.attempt), state)
         return True
 
     async def nack(
@@ -439,7 +440,7 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
             return None
         cancel = L.cancel_key(claimed.queue, claimed.id)
         if (yield exists(cancel)):
-            yield write(run, L.CANCELLED)
+            yield mark(run, L.CANCELLED)
             yield delete(cancel)
             return False
         current = yield now()
@@ -498,7 +499,7 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
             won = yield create(
                 L.ready_key(queue, nxt.priority, nxt.id, nxt.attempt), codec.encode(nxt)
             )
-            yield write(key, L.LOST)
+            yield mark(key, L.LOST)
             if won:
                 taken.append(claimed)
         return taken
