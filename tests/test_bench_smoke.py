@@ -1,0 +1,123 @@
+"""The benchmark harness runs and reports (``python benchmarks/run.py smoke``).
+
+Not a performance test: tiny sizes, no timing assertions. It checks that every figure group
+runs and reports numbers, that every target gets a verdict line, and that OmniQ lost and
+duplicated nothing in the consumer races. Peers that are not installed (huey, kombu,
+persist-queue) are skipped by the harness; OmniQ and the rename floor always run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIGURES = ("peers", "requests", "latency", "sync_overhead", "rss", "e2e")
+OMNIQ_QUEUES = ("omniq", "omniq-sync", "omniq-batch")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    if importlib.util.find_spec("psutil") is None:
+        pytest.skip("psutil is needed by the benchmark harness")
+    out = tmp_path_factory.mktemp("bench-smoke")
+    scratch = tmp_path_factory.mktemp("bench-scratch")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "run.py"),
+            "smoke",
+            "--out",
+            str(out),
+            "--disk-dir",
+            str(scratch),
+            "--quiet",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-5000:]}"
+    data = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").read_text().startswith("# OmniQ benchmark results")
+    return data
+
+
+def test_every_figure_reports(smoke: dict) -> None:
+    assert smoke["errors"] == {}
+    assert set(smoke["figures"]) == set(FIGURES)
+    meta = smoke["meta"]
+    assert meta["cpu_count"] >= 1 and meta["python"] and meta["date"]
+    assert meta["filesystems"]["disk"]["type"]
+    expected = {1, 3, 4, 5, 6, 7} | ({2} if "tmpfs" in meta["filesystems"] else set())
+    assert {t["id"] for t in smoke["targets"]} == expected
+    for target in smoke["targets"]:
+        assert target["measured"] and target["goal"]
+        assert target["met"] in (True, False, None)
+
+
+def test_peers_race_loses_and_duplicates_nothing(smoke: dict) -> None:
+    peers = smoke["figures"]["peers"]
+    for label, block in peers["results"].items():
+        queues = block["queues"]
+        for name in (*OMNIQ_QUEUES, "floor"):
+            got = queues[name]
+            for key in ("enqueue_per_s", "consume1_per_s", "consume2_per_s"):
+                assert _number(got[key]["median"]) and got[key]["median"] > 0, (label, name, key)
+            assert got["duplicates_1"] == 0 and got["lost_1"] == 0, (label, name)
+            assert got["duplicates_2"] == 0 and got["lost_2"] == 0, (label, name)
+            assert got["rss_mib"]["consumer"] > 0
+        for peer in ("huey", "kombu", "persist-queue"):
+            installed = peer not in peers["missing_peers"]
+            assert (peer in queues) == installed
+            if installed:  # measured and reported; their races may duplicate (persist-queue)
+                assert _number(queues[peer]["consume2_per_s"]["median"])
+                assert _number(queues[peer]["duplicates_2"])
+
+
+def test_request_counts(smoke: dict) -> None:
+    data = smoke["figures"]["requests"]
+    stores = ["local"]
+    if "skipped" in data["s3"]:
+        if os.environ.get("OMNIQ_REQUIRE_EMULATORS", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"S3 request counts were skipped: {data['s3']['skipped']}")
+    else:
+        stores.append("s3")
+    for store in stores:
+        assert data[store], store
+        for depth, got in data[store].items():
+            assert got["samples"] > 0
+            assert _number(got["total_per_task"]) and got["total_per_task"] >= 4, (store, depth)
+            for phase in ("enqueue", "claim", "result", "ack"):
+                assert got["per_task_totals"][phase] > 0, (store, depth, phase)
+
+
+def test_latency_sync_rss_e2e(smoke: dict) -> None:
+    figures = smoke["figures"]
+    for api in ("async", "sync"):
+        for stats in figures["latency"][api].values():
+            assert all(_number(stats[k]) for k in ("p50_us", "p99_us", "max_us"))
+    for store in ("memory", "local"):
+        for method in ("size", "get_task"):
+            got = figures["sync_overhead"][store][method]
+            assert _number(got["single_sync_us"]) and _number(got["single_async_us"])
+            assert isinstance(got["threads8_overhead_us"], (int, float))
+    rss = figures["rss"]
+    assert rss["large_run"]["stats"]["succeeded"] == rss["large"]
+    assert _number(rss["small_peak_mib"]) and _number(rss["large_peak_mib"])
+    e2e = figures["e2e"]
+    assert len(e2e["results"]) == 6
+    for got in e2e["results"].values():
+        assert got["succeeded"] == [e2e["n"]] * len(got["succeeded"])
+        assert _number(got["drain_per_s"]["median"]) and got["drain_per_s"]["median"] > 0
