@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import heapq
 import logging
 import os
 import random
@@ -243,7 +244,13 @@ class LocalOps:
         return out
 
     def ls_head(self, prefix: str, limit: int) -> list[str]:
-        return self.ls(prefix, False)[:limit]
+        # The smallest names without building and sorting the whole directory listing.
+        try:
+            with os.scandir(self._path(prefix)) as it:
+                names = (e.name for e in it if not e.name.startswith(".") and e.is_file())
+                return heapq.nsmallest(limit, names)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def list_dirs(self, prefix: str) -> list[str]:
         try:
