@@ -279,16 +279,22 @@ async def test_corrupt_file_is_quarantined_and_good_tasks_run(storage) -> None:
         assert await q.store.read(f"default/quarantine/{kept[0]}") == b'{"v": 1, "func": trunc'
 
 
-async def test_future_schema_version_is_quarantined(storage) -> None:
+async def test_future_schema_version_is_left_for_newer_workers(storage) -> None:
+    """A task written by a newer OmniQ (rolling upgrade) is neither run nor quarantined."""
     async with make_queue(storage) as q:
-        task = Task(func="m:f")
-        data = q.store  # noqa: F841 - keep the store open
         from omniq.core import encode
 
+        task = Task(func="m:f")
         raw = encode(task).replace(b'"v":1', b'"v":99')
-        await q.store.write(f"default/ready/p0999/{task.id}.1.json", raw)
+        key = f"default/ready/p0999/{task.id}.1.json"
+        await q.store.write(key, raw)
+        good = Task(func="m:f")
+        await q.enqueue(good)
+        claimed = await q.dequeue()
+        assert claimed is not None and claimed.id == good.id
         assert await q.dequeue() is None
-        assert len(await q.store.list("default/quarantine")) == 1
+        assert await q.store.read(key) == raw
+        assert await q.store.list("default/quarantine") == []
 
 
 @pytest.mark.parametrize(

@@ -186,7 +186,8 @@ async def test_wait_returns_when_the_result_lands(storage, anyio_backend):
             got = await s.wait("w1", timeout=10)
             elapsed = time.monotonic() - start
         assert got.value == "done"
-        assert 0.15 <= elapsed < 2.0, elapsed
+        # Well before the 10 s timeout (a loaded CI machine may need a few seconds to write).
+        assert 0.15 <= elapsed < 5.0, elapsed
 
 
 def test_sync_wait_for_a_result_set_by_another_thread(storage):
@@ -200,7 +201,8 @@ def test_sync_wait_for_a_result_set_by_another_thread(storage):
         finally:
             setter.join()
         assert got.value == 42
-        assert 0.15 <= elapsed < 2.0, elapsed
+        # Well before the 10 s timeout (a loaded CI machine may need a few seconds to write).
+        assert 0.15 <= elapsed < 5.0, elapsed
 
 
 @QUICK

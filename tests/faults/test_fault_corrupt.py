@@ -117,16 +117,22 @@ def test_corrupt_files_are_quarantined_or_reported_and_good_tasks_run(target, ca
         hour = f"{e}/by-time/{now:%Y-%m-%d}/{now:%H}"
         for label, data in _contents("x", _task_doc("x")).items():
             tid = f"bad-ready-{label}"
-            drop(f"{q}/ready/p0999/{tid}.1.json", _contents(tid, _task_doc(tid))[label])
+            # A document of a newer schema version is left in place for upgraded workers.
+            newer = label == "v99"
+            drop(
+                f"{q}/ready/p0999/{tid}.1.json",
+                _contents(tid, _task_doc(tid))[label],
+                moved=not newer,
+            )
             tid = f"bad-sched-{label}"
-            drop(f"{q}/sched/{tid}.1.json", _contents(tid, _task_doc(tid))[label])
+            drop(f"{q}/sched/{tid}.1.json", _contents(tid, _task_doc(tid))[label], moved=not newer)
             fs.pipe_file(f"{q}/due/{past_ms:013d}.0999.{tid}.1", b"")
             tid = f"bad-dead-{label}"
-            drop(f"{q}/dead/{tid}.json", _contents(tid, _task_doc(tid))[label])
+            drop(f"{q}/dead/{tid}.json", _contents(tid, _task_doc(tid))[label], moved=not newer)
             tid = f"bad-run-{label}"
             claim = _contents(tid, _claim_doc(tid))[label]
             # A claim of up to 16 bytes reads as a tombstone: left alone, by design.
-            drop(f"{q}/run/{tid}.1.json", claim, moved=len(claim) > 16)
+            drop(f"{q}/run/{tid}.1.json", claim, moved=len(claim) > 16 and not newer)
             tid = f"bad-result-{label}"
             doc = codec.encode(TaskResult(task_id=tid, status=ResultStatus.SUCCESS, value=1))
             # A result of a newer schema version is kept and reported (NewerSchemaError).

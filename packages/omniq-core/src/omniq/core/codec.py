@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from .errors import SerializationError
-from .models import Task, TaskEvent, TaskResult
+from .models import SCHEMA_VERSION, Task, TaskEvent, TaskResult
 
 T = TypeVar("T")
 
@@ -116,3 +116,17 @@ def loads(data: bytes) -> Any:
         return msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
         raise SerializationError(f"not valid JSON: {exc}") from exc
+
+
+def is_newer_schema(data: bytes) -> bool:
+    """Whether ``data`` is a document (or a claim holding one) written by a newer OmniQ:
+    such files are left in place for upgraded workers instead of being quarantined."""
+    try:
+        doc = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return False
+    if not isinstance(doc, dict):
+        return False
+    inner = doc.get("task")
+    versions = [doc.get("v"), inner.get("v") if isinstance(inner, dict) else None]
+    return any(type(v) is int and v > SCHEMA_VERSION for v in versions)

@@ -224,9 +224,11 @@ class AsyncWorker:
 
     async def _due_soon(self) -> bool:
         """Burst mode: whether a delayed or retrying task comes due within idle_timeout."""
-        horizon = utcnow() + timedelta(seconds=self.idle_timeout)
+        now = utcnow()
+        horizon = now + timedelta(seconds=self.idle_timeout)
         for name in self.queues:
-            due = await self.queue.next_due(name)
+            # Only future ones: a task already due that we did not claim is not claimable.
+            due = await self.queue.next_due(name, after=now)
             if due is not None and due <= horizon:
                 return True
         return False
@@ -280,6 +282,13 @@ class AsyncWorker:
     async def _run_one(self, claimed: Claimed, slots: anyio.Semaphore) -> None:
         try:
             await self._execute(claimed)
+        except StorageError as exc:
+            log.warning(
+                "task %s: storage failed while recording its outcome (%s); it will run "
+                "again once its lease expires",
+                claimed.id,
+                exc,
+            )
         except Exception:
             log.exception("internal error while handling task %s", claimed.id)
         finally:

@@ -165,13 +165,19 @@ class QueueInspection:
         dead = len((yield listdir(f"{queue}/dead")))
         return QueueSize(ready=ready, scheduled=scheduled, running=running, dead=dead)
 
-    async def next_due(self, queue: str = "default") -> datetime | None:
-        """When the earliest delayed or retrying task of ``queue`` comes due (None if none)."""
+    async def next_due(
+        self, queue: str = "default", after: datetime | None = None
+    ) -> datetime | None:
+        """When the earliest delayed or retrying task of ``queue`` (due after ``after``, if
+        given) comes due; None if there is none (among the next 256)."""
         validate_name(queue, "queue name")
-        for name in await self.store.run(_head(f"{queue}/due", 1)):
+        for name in await self.store.run(_head(f"{queue}/due", 256)):
             candidate = L.due_candidate(queue, name)
-            if candidate is not None:
-                return datetime.fromtimestamp(candidate.time_ms / 1000, UTC)
+            if candidate is None:
+                continue
+            due = datetime.fromtimestamp(candidate.time_ms / 1000, UTC)
+            if after is None or due > after:
+                return due
         return None
 
     async def list_queues(self) -> list[str]:
@@ -232,7 +238,8 @@ class QueueInspection:
             try:
                 task = codec.decode(body, Task)
             except SerializationError as exc:
-                yield from self._quarantine(key, body, exc)
+                if not codec.is_newer_schema(body):  # a newer OmniQ's task stays for it
+                    yield from self._quarantine(key, body, exc)
                 continue
             nxt = msgspec.structs.replace(task, attempt=task.attempt + 1, failures=0, eta=None)
             yield create(L.ready_key(queue, nxt.priority, nxt.id, nxt.attempt), codec.encode(nxt))

@@ -193,10 +193,12 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         for task, data in items:
             if task.eta is not None and task.eta.timestamp() > current:
                 eta_ms = int(task.eta.timestamp() * 1000)
-                yield write(L.sched_key(task.queue, task.id, task.attempt), data)
+                # Marker first: a crash between the two leaves a marker without a body, which
+                # the next claimer removes, never a body that no marker will ever bring due.
                 yield write(
                     L.due_key(task.queue, eta_ms, task.priority, task.id, task.attempt), b""
                 )
+                yield write(L.sched_key(task.queue, task.id, task.attempt), data)
             else:
                 ready.append((L.ready_key(task.queue, task.priority, task.id, task.attempt), data))
         if ready:
@@ -300,6 +302,11 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
             if task.id != cand.task_id or task.attempt != cand.attempt or task.queue != queue:
                 raise SerializationError("document does not match its file name")
         except SerializationError as exc:
+            if codec.is_newer_schema(body):
+                log.warning(
+                    "%s was written by a newer OmniQ; left for an upgraded worker", cand.key
+                )
+                return None
             yield from self._quarantine(cand.key, body, exc)
             if cand.marker:
                 yield delete(cand.marker)
@@ -491,7 +498,8 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
             try:
                 claimed = codec.decode(data, Claimed)
             except SerializationError as exc:
-                yield from self._quarantine(key, data, exc)
+                if not codec.is_newer_schema(data):
+                    yield from self._quarantine(key, data, exc)
                 continue
             if current <= claimed.lease_until.timestamp() + self.clock_skew:
                 continue
