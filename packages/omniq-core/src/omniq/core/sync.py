@@ -17,7 +17,7 @@ import os
 import threading
 from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Concatenate, Generic, TypeVar, overload
+from typing import Any, ClassVar, Concatenate, Generic, TypeVar, overload
 
 import sniffio
 from typing_extensions import ParamSpec, Self
@@ -268,3 +268,19 @@ class SyncWrapper(Generic[A]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._async!r})"
+
+
+class StorageTwin(SyncWrapper[A]):
+    """Base of the storages' blocking twins: built from the same arguments as the async class
+    (``base_dir``, ``storage_options``, keyword options). Safe from many threads; raises
+    AsyncContextError if called inside a running event loop."""
+
+    async_class: ClassVar[type[Any]]
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str],
+        storage_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(self.async_class(base_dir, storage_options, **kwargs))

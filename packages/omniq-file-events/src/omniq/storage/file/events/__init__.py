@@ -3,29 +3,18 @@
 
 from __future__ import annotations
 
-import os
-from typing import Any
 
-from omniq.core.sync import SyncWrapper, blocking
+from omniq.core.sync import StorageTwin, blocking
 
 from ._events import AsyncFileEventStorage
 
 __version__ = "0.1.0"
 
 
-class FileEventStorage(SyncWrapper[AsyncFileEventStorage]):
-    """Blocking twin of :class:`AsyncFileEventStorage` (same arguments, same method names).
+class FileEventStorage(StorageTwin[AsyncFileEventStorage]):
+    """Blocking twin of :class:`AsyncFileEventStorage` (same arguments, same method names)."""
 
-    Safe from many threads; raises AsyncContextError if called inside a running event loop.
-    """
-
-    def __init__(
-        self,
-        base_dir: str | os.PathLike[str],
-        storage_options: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(AsyncFileEventStorage(base_dir, storage_options, **kwargs))
+    async_class = AsyncFileEventStorage
 
     @property
     def written(self) -> int:

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import os
-from typing import Any
 
-from omniq.core.sync import SyncWrapper, blocking
+from omniq.core.sync import StorageTwin, blocking
 
 from ._queue import AsyncFileQueue, default_worker_id
 
 __version__ = "0.1.0"
 
 
-class FileQueue(SyncWrapper[AsyncFileQueue]):
-    """Blocking twin of :class:`AsyncFileQueue` (same arguments, same method names).
+class FileQueue(StorageTwin[AsyncFileQueue]):
+    """Blocking twin of :class:`AsyncFileQueue` (same arguments, same method names)."""
 
-    Safe from many threads; raises AsyncContextError if called inside a running event loop.
-    """
-
-    def __init__(
-        self,
-        base_dir: str | os.PathLike[str],
-        storage_options: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(AsyncFileQueue(base_dir, storage_options, **kwargs))
+    async_class = AsyncFileQueue
 
     enqueue = blocking(AsyncFileQueue.enqueue)
     enqueue_many = blocking(AsyncFileQueue.enqueue_many)
