@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from omniq.core.sync import StorageTwin, blocking
 
 from ._queue import AsyncFileQueue, default_worker_id

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 from omniq.core.sync import StorageTwin, blocking
 
 from ._results import DEFAULT_TTL, AsyncFileResultStorage, NewerSchemaError
