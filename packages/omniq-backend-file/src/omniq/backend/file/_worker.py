@@ -61,7 +61,8 @@ class AsyncWorker:
             ``"pkg.mod:func"`` or a module prefix ``"pkg.mod"``); others fail without retry.
         cleanup_interval: seconds between expiry clean-ups of results and events.
         burst: stop once the queues stay empty for ``idle_timeout`` seconds (like
-            ``rq worker --burst``).
+            ``rq worker --burst``) and no delayed or retrying task comes due within
+            ``burst_horizon`` seconds (default 60).
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class AsyncWorker:
         poll: float = 1.0,
         burst: bool = False,
         idle_timeout: float = 1.0,
+        burst_horizon: float = 60.0,
         worker_id: str | None = None,
         handle_signals: bool = True,
     ) -> None:
@@ -98,6 +100,7 @@ class AsyncWorker:
         self.poll = poll
         self.burst = burst
         self.idle_timeout = idle_timeout
+        self.burst_horizon = burst_horizon
         self.worker_id = worker_id or default_worker_id()
         self.handle_signals = handle_signals
         self.stats = {
@@ -223,9 +226,9 @@ class AsyncWorker:
         return dict(self.stats)
 
     async def _due_soon(self) -> bool:
-        """Burst mode: whether a delayed or retrying task comes due within idle_timeout."""
+        """Burst mode: whether a delayed or retrying task comes due within burst_horizon."""
         now = utcnow()
-        horizon = now + timedelta(seconds=self.idle_timeout)
+        horizon = now + timedelta(seconds=self.burst_horizon)
         for name in self.queues:
             # Only future ones: a task already due that we did not claim is not claimable.
             due = await self.queue.next_due(name, after=now)
