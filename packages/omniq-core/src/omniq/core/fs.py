@@ -124,16 +124,6 @@ def now() -> Op:
     return Op("now", ())
 
 
-_EXTRAS = {
-    "s3": "s3",
-    "s3a": "s3",
-    "gs": "gcs",
-    "gcs": "gcs",
-    "abfs": "azure",
-    "abfss": "azure",
-    "az": "azure",
-    "adl": "azure",
-}
 _KIND = {
     "s3": "s3",
     "s3a": "s3",
@@ -142,10 +132,13 @@ _KIND = {
     "abfs": "azure",
     "abfss": "azure",
     "az": "azure",
+    "adl": "azure",
     "memory": "memory",
     "file": "local",
     "local": "local",
 }
+# The pip extra that brings each cloud protocol's plugin.
+_EXTRAS = {protocol: kind for protocol, kind in _KIND.items() if kind in ("s3", "gcs", "azure")}
 _USERINFO = re.compile(r"(://)[^/@]*@")
 
 

@@ -397,6 +397,28 @@ class AsyncWorker:
         except LeaseLostError:
             self.stats["lost"] += 1
 
+    def _result(
+        self,
+        claimed: Claimed,
+        started: datetime,
+        *,
+        value: Any = None,
+        error: ErrorInfo | None = None,
+    ) -> TaskResult:
+        task = claimed.task
+        status = ResultStatus.SUCCESS if error is None else ResultStatus.FAILURE
+        return TaskResult(
+            task_id=task.id,
+            status=status,
+            value=value,
+            error=error,
+            attempt=claimed.attempt,
+            queue=task.queue,
+            func=task.func,
+            worker_id=self.worker_id,
+            started_at=started,
+        )
+
     async def _record(self, result: TaskResult, claimed: Claimed | None = None) -> None:
         if self.backend.results is not None:
             # Inside our lease no later attempt can exist (takers wait for the lease plus the
@@ -406,19 +428,7 @@ class AsyncWorker:
 
     async def _succeed(self, claimed: Claimed, value: Any, started: Any, duration: float) -> None:
         task = claimed.task
-        await self._record(
-            TaskResult(
-                task_id=task.id,
-                status=ResultStatus.SUCCESS,
-                value=value,
-                attempt=claimed.attempt,
-                queue=task.queue,
-                func=task.func,
-                worker_id=self.worker_id,
-                started_at=started,
-            ),
-            claimed,
-        )
+        await self._record(self._result(claimed, started, value=value), claimed)
         try:
             await self.queue.ack(claimed)
         except LeaseLostError:
@@ -445,18 +455,7 @@ class AsyncWorker:
         if status is TaskStatus.DEAD:
             self.stats["dead"] += 1
             log.info("task %s failed: %s: %s (dead-lettered)", task.id, info.type, info.message)
-            await self._record(
-                TaskResult(
-                    task_id=task.id,
-                    status=ResultStatus.FAILURE,
-                    error=info,
-                    attempt=claimed.attempt,
-                    queue=task.queue,
-                    func=task.func,
-                    worker_id=self.worker_id,
-                    started_at=started,
-                )
-            )
+            await self._record(self._result(claimed, started, error=info))
             await self._event(EventType.FAILED, claimed, error=info, duration=duration)
             await self._event(EventType.DEAD_LETTERED, claimed, error=info)
         else:
