@@ -29,8 +29,8 @@ from omniq.core.models import EventType, ResultStatus, TaskStatus
 from omniq.core.sync import run_sync
 
 E2E = pytest.mark.parametrize(
-    "storage", ["memory", "local", pytest.param("s3", marks=pytest.mark.emulator)],
-    indirect=True)
+    "storage", ["memory", "local", pytest.param("s3", marks=pytest.mark.emulator)], indirect=True
+)
 ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 #: A burst worker that notices an empty queue quickly.
 BURST = {"burst": True, "idle_timeout": 0.3, "poll": 0.1}
@@ -48,8 +48,7 @@ def files_under(path: str | Path) -> list[str]:
 
 def check_events(events, *, attempts: int = 1) -> None:
     """enqueued -> started -> succeeded, in time order, with the attempt numbers."""
-    assert [e.type for e in events] == [EventType.ENQUEUED, EventType.STARTED,
-                                        EventType.SUCCEEDED]
+    assert [e.type for e in events] == [EventType.ENQUEUED, EventType.STARTED, EventType.SUCCEEDED]
     times = [e.time for e in events]
     assert times == sorted(times)
     assert events[1].attempt == attempts and events[2].attempt == attempts
@@ -62,8 +61,7 @@ def check_events(events, *, attempts: int = 1) -> None:
 @E2E
 @pytest.mark.anyio
 async def test_end_to_end_async_api(storage, anyio_backend):
-    async with AsyncFileBackend(storage.base_dir, storage.storage_options,
-                                events=True) as backend:
+    async with AsyncFileBackend(storage.base_dir, storage.storage_options, events=True) as backend:
         plain = await backend.enqueue(worker_tasks.add, (2, 3))
         by_path = await backend.enqueue("worker_tasks:add", [40], {"b": 2})
         coro = await backend.enqueue(worker_tasks.async_mul, (6, 7))
@@ -84,7 +82,8 @@ async def test_end_to_end_async_api(storage, anyio_backend):
         user_kwargs = {"timeout": 7, "queue": "not-a-queue", "priority": 3}
         passthrough = await backend.enqueue(worker_tasks.echo_kwargs, kwargs=user_kwargs)
         passthrough_decorated = await backend.task(worker_tasks.echo_kwargs).enqueue(
-            timeout=8, queue="nope", priority=-1)
+            timeout=8, queue="nope", priority=-1
+        )
         info = await backend.get_task(passthrough_decorated)
         assert info.status is TaskStatus.PENDING
         assert (info.task.queue, info.task.priority, info.task.timeout) == ("default", 0, None)
@@ -93,9 +92,15 @@ async def test_end_to_end_async_api(storage, anyio_backend):
         stats = await backend.worker(["default", "mail"], concurrency=3, **BURST).run()
         assert stats["succeeded"] == 7 and stats["failed"] == 0
 
-        expected = {plain: 5, by_path: 42, coro: 42, decorated: "HELLO!",
-                    decorated_async: "ASYNC HELLO!", passthrough: user_kwargs,
-                    passthrough_decorated: {"timeout": 8, "queue": "nope", "priority": -1}}
+        expected = {
+            plain: 5,
+            by_path: 42,
+            coro: 42,
+            decorated: "HELLO!",
+            decorated_async: "ASYNC HELLO!",
+            passthrough: user_kwargs,
+            passthrough_decorated: {"timeout": 8, "queue": "nope", "priority": -1},
+        }
         for task_id, value in expected.items():
             result = await backend.result(task_id)
             assert result is not None, task_id
@@ -120,7 +125,8 @@ def test_end_to_end_sync_api(storage):
         plain = backend.enqueue(worker_tasks.add, (1, 2))
         coro = backend.enqueue(worker_tasks.async_mul, (3, 4))
         passthrough = backend.task(worker_tasks.echo_kwargs).enqueue(
-            timeout=1, queue="q", priority=2)
+            timeout=1, queue="q", priority=2
+        )
         assert backend.get_task(later).task.priority == 5
 
         worker = backend.worker(["default", "mail"], concurrency=2, **BURST)
@@ -128,8 +134,13 @@ def test_end_to_end_sync_api(storage):
         assert stats["succeeded"] == 5
         assert worker.stats == stats
 
-        expected = {decorated: "SYNC!", later: "WITH!", plain: 3, coro: 12,
-                    passthrough: {"timeout": 1, "queue": "q", "priority": 2}}
+        expected = {
+            decorated: "SYNC!",
+            later: "WITH!",
+            plain: 3,
+            coro: 12,
+            passthrough: {"timeout": 1, "queue": "q", "priority": 2},
+        }
         for task_id, value in expected.items():
             result = backend.result(task_id, wait=5)
             assert result.status is ResultStatus.SUCCESS and result.value == value
@@ -180,15 +191,25 @@ def test_result_with_results_off_is_a_configuration_error():
 
 # -- configuration -----------------------------------------------------------------------------
 def test_precedence_kwargs_over_config_over_env(tmp_path):
-    environ = {"OMNIQ_BASE_DIR": str(tmp_path / "from-env"), "OMNIQ_LEASE": "11",
-               "OMNIQ_MAX_RETRIES": "1", "OMNIQ_TIMEOUT": "3.5", "OMNIQ_CLOCK_SKEW": "2",
-               "OMNIQ_EVENTS": "yes",
-               "OMNIQ_SOMETHING_ELSE": "ignored: not every OMNIQ_ variable is a setting"}
+    environ = {
+        "OMNIQ_BASE_DIR": str(tmp_path / "from-env"),
+        "OMNIQ_LEASE": "11",
+        "OMNIQ_MAX_RETRIES": "1",
+        "OMNIQ_TIMEOUT": "3.5",
+        "OMNIQ_CLOCK_SKEW": "2",
+        "OMNIQ_EVENTS": "yes",
+        "OMNIQ_SOMETHING_ELSE": "ignored: not every OMNIQ_ variable is a setting",
+    }
     config = {"lease": 22, "max_retries": 2, "base_dir": str(tmp_path / "from-config")}
     backend = AsyncFileBackend(lease=33, config=config, environ=environ)
     cfg = backend.config
     assert (cfg.lease, cfg.max_retries, cfg.timeout, cfg.clock_skew, cfg.events) == (
-        33, 2, 3.5, 2, True)
+        33,
+        2,
+        3.5,
+        2,
+        True,
+    )
     assert cfg.base_dir == str(tmp_path / "from-config")
     # ... and the parts are built from the resolved values.
     assert backend.queue.lease == 33 and backend.queue.clock_skew == 2
@@ -207,7 +228,11 @@ def test_precedence_kwargs_over_config_over_env(tmp_path):
     # Defaults when no source says anything.
     default = AsyncFileBackend(tmp_path, environ={}).config
     assert (default.lease, default.max_retries, default.events, default.results) == (
-        60.0, 0, False, True)
+        60.0,
+        0,
+        False,
+        True,
+    )
 
 
 def test_storage_options_from_env_json(tmp_path):
@@ -217,14 +242,17 @@ def test_storage_options_from_env_json(tmp_path):
     assert backend.config.storage_options == options
     assert backend.config.part("results").storage_options == options
     # An explicit (even empty) dict wins over the environment.
-    assert AsyncFileBackend(storage_options={"anon": True},
-                            environ=environ).config.storage_options == {"anon": True}
+    assert AsyncFileBackend(
+        storage_options={"anon": True}, environ=environ
+    ).config.storage_options == {"anon": True}
 
 
 @pytest.mark.emulator
 def test_storage_options_from_env_reach_the_filesystem(s3_emulator):
-    environ = {"OMNIQ_BASE_DIR": s3_emulator.url(uuid.uuid4().hex),
-               "OMNIQ_STORAGE_OPTIONS": json.dumps(s3_emulator.storage_options)}
+    environ = {
+        "OMNIQ_BASE_DIR": s3_emulator.url(uuid.uuid4().hex),
+        "OMNIQ_STORAGE_OPTIONS": json.dumps(s3_emulator.storage_options),
+    }
     with FileBackend.from_env(environ) as backend:
         task_id = backend.enqueue(worker_tasks.add, (1, 2))
         assert backend.get_task(task_id).status is TaskStatus.PENDING
@@ -241,8 +269,7 @@ def test_unknown_setting_is_an_error(tmp_path, source):
         FileBackend(tmp_path, environ={}, **kwargs)
 
 
-@pytest.mark.parametrize("bad", ['{"secret": "hunter2-LEAK", ', '["hunter2-LEAK"]',
-                                 "hunter2-LEAK"])
+@pytest.mark.parametrize("bad", ['{"secret": "hunter2-LEAK", ', '["hunter2-LEAK"]', "hunter2-LEAK"])
 def test_invalid_json_error_does_not_echo_the_value(tmp_path, bad):
     environ = {"OMNIQ_BASE_DIR": str(tmp_path), "OMNIQ_STORAGE_OPTIONS": bad}
     with pytest.raises(ConfigurationError) as caught:
@@ -254,8 +281,11 @@ def test_invalid_json_error_does_not_echo_the_value(tmp_path, bad):
 
 
 def test_invalid_values_are_configuration_errors(tmp_path):
-    for environ in ({"OMNIQ_EVENTS": "maybe"}, {"OMNIQ_LEASE": "soon"},
-                    {"OMNIQ_MAX_RETRIES": "2.5"}):
+    for environ in (
+        {"OMNIQ_EVENTS": "maybe"},
+        {"OMNIQ_LEASE": "soon"},
+        {"OMNIQ_MAX_RETRIES": "2.5"},
+    ):
         with pytest.raises(ConfigurationError, match=next(iter(environ))):
             AsyncFileBackend(tmp_path, environ=environ)
     with pytest.raises(ConfigurationError, match="base_dir"):
@@ -268,13 +298,17 @@ async def test_parts_are_relocatable(tmp_path, anyio_backend):
     base = f"memory://omniq-{uuid.uuid4().hex}"
     queue_dir, events_dir = tmp_path / "elsewhere" / "queue", tmp_path / "events-here"
     try:
-        async with AsyncFileBackend(base, {}, queue_dir=str(queue_dir), events=True,
-                                    events_dir=events_dir.as_posix()) as backend:
+        async with AsyncFileBackend(
+            base, {}, queue_dir=str(queue_dir), events=True, events_dir=events_dir.as_posix()
+        ) as backend:
             task_id = await backend.enqueue(worker_tasks.add, (20, 22))
             await backend.worker(**BURST).run()
             assert (await backend.result(task_id)).value == 42
             assert [e.type for e in await backend.events.query(task_id)] == [
-                EventType.ENQUEUED, EventType.STARTED, EventType.SUCCEEDED]
+                EventType.ENQUEUED,
+                EventType.STARTED,
+                EventType.SUCCEEDED,
+            ]
         assert any(name.startswith("default/run/") for name in files_under(queue_dir))
         assert files_under(events_dir)  # the events are on the local disk...
         memory = fsspec.filesystem("memory")
@@ -285,15 +319,20 @@ async def test_parts_are_relocatable(tmp_path, anyio_backend):
 
 
 def test_relocated_part_does_not_inherit_base_storage_options(tmp_path):
-    backend = AsyncFileBackend("memory://base", {"secret": "base-only"},
-                               queue_dir=str(tmp_path / "q"), results_dir="memory://r",
-                               results_options={"token": "results-only"})
+    backend = AsyncFileBackend(
+        "memory://base",
+        {"secret": "base-only"},
+        queue_dir=str(tmp_path / "q"),
+        results_dir="memory://r",
+        results_options={"token": "results-only"},
+    )
     assert backend.config.part("queue").storage_options == {}
     assert backend.config.part("results").storage_options == {"token": "results-only"}
     assert backend.config.part("events").storage_options == {"secret": "base-only"}
     # No base_dir at all: a part dir borrows the (only) storage_options there are.
-    alone = AsyncFileBackend(None, {"anon": True}, queue_dir="memory://q",
-                             results_dir="memory://r", environ={})
+    alone = AsyncFileBackend(
+        None, {"anon": True}, queue_dir="memory://q", results_dir="memory://r", environ={}
+    )
     assert alone.config.part("queue").storage_options == {"anon": True}
 
 
@@ -315,12 +354,24 @@ def test_repr_shows_no_secrets():
     backend = FileBackend(
         f"s3://AKIAUSER:{secrets[2]}@bucket/app",
         {"key": "AKIAUSER", "secret": secrets[0]},
-        queue_dir="memory://elsewhere", queue_options={"password": secrets[1]},
-        events=True, events_options={"token": secrets[3]})
+        queue_dir="memory://elsewhere",
+        queue_options={"password": secrets[1]},
+        events=True,
+        events_options={"token": secrets[3]},
+    )
     inner = backend.async_api
-    shown = [repr(backend), str(backend), repr(inner), repr(inner.config), str(inner.config),
-             repr(inner.queue), repr(inner.results), repr(inner.events),
-             repr(backend.worker()), repr(inner.worker())]
+    shown = [
+        repr(backend),
+        str(backend),
+        repr(inner),
+        repr(inner.config),
+        str(inner.config),
+        repr(inner.queue),
+        repr(inner.results),
+        repr(inner.events),
+        repr(backend.worker()),
+        repr(inner.worker()),
+    ]
     shown += [repr(inner.config.part(name)) for name in ("queue", "results", "events")]
     for text in shown:
         for secret in secrets:

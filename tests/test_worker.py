@@ -96,8 +96,9 @@ class ClaimCounter:
 
 # -- concurrency -------------------------------------------------------------------------------
 @QUICK
-@pytest.mark.parametrize("func", [worker_tasks.record_async, worker_tasks.record_sync],
-                         ids=["async", "thread"])
+@pytest.mark.parametrize(
+    "func", [worker_tasks.record_async, worker_tasks.record_sync], ids=["async", "thread"]
+)
 @pytest.mark.anyio
 async def test_concurrency_limit(storage, func):
     key = uuid.uuid4().hex
@@ -118,9 +119,11 @@ async def test_concurrency_limit(storage, func):
 
 # -- timeouts ----------------------------------------------------------------------------------
 @MEMORY
-@pytest.mark.parametrize(("func", "seconds"), [(worker_tasks.async_sleep, 10.0),
-                                               (worker_tasks.sync_sleep, 3.0)],
-                         ids=["async", "thread"])
+@pytest.mark.parametrize(
+    ("func", "seconds"),
+    [(worker_tasks.async_sleep, 10.0), (worker_tasks.sync_sleep, 3.0)],
+    ids=["async", "thread"],
+)
 @pytest.mark.anyio
 async def test_timeout_is_enforced(storage, func, seconds):
     async with make(storage) as backend:
@@ -142,14 +145,20 @@ async def test_timeout_is_enforced(storage, func, seconds):
 @pytest.mark.anyio
 async def test_retry_then_dead_letter(storage):
     async with make(storage, events=True) as backend:
-        task_id = await backend.enqueue(worker_tasks.always_fail, ("boom",), max_retries=2,
-                                        retry_backoff=0.01)
+        task_id = await backend.enqueue(
+            worker_tasks.always_fail, ("boom",), max_retries=2, retry_backoff=0.01
+        )
         stats = await backend.worker(concurrency=1, **BURST).run()
         assert await types_of(backend, task_id) == [
             (EventType.ENQUEUED, None),
-            (EventType.STARTED, 1), (EventType.RETRIED, 1),
-            (EventType.STARTED, 2), (EventType.RETRIED, 2),
-            (EventType.STARTED, 3), (EventType.FAILED, 3), (EventType.DEAD_LETTERED, 3)]
+            (EventType.STARTED, 1),
+            (EventType.RETRIED, 1),
+            (EventType.STARTED, 2),
+            (EventType.RETRIED, 2),
+            (EventType.STARTED, 3),
+            (EventType.FAILED, 3),
+            (EventType.DEAD_LETTERED, 3),
+        ]
         assert (stats["claimed"], stats["failed"], stats["retried"], stats["dead"]) == (3, 3, 2, 1)
 
         dead = await backend.queue.list_dead()
@@ -166,30 +175,42 @@ async def test_retry_then_dead_letter(storage):
 @pytest.mark.anyio
 async def test_fail_once_then_succeed(storage, tmp_path):
     async with make(storage, events=True) as backend:
-        task_id = await backend.enqueue(worker_tasks.fail_once, (str(tmp_path / "marker"),),
-                                        max_retries=1, retry_backoff=0.01)
+        task_id = await backend.enqueue(
+            worker_tasks.fail_once, (str(tmp_path / "marker"),), max_retries=1, retry_backoff=0.01
+        )
         stats = await backend.worker(concurrency=1, **BURST).run()
         result = await backend.result(task_id)
         assert result.status is ResultStatus.SUCCESS
         assert (result.value, result.attempt) == ("second time lucky", 2)
         assert await types_of(backend, task_id) == [
-            (EventType.ENQUEUED, None), (EventType.STARTED, 1), (EventType.RETRIED, 1),
-            (EventType.STARTED, 2), (EventType.SUCCEEDED, 2)]
+            (EventType.ENQUEUED, None),
+            (EventType.STARTED, 1),
+            (EventType.RETRIED, 1),
+            (EventType.STARTED, 2),
+            (EventType.SUCCEEDED, 2),
+        ]
         assert (stats["succeeded"], stats["retried"], stats["dead"]) == (1, 1, 0)
         assert await backend.queue.list_dead() == []
 
 
 @MEMORY
-@pytest.mark.parametrize(("path", "allow", "error_type", "message"), [
-    ("omniq_no_such_module:func", None, IMPORT_ERROR, "cannot import omniq_no_such_module"),
-    ("worker_tasks:does_not_exist", None, IMPORT_ERROR, "does_not_exist"),
-    ("worker_tasks:NOT_CALLABLE", None, IMPORT_ERROR, "is a int, not a function"),
-    ("worker_tasks:add", ["worker_tasks:shout", "worker_tasks_other"], NOT_ALLOWED,
-     "worker_tasks:add is not in this worker's allow-list"),
-], ids=["no-module", "no-attribute", "not-callable", "not-allowed"])
+@pytest.mark.parametrize(
+    ("path", "allow", "error_type", "message"),
+    [
+        ("omniq_no_such_module:func", None, IMPORT_ERROR, "cannot import omniq_no_such_module"),
+        ("worker_tasks:does_not_exist", None, IMPORT_ERROR, "does_not_exist"),
+        ("worker_tasks:NOT_CALLABLE", None, IMPORT_ERROR, "is a int, not a function"),
+        (
+            "worker_tasks:add",
+            ["worker_tasks:shout", "worker_tasks_other"],
+            NOT_ALLOWED,
+            "worker_tasks:add is not in this worker's allow-list",
+        ),
+    ],
+    ids=["no-module", "no-attribute", "not-callable", "not-allowed"],
+)
 @pytest.mark.anyio
-async def test_bad_function_fails_at_once_without_retry(storage, path, allow, error_type,
-                                                        message):
+async def test_bad_function_fails_at_once_without_retry(storage, path, allow, error_type, message):
     async with make(storage, events=True) as backend:
         task_id = await backend.enqueue(path, (1, 2), max_retries=3, retry_backoff=0.01)
         allowed = await backend.enqueue(worker_tasks.shout, ("ok",))
@@ -199,8 +220,11 @@ async def test_bad_function_fails_at_once_without_retry(storage, path, allow, er
         assert result.error.type == error_type
         assert message in result.error.message
         assert await types_of(backend, task_id) == [
-            (EventType.ENQUEUED, None), (EventType.STARTED, 1), (EventType.FAILED, 1),
-            (EventType.DEAD_LETTERED, 1)]
+            (EventType.ENQUEUED, None),
+            (EventType.STARTED, 1),
+            (EventType.FAILED, 1),
+            (EventType.DEAD_LETTERED, 1),
+        ]
         assert [info.task.id for info in await backend.queue.list_dead()] == [task_id]
         assert (stats["retried"], stats["dead"], stats["succeeded"]) == (0, 1, 1)
         assert (await backend.result(allowed)).value == "OK!"
@@ -260,6 +284,7 @@ async def test_stop_lets_the_running_task_finish_and_takes_nothing_new(storage):
         worker = backend.worker(concurrency=1, poll=5.0, grace=30.0)
         stats = {}
         async with anyio.create_task_group() as tg:
+
             async def run():
                 stats.update(await worker.run())
 
@@ -329,8 +354,11 @@ async def test_short_grace_releases_the_task_to_another_worker(storage, tmp_path
         assert (result.value, result.attempt) == ("quick rerun", 2)
         assert result.worker_id == second.worker_id
         assert await types_of(backend, task_id) == [
-            (EventType.ENQUEUED, None), (EventType.STARTED, 1), (EventType.STARTED, 2),
-            (EventType.SUCCEEDED, 2)]
+            (EventType.ENQUEUED, None),
+            (EventType.STARTED, 1),
+            (EventType.STARTED, 2),
+            (EventType.SUCCEEDED, 2),
+        ]
 
 
 @MEMORY
@@ -372,15 +400,20 @@ async def test_sigkilled_worker_tasks_are_completed_by_another(local_storage, tm
     base = local_storage.base_dir
     async with AsyncFileBackend(base, lease=1.0, clock_skew=0.2, environ={}) as backend:
         names = [f"t{i}" for i in range(3)]
-        ids = [await backend.enqueue(worker_tasks.sleep_first_run, (str(markers), name, 2.0))
-               for name in names]
+        ids = [
+            await backend.enqueue(worker_tasks.sleep_first_run, (str(markers), name, 2.0))
+            for name in names
+        ]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(TESTS_DIR), *filter(None, [env.get("PYTHONPATH")])])
+            [str(TESTS_DIR), *filter(None, [env.get("PYTHONPATH")])]
+        )
         proc = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, base], env=env)
         try:
-            await wait_until(lambda: all((markers / n).exists() for n in names)
-                             or proc.poll() is not None, timeout=30)
+            await wait_until(
+                lambda: all((markers / n).exists() for n in names) or proc.poll() is not None,
+                timeout=30,
+            )
             assert proc.poll() is None, "the worker subprocess died on its own"
             os.kill(proc.pid, signal.SIGKILL)
         finally:
@@ -424,7 +457,10 @@ async def test_cancel_a_running_task(storage):
             worker.stop()
         assert (await backend.get_task(task_id)).status is TaskStatus.CANCELLED
         assert await types_of(backend, task_id) == [
-            (EventType.ENQUEUED, None), (EventType.STARTED, 1), (EventType.CANCELLED, 1)]
+            (EventType.ENQUEUED, None),
+            (EventType.STARTED, 1),
+            (EventType.CANCELLED, 1),
+        ]
         result = await backend.result(task_id, wait=5)  # waiters learn it was cancelled
         assert result is not None and result.status is ResultStatus.FAILURE
         assert result.error is not None and result.error.type.endswith("TaskCancelledError")
@@ -447,8 +483,10 @@ async def test_cancel_a_pending_task(storage):
         assert result is not None and result.status is ResultStatus.FAILURE
         assert result.error is not None and result.error.type.endswith("TaskCancelledError")
         assert (await backend.get_task(task_id)).status is TaskStatus.CANCELLED
-        assert await types_of(backend, task_id) == [(EventType.ENQUEUED, None),
-                                                    (EventType.CANCELLED, 1)]
+        assert await types_of(backend, task_id) == [
+            (EventType.ENQUEUED, None),
+            (EventType.CANCELLED, 1),
+        ]
 
 
 @MEMORY
@@ -469,8 +507,9 @@ async def test_unstorable_return_value_is_a_failure_without_retry(storage):
 @pytest.mark.anyio
 async def test_burst_waits_for_a_retry_that_comes_due(storage, tmp_path):
     async with make(storage) as backend:
-        task_id = await backend.enqueue(worker_tasks.fail_once, (str(tmp_path / "m"),),
-                                        max_retries=1, retry_backoff=0.8)
+        task_id = await backend.enqueue(
+            worker_tasks.fail_once, (str(tmp_path / "m"),), max_retries=1, retry_backoff=0.8
+        )
         stats = await backend.worker(burst=True, idle_timeout=0.3, poll=0.1).run()
         assert (stats["retried"], stats["succeeded"]) == (1, 1)
         result = await backend.result(task_id)
@@ -497,8 +536,9 @@ async def test_events_off_writes_no_event_files(local_storage, tmp_path):
     async with make(local_storage, events_dir=str(events_dir)) as backend:
         assert backend.events is None
         ok = await backend.enqueue(worker_tasks.add, (1, 2))
-        bad = await backend.enqueue(worker_tasks.always_fail, ("x",), max_retries=1,
-                                    retry_backoff=0.01)
+        bad = await backend.enqueue(
+            worker_tasks.always_fail, ("x",), max_retries=1, retry_backoff=0.01
+        )
         stats = await backend.worker(**BURST).run()
         assert (stats["succeeded"], stats["retried"], stats["dead"]) == (1, 1, 1)
         assert (await backend.result(ok)).value == 3
@@ -513,20 +553,31 @@ async def test_events_off_writes_no_event_files(local_storage, tmp_path):
 @pytest.mark.anyio
 async def test_events_on_record_every_state_change(storage, tmp_path):
     async with make(storage, events=True) as backend:
-        ok = await backend.enqueue(worker_tasks.fail_once, (str(tmp_path / "m"),),
-                                   max_retries=1, retry_backoff=0.01)
-        bad = await backend.enqueue(worker_tasks.always_fail, ("x",), max_retries=1,
-                                    retry_backoff=0.01)
+        ok = await backend.enqueue(
+            worker_tasks.fail_once, (str(tmp_path / "m"),), max_retries=1, retry_backoff=0.01
+        )
+        bad = await backend.enqueue(
+            worker_tasks.always_fail, ("x",), max_retries=1, retry_backoff=0.01
+        )
         worker = backend.worker(concurrency=1, **BURST)
         await worker.run()
         everything = await backend.events.query()
         assert {e.task_id for e in everything} == {ok, bad}
         assert await types_of(backend, ok) == [
-            (EventType.ENQUEUED, None), (EventType.STARTED, 1), (EventType.RETRIED, 1),
-            (EventType.STARTED, 2), (EventType.SUCCEEDED, 2)]
+            (EventType.ENQUEUED, None),
+            (EventType.STARTED, 1),
+            (EventType.RETRIED, 1),
+            (EventType.STARTED, 2),
+            (EventType.SUCCEEDED, 2),
+        ]
         assert await types_of(backend, bad) == [
-            (EventType.ENQUEUED, None), (EventType.STARTED, 1), (EventType.RETRIED, 1),
-            (EventType.STARTED, 2), (EventType.FAILED, 2), (EventType.DEAD_LETTERED, 2)]
+            (EventType.ENQUEUED, None),
+            (EventType.STARTED, 1),
+            (EventType.RETRIED, 1),
+            (EventType.STARTED, 2),
+            (EventType.FAILED, 2),
+            (EventType.DEAD_LETTERED, 2),
+        ]
         for event in everything:
             if event.type is not EventType.ENQUEUED:
                 assert event.worker_id == worker.worker_id
@@ -559,11 +610,11 @@ async def test_one_info_line_per_state_change(storage, caplog):
 async def test_failures_log_one_info_line_each(storage, caplog):
     caplog.set_level(logging.DEBUG, logger="omniq")
     async with make(storage) as backend:
-        bad = await backend.enqueue(worker_tasks.always_fail, ("nope",), max_retries=1,
-                                    retry_backoff=0.01)
+        bad = await backend.enqueue(
+            worker_tasks.always_fail, ("nope",), max_retries=1, retry_backoff=0.01
+        )
         await backend.worker(concurrency=1, **BURST).run()
-    lines = [(r.name, r.levelno, r.getMessage()) for r in caplog.records
-             if bad in r.getMessage()]
+    lines = [(r.name, r.levelno, r.getMessage()) for r in caplog.records if bad in r.getMessage()]
     assert [level for _, level, _ in lines] == [logging.INFO] * 4
     assert all(name.startswith("omniq.") for name, _, _ in lines)
     assert "started (attempt 1)" in lines[0][2]
