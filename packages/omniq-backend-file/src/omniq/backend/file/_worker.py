@@ -344,11 +344,9 @@ class AsyncWorker:
             await self._record(cancelled_result(task, claimed.attempt, self.worker_id, started))
             await self._event(EventType.CANCELLED, claimed, duration=duration)
             return
-        if error is None:
+        if error is None and self.backend.results is not None:
             try:  # a return value that cannot be stored is the task's failure, not a success
-                codec.encode(
-                    TaskResult(task_id=task.id, status=ResultStatus.SUCCESS, value=outcome)
-                )
+                codec.check_json_value(outcome, "the return value")
             except SerializationError as exc:
                 error, retry = exc, False
         if error is None:
