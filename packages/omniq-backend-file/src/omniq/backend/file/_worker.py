@@ -346,7 +346,10 @@ class AsyncWorker:
             return
         if error is None and self.backend.results is not None:
             try:  # a return value that cannot be stored is the task's failure, not a success
-                codec.check_json_value(outcome, "the return value")
+                # A full encode, not check_json_value: the size limit applies to the document.
+                codec.encode(
+                    TaskResult(task_id=task.id, status=ResultStatus.SUCCESS, value=outcome)
+                )
             except SerializationError as exc:
                 error, retry = exc, False
         if error is None:
