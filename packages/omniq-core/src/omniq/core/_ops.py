@@ -107,13 +107,30 @@ class Entry(NamedTuple):
 _entry = Entry
 
 
+class Stat(NamedTuple):
+    """A local file's size, modification time (epoch s) and inode number."""
+
+    size: int
+    mtime: float
+    ino: int
+
+
+_OWNER_XATTR = "user.omniq.owner"
+
+
 class LocalOps:
-    """A local directory through os calls (called from one worker thread per program)."""
+    """A local directory through os calls (inline, or one worker thread per program)."""
 
     def __init__(self, root: str, *, fsync: bool = False) -> None:
         self.root = root
         self.fsync = fsync
         self._link_ok = True
+        self._xattr_ok = hasattr(os, "setxattr")
+
+    @property
+    def links_work(self) -> bool:
+        """False once a hard link was refused here (some FUSE, SMB, FAT mounts)."""
+        return self._link_ok
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, key)
@@ -199,16 +216,79 @@ class LocalOps:
         finally:
             os.close(fd)
 
+    def take(self, src: str, dst: str, mtime: float, owner: str) -> int | bool | None:
+        """Claim ``src`` as ``dst`` without creating a file: stamp ``mtime`` (and ``owner``,
+        as an extended attribute where supported) on it, hard-link it to ``dst`` (exclusive
+        like ``O_EXCL``: EEXIST means another claim exists), then unlink ``src``. Returns the
+        inode number on success, False if ``dst`` exists, None if ``src`` is gone."""
+        source, target = self._path(src), self._path(dst)
+        try:
+            # Before the link, so the claim never exists without its lease.
+            os.utime(source, (mtime, mtime))
+        except FileNotFoundError:
+            return None
+        if self._xattr_ok:
+            try:
+                os.setxattr(source, _OWNER_XATTR, owner.encode())
+            except FileNotFoundError:
+                return None
+            except OSError:  # ENOTSUP, EPERM, ENOSPC: the owner is informational only
+                self._xattr_ok = False
+        for attempt in range(2):
+            try:
+                os.link(source, target)
+                break
+            except FileExistsError:
+                return False
+            except FileNotFoundError:
+                if attempt or not os.path.exists(source):
+                    return None
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+        ino = os.stat(target).st_ino
+        self.delete(src)
+        return ino
+
+    def stat(self, key: str) -> Stat | None:
+        try:
+            st = os.stat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return Stat(st.st_size, st.st_mtime, st.st_ino)
+
+    def owner(self, key: str) -> str | None:
+        """The owner stamped by ``take``, if the filesystem kept it."""
+        if not self._xattr_ok:
+            return None
+        try:
+            return os.getxattr(self._path(key), _OWNER_XATTR).decode(errors="replace")
+        except OSError:
+            return None
+
+    def touch(self, key: str, mtime: float) -> bool:
+        """Set the modification time of ``key``; False if it does not exist."""
+        try:
+            os.utime(self._path(key), (mtime, mtime))
+            return True
+        except FileNotFoundError:
+            return False
+
     def _create_excl(self, path: str, data: bytes) -> bool:
         try:
-            with open(path, "xb") as f:
-                f.write(data)
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            return True
+            f = open(path, "xb")
         except FileExistsError:
             return False
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                f = open(path, "xb")
+            except FileExistsError:
+                return False
+        with f:
+            f.write(data)
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        return True
 
     def delete(self, key: str) -> bool:
         try:

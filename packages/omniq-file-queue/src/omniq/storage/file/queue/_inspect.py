@@ -19,8 +19,10 @@ from omniq.core.fs import (
     listdir,
     listdirs,
     listhead,
+    owner,
     read,
     read_many,
+    stat,
     write,
 )
 from omniq.core.models import UTC, Claimed, QueueSize, Task, TaskInfo, TaskStatus
@@ -73,17 +75,19 @@ class QueueInspection:
             run = L.run_key(queue, task_id, last)
             data = yield read(run)
             if data is not None and len(data) > L.TOMBSTONE_MAX:
-                try:
-                    claimed = codec.decode(data, Claimed)
+                info = (yield stat(run)) if self.store.can_take else None
+                claimed = L.as_claim(data, 0.0 if info is None else info.mtime, queue, run)
+                if claimed is not None:
+                    worker = claimed.worker_id or (
+                        (yield owner(run)) if self.store.can_take else None
+                    )
                     return TaskInfo(
                         task=claimed.task,
                         status=TaskStatus.RUNNING,
                         attempt=last,
-                        worker_id=claimed.worker_id,
+                        worker_id=worker,
                         lease_until=claimed.lease_until,
                     ), run
-                except SerializationError:
-                    pass
             elif data in _TOMBSTONE_STATUS:
                 return TaskInfo(task=None, status=_TOMBSTONE_STATUS[data], attempt=last), run
         nxt = last + 1

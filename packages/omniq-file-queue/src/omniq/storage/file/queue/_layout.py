@@ -5,7 +5,8 @@
     {queue}/ready/p{rank:04d}/{id}.{attempt}.json   ready task (body); rank 0 = priority 999
     {queue}/sched/{id}.{attempt}.json               delayed or retrying task (body)
     {queue}/due/{eta_ms:013d}.{rank:04d}.{id}.{attempt}   empty marker, sorted by due time
-    {queue}/run/{id}.{attempt}.json                 claim of that attempt (exclusive create):
+    {queue}/run/{id}.{attempt}.json                 claim of that attempt (exclusive create,
+                                                    locally a hard link of the ready file):
                                                     lease + body while running, then a short
                                                     tombstone ("done", "retried", ...)
     {queue}/dead/{id}.json                          dead-lettered task with its last error
@@ -15,9 +16,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import NamedTuple
 
-from omniq.core.models import MAX_PRIORITY
+from omniq.core import codec
+from omniq.core.errors import SerializationError
+from omniq.core.models import MAX_PRIORITY, UTC, Claimed, Task
 
 TOMBSTONE_MAX = 16
 """A claim file this small is a tombstone (the attempt is over), not a live lease."""
@@ -31,6 +35,8 @@ DONE, RETRIED, DEAD, LOST, RELEASED, CANCELLED, EXPIRED = (
     b"cancelled",
     b"expired",
 )
+
+TOMBSTONES = frozenset((DONE, RETRIED, DEAD, LOST, RELEASED, CANCELLED, EXPIRED))
 
 _CROCKFORD = {c: i for i, c in enumerate("0123456789ABCDEFGHJKMNPQRSTVWXYZ")}
 
@@ -126,4 +132,32 @@ def due_candidate(queue: str, name: str) -> Candidate | None:
         attempt,
         sched_key(queue, task_id, attempt),
         f"{queue}/due/{name}",
+    )
+
+
+INODE_TOKEN = "ino:"
+"""Token prefix of a claim made by taking the ready file itself (locally)."""
+
+
+def as_claim(data: bytes, mtime: float, queue: str, key: str) -> Claimed | None:
+    """A claim file as a Claimed: a claim document, or a taken ready file (the task itself,
+    its lease end in ``mtime``). None if it is neither, or does not match its name."""
+    try:
+        return codec.decode(data, Claimed)
+    except SerializationError:
+        pass
+    try:
+        task = codec.decode(data, Task)
+    except SerializationError:
+        return None
+    name = key.rsplit("/", 1)[-1]
+    if task.queue != queue or name != f"{task.id}.{task.attempt}.json":
+        return None
+    return Claimed(
+        task=task,
+        attempt=task.attempt,
+        lease_until=datetime.fromtimestamp(mtime, UTC),
+        worker_id="",
+        token="",
+        claimed_at=datetime.fromtimestamp(mtime, UTC),
     )

@@ -41,6 +41,9 @@ from omniq.core.fs import (
     now,
     read,
     read_many,
+    stat,
+    take,
+    touch,
     write,
 )
 from omniq.core.interfaces import AsyncQueue
@@ -103,6 +106,10 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
             ``clock_skew`` seconds after it expired by the taker's clock.
         tombstone_ttl: how long finished attempts stay visible to ``get_task`` (and fence
             stale workers) before they are cleaned up.
+        fsync: fsync local files before they become visible (slower; survives power loss).
+        local_io: ``"inline"`` (default) runs a local directory's file operations on the event
+            loop (each operation is a few syscalls, cheaper than a thread hop);
+            ``"thread"`` runs each in a worker thread, for slow network mounts.
         on_event: async callback for events the queue itself observes (expired tasks, lease
             take-overs); the worker reports the rest.
         clock: epoch-seconds clock, for tests.
@@ -122,13 +129,19 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         batch: int = 256,
         spread: int = 8,
         fsync: bool = False,
+        local_io: str = "inline",
         on_event: EventHook | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         if lease <= 0:
             raise ValueError("lease must be positive")
         self.store = Store(
-            base_dir, storage_options, package="omniq-file-queue", fsync=fsync, clock=clock
+            base_dir,
+            storage_options,
+            package="omniq-file-queue",
+            fsync=fsync,
+            clock=clock,
+            local_io=local_io,
         )
         self.lease = float(lease)
         self.poll_interval = poll_interval
@@ -293,7 +306,12 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         self, queue: str, cand: L.Candidate, lease: float, worker: str
     ) -> Program[Claimed | Task | None]:
         body = yield read(cand.key)
-        if body is None:  # claimed by someone else meanwhile
+        if body is None or body in L.TOMBSTONES:
+            # Claimed by someone else meanwhile; or a ready name left behind by a claimer
+            # that died right after taking it, now sharing its finished claim's tombstone:
+            # its attempt is over either way.
+            if body is not None:
+                yield delete(cand.key)
             if cand.marker:
                 yield delete(cand.marker)
             return None
@@ -316,6 +334,27 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         if task.is_expired(_dt(current)):
             won = yield create(run, L.EXPIRED)
             result: Claimed | Task | None = task if won else None
+        elif self.store.can_take:
+            # Locally the ready file itself becomes the claim (a hard link, exclusive like
+            # O_EXCL), its mtime the lease: no file is created, which is what a claim costs
+            # on most local filesystems. ``take`` removes the ready name itself.
+            ino = yield take(cand.key, run, current + lease, worker)
+            if ino is None or ino is False:
+                if ino is False:
+                    yield delete(cand.key)  # a stale copy of a claimed or finished attempt
+                if cand.marker:
+                    yield delete(cand.marker)
+                return None
+            if cand.marker:
+                yield delete(cand.marker)
+            return Claimed(
+                task=task,
+                attempt=cand.attempt,
+                lease_until=_dt(current + lease),
+                worker_id=worker,
+                token=f"{L.INODE_TOKEN}{ino}",
+                claimed_at=_dt(current),
+            )
         else:
             claimed = Claimed(
                 task=task,
@@ -343,7 +382,17 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         log.warning("moved unreadable %s to %s: %s", key, target, reason)
 
     # -- leases ------------------------------------------------------------------------------
-    def _holds(self, data: bytes | None, claimed: Claimed) -> bool:
+    def _holds(self, claimed: Claimed) -> Program[bool]:
+        """Whether the claim file of ``claimed``'s attempt is still its live claim."""
+        run = L.run_key(claimed.queue, claimed.id, claimed.attempt)
+        if claimed.token.startswith(L.INODE_TOKEN):  # a taken ready file: same inode, not a tombstone
+            info = yield stat(run)
+            return (
+                info is not None
+                and info.size > L.TOMBSTONE_MAX
+                and f"{L.INODE_TOKEN}{info.ino}" == claimed.token
+            )
+        data = yield read(run)
         if data is None or len(data) <= L.TOMBSTONE_MAX:
             return False
         try:
@@ -353,12 +402,11 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
 
     def _verify(self, claimed: Claimed, always: bool) -> Program[bool]:
         """Whether ``claimed`` still holds its attempt. Inside its own lease no other worker
-        may take it over (they wait ``clock_skew`` more), so the read is skipped then."""
+        may take it over (they wait ``clock_skew`` more), so the check is skipped then."""
         current = yield now()
         if not always and current < claimed.lease_until.timestamp():
             return True
-        data = yield read(L.run_key(claimed.queue, claimed.id, claimed.attempt))
-        return self._holds(data, claimed)
+        return (yield from self._holds(claimed))
 
     def _lost(self, claimed: Claimed, action: str) -> LeaseLostError:
         return LeaseLostError(
@@ -443,7 +491,7 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
 
     def _extend_program(self, claimed: Claimed, seconds: float) -> Program[Claimed | bool | None]:
         run = L.run_key(claimed.queue, claimed.id, claimed.attempt)
-        if not self._holds((yield read(run)), claimed):
+        if not (yield from self._holds(claimed)):
             return None
         cancel = L.cancel_key(claimed.queue, claimed.id)
         if (yield exists(cancel)):
@@ -452,7 +500,10 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
             return False
         current = yield now()
         renewed = msgspec.structs.replace(claimed, lease_until=_dt(current + seconds))
-        yield write(run, codec.encode(renewed))
+        if claimed.token.startswith(L.INODE_TOKEN):
+            yield touch(run, current + seconds)
+        else:
+            yield write(run, codec.encode(renewed))
         return renewed
 
     async def reap(self, queue: str = "default") -> list[Claimed]:
@@ -463,43 +514,46 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         taken = await self.store.run(self._reap_program(queue))
         for claimed in taken:
             log.warning(
-                "lease of task %s attempt %d (worker %s) expired; requeued",
+                "lease of task %s attempt %d%s expired; requeued",
                 claimed.id,
                 claimed.attempt,
-                claimed.worker_id,
+                f" (worker {claimed.worker_id})" if claimed.worker_id else "",
             )
             await self._emit(
                 EventType.LEASE_EXPIRED,
                 claimed.task,
                 attempt=claimed.attempt,
-                worker_id=claimed.worker_id,
+                worker_id=claimed.worker_id or None,
             )
         return taken
 
     def _reap_program(self, queue: str) -> Program[list[Claimed]]:
         current = yield now()
         entries = yield listdir(f"{queue}/run", True)
-        old_tombstones, suspects = [], []
+        # A claim document is written when its lease starts (checked against its lease_until
+        # once a default lease old); a taken ready file carries its lease end as its mtime.
+        threshold = self.clock_skew if self.store.can_take else self.lease
+        old_tombstones, suspects = [], {}
         for entry in entries:
             key = f"{queue}/run/{entry.name}"
             if entry.size <= L.TOMBSTONE_MAX:
                 if current - entry.mtime > self.tombstone_ttl:
                     old_tombstones.append(key)
-            elif current - entry.mtime >= self.lease:
-                suspects.append(key)
+            elif current - entry.mtime > threshold:
+                suspects[key] = entry.mtime
+        del entries
         if old_tombstones:
             yield delete_many(old_tombstones)
         taken: list[Claimed] = []
         if not suspects:
             return taken
-        for key, data in (yield read_many(suspects)).items():
+        for key, data in (yield read_many(list(suspects))).items():
             if data is None or len(data) <= L.TOMBSTONE_MAX:
                 continue
-            try:
-                claimed = codec.decode(data, Claimed)
-            except SerializationError as exc:
+            claimed = L.as_claim(data, suspects[key], queue, key)
+            if claimed is None:
                 if not codec.is_newer_schema(data):
-                    yield from self._quarantine(key, data, exc)
+                    yield from self._quarantine(key, data, SerializationError("unreadable claim"))
                 continue
             if current <= claimed.lease_until.timestamp() + self.clock_skew:
                 continue

@@ -1,0 +1,173 @@
+"""Local-directory claims: the ready file itself becomes the claim (a hard link), its mtime
+the lease. No file is created per claim; these tests pin that down and its edge cases."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from omniq.core import codec
+from omniq.core import ConfigurationError, LeaseLostError, Task, TaskStatus
+from omniq.core._ops import LocalOps
+from omniq.core.models import Claimed
+from omniq.storage.file.queue import AsyncFileQueue, FileQueue
+from queue_helpers import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request) -> str:
+    return request.param
+
+
+def _ready_files(base: Path) -> list[Path]:
+    return sorted((base / "default" / "ready").rglob("*.json"))
+
+
+def _run_file(base: Path, task_id: str, attempt: int) -> Path:
+    return base / "default" / "run" / f"{task_id}.{attempt}.json"
+
+
+async def test_claim_takes_the_ready_file_itself(tmp_path: Path) -> None:
+    clock = FakeClock()
+    async with AsyncFileQueue(tmp_path, lease=30, clock=clock) as q:
+        task = Task(func="m:f", args=[1])
+        await q.enqueue(task)
+        [ready] = _ready_files(tmp_path)
+        inode = ready.stat().st_ino
+        claimed = await q.dequeue(worker_id="w-7")
+        assert claimed is not None and claimed.task == task
+        run = _run_file(tmp_path, task.id, 1)
+        assert not ready.exists()
+        assert run.stat().st_ino == inode  # the same file: nothing was created
+        assert run.stat().st_nlink == 1
+        assert run.stat().st_mtime == pytest.approx(clock.t + 30, abs=0.01)
+        assert [p.name for p in run.parent.iterdir()] == [run.name]  # no temp file left
+        info = await q.get_task(task.id)
+        assert info.status is TaskStatus.RUNNING and info.task == task
+        assert info.lease_until is not None
+        assert abs((info.lease_until - claimed.lease_until).total_seconds()) < 0.01
+        assert info.worker_id in ("w-7", None)  # None where user xattrs are unsupported
+        await q.ack(claimed)
+        assert run.read_bytes() == b"done"
+        assert (await q.get_task(task.id)).status is TaskStatus.DONE
+
+
+async def test_the_lease_lives_in_the_mtime(tmp_path: Path) -> None:
+    """Another queue instance (another worker) takes the task over exactly when the mtime
+    lease plus the clock-skew tolerance has passed, not before; a heartbeat moves it."""
+    clock = FakeClock()
+    owner = AsyncFileQueue(tmp_path, lease=10, clock_skew=2, clock=clock)
+    other = AsyncFileQueue(tmp_path, lease=10, clock_skew=2, clock=clock)
+    async with owner, other:
+        task = Task(func="m:f")
+        await owner.enqueue(task)
+        claimed = await owner.dequeue()
+        assert claimed is not None
+        clock.advance(9)
+        claimed = await owner.extend_lease(claimed, 10)  # lease now ends at t0 + 19
+        run = _run_file(tmp_path, task.id, 1)
+        assert run.stat().st_mtime == pytest.approx(clock.t + 10, abs=0.01)
+        clock.advance(10.5)  # past the lease, inside the skew
+        assert await other.reap() == []
+        assert await other.dequeue() is None
+        clock.advance(2)
+        [taken] = await other.reap()
+        assert taken.id == task.id and taken.attempt == 1
+        again = await other.dequeue()
+        assert again is not None and again.attempt == 2
+        with pytest.raises(LeaseLostError):
+            await owner.ack(claimed)
+        await other.ack(again)
+        assert run.read_bytes() == b"lost"
+
+
+async def test_a_stale_ready_name_sharing_a_finished_claim_is_dropped(tmp_path: Path) -> None:
+    """A claimer killed between its link and its unlink leaves the ready name pointing at
+    the claim. Finished, the claim's tombstone shows through that name: it is removed, never
+    run again and never quarantined."""
+    async with AsyncFileQueue(tmp_path) as q:
+        task = Task(func="m:f")
+        await q.enqueue(task)
+        [ready] = _ready_files(tmp_path)
+        claimed = await q.dequeue()
+        assert claimed is not None
+        os.link(_run_file(tmp_path, task.id, 1), ready)  # as if the unlink never happened
+        await q.ack(claimed)
+        assert ready.read_bytes() == b"done"
+        assert await q.dequeue() is None
+        assert not ready.exists()
+        assert not (tmp_path / "default" / "quarantine").exists()
+        assert (await q.get_task(task.id)).status is TaskStatus.DONE
+
+
+async def test_a_stale_ready_name_of_a_running_claim_is_not_run_twice(tmp_path: Path) -> None:
+    async with AsyncFileQueue(tmp_path) as q:
+        task = Task(func="m:f")
+        await q.enqueue(task)
+        [ready] = _ready_files(tmp_path)
+        claimed = await q.dequeue()
+        assert claimed is not None
+        os.link(_run_file(tmp_path, task.id, 1), ready)
+        assert await q.dequeue() is None  # the attempt is claimed: the copy goes
+        assert not ready.exists()
+        await q.ack(claimed)
+        assert (await q.size()).ready == 0
+
+
+async def test_without_hard_links_claims_are_documents(tmp_path: Path, monkeypatch) -> None:
+    """Filesystems that refuse link(2) (some FUSE/SMB mounts) fall back to O_EXCL creates of
+    a claim document; the queue behaves the same."""
+    real_link = os.link
+
+    def no_links(src, dst, *args, **kwargs):
+        if str(tmp_path) in str(dst):
+            raise OSError(errno.EPERM, "Operation not permitted", dst)
+        return real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", no_links)
+    async with AsyncFileQueue(tmp_path) as q:
+        task = Task(func="m:f")
+        await q.enqueue(task)  # the first call probes the store
+        assert not q.store.can_take
+        claimed = await q.dequeue(worker_id="w")
+        assert claimed is not None and not claimed.token.startswith("ino:")
+        stored = _run_file(tmp_path, task.id, 1).read_bytes()
+        assert codec.decode(stored, Claimed).token == claimed.token
+        info = await q.get_task(task.id)
+        assert info.status is TaskStatus.RUNNING and info.worker_id == "w"
+        await q.ack(claimed)
+        assert (await q.get_task(task.id)).status is TaskStatus.DONE
+
+
+def test_local_io_thread_mode_and_bad_value(tmp_path: Path) -> None:
+    with FileQueue(tmp_path, local_io="thread") as q:
+        q.enqueue(Task(func="m:f"))
+        claimed = q.dequeue()
+        assert claimed is not None and claimed.token.startswith("ino:")
+        q.ack(claimed)
+        assert q.size().total == 0
+    with pytest.raises(ConfigurationError, match="local_io"):
+        AsyncFileQueue(tmp_path, local_io="async")
+
+
+def test_take_reports_gone_and_taken(tmp_path: Path) -> None:
+    ops = LocalOps(str(tmp_path))
+    (tmp_path / "a").write_bytes(b"x" * 40)
+    (tmp_path / "b").write_bytes(b"y" * 40)
+    assert ops.take("missing", "run/m", 1.0, "w") is None
+    ino = ops.take("a", "run/a", 1234.0, "w")
+    assert isinstance(ino, int) and ino == (tmp_path / "run" / "a").stat().st_ino
+    assert not (tmp_path / "a").exists()
+    assert (tmp_path / "run" / "a").stat().st_mtime == 1234.0
+    (tmp_path / "a2").write_bytes(b"z" * 40)
+    assert ops.take("a2", "run/a", 1.0, "w") is False  # exclusive: the claim exists
+    assert (tmp_path / "a2").exists()  # the loser's copy is left to its caller
+    assert ops.stat("run/a") is not None and ops.stat("nope") is None
+    assert ops.touch("run/a", 99.0) and (tmp_path / "run" / "a").stat().st_mtime == 99.0
+    assert ops.touch("nope", 1.0) is False
+    assert ops.owner("run/a") in ("w", None)
