@@ -194,6 +194,31 @@ async def test_lease_takeover_fences_the_old_holder(storage) -> None:
         assert (await q.get_task(task.id)).status is TaskStatus.DONE
 
 
+async def test_dequeue_many_and_ack_many(storage) -> None:
+    clock = FakeClock()
+    async with make_queue(storage, clock=clock, lease=10, clock_skew=1) as q:
+        tasks = [Task(func="m:f", priority=p) for p in (1, 5, 3, 4, 2)]
+        await q.enqueue_many(tasks)
+        first = await q.dequeue_many(3)
+        assert [c.task.priority for c in first] == [5, 4, 3]
+        rest = await q.dequeue_many(10, worker_id="w2")
+        assert sorted(c.task.priority for c in rest) == [1, 2]
+        assert await q.dequeue_many(5) == []
+        await q.ack_many(first)
+        for c in first:
+            assert (await q.get_task(c.id)).status is TaskStatus.DONE
+        clock.advance(8)
+        rest[1] = await q.extend_lease(rest[1], 30)
+        clock.advance(4)  # rest[0]'s lease ended (+ skew): the reaper requeues it
+        taken = await q.reap()
+        assert [c.id for c in taken] == [rest[0].id]
+        with pytest.raises(LeaseLostError, match="1 of 2"):
+            await q.ack_many(rest)
+        assert (await q.get_task(rest[1].id)).status is TaskStatus.DONE
+        with pytest.raises(ValueError):
+            await q.dequeue_many(0)
+
+
 async def test_extend_lease_keeps_the_task(storage) -> None:
     clock = FakeClock()
     async with make_queue(storage, clock=clock, lease=10, clock_skew=1) as q:

@@ -61,7 +61,10 @@ class Ops(Protocol):
     def mark(self, key: str, data: bytes) -> None: ...
     def delete(self, key: str) -> bool: ...
     def delete_many(self, keys: list[str]) -> None: ...
-    def ls(self, prefix: str, detail: bool) -> list[Any]: ...
+    def ls(
+        self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
+    ) -> list[Any]: ...
+    def count(self, prefix: str, min_size: int = 0) -> int: ...
     def ls_head(self, prefix: str, limit: int) -> list[str]: ...
     def list_dirs(self, prefix: str) -> list[str]: ...
     def exists(self, key: str) -> bool: ...
@@ -123,6 +126,7 @@ class LocalOps:
 
     def __init__(self, root: str, *, fsync: bool = False) -> None:
         self.root = root
+        self._prefix = root.rstrip(os.sep) + os.sep
         self.fsync = fsync
         self._link_ok = True
         self._xattr_ok = hasattr(os, "setxattr")
@@ -133,7 +137,7 @@ class LocalOps:
         return self._link_ok
 
     def _path(self, key: str) -> str:
-        return os.path.join(self.root, key)
+        return f"{self._prefix}{key}"  # keys are relative and validated: no join needed
 
     def _tmp_write(self, path: str, data: bytes) -> str:
         directory = os.path.dirname(path)
@@ -301,7 +305,9 @@ class LocalOps:
         for key in keys:
             self.delete(key)
 
-    def ls(self, prefix: str, detail: bool) -> list[Any]:
+    def ls(
+        self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
+    ) -> list[Any]:
         out: list[Any] = []
         try:
             with os.scandir(self._path(prefix)) as it:
@@ -313,7 +319,9 @@ class LocalOps:
                             continue
                         if detail:
                             st = entry.stat()
-                            out.append(_entry(entry.name, st.st_size, st.st_mtime))
+                            item = _entry(entry.name, st.st_size, st.st_mtime)
+                            if keep is None or keep(item):
+                                out.append(item)
                         else:
                             out.append(entry.name)
                     except FileNotFoundError:
@@ -322,6 +330,24 @@ class LocalOps:
             return []
         out.sort()
         return out
+
+    def count(self, prefix: str, min_size: int = 0) -> int:
+        total = 0
+        try:
+            with os.scandir(self._path(prefix)) as it:
+                for entry in it:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if entry.is_file() and (
+                            not min_size or entry.stat().st_size >= min_size
+                        ):
+                            total += 1
+                    except FileNotFoundError:
+                        continue
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+        return total
 
     def ls_head(self, prefix: str, limit: int) -> list[str]:
         # The smallest names without building and sorting the whole directory listing.
@@ -373,7 +399,9 @@ def _basename(name: str) -> str:
     return name.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _listing(infos: list[dict[str, Any]], detail: bool) -> list[Any]:
+def _listing(
+    infos: list[dict[str, Any]], detail: bool, keep: Callable[[Entry], bool] | None = None
+) -> list[Any]:
     out: list[Any] = []
     for info in infos:
         if info.get("type") != "file":
@@ -381,9 +409,20 @@ def _listing(infos: list[dict[str, Any]], detail: bool) -> list[Any]:
         name = _basename(info["name"])
         if name.startswith("."):
             continue
-        out.append(_entry(name, int(info.get("size") or 0), _mtime(info)) if detail else name)
+        if detail:
+            item = _entry(name, int(info.get("size") or 0), _mtime(info))
+            if keep is None or keep(item):
+                out.append(item)
+        else:
+            out.append(name)
     out.sort()
     return out
+
+
+def _count(infos: list[dict[str, Any]], min_size: int) -> int:
+    return sum(
+        1 for e in _listing(infos, True) if e.size >= min_size
+    )
 
 
 def _dirs(infos: list[dict[str, Any]]) -> list[str]:
@@ -462,8 +501,13 @@ class FsspecOps:
                 for key in keys:
                     self.delete(key)
 
-    def ls(self, prefix: str, detail: bool) -> list[Any]:
-        return _listing(self._ls(prefix), detail)
+    def ls(
+        self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
+    ) -> list[Any]:
+        return _listing(self._ls(prefix), detail, keep)
+
+    def count(self, prefix: str, min_size: int = 0) -> int:
+        return _count(self._ls(prefix), min_size)
 
     def ls_head(self, prefix: str, limit: int) -> list[str]:
         inner = self.fs.fs
@@ -605,8 +649,13 @@ class AsyncFsspecOps:
 
         return await _aretry("list", prefix, go)
 
-    async def ls(self, prefix: str, detail: bool) -> list[Any]:
-        return _listing(await self._ls(prefix), detail)
+    async def ls(
+        self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
+    ) -> list[Any]:
+        return _listing(await self._ls(prefix), detail, keep)
+
+    async def count(self, prefix: str, min_size: int = 0) -> int:
+        return _count(await self._ls(prefix), min_size)
 
     async def ls_head(self, prefix: str, limit: int) -> list[str]:
         inner = self.fs.fs

@@ -91,9 +91,19 @@ def delete_many(keys: Iterable[str]) -> Op:
     return Op("delete_many", (list(keys),))
 
 
-def listdir(prefix: str, detail: bool = False) -> Op:
-    """Files directly under ``prefix`` as sorted ``Entry`` (detail) or names; [] if absent."""
-    return Op("ls", (prefix, detail))
+def listdir(
+    prefix: str, detail: bool = False, keep: Callable[[Entry], bool] | None = None
+) -> Op:
+    """Files directly under ``prefix`` as sorted ``Entry`` (detail) or names; [] if absent.
+
+    With ``keep`` (detail only), only the entries it accepts are returned; a local directory
+    applies it while scanning, so a large directory is never held in memory."""
+    return Op("ls", (prefix, detail, keep))
+
+
+def count(prefix: str, min_size: int = 0) -> Op:
+    """How many files directly under ``prefix`` (of at least ``min_size`` bytes)."""
+    return Op("count", (prefix, min_size))
 
 
 def listhead(prefix: str, limit: int) -> Op:

@@ -13,6 +13,7 @@ from types import TracebackType
 
 from typing_extensions import Self
 
+from .errors import LeaseLostError
 from .models import (
     Claimed,
     ErrorInfo,
@@ -67,9 +68,44 @@ class AsyncQueue(AsyncResource):
     ) -> Claimed | None:
         """Claim the next ready task, or return None (after waiting up to ``wait`` seconds)."""
 
+    async def dequeue_many(
+        self,
+        count: int,
+        queues: Sequence[str] = ("default",),
+        *,
+        lease: float | None = None,
+        wait: float = 0.0,
+        worker_id: str | None = None,
+    ) -> list[Claimed]:
+        """Claim up to ``count`` ready tasks (``wait`` applies until the first one).
+        A backend overrides this when it can claim several in one round trip."""
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        first = await self.dequeue(queues, lease=lease, wait=wait, worker_id=worker_id)
+        claimed = [] if first is None else [first]
+        while claimed and len(claimed) < count:
+            more = await self.dequeue(queues, lease=lease, worker_id=worker_id)
+            if more is None:
+                break
+            claimed.append(more)
+        return claimed
+
     @abc.abstractmethod
     async def ack(self, claimed: Claimed) -> None:
         """The attempt succeeded: remove the task. Raises LeaseLostError if taken over."""
+
+    async def ack_many(self, claims: Sequence[Claimed]) -> None:
+        """``ack`` every claim; then LeaseLostError if any was refused (the rest are acked)."""
+        lost: list[Claimed] = []
+        for claimed in claims:
+            try:
+                await self.ack(claimed)
+            except LeaseLostError:
+                lost.append(claimed)
+        if lost:
+            raise LeaseLostError(
+                f"ack of {len(lost)} of {len(claims)} tasks refused, first: task {lost[0].id}"
+            )
 
     @abc.abstractmethod
     async def nack(

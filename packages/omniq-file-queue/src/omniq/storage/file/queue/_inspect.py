@@ -13,6 +13,7 @@ from omniq.core.errors import NotFoundError, SerializationError
 from omniq.core.fs import (
     Program,
     Store,
+    count,
     create,
     delete,
     delete_many,
@@ -163,10 +164,10 @@ class QueueInspection:
     def _size_program(self, queue: str) -> Program[QueueSize]:
         ready = 0
         for rank_dir in (yield listdirs(f"{queue}/ready")):
-            ready += len((yield listdir(f"{queue}/ready/{rank_dir}")))
-        scheduled = len((yield listdir(f"{queue}/sched")))
-        running = sum(1 for e in (yield listdir(f"{queue}/run", True)) if e.size > L.TOMBSTONE_MAX)
-        dead = len((yield listdir(f"{queue}/dead")))
+            ready += yield count(f"{queue}/ready/{rank_dir}")
+        scheduled = yield count(f"{queue}/sched")
+        running = yield count(f"{queue}/run", L.TOMBSTONE_MAX + 1)
+        dead = yield count(f"{queue}/dead")
         return QueueSize(ready=ready, scheduled=scheduled, running=running, dead=dead)
 
     async def next_due(

@@ -27,6 +27,7 @@ from omniq.core.errors import (
     TaskCancelledError,
 )
 from omniq.core.fs import (
+    Entry,
     Program,
     Store,
     create,
@@ -126,7 +127,7 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         clock_skew: float = 5.0,
         tombstone_ttl: float = 300.0,
         refresh_interval: float = 1.0,
-        batch: int = 256,
+        batch: int | None = None,
         spread: int = 8,
         fsync: bool = False,
         local_io: str = "inline",
@@ -150,7 +151,9 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         self.tombstone_ttl = tombstone_ttl
         self.refresh_interval = refresh_interval
         self.reap_interval = max(0.2, self.lease / 4)
-        self.batch = batch
+        # Claim candidates kept from one listing: a local listing reads the whole directory
+        # whatever the batch, so it keeps more; an S3 listing returns at most 1,000 keys.
+        self.batch = batch or (2048 if self.store.is_local else 256)
         self.spread = max(1, spread)
         self.on_event = on_event
         self.worker_id = default_worker_id()
@@ -229,6 +232,33 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         """Claim the next task. Queues are tried in the order given; within a queue the
         highest priority first, then the oldest (due time for delayed tasks, else creation).
         """
+        got = await self._dequeue(queues, 1, lease, wait, worker_id)
+        return got[0] if got else None
+
+    async def dequeue_many(
+        self,
+        count: int,
+        queues: Sequence[str] | str = ("default",),
+        *,
+        lease: float | None = None,
+        wait: float = 0.0,
+        worker_id: str | None = None,
+    ) -> list[Claimed]:
+        """Claim up to ``count`` tasks at once, in ``dequeue``'s order (fewer if fewer are
+        ready; ``wait`` applies until the first one). Each is acked, nacked or extended on
+        its own, or with ``ack_many``."""
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        return await self._dequeue(queues, count, lease, wait, worker_id)
+
+    async def _dequeue(
+        self,
+        queues: Sequence[str] | str,
+        count: int,
+        lease: float | None,
+        wait: float,
+        worker_id: str | None,
+    ) -> list[Claimed]:
         # One name, or several; anything else (None, bytes, a number) is an invalid name.
         given: Any = queues
         single = isinstance(given, (str, bytes)) or not isinstance(given, Iterable)
@@ -238,42 +268,59 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         worker = worker_id or self.worker_id
         deadline = time.monotonic() + max(0.0, wait)
         pause = self.poll_interval
+        claimed: list[Claimed] = []
         while True:
             for name in names:
-                claimed = await self._claim_from(name, seconds, worker)
-                if claimed is not None:
+                claimed += await self._claim_from(name, seconds, worker, count - len(claimed))
+                if len(claimed) >= count:
                     return claimed
             left = deadline - time.monotonic()
-            if left <= 0:
-                return None
+            if claimed or left <= 0:
+                return claimed
             await anyio.sleep(min(pause, left))
             pause = min(pause * 1.5, self.max_poll_interval)
 
-    async def _claim_from(self, queue: str, lease: float, worker: str) -> Claimed | None:
+    async def _claim_from(self, queue: str, lease: float, worker: str, want: int) -> list[Claimed]:
         current = self._now()
         if current - self._reaped.get(queue, 0.0) >= self.reap_interval:
             self._reaped[queue] = current
             await self.reap(queue)
         cache = self._cache.get(queue)
         refreshed = False
+        claimed: list[Claimed] = []
         while True:
             if cache is None or not cache.items or current - cache.at > self.refresh_interval:
                 if refreshed:
-                    return None
+                    return claimed
                 items = await self.store.run(self._scan_program(queue))
                 cache = self._cache[queue] = _Cache(current, items)
                 refreshed = True
             while cache.items:
-                candidate = cache.items.pop(self._pick(cache.items))
-                got = await self.store.run(self._claim_program(queue, candidate, lease, worker))
-                if isinstance(got, Claimed):
-                    return got
-                if isinstance(got, Task):
-                    log.info("task %s expired before it started", got.id)
-                    await self._emit(EventType.EXPIRED, got, attempt=got.attempt)
+                picks = [
+                    cache.items.pop(self._pick(cache.items))
+                    for _ in range(min(want - len(claimed), len(cache.items)))
+                ]
+                for got in await self.store.run(
+                    self._claim_many_program(queue, picks, lease, worker)
+                ):
+                    if isinstance(got, Claimed):
+                        claimed.append(got)
+                    elif isinstance(got, Task):
+                        log.info("task %s expired before it started", got.id)
+                        await self._emit(EventType.EXPIRED, got, attempt=got.attempt)
+                if len(claimed) >= want:
+                    return claimed
             if refreshed:
-                return None
+                return claimed
             cache = None
+
+    def _claim_many_program(
+        self, queue: str, picks: list[L.Candidate], lease: float, worker: str
+    ) -> Program[list[Claimed | Task | None]]:
+        out: list[Claimed | Task | None] = []
+        for candidate in picks:
+            out.append((yield from self._claim_program(queue, candidate, lease, worker)))
+        return out
 
     def _pick(self, items: list[L.Candidate]) -> int:
         """A random index among the first ``spread`` candidates of the top priority, so that
@@ -374,6 +421,10 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         return result
 
     def _quarantine(self, key: str, data: bytes, reason: BaseException) -> Program[None]:
+        # Read again first: a file read while its claim was being finished in place (a taken
+        # ready file shares its inode with the claim) can look torn; it is not corrupt then.
+        if (yield read(key)) != data:
+            return
         queue, _, rest = key.partition("/")
         area, _, name = rest.partition("/")
         target = f"{queue}/quarantine/{area}.{name.replace('/', '.')}.{time.time_ns()}"
@@ -418,6 +469,24 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         """The attempt succeeded: the task is done. Raises LeaseLostError after a take-over."""
         if not await self.store.run(self._finish_program(claimed, L.DONE, None)):
             raise self._lost(claimed, "ack")
+
+    async def ack_many(self, claims: Sequence[Claimed]) -> None:
+        """``ack`` each of ``claims`` in one storage program. Every claim still held is
+        acked; then LeaseLostError is raised if any was taken over (naming the first)."""
+        lost = await self.store.run(self._ack_many_program(list(claims)))
+        if lost:
+            raise LeaseLostError(
+                f"ack of {len(lost)} of {len(claims)} tasks refused (the lease was taken over "
+                f"or the attempt already finished), first: task {lost[0].id} attempt "
+                f"{lost[0].attempt}; the others were acked"
+            )
+
+    def _ack_many_program(self, claims: list[Claimed]) -> Program[list[Claimed]]:
+        lost = []
+        for claimed in claims:
+            if not (yield from self._finish_program(claimed, L.DONE, None)):
+                lost.append(claimed)
+        return lost
 
     def _finish_program(
         self, claimed: Claimed, state: bytes, follow_up: Program[None] | None
@@ -529,19 +598,23 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
 
     def _reap_program(self, queue: str) -> Program[list[Claimed]]:
         current = yield now()
-        entries = yield listdir(f"{queue}/run", True)
         # A claim document is written when its lease starts (checked against its lease_until
         # once a default lease old); a taken ready file carries its lease end as its mtime.
         threshold = self.clock_skew if self.store.can_take else self.lease
+        tombstone_before, suspect_before = current - self.tombstone_ttl, current - threshold
+
+        def due(entry: Entry) -> bool:  # filtered while scanning: run/ may hold 100,000s
+            if entry.size <= L.TOMBSTONE_MAX:
+                return entry.mtime < tombstone_before
+            return entry.mtime < suspect_before
+
         old_tombstones, suspects = [], {}
-        for entry in entries:
+        for entry in (yield listdir(f"{queue}/run", True, due)):
             key = f"{queue}/run/{entry.name}"
             if entry.size <= L.TOMBSTONE_MAX:
-                if current - entry.mtime > self.tombstone_ttl:
-                    old_tombstones.append(key)
-            elif current - entry.mtime > threshold:
+                old_tombstones.append(key)
+            else:
                 suspects[key] = entry.mtime
-        del entries
         if old_tombstones:
             yield delete_many(old_tombstones)
         taken: list[Claimed] = []
