@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from omniq.core import codec
-from omniq.core import ConfigurationError, LeaseLostError, Task, TaskStatus
+from omniq.core import ConfigurationError, LeaseLostError, Task, TaskStatus, codec
 from omniq.core._ops import LocalOps
 from omniq.core.models import Claimed
 from omniq.storage.file.queue import AsyncFileQueue, FileQueue

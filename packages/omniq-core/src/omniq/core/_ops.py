@@ -278,16 +278,16 @@ class LocalOps:
 
     def _create_excl(self, path: str, data: bytes) -> bool:
         try:
-            f = open(path, "xb")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             return False
         except FileNotFoundError:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
-                f = open(path, "xb")
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             except FileExistsError:
                 return False
-        with f:
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             if self.fsync:
                 f.flush()
@@ -339,9 +339,7 @@ class LocalOps:
                     if entry.name.startswith("."):
                         continue
                     try:
-                        if entry.is_file() and (
-                            not min_size or entry.stat().st_size >= min_size
-                        ):
+                        if entry.is_file() and (not min_size or entry.stat().st_size >= min_size):
                             total += 1
                     except FileNotFoundError:
                         continue
@@ -420,9 +418,7 @@ def _listing(
 
 
 def _count(infos: list[dict[str, Any]], min_size: int) -> int:
-    return sum(
-        1 for e in _listing(infos, True) if e.size >= min_size
-    )
+    return sum(1 for e in _listing(infos, True) if e.size >= min_size)
 
 
 def _dirs(infos: list[dict[str, Any]]) -> list[str]:
@@ -679,7 +675,15 @@ def _detach_finalizers(obj: Any) -> None:
     import weakref
 
     registry = getattr(weakref.finalize, "_registry", {})
-    for finalizer, info in list(registry.items()):
+    for _ in range(10):
+        try:  # a collection in another thread may run finalizers while this copies
+            entries = list(registry.copy().items())
+            break
+        except RuntimeError:
+            continue
+    else:
+        return
+    for finalizer, info in entries:
         if info.weakref() is obj:
             finalizer.detach()
 

@@ -35,7 +35,9 @@ import sniffio
 from fsspec.core import split_protocol
 from fsspec.implementations.dirfs import DirFileSystem
 
-from ._ops import AsyncFsspecOps, Entry, FsspecOps, LocalOps, Ops
+from ._ops import AsyncFsspecOps, FsspecOps, LocalOps, Ops
+from ._ops import Entry as Entry
+from ._ops import Stat as Stat
 from .errors import CapabilityError, ConfigurationError, MissingDependencyError, StorageError
 
 log = logging.getLogger("omniq.fs")
@@ -91,9 +93,7 @@ def delete_many(keys: Iterable[str]) -> Op:
     return Op("delete_many", (list(keys),))
 
 
-def listdir(
-    prefix: str, detail: bool = False, keep: Callable[[Entry], bool] | None = None
-) -> Op:
+def listdir(prefix: str, detail: bool = False, keep: Callable[[Entry], bool] | None = None) -> Op:
     """Files directly under ``prefix`` as sorted ``Entry`` (detail) or names; [] if absent.
 
     With ``keep`` (detail only), only the entries it accepts are returned; a local directory

@@ -26,7 +26,7 @@ from omniq.core.fs import (
     stat,
     write,
 )
-from omniq.core.models import UTC, Claimed, QueueSize, Task, TaskInfo, TaskStatus
+from omniq.core.models import UTC, QueueSize, Task, TaskInfo, TaskStatus
 from omniq.core.names import validate_name
 
 from . import _layout as L

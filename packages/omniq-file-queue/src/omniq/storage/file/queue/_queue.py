@@ -436,7 +436,7 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
     def _holds(self, claimed: Claimed) -> Program[bool]:
         """Whether the claim file of ``claimed``'s attempt is still its live claim."""
         run = L.run_key(claimed.queue, claimed.id, claimed.attempt)
-        if claimed.token.startswith(L.INODE_TOKEN):  # a taken ready file: same inode, not a tombstone
+        if claimed.token.startswith(L.INODE_TOKEN):  # a taken ready file: same inode, alive
             info = yield stat(run)
             return (
                 info is not None
@@ -597,7 +597,7 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         return taken
 
     def _reap_program(self, queue: str) -> Program[list[Claimed]]:
-        current = yield now()
+        current: float = yield now()
         # A claim document is written when its lease starts (checked against its lease_until
         # once a default lease old); a taken ready file carries its lease end as its mtime.
         threshold = self.clock_skew if self.store.can_take else self.lease
