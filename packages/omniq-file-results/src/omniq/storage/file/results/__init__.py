@@ -11,7 +11,10 @@ __version__ = "0.1.0"
 
 
 class FileResultStorage(StorageTwin[AsyncFileResultStorage]):
-    """Blocking twin of :class:`AsyncFileResultStorage` (same arguments, same method names)."""
+    """Blocking twin of :class:`AsyncFileResultStorage` (same arguments, same method names).
+
+    ``close()`` (and leaving a ``with`` block) writes the buffered expiry markers.
+    """
 
     async_class = AsyncFileResultStorage
 
@@ -21,6 +24,7 @@ class FileResultStorage(StorageTwin[AsyncFileResultStorage]):
     delete = blocking(AsyncFileResultStorage.delete)
     list = blocking(AsyncFileResultStorage.list)
     cleanup_expired = blocking(AsyncFileResultStorage.cleanup_expired)
+    flush = blocking(AsyncFileResultStorage.flush)
 
 
 __all__ = ["DEFAULT_TTL", "AsyncFileResultStorage", "FileResultStorage", "NewerSchemaError"]

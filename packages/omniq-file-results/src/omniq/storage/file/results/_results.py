@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -39,6 +39,7 @@ from omniq.core.models import SCHEMA_VERSION, UTC, ErrorInfo, ResultStatus, Task
 from omniq.core.names import validate_name
 
 from . import _layout as L
+from ._markers import MarkerBuffer, NewerMarkerError, Pair, batch_writes, decode_batch
 
 log = logging.getLogger("omniq.results")
 
@@ -82,6 +83,17 @@ def _type_name(value: Any) -> str:
     )
 
 
+class _Batch:
+    """A batch marker read by ``cleanup_expired``, and which of its pairs are handled."""
+
+    __slots__ = ("handled", "key", "pairs")
+
+    def __init__(self, key: str, pairs: builtins.list[Pair]) -> None:
+        self.key = key
+        self.pairs = pairs
+        self.handled: builtins.set[Pair] = builtins.set()
+
+
 class AsyncFileResultStorage(AsyncResultStorage):
     """Task results as files under ``base_dir``; safe for many workers and readers.
 
@@ -94,8 +106,17 @@ class AsyncFileResultStorage(AsyncResultStorage):
         poll_interval: first pause of ``wait`` between reads; grows 1.5x per empty read up to
             ``max_poll_interval``.
         batch: results read per request by ``list`` and ``cleanup_expired``.
+        marker_batch: expiry markers are buffered in memory and written as one *batch marker*
+            per expiry hour once this many are buffered (or see ``marker_flush_interval``,
+            ``flush``, ``close``). ``1`` writes each result's own marker before the result
+            instead (one more request per result, nothing to lose in a crash).
+        marker_flush_interval: seconds after which buffered markers are written, checked at
+            the next ``set`` or ``cleanup_expired`` (no background task).
         fsync: fsync local files before they are renamed into place.
-        clock: epoch-seconds clock, for tests (expiry uses it).
+        clock: epoch-seconds clock, for tests (expiry and the marker flush interval use it).
+
+    A process killed before it flushed leaves results without a marker, which the ordinary
+    ``cleanup_expired()`` never finds: run ``cleanup_expired(sweep=True)`` now and then.
     """
 
     def __init__(
@@ -107,6 +128,8 @@ class AsyncFileResultStorage(AsyncResultStorage):
         poll_interval: float = 0.02,
         max_poll_interval: float = 0.5,
         batch: int = 256,
+        marker_batch: int = 256,
+        marker_flush_interval: float = 1.0,
         fsync: bool = False,
         clock: Callable[[], float] | None = None,
     ) -> None:
@@ -116,6 +139,10 @@ class AsyncFileResultStorage(AsyncResultStorage):
             raise ValueError("default_ttl must be positive (or None for no expiry)")
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
+        if marker_batch < 1:
+            raise ValueError("marker_batch must be at least 1 (1: one marker per result)")
+        if marker_flush_interval < 0:
+            raise ValueError("marker_flush_interval must not be negative")
         self.store = Store(
             base_dir, storage_options, package="omniq-file-results", fsync=fsync, clock=clock
         )
@@ -123,12 +150,33 @@ class AsyncFileResultStorage(AsyncResultStorage):
         self.poll_interval = poll_interval
         self.max_poll_interval = max(max_poll_interval, poll_interval)
         self.batch = max(1, batch)
+        self.marker_batch = marker_batch
+        self.marker_flush_interval = marker_flush_interval
+        self._markers = MarkerBuffer(marker_batch, marker_flush_interval)
+        self._flushing: builtins.set[object] = builtins.set()  # flushes in flight
 
     def __repr__(self) -> str:
         return f"AsyncFileResultStorage({self.store.url!r})"
 
     async def close(self) -> None:
-        await self.store.aclose()
+        """Write the buffered expiry markers, then release the storage connections.
+
+        A failed marker write is logged, not raised: the results it would have marked are
+        found by ``cleanup_expired(sweep=True)``.
+        """
+        try:
+            await self.flush()
+        except Exception as exc:
+            log.warning(
+                "could not write %d expiry markers to %s on close (%s: %s); "
+                "cleanup_expired(sweep=True) will find their results",
+                len(self._markers),
+                self.store.url,
+                type(exc).__name__,
+                exc,
+            )
+        finally:
+            await self.store.aclose()
 
     # -- writing -----------------------------------------------------------------------------
     def _prepare(self, result: TaskResult) -> tuple[TaskResult, bytes]:
@@ -171,7 +219,8 @@ class AsyncFileResultStorage(AsyncResultStorage):
         """
         validate_name(result.task_id, "task id")
         prepared, data = self._prepare(result)
-        stored = await self.store.run(self._set_program(prepared, data, check_attempt))
+        single = self.marker_batch == 1
+        stored = await self.store.run(self._set_program(prepared, data, check_attempt, single))
         if stored is not None:
             log.info(
                 "result of task %s attempt %d dropped: attempt %d is stored already",
@@ -179,9 +228,24 @@ class AsyncFileResultStorage(AsyncResultStorage):
                 prepared.attempt,
                 stored,
             )
+            return
+        if prepared.expires_at is not None and not single:
+            pair = (L.epoch_ms(prepared.expires_at), prepared.task_id)
+            self._markers.add(pair, self.store.clock())
+        if self._markers.due(self.store.clock()):
+            try:
+                await self._flush()
+            except Exception as exc:  # the result is stored: its marker waits for a retry
+                log.warning(
+                    "writing %d expiry markers to %s failed (%s: %s); will retry",
+                    len(self._markers),
+                    self.store.url,
+                    type(exc).__name__,
+                    exc,
+                )
 
     def _set_program(
-        self, result: TaskResult, data: bytes, check_attempt: bool = True
+        self, result: TaskResult, data: bytes, check_attempt: bool = True, marker: bool = True
     ) -> Program[int | None]:
         key = L.result_key(result.task_id)
         old = (yield read(key)) if check_attempt else None
@@ -193,11 +257,42 @@ class AsyncFileResultStorage(AsyncResultStorage):
                 stored = exc.attempt
             if stored is not None and stored > result.attempt:
                 return stored
-        if result.expires_at is not None:
-            marker = L.marker_key(L.epoch_ms(result.expires_at), result.task_id)
-            yield write(marker, b"")
+        if marker and result.expires_at is not None:  # marker_batch=1: its own marker first
+            yield write(L.marker_key(L.epoch_ms(result.expires_at), result.task_id), b"")
         yield write(key, data)
         return None
+
+    async def flush(self) -> int:
+        """Write the buffered expiry markers now (one object per expiry hour); returns how
+        many results they mark. Also waits for a flush already in flight.
+
+        Raises StorageError if the write fails; the markers stay buffered for the next try.
+        """
+        others = builtins.set(self._flushing)
+        written = await self._flush()
+        while others & self._flushing:
+            await anyio.sleep(0.005)
+        return written
+
+    async def _flush(self) -> int:
+        pairs = self._markers.take()
+        if not pairs:
+            return 0
+        token = object()
+        self._flushing.add(token)
+        try:
+            await self.store.run(self._write_markers(pairs))
+        except BaseException:
+            self._markers.restore(pairs, self.store.clock())
+            raise
+        finally:
+            self._flushing.discard(token)
+        return len(pairs)
+
+    @staticmethod
+    def _write_markers(pairs: Iterable[Pair]) -> Program[None]:
+        for key, body in batch_writes(pairs):
+            yield write(key, body)
 
     # -- reading -----------------------------------------------------------------------------
     def _decode(self, key: str, data: bytes) -> Program[TaskResult | None]:
@@ -220,14 +315,16 @@ class AsyncFileResultStorage(AsyncResultStorage):
             return None
         return result
 
-    def _quarantine(self, key: str, data: bytes, reason: object) -> Program[None]:
+    def _quarantine(
+        self, key: str, data: bytes, reason: object, what: str = "result file"
+    ) -> Program[None]:
         """Copy an unreadable file aside, then remove it unless it was rewritten meanwhile."""
         name = key.rsplit("/", 1)[-1]
         target = f"{L.QUARANTINE}/{name}.{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         yield write(target, data)
         if (yield read(key)) == data:
             yield delete(key)
-        log.warning("moved unreadable result file %s to %s: %s", key, target, reason)
+        log.warning("moved unreadable %s %s to %s: %s", what, key, target, reason)
 
     async def get(self, task_id: str) -> TaskResult | None:
         """The result, or None if there is none or it has expired (even before cleanup).
@@ -285,69 +382,153 @@ class AsyncFileResultStorage(AsyncResultStorage):
         yield delete(key)  # its expiry marker, if any, goes at the next cleanup_expired
         return True
 
-    async def cleanup_expired(self) -> int:
+    async def cleanup_expired(self, *, sweep: bool = False) -> int:
         """Delete expired results; returns how many.
 
-        Only the expiry buckets whose hour has begun are listed, and only results whose
-        marker is due are read: the cost follows the number of expiring results, not the
-        number stored.
+        Writes this storage's buffered expiry markers first. Only the expiry buckets whose
+        hour has begun are listed, and only the results whose marker is due are read: the cost
+        follows the number of expiring results, not the number stored.
+
+        ``sweep=True`` then also lists ``results/``, reads every stored result (``batch`` per
+        request) and deletes every expired one, marked or not: the backstop for results whose
+        marker was never written (a process killed before it flushed) or was quarantined. It
+        costs in proportion to what is stored: run it now and then (e.g. daily).
         """
-        return await self.store.run(self._cleanup_program())
+        await self.flush()
+        removed = await self.store.run(self._cleanup_program())
+        if sweep:
+            removed += await self.store.run(self._sweep_program())
+        if removed:
+            log.info("deleted %d expired results from %s", removed, self.store.url)
+        return removed
 
     def _cleanup_program(self) -> Program[int]:
         current = yield now()
-        now_dt, now_ms = _dt(current), int(current * 1000)
         removed = 0
         for name in (yield listdirs(L.EXPIRY)):
             start = L.bucket_start(name)
-            if start is None or start > current:
-                continue
-            prefix = f"{L.EXPIRY}/{name}"
-            due: dict[str, builtins.list[tuple[int, str]]] = {}
-            kept = 0
-            for marker in (yield listdir(prefix)):
-                parsed = L.parse_marker(marker)
-                if parsed is None or parsed[0] > now_ms:
+            if start is not None and start <= current:
+                removed += yield from self._cleanup_bucket(f"{L.EXPIRY}/{name}", start, current)
+        return removed
+
+    def _cleanup_bucket(self, prefix: str, start: float, current: float) -> Program[int]:
+        """Handle the due markers of one expiry bucket (an hour that has begun).
+
+        A marker pair is *handled* once its result is deleted, gone, or rewritten with another
+        expiry. A single marker goes once handled; a batch marker goes once every pair in it
+        is handled, and one whose due pairs are handled but not the others is replaced by a
+        batch marker of the remaining pairs (written before the old one is deleted).
+        """
+        now_dt, now_ms = _dt(current), int(current * 1000)
+        due: dict[str, builtins.list[tuple[int, str | _Batch]]] = {}
+        kept = 0  # markers left in the bucket (so that it is not removed)
+        batch_keys: builtins.list[str] = []
+        for marker in (yield listdir(prefix)):
+            single = L.parse_marker(marker)
+            first = L.parse_batch(marker) if single is None else None
+            if single is not None and single[0] <= now_ms:
+                due.setdefault(single[1], []).append((single[0], f"{prefix}/{marker}"))
+            elif first is not None and first <= now_ms:
+                batch_keys.append(f"{prefix}/{marker}")
+            else:  # not due yet, or not a marker of ours
+                kept += 1
+        batches: builtins.list[_Batch] = []
+        for lo in range(0, len(batch_keys), self.batch):
+            chunk = batch_keys[lo : lo + self.batch]
+            bodies = yield read_many(chunk)
+            for key in chunk:
+                data = bodies.get(key)
+                if data is None:  # handled by a concurrent cleanup since the listing
+                    continue
+                pairs = yield from self._read_batch(key, data)
+                if pairs is None:
                     kept += 1
                     continue
-                due.setdefault(parsed[1], []).append((parsed[0], f"{prefix}/{marker}"))
-            ids = builtins.list(due)
-            for first in range(0, len(ids), self.batch):
-                chunk = ids[first : first + self.batch]
-                bodies = yield read_many(L.result_key(t) for t in chunk)
-                doomed: builtins.list[str] = []
-                spent: builtins.list[str] = []
-                for task_id in chunk:
-                    key = L.result_key(task_id)
-                    data = bodies.get(key)
-                    try:
-                        result = None if data is None else (yield from self._decode(key, data))
-                    except NewerSchemaError:  # not ours to judge: keep it and its markers
-                        kept += len(due[task_id])
-                        continue
-                    if result is not None and result.is_expired(now_dt):
-                        doomed.append(key)
-                        spent += [m for _, m in due[task_id]]
-                        continue
-                    live = (
-                        None
-                        if result is None or result.expires_at is None
-                        else L.epoch_ms(result.expires_at)
-                    )
-                    for ms, marker in due[task_id]:
-                        if ms == live:  # due this very millisecond, not yet expired
-                            kept += 1
-                        else:  # result gone, or rewritten with another expiry: stale marker
-                            spent.append(marker)
-                if doomed:
-                    yield delete_many(doomed)
-                    removed += len(doomed)
-                if spent:
-                    yield delete_many(spent)
-            if not kept and start + L.BUCKET_SECONDS <= current:
-                yield remove_dir(prefix)
-        if removed:
-            log.info("deleted %d expired results from %s", removed, self.store.url)
+                batch = _Batch(key, pairs)
+                batches.append(batch)
+                for ms, task_id in pairs:
+                    if ms <= now_ms:
+                        due.setdefault(task_id, []).append((ms, batch))
+        ids = builtins.list(due)
+        removed = 0
+        for lo in range(0, len(ids), self.batch):
+            chunk = ids[lo : lo + self.batch]
+            bodies = yield read_many(L.result_key(t) for t in chunk)
+            doomed: builtins.list[str] = []
+            spent: builtins.list[str] = []
+            for task_id in chunk:
+                key = L.result_key(task_id)
+                data = bodies.get(key)
+                try:
+                    result = None if data is None else (yield from self._decode(key, data))
+                except NewerSchemaError:  # not ours to judge: keep it and its markers
+                    kept += 1
+                    continue
+                expired = result is not None and result.is_expired(now_dt)
+                if expired:
+                    doomed.append(key)
+                live = (
+                    None
+                    if result is None or result.expires_at is None
+                    else L.epoch_ms(result.expires_at)
+                )
+                for ms, ref in due[task_id]:
+                    if not expired and ms == live:  # due this very millisecond, not expired
+                        kept += 1
+                    elif isinstance(ref, _Batch):
+                        ref.handled.add((ms, task_id))
+                    else:  # expired, gone, or rewritten with another expiry: marker spent
+                        spent.append(ref)
+            if doomed:
+                yield delete_many(doomed)
+                removed += len(doomed)
+            if spent:
+                yield delete_many(spent)
+        touched = [b for b in batches if b.handled]
+        kept += len(batches) - len(touched)
+        rest = {pair for b in touched for pair in b.pairs if pair not in b.handled}
+        if rest:
+            yield from self._write_markers(rest)
+            kept += 1
+        if touched:
+            yield delete_many(b.key for b in touched)
+        if not kept and start + L.BUCKET_SECONDS <= current:
+            yield remove_dir(prefix)
+        return removed
+
+    def _read_batch(self, key: str, data: bytes) -> Program[builtins.list[Pair] | None]:
+        """The pairs of a batch marker; None if it is quarantined (unreadable) or left alone
+        (written by a newer OmniQ)."""
+        try:
+            return decode_batch(data)
+        except NewerMarkerError as exc:
+            log.warning("skipping %s: %s written by a newer OmniQ", key, exc)
+        except SerializationError as exc:
+            yield from self._quarantine(key, data, exc, what="expiry marker")
+        return None
+
+    def _sweep_program(self) -> Program[int]:
+        """Read every stored result; delete the expired ones (marked or not)."""
+        now_dt = _dt((yield now()))
+        names = [n for n in (yield listdir(L.RESULTS)) if L.task_id_of(n) is not None]
+        removed = 0
+        for lo in range(0, len(names), self.batch):
+            keys = [f"{L.RESULTS}/{n}" for n in names[lo : lo + self.batch]]
+            bodies = yield read_many(keys)
+            doomed: builtins.list[str] = []
+            for key in keys:
+                data = bodies.get(key)
+                if data is None:  # deleted since the listing
+                    continue
+                try:
+                    result = yield from self._decode(key, data)
+                except NewerSchemaError:
+                    continue
+                if result is not None and result.is_expired(now_dt):
+                    doomed.append(key)
+            if doomed:
+                yield delete_many(doomed)
+                removed += len(doomed)
         return removed
 
     # -- listing -----------------------------------------------------------------------------
