@@ -621,3 +621,32 @@ async def test_failures_log_one_info_line_each(storage, caplog):
     assert "ValueError: nope (will retry)" in lines[1][2]
     assert "started (attempt 2)" in lines[2][2]
     assert "ValueError: nope (dead-lettered)" in lines[3][2]
+
+
+@pytest.mark.anyio
+async def test_cleanup_sweeps_results_without_a_marker_only_when_due(tmp_path: Path) -> None:
+    """A result whose batched expiry marker was lost (its writer was killed before the flush)
+    is found only by a sweep; the worker sweeps every ``sweep_interval``, not at each clean-up
+    and not at start-up."""
+    from datetime import timedelta
+
+    from omniq.core.models import TaskResult
+    from omniq.storage.file.results import AsyncFileResultStorage
+
+    base = tmp_path / "store"
+    writer = AsyncFileResultStorage(base / "results", default_ttl=timedelta(seconds=0.05))
+    await writer.set(TaskResult(task_id="T-lost", status=ResultStatus.SUCCESS, value=1))
+    # The writer is abandoned without close(): its buffered marker is never written.
+    stored = base / "results" / "results" / "T-lost.json"
+    assert stored.exists()
+    await anyio.sleep(0.1)
+    async with AsyncFileBackend(str(base), environ={}) as backend:
+        never = backend.worker(sweep_interval=None)
+        await never.cleanup()
+        assert stored.exists()
+        daily = backend.worker()  # default: the first sweep is about a day away
+        await daily.cleanup()
+        assert stored.exists()
+        due = backend.worker(sweep_interval=0)
+        await due.cleanup()
+        assert not stored.exists()

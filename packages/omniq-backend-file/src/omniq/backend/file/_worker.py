@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import random
 import signal
 import threading
 import time
@@ -60,6 +61,9 @@ class AsyncWorker:
         allow: if given, only functions whose path matches an entry run (exact
             ``"pkg.mod:func"`` or a module prefix ``"pkg.mod"``); others fail without retry.
         cleanup_interval: seconds between expiry clean-ups of results and events.
+        sweep_interval: seconds (default a day, with 10 % jitter; None: never) between clean-ups
+            that also read every stored result (``cleanup_expired(sweep=True)``), the backstop
+            for results whose batched expiry marker a killed process never wrote.
         burst: stop once the queues stay empty for ``idle_timeout`` seconds (like
             ``rq worker --burst``) and no delayed or retrying task comes due within
             ``burst_horizon`` seconds (default 60).
@@ -76,6 +80,7 @@ class AsyncWorker:
         grace: float = 30.0,
         allow: Sequence[str] | None = None,
         cleanup_interval: float = 600.0,
+        sweep_interval: float | None = 86_400.0,
         poll: float = 1.0,
         burst: bool = False,
         idle_timeout: float = 1.0,
@@ -97,6 +102,9 @@ class AsyncWorker:
         self.grace = grace
         self.allow = list(allow) if allow is not None else None
         self.cleanup_interval = cleanup_interval
+        self.sweep_interval = sweep_interval
+        # Not at start-up: many workers restarting together would each read every result.
+        self._next_sweep = time.monotonic() + (sweep_interval or 0.0) * random.uniform(0.9, 1.1)
         self.poll = poll
         self.burst = burst
         self.idle_timeout = idle_timeout
@@ -268,11 +276,17 @@ class AsyncWorker:
             await anyio.sleep(self.cleanup_interval)
             await self.cleanup()
 
+    def _sweep_due(self) -> bool:
+        if self.sweep_interval is None or time.monotonic() < self._next_sweep:
+            return False
+        self._next_sweep = time.monotonic() + self.sweep_interval * random.uniform(0.9, 1.1)
+        return True
+
     async def cleanup(self) -> None:
         """Drop expired results and old events (runs by itself every cleanup_interval)."""
         try:
             if self.backend.results is not None:
-                await self.backend.results.cleanup_expired()
+                await self.backend.results.cleanup_expired(sweep=self._sweep_due())
             retention = self.backend.config.event_retention
             if self.backend.events is not None and retention is not None:
                 from datetime import timedelta
