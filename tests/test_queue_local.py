@@ -170,3 +170,76 @@ def test_take_reports_gone_and_taken(tmp_path: Path) -> None:
     assert ops.touch("run/a", 99.0) and (tmp_path / "run" / "a").stat().st_mtime == 99.0
     assert ops.touch("nope", 1.0) is False
     assert ops.owner("run/a") in ("w", None)
+
+
+def test_take_restamps_after_a_racing_loser(tmp_path: Path, monkeypatch) -> None:
+    """A loser racing for the same ready file may stamp its own lease on the shared inode
+    between the winner's link and unlink; the winner stamps again once the name is gone."""
+    ops = LocalOps(str(tmp_path))
+    (tmp_path / "a").write_bytes(b"x" * 40)
+    real_link = os.link
+
+    def link_then_loser_stamps(src, dst, *args, **kwargs):
+        real_link(src, dst, *args, **kwargs)
+        os.utime(src, (5.0, 5.0))  # the loser's utime, before the winner's unlink
+        if hasattr(os, "setxattr"):
+            os.setxattr(src, "user.omniq.owner", b"loser")
+
+    monkeypatch.setattr(os, "link", link_then_loser_stamps)
+    assert isinstance(ops.take("a", "run/a", 1234.0, "winner"), int)
+    assert (tmp_path / "run" / "a").stat().st_mtime == 1234.0
+    assert ops.owner("run/a") in ("winner", None)
+
+
+def test_take_refuses_a_leftover_tombstone(tmp_path: Path) -> None:
+    ops = LocalOps(str(tmp_path))
+    (tmp_path / "a").write_bytes(b"done")
+    assert ops.take("a", "run/a", 1.0, "w", min_size=17) is False
+    assert not (tmp_path / "a").exists()
+    assert (tmp_path / "run" / "a").read_bytes() == b"done"  # stays a tombstone
+
+
+async def test_a_leftover_name_after_tombstone_cleanup_is_not_run(tmp_path: Path) -> None:
+    """The ready name a dead claimer left behind outlives its claim's tombstone (deleted after
+    tombstone_ttl): claiming it finds a tombstone, not a task, and runs nothing."""
+    async with AsyncFileQueue(tmp_path) as q:
+        task = Task(func="m:f")
+        await q.enqueue(task)
+        [ready] = _ready_files(tmp_path)
+        claimed = await q.dequeue()
+        assert claimed is not None
+        run = _run_file(tmp_path, task.id, 1)
+        await q.ack(claimed)
+        os.link(run, ready)  # the leftover name, sharing the tombstone
+        run.unlink()  # the tombstone's ttl passed
+        assert await q.dequeue() is None
+        assert not ready.exists()
+        assert not (tmp_path / "default" / "quarantine").exists()
+
+
+async def test_files_that_cannot_be_taken_are_claimed_with_a_document(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A ready file owned by another user (utime refused) or a link refused after start-up:
+    the claim falls back to an exclusive create of a claim document."""
+    real_utime = os.utime
+
+    def foreign(path, *args, **kwargs):
+        if "/ready/" in str(path):
+            raise PermissionError(1, "Operation not permitted", path)
+        return real_utime(path, *args, **kwargs)
+
+    async with AsyncFileQueue(tmp_path) as q:
+        task = Task(func="m:f")
+        await q.enqueue(task)
+        monkeypatch.setattr(os, "utime", foreign)
+        claimed = await q.dequeue(worker_id="w")
+        assert claimed is not None and not claimed.token.startswith("ino:")
+        assert q.store.can_take  # only this file could not be taken
+        stored = codec.decode(_run_file(tmp_path, task.id, 1).read_bytes(), Claimed)
+        assert stored.token == claimed.token
+        assert _ready_files(tmp_path) == []
+        info = await q.get_task(task.id)
+        assert info.status is TaskStatus.RUNNING and info.worker_id == "w"
+        await q.ack(claimed)
+        assert (await q.get_task(task.id)).status is TaskStatus.DONE

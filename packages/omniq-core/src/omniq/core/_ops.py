@@ -119,6 +119,8 @@ class Stat(NamedTuple):
 
 
 _OWNER_XATTR = "user.omniq.owner"
+_NO_LINK = (errno.EPERM, errno.EACCES, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK)
+CANNOT_TAKE = "cannot-take"
 
 
 class LocalOps:
@@ -220,24 +222,24 @@ class LocalOps:
         finally:
             os.close(fd)
 
-    def take(self, src: str, dst: str, mtime: float, owner: str) -> int | bool | None:
-        """Claim ``src`` as ``dst`` without creating a file: stamp ``mtime`` (and ``owner``,
-        as an extended attribute where supported) on it, hard-link it to ``dst`` (exclusive
-        like ``O_EXCL``: EEXIST means another claim exists), then unlink ``src``. Returns the
-        inode number on success, False if ``dst`` exists, None if ``src`` is gone."""
+    def take(
+        self, src: str, dst: str, mtime: float, owner: str, min_size: int = 0
+    ) -> int | bool | str | None:
+        """Claim ``src`` as ``dst`` without creating a file: stamp ``mtime`` on it, hard-link
+        it to ``dst`` (exclusive like ``O_EXCL``: EEXIST means another claim exists), unlink
+        ``src``, then stamp ``mtime`` and ``owner`` (an extended attribute, where supported)
+        again. Returns the inode number on success; False if ``dst`` exists or the file is
+        smaller than ``min_size`` (a leftover name of a finished claim); None if ``src`` is
+        gone; ``CANNOT_TAKE`` if this file cannot be taken here (owned by another user, links
+        refused): the caller then claims another way."""
         source, target = self._path(src), self._path(dst)
         try:
-            # Before the link, so the claim never exists without its lease.
+            # Before the link, so the claim never exists without a lease.
             os.utime(source, (mtime, mtime))
         except FileNotFoundError:
             return None
-        if self._xattr_ok:
-            try:
-                os.setxattr(source, _OWNER_XATTR, owner.encode())
-            except FileNotFoundError:
-                return None
-            except OSError:  # ENOTSUP, EPERM, ENOSPC: the owner is informational only
-                self._xattr_ok = False
+        except PermissionError:  # only a file's owner may set its times
+            return CANNOT_TAKE
         for attempt in range(2):
             try:
                 os.link(source, target)
@@ -248,9 +250,23 @@ class LocalOps:
                 if attempt or not os.path.exists(source):
                     return None
                 os.makedirs(os.path.dirname(target), exist_ok=True)
-        ino = os.stat(target).st_ino
+            except OSError as exc:
+                if exc.errno in _NO_LINK:  # protected_hardlinks, EXDEV, FUSE/SMB mounts
+                    return CANNOT_TAKE
+                raise
+        st = os.stat(target)
         self.delete(src)
-        return ino
+        if st.st_size < min_size:
+            return False
+        # Once more, now that no other claimer can reach the file by its ready name: a loser
+        # of the race may have stamped its own lease on it between our stamp and our unlink.
+        os.utime(target, (mtime, mtime))
+        if self._xattr_ok:
+            try:
+                os.setxattr(target, _OWNER_XATTR, owner.encode())
+            except OSError:  # ENOTSUP, EPERM, ENOSPC: the owner is informational only
+                self._xattr_ok = False
+        return st.st_ino
 
     def stat(self, key: str) -> Stat | None:
         try:

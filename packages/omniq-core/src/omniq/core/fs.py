@@ -35,6 +35,7 @@ import sniffio
 from fsspec.core import split_protocol
 from fsspec.implementations.dirfs import DirFileSystem
 
+from ._ops import CANNOT_TAKE as CANNOT_TAKE
 from ._ops import AsyncFsspecOps, FsspecOps, LocalOps, Ops
 from ._ops import Entry as Entry
 from ._ops import Stat as Stat
@@ -96,8 +97,9 @@ def delete_many(keys: Iterable[str]) -> Op:
 def listdir(prefix: str, detail: bool = False, keep: Callable[[Entry], bool] | None = None) -> Op:
     """Files directly under ``prefix`` as sorted ``Entry`` (detail) or names; [] if absent.
 
-    With ``keep`` (detail only), only the entries it accepts are returned; a local directory
-    applies it while scanning, so a large directory is never held in memory."""
+    With ``keep`` (used with ``detail=True`` only; ignored otherwise), only the entries it
+    accepts are returned; a local directory applies it while scanning, so a large directory
+    is never held in memory."""
     return Op("ls", (prefix, detail, keep))
 
 
@@ -130,12 +132,13 @@ def remove_dir(prefix: str) -> Op:
     return Op("remove_dir", (prefix,))
 
 
-def take(src: str, dst: str, mtime: float, owner: str) -> Op:
+def take(src: str, dst: str, mtime: float, owner: str, min_size: int = 0) -> Op:
     """Local directories only (``Store.can_take``): claim the file ``src`` as ``dst`` by
-    hard link, exclusive like ``create``, with ``mtime`` (and ``owner``, where extended
-    attributes work) stamped first. No new file is made. Returns the inode number, False if
-    ``dst`` exists, None if ``src`` is gone."""
-    return Op("take", (src, dst, mtime, owner))
+    hard link, exclusive like ``create``, stamped with ``mtime`` (and ``owner``, where
+    extended attributes work). No new file is made. Returns the inode number; False if
+    ``dst`` exists (or the file is under ``min_size`` bytes); None if ``src`` is gone;
+    ``CANNOT_TAKE`` if this file cannot be taken (not ours, links refused)."""
+    return Op("take", (src, dst, mtime, owner, min_size))
 
 
 def owner(key: str) -> Op:
@@ -212,7 +215,7 @@ class Store:
         package: str = "omniq-core",
         fsync: bool = False,
         clock: Callable[[], float] | None = None,
-        local_io: str = "inline",
+        local_io: str | None = None,
     ) -> None:
         if not isinstance(base_dir, (str, os.PathLike)) or not str(base_dir):
             raise ConfigurationError("base_dir must be a non-empty path or fsspec URL")
@@ -225,9 +228,10 @@ class Store:
         self._options = dict(storage_options or {})
         self.clock = clock or _wall_clock
         self._package = package
-        if local_io not in ("inline", "thread"):
+        if local_io not in (None, "inline", "thread"):
             raise ConfigurationError(f"local_io must be 'inline' or 'thread', not {local_io!r}")
-        self.local_io = local_io
+        # An fsync takes milliseconds: not on the event loop.
+        self.local_io = local_io or ("thread" if fsync else "inline")
         self._async_ops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncFsspecOps]
         self._async_ops = weakref.WeakKeyDictionary()
         self._sync: Ops | None = None
@@ -277,7 +281,7 @@ class Store:
     @property
     def can_take(self) -> bool:
         """Whether the ``take``, ``stat`` and ``touch`` ops are available: a local directory
-        whose filesystem supports hard links (known after ``probe_exclusive_create``)."""
+        whose filesystem has not refused a hard link (``probe_exclusive_create`` tries one)."""
         return isinstance(self._sync, LocalOps) and self._sync.links_work
 
     @property
@@ -286,9 +290,13 @@ class Store:
         return self.kind != "memory"
 
     # -- running programs -------------------------------------------------------------------
-    async def run(self, program: Program[R]) -> R:
-        """Drive ``program`` to completion and return its value."""
-        if self.kind == "memory" or (self.kind == "local" and self.local_io == "inline"):
+    async def run(self, program: Program[R], *, heavy: bool = False) -> R:
+        """Drive ``program`` to completion and return its value. ``heavy`` marks a program
+        that may scan a large directory: locally it then runs in a worker thread even when
+        ``local_io`` is inline, so it does not stall the event loop."""
+        if self.kind == "memory" or (
+            self.kind == "local" and self.local_io == "inline" and not heavy
+        ):
             # A program's few local syscalls cost less than a hop to a worker thread (about
             # 4x on tmpfs, 30 % on ext4, measured in benchmarks/README.md).
             return _drive(program, self._sync_ops, self.clock)

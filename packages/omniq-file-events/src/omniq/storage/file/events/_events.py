@@ -166,8 +166,10 @@ class AsyncFileEventStorage(AsyncEventStorage):
         if limit is not None and limit <= 0:
             return []
         if task_id is not None:
-            return await self.store.run(self._task_program(task_id, kind, window, limit))
-        return await self.store.run(self._time_program(kind, window, limit))
+            return await self.store.run(
+                self._task_program(task_id, kind, window, limit), heavy=True
+            )
+        return await self.store.run(self._time_program(kind, window, limit), heavy=True)
 
     def _select(
         self,
@@ -257,7 +259,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
             aware = ensure_utc(older_than, "older_than")
             assert aware is not None
             cutoff = aware.timestamp()
-        return await self.store.run(self._cleanup_program(cutoff))
+        return await self.store.run(self._cleanup_program(cutoff), heavy=True)
 
     def _cleanup_program(self, cutoff: float) -> Program[int]:
         cutoff_ms = int(cutoff * 1000)

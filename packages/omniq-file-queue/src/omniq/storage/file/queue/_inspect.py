@@ -58,7 +58,7 @@ class QueueInspection:
         """Where the task stands (searches every queue when ``queue`` is None)."""
         validate_name(task_id, "task id")
         for name in await self._queues_for(queue):
-            found = await self.store.run(self._locate_program(name, task_id))
+            found = await self.store.run(self._locate_program(name, task_id), heavy=True)
             if found is not None:
                 return found[0]
         raise NotFoundError(f"task {task_id} not found")
@@ -124,7 +124,7 @@ class QueueInspection:
         next ``extend_lease`` raises TaskCancelledError). False if it already finished."""
         validate_name(task_id, "task id")
         for name in await self._queues_for(queue):
-            result = await self.store.run(self._cancel_program(name, task_id))
+            result = await self.store.run(self._cancel_program(name, task_id), heavy=True)
             if result is not None:
                 return result
         return False
@@ -159,7 +159,7 @@ class QueueInspection:
     async def size(self, queue: str = "default") -> QueueSize:
         """Counts of ready, scheduled, running and dead tasks (lists the queue)."""
         validate_name(queue, "queue name")
-        return await self.store.run(self._size_program(queue))
+        return await self.store.run(self._size_program(queue), heavy=True)
 
     def _size_program(self, queue: str) -> Program[QueueSize]:
         ready = 0
@@ -199,7 +199,7 @@ class QueueInspection:
         """Delete every ready and scheduled task of ``queue``; returns how many."""
         validate_name(queue, "queue name")
         self._cache.pop(queue, None)
-        return await self.store.run(self._purge_program(queue))
+        return await self.store.run(self._purge_program(queue), heavy=True)
 
     def _purge_program(self, queue: str) -> Program[int]:
         keys = []
@@ -216,7 +216,7 @@ class QueueInspection:
     async def list_dead(self, queue: str = "default", limit: int | None = 100) -> list[TaskInfo]:
         """Dead-lettered tasks, oldest first, with their last error."""
         validate_name(queue, "queue name")
-        return await self.store.run(self._list_dead_program(queue, limit))
+        return await self.store.run(self._list_dead_program(queue, limit), heavy=True)
 
     def _list_dead_program(self, queue: str, limit: int | None) -> Program[list[TaskInfo]]:
         names = (yield listdir(f"{queue}/dead"))[:limit]
@@ -230,7 +230,7 @@ class QueueInspection:
         validate_name(queue, "queue name")
         if task_id is not None:
             validate_name(task_id, "task id")
-        return await self.store.run(self._requeue_dead_program(queue, task_id))
+        return await self.store.run(self._requeue_dead_program(queue, task_id), heavy=True)
 
     def _requeue_dead_program(self, queue: str, task_id: str | None) -> Program[int]:
         names = [f"{task_id}.json"] if task_id else (yield listdir(f"{queue}/dead"))

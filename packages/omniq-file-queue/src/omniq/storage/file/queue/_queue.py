@@ -27,6 +27,7 @@ from omniq.core.errors import (
     TaskCancelledError,
 )
 from omniq.core.fs import (
+    CANNOT_TAKE,
     Entry,
     Program,
     Store,
@@ -108,9 +109,10 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         tombstone_ttl: how long finished attempts stay visible to ``get_task`` (and fence
             stale workers) before they are cleaned up.
         fsync: fsync local files before they become visible (slower; survives power loss).
-        local_io: ``"inline"`` (default) runs a local directory's file operations on the event
-            loop (each operation is a few syscalls, cheaper than a thread hop);
-            ``"thread"`` runs each in a worker thread, for slow network mounts.
+        local_io: ``"inline"`` (default without ``fsync``) runs a local directory's short
+            operations on the event loop (a few syscalls, cheaper than a thread hop);
+            ``"thread"`` (default with ``fsync``) runs each in a worker thread, for slow
+            network mounts. Scans of large directories (reaper, inspection) always use a thread.
         on_event: async callback for events the queue itself observes (expired tasks, lease
             take-overs); the worker reports the rest.
         clock: epoch-seconds clock, for tests.
@@ -130,7 +132,7 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         batch: int | None = None,
         spread: int = 8,
         fsync: bool = False,
-        local_io: str = "inline",
+        local_io: str | None = None,
         on_event: EventHook | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
@@ -319,7 +321,14 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
     ) -> Program[list[Claimed | Task | None]]:
         out: list[Claimed | Task | None] = []
         for candidate in picks:
-            out.append((yield from self._claim_program(queue, candidate, lease, worker)))
+            try:
+                out.append((yield from self._claim_program(queue, candidate, lease, worker)))
+            except Exception as exc:
+                if not any(isinstance(got, Claimed) for got in out):
+                    raise
+                # Hand over what is claimed already rather than strand it until its lease ends.
+                log.warning("claiming from %s stopped after an error: %s", queue, exc)
+                break
         return out
 
     def _pick(self, items: list[L.Candidate]) -> int:
@@ -378,30 +387,30 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
             return None
         current = yield now()
         run = L.run_key(queue, task.id, cand.attempt)
-        if task.is_expired(_dt(current)):
-            won = yield create(run, L.EXPIRED)
-            result: Claimed | Task | None = task if won else None
-        elif self.store.can_take:
+        taken: Any = CANNOT_TAKE
+        if not task.is_expired(_dt(current)) and self.store.can_take:
             # Locally the ready file itself becomes the claim (a hard link, exclusive like
             # O_EXCL), its mtime the lease: no file is created, which is what a claim costs
             # on most local filesystems. ``take`` removes the ready name itself.
-            ino = yield take(cand.key, run, current + lease, worker)
-            if ino is None or ino is False:
-                if ino is False:
-                    yield delete(cand.key)  # a stale copy of a claimed or finished attempt
-                if cand.marker:
-                    yield delete(cand.marker)
-                return None
+            taken = yield take(cand.key, run, current + lease, worker, L.TOMBSTONE_MAX + 1)
+        if taken != CANNOT_TAKE:
+            if taken is False:
+                yield delete(cand.key)  # a stale copy of a claimed or finished attempt
             if cand.marker:
                 yield delete(cand.marker)
+            if taken is None or taken is False:
+                return None
             return Claimed(
                 task=task,
                 attempt=cand.attempt,
                 lease_until=_dt(current + lease),
                 worker_id=worker,
-                token=f"{L.INODE_TOKEN}{ino}",
+                token=f"{L.INODE_TOKEN}{taken}",
                 claimed_at=_dt(current),
             )
+        if task.is_expired(_dt(current)):
+            won = yield create(run, L.EXPIRED)
+            result: Claimed | Task | None = task if won else None
         else:
             claimed = Claimed(
                 task=task,
@@ -580,7 +589,7 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         clean up old tombstones. Runs by itself inside ``dequeue``; returns the expired claims.
         """
         validate_name(queue, "queue name")
-        taken = await self.store.run(self._reap_program(queue))
+        taken = await self.store.run(self._reap_program(queue), heavy=True)
         for claimed in taken:
             log.warning(
                 "lease of task %s attempt %d%s expired; requeued",
@@ -628,7 +637,13 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
                 if not codec.is_newer_schema(data):
                     yield from self._quarantine(key, data, SerializationError("unreadable claim"))
                 continue
-            if current <= claimed.lease_until.timestamp() + self.clock_skew:
+            lease_end = claimed.lease_until.timestamp()
+            if not claimed.token:  # a taken file: its lease is its mtime *now*, not at listing
+                info = yield stat(key)
+                if info is None or info.size <= L.TOMBSTONE_MAX:
+                    continue
+                lease_end = info.mtime
+            if current <= lease_end + self.clock_skew:
                 continue
             nxt = msgspec.structs.replace(claimed.task, attempt=claimed.attempt + 1, eta=None)
             won = yield create(

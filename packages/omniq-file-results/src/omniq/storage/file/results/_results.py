@@ -395,9 +395,9 @@ class AsyncFileResultStorage(AsyncResultStorage):
         costs in proportion to what is stored: run it now and then (e.g. daily).
         """
         await self.flush()
-        removed = await self.store.run(self._cleanup_program())
+        removed = await self.store.run(self._cleanup_program(), heavy=True)
         if sweep:
-            removed += await self.store.run(self._sweep_program())
+            removed += await self.store.run(self._sweep_program(), heavy=True)
         if removed:
             log.info("deleted %d expired results from %s", removed, self.store.url)
         return removed
@@ -540,7 +540,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
         if limit is not None and limit <= 0:
             return []
         wanted = None if status is None else ResultStatus(status)
-        return await self.store.run(self._list_program(wanted, limit))
+        return await self.store.run(self._list_program(wanted, limit), heavy=True)
 
     def _list_program(
         self, status: ResultStatus | None, limit: int | None
