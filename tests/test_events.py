@@ -103,9 +103,7 @@ class OpSpy:
             except StopIteration as stop:
                 return stop.value
 
-        monkeypatch.setattr(
-            s.store, "run", lambda program, **kw: real_run(record(program), **kw)
-        )
+        monkeypatch.setattr(s.store, "run", lambda program, **kw: real_run(record(program), **kw))
 
     def first_args(self, name: str) -> list:
         return [args[0] for op, args in self.ops if op == name]
