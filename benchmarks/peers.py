@@ -272,7 +272,10 @@ def _consume_omniq_async(peer: str, path: str, ready: Any) -> dict[str, Any]:
 
     async def main() -> dict[str, Any]:
         q = AsyncFileQueue(path)
-        await q.enqueue_many([])  # one-time start-up (store probe, imports) outside the window
+        # One-time start-up outside the window: the store probe, and the first reaper pass
+        # (it scans in a worker thread: starting the pool and importing its modules).
+        await q.enqueue_many([])
+        await q.reap("default")
         ids: list[int] = []
         ready()
         start = time.monotonic()

@@ -285,7 +285,6 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
     async def _claim_from(self, queue: str, lease: float, worker: str, want: int) -> list[Claimed]:
         current = self._now()
         if current - self._reaped.get(queue, 0.0) >= self.reap_interval:
-            self._reaped[queue] = current
             await self.reap(queue)
         cache = self._cache.get(queue)
         refreshed = False
@@ -589,6 +588,7 @@ class AsyncFileQueue(QueueInspection, AsyncQueue):
         clean up old tombstones. Runs by itself inside ``dequeue``; returns the expired claims.
         """
         validate_name(queue, "queue name")
+        self._reaped[queue] = self._now()  # an explicit pass counts: dequeue waits reap_interval
         taken = await self.store.run(self._reap_program(queue), heavy=True)
         for claimed in taken:
             log.warning(
