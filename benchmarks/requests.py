@@ -7,7 +7,7 @@ instrumenting the client:
 * S3 (moto server from ``tools/emulators.py``): every call of aiobotocore's
   ``AioBaseClient._make_api_call`` is one HTTP request, counted by operation name (a
   conditional PUT is shown as ``PutObject(If-None-Match)``);
-* local disk: every call of the ``omniq.core._ops.LocalOps`` methods (read, write, create,
+* local disk: every call of the ``omniq.core._local.LocalOps`` methods (read, write, create,
   delete, ls, ls_head, ...) is one storage operation; listings also record how many
   directory entries the scan behind them returned.
 
@@ -111,7 +111,7 @@ def count_local() -> Iterator[None]:
     entries the underlying scan returned (what a local listing costs)."""
     import threading
 
-    from omniq.core._ops import LocalOps
+    from omniq.core._local import LocalOps
 
     local = threading.local()
     saved = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from omniq.core import ConfigurationError, LeaseLostError, Task, TaskStatus, codec
-from omniq.core._ops import LocalOps
+from omniq.core._local import LocalOps
 from omniq.core.models import Claimed
 from omniq.storage.file.queue import AsyncFileQueue, FileQueue
 from queue_helpers import FakeClock

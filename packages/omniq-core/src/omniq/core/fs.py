@@ -35,10 +35,11 @@ import sniffio
 from fsspec.core import split_protocol
 from fsspec.implementations.dirfs import DirFileSystem
 
-from ._ops import CANNOT_TAKE as CANNOT_TAKE
-from ._ops import AsyncFsspecOps, FsspecOps, LocalOps, Ops
+from ._local import CANNOT_TAKE as CANNOT_TAKE
+from ._local import LocalOps
+from ._local import Stat as Stat
+from ._ops import AsyncFsspecOps, FsspecOps, Ops
 from ._ops import Entry as Entry
-from ._ops import Stat as Stat
 from .errors import CapabilityError, ConfigurationError, MissingDependencyError, StorageError
 
 log = logging.getLogger("omniq.fs")

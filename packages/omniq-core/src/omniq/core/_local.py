@@ -1,0 +1,303 @@
+"""A local directory through os calls: the ``Ops`` of ``Store`` for ``file://`` paths.
+
+Exclusive create is a fully written temp file hard-linked into place (``link(2)`` fails with
+EEXIST like ``O_EXCL``; a reader never sees half a file); ``take`` claims an existing file by
+hard link without creating one.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from ._ops import Entry
+
+log = logging.getLogger("omniq.fs")
+_entry = Entry
+
+
+class Stat(NamedTuple):
+    """A local file's size, modification time (epoch s) and inode number."""
+
+    size: int
+    mtime: float
+    ino: int
+
+
+_OWNER_XATTR = "user.omniq.owner"
+_NO_LINK = (errno.EPERM, errno.EACCES, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK)
+CANNOT_TAKE = "cannot-take"
+
+
+class LocalOps:
+    """A local directory through os calls (inline, or one worker thread per program)."""
+
+    def __init__(self, root: str, *, fsync: bool = False) -> None:
+        self.root = root
+        self._prefix = root.rstrip(os.sep) + os.sep
+        self.fsync = fsync
+        self._link_ok = True
+        self._xattr_ok = hasattr(os, "setxattr")
+
+    @property
+    def links_work(self) -> bool:
+        """False once a hard link was refused here (some FUSE, SMB, FAT mounts)."""
+        return self._link_ok
+
+    def _path(self, key: str) -> str:
+        return f"{self._prefix}{key}"  # keys are relative and validated: no join needed
+
+    def _tmp_write(self, path: str, data: bytes) -> str:
+        directory = os.path.dirname(path)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+        for attempt in range(3):
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+                # Missing, or an empty directory removed by a concurrent cleanup just now.
+                os.makedirs(directory, exist_ok=True)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        return {key: self.read(key) for key in keys}
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._tmp_write(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        if not self._link_ok:
+            return self._create_excl(path, data)
+        tmp = self._tmp_write(path, data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            log.info("hard links unsupported under %s; using O_EXCL create", self.root)
+            self._link_ok = False
+            return self._create_excl(path, data)
+        finally:
+            os.unlink(tmp)
+
+    def create_many(self, items: list[tuple[str, bytes]]) -> list[bool]:
+        return [self.create(key, data) for key, data in items]
+
+    def mark(self, key: str, data: bytes) -> None:
+        # In place: no new file (a create costs far more than a write on some disks). A
+        # reader may see the file empty for an instant; callers only mark with tiny states.
+        try:
+            fd = os.open(self._path(key), os.O_WRONLY | os.O_TRUNC)
+        except FileNotFoundError:
+            self.write(key, data)
+            return
+        try:
+            os.write(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def take(
+        self, src: str, dst: str, mtime: float, owner: str, min_size: int = 0
+    ) -> int | bool | str | None:
+        """Claim ``src`` as ``dst`` without creating a file: stamp ``mtime`` on it, hard-link
+        it to ``dst`` (exclusive like ``O_EXCL``: EEXIST means another claim exists), unlink
+        ``src``, then stamp ``mtime`` and ``owner`` (an extended attribute, where supported)
+        again. Returns the inode number on success; False if ``dst`` exists or the file is
+        smaller than ``min_size`` (a leftover name of a finished claim); None if ``src`` is
+        gone; ``CANNOT_TAKE`` if this file cannot be taken here (owned by another user, links
+        refused): the caller then claims another way."""
+        source, target = self._path(src), self._path(dst)
+        try:
+            # Before the link, so the claim never exists without a lease.
+            os.utime(source, (mtime, mtime))
+        except FileNotFoundError:
+            return None
+        except PermissionError:  # only a file's owner may set its times
+            return CANNOT_TAKE
+        for attempt in range(2):
+            try:
+                os.link(source, target)
+                break
+            except FileExistsError:
+                return False
+            except FileNotFoundError:
+                if attempt or not os.path.exists(source):
+                    return None
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            except OSError as exc:
+                if exc.errno in _NO_LINK:  # protected_hardlinks, EXDEV, FUSE/SMB mounts
+                    return CANNOT_TAKE
+                raise
+        st = os.stat(target)
+        self.delete(src)
+        if st.st_size < min_size:
+            return False
+        # Once more, now that no other claimer can reach the file by its ready name: a loser
+        # of the race may have stamped its own lease on it between our stamp and our unlink.
+        os.utime(target, (mtime, mtime))
+        if self._xattr_ok:
+            try:
+                os.setxattr(target, _OWNER_XATTR, owner.encode())
+            except OSError:  # ENOTSUP, EPERM, ENOSPC: the owner is informational only
+                self._xattr_ok = False
+        return st.st_ino
+
+    def stat(self, key: str) -> Stat | None:
+        try:
+            st = os.stat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return Stat(st.st_size, st.st_mtime, st.st_ino)
+
+    def owner(self, key: str) -> str | None:
+        """The owner stamped by ``take``, if the filesystem kept it."""
+        if not self._xattr_ok:
+            return None
+        try:
+            return os.getxattr(self._path(key), _OWNER_XATTR).decode(errors="replace")
+        except OSError:
+            return None
+
+    def touch(self, key: str, mtime: float) -> bool:
+        """Set the modification time of ``key``; False if it does not exist."""
+        try:
+            os.utime(self._path(key), (mtime, mtime))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _create_excl(self, path: str, data: bytes) -> bool:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        return True
+
+    def delete(self, key: str) -> bool:
+        try:
+            os.unlink(self._path(key))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            self.delete(key)
+
+    def ls(
+        self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
+    ) -> list[Any]:
+        out: list[Any] = []
+        try:
+            with os.scandir(self._path(prefix)) as it:
+                for entry in it:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if not entry.is_file():
+                            continue
+                        if detail:
+                            st = entry.stat()
+                            item = _entry(entry.name, st.st_size, st.st_mtime)
+                            if keep is None or keep(item):
+                                out.append(item)
+                        else:
+                            out.append(entry.name)
+                    except FileNotFoundError:
+                        continue
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out.sort()
+        return out
+
+    def count(self, prefix: str, min_size: int = 0) -> int:
+        total = 0
+        try:
+            with os.scandir(self._path(prefix)) as it:
+                for entry in it:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if entry.is_file() and (not min_size or entry.stat().st_size >= min_size):
+                            total += 1
+                    except FileNotFoundError:
+                        continue
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+        return total
+
+    def ls_head(self, prefix: str, limit: int) -> list[str]:
+        # The smallest names without building and sorting the whole directory listing.
+        try:
+            with os.scandir(self._path(prefix)) as it:
+                names = (e.name for e in it if not e.name.startswith(".") and e.is_file())
+                return heapq.nsmallest(limit, names)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        try:
+            with os.scandir(self._path(prefix)) as it:
+                return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
+    def remove_dir(self, prefix: str) -> bool:
+        if not prefix.strip("/"):
+            return False  # never the root itself
+        try:
+            os.rmdir(self._path(prefix))
+            return True
+        except OSError:  # absent, not empty (files or an in-flight temp file), not a directory
+            return False
