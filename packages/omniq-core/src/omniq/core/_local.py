@@ -29,6 +29,7 @@ class Stat(NamedTuple):
     ino: int
 
 
+_CHUNK = 1 << 16
 _OWNER_XATTR = "user.omniq.owner"
 _NO_LINK = (errno.EPERM, errno.EACCES, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK)
 CANNOT_TAKE = "cannot-take"
@@ -78,11 +79,21 @@ class LocalOps:
         return tmp
 
     def read(self, key: str) -> bytes | None:
+        # os calls, not open(): three syscalls for a small file instead of about seven.
         try:
-            with open(self._path(key), "rb") as f:
-                return f.read()
+            fd = os.open(self._path(key), os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        try:
+            data = os.read(fd, _CHUNK)
+            if len(data) < _CHUNK:  # a short read of a regular file is its end
+                return data
+            parts = [data]
+            while chunk := os.read(fd, _CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        finally:
+            os.close(fd)
 
     def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
         return {key: self.read(key) for key in keys}
