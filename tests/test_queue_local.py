@@ -243,3 +243,26 @@ async def test_files_that_cannot_be_taken_are_claimed_with_a_document(
         assert info.status is TaskStatus.RUNNING and info.worker_id == "w"
         await q.ack(claimed)
         assert (await q.get_task(task.id)).status is TaskStatus.DONE
+
+
+async def test_protocol_defaults_of_the_batch_calls(tmp_path: Path) -> None:
+    """``AsyncQueue.dequeue_many`` / ``ack_many`` (for queues that do not override them) loop
+    over ``dequeue`` / ``ack``: same order, stop when empty, report refused acks."""
+    from omniq.core.interfaces import AsyncQueue
+
+    clock = FakeClock()
+    async with AsyncFileQueue(tmp_path, lease=10, clock_skew=1, clock=clock) as q:
+        await q.enqueue_many([Task(func="m:f", priority=p) for p in (1, 3, 2)])
+        got = await AsyncQueue.dequeue_many(q, 2)
+        assert [c.task.priority for c in got] == [3, 2]
+        rest = await AsyncQueue.dequeue_many(q, 5)
+        assert [c.task.priority for c in rest] == [1]
+        assert await AsyncQueue.dequeue_many(q, 5) == []
+        with pytest.raises(ValueError):
+            await AsyncQueue.dequeue_many(q, 0)
+        clock.advance(12)
+        got[1] = await q.extend_lease(got[1], 30)
+        await q.reap()  # got[0]'s lease ended: taken over
+        with pytest.raises(LeaseLostError, match="1 of 2"):
+            await AsyncQueue.ack_many(q, got)
+        assert (await q.get_task(got[1].id)).status is TaskStatus.DONE
