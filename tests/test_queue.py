@@ -219,6 +219,42 @@ async def test_dequeue_many_and_ack_many(storage) -> None:
             await q.dequeue_many(0)
 
 
+@pytest.mark.parametrize("storage", ["s3"], indirect=True)
+async def test_s3_defers_and_batches_the_ready_copy_deletes(storage) -> None:
+    """On S3 a claimer leaves the claimed task's ready copy for one batched DeleteObjects at
+    its next listing; other workers' listings skip (and delete) copies of claimed attempts,
+    so they never try to claim them."""
+    async with make_queue(storage) as q1, make_queue(storage) as q2:
+        tasks = [Task(func="m:f", args=[i]) for i in range(3)]
+        await q1.enqueue_many(tasks)
+        ready = "default/ready/p0999"
+        claimed = await q1.dequeue_many(2)
+        assert len(claimed) == 2
+        assert len(await q1.store.list(ready)) == 3  # the copies wait for the batch
+        gets: list[str] = []
+        real_read = q2._claim_program
+
+        def spy(queue, cand, lease, worker):
+            gets.append(cand.task_id)
+            return real_read(queue, cand, lease, worker)
+
+        q2._claim_program = spy  # type: ignore[method-assign]
+        third = await q2.dequeue()
+        assert third is not None and third.id not in {c.id for c in claimed}
+        assert gets == [third.id]  # the claimed ones were never tried
+        # q2's listing deleted q1's spent copies; its own claim's copy waits for its batch.
+        assert await q1.store.list(ready) == [f"{third.id}.1.json"]
+        await q1.ack_many(claimed)
+        await q2.ack(third)
+        assert (await q1.size()).ready == 1  # q2's pending copy counts until q2 lists again
+        assert (await q2.size()).total == 0  # size() sends its own pending deletes first
+    async with make_queue(storage) as q3:
+        await q3.enqueue(Task(func="m:f"))
+        got = await q3.dequeue()
+        assert got is not None
+    assert await q3.store.list(ready) == []  # close() sent the pending delete
+
+
 async def test_extend_lease_keeps_the_task(storage) -> None:
     clock = FakeClock()
     async with make_queue(storage, clock=clock, lease=10, clock_skew=1) as q:

@@ -294,6 +294,14 @@ class LocalOps:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    def ls_after(self, prefix: str, after: str, limit: int) -> list[str]:
+        try:
+            with os.scandir(self._path(prefix)) as it:
+                names = (e.name for e in it if e.name > after and not e.name.startswith("."))
+                return heapq.nsmallest(limit, names)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def list_dirs(self, prefix: str) -> list[str]:
         try:
             with os.scandir(self._path(prefix)) as it:

@@ -62,6 +62,7 @@ class Ops(Protocol):
     ) -> list[Any]: ...
     def count(self, prefix: str, min_size: int = 0) -> int: ...
     def ls_head(self, prefix: str, limit: int) -> list[str]: ...
+    def ls_after(self, prefix: str, after: str, limit: int) -> list[str]: ...
     def list_dirs(self, prefix: str) -> list[str]: ...
     def exists(self, key: str) -> bool: ...
     def remove_dir(self, prefix: str) -> bool: ...
@@ -248,6 +249,17 @@ class FsspecOps:
             return _listing(infos, False)[:limit]
         return self.ls(prefix, False)[:limit]
 
+    def ls_after(self, prefix: str, after: str, limit: int) -> list[str]:
+        inner = self.fs.fs
+        if hasattr(inner, "_call_s3"):
+            from fsspec.asyn import sync
+
+            path = self.fs._join(prefix)
+            return _retry(
+                "list", prefix, lambda: sync(inner.loop, _s3_after, inner, path, after, limit)
+            )
+        return [n for n in self.ls(prefix, False) if n > after][:limit]
+
     def list_dirs(self, prefix: str) -> list[str]:
         return _dirs(self._ls(prefix))
 
@@ -391,6 +403,13 @@ class AsyncFsspecOps:
             return _listing(infos, False)[:limit]
         return (await self.ls(prefix, False))[:limit]
 
+    async def ls_after(self, prefix: str, after: str, limit: int) -> list[str]:
+        inner = self.fs.fs
+        if hasattr(inner, "_call_s3"):
+            path = self.fs._join(prefix)
+            return await _aretry("list", prefix, lambda: _s3_after(inner, path, after, limit))
+        return [n for n in await self.ls(prefix, False) if n > after][:limit]
+
     async def list_dirs(self, prefix: str) -> list[str]:
         return _dirs(await self._ls(prefix))
 
@@ -425,6 +444,22 @@ async def _s3_head(s3: Any, path: str, limit: int) -> list[dict[str, Any]]:
         return await s3._lsdir(path, max_items=limit, refresh=True)  # type: ignore[no-any-return]
     except FileNotFoundError:
         return []
+
+
+async def _s3_after(s3: Any, path: str, after: str, limit: int) -> list[str]:
+    """Up to ``limit`` file names under ``path`` that sort after ``after``: one LIST request
+    (``StartAfter``), wherever in a large prefix they are."""
+    bucket, key, _ = s3.split_path(path)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    response = await s3._call_s3(
+        "list_objects_v2",
+        Bucket=bucket,
+        Prefix=prefix,
+        Delimiter="/",
+        StartAfter=f"{prefix}{after}",
+        MaxKeys=limit,
+    )
+    return [item["Key"][len(prefix) :] for item in response.get("Contents", [])]
 
 
 def _read_options(dirfs: Any) -> dict[str, Any]:

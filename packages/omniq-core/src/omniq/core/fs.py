@@ -115,6 +115,12 @@ def listhead(prefix: str, limit: int) -> Op:
     return Op("ls_head", (prefix, limit))
 
 
+def listafter(prefix: str, after: str, limit: int) -> Op:
+    """Up to ``limit`` file names under ``prefix`` sorting after ``after``, in order. On S3
+    one LIST request (``StartAfter``); elsewhere a full listing, filtered."""
+    return Op("ls_after", (prefix, after, limit))
+
+
 def listdirs(prefix: str) -> Op:
     """Sorted names of the sub-directories directly under ``prefix``."""
     return Op("list_dirs", (prefix,))

@@ -47,6 +47,9 @@ class QueueInspection:
     if TYPE_CHECKING:
 
         def _quarantine(self, key: str, data: bytes, reason: BaseException) -> Program[None]: ...
+        def _flush_spent(self) -> Program[None]: ...
+
+    _spent: list[str]
 
     # -- inspection --------------------------------------------------------------------------
     async def _queues_for(self, queue: str | None) -> list[str]:
@@ -157,8 +160,11 @@ class QueueInspection:
         return False
 
     async def size(self, queue: str = "default") -> QueueSize:
-        """Counts of ready, scheduled, running and dead tasks (lists the queue)."""
+        """Counts of ready, scheduled, running and dead tasks (lists the queue). On S3 a task
+        another worker claimed in the last second may still count as ready as well."""
         validate_name(queue, "queue name")
+        if self._spent:  # this instance's claimed tasks' copies must not count as ready
+            await self.store.run(self._flush_spent())
         return await self.store.run(self._size_program(queue), heavy=True)
 
     def _size_program(self, queue: str) -> Program[QueueSize]:

@@ -29,6 +29,8 @@ from omniq.core.fs import (
     create,
     create_many,
     delete,
+    delete_many,
+    listafter,
     listdirs,
     listhead,
     now,
@@ -136,12 +138,31 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
         self._checked = False
         self._cache: dict[str, _Cache] = {}
         self._reaped: dict[str, float] = {}
+        # On S3 the claimer does not delete the ready copy of a task it claimed at once: the
+        # keys wait here and go in one DeleteObjects at its next listing (or at close), and
+        # every listing skips copies whose attempt is claimed (one more LIST per listing).
+        # A DELETE per task becomes a fraction of a request.
+        self._defer_deletes = self.store.kind == "s3"
+        self._spent: list[str] = []
 
     def __repr__(self) -> str:
         return f"AsyncFileQueue({self.store.url!r})"
 
     async def close(self) -> None:
+        if self._spent:
+            try:
+                await self.store.run(self._flush_spent())
+            except Exception as exc:  # the next listing of any worker removes them
+                log.warning("could not delete %d spent ready copies: %s", len(self._spent), exc)
         await self.store.aclose()
+
+    def _flush_spent(self) -> Program[None]:
+        spent, self._spent = self._spent, []
+        try:
+            yield delete_many(spent)
+        except BaseException:
+            self._spent = spent + self._spent
+            raise
 
     def _now(self) -> float:
         return self.store.clock()
@@ -312,6 +333,8 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
         return random.randrange(same)
 
     def _scan_program(self, queue: str) -> Program[list[L.Candidate]]:
+        if self._spent:
+            yield from self._flush_spent()
         found: list[L.Candidate] = []
         for rank_dir in (yield listdirs(f"{queue}/ready")):
             for name in (yield listhead(f"{queue}/ready/{rank_dir}", self.batch)):
@@ -329,7 +352,25 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
                 break
             found.append(candidate)
         found.sort()
-        return found[: self.batch]
+        found = found[: self.batch]
+        if self._defer_deletes and found:
+            found = yield from self._skip_claimed(queue, found)
+        return found
+
+    def _skip_claimed(self, queue: str, found: list[L.Candidate]) -> Program[list[L.Candidate]]:
+        """Drop (and delete) candidates whose attempt is already claimed or finished: copies
+        left by a claimer that deferred their deletion, or died before it."""
+        first = min(c.task_id for c in found)
+        names = set((yield listafter(f"{queue}/run", first, 1000)))
+        keep, spent = [], []
+        for c in found:
+            if f"{c.task_id}.{c.attempt}.json" in names:
+                spent += [c.key, c.marker] if c.marker else [c.key]
+            else:
+                keep.append(c)
+        if spent:
+            yield delete_many(spent)
+        return keep
 
     def _claim_program(
         self, queue: str, cand: L.Candidate, lease: float, worker: str
@@ -395,6 +436,11 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
             )
             won = yield create(run, codec.encode(claimed))
             result = claimed if won else None
+            if won and self._defer_deletes:
+                self._spent += [cand.key, cand.marker] if cand.marker else [cand.key]
+                if len(self._spent) >= self.batch:
+                    yield from self._flush_spent()
+                return result
         # Winner or not, this entry is spent: the winner removes it, and a loser finding the
         # attempt already claimed (or finished) removes a stale copy.
         yield delete(cand.key)
