@@ -279,10 +279,18 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
 
     async def _claim_from(self, queue: str, lease: float, worker: str, want: int) -> list[Claimed]:
         current = self._now()
-        if current - self._reaped.get(queue, 0.0) >= self.reap_interval:
-            await self.reap(queue)
         cache = self._cache.get(queue)
         refreshed = False
+        if current - self._reaped.get(queue, 0.0) >= self.reap_interval:
+            if self._defer_deletes:
+                # List first: the listing deletes ready copies of claimed attempts (a dead
+                # claimer's pending deletes) while their claims' tombstones still exist; the
+                # reaper may remove old tombstones next.
+                items = await self.store.run(self._scan_program(queue))
+                cache = self._cache[queue] = _Cache(current, items)
+                refreshed = True
+            if await self.reap(queue):  # requeued tasks: list again to see them
+                cache, refreshed = None, False
         claimed: list[Claimed] = []
         while True:
             if cache is None or not cache.items or current - cache.at > self.refresh_interval:
