@@ -12,7 +12,7 @@ import heapq
 import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from ._ops import Entry
@@ -243,64 +243,51 @@ class LocalOps:
         for key in keys:
             self.delete(key)
 
+    def _files(self, prefix: str) -> Iterator[os.DirEntry[str]]:
+        """The visible files directly under ``prefix`` as the scan finds them (none if it
+        does not exist); entries that vanish while scanned are skipped."""
+        try:
+            with os.scandir(self._path(prefix)) as it:
+                for entry in it:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if entry.is_file():
+                            yield entry
+                    except FileNotFoundError:
+                        continue
+        except (FileNotFoundError, NotADirectoryError):
+            return
+
+    @staticmethod
+    def _stat(entry: os.DirEntry[str]) -> Entry | None:
+        try:
+            st = entry.stat()
+        except FileNotFoundError:
+            return None
+        return _entry(entry.name, st.st_size, st.st_mtime)
+
     def ls(
         self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
     ) -> list[Any]:
-        out: list[Any] = []
-        try:
-            with os.scandir(self._path(prefix)) as it:
-                for entry in it:
-                    if entry.name.startswith("."):
-                        continue
-                    try:
-                        if not entry.is_file():
-                            continue
-                        if detail:
-                            st = entry.stat()
-                            item = _entry(entry.name, st.st_size, st.st_mtime)
-                            if keep is None or keep(item):
-                                out.append(item)
-                        else:
-                            out.append(entry.name)
-                    except FileNotFoundError:
-                        continue
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        out.sort()
-        return out
+        if not detail:
+            return sorted(e.name for e in self._files(prefix))
+        items = (self._stat(e) for e in self._files(prefix))
+        return sorted(i for i in items if i is not None and (keep is None or keep(i)))
 
     def count(self, prefix: str, min_size: int = 0) -> int:
-        total = 0
-        try:
-            with os.scandir(self._path(prefix)) as it:
-                for entry in it:
-                    if entry.name.startswith("."):
-                        continue
-                    try:
-                        if entry.is_file() and (not min_size or entry.stat().st_size >= min_size):
-                            total += 1
-                    except FileNotFoundError:
-                        continue
-        except (FileNotFoundError, NotADirectoryError):
-            return 0
-        return total
+        if not min_size:
+            return sum(1 for _ in self._files(prefix))
+        items = (self._stat(e) for e in self._files(prefix))
+        return sum(1 for i in items if i is not None and i.size >= min_size)
 
     def ls_head(self, prefix: str, limit: int) -> list[str]:
         # The smallest names without building and sorting the whole directory listing.
-        try:
-            with os.scandir(self._path(prefix)) as it:
-                names = (e.name for e in it if not e.name.startswith(".") and e.is_file())
-                return heapq.nsmallest(limit, names)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
+        return heapq.nsmallest(limit, (e.name for e in self._files(prefix)))
 
     def ls_after(self, prefix: str, after: str, limit: int) -> list[str]:
-        try:
-            with os.scandir(self._path(prefix)) as it:
-                names = (e.name for e in it if e.name > after and not e.name.startswith("."))
-                return heapq.nsmallest(limit, names)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
+        names = (e.name for e in self._files(prefix) if e.name > after)
+        return heapq.nsmallest(limit, names)
 
     def list_dirs(self, prefix: str) -> list[str]:
         try:

@@ -507,25 +507,38 @@ class AsyncFileResultStorage(AsyncResultStorage):
             yield from self._quarantine(key, data, exc, what="expiry marker")
         return None
 
+    def _stored_keys(self) -> Program[builtins.list[str]]:
+        names = yield listdir(L.RESULTS)
+        return [f"{L.RESULTS}/{n}" for n in names if L.task_id_of(n) is not None]
+
+    def _read_results(
+        self, keys: builtins.list[str], warn_newer: bool
+    ) -> Program[builtins.list[tuple[str, TaskResult]]]:
+        """Read and decode ``keys`` in one batch; gone, unreadable (quarantined) and
+        newer-schema results are left out."""
+        bodies = yield read_many(keys)
+        out: builtins.list[tuple[str, TaskResult]] = []
+        for key in keys:
+            data = bodies.get(key)
+            if data is None:  # deleted since the listing
+                continue
+            try:
+                result = yield from self._decode(key, data)
+            except NewerSchemaError as exc:
+                if warn_newer:
+                    log.warning("skipping %s", exc)
+                continue
+            if result is not None:
+                out.append((key, result))
+        return out
+
     def _sweep_program(self) -> Program[int]:
-        """Read every stored result; delete the expired ones (marked or not)."""
         now_dt = _dt((yield now()))
-        names = [n for n in (yield listdir(L.RESULTS)) if L.task_id_of(n) is not None]
+        keys = yield from self._stored_keys()
         removed = 0
-        for lo in range(0, len(names), self.batch):
-            keys = [f"{L.RESULTS}/{n}" for n in names[lo : lo + self.batch]]
-            bodies = yield read_many(keys)
-            doomed: builtins.list[str] = []
-            for key in keys:
-                data = bodies.get(key)
-                if data is None:  # deleted since the listing
-                    continue
-                try:
-                    result = yield from self._decode(key, data)
-                except NewerSchemaError:
-                    continue
-                if result is not None and result.is_expired(now_dt):
-                    doomed.append(key)
+        for lo in range(0, len(keys), self.batch):
+            got = yield from self._read_results(keys[lo : lo + self.batch], warn_newer=False)
+            doomed = [key for key, result in got if result.is_expired(now_dt)]
             if doomed:
                 yield delete_many(doomed)
                 removed += len(doomed)
@@ -546,22 +559,12 @@ class AsyncFileResultStorage(AsyncResultStorage):
         self, status: ResultStatus | None, limit: int | None
     ) -> Program[builtins.list[TaskResult]]:
         now_dt = _dt((yield now()))
-        names = [n for n in (yield listdir(L.RESULTS)) if L.task_id_of(n) is not None]
+        keys = yield from self._stored_keys()
         step = self.batch if limit is None else min(self.batch, max(limit, 16))
         out: builtins.list[TaskResult] = []
-        for first in range(0, len(names), step):
-            keys = [f"{L.RESULTS}/{n}" for n in names[first : first + step]]
-            bodies = yield read_many(keys)
-            for key in keys:
-                data = bodies.get(key)
-                if data is None:  # deleted since the listing
-                    continue
-                try:
-                    result = yield from self._decode(key, data)
-                except NewerSchemaError as exc:
-                    log.warning("skipping %s", exc)
-                    continue
-                if result is None or result.is_expired(now_dt):
+        for first in range(0, len(keys), step):
+            for _, result in (yield from self._read_results(keys[first : first + step], True)):
+                if result.is_expired(now_dt):
                     continue
                 if status is not None and result.status is not status:
                     continue
