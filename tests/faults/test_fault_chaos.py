@@ -100,6 +100,10 @@ def _chaos(
                     # A victim that is working already (it has run a task), so that kills
                     # hit tasks in flight rather than processes still importing.
                     busy = [pid for pid in sorted(procs) if (records / f"{pid}.log").exists()]
+                    if not busy and done >= tasks:
+                        # The work ran out before the last kills: replacements started
+                        # since will never run a task, so idle workers are the victims.
+                        busy = sorted(procs)
                     if not busy:
                         continue
                     pid = rng.choice(busy)
