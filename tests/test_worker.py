@@ -650,3 +650,43 @@ async def test_cleanup_sweeps_results_without_a_marker_only_when_due(tmp_path: P
         due = backend.worker(sweep_interval=0)
         await due.cleanup()
         assert not stored.exists()
+
+
+@pytest.mark.anyio
+async def test_sweep_removes_only_stale_temporary_files(tmp_path: Path, caplog) -> None:
+    """A process killed between writing a temporary file and renaming it leaves ``.tmp-*``
+    behind. The worker's sweep removes those older than an hour, under the queue, results and
+    events directories (and a results directory elsewhere), and keeps everything else."""
+    from omniq.backend.file._worker import TEMP_FILE_AGE
+
+    base, elsewhere = tmp_path / "store", tmp_path / "results-elsewhere"
+    async with AsyncFileBackend(
+        str(base), results_dir=str(elsewhere), events=True, environ={}
+    ) as backend:
+        task_id = await backend.enqueue(worker_tasks.add, (1, 2))
+        await backend.worker(concurrency=1, **BURST).run()
+        assert (await backend.result(task_id)).value == 3
+        old = time.time() - TEMP_FILE_AGE - 60
+        stale = [
+            base / "queue" / "default" / "ready" / ".tmp-a",
+            base / "events" / "events" / ".tmp-b",
+            elsewhere / "results" / ".tmp-c",
+        ]
+        fresh = base / "queue" / "default" / ".tmp-d"
+        old_data = base / "queue" / "old.json"  # not a temporary file, however old
+        for path in [*stale, fresh, old_data]:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"half")
+        for path in [*stale, old_data]:
+            os.utime(path, (old, old))
+        caplog.set_level(logging.WARNING, logger="omniq.worker")
+
+        await backend.worker(sweep_interval=None).cleanup()
+        assert all(p.exists() for p in stale)
+
+        await backend.worker(sweep_interval=0).cleanup()
+        assert [p for p in stale if p.exists()] == []
+        assert fresh.exists() and old_data.exists()
+        assert (await backend.result(task_id)).value == 3
+        notes = [r.getMessage() for r in caplog.records if "temporary file" in r.getMessage()]
+        assert sorted(int(n.split()[1]) for n in notes) == [1, 1, 1], notes

@@ -289,6 +289,26 @@ class LocalOps:
         names = (e.name for e in self._files(prefix) if e.name > after)
         return heapq.nsmallest(limit, names)
 
+    def sweep_temp(self, prefix: str, before: float) -> list[str]:
+        """Delete the temporary files (``.tmp-*``) under ``prefix``, at any depth, last written
+        before ``before``: what a process killed between write and rename left behind. Returns
+        their keys."""
+        top = self._path(prefix.strip("/")) if prefix.strip("/") else self.root
+        removed = []
+        for directory, _, files in os.walk(top):
+            for name in files:
+                if not name.startswith(".tmp-"):
+                    continue
+                path = os.path.join(directory, name)
+                try:
+                    if os.lstat(path).st_mtime >= before:
+                        continue
+                    os.unlink(path)
+                except FileNotFoundError:  # renamed or removed by its writer just now
+                    continue
+                removed.append(os.path.relpath(path, self.root).replace(os.sep, "/"))
+        return removed
+
     def list_dirs(self, prefix: str) -> list[str]:
         try:
             with os.scandir(self._path(prefix)) as it:

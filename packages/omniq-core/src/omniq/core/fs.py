@@ -366,6 +366,16 @@ class Store:
     async def exists(self, key: str) -> bool:
         return await self.run(_one(exists(key)))
 
+    async def sweep_temp(self, prefix: str = "", older_than: float = 3600.0) -> builtins.list[str]:
+        """Delete temporary files (``.tmp-*``) older than ``older_than`` seconds under
+        ``prefix``: a local directory's writes go through them, and a process killed between
+        the write and the rename leaves one behind (never read as data). Other filesystems
+        write whole objects and have none. Returns the keys removed."""
+        if not isinstance(self._sync, LocalOps):
+            return []
+        before = self.clock() - older_than
+        return await anyio.to_thread.run_sync(self._sync.sweep_temp, prefix, before)
+
     async def probe_exclusive_create(self) -> None:
         """Prove that exclusive create is enforced here: create one key twice.
 

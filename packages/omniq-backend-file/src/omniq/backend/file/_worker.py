@@ -41,6 +41,10 @@ from ._functions import FunctionImportError, FunctionNotAllowedError, is_async, 
 
 log = logging.getLogger("omniq.worker")
 
+# A temporary file is renamed or linked into place milliseconds after it is written; one this
+# old belongs to a process that was killed in between.
+TEMP_FILE_AGE = 3600
+
 
 def _call_in_process(path: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
     func = resolve(path)
@@ -63,7 +67,8 @@ class AsyncWorker:
         cleanup_interval: seconds between expiry clean-ups of results and events.
         sweep_interval: seconds (default a day, with 10 % jitter; None: never) between clean-ups
             that also read every stored result (``cleanup_expired(sweep=True)``), the backstop
-            for results whose batched expiry marker a killed process never wrote.
+            for results whose batched expiry marker a killed process never wrote, and remove
+            temporary files an hour old (left locally by a process killed mid-write).
         burst: stop once the queues stay empty for ``idle_timeout`` seconds (like
             ``rq worker --burst``) and no delayed or retrying task comes due within
             ``burst_horizon`` seconds (default 60).
@@ -283,10 +288,14 @@ class AsyncWorker:
         return True
 
     async def cleanup(self) -> None:
-        """Drop expired results and old events (runs by itself every cleanup_interval)."""
+        """Drop expired results and old events (runs by itself every cleanup_interval); when
+        a sweep is due, also read every result and remove stale temporary files."""
         try:
+            sweep = self._sweep_due()
+            if sweep:
+                await self._sweep_temp()
             if self.backend.results is not None:
-                await self.backend.results.cleanup_expired(sweep=self._sweep_due())
+                await self.backend.results.cleanup_expired(sweep=sweep)
             retention = self.backend.config.event_retention
             if self.backend.events is not None and retention is not None:
                 from datetime import timedelta
@@ -294,6 +303,29 @@ class AsyncWorker:
                 await self.backend.events.cleanup(timedelta(seconds=retention))
         except Exception:
             log.exception("expiry clean-up failed; will try again")
+
+    async def _sweep_temp(self) -> None:
+        parts = (self.queue, self.backend.results, self.backend.events)
+        stores = sorted((p.store for p in parts if p is not None), key=lambda s: len(s.root))
+        walked: list[Any] = []
+        for store in stores:
+            # Results and events usually live under the queue's directory: one walk covers them.
+            if any(
+                w.kind == store.kind and f"{store.root}/".startswith(f"{w.root.rstrip('/')}/")
+                for w in walked
+            ):
+                continue
+            walked.append(store)
+            removed = await store.sweep_temp(older_than=TEMP_FILE_AGE)
+            if removed:
+                log.warning(
+                    "removed %d temporary file(s) older than %d s under %s, left by a process "
+                    "killed while writing (first: %s)",
+                    len(removed),
+                    TEMP_FILE_AGE,
+                    store.url,
+                    removed[0],
+                )
 
     # -- one task ----------------------------------------------------------------------------
     async def _run_one(self, claimed: Claimed, slots: anyio.Semaphore) -> None:
