@@ -17,6 +17,7 @@ from omniq.core import fs as ops
 from omniq.core.errors import InvalidNameError, StorageError
 from omniq.core.models import EventType, TaskEvent
 from omniq.storage.file.events import AsyncFileEventStorage, FileEventStorage
+from storage_helpers import path
 
 UTC = timezone.utc
 QUICK = pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
@@ -42,10 +43,6 @@ def anyio_backend(request):
 
 def make(storage, **kwargs) -> AsyncFileEventStorage:
     return AsyncFileEventStorage(storage.base_dir, storage.storage_options, **kwargs)
-
-
-def path(storage, key: str) -> str:
-    return f"{storage.base_dir.rstrip('/')}/{key}"
 
 
 def find(storage, key: str) -> list[str]:

@@ -85,17 +85,26 @@ async def test_the_lease_lives_in_the_mtime(tmp_path: Path) -> None:
         assert run.read_bytes() == b"lost"
 
 
+async def _claim_leaving_the_ready_name(
+    q: AsyncFileQueue, tmp_path: Path
+) -> tuple[Task, Claimed, Path]:
+    """Enqueue and claim a task, then restore its ready name as a claimer killed between
+    its link and its unlink leaves it (one file, two names)."""
+    task = Task(func="m:f")
+    await q.enqueue(task)
+    [ready] = _ready_files(tmp_path)
+    claimed = await q.dequeue()
+    assert claimed is not None
+    os.link(_run_file(tmp_path, task.id, 1), ready)
+    return task, claimed, ready
+
+
 async def test_a_stale_ready_name_sharing_a_finished_claim_is_dropped(tmp_path: Path) -> None:
     """A claimer killed between its link and its unlink leaves the ready name pointing at
     the claim. Finished, the claim's tombstone shows through that name: it is removed, never
     run again and never quarantined."""
     async with AsyncFileQueue(tmp_path) as q:
-        task = Task(func="m:f")
-        await q.enqueue(task)
-        [ready] = _ready_files(tmp_path)
-        claimed = await q.dequeue()
-        assert claimed is not None
-        os.link(_run_file(tmp_path, task.id, 1), ready)  # as if the unlink never happened
+        task, claimed, ready = await _claim_leaving_the_ready_name(q, tmp_path)
         await q.ack(claimed)
         assert ready.read_bytes() == b"done"
         assert await q.dequeue() is None
@@ -106,12 +115,7 @@ async def test_a_stale_ready_name_sharing_a_finished_claim_is_dropped(tmp_path: 
 
 async def test_a_stale_ready_name_of_a_running_claim_is_not_run_twice(tmp_path: Path) -> None:
     async with AsyncFileQueue(tmp_path) as q:
-        task = Task(func="m:f")
-        await q.enqueue(task)
-        [ready] = _ready_files(tmp_path)
-        claimed = await q.dequeue()
-        assert claimed is not None
-        os.link(_run_file(tmp_path, task.id, 1), ready)
+        _, claimed, ready = await _claim_leaving_the_ready_name(q, tmp_path)
         assert await q.dequeue() is None  # the attempt is claimed: the copy goes
         assert not ready.exists()
         await q.ack(claimed)

@@ -19,6 +19,7 @@ import pytest
 from omniq.core.errors import InvalidNameError, ResultTimeoutError, SerializationError
 from omniq.core.models import ErrorInfo, ResultStatus, TaskResult
 from omniq.storage.file.results import AsyncFileResultStorage, FileResultStorage
+from storage_helpers import exists, path, put
 
 UTC = timezone.utc
 SUCCESS, FAILURE = ResultStatus.SUCCESS, ResultStatus.FAILURE
@@ -57,22 +58,6 @@ def make_sync(storage, **kwargs) -> FileResultStorage:
 
 def result(task_id: str, value=None, *, status=SUCCESS, attempt: int = 1, **kw) -> TaskResult:
     return TaskResult(task_id=task_id, status=status, value=value, attempt=attempt, **kw)
-
-
-def path(storage, key: str) -> str:
-    return f"{storage.base_dir.rstrip('/')}/{key}"
-
-
-def put(storage, key: str, data: bytes) -> None:
-    """Write a file behind the storage's back."""
-    target = path(storage, key)
-    if storage.kind == "local":
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-    storage.filesystem().pipe_file(target, data)
-
-
-def exists(storage, key: str) -> bool:
-    return bool(storage.filesystem().exists(path(storage, key)))
 
 
 def quarantined(storage) -> list[bytes]:

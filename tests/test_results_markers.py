@@ -20,6 +20,7 @@ from omniq.core.errors import StorageError
 from omniq.core.models import ResultStatus, TaskResult
 from omniq.storage.file.results import AsyncFileResultStorage, FileResultStorage
 from omniq.storage.file.results import _layout as L
+from storage_helpers import exists, path, put
 
 UTC = timezone.utc
 QUICK = pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
@@ -56,21 +57,6 @@ def result(task_id: str, value=None, *, attempt: int = 1, **kw) -> TaskResult:
     return TaskResult(
         task_id=task_id, status=ResultStatus.SUCCESS, value=value, attempt=attempt, **kw
     )
-
-
-def path(storage, key: str) -> str:
-    return f"{storage.base_dir.rstrip('/')}/{key}"
-
-
-def put(storage, key: str, data: bytes) -> None:
-    target = path(storage, key)
-    if storage.kind == "local":
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-    storage.filesystem().pipe_file(target, data)
-
-
-def exists(storage, key: str) -> bool:
-    return bool(storage.filesystem().exists(path(storage, key)))
 
 
 def find(storage, key: str) -> dict[str, bytes]:
