@@ -253,3 +253,17 @@ def pytest_sessionfinish(session, exitstatus):
         print(message, file=sys.stderr)
     if session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --------------------------------------------------------------------------- interleavings
+
+
+@pytest.hookimpl(specname="pytest_terminal_summary")
+def pytest_terminal_summary_interleavings(terminalreporter, exitstatus, config):
+    """The "interleavings explored" table of tests/explorer.py, if any test explored."""
+    explorer = sys.modules.get("explorer")  # not imported: nothing explored
+    lines = explorer.summary_lines() if explorer is not None else []
+    if lines:
+        terminalreporter.write_sep("=", "interleavings explored")
+        for line in lines:
+            terminalreporter.write_line(line)
