@@ -17,6 +17,7 @@ random schedules; any violating schedule can be replayed alone (``OMNIQ_EXPLORE_
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import random
 import re
@@ -30,6 +31,7 @@ from typing import Any, NamedTuple, TypeVar
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
+from omniq.core._local import LocalOps
 from omniq.core._ops import FsspecOps, Ops
 from omniq.core.fs import Op, Program, Store, _as_storage_error, _drive
 
@@ -39,6 +41,43 @@ DEFAULT_SAMPLES = 10_000
 DEFAULT_MAX_SCHEDULES = 2_000
 _NAME = re.compile(r"[A-Za-z_][\w.-]*\Z")
 R = TypeVar("R")
+
+
+class _Stamped:
+    """Files written get the mtime ``world.t`` instead of the wall clock (as a store's own
+    clock would stamp them), so listings' mtimes compare with the logical ``now``."""
+
+    clock: Callable[[], float]
+
+    def stamp(self, key: str) -> None:
+        raise NotImplementedError
+
+    def write(self, key: str, data: bytes) -> None:
+        super().write(key, data)  # type: ignore[misc]
+        self.stamp(key)
+
+    def mark(self, key: str, data: bytes) -> None:
+        super().mark(key, data)  # type: ignore[misc]
+        self.stamp(key)
+
+    def create(self, key: str, data: bytes) -> bool:  # create_many calls it too
+        created: bool = super().create(key, data)  # type: ignore[misc]
+        if created:
+            self.stamp(key)
+        return created
+
+
+class _LocalStamped(_Stamped, LocalOps):
+    def stamp(self, key: str) -> None:
+        os.utime(self._path(key), (self.clock(), self.clock()))
+
+
+class _MemoryStamped(_Stamped, FsspecOps):
+    def stamp(self, key: str) -> None:
+        file = self.fs.fs.store[self.fs._join(key)]
+        file.created = file.modified = datetime.datetime.fromtimestamp(
+            self.clock(), datetime.timezone.utc
+        )
 
 
 class World:
@@ -56,14 +95,17 @@ class World:
             fs.store, fs.pseudo_dirs = {}, [""]
             root = f"/explore-{uuid.uuid4().hex}"
             self.store = Store(f"memory://{root}", clock=self.clock)
-            self.store._sync = FsspecOps(DirFileSystem(path=root, fs=fs))
+            ops: _MemoryStamped | _LocalStamped = _MemoryStamped(DirFileSystem(path=root, fs=fs))
             self._fs: Any = fs
         elif kind == "local":
             self._dir = tempfile.mkdtemp(prefix="world-", dir=base_dir)
             self.store = Store(self._dir, clock=self.clock)
+            ops = _LocalStamped(self._dir)
         else:
             raise ValueError(f"kind must be 'memory' or 'local', not {kind!r}")
-        self.ops: Ops = self.store._sync_ops
+        ops.clock = self.clock
+        self.ops: Ops = ops
+        self.store._sync = ops
 
     def clock(self) -> float:
         """``t`` (the clock of ``store`` and of unskewed actors)."""

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from explorer import START_TIME, Actor, Advance, State, World, explore, replay
-from omniq.core.fs import Op, Program, create, now, read, write
+from omniq.core.fs import Op, Program, create, listdir, now, read, write
 
 KINDS = ["memory", "local"]
 
@@ -264,3 +264,26 @@ def test_skewed_actor_sees_world_time_plus_its_skew(kind: str, tmp_path: Any) ->
     report = explore("skew", actors, kind=kind, base_dir=tmp_path, final=final, advances=[10])
     report.assert_clean()
     assert seen == {0.0, 5.0, 10.0, 15.0}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_files_written_carry_the_logical_time(kind: str, tmp_path: Any) -> None:
+    def writer(world: World) -> Program[None]:
+        yield write("q/a", b"1")
+        yield create("q/b", b"1")
+
+    def final(world: World, state: State) -> None:
+        def listing() -> Program[list[Any]]:
+            entries: list[Any] = yield listdir("q", detail=True)
+            return entries
+
+        times = [e.mtime - START_TIME for e in world.run(listing())]
+        expected = [0.0, 0.0] if state.trace[0].actor else [30.0, 30.0]
+        if state.trace[1].detail.startswith("advance"):
+            expected[1] = 30.0
+        assert times == expected, (times, expected)
+
+    report = explore("mtimes", [Actor("W", writer, skew=7)], kind=kind, base_dir=tmp_path,
+                     final=final, advances=[30])  # fmt: skip
+    report.assert_clean()
+    assert report.schedules == 3
