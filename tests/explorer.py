@@ -24,7 +24,6 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -80,6 +79,16 @@ class _MemoryStamped(_Stamped, FsspecOps):
         )
 
 
+def _memory_dirfs() -> DirFileSystem:
+    fs = MemoryFileSystem(skip_instance_cache=True)
+    # A private store: the class-level dict is shared with every other test.
+    fs.store, fs.pseudo_dirs = {}, [""]
+    return DirFileSystem(path="/explore", fs=fs)
+
+
+_POOL: list[DirFileSystem] = []
+
+
 class World:
     """One schedule's fresh storage (``ops``, ``store``), logical clock ``t`` and the objects
     under test (``obj``, built by ``explore(make=...)``)."""
@@ -89,14 +98,12 @@ class World:
         self.t = START_TIME
         self.obj: Any = None
         self._dir: str | None = None
+        self._dirfs: DirFileSystem | None = None
         if kind == "memory":
-            fs = MemoryFileSystem(skip_instance_cache=True)
-            # A private store: the class-level dict is shared with every other test.
-            fs.store, fs.pseudo_dirs = {}, [""]
-            root = f"/explore-{uuid.uuid4().hex}"
-            self.store = Store(f"memory://{root}", clock=self.clock)
-            ops: _MemoryStamped | _LocalStamped = _MemoryStamped(DirFileSystem(path=root, fs=fs))
-            self._fs: Any = fs
+            # Building a DirFileSystem costs more than a short schedule: worlds reuse them.
+            self._dirfs = _POOL.pop() if _POOL else _memory_dirfs()
+            self.store = Store("memory:///explore", clock=self.clock)
+            ops: _MemoryStamped | _LocalStamped = _MemoryStamped(self._dirfs)
         elif kind == "local":
             self._dir = tempfile.mkdtemp(prefix="world-", dir=base_dir)
             self.store = Store(self._dir, clock=self.clock)
@@ -118,8 +125,11 @@ class World:
     def close(self) -> None:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
-        else:
-            self._fs.store.clear()
+        if self._dirfs is not None:
+            self._dirfs.fs.store.clear()
+            self._dirfs.fs.pseudo_dirs[:] = [""]
+            _POOL.append(self._dirfs)
+            self._dirfs = None
 
 
 @dataclasses.dataclass(frozen=True)
