@@ -4,6 +4,7 @@ the lease. No file is created per claim; these tests pin that down and its edge 
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -37,7 +38,7 @@ async def test_claim_takes_the_ready_file_itself(tmp_path: Path) -> None:
         task = Task(func="m:f", args=[1])
         await q.enqueue(task)
         [ready] = _ready_files(tmp_path)
-        inode = ready.stat().st_ino
+        inode, ready_bytes = ready.stat().st_ino, ready.read_bytes()
         claimed = await q.dequeue(worker_id="w-7")
         assert claimed is not None and claimed.task == task
         run = _run_file(tmp_path, task.id, 1)
@@ -52,13 +53,16 @@ async def test_claim_takes_the_ready_file_itself(tmp_path: Path) -> None:
         assert abs((info.lease_until - claimed.lease_until).total_seconds()) < 0.01
         assert info.worker_id in ("w-7", None)  # None where user xattrs are unsupported
         await q.ack(claimed)
-        assert run.read_bytes() == b"done"
+        assert run.read_bytes() == ready_bytes  # the claim stays the task; the outcome beside it
+        outcome = run.with_name(f"{task.id}.1.x")
+        assert json.loads(outcome.read_bytes())["state"] == "done"
         assert (await q.get_task(task.id)).status is TaskStatus.DONE
 
 
 async def test_the_lease_lives_in_the_mtime(tmp_path: Path) -> None:
     """Another queue instance (another worker) takes the task over exactly when the mtime
-    lease plus the clock-skew tolerance has passed, not before; a heartbeat moves it."""
+    lease plus the clock-skew tolerance has passed, not before; a heartbeat moves it (as
+    lease epoch 1, an exclusive create beside the claim)."""
     clock = FakeClock()
     owner = AsyncFileQueue(tmp_path, lease=10, clock_skew=2, clock=clock)
     other = AsyncFileQueue(tmp_path, lease=10, clock_skew=2, clock=clock)
@@ -70,7 +74,9 @@ async def test_the_lease_lives_in_the_mtime(tmp_path: Path) -> None:
         clock.advance(9)
         claimed = await owner.extend_lease(claimed, 10)  # lease now ends at t0 + 19
         run = _run_file(tmp_path, task.id, 1)
-        assert run.stat().st_mtime == pytest.approx(clock.t + 10, abs=0.01)
+        epoch = json.loads(run.with_name(f"{task.id}.1.1").read_bytes())
+        assert epoch["state"] == "lease" and claimed.epoch == 1
+        assert epoch["lease_until"] == pytest.approx(clock.t + 10, abs=0.01)
         clock.advance(10.5)  # past the lease, inside the skew
         assert await other.reap() == []
         assert await other.dequeue() is None
@@ -82,7 +88,8 @@ async def test_the_lease_lives_in_the_mtime(tmp_path: Path) -> None:
         with pytest.raises(LeaseLostError):
             await owner.ack(claimed)
         await other.ack(again)
-        assert run.read_bytes() == b"lost"
+        assert json.loads(run.with_name(f"{task.id}.1.x").read_bytes())["state"] == "lost"
+        assert json.loads(run.with_name(f"{task.id}.1.2").read_bytes())["state"] == "fence"
 
 
 async def _claim_leaving_the_ready_name(
@@ -101,13 +108,16 @@ async def _claim_leaving_the_ready_name(
 
 async def test_a_stale_ready_name_sharing_a_finished_claim_is_dropped(tmp_path: Path) -> None:
     """A claimer killed between its link and its unlink leaves the ready name pointing at
-    the claim. Finished, the claim's tombstone shows through that name: it is removed, never
-    run again and never quarantined."""
-    async with AsyncFileQueue(tmp_path) as q:
+    the claim. Finished, the claim is still there to guard it: the name is removed, never
+    run again, never quarantined, and its lease is not stamped by the claimer that drops it."""
+    clock = FakeClock()
+    async with AsyncFileQueue(tmp_path, clock=clock) as q:
         task, claimed, ready = await _claim_leaving_the_ready_name(q, tmp_path)
         await q.ack(claimed)
-        assert ready.read_bytes() == b"done"
+        mtime = ready.stat().st_mtime
+        clock.advance(5)
         assert await q.dequeue() is None
+        assert _run_file(tmp_path, task.id, 1).stat().st_mtime == mtime
         assert not ready.exists()
         assert not (tmp_path / "default" / "quarantine").exists()
         assert (await q.get_task(task.id)).status is TaskStatus.DONE
@@ -204,20 +214,16 @@ def test_take_refuses_a_leftover_tombstone(tmp_path: Path) -> None:
 
 
 async def test_a_leftover_name_after_tombstone_cleanup_is_not_run(tmp_path: Path) -> None:
-    """The ready name a dead claimer left behind outlives its claim's tombstone (deleted after
-    tombstone_ttl): claiming it finds a tombstone, not a task, and runs nothing."""
-    async with AsyncFileQueue(tmp_path) as q:
-        task = Task(func="m:f")
-        await q.enqueue(task)
-        [ready] = _ready_files(tmp_path)
-        claimed = await q.dequeue()
-        assert claimed is not None
-        run = _run_file(tmp_path, task.id, 1)
+    """The ready name a dead claimer left behind must not outlive its claim: the clean-up of
+    a finished attempt (tombstone_ttl later) removes every copy before the claim."""
+    clock = FakeClock()
+    async with AsyncFileQueue(tmp_path, clock=clock) as q:
+        task, claimed, ready = await _claim_leaving_the_ready_name(q, tmp_path)
         await q.ack(claimed)
-        os.link(run, ready)  # the leftover name, sharing the tombstone
-        run.unlink()  # the tombstone's ttl passed
+        clock.advance(q.tombstone_ttl + 1)
+        await q.reap()
+        assert not ready.exists() and not _run_file(tmp_path, task.id, 1).exists()
         assert await q.dequeue() is None
-        assert not ready.exists()
         assert not (tmp_path / "default" / "quarantine").exists()
 
 

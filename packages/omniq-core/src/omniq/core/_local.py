@@ -35,6 +35,11 @@ _NO_LINK = (errno.EPERM, errno.EACCES, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTS
 CANNOT_TAKE = "cannot-take"
 
 
+def _lock_name(path: str) -> str:
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".lock-{name}")
+
+
 class LocalOps:
     """A local directory through os calls (inline, or one worker thread per program)."""
 
@@ -150,12 +155,17 @@ class LocalOps:
         """Claim ``src`` as ``dst`` without creating a file: stamp ``mtime`` on it, hard-link
         it to ``dst`` (exclusive like ``O_EXCL``: EEXIST means another claim exists), unlink
         ``src``, then stamp ``mtime`` and ``owner`` (an extended attribute, where supported)
-        again. Returns the inode number on success; False if ``dst`` exists or the file is
-        smaller than ``min_size`` (a leftover name of a finished claim); None if ``src`` is
-        gone; ``CANNOT_TAKE`` if this file cannot be taken here (owned by another user, links
+        again. Returns the inode number on success -- also when the clean-up after the link
+        fails (the claim is won; a leftover ``src`` is dropped by its next claimer); False if
+        ``dst`` exists or the file is smaller than ``min_size``; None if ``src`` is gone;
+        ``CANNOT_TAKE`` if this file cannot be taken here (owned by another user, links
         refused): the caller then claims another way."""
         source, target = self._path(src), self._path(dst)
         try:
+            if os.stat(source).st_nlink > 1 and os.path.exists(target):
+                # Already taken (a claimer died between its link and its unlink): do not stamp
+                # it, which would extend that orphaned claim's lease.
+                return False
             # Before the link, so the claim never exists without a lease.
             os.utime(source, (mtime, mtime))
         except FileNotFoundError:
@@ -177,12 +187,15 @@ class LocalOps:
                     return CANNOT_TAKE
                 raise
         st = os.stat(target)
-        self.delete(src)
+        try:
+            self.delete(src)
+            # Once more, now that no other claimer can reach the file by its ready name: a
+            # loser of the race may have stamped its own lease between our stamp and unlink.
+            os.utime(target, (mtime, mtime))
+        except OSError as exc:  # the claim is won: keep it
+            log.warning("claimed %s, but finishing the take failed: %s", dst, exc)
         if st.st_size < min_size:
             return False
-        # Once more, now that no other claimer can reach the file by its ready name: a loser
-        # of the race may have stamped its own lease on it between our stamp and our unlink.
-        os.utime(target, (mtime, mtime))
         if self._xattr_ok:
             try:
                 os.setxattr(target, _OWNER_XATTR, owner.encode())
@@ -215,29 +228,40 @@ class LocalOps:
             return False
 
     def _create_excl(self, path: str, data: bytes) -> bool:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            return False
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+        """Exclusive create without hard links: ``O_EXCL`` on a hidden lock name decides,
+        then the complete file is renamed into place, so no reader ever sees it half
+        written. The lock stays as long as the file (``delete`` removes both)."""
+        lock = _lock_name(path)
+        for attempt in range(2):
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                break
             except FileExistsError:
                 return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if self.fsync:
-                f.flush()
-                os.fsync(f.fileno())
+            except FileNotFoundError:
+                if attempt:
+                    raise
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            tmp = self._tmp_write(path, data)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(lock)
+            raise
         return True
 
     def delete(self, key: str) -> bool:
+        path = self._path(key)
         try:
-            os.unlink(self._path(key))
-            return True
+            os.unlink(path)
         except FileNotFoundError:
             return False
+        if not self._link_ok:  # the lock of a file made by _create_excl, after the file
+            try:
+                os.unlink(_lock_name(path))
+            except FileNotFoundError:
+                pass
+        return True
 
     def delete_many(self, keys: list[str]) -> None:
         for key in keys:

@@ -231,6 +231,9 @@ class Claimed(msgspec.Struct, kw_only=True):
     worker_id: str
     token: str
     claimed_at: datetime = msgspec.field(default_factory=utcnow)
+    epoch: int = 0
+    """The last lease epoch this holder created (0: the claim itself); its next heartbeat
+    creates ``epoch + 1``, which a reaper's take-over claims first."""
 
     @property
     def id(self) -> str:

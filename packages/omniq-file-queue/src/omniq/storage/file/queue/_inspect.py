@@ -11,15 +11,18 @@ import msgspec
 from omniq.core import codec
 from omniq.core.errors import NotFoundError, SerializationError
 from omniq.core.fs import (
+    Entry,
     Program,
     Store,
     count,
     create,
     delete,
     delete_many,
+    listafter,
     listdir,
     listdirs,
     listhead,
+    now,
     owner,
     read,
     read_many,
@@ -30,11 +33,15 @@ from omniq.core.models import UTC, QueueSize, Task, TaskInfo, TaskStatus
 from omniq.core.names import validate_name
 
 from . import _layout as L
+from ._layout import State
+from ._leases import group_run
 
-_TOMBSTONE_STATUS = {
-    L.DONE: TaskStatus.DONE,
-    L.CANCELLED: TaskStatus.CANCELLED,
-    L.EXPIRED: TaskStatus.EXPIRED,
+if TYPE_CHECKING:
+    from ._claim_document import DocumentClaims
+
+_OUTCOME_STATUS = {
+    State.DONE: TaskStatus.DONE,
+    State.CANCELLED: TaskStatus.CANCELLED,
 }
 
 
@@ -44,12 +51,12 @@ class QueueInspection:
     store: Store
     _cache: dict[str, Any]
 
+    claims: DocumentClaims
+
     if TYPE_CHECKING:
 
         def _quarantine(self, key: str, data: bytes, reason: BaseException) -> Program[None]: ...
-        def _flush_spent(self) -> Program[None]: ...
-
-    _spent: list[str]
+        def _follow_up(self, state: str, nxt: Task | None) -> Program[None]: ...
 
     # -- inspection --------------------------------------------------------------------------
     async def _queues_for(self, queue: str | None) -> list[str]:
@@ -67,48 +74,88 @@ class QueueInspection:
         raise NotFoundError(f"task {task_id} not found")
 
     def _locate_program(self, queue: str, task_id: str) -> Program[tuple[TaskInfo, str] | None]:
-        attempts = [
-            parsed[1]
-            for name in (yield listdir(f"{queue}/run"))
-            if name.endswith(".json")
-            and (parsed := L.split_id_attempt(name[:-5])) is not None
-            and parsed[0] == task_id
-        ]
-        last = max(attempts, default=0)
-        if last:
-            run = L.run_key(queue, task_id, last)
-            data = yield read(run)
-            if data is not None and len(data) > L.TOMBSTONE_MAX:
-                info = (yield stat(run)) if self.store.can_take else None
-                claimed = L.as_claim(data, 0.0 if info is None else info.mtime, queue, run)
-                if claimed is not None:
-                    worker = claimed.worker_id or (
-                        (yield owner(run)) if self.store.can_take else None
-                    )
-                    return TaskInfo(
-                        task=claimed.task,
-                        status=TaskStatus.RUNNING,
-                        attempt=last,
-                        worker_id=worker,
-                        lease_until=claimed.lease_until,
-                    ), run
-            elif data in _TOMBSTONE_STATUS:
-                return TaskInfo(task=None, status=_TOMBSTONE_STATUS[data], attempt=last), run
-        nxt = last + 1
-        for rank_dir in (yield listdirs(f"{queue}/ready")):
-            key = f"{queue}/ready/{rank_dir}/{task_id}.{nxt}.json"
+        """Where task ``task_id`` stands, and the key that shows it. The records of its
+        newest attempt say (a spawning outcome is kept while its next attempt waits, so a
+        requeued task is found however long it waits); with none, attempt 1 is pending, or
+        the task is unknown. One listing of ``run/`` from the id on (on S3 one LIST with
+        ``StartAfter``), then a few reads: the cost does not grow with the queue's depth."""
+        names = yield listafter(f"{queue}/run", f"{task_id}.", 1000)
+        attempts = group_run(
+            [
+                Entry(n, 0, 0.0)
+                for n in names
+                if (p := L.parse_run_name(n)) is not None and p.task_id == task_id
+            ]
+        )
+        if not attempts:
+            found = yield from self._pending_copy(queue, task_id, 1, None)
+            if found is not None:
+                return found
+            return (yield from self._dead_letter(queue, task_id))
+        attempt = max(n for _, n in attempts)
+        names_of = attempts[(task_id, attempt)]
+        last = names_of.requeued or names_of.outcome
+        if last is not None:
+            data = yield read(f"{queue}/run/{last.name}")
+            rec = None if data is None else L.parse_record(data)
+            if rec is None:
+                return None
+            if rec.state in State.SPAWNING and rec.next is not None:
+                found = yield from self._pending_copy(queue, task_id, attempt + 1, rec.next)
+                return found or (TaskInfo(task=rec.next, status=TaskStatus.RUNNING), "")
+            if rec.state == State.DEAD:
+                return (yield from self._dead_letter(queue, task_id))
+            status = _OUTCOME_STATUS.get(rec.state, TaskStatus.DONE)
+            return TaskInfo(task=None, status=status, attempt=attempt), ""
+        run = L.run_key(queue, task_id, attempt)
+        data = yield read(run)
+        if data is None:
+            return None
+        if data in L.TOMBSTONES:
+            return TaskInfo(task=None, status=TaskStatus(L.TOMBSTONES[data]), attempt=attempt), ""
+        info = (yield stat(run)) if self.store.can_take else None
+        claimed = L.as_claim(data, 0.0 if info is None else info.mtime, queue, run)
+        if claimed is None:
+            return None
+        lease_until = claimed.lease_until
+        epoch = max(names_of.epochs, default=0)
+        if epoch:
+            raw = yield read(L.epoch_key(queue, task_id, attempt, epoch))
+            rec = None if raw is None else L.parse_record(raw)
+            if rec is not None and rec.lease_until is not None:
+                lease_until = datetime.fromtimestamp(rec.lease_until, UTC)
+        worker = claimed.worker_id or ((yield owner(run)) if self.store.can_take else None)
+        return TaskInfo(
+            task=claimed.task,
+            status=TaskStatus.RUNNING,
+            attempt=attempt,
+            worker_id=worker,
+            lease_until=lease_until,
+        ), run
+
+    def _pending_copy(
+        self, queue: str, task_id: str, attempt: int, task: Task | None
+    ) -> Program[tuple[TaskInfo, str] | None]:
+        """Attempt ``attempt`` stored as ready (at the priority of ``task``, else at any) or
+        delayed."""
+        ranks = [L.rank(task.priority)] if task else (yield listdirs(f"{queue}/ready"))
+        for rank_dir in ranks:
+            key = f"{queue}/ready/{rank_dir}/{task_id}.{attempt}.json"
             body = yield read(key)
             if body is not None:
-                return self._info(body, TaskStatus.PENDING, nxt), key
-        key = L.sched_key(queue, task_id, nxt)
+                return self._info(body, TaskStatus.PENDING, attempt), key
+        key = L.sched_key(queue, task_id, attempt)
         body = yield read(key)
         if body is not None:
-            return self._info(body, TaskStatus.SCHEDULED, nxt), key
+            return self._info(body, TaskStatus.SCHEDULED, attempt), key
+        return None
+
+    def _dead_letter(self, queue: str, task_id: str) -> Program[tuple[TaskInfo, str] | None]:
         key = L.dead_key(queue, task_id)
         body = yield read(key)
-        if body is not None:
-            return self._info(body, TaskStatus.DEAD, None), key
-        return None
+        if body is None:
+            return None
+        return self._info(body, TaskStatus.DEAD, None), key
 
     @staticmethod
     def _info(body: bytes, status: TaskStatus, attempt: int | None) -> TaskInfo:
@@ -139,6 +186,7 @@ class QueueInspection:
         info, key = found
         if info.status in (TaskStatus.PENDING, TaskStatus.SCHEDULED):
             assert info.attempt is not None
+            # The claim name, exclusive: a claimer racing this cancel wins or loses it whole.
             if (yield create(L.run_key(queue, task_id, info.attempt), L.CANCELLED)):
                 yield delete(key)
                 task = info.task
@@ -153,9 +201,14 @@ class QueueInspection:
                         )
                     )
                 return True
-            info = TaskInfo(task=None, status=TaskStatus.RUNNING)  # claimed just now
-        if info.status is TaskStatus.RUNNING:
-            yield write(L.cancel_key(queue, task_id), b"")
+            found = yield from self._locate_program(queue, task_id)  # claimed just now
+            if found is None:
+                return False
+            info = found[0]
+        if info.status is TaskStatus.RUNNING and info.attempt is not None:
+            # Per attempt: a request that arrives after the attempt ended cancels nothing
+            # later, and is removed with the attempt's records.
+            yield write(L.cancel_key(queue, task_id, info.attempt), b"")
             return True
         return False
 
@@ -163,8 +216,8 @@ class QueueInspection:
         """Counts of ready, scheduled, running and dead tasks (lists the queue). On S3 a task
         another worker claimed in the last second may still count as ready as well."""
         validate_name(queue, "queue name")
-        if self._spent:  # this instance's claimed tasks' copies must not count as ready
-            await self.store.run(self._flush_spent())
+        if self.claims.pending:  # this instance's claimed tasks' copies must not count
+            await self.store.run(self.claims.flush())
         return await self.store.run(self._size_program(queue), heavy=True)
 
     def _size_program(self, queue: str) -> Program[QueueSize]:
@@ -172,7 +225,13 @@ class QueueInspection:
         for rank_dir in (yield listdirs(f"{queue}/ready")):
             ready += yield count(f"{queue}/ready/{rank_dir}")
         scheduled = yield count(f"{queue}/sched")
-        running = yield count(f"{queue}/run", L.TOMBSTONE_MAX + 1)
+        # Running: claims (not ended unclaimed) of attempts without an outcome.
+        attempts = group_run((yield listdir(f"{queue}/run", True)))
+        running = sum(
+            1
+            for a in attempts.values()
+            if a.claim is not None and a.claim.size > L.TOMBSTONE_MAX and not a.decided
+        )
         dead = yield count(f"{queue}/dead")
         return QueueSize(ready=ready, scheduled=scheduled, running=running, dead=dead)
 
@@ -253,9 +312,13 @@ class QueueInspection:
                     yield from self._quarantine(key, body, exc)
                 continue
             nxt = msgspec.structs.replace(task, attempt=task.attempt + 1, failures=0, eta=None)
-            yield create(L.ready_key(queue, nxt.priority, nxt.id, nxt.attempt), codec.encode(nxt))
-            yield delete(key)
-            count += 1
+            current = yield now()
+            # Exclusive per dead attempt: two requeues of one dead letter make one attempt.
+            data = L.record(State.REQUEUED, current, next=nxt)
+            if (yield create(L.requeue_key(queue, task.id, task.attempt), data)):
+                yield from self._follow_up(State.REQUEUED, nxt)
+                count += 1
+            yield delete(key)  # requeued now, or earlier by a call that died before this
         return count
 
 

@@ -1,42 +1,81 @@
-"""Key layout of one queue under ``base_dir`` (see the README's "Layout" section).
+"""Key layout of one queue under ``base_dir``, and the records of an attempt.
 
 ::
 
-    {queue}/ready/p{rank:04d}/{id}.{attempt}.json   ready task (body); rank 0 = priority 999
-    {queue}/sched/{id}.{attempt}.json               delayed or retrying task (body)
-    {queue}/due/{eta_ms:013d}.{rank:04d}.{id}.{attempt}   empty marker, sorted by due time
-    {queue}/run/{id}.{attempt}.json                 claim of that attempt (exclusive create,
-                                                    locally a hard link of the ready file):
-                                                    lease + body while running, then a short
-                                                    tombstone ("done", "retried", ...)
-    {queue}/dead/{id}.json                          dead-lettered task with its last error
-    {queue}/cancel/{id}                             cancel request for a running task
-    {queue}/quarantine/{area}.{name}.{time}         unreadable files, moved aside
+    {queue}/ready/p{rank:04d}/{id}.{n}.json      ready task, attempt n; rank 0 = priority 999
+    {queue}/sched/{id}.{n}.json                  delayed or retrying task (written first)
+    {queue}/due/{eta_ms:013d}.{rank:04d}.{id}.{n}  empty marker that makes it due (written second)
+    {queue}/run/{id}.{n}.json                    claim of attempt n (exclusive create; locally
+                                                 the ready file itself, taken by hard link);
+                                                 ``cancelled``/``expired`` when ended unclaimed
+    {queue}/run/{id}.{n}.{j}                     lease epoch j >= 1 (heartbeat, or a reaper's
+                                                 fence), exclusive create
+    {queue}/run/{id}.{n}.x                       the attempt's one outcome, exclusive create
+    {queue}/run/{id}.{n}.r                       a dead letter of attempt n requeued (once)
+    {queue}/dead/{id}.json                       dead-lettered task with its last error
+    {queue}/cancel/{id}.{n}                      cancel request for running attempt n
+    {queue}/quarantine/{area}.{name}.{time}      unreadable files, moved aside
+
+Every transition of an attempt is the exclusive create of one of its ``run/`` names; the
+design and each store's argument are in the README ("The attempt protocol").
 """
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import msgspec
 
 from omniq.core import codec
 from omniq.core.errors import SerializationError
 from omniq.core.models import MAX_PRIORITY, UTC, Claimed, Task
 
 TOMBSTONE_MAX = 16
-"""A claim file this small is a tombstone (the attempt is over), not a live lease."""
+"""A claim file this small ended its attempt unclaimed (``cancelled``, ``expired``)."""
 
-DONE, RETRIED, DEAD, LOST, RELEASED, CANCELLED, EXPIRED = (
-    b"done",
-    b"retried",
-    b"dead",
-    b"lost",
-    b"released",
-    b"cancelled",
-    b"expired",
-)
+CANCELLED, EXPIRED = b"cancelled", b"expired"
+TOMBSTONES = {CANCELLED: "cancelled", EXPIRED: "expired"}
 
-TOMBSTONES = frozenset((DONE, RETRIED, DEAD, LOST, RELEASED, CANCELLED, EXPIRED))
+
+class State:
+    """What a record says. Outcomes end an attempt; ``SPAWNING`` ones made attempt n+1."""
+
+    LEASE = "lease"  # a heartbeat's epoch
+    FENCE = "fence"  # a reaper's epoch: no heartbeat may follow
+    DONE, RETRIED, DEAD = "done", "retried", "dead"
+    RELEASED, CANCELLED, LOST, REQUEUED = "released", "cancelled", "lost", "requeued"
+
+    SPAWNING = frozenset((RETRIED, RELEASED, LOST, REQUEUED))
+
+
+class Record(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An epoch, outcome or requeue record of one attempt (small JSON, readable with cat).
+
+    ``nonce`` makes every record's bytes unique, so a create answered "exists" can tell its
+    own write (a lost response retried) from another writer's. ``next`` is what the record's
+    writer must create after winning: attempt n+1 (spawning states) or the dead letter; a
+    repair pass redoes it if the writer died first."""
+
+    state: str
+    nonce: str
+    at: float
+    lease_until: float | None = None
+    worker: str | None = None
+    next: Task | None = None
+
+
+def record(state: str, at: float, **fields: Any) -> bytes:
+    return msgspec.json.encode(Record(state=state, nonce=uuid.uuid4().hex[:16], at=at, **fields))
+
+
+def parse_record(data: bytes) -> Record | None:
+    try:
+        return msgspec.json.decode(data, type=Record)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
 
 _CROCKFORD = {c: i for i, c in enumerate("0123456789ABCDEFGHJKMNPQRSTVWXYZ")}
 
@@ -61,12 +100,41 @@ def run_key(queue: str, task_id: str, attempt: int) -> str:
     return f"{queue}/run/{task_id}.{attempt}.json"
 
 
+def epoch_key(queue: str, task_id: str, attempt: int, epoch: int) -> str:
+    return f"{queue}/run/{task_id}.{attempt}.{epoch}"
+
+
+def outcome_key(queue: str, task_id: str, attempt: int) -> str:
+    return f"{queue}/run/{task_id}.{attempt}.x"
+
+
+def requeue_key(queue: str, task_id: str, attempt: int) -> str:
+    return f"{queue}/run/{task_id}.{attempt}.r"
+
+
 def dead_key(queue: str, task_id: str) -> str:
     return f"{queue}/dead/{task_id}.json"
 
 
-def cancel_key(queue: str, task_id: str) -> str:
-    return f"{queue}/cancel/{task_id}"
+def cancel_key(queue: str, task_id: str, attempt: int) -> str:
+    return f"{queue}/cancel/{task_id}.{attempt}"
+
+
+class RunName(NamedTuple):
+    """A parsed ``run/`` name: attempt ``(task_id, attempt)`` and which record (``"json"``
+    for the claim, ``"x"``, ``"r"``, or the epoch number as digits)."""
+
+    task_id: str
+    attempt: int
+    part: str
+
+
+def parse_run_name(name: str) -> RunName | None:
+    stem, _, part = name.rpartition(".")
+    if part != "json" and part not in ("x", "r") and not part.isdigit():
+        return None
+    parsed = split_id_attempt(stem)
+    return None if parsed is None else RunName(parsed[0], parsed[1], part)
 
 
 class Candidate(NamedTuple):
@@ -133,10 +201,6 @@ def due_candidate(queue: str, name: str) -> Candidate | None:
         sched_key(queue, task_id, attempt),
         f"{queue}/due/{name}",
     )
-
-
-INODE_TOKEN = "ino:"
-"""Token prefix of a claim made by taking the ready file itself (locally)."""
 
 
 def as_claim(data: bytes, mtime: float, queue: str, key: str) -> Claimed | None:

@@ -1,5 +1,16 @@
-"""Leases of a file queue: ack, nack, release, extend_lease and the reaper that takes over
-expired claims. Mixed into ``AsyncFileQueue``; every operation is a storage program."""
+"""The attempt protocol of a file queue: ack, nack, release, extend_lease, the reaper that
+takes over expired attempts and cleans up finished ones, and the repair pass. Mixed into
+``AsyncFileQueue``; every operation is a storage program.
+
+Every transition of an attempt is one exclusive create (README, "The attempt protocol"):
+
+* its outcome is ``run/{id}.{n}.x`` -- ack, nack, release, cancel and a take-over all race
+  for that one name, so an attempt has exactly one outcome; only its writer creates attempt
+  n+1 or the dead letter (the record says which, so a repair pass can redo it);
+* a heartbeat creates lease epoch ``run/{id}.{n}.{j+1}``; a reaper first creates that same
+  epoch as a fence, so a heartbeat racing a take-over either lands first (the reaper then
+  backs off) or fails with LeaseLostError, having extended nothing.
+"""
 
 from __future__ import annotations
 
@@ -22,18 +33,20 @@ from omniq.core.fs import (
     delete_many,
     exists,
     listdir,
-    mark,
+    listdirs,
     now,
     read,
-    read_many,
     stat,
-    touch,
     write,
 )
 from omniq.core.models import UTC, Claimed, ErrorInfo, EventType, Task, TaskStatus
 from omniq.core.names import validate_name
 
 from . import _layout as L
+from ._layout import State
+
+if TYPE_CHECKING:
+    from ._claim_document import DocumentClaims
 
 log = logging.getLogger("omniq.queue")
 
@@ -50,14 +63,57 @@ def _error_info(error: ErrorInfo | BaseException | str | None) -> ErrorInfo | No
     return ErrorInfo(type="error", message=str(error))
 
 
+class Attempt:
+    """The ``run/`` names of one attempt seen by a listing."""
+
+    __slots__ = ("claim", "epochs", "outcome", "requeued")
+
+    def __init__(self) -> None:
+        self.claim: Entry | None = None
+        self.epochs: dict[int, Entry] = {}
+        self.outcome: Entry | None = None
+        self.requeued: Entry | None = None
+
+    def add(self, part: str, entry: Entry) -> None:
+        if part == "json":
+            self.claim = entry
+        elif part == "x":
+            self.outcome = entry
+        elif part == "r":
+            self.requeued = entry
+        else:
+            self.epochs[int(part)] = entry
+
+    @property
+    def decided(self) -> bool:
+        return self.outcome is not None or self.requeued is not None
+
+    def names(self) -> list[str]:
+        entries = [self.claim, *self.epochs.values(), self.outcome, self.requeued]
+        return [e.name for e in entries if e is not None]
+
+
+def group_run(entries: list[Entry]) -> dict[tuple[str, int], Attempt]:
+    """``run/`` entries grouped by attempt."""
+    attempts: dict[tuple[str, int], Attempt] = {}
+    for entry in entries:
+        parsed = L.parse_run_name(entry.name)
+        if parsed is not None:
+            key = (parsed.task_id, parsed.attempt)
+            attempts.setdefault(key, Attempt()).add(parsed.part, entry)
+    return attempts
+
+
 class LeaseHandling:
-    """ack, ack_many, nack, release, extend_lease, reap."""
+    """ack, ack_many, nack, release, extend_lease, reap, repair."""
 
     store: Store
     lease: float
     clock_skew: float
     tombstone_ttl: float
+    claims: DocumentClaims
     _reaped: dict[str, float]
+    _spawning: set[tuple[str, str, int]]
 
     if TYPE_CHECKING:
 
@@ -66,43 +122,71 @@ class LeaseHandling:
         def _enqueue_program(self, items: list[tuple[Task, bytes]]) -> Program[None]: ...
         def _quarantine(self, key: str, data: bytes, reason: BaseException) -> Program[None]: ...
 
-    # -- leases ------------------------------------------------------------------------------
-    def _holds(self, claimed: Claimed) -> Program[bool]:
-        """Whether the claim file of ``claimed``'s attempt is still its live claim."""
-        run = L.run_key(claimed.queue, claimed.id, claimed.attempt)
-        if claimed.token.startswith(L.INODE_TOKEN):  # a taken ready file: same inode, alive
-            info = yield stat(run)
-            return (
-                info is not None
-                and info.size > L.TOMBSTONE_MAX
-                and f"{L.INODE_TOKEN}{info.ino}" == claimed.token
-            )
-        data = yield read(run)
-        if data is None or len(data) <= L.TOMBSTONE_MAX:
-            return False
-        try:
-            return codec.decode(data, Claimed).token == claimed.token
-        except SerializationError:
-            return False
-
-    def _verify(self, claimed: Claimed, always: bool) -> Program[bool]:
-        """Whether ``claimed`` still holds its attempt. Inside its own lease no other worker
-        may take it over (they wait ``clock_skew`` more), so the check is skipped then."""
-        current = yield now()
-        if not always and current < claimed.lease_until.timestamp():
-            return True
-        return (yield from self._holds(claimed))
-
     def _lost(self, claimed: Claimed, action: str) -> LeaseLostError:
         return LeaseLostError(
             f"{action} of task {claimed.id} attempt {claimed.attempt} refused: the lease was "
             "taken over or the attempt already finished; nothing was changed"
         )
 
+    def _too_late(self, claimed: Claimed, current: float) -> bool:
+        """Past its lease by ``tombstone_ttl``, an attempt's records may be cleaned up and
+        its names free again: such a holder must not write at all."""
+        return current >= claimed.lease_until.timestamp() + self.tombstone_ttl
+
+    # -- outcomes ----------------------------------------------------------------------------
+    def _decide(self, claimed: Claimed, state: str, nxt: Task | None) -> Program[bool]:
+        """Create the attempt's outcome; the winner alone runs its follow-up."""
+        current = yield now()
+        if self._too_late(claimed, current):
+            return False
+        return (
+            yield from self._outcome(
+                claimed.queue, claimed.id, claimed.attempt, state, nxt, current, claimed.worker_id
+            )
+        )
+
+    def _outcome(
+        self,
+        queue: str,
+        task_id: str,
+        attempt: int,
+        state: str,
+        nxt: Task | None,
+        current: float,
+        worker: str = "",
+    ) -> Program[bool]:
+        data = L.record(state, current, worker=worker or None, next=nxt)
+        if not (yield create(L.outcome_key(queue, task_id, attempt), data)):
+            return False
+        yield from self._follow_up(state, nxt)
+        return True
+
+    def _follow_up(self, state: str, nxt: Task | None) -> Program[None]:
+        """Create what a won outcome promised: attempt n+1, or the dead letter. A failure here
+        is logged, not raised: the outcome stands and ``repair`` redoes this later."""
+        if nxt is None:
+            return
+        try:
+            if state == State.DEAD:
+                yield write(L.dead_key(nxt.queue, nxt.id), codec.encode(nxt))
+            else:
+                yield from self._enqueue_program([(nxt, codec.encode(nxt))])
+        except Exception as exc:
+            log.warning(
+                "task %s: could not create attempt %d after %s (repair will): %s",
+                nxt.id,
+                nxt.attempt,
+                state,
+                exc,
+            )
+
     async def ack(self, claimed: Claimed) -> None:
         """The attempt succeeded: the task is done. Raises LeaseLostError after a take-over."""
-        if not await self.store.run(self._finish_program(claimed, L.DONE, None)):
+        if not await self.store.run(self._ack_program(claimed)):
             raise self._lost(claimed, "ack")
+
+    def _ack_program(self, claimed: Claimed) -> Program[bool]:
+        return (yield from self._decide(claimed, State.DONE, None))
 
     async def ack_many(self, claims: Sequence[Claimed]) -> None:
         """``ack`` each of ``claims`` in one storage program. Every claim still held is
@@ -118,19 +202,9 @@ class LeaseHandling:
     def _ack_many_program(self, claims: list[Claimed]) -> Program[list[Claimed]]:
         lost = []
         for claimed in claims:
-            if not (yield from self._finish_program(claimed, L.DONE, None)):
+            if not (yield from self._ack_program(claimed)):
                 lost.append(claimed)
         return lost
-
-    def _finish_program(
-        self, claimed: Claimed, state: bytes, follow_up: Program[None] | None
-    ) -> Program[bool]:
-        if not (yield from self._verify(claimed, always=False)):
-            return False
-        if follow_up is not None:
-            yield from follow_up
-        yield mark(L.run_key(claimed.queue, claimed.id, claimed.attempt), state)
-        return True
 
     async def nack(
         self,
@@ -144,46 +218,53 @@ class LeaseHandling:
         remain (returns SCHEDULED, or PENDING for an immediate retry), else dead-lettered
         (returns DEAD) with the error kept. ``retry=False`` dead-letters at once (for
         failures no retry can fix, such as a function that does not import)."""
+        status = await self.store.run(self._nack_program(claimed, error, retry_in, retry))
+        if status is None:
+            raise self._lost(claimed, "nack")
+        return status
+
+    def _nack_program(
+        self,
+        claimed: Claimed,
+        error: ErrorInfo | BaseException | str | None,
+        retry_in: float | None,
+        retry: bool,
+    ) -> Program[TaskStatus | None]:
         task = msgspec.structs.replace(
             claimed.task, failures=claimed.task.failures + 1, last_error=_error_info(error)
         )
         if not retry or task.failures > task.max_retries:
-            status, state = TaskStatus.DEAD, L.DEAD
-            follow: Program[None] = self._dead_program(task)
-        else:
-            delay = (
-                task.retry_delay(task.failures, random.random())
-                if retry_in is None
-                else max(0.0, retry_in)
-            )
-            status = TaskStatus.SCHEDULED if delay > 0 else TaskStatus.PENDING
-            state = L.RETRIED
-            follow = self._requeue_program(task, delay)
-        if not await self.store.run(self._finish_program(claimed, state, follow)):
-            raise self._lost(claimed, "nack")
-        return status
-
-    def _dead_program(self, task: Task) -> Program[None]:
-        yield write(L.dead_key(task.queue, task.id), codec.encode(task))
-
-    def _requeue_program(self, task: Task, delay: float) -> Program[None]:
+            won = yield from self._decide(claimed, State.DEAD, task)
+            return TaskStatus.DEAD if won else None
+        delay = (
+            task.retry_delay(task.failures, random.random())
+            if retry_in is None
+            else max(0.0, retry_in)
+        )
         current = yield now()
         nxt = msgspec.structs.replace(
-            task, attempt=task.attempt + 1, eta=_dt(current + delay) if delay > 0 else None
+            task, attempt=claimed.attempt + 1, eta=_dt(current + delay) if delay > 0 else None
         )
-        yield from self._enqueue_program([(nxt, codec.encode(nxt))])
+        if not (yield from self._decide(claimed, State.RETRIED, nxt)):
+            return None
+        return TaskStatus.SCHEDULED if delay > 0 else TaskStatus.PENDING
 
     async def release(self, claimed: Claimed) -> None:
         """Give the task back now, without counting a failure (e.g. on shutdown)."""
-        follow = self._requeue_program(claimed.task, 0.0)
-        if not await self.store.run(self._finish_program(claimed, L.RELEASED, follow)):
+        if not await self.store.run(self._release_program(claimed)):
             raise self._lost(claimed, "release")
 
+    def _release_program(self, claimed: Claimed) -> Program[bool]:
+        nxt = msgspec.structs.replace(claimed.task, attempt=claimed.attempt + 1, eta=None)
+        return (yield from self._decide(claimed, State.RELEASED, nxt))
+
+    # -- heartbeats --------------------------------------------------------------------------
     async def extend_lease(self, claimed: Claimed, seconds: float | None = None) -> Claimed:
         """Heartbeat: the lease now ends ``seconds`` (default: the queue's lease) from now.
+        Use the returned claim from then on.
 
-        Raises LeaseLostError if another worker took the task over, TaskCancelledError if
-        it was cancelled (the attempt is then recorded as cancelled).
+        Raises LeaseLostError if another worker took the task over (nothing is extended),
+        TaskCancelledError if it was cancelled (the attempt is then recorded as cancelled).
         """
         got = await self.store.run(self._extend_program(claimed, seconds or self.lease))
         if got is None:
@@ -193,26 +274,31 @@ class LeaseHandling:
         return got
 
     def _extend_program(self, claimed: Claimed, seconds: float) -> Program[Claimed | bool | None]:
-        run = L.run_key(claimed.queue, claimed.id, claimed.attempt)
-        if not (yield from self._holds(claimed)):
-            return None
-        cancel = L.cancel_key(claimed.queue, claimed.id)
-        if (yield exists(cancel)):
-            yield mark(run, L.CANCELLED)
-            yield delete(cancel)
-            return False
+        queue, task_id, attempt = claimed.queue, claimed.id, claimed.attempt
         current = yield now()
-        renewed = msgspec.structs.replace(claimed, lease_until=_dt(current + seconds))
-        if claimed.token.startswith(L.INODE_TOKEN):
-            yield touch(run, current + seconds)
-        else:
-            yield write(run, codec.encode(renewed))
-        return renewed
+        if self._too_late(claimed, current):
+            return None
+        cancel = L.cancel_key(queue, task_id, attempt)
+        if (yield exists(cancel)):
+            if not (yield from self._decide(claimed, State.CANCELLED, None)):
+                return None
+            yield from _quietly(delete(cancel))
+            return False
+        epoch = claimed.epoch + 1
+        data = L.record(
+            State.LEASE, current, lease_until=current + seconds, worker=claimed.worker_id
+        )
+        if not (yield create(L.epoch_key(queue, task_id, attempt, epoch), data)):
+            return None  # a reaper's fence (or a finished attempt's clean-up) came first
+        if claimed.epoch:  # the newest two epochs are enough for anyone
+            yield from _quietly(delete(L.epoch_key(queue, task_id, attempt, claimed.epoch)))
+        return msgspec.structs.replace(claimed, epoch=epoch, lease_until=_dt(current + seconds))
 
+    # -- the reaper ------------------------------------------------------------------------
     async def reap(self, queue: str = "default") -> list[Claimed]:
         """Requeue tasks whose lease expired (their worker died) as their next attempt, and
-        clean up old tombstones. Runs by itself inside ``dequeue``; returns the expired claims.
-        """
+        clean up attempts decided over ``tombstone_ttl`` ago. Runs by itself inside
+        ``dequeue``; returns the expired claims."""
         validate_name(queue, "queue name")
         self._reaped[queue] = self._now()  # an explicit pass counts: dequeue waits reap_interval
         taken = await self.store.run(self._reap_program(queue), heavy=True)
@@ -233,49 +319,182 @@ class LeaseHandling:
 
     def _reap_program(self, queue: str) -> Program[list[Claimed]]:
         current: float = yield now()
-        # A claim document is written when its lease starts (checked against its lease_until
-        # once a default lease old); a taken ready file carries its lease end as its mtime.
-        threshold = self.clock_skew if self.store.can_take else self.lease
-        tombstone_before, suspect_before = current - self.tombstone_ttl, current - threshold
+        old = current - self.tombstone_ttl
+        suspect = current - self.claims.suspect_after(self.lease, self.clock_skew)
 
-        def due(entry: Entry) -> bool:  # filtered while scanning: run/ may hold 100,000s
+        def keep(entry: Entry) -> bool:  # filtered while scanning: run/ may hold 100,000s
+            if not entry.name.endswith(".json"):
+                return True  # epochs and outcomes: what the claims below are judged by
             if entry.size <= L.TOMBSTONE_MAX:
-                return entry.mtime < tombstone_before
-            return entry.mtime < suspect_before
+                return entry.mtime < old
+            return entry.mtime < suspect
 
-        old_tombstones, suspects = [], {}
-        for entry in (yield listdir(f"{queue}/run", True, due)):
-            key = f"{queue}/run/{entry.name}"
-            if entry.size <= L.TOMBSTONE_MAX:
-                old_tombstones.append(key)
-            else:
-                suspects[key] = entry.mtime
-        if old_tombstones:
-            yield delete_many(old_tombstones)
+        attempts = group_run((yield listdir(f"{queue}/run", True, keep)))
+        spent: list[tuple[str, int, Attempt]] = []
         taken: list[Claimed] = []
-        if not suspects:
-            return taken
-        for key, data in (yield read_many(list(suspects))).items():
-            if data is None or len(data) <= L.TOMBSTONE_MAX:
-                continue
-            claimed = L.as_claim(data, suspects[key], queue, key)
-            if claimed is None:
-                if not codec.is_newer_schema(data):
-                    yield from self._quarantine(key, data, SerializationError("unreadable claim"))
-                continue
-            lease_end = claimed.lease_until.timestamp()
-            if not claimed.token:  # a taken file: its lease is its mtime *now*, not at listing
-                info = yield stat(key)
-                if info is None or info.size <= L.TOMBSTONE_MAX:
-                    continue
-                lease_end = info.mtime
-            if current <= lease_end + self.clock_skew:
-                continue
-            nxt = msgspec.structs.replace(claimed.task, attempt=claimed.attempt + 1, eta=None)
-            won = yield create(
-                L.ready_key(queue, nxt.priority, nxt.id, nxt.attempt), codec.encode(nxt)
-            )
-            yield mark(key, L.LOST)
-            if won:
-                taken.append(claimed)
+        for (task_id, attempt), names in attempts.items():
+            if names.decided:
+                if (yield from self._cleanable(queue, task_id, attempt, names, attempts, old)):
+                    spent.append((task_id, attempt, names))
+            elif names.claim is not None and names.claim.size <= L.TOMBSTONE_MAX:
+                spent.append((task_id, attempt, names))  # ended unclaimed, over ttl ago
+            elif names.claim is not None:
+                claimed = yield from self._take_over(queue, task_id, attempt, names, current)
+                if claimed is not None:
+                    taken.append(claimed)
+            elif max(e.mtime for e in names.epochs.values()) < old:
+                spent.append((task_id, attempt, names))  # epochs left by a partial clean-up
+        if spent:
+            yield from self._clean_up(queue, spent)
         return taken
+
+    def _cleanable(
+        self,
+        queue: str,
+        task_id: str,
+        attempt: int,
+        names: Attempt,
+        attempts: dict[tuple[str, int], Attempt],
+        old: float,
+    ) -> Program[bool]:
+        """A decided attempt is removed once its decision is ``tombstone_ttl`` old, unless it
+        made attempt n+1 and that one is undecided: its record is then what ``get_task`` and
+        ``repair`` find the task by, however long it waits."""
+        newest = max(e.mtime for e in (names.outcome, names.requeued) if e is not None)
+        if newest >= old:
+            return False
+        following = attempts.get((task_id, attempt + 1))
+        if following is not None and following.decided:
+            return True
+        if following is not None or (queue, task_id, attempt) in self._spawning:
+            return False
+        if names.requeued is not None:
+            spawning = True
+        else:
+            data = yield read(L.outcome_key(queue, task_id, attempt))
+            rec = None if data is None else L.parse_record(data)
+            spawning = rec is None or rec.state in State.SPAWNING  # unreadable: kept
+        if spawning:
+            self._spawning.add((queue, task_id, attempt))
+        return not spawning
+
+    def _take_over(
+        self, queue: str, task_id: str, attempt: int, names: Attempt, current: float
+    ) -> Program[Claimed | None]:
+        key = L.run_key(queue, task_id, attempt)
+        data = yield read(key)
+        if data is None or len(data) <= L.TOMBSTONE_MAX:
+            return None
+        claimed = L.as_claim(data, 0.0, queue, key)
+        if claimed is None:
+            if not codec.is_newer_schema(data):
+                yield from self._quarantine(key, data, SerializationError("unreadable claim"))
+            return None
+        epoch = max(names.epochs, default=0)
+        fenced = False
+        if epoch:
+            raw = yield read(L.epoch_key(queue, task_id, attempt, epoch))
+            rec = None if raw is None else L.parse_record(raw)
+            if rec is None:
+                return None  # replaced by a newer heartbeat since the listing
+            fenced = rec.state == State.FENCE  # a reaper died between fence and outcome
+            lease_end = rec.lease_until or 0.0
+        elif claimed.token:
+            lease_end = claimed.lease_until.timestamp()
+        else:  # a taken ready file: its lease is its mtime *now*, not at the listing
+            info = yield stat(key)
+            if info is None:
+                return None
+            lease_end = info.mtime
+        if not fenced:
+            if current <= lease_end + self.clock_skew:
+                return None
+            # The fence: the epoch the holder's next heartbeat would create. Whoever creates
+            # it first wins; a heartbeat landing later fails and extends nothing.
+            fence = L.record(State.FENCE, current)
+            if not (yield create(L.epoch_key(queue, task_id, attempt, epoch + 1), fence)):
+                return None
+        nxt = msgspec.structs.replace(claimed.task, attempt=attempt + 1, eta=None)
+        if not (yield from self._outcome(queue, task_id, attempt, State.LOST, nxt, current)):
+            return None  # the holder finished first
+        return claimed
+
+    def _clean_up(self, queue: str, spent: list[tuple[str, int, Attempt]]) -> Program[None]:
+        """Remove decided attempts: first every copy of the attempt that may be left (a ready
+        copy at any priority, a delayed copy, a cancel request), then its claim, then its
+        records. In that order a crash leaves records without a claim (harmless), never a
+        claimable copy or a claim without its outcome."""
+        ranks = yield listdirs(f"{queue}/ready")
+        copies, claims, records = [], [], []
+        for task_id, attempt, names in spent:
+            copies += [f"{queue}/ready/{r}/{task_id}.{attempt}.json" for r in ranks]
+            copies += [L.sched_key(queue, task_id, attempt), L.cancel_key(queue, task_id, attempt)]
+            claims += [f"{queue}/run/{n}" for n in names.names() if n.endswith(".json")]
+            records += [f"{queue}/run/{n}" for n in names.names() if not n.endswith(".json")]
+            self._spawning.discard((queue, task_id, attempt))
+        yield delete_many(copies)
+        yield delete_many(claims)
+        yield delete_many(records)
+
+    # -- repair ----------------------------------------------------------------------------
+    async def repair(self, queue: str = "default") -> int:
+        """Redo what a process killed between two writes left undone: attempt n+1 (or the
+        dead letter) of a decided attempt whose writer died before creating it, and the due
+        marker of a delayed task whose marker was never written. Lists ``run/``, ``sched/``
+        and ``due/``; the worker runs it every ``sweep_interval``. Returns how many it redid."""
+        validate_name(queue, "queue name")
+        return await self.store.run(self._repair_program(queue), heavy=True)
+
+    def _repair_program(self, queue: str) -> Program[int]:
+        current = yield now()
+        settle = current - max(60.0, 2 * self.clock_skew)
+        attempts = group_run((yield listdir(f"{queue}/run", True)))
+        redone = 0
+        for (task_id, attempt), names in attempts.items():
+            last = names.requeued or names.outcome
+            if last is None or last.mtime >= settle or (task_id, attempt + 1) in attempts:
+                continue
+            data = yield read(f"{queue}/run/{last.name}")
+            rec = None if data is None else L.parse_record(data)
+            if rec is None or rec.next is None:
+                continue
+            if rec.state == State.DEAD:
+                if (yield exists(L.dead_key(queue, task_id))):
+                    continue
+            elif (yield from self._pending(rec.next)):
+                continue
+            yield from self._follow_up(rec.state, rec.next)
+            redone += 1
+        markers = {
+            (c.task_id, c.attempt)
+            for name in (yield listdir(f"{queue}/due"))
+            if (c := L.due_candidate(queue, name)) is not None
+        }
+        for entry in (yield listdir(f"{queue}/sched", True)):
+            parsed = L.split_id_attempt(entry.name.removesuffix(".json"))
+            if parsed is None or parsed in markers or entry.mtime >= settle:
+                continue
+            body = yield read(f"{queue}/sched/{entry.name}")
+            try:
+                task = codec.decode(body or b"", Task)
+            except SerializationError:
+                continue
+            eta = task.eta.timestamp() if task.eta else current
+            yield write(L.due_key(queue, int(eta * 1000), task.priority, *parsed), b"")
+            redone += 1
+        return redone
+
+    def _pending(self, task: Task) -> Program[bool]:
+        """Whether attempt ``task.attempt`` is stored as ready or delayed."""
+        ready = L.ready_key(task.queue, task.priority, task.id, task.attempt)
+        if (yield exists(ready)):
+            return True
+        return bool((yield exists(L.sched_key(task.queue, task.id, task.attempt))))
+
+
+def _quietly(op: Any) -> Program[None]:
+    """Run a clean-up op whose failure changes nothing (it is redone later)."""
+    try:
+        yield op
+    except Exception as exc:
+        log.debug("clean-up %s %r failed: %s", op.name, op.args[0], exc)

@@ -14,6 +14,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -23,23 +24,21 @@ from omniq.core.errors import (
     SerializationError,
 )
 from omniq.core.fs import (
-    CANNOT_TAKE,
     Program,
     Store,
     create,
     create_many,
     delete,
-    delete_many,
-    listafter,
+    exists,
     listdirs,
     listhead,
     now,
     read,
-    take,
     write,
 )
 from omniq.core.interfaces import AsyncQueue
 from omniq.core.models import (
+    UTC,
     Claimed,
     EventType,
     Task,
@@ -48,8 +47,11 @@ from omniq.core.models import (
 from omniq.core.names import validate_name
 
 from . import _layout as L
+from ._claim_document import DocumentClaims
+from ._claim_link import LinkClaims
+from ._claim_s3 import S3Claims
 from ._inspect import QueueInspection
-from ._leases import LeaseHandling, _dt
+from ._leases import LeaseHandling
 
 log = logging.getLogger("omniq.queue")
 
@@ -138,31 +140,21 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
         self._checked = False
         self._cache: dict[str, _Cache] = {}
         self._reaped: dict[str, float] = {}
-        # On S3 the claimer does not delete the ready copy of a task it claimed at once: the
-        # keys wait here and go in one DeleteObjects at its next listing (or at close), and
-        # every listing skips copies whose attempt is claimed (one more LIST per listing).
-        # A DELETE per task becomes a fraction of a request.
-        self._defer_deletes = self.store.kind == "s3"
-        self._spent: list[str] = []
+        self._spawning: set[tuple[str, str, int]] = set()
+        # One claim strategy per store; each module carries its store's correctness argument.
+        strategy = {"local": LinkClaims, "s3": S3Claims}.get(self.store.kind, DocumentClaims)
+        self.claims: DocumentClaims = strategy(self.store, self.batch)
 
     def __repr__(self) -> str:
         return f"AsyncFileQueue({self.store.url!r})"
 
     async def close(self) -> None:
-        if self._spent:
+        if self.claims.pending:
             try:
-                await self.store.run(self._flush_spent())
+                await self.store.run(self.claims.flush())
             except Exception as exc:  # the next listing of any worker removes them
-                log.warning("could not delete %d spent ready copies: %s", len(self._spent), exc)
+                log.warning("could not finish deferred clean-up: %s", exc)
         await self.store.aclose()
-
-    def _flush_spent(self) -> Program[None]:
-        spent, self._spent = self._spent, []
-        try:
-            yield delete_many(spent)
-        except BaseException:
-            self._spent = spent + self._spent
-            raise
 
     def _now(self) -> float:
         return self.store.clock()
@@ -206,12 +198,12 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
         for task, data in items:
             if task.eta is not None and task.eta.timestamp() > current:
                 eta_ms = int(task.eta.timestamp() * 1000)
-                # Marker first: a crash between the two leaves a marker without a body, which
-                # the next claimer removes, never a body that no marker will ever bring due.
+                # Body first: a claimer that lists the marker finds the body. A crash between
+                # the two leaves a body without a marker, which ``repair`` marks.
+                yield write(L.sched_key(task.queue, task.id, task.attempt), data)
                 yield write(
                     L.due_key(task.queue, eta_ms, task.priority, task.id, task.attempt), b""
                 )
-                yield write(L.sched_key(task.queue, task.id, task.attempt), data)
             else:
                 ready.append((L.ready_key(task.queue, task.priority, task.id, task.attempt), data))
         if ready:
@@ -281,16 +273,9 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
         current = self._now()
         cache = self._cache.get(queue)
         refreshed = False
-        if current - self._reaped.get(queue, 0.0) >= self.reap_interval:
-            if self._defer_deletes:
-                # List first: the listing deletes ready copies of claimed attempts (a dead
-                # claimer's pending deletes) while their claims' tombstones still exist; the
-                # reaper may remove old tombstones next.
-                items = await self.store.run(self._scan_program(queue))
-                cache = self._cache[queue] = _Cache(current, items)
-                refreshed = True
-            if await self.reap(queue):  # requeued tasks: list again to see them
-                cache, refreshed = None, False
+        due = current - self._reaped.get(queue, 0.0) >= self.reap_interval
+        if due and await self.reap(queue):  # requeued tasks: list again to see them
+            cache = None
         claimed: list[Claimed] = []
         while True:
             if cache is None or not cache.items or current - cache.at > self.refresh_interval:
@@ -341,8 +326,6 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
         return random.randrange(same)
 
     def _scan_program(self, queue: str) -> Program[list[L.Candidate]]:
-        if self._spent:
-            yield from self._flush_spent()
         found: list[L.Candidate] = []
         for rank_dir in (yield listdirs(f"{queue}/ready")):
             for name in (yield listhead(f"{queue}/ready/{rank_dir}", self.batch)):
@@ -360,38 +343,15 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
                 break
             found.append(candidate)
         found.sort()
-        found = found[: self.batch]
-        if self._defer_deletes and found:
-            found = yield from self._skip_claimed(queue, found)
-        return found
-
-    def _skip_claimed(self, queue: str, found: list[L.Candidate]) -> Program[list[L.Candidate]]:
-        """Drop (and delete) candidates whose attempt is already claimed or finished: copies
-        left by a claimer that deferred their deletion, or died before it."""
-        first = min(c.task_id for c in found)
-        names = set((yield listafter(f"{queue}/run", first, 1000)))
-        keep, spent = [], []
-        for c in found:
-            if f"{c.task_id}.{c.attempt}.json" in names:
-                spent += [c.key, c.marker] if c.marker else [c.key]
-            else:
-                keep.append(c)
-        if spent:
-            yield delete_many(spent)
-        return keep
+        return (yield from self.claims.filter(queue, found[: self.batch]))
 
     def _claim_program(
         self, queue: str, cand: L.Candidate, lease: float, worker: str
     ) -> Program[Claimed | Task | None]:
         body = yield read(cand.key)
-        if body is None or body in L.TOMBSTONES:
-            # Claimed by someone else meanwhile; or a ready name left behind by a claimer
-            # that died right after taking it, now sharing its finished claim's tombstone:
-            # its attempt is over either way.
-            if body is not None:
-                yield delete(cand.key)
+        if body is None:  # claimed by someone else meanwhile, or a marker without its body
             if cand.marker:
-                yield delete(cand.marker)
+                yield from self._unbodied_marker(queue, cand)
             return None
         try:
             task = codec.decode(body, Task)
@@ -408,53 +368,24 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
                 yield delete(cand.marker)
             return None
         current = yield now()
-        run = L.run_key(queue, task.id, cand.attempt)
-        taken: Any = CANNOT_TAKE
-        if not task.is_expired(_dt(current)) and self.store.can_take:
-            # Locally the ready file itself becomes the claim (a hard link, exclusive like
-            # O_EXCL), its mtime the lease: no file is created, which is what a claim costs
-            # on most local filesystems. ``take`` removes the ready name itself.
-            taken = yield take(cand.key, run, current + lease, worker, L.TOMBSTONE_MAX + 1)
-        if taken != CANNOT_TAKE:
-            if taken is False:
-                yield delete(cand.key)  # a stale copy of a claimed or finished attempt
-            if cand.marker:
-                yield delete(cand.marker)
-            if taken is None or taken is False:
-                return None
-            return Claimed(
-                task=task,
-                attempt=cand.attempt,
-                lease_until=_dt(current + lease),
-                worker_id=worker,
-                token=f"{L.INODE_TOKEN}{taken}",
-                claimed_at=_dt(current),
-            )
-        if task.is_expired(_dt(current)):
-            won = yield create(run, L.EXPIRED)
-            result: Claimed | Task | None = task if won else None
-        else:
-            claimed = Claimed(
-                task=task,
-                attempt=cand.attempt,
-                lease_until=_dt(current + lease),
-                worker_id=worker,
-                token=uuid.uuid4().hex,
-                claimed_at=_dt(current),
-            )
-            won = yield create(run, codec.encode(claimed))
-            result = claimed if won else None
-            if won and self._defer_deletes:
-                self._spent += [cand.key, cand.marker] if cand.marker else [cand.key]
-                if len(self._spent) >= self.batch:
-                    yield from self._flush_spent()
-                return result
-        # Winner or not, this entry is spent: the winner removes it, and a loser finding the
-        # attempt already claimed (or finished) removes a stale copy.
-        yield delete(cand.key)
-        if cand.marker:
+        if task.is_expired(datetime.fromtimestamp(current, UTC)):
+            won = yield create(L.run_key(queue, task.id, cand.attempt), L.EXPIRED)
+            yield from self.claims.spend(cand)
+            return task if won else None
+        return (yield from self.claims.claim(cand, task, current, lease, worker))
+
+    def _unbodied_marker(self, queue: str, cand: L.Candidate) -> Program[None]:
+        assert cand.marker is not None
+        """A due marker whose body is missing: its attempt was claimed (the claimer died
+        before removing the marker) -- remove it; else the body may still be on its way
+        (bodies are written first, but a retried PUT can be slow): leave it until it is
+        ``tombstone_ttl`` past due, then remove it as orphaned."""
+        current = yield now()
+        claimed = yield exists(L.run_key(queue, cand.task_id, cand.attempt))
+        if claimed or current * 1000 > cand.time_ms + self.tombstone_ttl * 1000:
+            if not claimed:
+                log.warning("removing orphaned due marker %s (no body)", cand.marker)
             yield delete(cand.marker)
-        return result
 
     def _quarantine(self, key: str, data: bytes, reason: BaseException) -> Program[None]:
         # Read again first: a file read while its claim was being finished in place (a taken

@@ -1,0 +1,106 @@
+"""Claims as documents: memory, GCS, Azure (and a local directory that cannot hard-link).
+
+Correctness argument. A claim of attempt n is the exclusive create of ``run/{id}.{n}.json``
+holding a ``Claimed`` document with a fresh random token:
+
+* memory: ``pipe_file(mode="create")`` checks and writes under the filesystem's lock (one
+  process only: the memory filesystem is not shared across processes);
+* GCS: a simple upload with ``ifGenerationMatch=0`` -- the server refuses it if any
+  generation of the object exists;
+* Azure: ``overwrite=False`` -- the service refuses it (409) if the blob exists;
+* local without hard links: ``O_EXCL`` on a lock name, then the complete file renamed into
+  place (``LocalOps.create``), so no reader sees half a claim.
+
+Exactly one create succeeds, so one worker holds the attempt. An "exists" answer is checked
+against the bytes this call wrote (the SDK may have retried a request whose first response
+was lost); the token makes the bytes unique. After winning, the ready copy (and the due
+marker) are deleted; if that fails the claim is kept -- the copy's next claimer finds the
+claim and drops it, and the reaper's clean-up deletes any copy left before it removes the
+claim. A lease is the document's ``lease_until``, later the newest lease epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime
+
+from omniq.core import codec
+from omniq.core.fs import Program, Store, create, delete, stat
+from omniq.core.models import UTC, Claimed, Task
+
+from . import _layout as L
+
+log = logging.getLogger("omniq.queue")
+
+
+def _dt(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+class DocumentClaims:
+    """Claim by creating a claim document; the base of the other strategies."""
+
+    name = "document"
+
+    def __init__(self, store: Store, batch: int) -> None:
+        self.store = store
+        self.batch = batch
+
+    def suspect_after(self, lease: float, clock_skew: float) -> float:
+        """How old a claim file must be before the reaper reads it: a document's mtime is
+        when its lease started."""
+        return lease
+
+    def claim(
+        self, cand: L.Candidate, task: Task, current: float, lease: float, worker: str
+    ) -> Program[Claimed | None]:
+        claimed = Claimed(
+            task=task,
+            attempt=cand.attempt,
+            lease_until=_dt(current + lease),
+            worker_id=worker,
+            token=uuid.uuid4().hex,
+            claimed_at=_dt(current),
+        )
+        run = L.run_key(task.queue, task.id, cand.attempt)
+        if (yield create(run, codec.encode(claimed))):
+            yield from self.spend(cand)
+            return claimed
+        yield from self.lost(cand, run)
+        return None
+
+    def lost(self, cand: L.Candidate, run: str) -> Program[None]:
+        """The attempt is claimed (or over): its copy is stale and is removed."""
+        yield from self.spend(cand)
+
+    def spend(self, cand: L.Candidate) -> Program[None]:
+        """Remove a copy (and its due marker) whose attempt is claimed or over. Best effort:
+        a copy left behind is harmless (see the module docstring)."""
+        for key in (cand.key, cand.marker):
+            if key is None:
+                continue
+            try:
+                yield delete(key)
+            except Exception as exc:
+                log.warning("could not remove %s (removed later): %s", key, exc)
+
+    def lease_end(self, key: str, claimed: Claimed) -> Program[float | None]:
+        """When the lease of a claim without epochs ends (None: the claim is gone)."""
+        if claimed.token:
+            return claimed.lease_until.timestamp()
+        info = yield stat(key)  # a taken ready file (see _claim_link)
+        return None if info is None else info.mtime
+
+    def filter(self, queue: str, found: list[L.Candidate]) -> Program[list[L.Candidate]]:
+        """Candidates worth a claim attempt, from a listing."""
+        yield from ()
+        return found
+
+    def flush(self) -> Program[None]:
+        """Finish deferred clean-up (S3)."""
+        yield from ()
+
+    @property
+    def pending(self) -> bool:
+        return False

@@ -1,0 +1,63 @@
+"""Claims by hard link: a local directory.
+
+Correctness argument. A claim of attempt n takes the ready file itself:
+``utime(ready, lease end)``, then ``link(ready, run/{id}.{n}.json)``. ``link(2)`` fails with
+EEXIST when the name exists, exactly like ``O_EXCL``, so one claimer wins; the winner then
+unlinks the ready name and stamps the lease again (a loser may have stamped its own between
+the first stamp and the unlink). No file is created: the claim is the task's own inode, its
+lease is the file's mtime until the first heartbeat creates a lease epoch.
+
+* The link is made after the stamp, so a claim never exists without a lease.
+* A claimer killed between link and unlink leaves the ready name beside the claim (the same
+  inode, two links): the next claimer sees two links and the claim, and only drops the name;
+  it does not stamp it, so an orphaned claim's lease is not extended.
+* If the unlink or the stamp fails after the link, the claim is kept (the name is dropped
+  later, see above).
+* A file that cannot be taken (another user's, links refused by the filesystem: some FUSE
+  and SMB mounts) is claimed with a document instead (``DocumentClaims``), whose create then
+  never shows half a file (``LocalOps.create``).
+"""
+
+from __future__ import annotations
+
+from omniq.core.fs import CANNOT_TAKE, Program, exists, take
+from omniq.core.models import Claimed, Task
+
+from . import _layout as L
+from ._claim_document import DocumentClaims, _dt
+
+
+class LinkClaims(DocumentClaims):
+    name = "link"
+
+    def lost(self, cand: L.Candidate, run: str) -> Program[None]:
+        # Without hard links a create is decided by a lock name before the file appears
+        # (LocalOps._create_excl): the copy goes only once the claim is there to guard it.
+        if (yield exists(run)):
+            yield from self.spend(cand)
+
+    def suspect_after(self, lease: float, clock_skew: float) -> float:
+        return clock_skew  # a taken file's mtime is when its lease ends
+
+    def claim(
+        self, cand: L.Candidate, task: Task, current: float, lease: float, worker: str
+    ) -> Program[Claimed | None]:
+        run = L.run_key(task.queue, task.id, cand.attempt)
+        taken = yield take(cand.key, run, current + lease, worker)
+        if taken == CANNOT_TAKE:
+            return (yield from super().claim(cand, task, current, lease, worker))
+        if taken is None:  # claimed by someone else meanwhile: they remove the marker
+            return None
+        if taken is False:  # a stale name of a claimed or finished attempt
+            yield from self.spend(cand)
+            return None
+        if cand.marker:
+            yield from self.spend(cand._replace(key=cand.marker, marker=None))
+        return Claimed(
+            task=task,
+            attempt=cand.attempt,
+            lease_until=_dt(current + lease),
+            worker_id=worker,
+            token=f"ino:{taken}",
+            claimed_at=_dt(current),
+        )

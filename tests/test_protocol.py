@@ -1,0 +1,329 @@
+"""Regression tests of the attempt protocol (issue: every transition decided once by the storage).
+
+Each test forces one unlucky order of storage calls that broke a guarantee before: a program
+of one actor is driven op by op, and another actor runs in between (``interleave``). They run
+on memory and a local directory, where programs are driven inline and every order can be
+forced; the interleaving explorer (test_interleavings.py) covers the orders exhaustively.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from omniq.core import codec
+from omniq.core.errors import InvalidNameError, LeaseLostError, NotFoundError, TaskCancelledError
+from omniq.core.fs import Op, Program
+from omniq.core.models import Claimed, Task, TaskStatus, utcnow
+from omniq.storage.file.queue import AsyncFileQueue
+from queue_helpers import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+KINDS = ("memory", "local")
+
+
+@pytest.fixture(params=KINDS)
+def base_dir(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "memory":
+        return f"memory://protocol-{os.urandom(6).hex()}"
+    return str(tmp_path / "q")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def queue(base_dir: str, clock: Callable[[], float], **kwargs: Any) -> AsyncFileQueue:
+    kwargs.setdefault("lease", 10.0)
+    kwargs.setdefault("clock_skew", 1.0)
+    kwargs.setdefault("tombstone_ttl", 60.0)
+    return AsyncFileQueue(base_dir, clock=clock, **kwargs)
+
+
+async def interleave(
+    q: AsyncFileQueue, program: Program[Any], between: Callable[[Op], Awaitable[None]]
+) -> Any:
+    """Drive ``program`` on ``q``'s store one op at a time, awaiting ``between(op)`` after each
+    op has run (another actor's turn). Errors are thrown into the program, like Store.run."""
+    ops = q.store._sync_ops
+    op = next(program)
+    while True:
+        try:
+            result = q.store.clock() if op.name == "now" else getattr(ops, op.name)(*op.args)
+        except Exception as exc:
+            await between(op)
+            try:
+                op = program.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+            continue
+        await between(op)
+        try:
+            op = program.send(result)
+        except StopIteration as stop:
+            return stop.value
+
+
+async def drain(q: AsyncFileQueue, clock: FakeClock, rounds: int = 6) -> list[Claimed]:
+    """Run a worker with time moving on: reap, repair and claim until nothing is left; every
+    claim is acked. Returns the claims made."""
+    got: list[Claimed] = []
+    for _ in range(rounds):
+        clock.advance(q.tombstone_ttl + q.lease + 10)
+        await q.reap("default")
+        await q.repair("default")
+        while (claimed := await q.dequeue("default")) is not None:
+            got.append(claimed)
+            await q.ack(claimed)
+    return got
+
+
+async def test_delayed_enqueue_is_never_lost_to_an_early_claimer(base_dir: str) -> None:
+    """Problem 1: a claimer whose clock is ahead by less than clock_skew lists the delayed
+    task while its enqueue is half done; the task must still run exactly once."""
+    clock = FakeClock()
+    producer = queue(base_dir, clock)
+    ahead = queue(base_dir, lambda: clock() + 3.0, clock_skew=5.0)
+    task = Task(func="m:f", eta=utcnow() + timedelta(seconds=2))
+    claims: list[Claimed] = []
+
+    async def claimer_turn(op: Op) -> None:
+        if (got := await ahead.dequeue("default")) is not None:
+            claims.append(got)
+            await ahead.ack(got)
+
+    await producer._check()
+    await interleave(
+        producer, producer._enqueue_program([(task, codec.encode(task))]), claimer_turn
+    )
+    claims += await drain(ahead, clock)
+    assert [c.id for c in claims] == [task.id]
+
+
+async def _expired_holder(
+    base_dir: str,
+) -> tuple[FakeClock, AsyncFileQueue, AsyncFileQueue, Claimed]:
+    clock = FakeClock()
+    holder, reaper = queue(base_dir, clock), queue(base_dir, clock)
+    await holder.enqueue(Task(func="m:f", max_retries=3))
+    claimed = await holder.dequeue("default")
+    assert claimed is not None
+    clock.advance(holder.lease + holder.clock_skew + 1)  # the holder stalled past its lease
+    return clock, holder, reaper, claimed
+
+
+def _reaper_turn(
+    reaper: AsyncFileQueue, taken: list[Claimed], at: int
+) -> Callable[[Op], Awaitable[None]]:
+    """The reaper's pass, run once right after the holder's op number ``at``."""
+    seen = [0]
+
+    async def turn(op: Op) -> None:
+        seen[0] += 1
+        if seen[0] == at + 1:
+            taken.extend(await reaper.reap("default"))
+
+    return turn
+
+
+STEPS = range(5)  # the reaper runs after each of the holder's first five ops in turn
+
+
+async def _outcome(call: Awaitable[Any]) -> Any:
+    try:
+        return await call
+    except (LeaseLostError, TaskCancelledError) as exc:
+        return exc
+
+
+@pytest.mark.parametrize("at", STEPS)
+async def test_a_heartbeat_after_a_take_over_is_fenced(base_dir: str, at: int) -> None:
+    """Problem 2: the reaper takes the attempt over between the steps of a stalled holder's
+    heartbeat; the heartbeat must not succeed while the next attempt exists."""
+    clock, holder, reaper, claimed = await _expired_holder(base_dir)
+    taken: list[Claimed] = []
+    got = await _outcome(
+        interleave(
+            holder, holder._extend_program(claimed, holder.lease), _reaper_turn(reaper, taken, at)
+        )
+    )
+    held = isinstance(got, Claimed)
+    assert held != bool(taken), (got, taken)  # the heartbeat or the take-over, not both
+    if taken:
+        assert got is None, got  # the program's "lost": extend_lease raises LeaseLostError
+        info = await reaper.get_task(claimed.id)
+        assert info.attempt == 2 and info.status is TaskStatus.PENDING
+    # The holder never finishes here: attempt 2 runs once, whoever won the race.
+    assert [c.attempt for c in await drain(reaper, clock)] == [2]
+
+
+@pytest.mark.parametrize("at", STEPS)
+@pytest.mark.parametrize("call", ["ack", "nack", "release"])
+async def test_a_late_finish_races_the_reaper_with_one_outcome(
+    base_dir: str, call: str, at: int
+) -> None:
+    """Problem 2 (late ack) and problem 3 (stale nack): a holder past its lease finishes
+    while the reaper takes over; the attempt gets one outcome, attempt 2 is made once and
+    runs once, even after the tombstones are gone."""
+    clock, holder, reaper, claimed = await _expired_holder(base_dir)
+    taken: list[Claimed] = []
+    programs = {
+        "ack": lambda: holder._ack_program(claimed),
+        "nack": lambda: holder._nack_program(claimed, "boom", 30.0, True),
+        "release": lambda: holder._release_program(claimed),
+    }
+    result = await _outcome(interleave(holder, programs[call](), _reaper_turn(reaper, taken, at)))
+    holder_won = result is True or isinstance(result, TaskStatus)
+    if not taken:  # the holder finished before the reaper's pass: the reaper must see that
+        taken.extend(await reaper.reap("default"))
+    assert holder_won != bool(taken), (result, taken)  # exactly one outcome
+    runs = await drain(reaper, clock)
+    expected = 0 if (holder_won and call == "ack") else 1
+    assert [c.attempt for c in runs] == [2] * expected
+
+
+async def test_a_requeued_task_stays_visible_after_the_tombstone_ttl(base_dir: str) -> None:
+    """Problem 4: a task requeued by a lease take-over is found by get_task and cancel,
+    however long it waits."""
+    clock, _holder, reaper, claimed = await _expired_holder(base_dir)
+    assert [c.id for c in await reaper.reap("default")] == [claimed.id]
+    clock.advance(reaper.tombstone_ttl * 3)
+    await reaper.reap("default")  # old records are cleaned up
+    info = await reaper.get_task(claimed.id)
+    assert (info.status, info.attempt) == (TaskStatus.PENDING, 2)
+    assert await reaper.cancel(claimed.id) is True
+    assert await reaper.dequeue("default") is None
+    assert (await reaper.get_task(claimed.id)).status is TaskStatus.CANCELLED
+
+
+async def test_a_requeued_dead_letter_stays_visible(base_dir: str) -> None:
+    """Problem 4 through requeue_dead."""
+    clock = FakeClock()
+    q = queue(base_dir, clock)
+    task_id = await q.enqueue(Task(func="m:f"))
+    claimed = await q.dequeue("default")
+    assert claimed is not None
+    assert await q.nack(claimed, error="x") is TaskStatus.DEAD
+    clock.advance(q.tombstone_ttl * 3)
+    await q.reap("default")
+    assert await q.requeue_dead("default", task_id) == 1
+    assert await q.requeue_dead("default", task_id) == 0  # once
+    clock.advance(q.tombstone_ttl * 3)
+    await q.reap("default")
+    info = await q.get_task(task_id)
+    assert (info.status, info.attempt) == (TaskStatus.PENDING, 2)
+    runs = await drain(q, clock)
+    assert [c.attempt for c in runs] == [2]
+
+
+async def test_without_hard_links_no_half_written_file_is_visible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Problem 5: the O_EXCL fallback (no hard links) must never show a created file before
+    it is complete: a claimer reading it empty would quarantine the task."""
+    from omniq.core._local import LocalOps
+
+    ops = LocalOps(str(tmp_path))
+    ops._link_ok = False
+    target = tmp_path / "ready" / "t.1.json"
+    seen: list[bytes | None] = []
+    real_write, real_fdopen = os.write, os.fdopen
+
+    def look() -> None:
+        seen.append(target.read_bytes() if target.exists() else None)
+
+    def spy_write(fd: int, data: Any) -> int:
+        look()
+        return real_write(fd, data)
+
+    def spy_fdopen(fd: int, *args: Any, **kwargs: Any) -> Any:
+        file = real_fdopen(fd, *args, **kwargs)
+        inner = file.write
+
+        def write(data: Any) -> int:
+            look()
+            return inner(data)
+
+        file.write = write  # type: ignore[method-assign]
+        return file
+
+    monkeypatch.setattr(os, "write", spy_write)
+    monkeypatch.setattr(os, "fdopen", spy_fdopen)
+    assert ops.create("ready/t.1.json", b'{"complete": true}') is True
+    monkeypatch.undo()
+    assert seen and all(s is None for s in seen), seen
+    assert target.read_bytes() == b'{"complete": true}'
+    assert ops.create("ready/t.1.json", b"other") is False  # still exclusive
+
+
+async def test_a_won_claim_is_kept_when_the_clean_up_after_it_fails(
+    base_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Problem 6: the claim is won, then removing the ready copy fails: the claim must be
+    returned (the copy is cleaned up later), not dropped with the task left RUNNING."""
+    clock = FakeClock()
+    q = queue(base_dir, clock)
+    task_id = await q.enqueue(Task(func="m:f"))
+    ops = q.store._sync_ops
+    real_delete = ops.delete
+
+    def failing_delete(key: str) -> bool:
+        if "/ready/" in key:
+            raise OSError(5, "I/O error")
+        return real_delete(key)
+
+    monkeypatch.setattr(ops, "delete", failing_delete)
+    claimed = await q.dequeue("default")
+    monkeypatch.undo()
+    assert claimed is not None and claimed.id == task_id
+    await q.ack(claimed)
+    assert (await q.get_task(task_id)).status is TaskStatus.DONE
+    assert await drain(q, clock) == []  # the leftover copy never runs again
+
+
+async def test_a_cancel_request_does_not_outlive_its_attempt(base_dir: str) -> None:
+    """Suspected, confirmed: a cancel request for a running task that finished before its
+    next heartbeat stayed behind and cancelled a later task with the same id."""
+    clock = FakeClock()
+    q = queue(base_dir, clock)
+    task_id = await q.enqueue(Task(func="m:f", id="report-1"))
+    claimed = await q.dequeue("default")
+    assert claimed is not None
+    assert await q.cancel(task_id) is True  # running: asked to stop at its next heartbeat
+    await q.ack(claimed)  # finished first
+    clock.advance(q.tombstone_ttl * 3)
+    await q.reap("default")
+    await q.enqueue(Task(func="m:f", id="report-1"))  # the id is reused later
+    again = await q.dequeue("default")
+    assert again is not None
+    await q.extend_lease(again)  # must not raise TaskCancelledError
+
+
+async def test_a_stale_copy_never_outlives_its_attempt(base_dir: str) -> None:
+    """Suspected, confirmed: the same id enqueued with two priorities is stored twice; the
+    second copy must never run once the first finished, even after the tombstone TTL."""
+    clock = FakeClock()
+    q = queue(base_dir, clock)
+    await q.enqueue(Task(func="m:f", id="dup", priority=5))
+    first = await q.dequeue("default")
+    assert first is not None
+    await q.ack(first)
+    await q.enqueue(Task(func="m:f", id="dup", priority=0))  # a late duplicate enqueue
+    clock.advance(q.tombstone_ttl * 3)
+    await q.reap("default")
+    assert await drain(q, clock) == []
+
+
+async def test_not_found_for_unknown_ids(base_dir: str) -> None:
+    q = queue(base_dir, FakeClock())
+    with pytest.raises(NotFoundError):
+        await q.get_task("nope", "default")
+    with pytest.raises(InvalidNameError):
+        await q.get_task("../x", "default")
