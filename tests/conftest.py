@@ -255,15 +255,84 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-# --------------------------------------------------------------------------- interleavings
+# --------------------------------------------------------------------------- session summaries
+#
+# Two summaries are printed at the end of the session: the "interleavings explored" table of
+# tests/explorer.py and the "fault suite" counters of tests/faults/fault_stats.py. Both are
+# module globals that tests fill as they run. Under pytest-xdist the tests run in worker
+# processes and the terminal summary is printed by the controller, whose globals stay empty
+# (and which loads only this conftest when no path under tests/faults is named): each worker
+# puts the modules' ``export()`` into ``config.workeroutput`` when its session finishes, and
+# the controller ``merge``s every worker's data as the worker goes down.
+
+#: Module name -> its file; each has ``export()`` (JSON-able), ``merge(data)``, ``summary_lines()``.
+SUMMARY_MODULES = {
+    "explorer": Path(__file__).resolve().parent / "explorer.py",
+    "fault_stats": Path(__file__).resolve().parent / "faults" / "fault_stats.py",
+}
+_WORKEROUTPUT_KEY = "omniq_summary_{}"
+
+
+def _summary_module(name: str, *, load: bool = False):
+    """The module ``name`` if some test imported it; with ``load``, import it (by file, as the
+    test directories need not be on sys.path here) under the name the tests would use."""
+    module = sys.modules.get(name)
+    if module is None and load:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(name, SUMMARY_MODULES[name])
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return module
+
+
+class _XdistSummaries:
+    """pytest-xdist hooks (registered only with the xdist plugin: its hook names are unknown
+    to pytest without it)."""
+
+    def pytest_sessionfinish(self, session):
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if not hasattr(session.config, "workerinput") or workeroutput is None:
+            return  # not an xdist worker
+        for name in SUMMARY_MODULES:
+            module = _summary_module(name)
+            data = module.export() if module is not None else None
+            if data:
+                workeroutput[_WORKEROUTPUT_KEY.format(name)] = data
+
+    def pytest_testnodedown(self, node, error):
+        workeroutput = getattr(node, "workeroutput", None) or {}
+        for name in SUMMARY_MODULES:
+            data = workeroutput.get(_WORKEROUTPUT_KEY.format(name))
+            if data:
+                _summary_module(name, load=True).merge(data)
+
+
+@pytest.hookimpl(specname="pytest_configure")
+def pytest_configure_summaries(config):
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistSummaries(), "omniq-xdist-summaries")
 
 
 @pytest.hookimpl(specname="pytest_terminal_summary")
-def pytest_terminal_summary_interleavings(terminalreporter, exitstatus, config):
-    """The "interleavings explored" table of tests/explorer.py, if any test explored."""
-    explorer = sys.modules.get("explorer")  # not imported: nothing explored
+def pytest_terminal_summary_summaries(terminalreporter, exitstatus, config):
+    """The "interleavings explored" table (if any test explored) and the "fault suite"
+    counters (if the fault suite counted anything), totals over all xdist workers."""
+    explorer = _summary_module("explorer")  # not imported: nothing explored
     lines = explorer.summary_lines() if explorer is not None else []
     if lines:
         terminalreporter.write_sep("=", "interleavings explored")
+        for line in lines:
+            terminalreporter.write_line(line)
+    fault_stats = _summary_module("fault_stats")
+    lines = fault_stats.summary_lines() if fault_stats is not None else []
+    if lines:
+        terminalreporter.write_sep("=", "fault suite")
         for line in lines:
             terminalreporter.write_line(line)

@@ -263,6 +263,10 @@ class Report:
 
 RESULTS: list[Report] = []
 
+#: Summary rows (``export()``'s dicts) of other processes: pytest-xdist's controller merges
+#: its workers' rows here (tests/conftest.py), as its own ``RESULTS`` stay empty.
+MERGED: list[dict[str, Any]] = []
+
 
 class _Choice(NamedTuple):
     label: str
@@ -590,15 +594,42 @@ def replay(
     return explore(name, actors, replay=token, **kwargs)
 
 
+def export() -> list[dict[str, Any]]:
+    """What ``summary_lines`` needs of every ``explore`` call of this process (and of those
+    merged into it), as JSON-able dicts: a pytest-xdist worker hands them to the controller."""
+    own = [
+        {
+            "scenario": r.scenario,
+            "kind": r.kind,
+            "mode": r.mode,
+            "schedules": r.schedules,
+            "steps": r.steps,
+            "seconds": r.seconds,
+            "master_seed": r.master_seed,
+            "violations": len(r.violations),
+            "complete": r.complete,
+        }
+        for r in RESULTS
+    ]
+    return own + [dict(r) for r in MERGED]
+
+
+def merge(rows: Iterable[dict[str, Any]]) -> None:
+    """Add another process's ``export()`` to the summary."""
+    MERGED.extend(dict(r) for r in rows)
+
+
 def summary_lines() -> list[str]:
-    """The "interleavings explored" table: one line per scenario, store and mode, and totals."""
-    if not RESULTS:
+    """The "interleavings explored" table: one line per scenario, store and mode, and totals
+    (over this process's ``explore`` calls and the merged ones)."""
+    results = export()
+    if not results:
         return []
     rows: dict[tuple[str, str, str], list[float]] = {}
-    for r in RESULTS:
-        row = rows.setdefault((r.scenario, r.kind, r.mode), [0, 0, 0, 0.0])
-        for i, v in enumerate((r.schedules, r.steps, len(r.violations), r.seconds)):
-            row[i] += v
+    for r in results:
+        row = rows.setdefault((r["scenario"], r["kind"], r["mode"]), [0, 0, 0, 0.0])
+        for i, key in enumerate(("schedules", "steps", "violations", "seconds")):
+            row[i] += r[key]
     head = f"{'scenario':<36} {'store':<7} {'mode':<19} {'schedules':>10} {'steps':>11} {'violations':>10} {'seconds':>8}"
     lines = [head]
     for (scenario, kind, mode), (s, st, v, sec) in sorted(rows.items()):
@@ -609,7 +640,7 @@ def summary_lines() -> list[str]:
     lines.append(
         f"{'total':<64} {total[0]:>10.0f} {total[1]:>11.0f} {total[2]:>10.0f} {total[3]:>8.2f}"
     )
-    seeds = sorted({r.master_seed for r in RESULTS})
+    seeds = sorted({r["master_seed"] for r in results})
     lines.append(
         f"master seed {', '.join(map(str, seeds))} (OMNIQ_EXPLORE_SEED); more samples: "
         f"OMNIQ_EXPLORE_SAMPLES=N; one schedule: OMNIQ_EXPLORE_REPLAY=scenario/store@token"

@@ -5,7 +5,10 @@ The shared storage fixtures live in ``tests/conftest.py``; this file only adds:
 * ``faulty``: registers ``tools/faulty_fs.py``'s fault-injecting filesystem (protocol
   ``faulty``) and yields a factory of ``Faults`` whose injected counts go to the summary;
 * ``records``: a directory where task functions append their per-run records;
-* the summary at the end of the session: kills, crash points, injected faults and bad inputs.
+* the counters of ``fault_stats.py`` (kills, crash points, injected faults, bad inputs) that
+  tests add to; ``tests/conftest.py`` prints their "fault suite" section at the end of the
+  session and, under pytest-xdist, merges the workers' counts on the controller (which does
+  not load this file unless a path under tests/faults was named on the command line).
 """
 
 from __future__ import annotations
@@ -60,15 +63,3 @@ def records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path.mkdir()
     monkeypatch.setenv("OMNIQ_FAULT_RECORDS", str(path))
     return path
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
-    counts = fault_stats.COUNTS
-    if not counts:
-        return
-    terminalreporter.section("fault suite")
-    names = [n for n in fault_stats.ORDER if n in counts] + sorted(
-        n for n in counts if n not in fault_stats.ORDER
-    )
-    for name in names:
-        terminalreporter.write_line(f"{name}: {counts[name]}")
