@@ -327,3 +327,75 @@ async def test_not_found_for_unknown_ids(base_dir: str) -> None:
         await q.get_task("nope", "default")
     with pytest.raises(InvalidNameError):
         await q.get_task("../x", "default")
+
+
+async def test_requeue_dead_never_deletes_the_new_attempts_result(
+    base_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Suspected, confirmed: the backend's requeue_dead made the task ready, then deleted the
+    old result; a fast worker's result of the new attempt, stored in between, was deleted."""
+    from omniq.backend.file import AsyncFileBackend
+    from omniq.core.models import ResultStatus, TaskResult
+
+    async with AsyncFileBackend(base_dir) as backend:
+        q = backend.queue
+        task_id = await backend.enqueue("m:f")
+        claimed = await q.dequeue("default")
+        assert claimed is not None
+        await q.nack(claimed, error="boom", retry=False)
+        await backend.results.set(TaskResult(task_id=task_id, status=ResultStatus.FAILURE))
+        requeue = q.requeue_dead
+
+        async def requeue_then_a_fast_worker(queue: str = "default", one: Any = None) -> int:
+            n = await requeue(queue, one)
+            again = await q.dequeue("default")  # another worker runs attempt 2 at once
+            assert again is not None and again.attempt == 2
+            await q.ack(again)
+            await backend.results.set(
+                TaskResult(task_id=task_id, status=ResultStatus.SUCCESS, value=1, attempt=2)
+            )
+            return n
+
+        monkeypatch.setattr(q, "requeue_dead", requeue_then_a_fast_worker)
+        assert await backend.requeue_dead("default", task_id) == [task_id]
+        result = await backend.results.get(task_id)
+        assert result is not None and result.status is ResultStatus.SUCCESS
+
+
+def crash_after(q: AsyncFileQueue, program: Program[Any], last: Callable[[Op], bool]) -> None:
+    """Drive ``program`` until the op ``last`` accepts has run, then drop it: a process
+    killed right there (no more of its code runs)."""
+    ops = q.store._sync_ops
+    op = next(program)
+    while True:
+        result = q.store.clock() if op.name == "now" else getattr(ops, op.name)(*op.args)
+        if last(op):
+            return
+        op = program.send(result)
+
+
+async def test_repair_redoes_what_a_killed_process_left(base_dir: str) -> None:
+    """A worker killed right after winning a retry outcome (before creating attempt 2),
+    and a producer killed between a delayed task's body and its marker: repair (run by the
+    worker every sweep_interval) redoes both; nothing is lost."""
+    clock = FakeClock()
+    q = queue(base_dir, clock)
+    retried = await q.enqueue(Task(func="m:f", max_retries=2))
+    claimed = await q.dequeue("default")
+    assert claimed is not None
+    crash_after(
+        q,
+        q._nack_program(claimed, "boom", 0.0, True),
+        lambda op: op.name == "create" and op.args[0].endswith(".x"),
+    )
+    delayed = Task(func="m:f", eta=utcnow() + timedelta(seconds=5))
+    crash_after(
+        q,
+        q._enqueue_program([(delayed, codec.encode(delayed))]),
+        lambda op: op.name == "write" and "/sched/" in op.args[0],
+    )
+    assert await q.dequeue("default") is None  # neither can run yet
+    clock.advance(120)
+    assert await q.repair("default") == 2
+    got = {c.id: c.attempt for c in await drain(q, clock)}
+    assert got == {retried: 2, delayed.id: 1}

@@ -212,9 +212,17 @@ class AsyncFileBackend(AsyncResource):
             ]
         done = []
         for one in ids:
+            if self.results is not None:
+                try:
+                    dead = (await self.queue.get_task(one, queue)).status is TaskStatus.DEAD
+                except NotFoundError:
+                    dead = False
+                if not dead:
+                    continue
+                # Before the requeue: once ready, a fast worker may store the new attempt's
+                # result, which a delete after the requeue would remove.
+                await self.results.delete(one)
             if await self.queue.requeue_dead(queue, one):
-                if self.results is not None:
-                    await self.results.delete(one)
                 await self.emit(
                     TaskEvent(
                         task_id=one, type=EventType.ENQUEUED, queue=queue, data={"requeued": True}

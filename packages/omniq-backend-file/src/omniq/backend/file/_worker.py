@@ -289,11 +289,15 @@ class AsyncWorker:
 
     async def cleanup(self) -> None:
         """Drop expired results and old events (runs by itself every cleanup_interval); when
-        a sweep is due, also read every result and remove stale temporary files."""
+        a sweep is due, also read every result, remove stale temporary files and run the
+        queue's ``repair``."""
         try:
             sweep = self._sweep_due()
             if sweep:
                 await self._sweep_temp()
+                for queue in self.queues:  # what a process killed between two writes left
+                    if redone := await self.queue.repair(queue):
+                        log.warning("repair redid %d interrupted step(s) in %s", redone, queue)
             if self.backend.results is not None:
                 await self.backend.results.cleanup_expired(sweep=sweep)
             retention = self.backend.config.event_retention
