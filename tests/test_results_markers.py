@@ -371,3 +371,27 @@ async def test_sweep_removes_expired_results_whose_marker_was_lost(storage, anyi
         assert not exists(storage, "results/lost2.json")
         assert sorted(r.task_id for r in await s.list()) == ["forever", "young"]
         assert await s.cleanup_expired(sweep=True) == 0
+
+
+@MEMORY
+@pytest.mark.anyio
+async def test_the_marker_buffer_is_bounded_while_writes_fail(storage, anyio_backend, caplog):
+    """Suspected, confirmed: while marker writes failed, the buffer grew without bound. It
+    now keeps HELD_BATCHES batches and drops older pairs (the sweep still finds them)."""
+    from omniq.storage.file.results._markers import HELD_BATCHES
+
+    caplog.set_level(logging.WARNING, logger="omniq.results")
+    clock = Clock()
+    s = make(storage, clock=clock, default_ttl=60, marker_batch=2)
+
+    def failing(pairs):
+        raise StorageError("store down")
+        yield
+
+    s._write_markers = failing  # type: ignore[method-assign]
+    for i in range(HELD_BATCHES * 2 * 3):
+        await s.set(result(f"t{i}", finished_at=clock.at(0)))
+        clock.t += s.marker_flush_interval + 1  # every set finds a flush due
+    assert len(s._markers) <= HELD_BATCHES * 2
+    assert any("dropped from memory" in r.getMessage() for r in caplog.records)
+    s._markers.pairs.clear()

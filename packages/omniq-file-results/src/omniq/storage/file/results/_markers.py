@@ -27,6 +27,7 @@ from . import _layout as L
 MARKER_VERSION = 1
 MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last instant a datetime holds
 Pair = tuple[int, str]  # (expires_ms, task_id)
+HELD_BATCHES = 16  # batches kept in memory while marker writes fail
 
 
 class ExpiryBatch(msgspec.Struct, kw_only=True):
@@ -121,9 +122,15 @@ class MarkerBuffer:
         pairs, self.pairs = self.pairs, []
         return pairs
 
-    def restore(self, pairs: list[Pair], now: float) -> None:
-        """Put back the pairs of a failed flush; automatic retries pause for ``interval``."""
+    def restore(self, pairs: list[Pair], now: float) -> int:
+        """Put back the pairs of a failed flush; automatic retries pause for ``interval``.
+        While writes keep failing the buffer holds at most ``HELD_BATCHES`` batches: older
+        pairs are dropped (their results are still found by ``cleanup_expired(sweep=True)``,
+        the backstop for markers never written). Returns how many were dropped."""
         if not self.pairs:
             self.since = now
         self.pairs[:0] = pairs
         self.hold_until = now + self.interval
+        dropped = max(0, len(self.pairs) - HELD_BATCHES * self.size)
+        del self.pairs[:dropped]
+        return dropped

@@ -283,7 +283,12 @@ class AsyncFileResultStorage(AsyncResultStorage):
         try:
             await self.store.run(self._write_markers(pairs))
         except BaseException:
-            self._markers.restore(pairs, self.store.clock())
+            if dropped := self._markers.restore(pairs, self.store.clock()):
+                log.warning(
+                    "expiry markers keep failing: %d dropped from memory (the sweep of "
+                    "cleanup_expired(sweep=True) still finds their results)",
+                    dropped,
+                )
             raise
         finally:
             self._flushing.discard(token)
