@@ -203,6 +203,29 @@ class LocalOps:
                 self._xattr_ok = False
         return st.st_ino
 
+    def link(self, src: str, dst: str, mtime: float) -> bool | None:
+        """Hard-link ``src`` to ``dst`` (exclusive like ``O_EXCL``), then stamp ``mtime`` on
+        the file: a new name without a new file. True if linked; False if ``dst`` exists;
+        None if ``src`` is gone or links are refused here (the caller creates instead)."""
+        if not self._link_ok:
+            return None
+        source, target = self._path(src), self._path(dst)
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno in _NO_LINK:
+                return None
+            raise
+        try:
+            os.utime(target, (mtime, mtime))
+        except OSError as exc:  # the name is made; its time only starts the clean-up clock
+            log.warning("linked %s, but stamping its time failed: %s", dst, exc)
+        return True
+
     def stat(self, key: str) -> Stat | None:
         try:
             st = os.stat(self._path(key))

@@ -85,6 +85,13 @@ class DocumentClaims:
             except Exception as exc:
                 log.warning("could not remove %s (removed later): %s", key, exc)
 
+    def decide(
+        self, queue: str, task_id: str, attempt: int, done: bool, data: bytes, current: float
+    ) -> Program[bool]:
+        """Create the attempt's outcome (``data``; ``done`` for a plain ack); True if this
+        call created it."""
+        return bool((yield create(L.outcome_key(queue, task_id, attempt), data)))
+
     def lease_end(self, key: str, claimed: Claimed) -> Program[float | None]:
         """When the lease of a claim without epochs ends (None: the claim is gone)."""
         if claimed.token:

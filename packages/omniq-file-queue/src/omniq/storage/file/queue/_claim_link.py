@@ -13,6 +13,8 @@ lease is the file's mtime until the first heartbeat creates a lease epoch.
   it does not stamp it, so an orphaned claim's lease is not extended.
 * If the unlink or the stamp fails after the link, the claim is kept (the name is dropped
   later, see above).
+* An ack links the claim to the outcome name ``run/{id}.{n}.x`` (exclusive like every other
+  outcome); the outcome then reads as the claim's own bytes, which means ``done``.
 * A file that cannot be taken (another user's, links refused by the filesystem: some FUSE
   and SMB mounts) is claimed with a document instead (``DocumentClaims``), whose create then
   never shows half a file (``LocalOps.create``).
@@ -20,7 +22,7 @@ lease is the file's mtime until the first heartbeat creates a lease epoch.
 
 from __future__ import annotations
 
-from omniq.core.fs import CANNOT_TAKE, Program, exists, take
+from omniq.core.fs import CANNOT_TAKE, Program, exists, link, take
 from omniq.core.models import Claimed, Task
 
 from . import _layout as L
@@ -29,6 +31,20 @@ from ._claim_document import DocumentClaims, _dt
 
 class LinkClaims(DocumentClaims):
     name = "link"
+
+    def decide(
+        self, queue: str, task_id: str, attempt: int, done: bool, data: bytes, current: float
+    ) -> Program[bool]:
+        # An ack links the claim file itself to the outcome name (exclusive, EEXIST like any
+        # create) and stamps the time: no file is created, which is what an ack cost before
+        # outcomes were exclusive. A name there already decided the attempt first.
+        if done:
+            made = yield link(
+                L.run_key(queue, task_id, attempt), L.outcome_key(queue, task_id, attempt), current
+            )
+            if made is not None:
+                return bool(made)
+        return (yield from super().decide(queue, task_id, attempt, done, data, current))
 
     def lost(self, cand: L.Candidate, run: str) -> Program[None]:
         # Without hard links a create is decided by a lock name before the file appears

@@ -97,7 +97,7 @@ class QueueInspection:
         last = names_of.requeued or names_of.outcome
         if last is not None:
             data = yield read(f"{queue}/run/{last.name}")
-            rec = None if data is None else L.parse_record(data)
+            rec = None if data is None else L.parse_outcome(data)
             if rec is None:
                 return None
             if rec.state in State.SPAWNING and rec.next is not None:

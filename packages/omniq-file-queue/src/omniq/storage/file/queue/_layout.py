@@ -77,6 +77,21 @@ def parse_record(data: bytes) -> Record | None:
         return None
 
 
+def parse_outcome(data: bytes) -> Record | None:
+    """An outcome record. Locally ``done`` is the claim file itself linked to the outcome
+    name (no file is created to ack): a claim document or task there reads as ``done``."""
+    rec = parse_record(data)
+    if rec is not None:
+        return rec
+    for kind in (Claimed, Task):
+        try:
+            codec.decode(data, kind)
+        except SerializationError:
+            continue
+        return Record(state=State.DONE, nonce="", at=0.0)
+    return None
+
+
 _CROCKFORD = {c: i for i, c in enumerate("0123456789ABCDEFGHJKMNPQRSTVWXYZ")}
 
 

@@ -156,7 +156,8 @@ class LeaseHandling:
         worker: str = "",
     ) -> Program[bool]:
         data = L.record(state, current, worker=worker or None, next=nxt)
-        if not (yield create(L.outcome_key(queue, task_id, attempt), data)):
+        done = state == State.DONE
+        if not (yield from self.claims.decide(queue, task_id, attempt, done, data, current)):
             return False
         yield from self._follow_up(state, nxt)
         return True
@@ -372,7 +373,7 @@ class LeaseHandling:
             spawning = True
         else:
             data = yield read(L.outcome_key(queue, task_id, attempt))
-            rec = None if data is None else L.parse_record(data)
+            rec = None if data is None else L.parse_outcome(data)
             spawning = rec is None or rec.state in State.SPAWNING  # unreadable: kept
         if spawning:
             self._spawning.add((queue, task_id, attempt))
@@ -455,7 +456,7 @@ class LeaseHandling:
             if last is None or last.mtime >= settle or (task_id, attempt + 1) in attempts:
                 continue
             data = yield read(f"{queue}/run/{last.name}")
-            rec = None if data is None else L.parse_record(data)
+            rec = None if data is None else L.parse_outcome(data)
             if rec is None or rec.next is None:
                 continue
             if rec.state == State.DEAD:
