@@ -331,6 +331,8 @@ class LeaseHandling:
             return entry.mtime < suspect
 
         attempts = group_run((yield listdir(f"{queue}/run", True, keep)))
+        # Forget what another worker cleaned up meanwhile.
+        self._spawning -= {s for s in self._spawning if s[0] == queue and s[1:] not in attempts}
         spent: list[tuple[str, int, Attempt]] = []
         taken: list[Claimed] = []
         for (task_id, attempt), names in attempts.items():
