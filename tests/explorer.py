@@ -8,6 +8,12 @@ Several ``Actor`` programs (generators yielding ``omniq.core.fs.Op``) run agains
   its code runs again (no ``finally``) until the schedule is over;
 * ``"+30"`` -- the logical clock ``world.t`` moves 30 s forward.
 
+Worlds are a memory filesystem, a local directory, or (``kind`` "s3", "gcs", "azure") a fresh
+prefix of a remote store. Memory and local files are stamped with ``world.t`` as mtime; a
+remote store stamps its own (real) time, so a remote world's ``t`` starts at ``time.time()``
+and remote scenarios must not move the clock between writes (crash choices only): a file
+written after a move would look older than it is.
+
 ``check(world, state)`` runs after every choice and ``final(world, state)`` once every actor
 has finished, raised or crashed; each returns violation strings (or raises AssertionError).
 ``explore`` enumerates schedules depth-first when the space is small, else samples seeded
@@ -24,6 +30,7 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -40,6 +47,7 @@ DEFAULT_SAMPLES = 10_000
 DEFAULT_MAX_SCHEDULES = 2_000
 _NAME = re.compile(r"[A-Za-z_][\w.-]*\Z")
 R = TypeVar("R")
+REMOTE_KINDS = ("s3", "gcs", "azure")
 
 
 class _Stamped:
@@ -87,30 +95,59 @@ def _memory_dirfs() -> DirFileSystem:
 
 
 _POOL: list[DirFileSystem] = []
+_SESSIONS: dict[tuple[str, str], Any] = {}
+
+
+def _remote_ops(store: Store, storage_options: dict[str, Any] | None) -> FsspecOps:
+    """``store``'s sync ops, over one filesystem (one SDK session) per store and options:
+    opening a session costs several schedules' requests, so worlds share it."""
+    key = (store.protocol, repr(sorted((storage_options or {}).items())))
+    if key not in _SESSIONS:
+        _SESSIONS[key] = store._sync_ops.fs.fs  # type: ignore[attr-defined]
+    return FsspecOps(DirFileSystem(path=store.root, fs=_SESSIONS[key]))
 
 
 class World:
     """One schedule's fresh storage (``ops``, ``store``), logical clock ``t`` and the objects
-    under test (``obj``, built by ``explore(make=...)``)."""
+    under test (``obj``, built by ``explore(make=...)``). A remote world (``kind`` in
+    ``REMOTE_KINDS``) is a new prefix under the URL ``base_dir``, opened with
+    ``storage_options``; its ``t`` starts at the wall clock (see the module docstring)."""
 
-    def __init__(self, kind: str = "memory", base_dir: str | os.PathLike[str] | None = None):
+    def __init__(
+        self,
+        kind: str = "memory",
+        base_dir: str | os.PathLike[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ):
         self.kind = kind
         self.t = START_TIME
         self.obj: Any = None
         self._dir: str | None = None
         self._dirfs: DirFileSystem | None = None
+        self._remote: FsspecOps | None = None
+        ops: Ops
         if kind == "memory":
             # Building a DirFileSystem costs more than a short schedule: worlds reuse them.
             self._dirfs = _POOL.pop() if _POOL else _memory_dirfs()
             self.store = Store("memory:///explore", clock=self.clock)
-            ops: _MemoryStamped | _LocalStamped = _MemoryStamped(self._dirfs)
+            ops = _MemoryStamped(self._dirfs)
         elif kind == "local":
             self._dir = tempfile.mkdtemp(prefix="world-", dir=base_dir)
             self.store = Store(self._dir, clock=self.clock)
             ops = _LocalStamped(self._dir)
+        elif kind in REMOTE_KINDS and base_dir is not None:
+            self.t = time.time()  # the store's own mtimes are real: compare like with like
+            url = f"{os.fspath(base_dir).rstrip('/')}/w-{uuid.uuid4().hex}"
+            self.store = Store(url, storage_options, clock=self.clock)
+            ops = self._remote = _remote_ops(self.store, storage_options)
         else:
-            raise ValueError(f"kind must be 'memory' or 'local', not {kind!r}")
-        ops.clock = self.clock
+            raise ValueError(
+                f"kind must be 'memory', 'local' or one of {REMOTE_KINDS} (with a base_dir "
+                f"URL), not {kind!r}"
+            )
+        if isinstance(ops, _Stamped):
+            ops.clock = self.clock
+        self.start = self.t
         self.ops: Ops = ops
         self.store._sync = ops
 
@@ -123,6 +160,11 @@ class World:
         return _drive(program, self.ops, lambda: self.t + skew)
 
     def close(self) -> None:
+        if self._remote is not None:
+            try:  # best effort: the emulators die with the session anyway
+                self._remote.fs.fs.rm(self.store.root, recursive=True)
+            except Exception:
+                pass
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
         if self._dirfs is not None:
@@ -167,17 +209,19 @@ class ActorState:
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """One choice of a schedule: ``actor`` is "" for a time advance, ``op`` None if none ran."""
+    """One choice of a schedule: ``actor`` is "" for a time advance, ``op`` None if none ran;
+    ``start`` is the world's initial ``t``."""
 
     n: int
     t: float
     actor: str
     op: Op | None
     detail: str
+    start: float = START_TIME
 
     def __str__(self) -> str:
         return (
-            f"{self.n:5d}  t+{self.t - START_TIME:<7g} {self.actor or '(clock)':<12} {self.detail}"
+            f"{self.n:5d}  t+{self.t - self.start:<7g} {self.actor or '(clock)':<12} {self.detail}"
         )
 
 
@@ -225,13 +269,14 @@ class Violation:
         return f"{env} hatch test '{test}'" if test else env
 
     def format(self) -> str:
+        start = self.trace[0].start if self.trace else START_TIME
         lines = [
             f"{self.scenario!r} on {self.kind} ({self.mode}): violation in schedule "
             f"{self.schedule} (master seed {self.master_seed})",
             *(f"  ! {m}" for m in self.messages),
             "  actors: " + ", ".join(f"{k}={v}" for k, v in self.statuses.items()),
             f"  path: {','.join(self.path) or '-'}",
-            f"  trace (t+ is seconds after {START_TIME:.0f}):",
+            f"  trace (t+ is seconds after {start:.0f}):",
             *(f"  {e}" for e in self.trace),
             f"  replay: {self.replay_hint()}",
         ]
@@ -313,6 +358,7 @@ class _Runner:
     actors: Sequence[Actor]
     kind: str
     base_dir: str | os.PathLike[str] | None
+    storage_options: dict[str, Any] | None
     make: Callable[[World], Any] | None
     setup: Callable[[World], None] | None
     check: Check | None
@@ -338,7 +384,7 @@ class _Runner:
         return out
 
     def run(self, choose: Chooser) -> _Outcome:
-        world = World(self.kind, self.base_dir)
+        world = World(self.kind, self.base_dir, self.storage_options)
         gens: list[Program[Any]] = []
         levels: list[tuple[list[_Choice], int]] = []
         try:
@@ -362,7 +408,8 @@ class _Runner:
                 if choice.actor < 0:
                     world.t += choice.seconds
                     advances += 1
-                    state.trace.append(Event(n, world.t, "", None, f"advance {choice.label}s"))
+                    detail = f"advance {choice.label}s"
+                    state.trace.append(Event(n, world.t, "", None, detail, world.start))
                 else:
                     steps += 1
                     crashes += choice.crash
@@ -431,7 +478,7 @@ class _Runner:
         except Exception as exc:  # the actor's outcome, judged by the invariants
             me.status, me.error = "raised", exc
             detail += f"; raised {type(exc).__name__}: {_short(str(exc))}"
-        state.trace.append(Event(n, t, actor.name, op, detail.lstrip("; ")))
+        state.trace.append(Event(n, t, actor.name, op, detail.lstrip("; "), world.start))
 
 
 def _forced(path: Sequence[str]) -> Chooser:
@@ -479,6 +526,7 @@ def explore(
     *,
     kind: str = "memory",
     base_dir: str | os.PathLike[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
     make: Callable[[World], Any] | None = None,
     setup: Callable[[World], None] | None = None,
     check: Check | None = None,
@@ -504,6 +552,7 @@ def explore(
     ``max_advances`` clock moves taken from ``advances``. Exploration stops after
     ``max_violations`` violating schedules. ``replay`` (a schedule seed or a path of choice
     labels) runs that one schedule; so does ``OMNIQ_EXPLORE_REPLAY=name/kind@token``.
+    ``kind``, ``base_dir`` and ``storage_options`` are ``World``'s (each schedule's world).
     """
     names = [a.name for a in actors]
     if len(set(names)) != len(names) or not all(_NAME.match(n) for n in names):
@@ -511,7 +560,7 @@ def explore(
     if mode not in ("auto", "exhaustive", "random"):
         raise ValueError(f"mode must be auto, exhaustive or random, not {mode!r}")
     runner = _Runner(
-        actors, kind, base_dir, make, setup, check, final,
+        actors, kind, base_dir, storage_options, make, setup, check, final,
         tuple(a.seconds if isinstance(a, Advance) else float(a) for a in advances),
         max_advances, max_crashes, max_steps,
     )  # fmt: skip
