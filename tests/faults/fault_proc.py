@@ -12,8 +12,8 @@ A child runs ``python -m fault_proc CONFIG_JSON`` where CONFIG says what to do:
 ``"crash": {"call": "write"|"link"|"replace"|"unlink", "match": SUBSTRING, "nth": N,
 "how": "half"|"before"|"after", "data": TEXT}`` makes the child die with
 ``os._exit(CRASH_EXIT)`` -- no cleanup, no ``finally``, like SIGKILL -- at the N-th matching
-system call (a path containing SUBSTRING; for ``write``, optionally only writes of exactly
-TEXT): ``half`` writes half of the buffer first, ``before``/``after`` die just before or just
+system call (a path containing SUBSTRING -- ``PREFIX*SUFFIX``: containing PREFIX and ending
+in SUFFIX; for ``write``, optionally only writes of exactly TEXT): ``half`` writes half of the buffer first, ``before``/``after`` die just before or just
 after the call.
 """
 
@@ -81,8 +81,11 @@ def install_crash(spec: dict[str, Any]) -> None:
     fds: dict[int, str] = {}
     seen = [0]
 
+    head, _, tail = match.partition("*")  # "PREFIX*SUFFIX": paths ending in SUFFIX only
+
     def hit(path: Any) -> bool:
-        if match not in os.fsdecode(path):
+        text = os.fsdecode(path)
+        if head not in text or not text.endswith(tail):
             return False
         seen[0] += 1
         return seen[0] == nth

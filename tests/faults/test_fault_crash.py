@@ -45,17 +45,16 @@ PHASES: dict[str, list[Point]] = {
         ("replace", "queue/default/sched/", "after", (1, 6), None),
         ("replace", "queue/default/due/", "before", (1, 6), None),
     ],
+    # a local claim links the ready file to run/{id}.{n}.json, then unlinks the ready name
     "claim": [
-        ("write", "queue/default/run/", "half", (1, 10), None),
-        ("link", "queue/default/run/", "before", (1, 20), None),
-        ("link", "queue/default/run/", "after", (1, 20), None),
+        ("link", "queue/default/run/*.json", "before", (1, 20), None),
+        ("link", "queue/default/run/*.json", "after", (1, 20), None),
         ("unlink", "queue/default/ready/", "before", (1, 20), None),
     ],
-    # the ack turns the claim into the tombstone "done", however the store writes it
+    # a local ack links the claim to the outcome name run/{id}.{n}.x (its one outcome)
     "ack": [
-        ("write", "queue/default/run/", "before", (1, 20), "done"),
-        ("write", "queue/default/run/", "half", (1, 20), "done"),
-        ("write", "queue/default/run/", "after", (1, 20), "done"),
+        ("link", "queue/default/run/*.x", "before", (1, 20), None),
+        ("link", "queue/default/run/*.x", "after", (1, 20), None),
     ],
     "result": [
         ("write", "results/results/.tmp-", "half", (1, 20), None),
