@@ -1,6 +1,7 @@
 """OmniQ core: models, the storage contract, the JSON codec, errors, the sync bridge and the
 fsspec plumbing shared by every file storage."""
 
+from ._redact import RedactFilter, redact_logs
 from .codec import check_json_value, decode, encode
 from .errors import (
     AsyncContextError,
@@ -53,6 +54,7 @@ __all__ = [
     "NotFoundError",
     "OmniQError",
     "QueueSize",
+    "RedactFilter",
     "ResultStatus",
     "ResultTimeoutError",
     "SerializationError",
@@ -70,6 +72,7 @@ __all__ = [
     "decode",
     "encode",
     "new_id",
+    "redact_logs",
     "run_sync",
     "utcnow",
     "validate_name",
