@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import difflib
+import functools
+import importlib
+import inspect
 import logging
 import os
-import re
+import types
 import uuid
 import weakref
 from collections.abc import Callable, Generator, Iterable
@@ -35,12 +39,19 @@ import sniffio
 from fsspec.core import split_protocol
 from fsspec.implementations.dirfs import DirFileSystem
 
+from . import _redact
 from ._local import CANNOT_TAKE as CANNOT_TAKE
 from ._local import LocalOps
 from ._local import Stat as Stat
 from ._ops import AsyncFsspecOps, FsspecOps, Ops
 from ._ops import Entry as Entry
-from .errors import CapabilityError, ConfigurationError, MissingDependencyError, StorageError
+from .errors import (
+    CapabilityError,
+    ConfigurationError,
+    MissingDependencyError,
+    OmniQError,
+    StorageError,
+)
 
 log = logging.getLogger("omniq.fs")
 R = TypeVar("R")
@@ -77,7 +88,11 @@ def mark(key: str, data: bytes) -> Op:
 
 
 def create(key: str, data: bytes) -> Op:
-    """Create ``key`` only if absent; True if this call created it, False if it existed."""
+    """Create ``key`` only if absent; True if this call created it, False if it existed.
+
+    An "exists" answer is checked against the stored bytes (a retry of a request that landed
+    but whose response was lost also gets it), so ``data`` must be unique to the caller: put a
+    nonce in it. Raises StorageError when the outcome cannot be known."""
     return Op("create", (key, data))
 
 
@@ -190,12 +205,27 @@ _KIND = {
 }
 # The pip extra that brings each cloud protocol's plugin.
 _EXTRAS = {protocol: kind for protocol, kind in _KIND.items() if kind in ("s3", "gcs", "azure")}
-_USERINFO = re.compile(r"(://)[^/@]*@")
+# One retry budget per operation: OmniQ's (``_ops.RETRIES`` tries with backoff); the SDKs are
+# set to a single try each, with these timeouts (unless storage_options set them).
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 15.0
+# Options every fsspec filesystem takes (AbstractFileSystem / AsyncFileSystem).
+_FSSPEC_OPTIONS = frozenset(
+    {
+        "use_listings_cache",
+        "listings_expiry_time",
+        "max_paths",
+        "skip_instance_cache",
+        "asynchronous",
+        "loop",
+        "batch_size",
+    }
+)
 
 
 def redact_url(url: str) -> str:
     """Drop ``user:password@`` from a URL so it can be shown."""
-    return _USERINFO.sub(r"\1***@", url)
+    return _redact.redact_url(url)
 
 
 def _fs_class(protocol: str, package: str) -> type[Any]:
@@ -238,8 +268,10 @@ class Store:
         protocol = protocol or "file"
         self.protocol = protocol
         self.kind = _KIND.get(protocol, "remote")
-        self.url = redact_url(url)
         self._options = dict(storage_options or {})
+        # Credentials in the URL or the options are hidden in every text OmniQ shows.
+        _redact.register([*_redact.url_secrets(url), *_redact.option_secrets(self._options)])
+        self.url = redact_url(url)
         self.clock = clock or _wall_clock
         self._package = package
         if local_io not in (None, "inline", "thread"):
@@ -259,7 +291,9 @@ class Store:
             self.root = path.rstrip("/")
             if not self.root:
                 raise ConfigurationError(f"base_dir {self.url!r} needs a bucket or path")
-            self._native_async = bool(getattr(_fs_class(protocol, package), "async_impl", False))
+            cls = _fs_class(protocol, package)
+            self._native_async = bool(getattr(cls, "async_impl", False))
+            _check_options(self.kind, protocol, cls, self._options)
 
     @property
     def _sync_ops(self) -> Ops:
@@ -272,9 +306,22 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
 
+    @functools.cached_property
+    def where(self) -> str:
+        """The store as shown in messages: its URL, and its endpoint if one is set (both
+        without credentials)."""
+        endpoint = self._options.get("endpoint_url")
+        connection = self._options.get("connection_string")
+        if not endpoint and isinstance(connection, str):  # Azure: its BlobEndpoint
+            parts = dict(p.partition("=")[::2] for p in connection.split(";") if "=" in p)
+            endpoint = parts.get("BlobEndpoint")
+        if isinstance(endpoint, str) and endpoint:
+            return _redact.redact(f"{self.url} (endpoint {redact_url(endpoint)})")
+        return self.url
+
     def _make_dirfs(self, asynchronous: bool) -> DirFileSystem:
         cls = _fs_class(self.protocol, self._package)
-        options = dict(self._options)
+        options = {**self._options, **_sdk_defaults(self.kind, self._options)}
         extra: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
         if asynchronous:
             extra["asynchronous"] = True
@@ -286,6 +333,7 @@ class Store:
                 skip_instance_cache=True,
                 **({"asynchronous": True} if asynchronous else {}),
             )
+        _single_try(self.kind, fs, self._options)
         return DirFileSystem(path=self.root, fs=fs, asynchronous=asynchronous)
 
     @property
@@ -313,13 +361,17 @@ class Store:
         ):
             # A program's few local syscalls cost less than a hop to a worker thread (about
             # 4x on tmpfs, 30 % on ext4, measured in benchmarks/README.md).
-            return _drive(program, self._sync_ops, self.clock)
+            return _drive(program, self._sync_ops, self.clock, self.where)
         if self.kind == "local":
-            return await anyio.to_thread.run_sync(_drive, program, self._sync_ops, self.clock)
+            return await anyio.to_thread.run_sync(
+                _drive, program, self._sync_ops, self.clock, self.where
+            )
         if not self._native_async or sniffio.current_async_library() != "asyncio":
-            return await anyio.to_thread.run_sync(_drive, program, self._sync_ops, self.clock)
+            return await anyio.to_thread.run_sync(
+                _drive, program, self._sync_ops, self.clock, self.where
+            )
         ops = await self._ops_for_loop()
-        return await _adrive(program, ops, self.clock)
+        return await _adrive(program, ops, self.clock, self.where)
 
     async def _ops_for_loop(self) -> AsyncFsspecOps:
         loop = asyncio.get_running_loop()
@@ -384,19 +436,32 @@ class Store:
         return await anyio.to_thread.run_sync(self._sync.sweep_temp, prefix, before)
 
     async def probe_exclusive_create(self) -> None:
-        """Prove that exclusive create is enforced here: create one key twice.
+        """Prove that exclusive create is enforced here: create one new key twice, with
+        different bytes each time (an "exists" answer to a retry of the first create, whose
+        response was lost, is recognized by its bytes and counts as created).
 
-        Raises CapabilityError if the second create also succeeds.
+        Raises CapabilityError if the first create is refused or the second also succeeds;
+        StorageError if the store cannot be reached.
         """
-        key = f"_omniq/probe-{uuid.uuid4().hex}"
-        first = await self.create(key, b"1")
-        second = await self.create(key, b"2")
+        token = uuid.uuid4().hex
+        key = f"_omniq/probe-{token}"
+        first = await self.create(key, f"probe {token} first".encode())
+        second = await self.create(key, f"probe {token} second".encode())
         await self.delete(key)
-        if not first or second:
-            raise CapabilityError(
-                f"{self.url}: this filesystem does not enforce exclusive create "
-                f"(first={first}, second={second}); several workers would run the same task"
-            )
+        if first and not second:
+            return
+        if not first:
+            what = 'the first create of a new key was answered "already exists"'
+        else:
+            what = "a second create of the same key also succeeded"
+        raise CapabilityError(
+            f"{self.where}: exclusive create (create-if-absent) is not enforced: {what}. "
+            "This store or filesystem does not support conditional writes, so two workers "
+            "could claim the same task. Use a store that enforces them: a local directory "
+            "(one machine or a POSIX shared filesystem), AWS S3 or an S3-compatible store "
+            "with conditional writes (If-None-Match), Google Cloud Storage, Azure Blob "
+            "Storage, or memory:// inside one process"
+        )
 
 
 def _wall_clock() -> float:
@@ -409,37 +474,212 @@ def _one(op: Op) -> Program[Any]:
     return (yield op)
 
 
-def _as_storage_error(op: Op, exc: Exception) -> Exception:
-    if isinstance(exc, OSError) and not isinstance(exc, StorageError):
-        key = op.args[0] if op.args else ""
-        error = StorageError(f"{op.name} {key!r} failed: {type(exc).__name__}: {exc}")
-        error.__cause__ = exc
-        return error
-    return exc
+# Packages whose exceptions (and builtin exceptions raised inside them) are storage failures.
+_STORAGE_PACKAGES = frozenset(
+    {
+        "fsspec",
+        "s3fs",
+        "botocore",
+        "aiobotocore",
+        "gcsfs",
+        "google",
+        "adlfs",
+        "azure",
+        "aiohttp",
+        "requests",
+        "urllib3",
+    }
+)
 
 
-def _drive(program: Program[R], ops: Ops, clock: Callable[[], float]) -> R:
+def _from_storage_sdk(exc: BaseException) -> bool:
+    if type(exc).__module__.split(".")[0] in _STORAGE_PACKAGES:
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return str(module).split(".")[0] in _STORAGE_PACKAGES
+
+
+def _as_storage_error(op: Op, exc: Exception, where: str = "") -> Exception:
+    """What a failed op hands to its program: a StorageError naming the store (without
+    credentials) and the op, with the original as ``__cause__``, for an OSError or anything a
+    filesystem plugin or SDK raised (its ValueError or TypeError included). OmniQ's own errors,
+    and bugs in OmniQ, pass unchanged."""
+    if isinstance(exc, OmniQError) and not isinstance(exc, StorageError):
+        return exc
+    if not isinstance(exc, OSError) and not _from_storage_sdk(exc):
+        return exc
+    prefix = f"{where}: " if where else ""
+    if isinstance(exc, StorageError):
+        if prefix and not str(exc).startswith(prefix):
+            exc.args = (_redact.redact(f"{prefix}{exc}"),)
+        return exc
+    _redact.scrub_exception(exc)
+    key = op.args[0] if op.args else ""
+    error = StorageError(
+        _redact.redact(f"{prefix}{op.name} {key!r} failed: {type(exc).__name__}: {exc}")
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _check_options(kind: str, protocol: str, cls: type[Any], options: dict[str, Any]) -> None:
+    """Refuse storage options the filesystem would not take, naming them: S3, GCS and Azure
+    plugins silently ignore a misspelt option, or fail at the first request."""
+    if kind not in ("s3", "gcs", "azure"):
+        return
+    known = set(_FSSPEC_OPTIONS)
+    classes: list[Any] = list(cls.__mro__)
+    if kind == "s3":  # s3fs hands unknown keyword arguments to aiobotocore's AioSession
+        try:
+            from aiobotocore.session import AioSession
+
+            classes.append(AioSession)
+        except ImportError:  # pragma: no cover - s3fs depends on it
+            pass
+    for klass in classes:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):  # pragma: no cover - a C-level __init__
+            return
+        known.update(
+            p.name
+            for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+        )
+    unknown = sorted(str(name) for name in options if name not in known)
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigurationError(
+            f"unknown storage option{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(hints)} for {protocol}:// ({cls.__module__}.{cls.__name__})"
+        )
+    endpoint = options.get("endpoint_url")
+    if kind == "s3" and endpoint is not None:
+        shown = redact_url(str(endpoint))
+        try:
+            from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+        except ImportError:  # pragma: no cover - s3fs depends on it
+            return
+        text = str(endpoint)
+        if not isinstance(endpoint, str) or not (
+            is_valid_endpoint_url(text) or is_valid_ipv6_endpoint_url(text)
+        ):
+            raise ConfigurationError(
+                f"storage option endpoint_url is not a valid URL: {shown!r} "
+                "(expected http[s]://host[:port])"
+            )
+        if _redact.url_secrets(text):
+            raise ConfigurationError(
+                f"storage option endpoint_url must not carry credentials ({shown!r}): S3 "
+                "requests are signed with the key and secret options instead"
+            )
+
+
+def _sdk_defaults(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Storage options that make the SDK try each request once, with connect and read
+    timeouts: OmniQ's retries are the only ones (they would multiply otherwise). Options the
+    caller gave win."""
+    if kind == "s3":
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", {"total_max_attempts": 1})
+        config.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        config.setdefault("read_timeout", READ_TIMEOUT)
+        return {"config_kwargs": config}
+    if kind == "gcs" and "requests_timeout" not in options:
+        try:  # gcsfs' HTTP client (imported by name: its types are not checked here)
+            aiohttp: Any = importlib.import_module("aiohttp")
+        except ImportError:  # pragma: no cover - gcsfs depends on it
+            return {}
+        timeout = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
+        return {"requests_timeout": timeout}
+    return {}
+
+
+def _single_try(kind: str, fs: Any, options: dict[str, Any]) -> None:
+    """Turn off the retry loops the plugins run outside the SDK's configuration (each under
+    OmniQ's own would multiply the time to fail: ~9 s for s3fs, ~34 s for gcsfs, ~86 s for
+    adlfs against a dead endpoint, per try)."""
+    if kind == "s3":
+        fs.retries = 1  # s3fs' own loop around each call (5 by default)
+        _no_expect_continue(fs)
+    elif kind == "gcs":
+        # gcsfs retries every request 6 times with up to 32 s sleeps, a count fixed when its
+        # class is defined: bind the undecorated request method to this instance.
+        raw = getattr(getattr(type(fs), "_request", None), "__wrapped__", None)
+        if raw is not None:
+            fs._request = types.MethodType(raw, fs)
+        else:  # pragma: no cover - another gcsfs version
+            log.debug("gcsfs request retries could not be turned off")
+    elif kind == "azure":
+        # adlfs does not pass retry settings to the azure SDK: set them on its client.
+        config = getattr(getattr(fs, "service_client", None), "_config", None)
+        policy = getattr(config, "retry_policy", None)
+        for attr in ("total_retries", "connect_retries", "read_retries", "status_retries"):
+            if hasattr(policy, attr):
+                setattr(policy, attr, 0)
+        transport = getattr(config, "transport", None)
+        connection = getattr(transport, "connection_config", None)
+        if connection is not None:
+            connection.timeout = options.get("connection_timeout") or CONNECT_TIMEOUT
+            connection.read_timeout = options.get("read_timeout") or READ_TIMEOUT
+        if policy is None or connection is None:  # pragma: no cover - another adlfs version
+            log.debug("azure retries or timeouts could not be configured")
+
+
+def _no_expect_continue(fs: Any) -> None:
+    """botocore sends a PUT with ``Expect: 100-continue`` and aiohttp then waits for the
+    interim answer with no timeout: against a server that accepts connections but never
+    answers, the PUT would hang forever (``read_timeout`` does not apply). OmniQ's bodies are
+    small: send them at once. Done on each client s3fs creates."""
+    original = fs.set_session
+
+    async def set_session(*args: Any, **kwargs: Any) -> Any:
+        client = await original(*args, **kwargs)
+        events = getattr(getattr(client, "meta", None), "events", None)
+        if events is not None:
+            try:
+                from botocore.handlers import add_expect_header
+            except ImportError:  # pragma: no cover - another botocore version
+                return client
+            events.unregister("before-call.s3", add_expect_header)
+        return client
+
+    fs.set_session = set_session
+
+
+def _drive(program: Program[R], ops: Ops, clock: Callable[[], float], where: str = "") -> R:
     try:
         op = next(program)
         while True:
             try:
                 result = clock() if op.name == "now" else getattr(ops, op.name)(*op.args)
             except Exception as exc:  # handed to the program, which may handle it
-                op = program.throw(_as_storage_error(op, exc))
+                op = program.throw(_as_storage_error(op, exc, where))
             else:
                 op = program.send(result)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
 
 
-async def _adrive(program: Program[R], ops: AsyncFsspecOps, clock: Callable[[], float]) -> R:
+async def _adrive(
+    program: Program[R], ops: AsyncFsspecOps, clock: Callable[[], float], where: str = ""
+) -> R:
     try:
         op = next(program)
         while True:
             try:
                 result = clock() if op.name == "now" else await getattr(ops, op.name)(*op.args)
             except Exception as exc:
-                op = program.throw(_as_storage_error(op, exc))
+                op = program.throw(_as_storage_error(op, exc, where))
             else:
                 op = program.send(result)
     except StopIteration as stop:
