@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -17,7 +19,7 @@ import anyio
 import anyio.to_process
 import anyio.to_thread
 
-from omniq.core import codec
+from omniq.core import RedactFilter, codec
 from omniq.core.errors import (
     LeaseLostError,
     SerializationError,
@@ -40,6 +42,7 @@ from omniq.storage.file.queue import default_worker_id
 from ._functions import FunctionImportError, FunctionNotAllowedError, is_async, resolve
 
 log = logging.getLogger("omniq.worker")
+log.addFilter(RedactFilter())  # storage errors may quote URLs; credentials never show
 
 # A temporary file is renamed or linked into place milliseconds after it is written; one this
 # old belongs to a process that was killed in between.
@@ -72,6 +75,13 @@ class AsyncWorker:
         burst: stop once the queues stay empty for ``idle_timeout`` seconds (like
             ``rq worker --burst``) and no delayed or retrying task comes due within
             ``burst_horizon`` seconds (default 60).
+        storage_timeout: in burst mode, give up once every claim has failed for this many
+            seconds (default 30; None: never): ``run()`` raises ``StorageError`` after running
+            tasks finish. Without ``burst`` the worker keeps retrying through outages.
+
+    ``run()`` raises the error that stopped the worker itself (``CapabilityError``,
+    ``StorageError``, ...), never an exception group; other errors raised at the same time are
+    logged and attached to it as notes.
     """
 
     def __init__(
@@ -90,6 +100,7 @@ class AsyncWorker:
         burst: bool = False,
         idle_timeout: float = 1.0,
         burst_horizon: float = 60.0,
+        storage_timeout: float | None = 30.0,
         worker_id: str | None = None,
         handle_signals: bool = True,
     ) -> None:
@@ -114,6 +125,7 @@ class AsyncWorker:
         self.burst = burst
         self.idle_timeout = idle_timeout
         self.burst_horizon = burst_horizon
+        self.storage_timeout = storage_timeout
         self.worker_id = worker_id or default_worker_id()
         self.handle_signals = handle_signals
         self.stats = {
@@ -161,7 +173,23 @@ class AsyncWorker:
             )
 
     async def run(self) -> dict[str, int]:
-        """Work until stopped (or, in burst mode, until the queues are empty)."""
+        """Work until stopped (or, in burst mode, until the queues are empty).
+
+        Raises the first error that stopped the worker (e.g. ``CapabilityError`` when the
+        storage does not enforce exclusive create; in burst mode ``StorageError`` once claims
+        have failed for ``storage_timeout`` seconds), never an exception group."""
+        error: BaseException | None = None
+        try:
+            return await self._run()
+        except BaseException as exc:
+            if not isinstance(getattr(exc, "exceptions", None), tuple):
+                raise
+            error = _first_error(exc)
+            if error is exc:
+                raise
+        raise error  # outside the except block: its own cause and context stay as they were
+
+    async def _run(self) -> dict[str, int]:
         log.info(
             "worker %s started on %s (concurrency %d)",
             self.worker_id,
@@ -176,6 +204,8 @@ class AsyncWorker:
             tg.start_soon(self._cleanup_loop)
             idle_since: float | None = None
             failures = 0  # consecutive failed claims (storage trouble)
+            failing_since: float | None = None
+            gave_up: StorageError | None = None
             while not self._stopping:
                 got_slot = False
                 with anyio.move_on_after(self.poll):
@@ -200,7 +230,24 @@ class AsyncWorker:
                         # worker: log it, back off, try again.
                         slots.release()
                         failures += 1
+                        failing_since = failing_since or time.monotonic()
+                        down = time.monotonic() - failing_since
+                        if (
+                            self.burst
+                            and self.storage_timeout is not None
+                            and down >= self.storage_timeout
+                        ):
+                            gave_up = StorageError(
+                                f"worker {self.worker_id}: storage unavailable for {down:.0f} s "
+                                f"({failures} failed claims; burst mode gives up after "
+                                f"storage_timeout={self.storage_timeout:g} s); last error: "
+                                f"{type(exc).__name__}: {exc}"
+                            )
+                            gave_up.__cause__ = exc
+                            break
                         delay = min(5.0, 0.1 * 2 ** min(failures, 6))
+                        if self.burst and self.storage_timeout is not None:
+                            delay = min(delay, max(0.0, self.storage_timeout - down))
                         log.warning(
                             "worker %s: claiming from %s failed (%s: %s); retrying in %.1f s",
                             self.worker_id,
@@ -214,7 +261,7 @@ class AsyncWorker:
                     except BaseException:
                         slots.release()
                         raise
-                    failures = 0
+                    failures, failing_since = 0, None
                     if claimed is not None and self._stop_requested():
                         await self._release(claimed)  # stopped while polling: give it back
                         claimed = None
@@ -235,6 +282,9 @@ class AsyncWorker:
             await self._drain()
             tg.cancel_scope.cancel()
         self._stopping = False  # a stop() before run() is honoured; afterwards it may run again
+        if gave_up is not None:
+            log.error("worker %s stopped: %s", self.worker_id, gave_up)
+            raise gave_up
         log.info("worker %s stopped: %s", self.worker_id, self.stats)
         return dict(self.stats)
 
@@ -513,6 +563,39 @@ class AsyncWorker:
             self.stats["retried"] += 1
             log.info("task %s failed: %s: %s (will retry)", task.id, info.type, info.message)
             await self._event(EventType.RETRIED, claimed, error=info, duration=duration)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    inner = getattr(exc, "exceptions", None)
+    if not isinstance(inner, tuple):
+        return [exc]
+    return [leaf for item in inner for leaf in _leaves(item)]
+
+
+def _first_error(group: BaseException) -> BaseException:
+    """The error to raise for an exception group out of the worker's task group: an
+    interruption (KeyboardInterrupt, SystemExit) first, else the first real error; the others
+    are logged and noted on it. The group itself if it holds only cancellations."""
+    leaves = _leaves(group)
+    cancelled: tuple[type[BaseException], ...] = (asyncio.CancelledError,)
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        cancelled += (trio.Cancelled,)
+    real = [e for e in leaves if not isinstance(e, cancelled)]
+    if not real:
+        return group
+    first = next((e for e in real if not isinstance(e, Exception)), real[0])
+    for other in real:
+        if other is not first:
+            log.error(
+                "worker also failed with %s: %s",
+                type(other).__name__,
+                other,
+                exc_info=(type(other), other, other.__traceback__),
+            )
+            if hasattr(first, "add_note"):
+                first.add_note(f"the worker also failed with {type(other).__name__}: {other}")
+    return first
 
 
 def cancelled_result(
