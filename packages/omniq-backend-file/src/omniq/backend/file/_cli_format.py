@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from omniq.core import _redact
 from omniq.core.models import UTC, ErrorInfo, EventType, QueueSize, TaskEvent, TaskInfo, TaskResult
 
 ENV_STORAGE_OPTIONS = "OMNIQ_STORAGE_OPTIONS"
@@ -23,8 +24,9 @@ BASE_DIR is a local directory or an fsspec URL (s3://bucket/app, gs://..., abfs:
 Storage options: --storage-options JSON, else ${ENV_STORAGE_OPTIONS}; other settings from
 OMNIQ_* variables (flags win). Credentials are never printed.
 
-exit codes: 0 ok, 1 task failed (result), 2 usage / bad input / not found / timeout,
-            3 storage error, 4 internal error, 130 interrupted
+exit codes: 0 ok, 1 task failed (result), 2 usage / bad input / unknown storage option /
+            no such directory / not found / timeout, 3 storage unreachable or failing (also:
+            no exclusive create), 4 internal error (a bug), 130 interrupted
 
 Start with `omniq COMMAND --help`."""
 
@@ -39,8 +41,10 @@ class CliError(Exception):
 
 # -- secrets -----------------------------------------------------------------------------------
 class Redactor:
-    """Remembers the strings of storage options and hides them in anything printed to stderr
-    (error messages, log records). ``add_raw`` takes the raw JSON text, valid or not."""
+    """Remembers the credentials in storage options and hides them in anything printed to
+    stderr (error messages, log records), as well as URL userinfo, AWS key ids and the
+    credentials of every store of the process. Public settings such as ``endpoint_url`` stay
+    readable (minus any userinfo). ``add_raw`` takes the raw JSON text, valid or not."""
 
     MIN_LENGTH = 4  # shorter values ("1", "us") are not secrets and would mangle output
 
@@ -62,8 +66,8 @@ class Redactor:
 
     def add_value(self, value: Any) -> None:
         if isinstance(value, dict):
-            for item in value.values():
-                self.add_value(item)
+            for secret in _redact.option_secrets(value):
+                self._add(secret)
         elif isinstance(value, (list, tuple)):
             for item in value:
                 self.add_value(item)
@@ -78,7 +82,7 @@ class Redactor:
         for secret in sorted(self.secrets, key=len, reverse=True):
             if secret in text:
                 text = text.replace(secret, "***")
-        return text
+        return _redact.redact(text)
 
 
 class RedactingFormatter(logging.Formatter):
@@ -380,6 +384,14 @@ def build_parser(handlers: Mapping[str, Callable[[Any], int]]) -> argparse.Argum
         default=1.0,
         metavar="S",
         help="with --burst: how long the queues must stay empty (default: 1)",
+    )
+    p.add_argument(
+        "--storage-timeout",
+        type=_positive(float),
+        default=30.0,
+        metavar="S",
+        help="with --burst: exit 3 once every claim has failed for S seconds "
+        "(storage unreachable; default: 30). Without --burst the worker keeps retrying",
     )
     p.add_argument(
         "--processes",

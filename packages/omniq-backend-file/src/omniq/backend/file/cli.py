@@ -6,9 +6,11 @@ Every subcommand takes the base directory (a local path or an fsspec URL such as
 other settings from ``OMNIQ_*`` variables (flags win over the environment). They are never
 printed.
 
-Exit codes: 0 success; 1 the task failed (``result``); 2 usage error, bad input, not found or
-timed out; 3 storage unreachable or failing; 4 internal error (a bug: please report it);
-130 interrupted.
+Exit codes: 0 success; 1 the task failed (``result``); 2 usage error, bad input (an unknown or
+invalid storage option included), not found (a local BASE_DIR that does not exist, for the
+commands that only read) or timed out; 3 storage unreachable or failing (a burst worker gives up
+after ``--storage-timeout`` seconds; a store without exclusive create); 4 internal error (a bug:
+please report it); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 import msgspec
 
+from omniq.core import redact_logs
 from omniq.core.errors import (
     CapabilityError,
     MissingDependencyError,
@@ -85,6 +88,7 @@ def _add_paths(paths: Sequence[str] | None) -> None:
 def _setup_logging(level: str, redactor: Redactor, fmt_text: str) -> None:
     """Log records (the worker's, and storage warnings of every command) go to stderr with
     storage-option values hidden."""
+    redact_logs()  # every record of the process, the SDKs' DEBUG lines included
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(fmt.RedactingFormatter(fmt_text, redactor))
     handler.set_name("omniq-cli")
@@ -114,6 +118,7 @@ def cmd_worker(ctx: _Context) -> int:
             grace=ns.grace,
             burst=ns.burst,
             idle_timeout=ns.idle_timeout,
+            storage_timeout=ns.storage_timeout,
             **({"worker_id": ns.worker_id} if ns.worker_id else {}),
         )
         logging.getLogger("omniq.cli").info(
@@ -174,9 +179,30 @@ async def _sizes(backend: Any, queues: Sequence[str] | None) -> dict[str, QueueS
     return {name: await queue.size(name) for name in names}
 
 
+def _require_local_dir(ctx: _Context) -> None:
+    """Commands that only read: a local BASE_DIR that does not exist is a typo (or nothing
+    has run there yet), not an empty queue. Object stores have no directories to check."""
+    from fsspec.core import split_protocol
+
+    base_dir = ctx.ns.base_dir
+    protocol, path = split_protocol(base_dir)
+    if protocol not in (None, "file", "local"):
+        return
+    if any(ctx.environ.get(f"OMNIQ_{part}_DIR") for part in ("QUEUE", "RESULTS", "EVENTS")):
+        return  # the parts live elsewhere
+    root = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(root):
+        what = "is not a directory" if os.path.exists(root) else "does not exist"
+        raise CliError(
+            f"{redact_url(base_dir)}: {what} (check BASE_DIR; a worker or an enqueue creates it)"
+        )
+
+
 def cmd_status(ctx: _Context) -> int:
     ns = ctx.ns
     interval = ns.watch
+    if interval is None:
+        _require_local_dir(ctx)
     with ctx.backend() as backend:
         shown = 0
         tty = sys.stdout.isatty()
@@ -245,6 +271,8 @@ def cmd_events(ctx: _Context) -> int:
     until = fmt.parse_when(ns.until, "--until") if ns.until else None
     printed = 0
     seen: dict[str, datetime] = {}
+    if not ns.follow:
+        _require_local_dir(ctx)
     with ctx.backend(events=True) as backend:
         storage = backend.async_api.events
 
@@ -308,6 +336,7 @@ async def _dead(
 
 def cmd_dead(ctx: _Context) -> int:
     ns = ctx.ns
+    _require_local_dir(ctx)
     with ctx.backend() as backend:
         found, count = run_sync(
             lambda: _dead(backend.async_api, ns.queue, ns.requeue), "omniq dead"
@@ -356,8 +385,9 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     redactor.add_raw(env.get(ENV_STORAGE_OPTIONS))
     for text in fmt.storage_options_text(args):
         redactor.add_raw(text)
-    for arg in args:  # user:password@ in a URL
-        redactor.add_value(re.findall(r"://([^/@]+)@", arg))
+    for arg in args:  # user:password@ in a URL: the whole, the user and the password
+        for userinfo in re.findall(r"://([^/@]+)@", arg):
+            redactor.add_value([userinfo, *userinfo.split(":", 1)])
     fmt.Parser.redactor = redactor
     try:
         ns = fmt.build_parser(HANDLERS).parse_args(fmt.prepare_argv(args))
