@@ -105,7 +105,7 @@ def readable(key: str, data: bytes) -> bool:
         return L.parse_outcome(data) is not None
     if "/run/" in key and not key.endswith(".json"):
         return L.parse_record(data) is not None
-    if "/due/" in key or "/cancel/" in key or ("/run/" in key and data in L.TOMBSTONES):
+    if "/due/" in key or "/cancel/" in key or ("/run/" in key and L.tombstone_state(data)):
         return True
     for kind in (Claimed, Task):
         try:
@@ -125,8 +125,8 @@ def note_written(scene: Scene, key: str, data: bytes) -> None:
         rec = L.parse_outcome(data)
         if rec is not None and rec.state in ("done", "dead", "cancelled"):
             scene.ended[parsed.task_id] = rec.state
-    elif parsed is not None and parsed.part == "json" and data in L.TOMBSTONES:
-        scene.ended[parsed.task_id] = L.TOMBSTONES[data]
+    elif parsed is not None and parsed.part == "json" and (ended := L.tombstone_state(data)):
+        scene.ended[parsed.task_id] = ended
 
 
 def check(world: World, state: State) -> list[str]:

@@ -399,3 +399,39 @@ async def test_repair_redoes_what_a_killed_process_left(base_dir: str) -> None:
     assert await q.repair("default") == 2
     got = {c.id: c.attempt for c in await drain(q, clock)}
     assert got == {retried: 2, delayed.id: 1}
+
+
+async def test_two_racing_cancels_have_one_winner(base_dir: str) -> None:
+    """An exclusive create answered "exists" is taken as this call's own write when the
+    stored bytes are its own: constant tombstones made a racing second cancel a winner too."""
+    q = queue(base_dir, FakeClock())
+    task_id = await q.enqueue(Task(func="m:f"))
+    wins: list[bool | None] = []
+
+    async def other_cancel(op: Op) -> None:
+        if op.name == "read" and not wins:  # after this cancel found the task pending
+            wins.append(await q.cancel(task_id, "default"))
+
+    wins.append(await interleave(q, q._cancel_program("default", task_id), other_cancel))
+    assert sorted(map(bool, wins)) == [False, True]
+
+
+async def test_a_claim_that_took_most_of_its_lease_is_renewed_before_it_is_returned(
+    base_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the network-fault suite: a claim retried through an outage came back with its
+    lease nearly spent; the worker started it and another worker took it over at once."""
+    clock = FakeClock()
+    q = queue(base_dir, clock, lease=30.0)
+    await q.enqueue(Task(func="m:f"))
+    slow = q._claim_many_program
+
+    def claim_that_takes_25_seconds(*args: Any) -> Program[Any]:
+        got = yield from slow(*args)
+        clock.advance(25)  # the claim's requests were retried for 25 s
+        return got
+
+    monkeypatch.setattr(q, "_claim_many_program", claim_that_takes_25_seconds)
+    claimed = await q.dequeue("default")
+    assert claimed is not None and claimed.epoch == 1  # renewed: a lease epoch was made
+    assert claimed.lease_until.timestamp() == pytest.approx(clock() + 30)

@@ -111,8 +111,8 @@ class QueueInspection:
         data = yield read(run)
         if data is None:
             return None
-        if data in L.TOMBSTONES:
-            return TaskInfo(task=None, status=TaskStatus(L.TOMBSTONES[data]), attempt=attempt), ""
+        if (ended := L.tombstone_state(data)) is not None:
+            return TaskInfo(task=None, status=TaskStatus(ended), attempt=attempt), ""
         info = (yield stat(run)) if self.store.can_take else None
         claimed = L.as_claim(data, 0.0 if info is None else info.mtime, queue, run)
         if claimed is None:
@@ -187,7 +187,7 @@ class QueueInspection:
         if info.status in (TaskStatus.PENDING, TaskStatus.SCHEDULED):
             assert info.attempt is not None
             # The claim name, exclusive: a claimer racing this cancel wins or loses it whole.
-            if (yield create(L.run_key(queue, task_id, info.attempt), L.CANCELLED)):
+            if (yield create(L.run_key(queue, task_id, info.attempt), L.tombstone(L.CANCELLED))):
                 yield delete(key)
                 task = info.task
                 if info.status is TaskStatus.SCHEDULED and task is not None and task.eta:

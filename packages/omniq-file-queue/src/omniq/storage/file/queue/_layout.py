@@ -35,8 +35,21 @@ from omniq.core.models import MAX_PRIORITY, UTC, Claimed, Task
 TOMBSTONE_MAX = 16
 """A claim file this small ended its attempt unclaimed (``cancelled``, ``expired``)."""
 
-CANCELLED, EXPIRED = b"cancelled", b"expired"
-TOMBSTONES = {CANCELLED: "cancelled", EXPIRED: "expired"}
+CANCELLED, EXPIRED = "cancelled", "expired"
+
+
+def tombstone(state: str) -> bytes:
+    """A claim that ends its attempt unclaimed: the state and a nonce (so that an "exists"
+    answer can tell this call's write from another's), at most ``TOMBSTONE_MAX`` bytes."""
+    return f"{state} {uuid.uuid4().hex}".encode()[:TOMBSTONE_MAX]
+
+
+def tombstone_state(data: bytes) -> str | None:
+    """``cancelled`` or ``expired`` if ``data`` is such a claim, else None."""
+    if len(data) > TOMBSTONE_MAX:
+        return None
+    state = data.split(b" ", 1)[0].decode(errors="replace")
+    return state if state in (CANCELLED, EXPIRED) else None
 
 
 class State:

@@ -20,9 +20,7 @@ from typing import Any
 import anyio
 
 from omniq.core import codec
-from omniq.core.errors import (
-    SerializationError,
-)
+from omniq.core.errors import LeaseLostError, SerializationError, TaskCancelledError
 from omniq.core.fs import (
     Program,
     Store,
@@ -262,12 +260,29 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
             for name in names:
                 claimed += await self._claim_from(name, seconds, worker, count - len(claimed))
                 if len(claimed) >= count:
-                    return claimed
+                    return await self._fresh(claimed, seconds)
             left = deadline - time.monotonic()
             if claimed or left <= 0:
-                return claimed
+                return await self._fresh(claimed, seconds)
             await anyio.sleep(min(pause, left))
             pause = min(pause * 1.5, self.max_poll_interval)
+
+    async def _fresh(self, claims: list[Claimed], lease: float) -> list[Claimed]:
+        """Claims with most of their lease left. A claim whose requests took long (retried
+        through an outage) may come back with its lease nearly spent: it is renewed before
+        the caller starts it, or dropped if it was taken over meanwhile."""
+        out = []
+        for claimed in claims:
+            if claimed.lease_until.timestamp() - self._now() >= lease / 3:
+                out.append(claimed)
+                continue
+            try:
+                out.append(await self.extend_lease(claimed, lease))
+            except (LeaseLostError, TaskCancelledError):
+                log.warning("task %s: claim lost before it started", claimed.id)
+            except Exception as exc:  # unreachable storage: let the lease run out
+                log.warning("task %s: a stale claim could not be renewed: %s", claimed.id, exc)
+        return out
 
     async def _claim_from(self, queue: str, lease: float, worker: str, want: int) -> list[Claimed]:
         current = self._now()
@@ -369,7 +384,7 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
             return None
         current = yield now()
         if task.is_expired(datetime.fromtimestamp(current, UTC)):
-            won = yield create(L.run_key(queue, task.id, cand.attempt), L.EXPIRED)
+            won = yield create(L.run_key(queue, task.id, cand.attempt), L.tombstone(L.EXPIRED))
             yield from self.claims.spend(cand)
             return task if won else None
         return (yield from self.claims.claim(cand, task, current, lease, worker))
