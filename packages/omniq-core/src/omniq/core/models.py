@@ -89,6 +89,7 @@ class EventType(str, enum.Enum):
     CANCELLED = "cancelled"
     EXPIRED = "expired"
     LEASE_EXPIRED = "lease_expired"
+    SCHEDULED = "scheduled"  # a schedule fired a tick: its task was enqueued
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True, frozen=True):

@@ -22,6 +22,7 @@ from omniq.storage.file.results import FileResultStorage
 from ._backend import AsyncFileBackend, AsyncTaskFunction
 from ._config import BackendConfig, resolve_config
 from ._functions import FunctionImportError, FunctionNotAllowedError, func_path
+from ._schedules import AsyncSchedules, Schedule, ScheduleInfo, Schedules, periodic_decorator
 from ._worker import AsyncWorker
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ log = logging.getLogger("omniq.worker")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Worker(SyncWrapper[AsyncWorker]):
@@ -143,12 +145,32 @@ class FileBackend(SyncWrapper[AsyncFileBackend]):
         part = self._async.events
         return None if part is None else FileEventStorage.wrap(part)
 
+    @property
+    def schedules(self) -> Schedules:
+        """The blocking schedules: ``list``, ``get``, ``pause``, ``resume``, ``delete``."""
+        return Schedules.wrap(self._async.schedules)
+
     enqueue = blocking(AsyncFileBackend.enqueue)
     enqueue_task = blocking(AsyncFileBackend.enqueue_task)
     requeue_dead = blocking(AsyncFileBackend.requeue_dead)
     result = blocking(AsyncFileBackend.result)
     get_task = blocking(AsyncFileBackend.get_task)
     cancel = blocking(AsyncFileBackend.cancel)
+    schedule = blocking(AsyncFileBackend.schedule)
+
+    def make_schedule(self, *args: Any, **kwargs: Any) -> Schedule:
+        return self._async.make_schedule(*args, **kwargs)
+
+    def periodic(self, **options: Any) -> Callable[[F], F]:
+        """Decorator: ``@backend.periodic(every=60)`` stores a schedule for the function now
+        (named after it unless ``name=``; the options of ``schedule``) and returns it
+        unchanged. Importing the module again updates the same schedule."""
+        schedules = self.schedules
+
+        def register(schedule: Schedule) -> None:
+            schedules.add(schedule)
+
+        return periodic_decorator(self._async, register, dict(options))
 
     def make_task(self, *args: Any, **kwargs: Any) -> Any:
         return self._async.make_task(*args, **kwargs)
@@ -170,12 +192,16 @@ class FileBackend(SyncWrapper[AsyncFileBackend]):
 
 __all__ = [
     "AsyncFileBackend",
+    "AsyncSchedules",
     "AsyncTaskFunction",
     "AsyncWorker",
     "BackendConfig",
     "FileBackend",
     "FunctionImportError",
     "FunctionNotAllowedError",
+    "Schedule",
+    "ScheduleInfo",
+    "Schedules",
     "TaskFunction",
     "Worker",
     "func_path",

@@ -27,6 +27,7 @@ from omniq.storage.file.results import AsyncFileResultStorage
 
 from ._config import BackendConfig, resolve_config
 from ._functions import func_path
+from ._schedules import AsyncSchedules, Schedule, build_schedule, periodic_decorator
 
 if TYPE_CHECKING:
     from ._worker import AsyncWorker
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("omniq.backend")
 P = ParamSpec("P")
 R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class AsyncFileBackend(AsyncResource):
@@ -88,6 +90,8 @@ class AsyncFileBackend(AsyncResource):
         if cfg.events:
             part = cfg.part("events")
             self.events = AsyncFileEventStorage(part.base_dir, part.storage_options, clock=clock)
+        self.schedules = AsyncSchedules(self, clock)
+        """The schedules under ``base_dir/schedules`` (list, get, pause, resume, delete)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **settings: Any) -> Self:
@@ -102,7 +106,7 @@ class AsyncFileBackend(AsyncResource):
         return f"{type(self).__name__}({', '.join(parts)})"
 
     async def close(self) -> None:
-        for part in (self.queue, self.results, self.events):
+        for part in (self.queue, self.results, self.events, self.schedules):
             if part is not None:
                 await part.close()
 
@@ -257,6 +261,88 @@ class AsyncFileBackend(AsyncResource):
                 )
             )
         return True
+
+    # -- schedules ---------------------------------------------------------------------------
+    def make_schedule(
+        self,
+        func: Callable[..., Any] | str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Schedule:
+        """Check the arguments of ``schedule`` and build the Schedule (no I/O)."""
+        return build_schedule(
+            func, args, kwargs, now=self.schedules.now(), defaults=self.config, **options
+        )
+
+    async def schedule(
+        self,
+        /,
+        func: Callable[..., Any] | str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        at: datetime | None = None,
+        tz: str | None = None,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        max_retries: int | None = None,
+        timeout: float | None = None,
+        ttl: float | timedelta | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        misfire: str = "latest",
+        misfire_grace: float | timedelta = 60.0,
+        jitter: float | timedelta | None = None,
+    ) -> str:
+        """Run ``func(*args, **kwargs)`` on a schedule; returns the schedule id.
+
+        Exactly one of ``cron="*/5 * * * *"`` (in time zone ``tz``, default UTC), ``every=``
+        (seconds or a timedelta) or ``at=`` (one datetime; naive means wall-clock time in
+        ``tz``). ``name`` is the id: scheduling the same name again updates that schedule.
+        Each tick enqueues one task (``queue``, ``priority``, ``max_retries``, ``timeout``,
+        ``ttl`` counted from the tick) whatever the number of workers; ticks before ``start``
+        or after ``end`` do not fire. A tick no worker fired within ``misfire_grace`` seconds
+        (workers were down) is missed: ``misfire="latest"`` fires the newest missed one,
+        ``"skip"`` none, ``"all"`` each (the newest 100). ``jitter`` delays each tick by up
+        to that many seconds. Bad arguments raise ConfigurationError and store nothing.
+        """
+        schedule = self.make_schedule(
+            func,
+            args,
+            kwargs,
+            cron=cron,
+            every=every,
+            at=at,
+            tz=tz,
+            name=name,
+            queue=queue,
+            priority=priority,
+            max_retries=max_retries,
+            timeout=timeout,
+            ttl=ttl,
+            start=start,
+            end=end,
+            misfire=misfire,
+            misfire_grace=misfire_grace,
+            jitter=jitter,
+        )
+        return await self.schedules.add(schedule)
+
+    def periodic(self, **options: Any) -> Callable[[F], F]:
+        """Decorator: ``@backend.periodic(cron="0 * * * *")`` schedules the function (named
+        after it unless ``name=``; ``args=``/``kwargs=`` for its arguments; the options of
+        ``schedule``). The function is returned unchanged. On this async backend the
+        schedule is stored by ``await backend.schedules.sync()`` or when a worker of this
+        backend starts (FileBackend stores it at once)."""
+
+        def register(schedule: Schedule) -> None:
+            self.schedules.pending[schedule.id] = schedule
+
+        return periodic_decorator(self, register, dict(options))
 
     def task(self, func: Callable[P, R] | None = None, **options: Any) -> Any:
         """Decorator: ``@backend.task(queue="mail")`` then ``await send.enqueue(to=...)``."""

@@ -1,0 +1,1066 @@
+"""Schedules: periodic and cron tasks, fired once per tick by any number of workers.
+
+There is no scheduler process. Every worker (unless started with ``schedules=False`` /
+``omniq worker --no-schedules``) reads the schedules at most once per refresh interval and
+fires the ticks that are due; the storage decides, so any number of workers on any number of
+machines make one task per tick.
+
+Layout, under ``{base_dir}/schedules/``::
+
+    {schedule_id}.json                       the schedule (one JSON document, written whole)
+    fired/{schedule_id}.{tick_ms:013d}.json  the record of one fired tick (exclusive create)
+
+Firing tick ``t`` of schedule ``s`` (a worker whose last listing shows no record of ``t``):
+
+1. **The task.** Enqueue the tick's task with the id derived from ``(s, t)`` and no ``eta``,
+   so it is written by the queue's exclusive create of its ready file: the first create
+   makes the task, every other one is refused. A create that comes after the task was
+   claimed (its ready copy is gone) makes a copy of an attempt whose claim exists: the next
+   claimer drops it, it never runs (see the queue's attempt protocol).
+2. **The record.** Create ``fired/{s}.{t}.json`` (exclusive). Its creator emits the
+   ``scheduled`` event; the newest record of a schedule is its last fired tick, which every
+   worker reads from one listing. A firer that dies between 1 and 2 leaves the task without
+   a record: the next worker to evaluate the tick is refused at 1 and writes the record.
+
+A worker fires only ticks newer than the newest record in a listing made less than
+``STALE_VIEW`` seconds before, and a record is pruned only when it is ``RECORD_RETENTION``
+seconds old and ``RECORD_KEEP`` newer ones exist: a worker that fires an already fired tick
+does so within ``STALE_VIEW`` of its record, when the task's own records (kept
+``tombstone_ttl``, 300 s, after the task ends) still refuse or drop a second copy. A tick
+fired more than ``LOOK_UP_AFTER`` seconds after it was due is first looked up (its task, its
+result): a tick whose firer died between 1 and 2 long ago is not enqueued a second time.
+
+Ticks are epoch milliseconds. Cron ticks are computed by ``cronsim`` in the schedule's time
+zone, as Debian's cron does: at a DST fall-back a job at a fixed time fires once (the first
+of the two wall-clock instants), at a spring-forward a job whose time does not exist fires at
+the first valid minute after the gap; jobs with a ``*`` in the minute or hour field follow
+real time. ``every`` ticks are ``anchor + k * every`` in real time, whatever the zone.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import logging
+import math
+import random
+import time
+import uuid
+import zoneinfo
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+from cronsim import CronSim, CronSimError
+
+from omniq.core import RedactFilter, codec
+from omniq.core.errors import (
+    ConfigurationError,
+    NotFoundError,
+    OmniQError,
+    SerializationError,
+    StorageError,
+)
+from omniq.core.fs import Entry, Store
+from omniq.core.models import MAX_PRIORITY, MIN_PRIORITY, UTC, EventType, Task, TaskEvent, new_id
+from omniq.core.names import validate_name
+from omniq.core.sync import SyncWrapper, blocking
+
+from ._functions import func_path
+
+log = logging.getLogger("omniq.schedules")
+log.addFilter(RedactFilter())  # storage errors may quote URLs; credentials never show
+F = TypeVar("F", bound=Callable[..., Any])
+
+SCHEDULE_VERSION = 1
+MISFIRE_POLICIES = ("latest", "skip", "all")
+DEFAULT_REFRESH = 1.0
+"""Seconds between two reads of the schedules by one worker (``schedule_refresh``)."""
+DEFAULT_GRACE = 60.0
+"""A tick not fired within this many seconds of its time is missed (``misfire_grace``)."""
+CATCH_UP_LIMIT = 100
+"""``misfire="all"`` fires at most this many missed ticks of a schedule (the newest)."""
+ROUND_LIMIT = 1000
+"""At most this many on-time ticks of one schedule are fired per round."""
+STALE_VIEW = 30.0
+"""A worker stops firing when its listing is this old (it lists again first)."""
+LOOK_UP_AFTER = 60.0
+"""A tick fired this long after it was due is looked up first (its task, its result): its
+task may have been made, run and cleaned up already by a firer that died before the record."""
+RECORD_KEEP = 3
+RECORD_RETENTION = 120.0
+PRUNE_BATCH = 10
+FIRED = "fired"
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+# -- the model ---------------------------------------------------------------------------------
+class Schedule(msgspec.Struct, kw_only=True):
+    """One schedule, as stored in ``schedules/{id}.json``. Times are UTC instants."""
+
+    v: int = SCHEDULE_VERSION
+    id: str
+    func: str
+    args: list[Any] = msgspec.field(default_factory=list)
+    kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
+    cron: str | None = None
+    every: float | None = None
+    at: datetime | None = None
+    tz: str = "UTC"
+    queue: str = "default"
+    priority: int = 0
+    max_retries: int = 0
+    timeout: float | None = None
+    ttl: float | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    misfire: str = "latest"
+    misfire_grace: float = DEFAULT_GRACE
+    jitter: float | None = None
+    paused: bool = False
+    created_at: datetime
+    updated_at: datetime
+    since: datetime
+    """No tick before this fires: the creation, the last change of timing, the last resume."""
+    anchor: datetime | None = None
+    """``every`` schedules: tick k is ``anchor + k * every``."""
+
+    @property
+    def when(self) -> str:
+        """The timing as text: ``cron '0 * * * *' Europe/Berlin``, ``every 60s``, ``at ...``."""
+        if self.cron is not None:
+            return f"cron '{self.cron}'" + ("" if self.tz == "UTC" else f" {self.tz}")
+        if self.every is not None:
+            return f"every {self.every:g}s"
+        assert self.at is not None
+        return f"at {self.at.isoformat().replace('+00:00', 'Z')}"
+
+    def timing(self) -> tuple[Any, ...]:
+        """What decides the ticks (a change resets ``since`` and ``anchor``)."""
+        return (self.cron, self.every, self.at, self.tz, self.start)
+
+    def same_definition(self, other: Schedule) -> bool:
+        mine = msgspec.structs.replace(self, updated_at=other.updated_at, paused=other.paused)
+        return mine == other
+
+
+class ScheduleInfo(msgspec.Struct, kw_only=True):
+    """A schedule with its state: the last tick fired (by any worker) and the next one."""
+
+    schedule: Schedule
+    last_tick: datetime | None = None
+    next_tick: datetime | None = None
+
+    @property
+    def id(self) -> str:
+        return self.schedule.id
+
+    @property
+    def paused(self) -> bool:
+        return self.schedule.paused
+
+
+def _ms(when: datetime) -> int:
+    return round(when.timestamp() * 1000)
+
+
+def _dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def iso(ms: int) -> str:
+    return _dt(ms).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def zone(name: str) -> zoneinfo.ZoneInfo:
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
+        raise ConfigurationError(
+            f"tz: unknown time zone {name!r} (an IANA name such as 'Europe/Berlin' or 'UTC'; "
+            "on systems without a zone database, `pip install tzdata`)"
+        ) from None
+
+
+def tick_task_id(schedule: Schedule, tick_ms: int) -> str:
+    """The task id of one tick: 26 characters like every OmniQ id, its time part the tick
+    (so the queue orders it as a task made at the tick), the rest derived from the schedule
+    and the tick. The same for every worker."""
+    digest = hashlib.blake2b(
+        f"{schedule.id}|{_ms(schedule.created_at)}|{tick_ms}".encode(), digest_size=10
+    ).digest()
+    value = (max(0, tick_ms) << 80) | int.from_bytes(digest, "big")
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def jitter_ms(schedule: Schedule, tick_ms: int) -> int:
+    """The tick's delay in [0, jitter): derived from the schedule and the tick, so every worker
+    agrees when the tick is due."""
+    if not schedule.jitter:
+        return 0
+    digest = hashlib.blake2b(f"{schedule.id}|{tick_ms}|jitter".encode(), digest_size=8).digest()
+    return int(int.from_bytes(digest, "big") / 2**64 * schedule.jitter * 1000)
+
+
+# -- ticks -------------------------------------------------------------------------------------
+class Ticks:
+    """The ticks of one schedule (epoch ms), within its ``since``/``start`` and ``end``."""
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+        self.zone = zone(schedule.tz)
+        floor = _ms(schedule.since)
+        if schedule.start is not None:
+            floor = max(floor, _ms(schedule.start))
+        self.floor = floor
+        self.end = None if schedule.end is None else _ms(schedule.end)
+
+    def _bounds(self, lo: int, hi: int | None) -> tuple[int, int | None]:
+        lo = max(lo, self.floor - 1)
+        if self.end is not None:
+            hi = self.end if hi is None else min(hi, self.end)
+        return lo, hi
+
+    def after(self, lo: int, hi: int | None, limit: int) -> list[int]:
+        """Ticks in ``(lo, hi]`` (no upper bound if ``hi`` is None), oldest first."""
+        lo, hi = self._bounds(lo, hi)
+        if (hi is not None and hi <= lo) or limit <= 0:
+            return []
+        s = self.schedule
+        out: list[int] = []
+        if s.at is not None:
+            tick = _ms(s.at)
+            return [tick] if tick > lo and (hi is None or tick <= hi) else []
+        if s.every is not None:
+            period, anchor = _period(s), _ms(s.anchor or s.since)
+            k = max(0, (lo - anchor) // period + 1)
+            while len(out) < limit:
+                tick = anchor + k * period
+                if hi is not None and tick > hi:
+                    break
+                out.append(tick)
+                k += 1
+            return out
+        assert s.cron is not None
+        it = CronSim(s.cron, datetime.fromtimestamp(lo / 1000, self.zone))
+        try:
+            while len(out) < limit:
+                tick = _ms(next(it))
+                if hi is not None and tick > hi:
+                    break
+                if tick > lo:
+                    out.append(tick)
+        except StopIteration:
+            pass
+        return out
+
+    def before(self, hi: int, lo: int, limit: int) -> list[int]:
+        """Ticks in ``(lo, hi]``, newest first."""
+        lo, bounded = self._bounds(lo, hi)
+        assert bounded is not None
+        hi = bounded
+        if hi <= lo or limit <= 0:
+            return []
+        s = self.schedule
+        out: list[int] = []
+        if s.at is not None or (s.every is None and s.cron is None):
+            return self.after(lo, hi, limit)
+        if s.every is not None:
+            period, anchor = _period(s), _ms(s.anchor or s.since)
+            if hi < anchor:
+                return []
+            k = (hi - anchor) // period
+            while k >= 0 and len(out) < limit:
+                tick = anchor + k * period
+                if tick <= lo:
+                    break
+                out.append(tick)
+                k -= 1
+            return out
+        assert s.cron is not None
+        # Whole seconds: cron ticks are; a start with a fraction would be rounded down.
+        start = datetime.fromtimestamp(hi // 1000 + 1, self.zone)
+        it = CronSim(s.cron, start, reverse=True)
+        try:
+            while len(out) < limit:
+                tick = _ms(next(it))
+                if tick <= lo:
+                    break
+                if tick <= hi:
+                    out.append(tick)
+        except StopIteration:
+            pass
+        return out
+
+    def next_after(self, lo: int) -> int | None:
+        found = self.after(lo, None, 1)
+        return found[0] if found else None
+
+
+def _period(schedule: Schedule) -> int:
+    assert schedule.every is not None
+    return max(1, round(schedule.every * 1000))
+
+
+def plan(
+    schedule: Schedule, last: int | None, now: int, grace_ms: int
+) -> tuple[list[int], list[int]]:
+    """The ticks to fire now, oldest first: ``(missed, on_time)``. ``last`` is the newest
+    fired tick (None: none yet); a tick more than ``grace_ms`` (plus the jitter) past its time
+    is missed and fires per the schedule's ``misfire`` policy:
+
+    * ``latest``: missed ticks collapse into one run, the newest of them, unless a tick is
+      due on time now (that run covers them);
+    * ``skip``: missed ticks never fire;
+    * ``all``: each fires, the newest ``CATCH_UP_LIMIT`` of them (older ones are skipped).
+    """
+    ticks = Ticks(schedule)
+    lo = -1 if last is None else last
+    edge = now - grace_ms - int((schedule.jitter or 0) * 1000)
+    on_time = []
+    for tick in ticks.after(max(lo, edge), now, ROUND_LIMIT):
+        if tick + jitter_ms(schedule, tick) > now:
+            break  # in order: the newest record must never pass a tick still to fire
+        on_time.append(tick)
+    missed: list[int] = []
+    if schedule.misfire == "all":
+        missed = ticks.before(edge, lo, CATCH_UP_LIMIT + 1)
+        if len(missed) > CATCH_UP_LIMIT:
+            missed = missed[:CATCH_UP_LIMIT]
+            log.warning(
+                "schedule %s: more than %d ticks were missed; firing the newest %d (since %s)",
+                schedule.id,
+                CATCH_UP_LIMIT,
+                CATCH_UP_LIMIT,
+                iso(missed[-1]),
+            )
+        missed.reverse()
+    elif schedule.misfire == "latest" and not on_time:
+        missed = ticks.before(edge, lo, 1)
+    return missed, on_time
+
+
+# -- building and validating a schedule ----------------------------------------------------------
+def _seconds(value: Any, what: str, *, zero: bool = False) -> float:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(
+            f"{what} must be a number of seconds or a timedelta, not {type(value).__name__}"
+        )
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
+        relation = ">= 0" if zero else "> 0"
+        raise ConfigurationError(f"{what} must be {relation} seconds, got {value!r}")
+    return number
+
+
+def _instant(value: Any, what: str, tz: zoneinfo.ZoneInfo) -> datetime:
+    """A datetime as a UTC instant; a naive one is wall-clock time in the schedule's zone."""
+    if not isinstance(value, datetime):
+        raise ConfigurationError(f"{what} must be a datetime, not {type(value).__name__}")
+    when: datetime = value
+    if when.tzinfo is None or when.utcoffset() is None:
+        when = when.replace(tzinfo=tz)
+    return when.astimezone(UTC)
+
+
+def check_cron(expr: Any) -> str:
+    if not isinstance(expr, str) or not expr.strip():
+        raise ConfigurationError(f"cron must be a non-empty string, not {expr!r}")
+    text = " ".join(expr.split())
+    if len(text.split()) not in (5, 6):
+        raise ConfigurationError(
+            f"cron expression {expr!r} has {len(text.split())} fields; it needs 5 "
+            "(minute hour day-of-month month day-of-week), or 6 with seconds first"
+        )
+    try:
+        it = CronSim(text, datetime(2000, 1, 1, tzinfo=UTC))
+    except CronSimError as exc:
+        raise ConfigurationError(f"cron expression {expr!r} is invalid: {exc}") from None
+    except (ValueError, IndexError, KeyError) as exc:  # cronsim's own checks missed it
+        raise ConfigurationError(f"cron expression {expr!r} is invalid ({exc})") from None
+    try:
+        next(it)
+    except StopIteration:
+        raise ConfigurationError(f"cron expression {expr!r} never matches a date") from None
+    return text
+
+
+def build_schedule(
+    func: Callable[..., Any] | str,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    now: datetime,
+    defaults: Any = None,
+    cron: str | None = None,
+    every: float | timedelta | None = None,
+    at: datetime | None = None,
+    tz: str | None = None,
+    name: str | None = None,
+    queue: str = "default",
+    priority: int = 0,
+    max_retries: int | None = None,
+    timeout: float | None = None,
+    ttl: float | timedelta | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    misfire: str = "latest",
+    misfire_grace: float | timedelta = DEFAULT_GRACE,
+    jitter: float | timedelta | None = None,
+) -> Schedule:
+    """Check every argument (ConfigurationError naming the problem) and build the Schedule.
+    No I/O: a schedule that fails here is never stored."""
+    path = func_path(func)  # ConfigurationError for lambdas, nested functions, bad paths
+    given = [k for k, v in (("cron", cron), ("every", every), ("at", at)) if v is not None]
+    if len(given) != 1:
+        raise ConfigurationError(
+            "give exactly one of cron=, every= or at= "
+            + (f"(got {', '.join(given)})" if given else "(got none)")
+        )
+    tz_name = "UTC" if tz is None else tz
+    if not isinstance(tz_name, str):
+        raise ConfigurationError(f"tz must be a time zone name, not {type(tz_name).__name__}")
+    zoneinfo_ = zone(tz_name)
+    if name is not None:
+        try:
+            validate_name(name, "schedule name")
+        except OmniQError as exc:
+            raise ConfigurationError(str(exc)) from None
+    try:
+        validate_name(queue, "queue name")
+    except OmniQError as exc:
+        raise ConfigurationError(str(exc)) from None
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ConfigurationError(f"priority must be an integer, not {type(priority).__name__}")
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ConfigurationError(
+            f"priority must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {priority}"
+        )
+    if max_retries is None:
+        max_retries = getattr(defaults, "max_retries", 0)
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ConfigurationError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+    if timeout is None:
+        timeout = getattr(defaults, "timeout", None)
+    timeout_s = None if timeout is None else _seconds(timeout, "timeout")
+    ttl_s = None if ttl is None else _seconds(ttl, "ttl")
+    jitter_s = None if jitter is None else _seconds(jitter, "jitter", zero=True) or None
+    grace_s = _seconds(misfire_grace, "misfire_grace")
+    if misfire not in MISFIRE_POLICIES:
+        raise ConfigurationError(
+            f"misfire must be one of {', '.join(map(repr, MISFIRE_POLICIES))}, not {misfire!r}"
+        )
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise ConfigurationError(f"args must be a list or tuple, not {type(args).__name__}")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ConfigurationError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+    arg_list, kwarg_dict = list(args), dict(kwargs or {})
+    try:
+        codec.check_json_value(arg_list, "args")
+        codec.check_json_value(kwarg_dict, "kwargs")
+    except SerializationError as exc:
+        raise ConfigurationError(str(exc)) from None
+    cron_text = None if cron is None else check_cron(cron)
+    every_s = None if every is None else _seconds(every, "every")
+    if every_s is not None and every_s < 0.001:
+        raise ConfigurationError(f"every must be at least 0.001 seconds, got {every!r}")
+    at_utc = None if at is None else _instant(at, "at", zoneinfo_)
+    start_utc = None if start is None else _instant(start, "start", zoneinfo_)
+    end_utc = None if end is None else _instant(end, "end", zoneinfo_)
+    if at_utc is not None and (start_utc is not None or end_utc is not None):
+        raise ConfigurationError("start= and end= apply to cron and every schedules, not at=")
+    if start_utc is not None and end_utc is not None and end_utc < start_utc:
+        raise ConfigurationError(
+            f"end ({end_utc.isoformat()}) is before start ({start_utc.isoformat()})"
+        )
+    now = now.astimezone(UTC)
+    since = now if at_utc is None else min(now, at_utc)  # an `at` in the past fires at once
+    anchor = None
+    if every_s is not None:
+        anchor = start_utc or now + timedelta(seconds=every_s)
+    return Schedule(
+        id=name or new_id(),
+        func=path,
+        args=arg_list,
+        kwargs=kwarg_dict,
+        cron=cron_text,
+        every=every_s,
+        at=at_utc,
+        tz=tz_name,
+        queue=queue,
+        priority=priority,
+        max_retries=max_retries,
+        timeout=timeout_s,
+        ttl=ttl_s,
+        start=start_utc,
+        end=end_utc,
+        misfire=misfire,
+        misfire_grace=grace_s,
+        jitter=jitter_s,
+        created_at=now,
+        updated_at=now,
+        since=since,
+        anchor=anchor,
+    )
+
+
+def periodic_name(path: str) -> str:
+    """The default name of ``@backend.periodic``: the function's path, ``:`` as ``.``."""
+    name = path.replace(":", ".")
+    try:
+        return validate_name(name, "schedule name")
+    except OmniQError:
+        raise ConfigurationError(
+            f"cannot derive a schedule name from {path!r}; give name=..."
+        ) from None
+
+
+def task_for(schedule: Schedule, tick_ms: int) -> Task:
+    """The task that tick ``tick_ms`` of ``schedule`` enqueues (no eta: it is due now)."""
+    due = tick_ms + jitter_ms(schedule, tick_ms)
+    expires = None if schedule.ttl is None else _dt(due) + timedelta(seconds=schedule.ttl)
+    return Task(
+        id=tick_task_id(schedule, tick_ms),
+        func=schedule.func,
+        args=list(schedule.args),
+        kwargs=dict(schedule.kwargs),
+        queue=schedule.queue,
+        priority=schedule.priority,
+        expires_at=expires,
+        max_retries=schedule.max_retries,
+        timeout=schedule.timeout,
+        metadata={"schedule_id": schedule.id, "schedule_tick": iso(tick_ms)},
+    )
+
+
+# -- storage -----------------------------------------------------------------------------------
+class FiredRecord(msgspec.Struct, kw_only=True):
+    """``fired/{id}.{tick}.json``: who recorded the tick, and when."""
+
+    schedule_id: str
+    tick: str
+    task_id: str
+    worker_id: str
+    fired_at: float
+    missed: bool = False
+    nonce: str = ""
+
+
+class View(msgspec.Struct, kw_only=True):
+    """One worker's reading of the schedules: definitions and fired records."""
+
+    at: float
+    names: builtins.list[str]
+    schedules: dict[str, Schedule]
+    records: dict[str, builtins.list[Entry]]  # schedule id -> its records, oldest first
+
+    def last(self, schedule_id: str) -> int | None:
+        entries = self.records.get(schedule_id)
+        return _record_tick(entries[-1].name)[1] if entries else None
+
+
+def _record_name(schedule_id: str, tick_ms: int) -> str:
+    return f"{schedule_id}.{tick_ms:013d}.json"
+
+
+def _record_tick(name: str) -> tuple[str, int]:
+    stem = name.removesuffix(".json")
+    schedule_id, _, tick = stem.rpartition(".")
+    return schedule_id, int(tick)
+
+
+def _parse_record_name(name: str) -> tuple[str, int] | None:
+    if not name.endswith(".json"):
+        return None
+    schedule_id, _, tick = name.removesuffix(".json").rpartition(".")
+    if not schedule_id or not tick.isdigit():
+        return None
+    return schedule_id, int(tick)
+
+
+class ScheduleStore:
+    """The files of the schedules, under ``{base_dir}/schedules``."""
+
+    def __init__(
+        self,
+        base_dir: str,
+        storage_options: dict[str, Any] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.store = Store(base_dir, storage_options, package="omniq-backend-file", clock=clock)
+        self._checked = False
+        self._warned: dict[str, bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"ScheduleStore({self.store.url!r})"
+
+    def now(self) -> float:
+        return self.store.clock()
+
+    async def close(self) -> None:
+        await self.store.aclose()
+
+    async def check(self) -> None:
+        if not self._checked:
+            await self.store.probe_exclusive_create()
+            self._checked = True
+
+    async def read(self, schedule_id: str) -> Schedule | None:
+        validate_name(schedule_id, "schedule id")
+        data = await self.store.read(f"{schedule_id}.json")
+        return None if data is None else self._decode(schedule_id, data, strict=True)
+
+    def _decode(self, schedule_id: str, data: bytes, *, strict: bool = False) -> Schedule | None:
+        try:
+            schedule = codec.decode(data, Schedule)
+            if schedule.v > SCHEDULE_VERSION:
+                raise SerializationError(
+                    f"written by a newer OmniQ (schema {schedule.v}; this one reads "
+                    f"{SCHEDULE_VERSION})"
+                )
+            if schedule.id != schedule_id:
+                raise SerializationError(f"its id {schedule.id!r} does not match its file name")
+            Ticks(schedule)  # its time zone exists here
+        except (SerializationError, ConfigurationError) as exc:
+            if strict:
+                raise SerializationError(f"schedule {schedule_id}: {exc}") from None
+            if self._warned.get(schedule_id) != data:  # once per content, not every refresh
+                self._warned[schedule_id] = data
+                log.warning("ignoring schedule file %s.json: %s", schedule_id, exc)
+            return None
+        return schedule
+
+    async def write(self, schedule: Schedule) -> None:
+        data = msgspec.json.format(codec.encode(schedule), indent=2) + b"\n"
+        await self.store.write(f"{schedule.id}.json", data)
+
+    async def ids(self) -> builtins.list[str]:
+        return [
+            name.removesuffix(".json")
+            for name in await self.store.list("")
+            if name.endswith(".json") and _valid(name.removesuffix(".json"))
+        ]
+
+    async def view(self) -> View:
+        """List and read everything: one listing of the schedules, one read of each, one
+        listing of the fired records."""
+        at = self.now()
+        names = await self.ids()
+        raw = await self.store.read_many(f"{n}.json" for n in names) if names else {}
+        schedules = {}
+        for name in names:
+            data = raw.get(f"{name}.json")
+            if data is not None and (schedule := self._decode(name, data)) is not None:
+                schedules[name] = schedule
+        records: dict[str, builtins.list[Entry]] = {}
+        for entry in await self.store.list_detail(FIRED):
+            parsed = _parse_record_name(entry.name)
+            if parsed is not None:
+                records.setdefault(parsed[0], []).append(entry)
+        for entries in records.values():
+            entries.sort(key=lambda e: _record_tick(e.name)[1])
+        return View(at=at, names=names, schedules=schedules, records=records)
+
+    async def record(self, schedule: Schedule, tick_ms: int, record: FiredRecord) -> bool:
+        """Create the tick's record; True if this call created it."""
+        await self.check()
+        data = codec.encode(record)
+        return await self.store.create(f"{FIRED}/{_record_name(schedule.id, tick_ms)}", data)
+
+    async def records(self, schedule_id: str) -> builtins.list[str]:
+        prefix = f"{schedule_id}."
+        return [
+            name
+            for name in await self.store.list(FIRED)
+            if name.startswith(prefix) and (p := _parse_record_name(name)) and p[0] == schedule_id
+        ]
+
+    async def delete(self, schedule_id: str) -> bool:
+        validate_name(schedule_id, "schedule id")
+        existed = await self.store.exists(f"{schedule_id}.json")
+        await self.store.delete(f"{schedule_id}.json")
+        stale = [f"{FIRED}/{name}" for name in await self.records(schedule_id)]
+        if stale:
+            await self.store.delete_many(stale)
+        return existed
+
+    async def prune(self, view: View, schedule_id: str | None = None) -> int:
+        """Delete old records: those of ``schedule_id`` beyond the newest ``RECORD_KEEP``
+        and older than ``RECORD_RETENTION``, or (no id) those of schedules that are gone."""
+        now = self.now()
+        old: builtins.list[str] = []
+        if schedule_id is not None:
+            entries = view.records.get(schedule_id, [])[:-RECORD_KEEP]
+            old = [e.name for e in entries if now - e.mtime > RECORD_RETENTION]
+            if len(old) < PRUNE_BATCH:
+                return 0
+        else:
+            for sid, entries in view.records.items():
+                if sid not in view.names and all(now - e.mtime > RECORD_RETENTION for e in entries):
+                    old += [e.name for e in entries]
+        if old:
+            await self.store.delete_many(f"{FIRED}/{name}" for name in old)
+            for entries in view.records.values():
+                entries[:] = [e for e in entries if e.name not in old]
+        return len(old)
+
+
+def _valid(name: str) -> bool:
+    try:
+        validate_name(name)
+    except OmniQError:
+        return False
+    return True
+
+
+# -- the API -----------------------------------------------------------------------------------
+class AsyncSchedules:
+    """``backend.schedules``: list, get, pause, resume and delete schedules.
+
+    Create them with ``backend.schedule(...)`` or ``@backend.periodic(...)``. Changes are
+    whole-file writes (the last writer wins); every worker sees them within its refresh
+    interval."""
+
+    def __init__(self, backend: Any, clock: Callable[[], float] | None = None) -> None:
+        self._backend = backend
+        self._clock = clock
+        self._store: ScheduleStore | None = None
+        self.pending: dict[str, Schedule] = {}  # @periodic registrations not written yet
+
+    @property
+    def available(self) -> bool:
+        return self._backend.config.base_dir is not None
+
+    @property
+    def store(self) -> ScheduleStore:
+        if self._store is None:
+            cfg = self._backend.config
+            if cfg.base_dir is None:
+                raise ConfigurationError(
+                    "schedules live under base_dir/schedules: give base_dir (or OMNIQ_BASE_DIR)"
+                )
+            self._store = ScheduleStore(
+                f"{cfg.base_dir.rstrip('/')}/schedules", dict(cfg.storage_options), self._clock
+            )
+        return self._store
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.store.now(), UTC)
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+
+    async def add(self, schedule: Schedule) -> str:
+        """Store ``schedule``; one with the same id is updated, keeping its fired ticks and
+        its pause state (and, if its timing is unchanged, the ticks it counts from)."""
+        store = self.store
+        old = await self._read_lenient(schedule.id)
+        if old is not None:
+            keep: dict[str, Any] = {"created_at": old.created_at, "paused": old.paused}
+            if old.timing() == schedule.timing():
+                keep.update(since=old.since, anchor=old.anchor)
+            schedule = msgspec.structs.replace(schedule, **keep)
+            if schedule.same_definition(old):
+                return schedule.id
+        await store.write(schedule)
+        log.info("schedule %s stored: %s -> %s", schedule.id, schedule.when, schedule.func)
+        return schedule.id
+
+    async def _read_lenient(self, schedule_id: str) -> Schedule | None:
+        try:
+            return await self.store.read(schedule_id)
+        except SerializationError as exc:
+            log.warning("replacing unreadable schedule %s: %s", schedule_id, exc)
+            return None
+
+    async def sync(self) -> builtins.list[str]:
+        """Store the schedules registered with ``@backend.periodic`` on this backend that
+        are not stored yet (a worker of this backend does this when it starts)."""
+        done = []
+        for schedule_id, schedule in list(self.pending.items()):
+            done.append(await self.add(schedule))
+            self.pending.pop(schedule_id, None)
+        return done
+
+    def _info(self, schedule: Schedule, last: int | None, now_ms: int) -> ScheduleInfo:
+        nxt = None
+        if not schedule.paused:
+            after = max(now_ms, -1 if last is None else last)
+            nxt = Ticks(schedule).next_after(after)
+        return ScheduleInfo(
+            schedule=schedule,
+            last_tick=None if last is None else _dt(last),
+            next_tick=None if nxt is None else _dt(nxt),
+        )
+
+    async def list(self) -> builtins.list[ScheduleInfo]:
+        """Every schedule (by id) with its last fired tick and its next tick."""
+        await self.sync()
+        view = await self.store.view()
+        now_ms = int(self.store.now() * 1000)
+        return [
+            self._info(view.schedules[sid], view.last(sid), now_ms)
+            for sid in sorted(view.schedules)
+        ]
+
+    async def get(self, schedule_id: str) -> ScheduleInfo:
+        """One schedule; NotFoundError if there is none with this id."""
+        schedule = await self._get(schedule_id)
+        names = await self.store.records(schedule_id)
+        last = max((_record_tick(n)[1] for n in names), default=None)
+        return self._info(schedule, last, int(self.store.now() * 1000))
+
+    async def _get(self, schedule_id: str) -> Schedule:
+        try:
+            validate_name(schedule_id, "schedule id")
+        except OmniQError as exc:
+            raise NotFoundError(str(exc)) from None
+        schedule = await self.store.read(schedule_id)
+        if schedule is None:
+            raise NotFoundError(f"schedule {schedule_id} not found")
+        return schedule
+
+    async def pause(self, schedule_id: str) -> ScheduleInfo:
+        """No tick fires until ``resume`` (workers see it within their refresh interval)."""
+        return await self._set_paused(schedule_id, True)
+
+    async def resume(self, schedule_id: str) -> ScheduleInfo:
+        """Fire again, from now on: the ticks that passed while paused never fire."""
+        return await self._set_paused(schedule_id, False)
+
+    async def _set_paused(self, schedule_id: str, paused: bool) -> ScheduleInfo:
+        schedule = await self._get(schedule_id)
+        if schedule.paused != paused:
+            now = self.now()
+            changes: dict[str, Any] = {"paused": paused, "updated_at": now}
+            if not paused:
+                changes["since"] = max(schedule.since, now)
+            schedule = msgspec.structs.replace(schedule, **changes)
+            await self.store.write(schedule)
+            log.info("schedule %s %s", schedule_id, "paused" if paused else "resumed")
+        return await self.get(schedule_id)
+
+    async def delete(self, schedule_id: str) -> bool:
+        """Delete the schedule and its fired records; False if there was none."""
+        try:
+            validate_name(schedule_id, "schedule id")
+        except OmniQError:
+            return False
+        self.pending.pop(schedule_id, None)
+        existed = await self.store.delete(schedule_id)
+        if existed:
+            log.info("schedule %s deleted", schedule_id)
+        return existed
+
+
+class Schedules(SyncWrapper[AsyncSchedules]):
+    """Blocking twin of :class:`AsyncSchedules` (``FileBackend.schedules``)."""
+
+    add = blocking(AsyncSchedules.add)
+    sync = blocking(AsyncSchedules.sync)
+    list = blocking(AsyncSchedules.list)
+    get = blocking(AsyncSchedules.get)
+    pause = blocking(AsyncSchedules.pause)
+    resume = blocking(AsyncSchedules.resume)
+    delete = blocking(AsyncSchedules.delete)
+
+    def close(self) -> None:
+        """Nothing to release: the backend owns the storage connections."""
+
+
+# -- firing ------------------------------------------------------------------------------------
+class ScheduleRunner:
+    """What a worker runs to fire schedules: ``step()`` reads the schedules and fires the
+    due ticks; ``run()`` steps at most once per ``refresh`` seconds until cancelled."""
+
+    def __init__(
+        self, backend: Any, *, refresh: float = DEFAULT_REFRESH, worker_id: str = "-"
+    ) -> None:
+        if not refresh > 0:
+            raise ConfigurationError(f"schedule_refresh must be > 0 seconds, got {refresh!r}")
+        self.backend = backend
+        self.schedules: AsyncSchedules = backend.schedules
+        self.refresh = float(refresh)
+        self.worker_id = worker_id
+        self.fired = 0  # ticks this runner recorded
+        self.rounds = 0
+        self._warned: set[str] = set()
+
+    def grace_ms(self, schedule: Schedule) -> int:
+        # Ticks are fired within about one refresh interval: never call them missed sooner.
+        return int(max(schedule.misfire_grace, 2 * self.refresh) * 1000)
+
+    async def run(self) -> None:
+        if not self.schedules.available:
+            log.debug("no base_dir: this worker fires no schedules")
+            return
+        try:  # this backend's @periodic schedules, at once (a burst worker may stop soon)
+            await self.schedules.sync()
+        except Exception as exc:
+            log.warning("schedules: storing the registered schedules failed (%s); retrying", exc)
+        # Workers started together would list in step and race for every tick.
+        await anyio.sleep(random.uniform(0, self.refresh))
+        failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await self.step()
+                failures = 0
+            except (StorageError, OSError) as exc:
+                failures += 1
+                log.warning(
+                    "schedules: %s: %s (retrying in %.1f s)",
+                    type(exc).__name__,
+                    exc,
+                    self._pause(failures),
+                )
+            except Exception:
+                failures += 1
+                log.exception("schedules: internal error; retrying")
+            wait = self._pause(failures) * random.uniform(1.0, 1.1)
+            await anyio.sleep(max(0.0, wait - (time.monotonic() - started)))
+
+    def _pause(self, failures: int) -> float:
+        return self.refresh if not failures else min(30.0, self.refresh * 2**failures)
+
+    async def step(self) -> builtins.list[tuple[str, int]]:
+        """One round: read the schedules and fire what is due. Returns the ticks this call
+        recorded, as ``(schedule_id, tick_ms)``."""
+        self.rounds += 1
+        await self.schedules.sync()
+        store = self.schedules.store
+        view = await store.view()
+        recorded: builtins.list[tuple[str, int]] = []
+        for schedule_id in sorted(view.schedules):
+            schedule = view.schedules[schedule_id]
+            if schedule.paused:
+                continue
+            now_ms = int(store.now() * 1000)
+            try:
+                late, on_time = plan(
+                    schedule, view.last(schedule_id), now_ms, self.grace_ms(schedule)
+                )
+                due = [(t, True) for t in late] + [(t, False) for t in on_time]
+                tasks = [task_for(schedule, tick) for tick, _ in due]
+            except (ValueError, TypeError, OmniQError) as exc:  # a file edited by hand
+                self._broken(schedule, exc)
+                continue
+            fired_here = False
+            for (tick, missed), task in zip(due, tasks, strict=True):
+                if store.now() - view.at > STALE_VIEW:
+                    log.info("schedules: this round took over %gs; listing again", STALE_VIEW)
+                    return recorded
+                if await self.fire(schedule, tick, missed=missed, task=task):
+                    recorded.append((schedule_id, tick))
+                    fired_here = True
+            if fired_here:
+                await store.prune(view, schedule_id)
+        if self.rounds % 60 == 1:
+            await store.prune(view)  # records of deleted schedules
+        return recorded
+
+    def _broken(self, schedule: Schedule, exc: BaseException) -> None:
+        key = f"{schedule.id}|{schedule.updated_at}|{exc}"
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("schedule %s cannot fire: %s: %s", schedule.id, type(exc).__name__, exc)
+
+    async def fire(
+        self, schedule: Schedule, tick_ms: int, *, missed: bool = False, task: Task | None = None
+    ) -> bool:
+        """Fire one tick: the task (exclusive create of its ready file), then the tick's
+        record (exclusive create). True if this call created the record (and reported it)."""
+        backend = self.backend
+        store = self.schedules.store
+        task = task or task_for(schedule, tick_ms)
+        overdue = store.now() * 1000 - tick_ms - jitter_ms(schedule, tick_ms)
+        if overdue > LOOK_UP_AFTER * 1000 and await self._known(task):
+            log.info("schedule %s: tick %s has its task already", schedule.id, iso(tick_ms))
+        else:
+            await backend.queue.enqueue(task)
+        record = FiredRecord(
+            schedule_id=schedule.id,
+            tick=iso(tick_ms),
+            task_id=task.id,
+            worker_id=self.worker_id,
+            fired_at=store.now(),
+            missed=missed,
+            nonce=uuid.uuid4().hex[:16],
+        )
+        if not await store.record(schedule, tick_ms, record):
+            return False
+        self.fired += 1
+        log.info(
+            "schedule %s fired tick %s%s: task %s %s",
+            schedule.id,
+            iso(tick_ms),
+            " (missed)" if missed else "",
+            task.id,
+            task.func,
+        )
+        await backend.emit(
+            TaskEvent(
+                task_id=task.id,
+                type=EventType.SCHEDULED,
+                queue=task.queue,
+                worker_id=self.worker_id,
+                data={
+                    "func": task.func,
+                    "schedule_id": schedule.id,
+                    "tick": iso(tick_ms),
+                    "missed": missed,
+                },
+            )
+        )
+        return True
+
+    async def _known(self, task: Task) -> bool:
+        """Whether an overdue tick's task exists or ran (its firer may have died before the
+        record, long ago): then it is not enqueued again."""
+        try:
+            await self.backend.queue.get_task(task.id, task.queue)
+            return True
+        except NotFoundError:
+            pass
+        results = self.backend.results
+        return results is not None and await results.get(task.id) is not None
+
+
+async def run_schedules(worker: Any) -> None:
+    """The worker's schedule loop (``AsyncWorker(schedules=True)``)."""
+    runner = ScheduleRunner(
+        worker.backend, refresh=worker.schedule_refresh, worker_id=worker.worker_id
+    )
+    worker.schedule_runner = runner
+    await runner.run()
+
+
+def periodic_decorator(
+    backend: Any, register: Callable[[Schedule], None], options: dict[str, Any]
+) -> Callable[[F], F]:
+    """``@backend.periodic(...)``: the function, unchanged, with its schedule registered."""
+    args = options.pop("args", ())
+    kwargs = options.pop("kwargs", None)
+    name = options.pop("name", None)
+
+    def wrap(fn: F) -> F:
+        path = func_path(fn)
+        schedule = build_schedule(
+            fn,
+            args,
+            kwargs,
+            now=backend.schedules.now(),
+            defaults=backend.config,
+            name=name or periodic_name(path),
+            **options,
+        )
+        register(schedule)
+        fn.__omniq_schedule__ = schedule.id  # type: ignore[attr-defined]
+        return fn
+
+    return wrap
