@@ -40,6 +40,7 @@ from omniq.core.names import validate_name
 from omniq.storage.file.queue import default_worker_id
 
 from ._functions import FunctionImportError, FunctionNotAllowedError, is_async, resolve
+from ._schedules import run_schedules
 
 log = logging.getLogger("omniq.worker")
 log.addFilter(RedactFilter())  # storage errors may quote URLs; credentials never show
@@ -78,6 +79,9 @@ class AsyncWorker:
         storage_timeout: in burst mode, give up once every claim has failed for this many
             seconds (default 30; None: never): ``run()`` raises ``StorageError`` after running
             tasks finish. Without ``burst`` the worker keeps retrying through outages.
+        schedules: fire the due ticks of the schedules (``base_dir/schedules``), read at most
+            once per ``schedule_refresh`` seconds (default 1); False: this worker fires none
+            (``omniq worker --no-schedules``).
 
     ``run()`` raises the error that stopped the worker itself (``CapabilityError``,
     ``StorageError``, ...), never an exception group; other errors raised at the same time are
@@ -103,9 +107,13 @@ class AsyncWorker:
         storage_timeout: float | None = 30.0,
         worker_id: str | None = None,
         handle_signals: bool = True,
+        schedules: bool = True,
+        schedule_refresh: float = 1.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if not schedule_refresh > 0:
+            raise ValueError("schedule_refresh must be > 0 seconds")
         self.backend = backend
         self.queue = backend.queue
         # Unsafe names are refused now, not inside run()'s task group.
@@ -128,6 +136,9 @@ class AsyncWorker:
         self.storage_timeout = storage_timeout
         self.worker_id = worker_id or default_worker_id()
         self.handle_signals = handle_signals
+        self.schedules = schedules
+        self.schedule_refresh = schedule_refresh
+        self.schedule_runner: Any = None  # the ScheduleRunner while run() runs
         self.stats = {
             "claimed": 0,
             "succeeded": 0,
@@ -202,6 +213,8 @@ class AsyncWorker:
             if self.handle_signals and threading.current_thread() is threading.main_thread():
                 tg.start_soon(self._watch_signals)
             tg.start_soon(self._cleanup_loop)
+            if self.schedules:
+                tg.start_soon(run_schedules, self)
             idle_since: float | None = None
             failures = 0  # consecutive failed claims (storage trouble)
             failing_since: float | None = None
