@@ -43,6 +43,7 @@ from omniq.core.models import UTC, QueueSize, TaskEvent, TaskInfo
 from omniq.core.sync import run_sync
 
 from . import _cli_format as fmt
+from . import _cli_schedule
 from ._cli_format import CliError, Redactor
 
 ENV_STORAGE_OPTIONS = fmt.ENV_STORAGE_OPTIONS
@@ -119,6 +120,7 @@ def cmd_worker(ctx: _Context) -> int:
             burst=ns.burst,
             idle_timeout=ns.idle_timeout,
             storage_timeout=ns.storage_timeout,
+            schedules=not ns.no_schedules,
             **({"worker_id": ns.worker_id} if ns.worker_id else {}),
         )
         logging.getLogger("omniq.cli").info(
@@ -209,9 +211,13 @@ def cmd_status(ctx: _Context) -> int:
         try:
             while True:
                 sizes = run_sync(lambda: _sizes(backend.async_api, ns.queue), "omniq status")
+                schedules = _cli_schedule.counts(backend)
                 now = datetime.now(UTC)
                 if ns.json:
-                    print(fmt.status_json(sizes, now), flush=True)
+                    print(
+                        _cli_schedule.status_json(fmt.status_json(sizes, now), schedules),
+                        flush=True,
+                    )
                 else:
                     if interval is not None and tty:
                         sys.stdout.write("\033[H\033[J")
@@ -222,7 +228,9 @@ def cmd_status(ctx: _Context) -> int:
                             f"{redact_url(ns.base_dir)}  {fmt.fmt_time(now)}  "
                             f"(every {interval:g}s, Ctrl-C to stop)"
                         )
-                    print(fmt.status_table(sizes), flush=True)
+                    print(
+                        fmt.status_table(sizes) + _cli_schedule.status_line(schedules), flush=True
+                    )
                 shown += 1
                 if interval is None or (ns.iterations and shown >= ns.iterations):
                     return 0
@@ -390,7 +398,8 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
             redactor.add_value([userinfo, *userinfo.split(":", 1)])
     fmt.Parser.redactor = redactor
     try:
-        ns = fmt.build_parser(HANDLERS).parse_args(fmt.prepare_argv(args))
+        parser = _cli_schedule.register(fmt.build_parser(HANDLERS))
+        ns = parser.parse_args(fmt.prepare_argv(args))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     _setup_logging(
