@@ -2,9 +2,10 @@
 
 Queues a few dozen real tasks in a local directory -- plain and async functions, a delayed
 task, one that fails once and succeeds on its retry, one that times out and one that always
-fails -- runs a worker (concurrency 8, burst mode) until every task has a result, then prints
-the results, the worker's counters and one task's event timeline. Nothing is simulated: the
-files stay behind for ``omniq status DIR`` and ``omniq events DIR --task ID``.
+fails -- and a schedule that fires every second, twice; runs a worker (concurrency 8, burst
+mode) until every task has a result, then prints the results, the worker's counters and one
+task's event timeline. Nothing is simulated: the files stay behind for ``omniq status DIR``,
+``omniq events DIR --task ID`` and ``omniq schedule list DIR``.
 
 Exit code 0 when every task behaved as expected, 1 otherwise.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -24,13 +26,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from omniq.backend.file import FileBackend, demo_tasks
-from omniq.core.models import EventType, TaskResult, TaskStatus, utcnow
+from omniq.core.models import UTC, EventType, TaskResult, TaskStatus, utcnow
 from omniq.storage.file.events import FileEventStorage
 
-from ._cli_format import clip, fmt_error, table
+from ._cli_format import clip, fmt_error, fmt_time, table
+from ._schedules import tick_task_id
 
 DELAY = 2.0  # seconds the delayed task waits
 DEADLINE = 45.0  # the worker is stopped after this many seconds whatever happens
+SCHEDULE = "demo-every-second"
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",
@@ -89,6 +93,33 @@ def _enqueue(backend: FileBackend, marker: str) -> list[Job]:
     tid = backend.enqueue(demo_tasks.broken, ["id=42;;"], max_retries=2, retry_backoff=0.1)
     jobs.append(Job("broken(...) max_retries=2", tid, "dead"))
     return jobs
+
+
+def _schedule(backend: FileBackend) -> list[Job]:
+    """Every second, twice: the worker fires each tick (any number of workers would make
+    one task per tick). Each tick's task id is known in advance."""
+    backend.schedules.delete(SCHEDULE)  # from an earlier run in the same directory
+    first = math.ceil(time.time()) + 1
+    start = datetime.fromtimestamp(first, UTC)
+    text = "fired by a schedule"
+    backend.schedule(
+        demo_tasks.word_count,
+        [text],
+        every=1,
+        start=start,
+        end=start + timedelta(seconds=1),
+        name=SCHEDULE,
+    )
+    schedule = backend.schedules.get(SCHEDULE).schedule
+    return [
+        Job(
+            f"word_count(...) tick {fmt_time(start + timedelta(seconds=k))[11:19]}",
+            tick_task_id(schedule, (first + k) * 1000),
+            "value",
+            len(text.split()),
+        )
+        for k in range(2)
+    ]
 
 
 def _run_worker(backend: FileBackend, jobs: list[Job]) -> dict[str, int]:
@@ -226,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
             f"functions, one delayed by {DELAY:g}s,\none that fails once, one with a 0.5s "
             "timeout, one that always fails."
         )
+        ticks = _schedule(backend)
+        jobs += ticks
+        print(
+            f"Scheduled word_count every second, twice ({SCHEDULE!r}): the worker fires "
+            "each tick as one task."
+        )
         print(
             "Running a worker (concurrency 8, burst mode) until every task has a result ...",
             flush=True,
@@ -246,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Tasks: {ok} succeeded, {len(jobs) - ok} failed ({stats.get('dead', 0)} of them "
         "dead-lettered)\n"
     )
+    fired = ", ".join(f"{job.task_id} ({job.label[-8:]})" for job in ticks)
+    print(f"Schedule {SCHEDULE!r} fired its 2 ticks as tasks {fired}\n")
     print(f"Event timeline of the flaky task {flaky.task_id} (failed once, then retried):")
     print(_timeline_table(timeline) + "\n")
     dead = next(job for job in jobs if job.expect == "dead")
@@ -255,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         f"events {{}} --task {flaky.task_id}",
         f"result {{}} {dead.task_id}",
         "dead",
+        "schedule list {}",
     ):
         print(
             "  omniq " + (command.format(demo_dir) if "{}" in command else f"{command} {demo_dir}")
