@@ -17,10 +17,12 @@ Firing tick ``t`` of schedule ``s`` (a worker whose last listing shows no record
    makes the task, every other one is refused. A create that comes after the task was
    claimed (its ready copy is gone) makes a copy of an attempt whose claim exists: the next
    claimer drops it, it never runs (see the queue's attempt protocol).
-2. **The record.** Create ``fired/{s}.{t}.json`` (exclusive). Its creator emits the
-   ``scheduled`` event; the newest record of a schedule is its last fired tick, which every
-   worker reads from one listing. A firer that dies between 1 and 2 leaves the task without
-   a record: the next worker to evaluate the tick is refused at 1 and writes the record.
+2. **The event** ``scheduled`` (events on): its id and time are derived from ``(s, t)``,
+   so whoever writes it writes the same files (one event per tick).
+3. **The record.** Create ``fired/{s}.{t}.json`` (exclusive): the newest record of a
+   schedule is its last fired tick, which every worker reads from one listing. A firer that
+   dies before 3 leaves the task without a record: the next worker to evaluate the tick is
+   refused at 1, writes the event again (the same files) and creates the record.
 
 A worker fires only ticks newer than the newest record in a listing made less than
 ``STALE_VIEW`` seconds before, and a record is pruned only when it is ``RECORD_RETENTION``
@@ -28,7 +30,7 @@ seconds old and ``RECORD_KEEP`` newer ones exist: a worker that fires an already
 does so within ``STALE_VIEW`` of its record, when the task's own records (kept
 ``tombstone_ttl``, 300 s, after the task ends) still refuse or drop a second copy. A tick
 fired more than ``LOOK_UP_AFTER`` seconds after it was due is first looked up (its task, its
-result): a tick whose firer died between 1 and 2 long ago is not enqueued a second time.
+result): a tick whose firer died between 1 and 3 long ago is not enqueued a second time.
 
 Ticks are epoch milliseconds. Cron ticks are computed by ``cronsim`` in the schedule's time
 zone, as Debian's cron does: at a DST fall-back a job at a fixed time fires once (the first
@@ -166,8 +168,11 @@ def _ms(when: datetime) -> int:
     return round(when.timestamp() * 1000)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _dt(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)
+    return _EPOCH + timedelta(milliseconds=ms)  # exact, unlike fromtimestamp(ms / 1000)
 
 
 def iso(ms: int) -> str:
@@ -184,15 +189,44 @@ def zone(name: str) -> zoneinfo.ZoneInfo:
         ) from None
 
 
-def tick_task_id(schedule: Schedule, tick_ms: int) -> str:
-    """The task id of one tick: 26 characters like every OmniQ id, its time part the tick
-    (so the queue orders it as a task made at the tick), the rest derived from the schedule
-    and the tick. The same for every worker."""
-    digest = hashlib.blake2b(
-        f"{schedule.id}|{_ms(schedule.created_at)}|{tick_ms}".encode(), digest_size=10
-    ).digest()
-    value = (max(0, tick_ms) << 80) | int.from_bytes(digest, "big")
+def _derived_id(time_ms: int, key: str) -> str:
+    """A 26-character id like every OmniQ id (ULID): its time part ``time_ms``, the rest
+    derived from ``key``."""
+    digest = hashlib.blake2b(key.encode(), digest_size=10).digest()
+    value = (max(0, time_ms) << 80) | int.from_bytes(digest, "big")
     return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def tick_task_id(schedule: Schedule, tick_ms: int) -> str:
+    """The task id of one tick: its time part the tick (so the queue orders it as a task
+    made at the tick), the rest derived from the schedule and the tick. The same for every
+    worker."""
+    return _derived_id(tick_ms, f"{schedule.id}|{_ms(schedule.created_at)}|{tick_ms}")
+
+
+def tick_event(
+    schedule: Schedule, tick_ms: int, task: Task, worker_id: str, missed: bool
+) -> TaskEvent:
+    """The ``scheduled`` event of one tick. Its id and its time (the tick's due time) are
+    derived from the schedule and the tick: every worker that writes it writes the same two
+    files, so it is written before the tick's record and a firer killed in between loses
+    nothing, and the event exists once."""
+    due = tick_ms + jitter_ms(schedule, tick_ms)
+    key = f"{schedule.id}|{_ms(schedule.created_at)}|{tick_ms}|scheduled"
+    return TaskEvent(
+        id=_derived_id(due, key),
+        time=_dt(due),
+        task_id=task.id,
+        type=EventType.SCHEDULED,
+        queue=task.queue,
+        worker_id=worker_id,
+        data={
+            "func": task.func,
+            "schedule_id": schedule.id,
+            "tick": iso(tick_ms),
+            "missed": missed,
+        },
+    )
 
 
 def jitter_ms(schedule: Schedule, tick_ms: int) -> int:
@@ -936,11 +970,13 @@ class ScheduleRunner:
         store = self.schedules.store
         view = await store.view()
         recorded: builtins.list[tuple[str, int]] = []
+        # What was due when the schedules were read: a tick due later waits for a reading
+        # that would have seen a pause or a delete written meanwhile.
+        now_ms = int(view.at * 1000)
         for schedule_id in sorted(view.schedules):
             schedule = view.schedules[schedule_id]
             if schedule.paused:
                 continue
-            now_ms = int(store.now() * 1000)
             try:
                 late, on_time = plan(
                     schedule, view.last(schedule_id), now_ms, self.grace_ms(schedule)
@@ -973,8 +1009,9 @@ class ScheduleRunner:
     async def fire(
         self, schedule: Schedule, tick_ms: int, *, missed: bool = False, task: Task | None = None
     ) -> bool:
-        """Fire one tick: the task (exclusive create of its ready file), then the tick's
-        record (exclusive create). True if this call created the record (and reported it)."""
+        """Fire one tick: the task (exclusive create of its ready file), its ``scheduled``
+        event (when events are on), then the tick's record (exclusive create). True if this
+        call created the record."""
         backend = self.backend
         store = self.schedules.store
         task = task or task_for(schedule, tick_ms)
@@ -983,6 +1020,9 @@ class ScheduleRunner:
             log.info("schedule %s: tick %s has its task already", schedule.id, iso(tick_ms))
         else:
             await backend.queue.enqueue(task)
+        # Before the record (which stops the other workers): a firer killed in between
+        # leaves the event to the next one, who writes the same files again.
+        await backend.emit(tick_event(schedule, tick_ms, task, self.worker_id, missed))
         record = FiredRecord(
             schedule_id=schedule.id,
             tick=iso(tick_ms),
@@ -1002,20 +1042,6 @@ class ScheduleRunner:
             " (missed)" if missed else "",
             task.id,
             task.func,
-        )
-        await backend.emit(
-            TaskEvent(
-                task_id=task.id,
-                type=EventType.SCHEDULED,
-                queue=task.queue,
-                worker_id=self.worker_id,
-                data={
-                    "func": task.func,
-                    "schedule_id": schedule.id,
-                    "tick": iso(tick_ms),
-                    "missed": missed,
-                },
-            )
         )
         return True
 
