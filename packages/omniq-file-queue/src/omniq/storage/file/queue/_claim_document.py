@@ -42,10 +42,11 @@ class DocumentClaims:
     """Claim by creating a claim document; the base of the other strategies."""
 
     name = "document"
+    batch = 256  # claim candidates kept from one listing (an S3 LIST returns up to 1,000)
 
-    def __init__(self, store: Store, batch: int) -> None:
+    def __init__(self, store: Store, batch: int | None = None) -> None:
         self.store = store
-        self.batch = batch
+        self.batch = batch or self.batch
 
     def suspect_after(self, lease: float, clock_skew: float) -> float:
         """How old a claim file must be before the reaper reads it: a document's mtime is
@@ -91,6 +92,11 @@ class DocumentClaims:
         """Create the attempt's outcome (``data``; ``done`` for a plain ack); True if this
         call created it."""
         return bool((yield create(L.outcome_key(queue, task_id, attempt), data)))
+
+    def read_claim(self, queue: str, key: str, data: bytes) -> Program[Claimed | None]:
+        """The claim file ``key`` (its bytes ``data``) as a Claimed, None if unreadable."""
+        yield from ()
+        return L.as_claim(data, 0.0, queue, key)
 
     def lease_end(self, key: str, claimed: Claimed) -> Program[float | None]:
         """When the lease of a claim without epochs ends (None: the claim is gone)."""

@@ -22,7 +22,9 @@ lease is the file's mtime until the first heartbeat creates a lease epoch.
 
 from __future__ import annotations
 
-from omniq.core.fs import CANNOT_TAKE, Program, exists, link, take
+import msgspec
+
+from omniq.core.fs import CANNOT_TAKE, Program, exists, link, owner, stat, take
 from omniq.core.models import Claimed, Task
 
 from . import _layout as L
@@ -51,6 +53,21 @@ class LinkClaims(DocumentClaims):
         # (LocalOps._create_excl): the copy goes only once the claim is there to guard it.
         if (yield exists(run)):
             yield from self.spend(cand)
+
+    batch = 2048  # a local listing reads the whole directory whatever the batch
+
+    def read_claim(self, queue: str, key: str, data: bytes) -> Program[Claimed | None]:
+        claimed = L.as_claim(data, 0.0, queue, key)
+        if claimed is None or claimed.token:
+            return claimed
+        # A taken ready file: its lease is its mtime, its worker the extended attribute.
+        info = yield stat(key)
+        worker = yield owner(key)
+        return msgspec.structs.replace(
+            claimed,
+            lease_until=_dt(info.mtime if info is not None else 0.0),
+            worker_id=worker or "",
+        )
 
     def suspect_after(self, lease: float, clock_skew: float) -> float:
         return clock_skew  # a taken file's mtime is when its lease ends

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-from omniq.core.fs import Program, delete_many, listafter
+from omniq.core.fs import Program, Store, delete_many, listafter
 
 from . import _layout as L
 from ._claim_document import DocumentClaims
@@ -27,8 +27,8 @@ log = logging.getLogger("omniq.queue")
 class S3Claims(DocumentClaims):
     name = "s3"
 
-    def __init__(self, store: object, batch: int) -> None:
-        super().__init__(store, batch)  # type: ignore[arg-type]
+    def __init__(self, store: Store, batch: int | None = None) -> None:
+        super().__init__(store, batch)
         self._spent: list[str] = []
 
     def spend(self, cand: L.Candidate) -> Program[None]:

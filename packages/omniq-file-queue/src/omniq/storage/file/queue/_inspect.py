@@ -23,10 +23,8 @@ from omniq.core.fs import (
     listdirs,
     listhead,
     now,
-    owner,
     read,
     read_many,
-    stat,
     write,
 )
 from omniq.core.models import UTC, QueueSize, Task, TaskInfo, TaskStatus
@@ -113,8 +111,7 @@ class QueueInspection:
             return None
         if (ended := L.tombstone_state(data)) is not None:
             return TaskInfo(task=None, status=TaskStatus(ended), attempt=attempt), ""
-        info = (yield stat(run)) if self.store.can_take else None
-        claimed = L.as_claim(data, 0.0 if info is None else info.mtime, queue, run)
+        claimed = yield from self.claims.read_claim(queue, run, data)
         if claimed is None:
             return None
         lease_until = claimed.lease_until
@@ -124,12 +121,11 @@ class QueueInspection:
             rec = None if raw is None else L.parse_record(raw)
             if rec is not None and rec.lease_until is not None:
                 lease_until = datetime.fromtimestamp(rec.lease_until, UTC)
-        worker = claimed.worker_id or ((yield owner(run)) if self.store.can_take else None)
         return TaskInfo(
             task=claimed.task,
             status=TaskStatus.RUNNING,
             attempt=attempt,
-            worker_id=worker,
+            worker_id=claimed.worker_id or None,
             lease_until=lease_until,
         ), run
 

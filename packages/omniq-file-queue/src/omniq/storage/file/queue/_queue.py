@@ -129,9 +129,6 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
         self.tombstone_ttl = tombstone_ttl
         self.refresh_interval = refresh_interval
         self.reap_interval = max(0.2, self.lease / 4)
-        # Claim candidates kept from one listing: a local listing reads the whole directory
-        # whatever the batch, so it keeps more; an S3 listing returns at most 1,000 keys.
-        self.batch = batch or (2048 if self.store.is_local else 256)
         self.spread = max(1, spread)
         self.on_event = on_event
         self.worker_id = default_worker_id()
@@ -141,7 +138,8 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
         self._spawning: set[tuple[str, str, int]] = set()
         # One claim strategy per store; each module carries its store's correctness argument.
         strategy = {"local": LinkClaims, "s3": S3Claims}.get(self.store.kind, DocumentClaims)
-        self.claims: DocumentClaims = strategy(self.store, self.batch)
+        self.claims: DocumentClaims = strategy(self.store, batch)
+        self.batch = self.claims.batch
 
     def __repr__(self) -> str:
         return f"AsyncFileQueue({self.store.url!r})"
