@@ -644,3 +644,23 @@ def test_capability_error_exits_3_and_says_what_to_do(tmp_path) -> None:
     assert "exclusive create" in last and "not enforced" in last  # what failed
     assert "conditional writes" in last  # why
     assert "Use a store that enforces them" in last  # what to do
+
+
+def test_only_credential_options_are_hidden_everywhere() -> None:
+    """A setting's value is not a credential: a store made with ``target_protocol="memory"``
+    (the fault suite's) masked every "memory" in the process's later log text."""
+    from omniq.core import _redact
+
+    secrets = _redact.option_secrets(
+        {
+            "target_protocol": "memory",
+            "faults": "file",
+            "key": "AKIA-TEST-ONLY",
+            "client_kwargs": {"aws_secret_access_key": "s3cr3t-value"},
+            "token": "anon",
+        }
+    )
+    assert sorted(secrets) == ["AKIA-TEST-ONLY", "s3cr3t-value"]
+    assert _redact.option_secrets({"connection_string": "AccountKey=abcd1234;X=y"})[-1] == (
+        "abcd1234"
+    )

@@ -6,9 +6,8 @@ Two mechanisms, used together:
   the access key id in an AWS signature (``Credential=<key id>/...``, logged by botocore at
   DEBUG);
 * the credential strings of every ``Store`` made in this process (``register``): the values of
-  its storage options other than plainly public ones (``endpoint_url``, ``region_name``,
-  ``project``, ...), the secrets inside an Azure connection string, and the userinfo of its
-  URL. A key id or secret is hidden wherever an SDK happens to echo it.
+  its credential-like storage options (``key``, ``secret``, ``token``, ``account_key``, ...),
+  the secrets inside an Azure connection string, and the userinfo of its URL. A key id or secret is hidden wherever an SDK happens to echo it.
 
 Endpoints are shown (a connection error must say where it tried to connect); only credentials
 inside them are hidden.
@@ -63,6 +62,20 @@ SHOWN_OPTIONS = frozenset(
         "auto_mkdir",
     }
 )
+# Words in the names of options that hold credentials.
+_CREDENTIAL_WORDS = (
+    "key",
+    "secret",
+    "token",
+    "password",
+    "passwd",
+    "credential",
+    "sas",
+    "signature",
+    "auth",
+    "connection_string",
+    "conn_str",
+)
 # Option values that name a mode, not a credential (gcsfs ``token``).
 _MODES = frozenset({"anon", "google_default", "cloud", "browser", "cache"})
 # Parts of an Azure connection string that are secrets (the rest are endpoints and names).
@@ -77,24 +90,34 @@ _ordered: list[str] = []  # longest first, so that a secret inside another is no
 _lock = threading.Lock()
 
 
-def _strings(value: Any, shown: bool = False) -> Iterator[str]:
+def _strings(value: Any, secret: bool = True) -> Iterator[str]:
+    """The credential strings in ``value``: under a mapping, the values of credential-like
+    option names (and secrets inside connection strings); a value with no name to judge it
+    by counts as a credential. URL userinfo always does."""
     if isinstance(value, Mapping):
         for key, item in value.items():
-            yield from _strings(item, str(key).lower() in SHOWN_OPTIONS)
+            yield from _strings(item, _is_credential_name(str(key)))
     elif isinstance(value, (list, tuple, set, frozenset)):
         for item in value:
-            yield from _strings(item, shown)
+            yield from _strings(item, secret)
     elif isinstance(value, str):
-        if shown or value in _MODES:
-            yield from url_secrets(value)
-        else:
+        yield from url_secrets(value)
+        if secret and value not in _MODES:
             yield value
-            yield from url_secrets(value)
             if ";" in value and "=" in value:  # an Azure connection string
                 for part in value.split(";"):
-                    name, _, secret = part.partition("=")
+                    name, _, inner = part.partition("=")
                     if name.strip().lower() in _CONNECTION_SECRETS:
-                        yield secret.strip()
+                        yield inner.strip()
+
+
+def _is_credential_name(name: str) -> bool:
+    """Whether an option of this name holds a credential (``key``, ``secret``, ``token``,
+    ``password``, ``account_key``, ``sas_token``, ``connection_string``, ...). Other options
+    (``target_protocol``, ``project``, ...) are settings: their values, common words such as
+    ``memory``, must not be masked wherever they appear."""
+    lowered = name.lower()
+    return lowered not in SHOWN_OPTIONS and any(word in lowered for word in _CREDENTIAL_WORDS)
 
 
 def url_secrets(url: str) -> list[str]:
