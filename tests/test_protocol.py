@@ -435,3 +435,43 @@ async def test_a_claim_that_took_most_of_its_lease_is_renewed_before_it_is_retur
     claimed = await q.dequeue("default")
     assert claimed is not None and claimed.epoch == 1  # renewed: a lease epoch was made
     assert claimed.lease_until.timestamp() == pytest.approx(clock() + 30)
+
+
+async def test_a_finished_task_with_a_lease_longer_than_the_ttl_never_runs_again(
+    base_dir: str,
+) -> None:
+    """Found by the benchmarks' review: with lease > tombstone_ttl the clean-up removed the
+    outcome but kept the claim (too young for the listing's cut); the reaper then took that
+    claim for an expired one and the finished task ran again."""
+    clock = FakeClock()
+    q = queue(base_dir, clock, lease=600.0, tombstone_ttl=60.0)
+    await q.enqueue(Task(func="m:f"))
+    claimed = await q.dequeue("default")
+    assert claimed is not None
+    await q.ack(claimed)
+    for _ in range(3):
+        clock.advance(q.tombstone_ttl + 1)
+        assert await q.reap("default") == []
+    clock.advance(q.lease + q.clock_skew + 1)
+    assert await q.reap("default") == []
+    assert await drain(q, clock) == []
+
+
+async def test_the_reaper_keeps_no_recent_outcome_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The benchmark's RSS target caught the reaper holding every outcome younger than the
+    TTL (one per finished task); it now keeps a hash of each instead of its listing entry."""
+    import omniq.storage.file.queue._leases as leases
+
+    clock = FakeClock()
+    q = queue(str(tmp_path / "q"), clock)
+    await q.enqueue_many([Task(func="m:f") for _ in range(50)])
+    for claimed in await q.dequeue_many(50, "default"):
+        await q.ack(claimed)
+    clock.advance(q.clock_skew + 1)  # every claim is past the reaper's suspect cut
+    kept: list[Any] = []
+    real = leases.group_run
+    monkeypatch.setattr(leases, "group_run", lambda entries: real(kept.extend(entries) or entries))
+    assert await q.reap("default") == []
+    assert len(kept) == 50  # the claims; none of the 50 recent outcomes

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -322,22 +322,37 @@ class LeaseHandling:
         current: float = yield now()
         old = current - self.tombstone_ttl
         suspect = current - self.claims.suspect_after(self.lease, self.clock_skew)
+        # Attempts decided less than tombstone_ttl ago are only remembered as a hash of their
+        # stem: run/ holds one outcome per task finished in that time (100,000s at a high
+        # rate), and all the reaper needs of them is that they are decided.
+        recent: set[int] = set()
 
-        def keep(entry: Entry) -> bool:  # filtered while scanning: run/ may hold 100,000s
-            if not entry.name.endswith(".json"):
-                return True  # epochs and outcomes: what the claims below are judged by
-            if entry.size <= L.TOMBSTONE_MAX:
-                return entry.mtime < old
-            return entry.mtime < suspect
+        def keep(entry: Entry) -> bool:  # filtered while scanning
+            name = entry.name
+            if name.endswith(".json"):
+                if entry.size <= L.TOMBSTONE_MAX:
+                    return entry.mtime < old
+                return entry.mtime < suspect
+            if name.endswith((".x", ".r")) and entry.mtime >= old:
+                recent.add(hash(name[:-2]))
+                return False
+            return True  # old outcomes (to clean up) and lease epochs (few)
 
         attempts = group_run((yield listdir(f"{queue}/run", True, keep)))
         # Forget what another worker cleaned up meanwhile.
         self._spawning -= {s for s in self._spawning if s[0] == queue and s[1:] not in attempts}
+
+        def decided(task_id: str, attempt: int) -> bool:
+            names = attempts.get((task_id, attempt))
+            return (names is not None and names.decided) or hash(f"{task_id}.{attempt}") in recent
+
         spent: list[tuple[str, int, Attempt]] = []
         taken: list[Claimed] = []
         for (task_id, attempt), names in attempts.items():
+            if hash(f"{task_id}.{attempt}") in recent:
+                continue  # decided, and not old enough to clean up
             if names.decided:
-                if (yield from self._cleanable(queue, task_id, attempt, names, attempts, old)):
+                if (yield from self._cleanable(queue, task_id, attempt, names, decided)):
                     spent.append((task_id, attempt, names))
             elif names.claim is not None and names.claim.size <= L.TOMBSTONE_MAX:
                 spent.append((task_id, attempt, names))  # ended unclaimed, over ttl ago
@@ -357,19 +372,14 @@ class LeaseHandling:
         task_id: str,
         attempt: int,
         names: Attempt,
-        attempts: dict[tuple[str, int], Attempt],
-        old: float,
+        decided: Callable[[str, int], bool],
     ) -> Program[bool]:
-        """A decided attempt is removed once its decision is ``tombstone_ttl`` old, unless it
-        made attempt n+1 and that one is undecided: its record is then what ``get_task`` and
-        ``repair`` find the task by, however long it waits."""
-        newest = max(e.mtime for e in (names.outcome, names.requeued) if e is not None)
-        if newest >= old:
-            return False
-        following = attempts.get((task_id, attempt + 1))
-        if following is not None and following.decided:
+        """A decided attempt (its decision ``tombstone_ttl`` old: the listing kept it) is
+        removed, unless it made attempt n+1 and that one is undecided: its record is then
+        what ``get_task`` and ``repair`` find the task by, however long it waits."""
+        if decided(task_id, attempt + 1):
             return True
-        if following is not None or (queue, task_id, attempt) in self._spawning:
+        if (queue, task_id, attempt) in self._spawning:
             return False
         if names.requeued is not None:
             spawning = True
@@ -432,7 +442,9 @@ class LeaseHandling:
         for task_id, attempt, names in spent:
             copies += [f"{queue}/ready/{r}/{task_id}.{attempt}.json" for r in ranks]
             copies += [L.sched_key(queue, task_id, attempt), L.cancel_key(queue, task_id, attempt)]
-            claims += [f"{queue}/run/{n}" for n in names.names() if n.endswith(".json")]
+            # The claim by its name: a claim younger than the listing's cut (a lease longer
+            # than tombstone_ttl) is not in the listing, and must go before its outcome.
+            claims.append(L.run_key(queue, task_id, attempt))
             records += [f"{queue}/run/{n}" for n in names.names() if not n.endswith(".json")]
             self._spawning.discard((queue, task_id, attempt))
         yield delete_many(copies)
