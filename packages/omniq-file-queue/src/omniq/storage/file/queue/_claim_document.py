@@ -87,10 +87,10 @@ class DocumentClaims:
                 log.warning("could not remove %s (removed later): %s", key, exc)
 
     def decide(
-        self, queue: str, task_id: str, attempt: int, done: bool, data: bytes, current: float
+        self, queue: str, task_id: str, attempt: int, record: L.Record, current: float
     ) -> Program[bool]:
-        """Create the attempt's outcome (``data``; ``done`` for a plain ack); True if this
-        call created it."""
+        """Create the attempt's outcome ``record``; True if this call created it."""
+        data = L.encode_record(record)
         return bool((yield create(L.outcome_key(queue, task_id, attempt), data)))
 
     def read_claim(self, queue: str, key: str, data: bytes) -> Program[Claimed | None]:

@@ -35,18 +35,18 @@ class LinkClaims(DocumentClaims):
     name = "link"
 
     def decide(
-        self, queue: str, task_id: str, attempt: int, done: bool, data: bytes, current: float
+        self, queue: str, task_id: str, attempt: int, record: L.Record, current: float
     ) -> Program[bool]:
         # An ack links the claim file itself to the outcome name (exclusive, EEXIST like any
         # create) and stamps the time: no file is created, which is what an ack cost before
         # outcomes were exclusive. A name there already decided the attempt first.
-        if done:
+        if record.state == L.State.DONE:
             made = yield link(
                 L.run_key(queue, task_id, attempt), L.outcome_key(queue, task_id, attempt), current
             )
             if made is not None:
                 return bool(made)
-        return (yield from super().decide(queue, task_id, attempt, done, data, current))
+        return (yield from super().decide(queue, task_id, attempt, record, current))
 
     def lost(self, cand: L.Candidate, run: str) -> Program[None]:
         # Without hard links a create is decided by a lock name before the file appears

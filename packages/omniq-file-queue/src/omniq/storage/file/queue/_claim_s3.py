@@ -56,8 +56,6 @@ class S3Claims(DocumentClaims):
     def filter(self, queue: str, found: list[L.Candidate]) -> Program[list[L.Candidate]]:
         """Drop (and delete) candidates whose attempt is already claimed or finished: copies
         left by a claimer that deferred their deletion, or died before it."""
-        if self._spent:
-            yield from self.flush()
         if not found:
             return found
         first = min(c.task_id for c in found)

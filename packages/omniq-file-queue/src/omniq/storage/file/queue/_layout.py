@@ -80,7 +80,12 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 def record(state: str, at: float, **fields: Any) -> bytes:
-    return msgspec.json.encode(Record(state=state, nonce=uuid.uuid4().hex[:16], at=at, **fields))
+    return encode_record(Record(state=state, nonce="", at=at, **fields))
+
+
+def encode_record(rec: Record) -> bytes:
+    """The record's bytes, with a fresh nonce."""
+    return msgspec.json.encode(msgspec.structs.replace(rec, nonce=uuid.uuid4().hex[:16]))
 
 
 def parse_record(data: bytes) -> Record | None:

@@ -155,9 +155,8 @@ class LeaseHandling:
         current: float,
         worker: str = "",
     ) -> Program[bool]:
-        data = L.record(state, current, worker=worker or None, next=nxt)
-        done = state == State.DONE
-        if not (yield from self.claims.decide(queue, task_id, attempt, done, data, current)):
+        record = L.Record(state=state, nonce="", at=current, worker=worker or None, next=nxt)
+        if not (yield from self.claims.decide(queue, task_id, attempt, record, current)):
             return False
         yield from self._follow_up(state, nxt)
         return True

@@ -339,6 +339,8 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
         return random.randrange(same)
 
     def _scan_program(self, queue: str) -> Program[list[L.Candidate]]:
+        if self.claims.pending:  # deferred deletes first: the listing then no longer shows them
+            yield from self.claims.flush()
         found: list[L.Candidate] = []
         for rank_dir in (yield listdirs(f"{queue}/ready")):
             for name in (yield listhead(f"{queue}/ready/{rank_dir}", self.batch)):
