@@ -461,7 +461,8 @@ async def test_the_reaper_keeps_no_recent_outcome_in_memory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The benchmark's RSS target caught the reaper holding every outcome younger than the
-    TTL (one per finished task); it now keeps a hash of each instead of its listing entry."""
+    TTL (one per finished task) and every finished claim (a local claim's mtime is its ack's
+    time); it now notes a hash of each recent outcome and keeps only undecided claims."""
     import omniq.storage.file.queue._leases as leases
 
     clock = FakeClock()
@@ -474,4 +475,4 @@ async def test_the_reaper_keeps_no_recent_outcome_in_memory(
     real = leases.group_run
     monkeypatch.setattr(leases, "group_run", lambda entries: real(kept.extend(entries) or entries))
     assert await q.reap("default") == []
-    assert len(kept) == 50  # the claims; none of the 50 recent outcomes
+    assert kept == []  # neither the 50 finished claims nor their recent outcomes

@@ -43,6 +43,8 @@ class DocumentClaims:
 
     name = "document"
     batch = 256  # claim candidates kept from one listing (an S3 LIST returns up to 1,000)
+    # Listings come in key order (a claim before its outcome): the reaper scans run/ once.
+    scan_outcomes_first = False
 
     def __init__(self, store: Store, batch: int | None = None) -> None:
         self.store = store

@@ -55,6 +55,9 @@ class LinkClaims(DocumentClaims):
             yield from self.spend(cand)
 
     batch = 2048  # a local listing reads the whole directory whatever the batch
+    # A finished local claim looks like a suspect to the reaper's scan (its mtime is its
+    # ack's time): outcomes are noted in a first pass, so finished claims are never held.
+    scan_outcomes_first = True
 
     def read_claim(self, queue: str, key: str, data: bytes) -> Program[Claimed | None]:
         claimed = L.as_claim(data, 0.0, queue, key)

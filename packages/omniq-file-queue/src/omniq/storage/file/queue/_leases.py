@@ -326,17 +326,24 @@ class LeaseHandling:
         # rate), and all the reaper needs of them is that they are decided.
         recent: set[int] = set()
 
-        def keep(entry: Entry) -> bool:  # filtered while scanning
-            name = entry.name
-            if name.endswith(".json"):
-                if entry.size <= L.TOMBSTONE_MAX:
-                    return entry.mtime < old
-                return entry.mtime < suspect
-            if name.endswith((".x", ".r")) and entry.mtime >= old:
-                recent.add(hash(name[:-2]))
+        def note(entry: Entry) -> bool:
+            if entry.name.endswith((".x", ".r")) and entry.mtime >= old:
+                recent.add(hash(entry.name[:-2]))
                 return False
             return True  # old outcomes (to clean up) and lease epochs (few)
 
+        def keep(entry: Entry) -> bool:  # filtered while scanning
+            name = entry.name
+            if not name.endswith(".json"):
+                return note(entry)
+            if entry.size <= L.TOMBSTONE_MAX:
+                return entry.mtime < old
+            return entry.mtime < suspect and hash(name[:-5]) not in recent
+
+        if self.claims.scan_outcomes_first:
+            # A directory scan comes in no order: a first pass notes the recent outcomes, so
+            # that the second keeps only the claims still undecided (not every finished one).
+            yield listdir(f"{queue}/run", True, lambda entry: note(entry) and False)
         attempts = group_run((yield listdir(f"{queue}/run", True, keep)))
         # Forget what another worker cleaned up meanwhile.
         self._spawning -= {s for s in self._spawning if s[0] == queue and s[1:] not in attempts}
