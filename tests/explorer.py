@@ -42,6 +42,7 @@ from omniq.core._ops import FsspecOps, Ops
 from omniq.core.fs import Op, Program, Store, _as_storage_error, _drive
 
 START_TIME = 1_800_000_000.0
+CONTROL = "control "  # scenario names of runs that must find violations
 DEFAULT_SEED = 20_240_611  # fixed so CI explores the same schedules every run
 DEFAULT_SAMPLES = 10_000
 DEFAULT_MAX_SCHEDULES = 2_000
@@ -681,14 +682,22 @@ def summary_lines() -> list[str]:
             row[i] += r[key]
     head = f"{'scenario':<36} {'store':<7} {'mode':<19} {'schedules':>10} {'steps':>11} {'violations':>10} {'seconds':>8}"
     lines = [head]
-    for (scenario, kind, mode), (s, st, v, sec) in sorted(rows.items()):
-        lines.append(
-            f"{scenario:<36} {kind:<7} {mode:<19} {s:>10.0f} {st:>11.0f} {v:>10.0f} {sec:>8.2f}"
-        )
-    total = [sum(row[i] for row in rows.values()) for i in range(4)]
-    lines.append(
-        f"{'total':<64} {total[0]:>10.0f} {total[1]:>11.0f} {total[2]:>10.0f} {total[3]:>8.2f}"
-    )
+    # Scenarios named "control ..." must find violations (they prove the explorer and the
+    # invariants can fail): listed apart, not in the total.
+    for controls in (False, True):
+        chosen = {k: r for k, r in rows.items() if k[0].startswith(CONTROL) == controls}
+        if controls and chosen:
+            lines.append("controls (violations expected: a known-broken program must be caught)")
+        for (scenario, kind, mode), (s, st, v, sec) in sorted(chosen.items()):
+            lines.append(
+                f"{scenario:<36} {kind:<7} {mode:<19} {s:>10.0f} {st:>11.0f} {v:>10.0f} {sec:>8.2f}"
+            )
+        if not controls:
+            total = [sum(row[i] for row in chosen.values()) for i in range(4)]
+            lines.append(
+                f"{'total':<64} {total[0]:>10.0f} {total[1]:>11.0f} {total[2]:>10.0f} "
+                f"{total[3]:>8.2f}"
+            )
     seeds = sorted({r["master_seed"] for r in results})
     lines.append(
         f"master seed {', '.join(map(str, seeds))} (OMNIQ_EXPLORE_SEED); more samples: "

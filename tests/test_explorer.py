@@ -48,7 +48,7 @@ def _counter(kind: str, tmp_path: Any, **kwargs: Any) -> Any:
         return [] if got == b"2" else [f"n is {got!r} after two increments, expected b'2'"]
 
     return explore(
-        "lost-update",
+        "control lost-update",
         [Actor("A", _increment), Actor("B", _increment)],
         kind=kind,
         base_dir=tmp_path,
@@ -72,11 +72,13 @@ def test_exhaustive_finds_the_lost_update(kind: str, tmp_path: Any) -> None:
     assert first.messages == ["final: n is b'1' after two increments, expected b'2'"]
     assert [e.op.name if e.op else None for e in first.trace] == ["read", "read", "write", "write"]
     # The path replays to the same violation, and assert_clean shows how.
-    again = replay(first.token, "lost-update", [Actor("A", _increment), Actor("B", _increment)],
+    again = replay(first.token, "control lost-update", [Actor("A", _increment), Actor("B", _increment)],
                    kind=kind, base_dir=tmp_path, setup=lambda w: w.run(_put("n", b"0")),
                    final=lambda w, s: [] if _get(w, "n") == b"2" else ["lost"])  # fmt: skip
     assert again.schedules == 1 and again.violations[0].path == first.path
-    with pytest.raises(AssertionError, match=r"(?s)OMNIQ_EXPLORE_REPLAY='lost-update/.*@A,B,"):
+    with pytest.raises(
+        AssertionError, match=r"(?s)OMNIQ_EXPLORE_REPLAY='control lost-update/.*@A,B,"
+    ):
         report.assert_clean()
 
 
@@ -93,7 +95,7 @@ def test_random_finds_the_lost_update_and_its_seed_replays(
     assert again.violations[0].messages == found.messages
     assert [str(e) for e in again.violations[0].trace] == [str(e) for e in found.trace]
     # The same through the environment, as printed in the failure message.
-    monkeypatch.setenv("OMNIQ_EXPLORE_REPLAY", f"lost-update/{kind}@{found.token}")
+    monkeypatch.setenv("OMNIQ_EXPLORE_REPLAY", f"control lost-update/{kind}@{found.token}")
     assert [str(e) for e in _counter(kind, tmp_path).violations[0].trace] == [
         str(e) for e in found.trace
     ]
@@ -107,7 +109,7 @@ def test_per_step_check_stops_the_schedule_at_the_violating_step() -> None:
         return ["n was written"] if _get(world, "n") != b"0" else []
 
     report = explore(
-        "stop-early",
+        "control stop-early",
         [Actor("A", _increment), Actor("B", _increment)],
         setup=lambda world: world.run(_put("n", b"0")),
         check=check,
@@ -233,9 +235,9 @@ def test_storage_errors_and_exceptions_are_results() -> None:
             pass
         raise KeyError("gone")
 
-    report = explore("raise", [Actor("P", prober)], check=lambda w, s: None)
+    report = explore("control raise", [Actor("P", prober)], check=lambda w, s: None)
     report.assert_clean()
-    failing = explore("raise", [Actor("P", prober)],
+    failing = explore("control raise", [Actor("P", prober)],
                       final=lambda w, s: [f"P is {s['P'].status}: {s['P'].error!r}"])  # fmt: skip
     assert failing.violations[0].messages == ["final: P is raised: KeyError('gone')"]
 

@@ -411,7 +411,7 @@ def test_the_invariants_catch_a_read_then_write_heartbeat(tmp_path: Path) -> Non
         )
 
     report = explore(
-        "control: read-then-write heartbeat x reaper (must be found)",
+        "control read-then-write heartbeat x reaper",
         [holding(old_heartbeat), _actor("reaper", reaper)],
         make=Scene,
         setup=stalled_holder(),
