@@ -12,8 +12,6 @@ from typing import Any
 
 import msgspec
 
-from omniq.core.errors import OmniQError
-
 from . import _cli_format as fmt
 from ._cli_format import CliError
 from ._schedules import MISFIRE_POLICIES, ScheduleInfo
@@ -143,25 +141,10 @@ def _when(text: str | None, flag: str) -> datetime | None:
 
 
 def cmd_add(ctx: Any) -> int:
-    from ._functions import func_path, resolve
-    from .cli import _add_paths
+    from .cli import checked_function
 
     ns = ctx.ns
-    args = fmt.json_flag(ns.args, "--args", list) or []
-    kwargs = fmt.json_flag(ns.kwargs, "--kwargs", dict) or {}
-    path = func_path(ns.func)
-    if not ns.no_check:
-        _add_paths(ns.path)
-        try:
-            resolve(path)
-        except OmniQError as exc:
-            raise CliError(
-                f"{exc} (is it importable here? use --path DIR, or --no-check to skip this check)"
-            ) from None
-        except Exception as exc:
-            raise CliError(
-                f"importing {path} raised {type(exc).__name__}: {exc} (--no-check skips this check)"
-            ) from None
+    path, args, kwargs = checked_function(ns)
     options = {
         "cron": ns.cron,
         "every": ns.every,

@@ -132,10 +132,11 @@ def cmd_worker(ctx: _Context) -> int:
 
 
 # -- enqueue ---------------------------------------------------------------------------------------
-def cmd_enqueue(ctx: _Context) -> int:
+def checked_function(ns: Any) -> tuple[str, list[Any], dict[str, Any]]:
+    """The function path, args and kwargs of an ``enqueue`` or ``schedule add`` command line;
+    the function is imported first (unless ``--no-check``) to catch typos before storing."""
     from ._functions import func_path, resolve
 
-    ns = ctx.ns
     args = fmt.json_flag(ns.args, "--args", list) or []
     kwargs = fmt.json_flag(ns.kwargs, "--kwargs", dict) or {}
     path = func_path(ns.func)
@@ -151,6 +152,12 @@ def cmd_enqueue(ctx: _Context) -> int:
             raise CliError(
                 f"importing {path} raised {type(exc).__name__}: {exc} (--no-check skips this check)"
             ) from None
+    return path, args, kwargs
+
+
+def cmd_enqueue(ctx: _Context) -> int:
+    ns = ctx.ns
+    path, args, kwargs = checked_function(ns)
     options = {
         "queue": ns.queue,
         "priority": ns.priority,
