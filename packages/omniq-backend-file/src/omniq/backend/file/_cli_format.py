@@ -317,14 +317,8 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def build_parser(handlers: Mapping[str, Callable[[Any], int]]) -> argparse.ArgumentParser:
-    """The ``omniq`` parser; ``handlers`` maps each subcommand to its function."""
-    parser = Parser(
-        prog="omniq",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def common_parser() -> Parser:
+    """The arguments every subcommand takes: the base directory and its storage options."""
     common = Parser(add_help=False)
     common.add_argument(
         "base_dir",
@@ -338,6 +332,18 @@ def build_parser(handlers: Mapping[str, Callable[[Any], int]]) -> argparse.Argum
         help="fsspec storage options as a JSON object (credentials, endpoint); "
         f"default: ${ENV_STORAGE_OPTIONS}. Never printed.",
     )
+    return common
+
+
+def build_parser(handlers: Mapping[str, Callable[[Any], int]]) -> argparse.ArgumentParser:
+    """The ``omniq`` parser; ``handlers`` maps each subcommand to its function."""
+    parser = Parser(
+        prog="omniq",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common = common_parser()
     subs = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=Parser
     )

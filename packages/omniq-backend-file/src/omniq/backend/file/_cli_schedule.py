@@ -32,19 +32,7 @@ def register(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             help="do not fire schedules (by default every worker fires the due ticks; the "
             "storage makes it one task per tick)",
         )
-    common = fmt.Parser(add_help=False)
-    common.add_argument(
-        "base_dir",
-        metavar="BASE_DIR",
-        help="local directory or fsspec URL (s3://bucket/prefix, gs://..., "
-        "abfs://container/prefix)",
-    )
-    common.add_argument(
-        "--storage-options",
-        metavar="JSON",
-        help="fsspec storage options as a JSON object (credentials, endpoint); "
-        f"default: ${fmt.ENV_STORAGE_OPTIONS}. Never printed.",
-    )
+    common = fmt.common_parser()
     text = "Periodic and cron tasks: add, list, pause, resume, delete."
     top = subs.add_parser("schedule", help=text, description=text)
     actions = top.add_subparsers(
