@@ -506,15 +506,19 @@ class FaultProxy:
                 self._plan(conn)
             if conn.plan == "reset_request":
                 self._count("reset_request")
-                if len(data) > 1:
-                    conn.server.write(data[: len(data) // 2])
-                    with contextlib.suppress(OSError):
-                        await asyncio.wait_for(conn.server.drain(), 5)
-                await asyncio.sleep(0.01)
-                self._drop(conn, reset=True)
+                await self._cut(conn, conn.server, data)
                 return
             conn.server.write(data)
             await conn.server.drain()
+
+    async def _cut(self, conn: _Conn, writer: asyncio.StreamWriter, data: bytes) -> None:
+        """Pass on half of ``data``, then reset both connections: an exchange cut midway."""
+        if len(data) > 1:
+            writer.write(data[: len(data) // 2])
+            with contextlib.suppress(OSError):
+                await asyncio.wait_for(writer.drain(), 5)
+        await asyncio.sleep(0.01)
+        self._drop(conn, reset=True)
 
     def _plan(self, conn: _Conn) -> None:
         rng, p = self.rng, self.p
@@ -550,12 +554,7 @@ class FaultProxy:
                         return
                     if conn.plan == "reset_response":
                         self._count("reset_response")
-                        if len(data) > 1:
-                            conn.client.write(data[: len(data) // 2])
-                            with contextlib.suppress(OSError):
-                                await asyncio.wait_for(conn.client.drain(), 5)
-                        await asyncio.sleep(0.01)
-                        self._drop(conn, reset=True)
+                        await self._cut(conn, conn.client, data)
                         return
                     if conn.delay:
                         self._count("delay")
