@@ -124,7 +124,13 @@ def install_crash(spec: dict[str, Any]) -> None:
             if call == name and hit(dst):
                 if how == "before":
                     die()
-                real[name](src, dst, *args, **kwargs)
+                try:
+                    real[name](src, dst, *args, **kwargs)
+                except OSError:
+                    # Did not happen (a claim's first link into a missing run/ directory is
+                    # retried after a makedirs): the crash point is the next one that does.
+                    seen[0] -= 1
+                    raise
                 die()
             return real[name](src, dst, *args, **kwargs)
 
@@ -134,7 +140,11 @@ def install_crash(spec: dict[str, Any]) -> None:
         if call == "unlink" and hit(path):
             if how == "before":
                 die()
-            real["unlink"](path, *args, **kwargs)
+            try:
+                real["unlink"](path, *args, **kwargs)
+            except OSError:
+                seen[0] -= 1
+                raise
             die()
         real["unlink"](path, *args, **kwargs)
 
