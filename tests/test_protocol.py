@@ -115,7 +115,9 @@ async def _expired_holder(
     await holder.enqueue(Task(func="m:f", max_retries=3))
     claimed = await holder.dequeue("default")
     assert claimed is not None
-    clock.advance(holder.lease + holder.clock_skew + 1)  # the holder stalled past its lease
+    # The holder stalled past its lease; the margin covers the real seconds the store's mtimes
+    # moved on meanwhile (the reaper lists only claims older than a lease by the fake clock).
+    clock.advance(holder.lease + holder.clock_skew + 5)
     return clock, holder, reaper, claimed
 
 
