@@ -403,6 +403,85 @@ async def test_repair_redoes_what_a_killed_process_left(base_dir: str) -> None:
     assert got == {retried: 2, delayed.id: 1}
 
 
+KILLED_BETWEEN_DECISION_AND_FOLLOW_UP = {
+    # the holder's immediate retry: outcome written, attempt 2 not yet
+    "nack": (
+        lambda q, c: q._nack_program(c, "boom", 0.0, True),
+        lambda op: op.name == "create" and op.args[0].endswith(".x"),
+    ),
+    # a delayed retry: attempt 2's body written, its due marker not yet
+    "nack-delayed": (
+        lambda q, c: q._nack_program(c, "boom", 1.0, True),
+        lambda op: op.name == "write" and "/sched/" in op.args[0],
+    ),
+    "release": (
+        lambda q, c: q._release_program(c),
+        lambda op: op.name == "create" and op.args[0].endswith(".x"),
+    ),
+    # the reaper's take-over: "lost" written, attempt 2 not yet
+    "take-over": (
+        lambda q, c: q._reap_program("default"),
+        lambda op: op.name == "create" and op.args[0].endswith(".x"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(KILLED_BETWEEN_DECISION_AND_FOLLOW_UP))
+async def test_a_follow_up_cut_short_is_finished_by_the_next_reaper_pass(
+    base_dir: str, case: str
+) -> None:
+    """A process killed between an attempt's spawning outcome and attempt n+1 leaves its
+    intent: the next reaper pass (seconds later, not the daily repair) makes attempt 2,
+    which then runs once."""
+    program, last = KILLED_BETWEEN_DECISION_AND_FOLLOW_UP[case]
+    clock = FakeClock()
+    q = queue(base_dir, clock)
+    task_id = await q.enqueue(Task(func="m:f", max_retries=2))
+    claimed = await q.dequeue("default")
+    assert claimed is not None
+    if case == "take-over":
+        clock.advance(q.lease + q.clock_skew + 5)
+    crash_after(q, program(q, claimed), last)
+    # Attempt 2 is neither ready nor due yet.
+    assert (await q.size("default")).ready == 0 and await q.next_due("default") is None
+    clock.advance(q.clock_skew + 2)
+    await q.reap("default")
+    again = await q.dequeue("default")
+    assert again is not None and (again.id, again.attempt) == (task_id, 2)
+    await q.ack(again)
+    names = await q.store.list("default/run")
+    assert not [n for n in names if n.endswith(".i")], names  # the intent is gone
+    assert await drain(q, clock) == []  # attempt 2 is never made twice
+
+
+async def test_a_failed_follow_up_is_redone_by_the_reaper(
+    base_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outcome is written, then creating attempt 2 fails (an outage): nack still
+    succeeds (the decision stands) and the next reaper pass makes attempt 2."""
+    clock = FakeClock()
+    q = queue(base_dir, clock)
+    task_id = await q.enqueue(Task(func="m:f", max_retries=2))
+    claimed = await q.dequeue("default")
+    assert claimed is not None
+    ops = q.store._sync_ops
+    real = ops.create_many
+
+    def failing(items: Any) -> Any:
+        if any("/ready/" in key for key, _ in items):
+            raise OSError(5, "I/O error")
+        return real(items)
+
+    monkeypatch.setattr(ops, "create_many", failing)
+    assert await q.nack(claimed, error="boom", retry_in=0) is TaskStatus.PENDING
+    monkeypatch.undo()
+    assert await q.dequeue("default") is None
+    clock.advance(q.clock_skew + 2)
+    await q.reap("default")
+    again = await q.dequeue("default")
+    assert again is not None and (again.id, again.attempt) == (task_id, 2)
+
+
 async def test_two_racing_cancels_have_one_winner(base_dir: str) -> None:
     """An exclusive create answered "exists" is taken as this call's own write when the
     stored bytes are its own: constant tombstones made a racing second cancel a winner too."""

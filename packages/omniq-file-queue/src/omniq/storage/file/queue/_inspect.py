@@ -32,7 +32,7 @@ from omniq.core.names import validate_name
 
 from . import _layout as L
 from ._layout import State
-from ._leases import group_run
+from ._leases import group_run, quietly
 
 if TYPE_CHECKING:
     from ._claim_document import DocumentClaims
@@ -54,7 +54,7 @@ class QueueInspection:
     if TYPE_CHECKING:
 
         def _quarantine(self, key: str, data: bytes, reason: BaseException) -> Program[None]: ...
-        def _follow_up(self, state: str, nxt: Task | None) -> Program[None]: ...
+        def _follow_up(self, state: str, nxt: Task | None) -> Program[bool]: ...
 
     # -- inspection --------------------------------------------------------------------------
     async def _queues_for(self, queue: str | None) -> list[str]:
@@ -82,7 +82,9 @@ class QueueInspection:
             [
                 Entry(n, 0, 0.0)
                 for n in names
-                if (p := L.parse_run_name(n)) is not None and p.task_id == task_id
+                if (p := L.parse_run_name(n)) is not None
+                and p.task_id == task_id
+                and p.part != "i"  # an intent says nothing about where the task stands
             ]
         )
         if not attempts:
@@ -310,9 +312,13 @@ class QueueInspection:
             nxt = msgspec.structs.replace(task, attempt=task.attempt + 1, failures=0, eta=None)
             current = yield now()
             # Exclusive per dead attempt: two requeues of one dead letter make one attempt.
+            # The intent first, as for an outcome (see _leases).
+            intent = L.intent_key(queue, task.id, task.attempt)
+            yield write(intent, L.record(State.INTENT, current))
             data = L.record(State.REQUEUED, current, next=nxt)
             if (yield create(L.requeue_key(queue, task.id, task.attempt), data)):
-                yield from self._follow_up(State.REQUEUED, nxt)
+                if (yield from self._follow_up(State.REQUEUED, nxt)):
+                    yield from quietly(delete(intent))
                 count += 1
             yield delete(key)  # requeued now, or earlier by a call that died before this
         return count

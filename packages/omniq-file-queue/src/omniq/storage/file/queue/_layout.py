@@ -12,6 +12,8 @@
                                                  fence), exclusive create
     {queue}/run/{id}.{n}.x                       the attempt's one outcome, exclusive create
     {queue}/run/{id}.{n}.r                       a dead letter of attempt n requeued (once)
+    {queue}/run/{id}.{n}.i                       intent: a decision that makes attempt n+1
+                                                 (or the dead letter) is in flight
     {queue}/dead/{id}.json                       dead-lettered task with its last error
     {queue}/cancel/{id}.{n}                      cancel request for running attempt n
     {queue}/quarantine/{area}.{name}.{time}      unreadable files, moved aside
@@ -56,6 +58,7 @@ class State:
     """What a record says. Outcomes end an attempt; ``SPAWNING`` ones made attempt n+1."""
 
     LEASE = "lease"  # a heartbeat's epoch
+    INTENT = "intent"  # a decision with a follow-up is being written
     FENCE = "fence"  # a reaper's epoch: no heartbeat may follow
     DONE, RETRIED, DEAD = "done", "retried", "dead"
     RELEASED, CANCELLED, LOST, REQUEUED = "released", "cancelled", "lost", "requeued"
@@ -145,6 +148,10 @@ def requeue_key(queue: str, task_id: str, attempt: int) -> str:
     return f"{queue}/run/{task_id}.{attempt}.r"
 
 
+def intent_key(queue: str, task_id: str, attempt: int) -> str:
+    return f"{queue}/run/{task_id}.{attempt}.i"
+
+
 def dead_key(queue: str, task_id: str) -> str:
     return f"{queue}/dead/{task_id}.json"
 
@@ -155,7 +162,7 @@ def cancel_key(queue: str, task_id: str, attempt: int) -> str:
 
 class RunName(NamedTuple):
     """A parsed ``run/`` name: attempt ``(task_id, attempt)`` and which record (``"json"``
-    for the claim, ``"x"``, ``"r"``, or the epoch number as digits)."""
+    for the claim, ``"x"``, ``"r"``, ``"i"``, or the epoch number as digits)."""
 
     task_id: str
     attempt: int
@@ -164,7 +171,7 @@ class RunName(NamedTuple):
 
 def parse_run_name(name: str) -> RunName | None:
     stem, _, part = name.rpartition(".")
-    if part != "json" and part not in ("x", "r") and not part.isdigit():
+    if part != "json" and part not in ("x", "r", "i") and not part.isdigit():
         return None
     parsed = split_id_attempt(stem)
     return None if parsed is None else RunName(parsed[0], parsed[1], part)

@@ -6,7 +6,9 @@ Every transition of an attempt is one exclusive create (README, "The attempt pro
 
 * its outcome is ``run/{id}.{n}.x`` -- ack, nack, release, cancel and a take-over all race
   for that one name, so an attempt has exactly one outcome; only its writer creates attempt
-  n+1 or the dead letter (the record says which, so a repair pass can redo it);
+  n+1 or the dead letter (the record says which). Such a writer first writes the intent
+  ``run/{id}.{n}.i`` and deletes it once the follow-up exists: a writer that died (or
+  failed) in between leaves the intent, and the next reaper pass finishes its follow-up;
 * a heartbeat creates lease epoch ``run/{id}.{n}.{j+1}``; a reaper first creates that same
   epoch as a fence, so a heartbeat racing a take-over either lands first (the reaper then
   backs off) or fails with LeaseLostError, having extended nothing.
@@ -66,13 +68,14 @@ def _error_info(error: ErrorInfo | BaseException | str | None) -> ErrorInfo | No
 class Attempt:
     """The ``run/`` names of one attempt seen by a listing."""
 
-    __slots__ = ("claim", "epochs", "outcome", "requeued")
+    __slots__ = ("claim", "epochs", "intent", "outcome", "requeued")
 
     def __init__(self) -> None:
         self.claim: Entry | None = None
         self.epochs: dict[int, Entry] = {}
         self.outcome: Entry | None = None
         self.requeued: Entry | None = None
+        self.intent: Entry | None = None
 
     def add(self, part: str, entry: Entry) -> None:
         if part == "json":
@@ -81,6 +84,8 @@ class Attempt:
             self.outcome = entry
         elif part == "r":
             self.requeued = entry
+        elif part == "i":
+            self.intent = entry
         else:
             self.epochs[int(part)] = entry
 
@@ -89,8 +94,13 @@ class Attempt:
         return self.outcome is not None or self.requeued is not None
 
     def names(self) -> list[str]:
-        entries = [self.claim, *self.epochs.values(), self.outcome, self.requeued]
+        entries = [self.claim, *self.epochs.values(), self.outcome, self.requeued, self.intent]
         return [e.name for e in entries if e is not None]
+
+    def records(self) -> list[Entry]:
+        """Its entries other than the claim."""
+        entries = [*self.epochs.values(), self.outcome, self.requeued, self.intent]
+        return [e for e in entries if e is not None]
 
 
 def group_run(entries: list[Entry]) -> dict[tuple[str, int], Attempt]:
@@ -156,16 +166,23 @@ class LeaseHandling:
         worker: str = "",
     ) -> Program[bool]:
         record = L.Record(state=state, nonce="", at=current, worker=worker or None, next=nxt)
+        intent = L.intent_key(queue, task_id, attempt)
+        if nxt is not None:
+            # Before the outcome: whoever dies after it leaves this for the reaper. A writer
+            # that loses the race leaves it too (the winner may still be on its follow-up).
+            yield write(intent, L.record(State.INTENT, current))
         if not (yield from self.claims.decide(queue, task_id, attempt, record, current)):
             return False
-        yield from self._follow_up(state, nxt)
+        if (yield from self._follow_up(state, nxt)) and nxt is not None:
+            yield from quietly(delete(intent))
         return True
 
-    def _follow_up(self, state: str, nxt: Task | None) -> Program[None]:
-        """Create what a won outcome promised: attempt n+1, or the dead letter. A failure here
-        is logged, not raised: the outcome stands and ``repair`` redoes this later."""
+    def _follow_up(self, state: str, nxt: Task | None) -> Program[bool]:
+        """Create what a won outcome promised: attempt n+1, or the dead letter. Idempotent. A
+        failure here is logged, not raised (False): the outcome stands, and the reaper redoes
+        this when it finds the intent left behind."""
         if nxt is None:
-            return
+            return True
         try:
             if state == State.DEAD:
                 yield write(L.dead_key(nxt.queue, nxt.id), codec.encode(nxt))
@@ -173,12 +190,47 @@ class LeaseHandling:
                 yield from self._enqueue_program([(nxt, codec.encode(nxt))])
         except Exception as exc:
             log.warning(
-                "task %s: could not create attempt %d after %s (repair will): %s",
+                "task %s: could not create attempt %d after %s (the reaper will): %s",
                 nxt.id,
                 nxt.attempt,
                 state,
                 exc,
             )
+            return False
+        return True
+
+    def _followed(self, rec: L.Record) -> Program[bool]:
+        """Whether the follow-up of decision ``rec`` exists. Attempt n+1 is looked for by its
+        claim, which stays until ``tombstone_ttl`` after n+1 ends (its copy may be claimed at
+        any moment: re-creating a claimed copy is harmless, its claimers find the claim); the
+        dead letter before its requeue record (a requeue creates the record, then deletes
+        the letter)."""
+        nxt = rec.next
+        assert nxt is not None
+        if rec.state != State.DEAD:
+            return bool((yield exists(L.run_key(nxt.queue, nxt.id, nxt.attempt))))
+        if (yield exists(L.dead_key(nxt.queue, nxt.id))):
+            return True
+        return bool((yield exists(L.requeue_key(nxt.queue, nxt.id, nxt.attempt))))
+
+    def _finish_intent(self, queue: str, task_id: str, attempt: int) -> Program[bool]:
+        """An intent left behind: finish the follow-up of the decision it announced (if
+        that decision was made), then remove it. True if the follow-up had to be redone."""
+        rec = None
+        for key in (L.requeue_key(queue, task_id, attempt), L.outcome_key(queue, task_id, attempt)):
+            data = yield read(key)
+            if data is not None:
+                rec = L.parse_outcome(data)
+                break
+        else:
+            return False  # undecided: its writer died first (a take-over decides) or is slow
+        redone = False
+        if rec is not None and rec.next is not None and not (yield from self._followed(rec)):
+            if not (yield from self._follow_up(rec.state, rec.next)):
+                return False  # the intent stays for the next pass
+            redone = True
+        yield from quietly(delete(L.intent_key(queue, task_id, attempt)))
+        return redone
 
     async def ack(self, claimed: Claimed) -> None:
         """The attempt succeeded: the task is done. Raises LeaseLostError after a take-over."""
@@ -282,7 +334,7 @@ class LeaseHandling:
         if (yield exists(cancel)):
             if not (yield from self._decide(claimed, State.CANCELLED, None)):
                 return None
-            yield from _quietly(delete(cancel))
+            yield from quietly(delete(cancel))
             return False
         epoch = claimed.epoch + 1
         data = L.record(
@@ -291,7 +343,7 @@ class LeaseHandling:
         if not (yield create(L.epoch_key(queue, task_id, attempt, epoch), data)):
             return None  # a reaper's fence (or a finished attempt's clean-up) came first
         if claimed.epoch:  # the newest two epochs are enough for anyone
-            yield from _quietly(delete(L.epoch_key(queue, task_id, attempt, claimed.epoch)))
+            yield from quietly(delete(L.epoch_key(queue, task_id, attempt, claimed.epoch)))
         return msgspec.structs.replace(claimed, epoch=epoch, lease_until=_dt(current + seconds))
 
     # -- the reaper ------------------------------------------------------------------------
@@ -330,7 +382,7 @@ class LeaseHandling:
             if entry.name.endswith((".x", ".r")) and entry.mtime >= old:
                 recent.add(hash(entry.name[:-2]))
                 return False
-            return True  # old outcomes (to clean up) and lease epochs (few)
+            return True  # old outcomes (to clean up), lease epochs and intents (few)
 
         def keep(entry: Entry) -> bool:  # filtered while scanning
             name = entry.name
@@ -354,20 +406,32 @@ class LeaseHandling:
 
         spent: list[tuple[str, int, Attempt]] = []
         taken: list[Claimed] = []
+        # While attempt n has an intent, attempt n+1 is not cleaned up: its claim is how
+        # _finish_intent knows that n+1 exists, however late that runs.
+        announced = {key for key, names in attempts.items() if names.intent is not None}
         for (task_id, attempt), names in attempts.items():
+            intent = names.intent
+            # An intent older than the skew was left by a writer that died or failed.
+            if intent is not None and intent.mtime < current - self.clock_skew:
+                if (yield from self._finish_intent(queue, task_id, attempt)):
+                    log.warning("finished the follow-up of task %s attempt %d", task_id, attempt)
             if hash(f"{task_id}.{attempt}") in recent:
                 continue  # decided, and not old enough to clean up
+            keep = (task_id, attempt - 1) in announced
             if names.decided:
-                if (yield from self._cleanable(queue, task_id, attempt, names, decided)):
+                if not keep and (
+                    yield from self._cleanable(queue, task_id, attempt, names, decided)
+                ):
                     spent.append((task_id, attempt, names))
             elif names.claim is not None and names.claim.size <= L.TOMBSTONE_MAX:
-                spent.append((task_id, attempt, names))  # ended unclaimed, over ttl ago
+                if not keep:
+                    spent.append((task_id, attempt, names))  # ended unclaimed, over ttl ago
             elif names.claim is not None:
                 claimed = yield from self._take_over(queue, task_id, attempt, names, current)
                 if claimed is not None:
                     taken.append(claimed)
-            elif max(e.mtime for e in names.epochs.values()) < old:
-                spent.append((task_id, attempt, names))  # epochs left by a partial clean-up
+            elif max(e.mtime for e in names.records()) < old:
+                spent.append((task_id, attempt, names))  # left by a partial clean-up
         if spent:
             yield from self._clean_up(queue, spent)
         return taken
@@ -513,7 +577,7 @@ class LeaseHandling:
         return bool((yield exists(L.sched_key(task.queue, task.id, task.attempt))))
 
 
-def _quietly(op: Any) -> Program[None]:
+def quietly(op: Any) -> Program[None]:
     """Run a clean-up op whose failure changes nothing (it is redone later)."""
     try:
         yield op
