@@ -94,7 +94,8 @@ def _chaos(
                 if done >= tasks and len(killed) >= min_kills:
                     break
                 assert time.monotonic() < end, (
-                    f"only {done}/{tasks} results after {deadline} s ({len(killed)} kills)"
+                    f"only {done}/{tasks} results after {deadline} s ({len(killed)} kills); "
+                    f"without a result: {_where(backend, ids)}"
                 )
                 if len(killed) < min_kills or (done < tasks and len(killed) < max_kills):
                     # A victim that is working already (it has run a task), so that kills
@@ -183,6 +184,24 @@ def _chaos(
         for log in logs.glob("*.log"):
             text = log.read_text(errors="replace")
             assert "Traceback" not in text, f"{log.name}:\n{text[-3000:]}"
+
+
+def _where(backend: FileBackend, ids: list[str]) -> str:
+    """Where the tasks without a result stand, and their run/ names: what a stuck task needs
+    to be diagnosed from the CI log alone."""
+    queue = backend.async_api.queue
+    missing = [i for i in ids if backend.result(i) is None][:5]
+    names = run_sync(lambda: queue.store.list("default/run"))
+    shown = []
+    for task_id in missing:
+        mine = sorted(n for n in names if n.startswith(f"{task_id}."))
+        try:
+            info = backend.get_task(task_id)
+            where = f"{info.status.value} attempt {info.attempt}"
+        except Exception as exc:  # what it raises is the diagnosis
+            where = repr(exc)
+        shown.append(f"{task_id}: {where}, run/{mine}")
+    return "; ".join(shown)
 
 
 def _read_runs(records: Path) -> dict[str, list[tuple[int, float]]]:
