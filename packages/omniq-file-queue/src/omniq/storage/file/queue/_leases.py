@@ -412,19 +412,22 @@ class LeaseHandling:
         for (task_id, attempt), names in attempts.items():
             intent = names.intent
             # An intent older than the skew was left by a writer that died or failed.
-            if intent is not None and intent.mtime < current - self.clock_skew:
-                if (yield from self._finish_intent(queue, task_id, attempt)):
-                    log.warning("finished the follow-up of task %s attempt %d", task_id, attempt)
+            if (
+                intent is not None
+                and intent.mtime < current - self.clock_skew
+                and (yield from self._finish_intent(queue, task_id, attempt))
+            ):
+                log.warning("finished the follow-up of task %s attempt %d", task_id, attempt)
             if hash(f"{task_id}.{attempt}") in recent:
                 continue  # decided, and not old enough to clean up
-            keep = (task_id, attempt - 1) in announced
+            held = (task_id, attempt - 1) in announced  # see `announced`
             if names.decided:
-                if not keep and (
+                if not held and (
                     yield from self._cleanable(queue, task_id, attempt, names, decided)
                 ):
                     spent.append((task_id, attempt, names))
             elif names.claim is not None and names.claim.size <= L.TOMBSTONE_MAX:
-                if not keep:
+                if not held:
                     spent.append((task_id, attempt, names))  # ended unclaimed, over ttl ago
             elif names.claim is not None:
                 claimed = yield from self._take_over(queue, task_id, attempt, names, current)
