@@ -7,7 +7,12 @@ Checks, in order:
 2. Each wheel contains only its own leaf package (plus its ``.dist-info``), has
    the leaf ``__init__.py`` and ``py.typed``, and never ships an ``__init__.py``
    for one of the shared PEP 420 namespace levels (``omniq``, ``omniq.storage``,
-   ``omniq.storage.file``, ``omniq.backend``).
+   ``omniq.storage.file``, ``omniq.backend``). It ships the repository's MIT
+   ``LICENSE`` as ``.dist-info/licenses/LICENSE`` (PEP 639, named by a
+   ``License-File`` line of its METADATA), and so does each sdist (``uv build
+   --sdist``). Hatchling takes license files only from inside the project
+   directory, so every ``packages/*/LICENSE`` must be a byte-for-byte copy of the
+   root ``LICENSE`` (checked first, before building).
 3. For several install subsets (e.g. core + file-results only) a fresh ``uv venv``
    gets *only* those wheels (third-party dependencies come from the index) and a
    smoke script asserts that the installed leaves import and the others are
@@ -25,6 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
 import time
@@ -36,6 +42,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES_DIR = ROOT / "packages"
+#: The one license text; every package directory holds a copy (see the module docstring).
+LICENSE_FILE = ROOT / "LICENSE"
+#: The name of the license file in each package directory (``license-files``), in each
+#: wheel's ``.dist-info/licenses/`` and at the top of each sdist.
+LICENSE_NAME = "LICENSE"
 
 CORE = "omniq-core"
 
@@ -130,6 +141,7 @@ class CheckError(Exception):
 @dataclass
 class Report:
     wheels: dict[str, Path] = field(default_factory=dict)
+    sdists: dict[str, Path] = field(default_factory=dict)
     wheel_files: dict[str, int] = field(default_factory=dict)
     smoke_runs: list[tuple[str, ...]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -139,6 +151,8 @@ class Report:
         for dist, wheel in self.wheels.items():
             n = self.wheel_files.get(dist, 0)
             lines.append(f"  built   {wheel.name} ({n} files) [{dist}]")
+        for dist, sdist in self.sdists.items():
+            lines.append(f"  built   {sdist.name} [{dist}]")
         for subset in self.smoke_runs:
             lines.append(f"  smoke   {' + '.join(subset)}")
         lines.append("  timings " + ", ".join(f"{k}={v:.1f}s" for k, v in self.timings.items()))
@@ -201,28 +215,39 @@ def _with_core(dists: Iterable[str]) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- #
 
 
-def build_wheel(dist: str, out_dir: Path, *, packages_dir: Path = PACKAGES_DIR) -> Path:
-    """Build one wheel with ``uv build`` into ``out_dir/dist`` and return its path."""
+def _build(dist: str, out_dir: Path, kind: str, *, packages_dir: Path) -> Path:
+    """``uv build --wheel`` or ``--sdist`` into ``out_dir/dist``; return the artifact."""
     if dist not in PACKAGES:
         raise CheckError(f"unknown distribution {dist!r}; known: {', '.join(PACKAGES)}")
+    pattern = {"wheel": "*.whl", "sdist": "*.tar.gz"}[kind]
     target = out_dir / dist
     target.mkdir(parents=True, exist_ok=True)
     _run(
         [
             find_uv(),
             "build",
-            "--wheel",
+            f"--{kind}",
             "--quiet",
             "--out-dir",
             str(target),
             str(packages_dir / dist),
         ],
-        what=f"building {dist}",
+        what=f"building {dist} ({kind})",
     )
-    wheels = sorted(target.glob("*.whl"))
-    if len(wheels) != 1:
-        raise CheckError(f"expected exactly one wheel for {dist} in {target}, found {wheels}")
-    return wheels[0]
+    found = sorted(target.glob(pattern))
+    if len(found) != 1:
+        raise CheckError(f"expected exactly one {kind} for {dist} in {target}, found {found}")
+    return found[0]
+
+
+def build_wheel(dist: str, out_dir: Path, *, packages_dir: Path = PACKAGES_DIR) -> Path:
+    """Build one wheel with ``uv build`` into ``out_dir/dist`` and return its path."""
+    return _build(dist, out_dir, "wheel", packages_dir=packages_dir)
+
+
+def build_sdist(dist: str, out_dir: Path, *, packages_dir: Path = PACKAGES_DIR) -> Path:
+    """Build one sdist with ``uv build`` into ``out_dir/dist`` and return its path."""
+    return _build(dist, out_dir, "sdist", packages_dir=packages_dir)
 
 
 def build_wheels(
@@ -240,18 +265,69 @@ def build_wheels(
         return {d: f.result() for d, f in futures.items()}
 
 
+def build_sdists(
+    out_dir: Path,
+    dists: Iterable[str] = PACKAGES,
+    *,
+    packages_dir: Path = PACKAGES_DIR,
+) -> dict[str, Path]:
+    """Build the sdists (in parallel); return ``{distribution: sdist path}``."""
+    names = list(dists)
+    with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:
+        futures = {
+            d: pool.submit(build_sdist, d, out_dir, packages_dir=packages_dir) for d in names
+        }
+        return {d: f.result() for d, f in futures.items()}
+
+
 # --------------------------------------------------------------------------- #
 # 2. wheel contents
 # --------------------------------------------------------------------------- #
 
 
-def wheel_problems(dist: str, wheel: Path) -> list[str]:
-    """Return human-readable problems with ``wheel``'s file list (empty = OK)."""
+def license_text() -> bytes:
+    """The root ``LICENSE``, which every package directory, wheel and sdist must carry."""
+    try:
+        return LICENSE_FILE.read_bytes()
+    except FileNotFoundError:
+        raise CheckError(f"{LICENSE_FILE} is missing") from None
+
+
+def package_license_problems(packages_dir: Path = PACKAGES_DIR) -> list[str]:
+    """Each ``packages/<dist>/LICENSE`` must exist and equal the root ``LICENSE``."""
+    expected = license_text()
+    problems: list[str] = []
+    for dist in PACKAGES:
+        copy = packages_dir / dist / LICENSE_NAME
+        if not copy.is_file():
+            problems.append(f"{copy} is missing (copy the root {LICENSE_NAME} there)")
+        elif copy.read_bytes() != expected:
+            problems.append(f"{copy} differs from the root {LICENSE_NAME}")
+    return problems
+
+
+def _artifact_stem(artifact: Path) -> str:
+    """``omniq_core-0.1.0-py3-none-any.whl`` / ``omniq_core-0.1.0.tar.gz`` -> ``omniq_core-0.1.0``."""
+    name = artifact.name.removesuffix(".tar.gz").removesuffix(".whl")
+    return "-".join(name.split("-")[:2])
+
+
+def wheel_problems(dist: str, wheel: Path, *, license_bytes: bytes | None = None) -> list[str]:
+    """Return human-readable problems with ``wheel``'s file list (empty = OK).
+
+    ``license_bytes`` is the text the wheel's ``.dist-info/licenses/LICENSE`` must hold
+    (default: the root ``LICENSE``)."""
     leaf = leaf_dir(dist)
     dist_info_prefix = f"{dist.replace('-', '_')}-"
+    dist_info = f"{_artifact_stem(wheel)}.dist-info"
+    license_path = f"{dist_info}/licenses/{LICENSE_NAME}"
+    expected_license = license_text() if license_bytes is None else license_bytes
     problems: list[str] = []
     with zipfile.ZipFile(wheel) as zf:
         names = [n for n in zf.namelist() if not n.endswith("/")]
+        shipped_license = zf.read(license_path) if license_path in names else None
+        metadata_name = f"{dist_info}/METADATA"
+        metadata = zf.read(metadata_name).decode() if metadata_name in names else ""
     for name in names:
         top = name.split("/", 1)[0]
         if name in FORBIDDEN_FILES:
@@ -264,6 +340,12 @@ def wheel_problems(dist: str, wheel: Path) -> list[str]:
     for required in (f"{leaf}/__init__.py", f"{leaf}/py.typed"):
         if required not in names:
             problems.append(f"missing {required}")
+    if shipped_license is None:
+        problems.append(f"missing its license {license_path} (project.license-files)")
+    elif shipped_license != expected_license:
+        problems.append(f"{license_path} differs from the root {LICENSE_NAME}")
+    if f"License-File: {LICENSE_NAME}" not in metadata.splitlines():
+        problems.append(f"{metadata_name} has no 'License-File: {LICENSE_NAME}' line")
     return [f"{wheel.name}: {p}" for p in problems]
 
 
@@ -271,6 +353,30 @@ def check_wheel_contents(wheels: Mapping[str, Path]) -> None:
     problems = [p for dist, wheel in wheels.items() for p in wheel_problems(dist, wheel)]
     if problems:
         raise CheckError("wheel content check failed:\n  " + "\n  ".join(problems))
+
+
+def sdist_problems(dist: str, sdist: Path, *, license_bytes: bytes | None = None) -> list[str]:
+    """Problems with ``sdist`` (empty = OK): it must hold ``<name>-<version>/LICENSE``
+    equal to ``license_bytes`` (default: the root ``LICENSE``)."""
+    path = f"{_artifact_stem(sdist)}/{LICENSE_NAME}"
+    expected = license_text() if license_bytes is None else license_bytes
+    with tarfile.open(sdist) as tf:
+        member = tf.getmember(path) if path in tf.getnames() else None
+        handle = tf.extractfile(member) if member is not None and member.isfile() else None
+        shipped = handle.read() if handle is not None else None
+    if shipped is None:
+        problems = [f"missing its license {path} (project.license-files)"]
+    elif shipped != expected:
+        problems = [f"{path} differs from the root {LICENSE_NAME}"]
+    else:
+        problems = []
+    return [f"{sdist.name}: {p}" for p in problems]
+
+
+def check_sdist_contents(sdists: Mapping[str, Path]) -> None:
+    problems = [p for dist, sdist in sdists.items() for p in sdist_problems(dist, sdist)]
+    if problems:
+        raise CheckError("sdist content check failed:\n  " + "\n  ".join(problems))
 
 
 # --------------------------------------------------------------------------- #
@@ -385,10 +491,15 @@ def run_checks(
 ) -> Report:
     """Build, inspect and smoke-test; raise :class:`CheckError` on the first failure."""
     report = Report()
+    problems = package_license_problems(packages_dir)
+    if problems:
+        raise CheckError("license check failed:\n  " + "\n  ".join(problems))
     t0 = time.perf_counter()
     report.wheels = build_wheels(work_dir / "dist", packages_dir=packages_dir)
+    report.sdists = build_sdists(work_dir / "sdist", packages_dir=packages_dir)
     report.timings["build"] = time.perf_counter() - t0
     check_wheel_contents(report.wheels)
+    check_sdist_contents(report.sdists)
     for dist, wheel in report.wheels.items():
         with zipfile.ZipFile(wheel) as zf:
             report.wheel_files[dist] = len(zf.namelist())
