@@ -10,10 +10,12 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from typing_extensions import ParamSpec
 
+from omniq.core.models import Task
 from omniq.core.sync import SyncWrapper, blocking, run_sync
 from omniq.storage.file.events import FileEventStorage
 from omniq.storage.file.queue import FileQueue
@@ -150,6 +152,7 @@ class FileBackend(SyncWrapper[AsyncFileBackend]):
         """The blocking schedules: ``list``, ``get``, ``pause``, ``resume``, ``delete``."""
         return Schedules.wrap(self._async.schedules)
 
+    emit = blocking(AsyncFileBackend.emit)
     enqueue = blocking(AsyncFileBackend.enqueue)
     enqueue_task = blocking(AsyncFileBackend.enqueue_task)
     requeue_dead = blocking(AsyncFileBackend.requeue_dead)
@@ -158,8 +161,15 @@ class FileBackend(SyncWrapper[AsyncFileBackend]):
     cancel = blocking(AsyncFileBackend.cancel)
     schedule = blocking(AsyncFileBackend.schedule)
 
-    def make_schedule(self, *args: Any, **kwargs: Any) -> Schedule:
-        return self._async.make_schedule(*args, **kwargs)
+    def make_schedule(
+        self,
+        func: Callable[..., Any] | str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Schedule:
+        """Check the arguments of ``schedule`` and build the Schedule (no I/O)."""
+        return self._async.make_schedule(func, args, kwargs, **options)
 
     def periodic(self, **options: Any) -> Callable[[F], F]:
         """Decorator: ``@backend.periodic(every=60)`` stores a schedule for the function now
@@ -172,8 +182,39 @@ class FileBackend(SyncWrapper[AsyncFileBackend]):
 
         return periodic_decorator(self._async, register, dict(options))
 
-    def make_task(self, *args: Any, **kwargs: Any) -> Any:
-        return self._async.make_task(*args, **kwargs)
+    def make_task(
+        self,
+        func: Callable[..., Any] | str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str = "default",
+        priority: int = 0,
+        delay: float | timedelta | None = None,
+        eta: datetime | None = None,
+        ttl: float | timedelta | None = None,
+        max_retries: int | None = None,
+        retry_backoff: float | None = None,
+        timeout: float | None = None,
+        task_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Task:
+        """Build the Task that ``enqueue`` would store (no I/O)."""
+        return self._async.make_task(
+            func,
+            args,
+            kwargs,
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            eta=eta,
+            ttl=ttl,
+            max_retries=max_retries,
+            retry_backoff=retry_backoff,
+            timeout=timeout,
+            task_id=task_id,
+            metadata=metadata,
+        )
 
     def task(self, func: Callable[P, R] | None = None, **options: Any) -> Any:
         """Decorator: ``@backend.task(queue="mail")`` then ``send.enqueue(to=...)``."""

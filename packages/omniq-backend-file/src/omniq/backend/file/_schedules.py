@@ -895,6 +895,15 @@ class AsyncSchedules:
 class Schedules(SyncWrapper[AsyncSchedules]):
     """Blocking twin of :class:`AsyncSchedules` (``FileBackend.schedules``)."""
 
+    @property
+    def available(self) -> bool:
+        """Whether schedules can be stored: the backend has a ``base_dir``."""
+        return self._async.available
+
+    def now(self) -> datetime:
+        """The current time on the schedules' clock (UTC)."""
+        return self._async.now()
+
     add = blocking(AsyncSchedules.add)
     sync = blocking(AsyncSchedules.sync)
     list = blocking(AsyncSchedules.list)

@@ -24,6 +24,7 @@ class FileQueue(StorageTwin[AsyncFileQueue]):
     release = blocking(AsyncFileQueue.release)
     extend_lease = blocking(AsyncFileQueue.extend_lease)
     reap = blocking(AsyncFileQueue.reap)
+    repair = blocking(AsyncFileQueue.repair)
     get_task = blocking(AsyncFileQueue.get_task)
     cancel = blocking(AsyncFileQueue.cancel)
     size = blocking(AsyncFileQueue.size)
