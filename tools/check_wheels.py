@@ -15,7 +15,8 @@ Checks, in order:
    root ``LICENSE`` (checked first, before building).
 3. For several install subsets (e.g. core + file-results only) a fresh ``uv venv``
    gets *only* those wheels (third-party dependencies come from the index) and a
-   smoke script asserts that the installed leaves import and the others are
+   smoke script asserts that the installed leaves import (each with a
+   ``__version__`` equal to its distribution's version) and the others are
    absent. Per-package smoke code can be added through ``EXTRA_SMOKE`` or the
    ``extra_smoke`` argument of :func:`run_checks`.
 
@@ -392,11 +393,13 @@ def smoke_script(installed: Sequence[str], extra_smoke: Mapping[str, Sequence[st
         textwrap.dedent(
             f"""
             import importlib
+            import importlib.metadata
             import importlib.resources
             import importlib.util
             import sys
 
             PRESENT = {present!r}
+            DISTS = {list(installed)!r}
             ABSENT = {absent!r}
             NAMESPACES = {list(NAMESPACE_PACKAGES)!r}
             SOURCE_TREE = {str(PACKAGES_DIR)!r}
@@ -413,6 +416,12 @@ def smoke_script(installed: Sequence[str], extra_smoke: Mapping[str, Sequence[st
                 mod = importlib.import_module(name)
                 assert getattr(mod, "__file__", None), f"{{name}} has no __init__.py"
                 assert importlib.resources.files(name).joinpath("py.typed").is_file(), name
+
+            # One version source: the wheel's version is the leaf's __version__.
+            for dist, name in zip(DISTS, PRESENT):
+                installed = importlib.metadata.version(dist)
+                module = importlib.import_module(name).__version__
+                assert installed == module, f"{{dist}} {{installed}} but {{name}}.__version__ {{module}}"
 
             for name in NAMESPACES:
                 spec = find(name)

@@ -36,7 +36,7 @@ from .models import (
 from .names import validate_name
 from .sync import SyncWrapper, blocking, run_sync
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only copy (pyproject: dynamic); change it with tools/bump.py
 
 __all__ = [
     "AsyncContextError",

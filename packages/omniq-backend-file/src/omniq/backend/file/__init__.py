@@ -27,7 +27,7 @@ from ._functions import FunctionImportError, FunctionNotAllowedError, func_path
 from ._schedules import AsyncSchedules, Schedule, ScheduleInfo, Schedules, periodic_decorator
 from ._worker import AsyncWorker
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only copy (pyproject: dynamic); change it with tools/bump.py
 
 log = logging.getLogger("omniq.worker")
 

@@ -7,7 +7,7 @@ from omniq.core.sync import StorageTwin, blocking
 
 from ._events import AsyncFileEventStorage
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only copy (pyproject: dynamic); change it with tools/bump.py
 
 
 class FileEventStorage(StorageTwin[AsyncFileEventStorage]):

@@ -6,7 +6,7 @@ from omniq.core.sync import StorageTwin, blocking
 
 from ._queue import AsyncFileQueue, default_worker_id
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only copy (pyproject: dynamic); change it with tools/bump.py
 
 
 class FileQueue(StorageTwin[AsyncFileQueue]):
