@@ -482,6 +482,79 @@ async def test_a_failed_follow_up_is_redone_by_the_reaper(
     assert again is not None and (again.id, again.attempt) == (task_id, 2)
 
 
+def step_until(q: AsyncFileQueue, program: Program[Any], last: Callable[[Op], bool]) -> Op:
+    """Drive ``program`` until the op ``last`` accepts has run; return the op it asks for
+    next, for ``resume`` (a process stalled right there)."""
+    ops = q.store._sync_ops
+    op = next(program)
+    while True:
+        result = q.store.clock() if op.name == "now" else getattr(ops, op.name)(*op.args)
+        nxt = program.send(result)
+        if last(op):
+            return nxt
+        op = nxt
+
+
+def resume(q: AsyncFileQueue, program: Program[Any], op: Op) -> Any:
+    ops = q.store._sync_ops
+    while True:
+        result = q.store.clock() if op.name == "now" else getattr(ops, op.name)(*op.args)
+        try:
+            op = program.send(result)
+        except StopIteration as stop:
+            return stop.value
+
+
+async def test_a_writer_stalled_before_its_follow_up_never_makes_attempt_2_again(
+    base_dir: str,
+) -> None:
+    """Review finding: a holder stalls right after its retry outcome; the reaper makes
+    attempt 2 from the intent, it runs and is cleaned up; the holder wakes up and must not
+    make attempt 2 again (it would run twice)."""
+    clock = FakeClock()
+    q = queue(base_dir, clock)
+    await q.enqueue(Task(func="m:f", max_retries=2))
+    claimed = await q.dequeue("default")
+    assert claimed is not None
+    program = q._nack_program(claimed, "boom", 0.0, True)
+    stalled = step_until(q, program, lambda op: op.name == "create" and op.args[0].endswith(".x"))
+    clock.advance(q.clock_skew + 2)
+    await q.reap("default")  # the intent: attempt 2 is made for the stalled holder
+    again = await q.dequeue("default")
+    assert again is not None and again.attempt == 2
+    await q.ack(again)
+    for _ in range(3):  # attempts 1 and 2 are cleaned up
+        clock.advance(q.tombstone_ttl * 2)
+        await q.reap("default")
+    assert not await q.store.list("default/run")
+    resume(q, program, stalled)  # the holder wakes up
+    assert await drain(q, clock) == []
+
+
+async def test_an_old_intent_never_cleans_up_a_live_claim(base_dir: str) -> None:
+    """Review finding: a holder with a lease longer than tombstone_ttl dies between its
+    intent and its outcome. The intent ages past the ttl while the claim is live: the
+    clean-up of that leftover must not delete the claim (the task would vanish); once the
+    lease ends the task is taken over and runs again."""
+    clock = FakeClock()
+    q = queue(base_dir, clock)
+    task_id = await q.enqueue(Task(func="m:f", max_retries=2))
+    claimed = await q.dequeue("default", lease=q.tombstone_ttl * 10)
+    assert claimed is not None
+    crash_after(
+        q,
+        q._nack_program(claimed, "boom", 0.0, True),
+        lambda op: op.name == "write" and op.args[0].endswith(".i"),
+    )
+    clock.advance(q.tombstone_ttl + 10)
+    assert await q.reap("default") == []
+    info = await q.get_task(task_id)
+    assert (info.status, info.attempt) == (TaskStatus.RUNNING, 1)
+    clock.advance(q.tombstone_ttl * 10)
+    assert [c.id for c in await q.reap("default")] == [task_id]
+    assert [c.attempt for c in await drain(q, clock)] == [2]
+
+
 async def test_two_racing_cancels_have_one_winner(base_dir: str) -> None:
     """An exclusive create answered "exists" is taken as this call's own write when the
     stored bytes are its own: constant tombstones made a racing second cancel a winner too."""

@@ -54,7 +54,7 @@ class QueueInspection:
     if TYPE_CHECKING:
 
         def _quarantine(self, key: str, data: bytes, reason: BaseException) -> Program[None]: ...
-        def _follow_up(self, state: str, nxt: Task | None) -> Program[bool]: ...
+        def _follow_up(self, state: str, nxt: Task | None, since: float) -> Program[bool]: ...
 
     # -- inspection --------------------------------------------------------------------------
     async def _queues_for(self, queue: str | None) -> list[str]:
@@ -84,7 +84,7 @@ class QueueInspection:
                 for n in names
                 if (p := L.parse_run_name(n)) is not None
                 and p.task_id == task_id
-                and p.part != "i"  # an intent says nothing about where the task stands
+                and p.part not in ("i", "q")  # an intent says nothing about where it stands
             ]
         )
         if not attempts:
@@ -313,11 +313,11 @@ class QueueInspection:
             current = yield now()
             # Exclusive per dead attempt: two requeues of one dead letter make one attempt.
             # The intent first, as for an outcome (see _leases).
-            intent = L.intent_key(queue, task.id, task.attempt)
+            intent = L.intent_key(queue, task.id, task.attempt, requeue=True)
             yield write(intent, L.record(State.INTENT, current))
             data = L.record(State.REQUEUED, current, next=nxt)
             if (yield create(L.requeue_key(queue, task.id, task.attempt), data)):
-                if (yield from self._follow_up(State.REQUEUED, nxt)):
+                if (yield from self._follow_up(State.REQUEUED, nxt, current)):
                     yield from quietly(delete(intent))
                 count += 1
             yield delete(key)  # requeued now, or earlier by a call that died before this

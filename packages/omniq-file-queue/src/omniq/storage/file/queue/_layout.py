@@ -12,8 +12,9 @@
                                                  fence), exclusive create
     {queue}/run/{id}.{n}.x                       the attempt's one outcome, exclusive create
     {queue}/run/{id}.{n}.r                       a dead letter of attempt n requeued (once)
-    {queue}/run/{id}.{n}.i                       intent: a decision that makes attempt n+1
-                                                 (or the dead letter) is in flight
+    {queue}/run/{id}.{n}.i                       intent: an outcome that makes attempt n+1
+                                                 (or the dead letter) is being written
+    {queue}/run/{id}.{n}.q                       intent: a requeue of the dead letter of n
     {queue}/dead/{id}.json                       dead-lettered task with its last error
     {queue}/cancel/{id}.{n}                      cancel request for running attempt n
     {queue}/quarantine/{area}.{name}.{time}      unreadable files, moved aside
@@ -148,8 +149,9 @@ def requeue_key(queue: str, task_id: str, attempt: int) -> str:
     return f"{queue}/run/{task_id}.{attempt}.r"
 
 
-def intent_key(queue: str, task_id: str, attempt: int) -> str:
-    return f"{queue}/run/{task_id}.{attempt}.i"
+def intent_key(queue: str, task_id: str, attempt: int, requeue: bool = False) -> str:
+    """The intent of attempt n's outcome, or (``requeue``) of the requeue of its dead letter."""
+    return f"{queue}/run/{task_id}.{attempt}.{'q' if requeue else 'i'}"
 
 
 def dead_key(queue: str, task_id: str) -> str:
@@ -162,7 +164,7 @@ def cancel_key(queue: str, task_id: str, attempt: int) -> str:
 
 class RunName(NamedTuple):
     """A parsed ``run/`` name: attempt ``(task_id, attempt)`` and which record (``"json"``
-    for the claim, ``"x"``, ``"r"``, ``"i"``, or the epoch number as digits)."""
+    for the claim, ``"x"``, ``"r"``, ``"i"``, ``"q"``, or the epoch number as digits)."""
 
     task_id: str
     attempt: int
@@ -171,7 +173,7 @@ class RunName(NamedTuple):
 
 def parse_run_name(name: str) -> RunName | None:
     stem, _, part = name.rpartition(".")
-    if part != "json" and part not in ("x", "r", "i") and not part.isdigit():
+    if part != "json" and part not in ("x", "r", "i", "q") and not part.isdigit():
         return None
     parsed = split_id_attempt(stem)
     return None if parsed is None else RunName(parsed[0], parsed[1], part)

@@ -7,8 +7,9 @@ Every transition of an attempt is one exclusive create (README, "The attempt pro
 * its outcome is ``run/{id}.{n}.x`` -- ack, nack, release, cancel and a take-over all race
   for that one name, so an attempt has exactly one outcome; only its writer creates attempt
   n+1 or the dead letter (the record says which). Such a writer first writes the intent
-  ``run/{id}.{n}.i`` and deletes it once the follow-up exists: a writer that died (or
-  failed) in between leaves the intent, and the next reaper pass finishes its follow-up;
+  ``run/{id}.{n}.i`` (a requeue of the dead letter: ``.q``) and deletes it once the
+  follow-up exists: a writer that died, failed or stalled in between leaves the intent, and
+  the next reaper pass finishes its follow-up;
 * a heartbeat creates lease epoch ``run/{id}.{n}.{j+1}``; a reaper first creates that same
   epoch as a fence, so a heartbeat racing a take-over either lands first (the reaper then
   backs off) or fails with LeaseLostError, having extended nothing.
@@ -68,14 +69,14 @@ def _error_info(error: ErrorInfo | BaseException | str | None) -> ErrorInfo | No
 class Attempt:
     """The ``run/`` names of one attempt seen by a listing."""
 
-    __slots__ = ("claim", "epochs", "intent", "outcome", "requeued")
+    __slots__ = ("claim", "epochs", "intents", "outcome", "requeued")
 
     def __init__(self) -> None:
         self.claim: Entry | None = None
         self.epochs: dict[int, Entry] = {}
         self.outcome: Entry | None = None
         self.requeued: Entry | None = None
-        self.intent: Entry | None = None
+        self.intents: dict[bool, Entry] = {}  # requeue? -> its intent
 
     def add(self, part: str, entry: Entry) -> None:
         if part == "json":
@@ -84,8 +85,8 @@ class Attempt:
             self.outcome = entry
         elif part == "r":
             self.requeued = entry
-        elif part == "i":
-            self.intent = entry
+        elif part in ("i", "q"):
+            self.intents[part == "q"] = entry
         else:
             self.epochs[int(part)] = entry
 
@@ -94,12 +95,11 @@ class Attempt:
         return self.outcome is not None or self.requeued is not None
 
     def names(self) -> list[str]:
-        entries = [self.claim, *self.epochs.values(), self.outcome, self.requeued, self.intent]
-        return [e.name for e in entries if e is not None]
+        return [e.name for e in (self.claim, *self.records()) if e is not None]
 
     def records(self) -> list[Entry]:
         """Its entries other than the claim."""
-        entries = [*self.epochs.values(), self.outcome, self.requeued, self.intent]
+        entries = [*self.epochs.values(), self.outcome, self.requeued, *self.intents.values()]
         return [e for e in entries if e is not None]
 
 
@@ -173,16 +173,21 @@ class LeaseHandling:
             yield write(intent, L.record(State.INTENT, current))
         if not (yield from self.claims.decide(queue, task_id, attempt, record, current)):
             return False
-        if (yield from self._follow_up(state, nxt)) and nxt is not None:
+        if (yield from self._follow_up(state, nxt, current)) and nxt is not None:
             yield from quietly(delete(intent))
         return True
 
-    def _follow_up(self, state: str, nxt: Task | None) -> Program[bool]:
-        """Create what a won outcome promised: attempt n+1, or the dead letter. Idempotent. A
-        failure here is logged, not raised (False): the outcome stands, and the reaper redoes
-        this when it finds the intent left behind."""
+    def _follow_up(self, state: str, nxt: Task | None, since: float) -> Program[bool]:
+        """Create what a won decision (made at ``since``) promised: attempt n+1, or the dead
+        letter. Idempotent. A failure here is logged, not raised (False): the decision stands,
+        and the reaper redoes this when it finds the intent left behind. A writer that stalled
+        meanwhile leaves it to the reaper too: attempt n+1 may have been made, run and cleaned
+        up since, and must not be made again."""
         if nxt is None:
             return True
+        if (yield now()) > since + self.tombstone_ttl / 2:
+            log.warning("task %s: stalled before creating attempt %d; left", nxt.id, nxt.attempt)
+            return False
         try:
             if state == State.DEAD:
                 yield write(L.dead_key(nxt.queue, nxt.id), codec.encode(nxt))
@@ -213,24 +218,24 @@ class LeaseHandling:
             return True
         return bool((yield exists(L.requeue_key(nxt.queue, nxt.id, nxt.attempt))))
 
-    def _finish_intent(self, queue: str, task_id: str, attempt: int) -> Program[bool]:
-        """An intent left behind: finish the follow-up of the decision it announced (if
-        that decision was made), then remove it. True if the follow-up had to be redone."""
-        rec = None
-        for key in (L.requeue_key(queue, task_id, attempt), L.outcome_key(queue, task_id, attempt)):
-            data = yield read(key)
-            if data is not None:
-                rec = L.parse_outcome(data)
-                break
-        else:
-            return False  # undecided: its writer died first (a take-over decides) or is slow
-        redone = False
+    def _finish_intent(
+        self, queue: str, task_id: str, attempt: int, requeue: bool, current: float
+    ) -> Program[str]:
+        """An intent left behind: finish the follow-up of the decision it announced (if that
+        decision was made), then remove it. Returns ``"redone"``, ``"cleared"`` (nothing was
+        missing) or ``"left"`` (undecided, or the follow-up failed: the intent stays)."""
+        key = L.requeue_key if requeue else L.outcome_key
+        data = yield read(key(queue, task_id, attempt))
+        if data is None:
+            return "left"  # undecided: its writer died first (a take-over decides) or is slow
+        rec = L.parse_outcome(data)
+        status = "cleared"
         if rec is not None and rec.next is not None and not (yield from self._followed(rec)):
-            if not (yield from self._follow_up(rec.state, rec.next)):
-                return False  # the intent stays for the next pass
-            redone = True
-        yield from quietly(delete(L.intent_key(queue, task_id, attempt)))
-        return redone
+            if not (yield from self._follow_up(rec.state, rec.next, current)):
+                return "left"
+            status = "redone"
+        yield from quietly(delete(L.intent_key(queue, task_id, attempt, requeue)))
+        return status
 
     async def ack(self, claimed: Claimed) -> None:
         """The attempt succeeded: the task is done. Raises LeaseLostError after a take-over."""
@@ -408,19 +413,21 @@ class LeaseHandling:
         taken: list[Claimed] = []
         # While attempt n has an intent, attempt n+1 is not cleaned up: its claim is how
         # _finish_intent knows that n+1 exists, however late that runs.
-        announced = {key for key, names in attempts.items() if names.intent is not None}
+        announced = {key for key, names in attempts.items() if names.intents}
         for (task_id, attempt), names in attempts.items():
-            intent = names.intent
-            # An intent older than the skew was left by a writer that died or failed.
-            if (
-                intent is not None
-                and intent.mtime < current - self.clock_skew
-                and (yield from self._finish_intent(queue, task_id, attempt))
-            ):
-                log.warning("finished the follow-up of task %s attempt %d", task_id, attempt)
+            left = False  # an intent of this attempt stays
+            for requeue, intent in names.intents.items():
+                # An intent older than the skew was left by a writer that died or failed.
+                if intent.mtime >= current - self.clock_skew:
+                    left = True
+                    continue
+                status = yield from self._finish_intent(queue, task_id, attempt, requeue, current)
+                left = left or status == "left"
+                if status == "redone":
+                    log.warning("finished the follow-up of task %s attempt %d", task_id, attempt)
             if hash(f"{task_id}.{attempt}") in recent:
                 continue  # decided, and not old enough to clean up
-            held = (task_id, attempt - 1) in announced  # see `announced`
+            held = left or (task_id, attempt - 1) in announced  # see `announced`
             if names.decided:
                 if not held and (
                     yield from self._cleanable(queue, task_id, attempt, names, decided)
@@ -433,8 +440,12 @@ class LeaseHandling:
                 claimed = yield from self._take_over(queue, task_id, attempt, names, current)
                 if claimed is not None:
                     taken.append(claimed)
-            elif max(e.mtime for e in names.records()) < old:
-                spent.append((task_id, attempt, names))  # left by a partial clean-up
+            elif max(e.mtime for e in names.records()) < old and not (
+                yield exists(L.run_key(queue, task_id, attempt))
+            ):
+                # Left by a partial clean-up (the claim goes before the records). A claim
+                # younger than the listing's cut is live: its records are not touched.
+                spent.append((task_id, attempt, names))
         if spent:
             yield from self._clean_up(queue, spent)
         return taken
@@ -551,7 +562,7 @@ class LeaseHandling:
                     continue
             elif (yield from self._pending(rec.next)):
                 continue
-            yield from self._follow_up(rec.state, rec.next)
+            yield from self._follow_up(rec.state, rec.next, current)
             redone += 1
         markers = {
             (c.task_id, c.attempt)
