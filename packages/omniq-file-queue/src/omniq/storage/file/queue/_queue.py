@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 
 from omniq.core import codec
+from omniq.core._watch import DirWatch
 from omniq.core.errors import LeaseLostError, SerializationError, TaskCancelledError
 from omniq.core.fs import (
     Program,
@@ -80,6 +81,10 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
         lease: default seconds a claim lasts unless extended.
         poll_interval: first pause between empty polls when ``dequeue(wait=...)``; grows to
             ``max_poll_interval``.
+        watch: on a local directory under Linux, a waiting ``dequeue`` is woken by inotify
+            when a task or due marker is written, instead of at its next poll (the polls go
+            on as a fallback: changes made on another machine of a network mount are seen
+            only by polling). False: poll only.
         clock_skew: tolerated clock difference between workers; a lease is taken over only
             ``clock_skew`` seconds after it expired by the taker's clock.
         tombstone_ttl: how long finished attempts stay visible to ``get_task`` (and fence
@@ -109,6 +114,7 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
         spread: int = 8,
         fsync: bool = False,
         local_io: str | None = None,
+        watch: bool = True,
         on_event: EventHook | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
@@ -136,6 +142,8 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
         self._cache: dict[str, _Cache] = {}
         self._reaped: dict[str, float] = {}
         self._spawning: set[tuple[str, str, int]] = set()
+        self.watch = watch
+        self._watches: dict[tuple[str, ...], DirWatch | None] = {}
         # One claim strategy per store; each module carries its store's correctness argument.
         strategy = {"local": LinkClaims, "s3": S3Claims}.get(self.store.kind, DocumentClaims)
         self.claims: DocumentClaims = strategy(self.store, batch)
@@ -145,6 +153,10 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
         return f"AsyncFileQueue({self.store.url!r})"
 
     async def close(self) -> None:
+        for watch in self._watches.values():
+            if watch is not None:
+                watch.close()
+        self._watches.clear()
         if self.claims.pending:
             try:
                 await self.store.run(self.claims.flush())
@@ -253,6 +265,7 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
         worker = worker_id or self.worker_id
         deadline = time.monotonic() + max(0.0, wait)
         pause = self.poll_interval
+        watch = self._watch(names) if wait > 0 else None  # before the first look: no gap
         claimed: list[Claimed] = []
         while True:
             for name in names:
@@ -262,8 +275,22 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
             left = deadline - time.monotonic()
             if claimed or left <= 0:
                 return await self._fresh(claimed, seconds)
-            await anyio.sleep(min(pause, left))
+            if watch is not None and await watch.wait(min(pause, left)):
+                pause = self.poll_interval  # woken by a new file: look now
+                continue
+            if watch is None:
+                await anyio.sleep(min(pause, left))
             pause = min(pause * 1.5, self.max_poll_interval)
+
+    def _watch(self, names: list[str]) -> DirWatch | None:
+        """A wake-up on new ready tasks and due markers of ``names`` (a local directory on
+        Linux: inotify), else None: the caller polls. Kept for the queue's lifetime."""
+        key = tuple(names)
+        if key not in self._watches:
+            dirs = [f"{self.store.root}/{n}/{area}" for n in names for area in ("ready", "due")]
+            local = self.watch and self.store.kind == "local"
+            self._watches[key] = DirWatch.open(dirs) if local else None
+        return self._watches[key]
 
     async def _fresh(self, claims: list[Claimed], lease: float) -> list[Claimed]:
         """Claims with most of their lease left. A claim whose requests took long (retried
