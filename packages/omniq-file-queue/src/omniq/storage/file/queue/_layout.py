@@ -20,7 +20,7 @@
     {queue}/quarantine/{area}.{name}.{time}      unreadable files, moved aside
 
 Every transition of an attempt is the exclusive create of one of its ``run/`` names; the
-design and each store's argument are in the README ("The attempt protocol").
+design and each store's argument are in docs/design.md ("The attempt protocol").
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 takes over expired attempts and cleans up finished ones, and the repair pass. Mixed into
 ``AsyncFileQueue``; every operation is a storage program.
 
-Every transition of an attempt is one exclusive create (README, "The attempt protocol"):
+Every transition of an attempt is one exclusive create (docs/design.md, "The attempt protocol"):
 
 * its outcome is ``run/{id}.{n}.x`` -- ack, nack, release, cancel and a take-over all race
   for that one name, so an attempt has exactly one outcome; only its writer creates attempt
