@@ -1,19 +1,35 @@
 """The storage contract: what any OmniQ queue, result storage and event storage provides.
 
 The file storages implement these; a future backend (SQL, Redis, ...) implements the same
-abstract classes and works with the same worker.
+abstract classes and works with the same worker: ``AsyncWorker`` takes any object that has the
+shape of :class:`WorkerBackend` (a queue, optional result and event storages, ``emit`` and a
+``config`` with ``event_retention``) and calls nothing else.
+
+What a backend implements:
+
+* :class:`AsyncQueue`: the abstract methods, and the ``lease`` attribute (the default lease in
+  seconds). ``next_due``, ``repair`` and ``maintain`` have defaults (no delayed tasks known,
+  nothing to repair, no housekeeping); override them when the storage can do better. Without
+  ``next_due`` a burst worker stops while delayed tasks still wait.
+* :class:`AsyncResultStorage` and :class:`AsyncEventStorage` (both optional for a backend):
+  the abstract methods; ``maintain`` has a no-op default.
+* The backend object itself: see :class:`WorkerBackend`.
 """
 
 from __future__ import annotations
 
 import abc
+import os
+import socket
+import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
+from typing import Protocol
 
 from typing_extensions import Self
 
-from .errors import LeaseLostError
+from .errors import LeaseLostError, TaskCancelledError
 from .models import (
     Claimed,
     ErrorInfo,
@@ -48,6 +64,10 @@ class AsyncResource(abc.ABC):  # noqa: B024 - a mixin with optional close()
 
 class AsyncQueue(AsyncResource):
     """A task queue with leases: at-least-once delivery, one holder at a time."""
+
+    lease: float
+    """The default lease in seconds: what ``dequeue(lease=None)`` grants. Implementations set
+    it; a worker without its own ``lease`` uses it and heartbeats every third of it."""
 
     @abc.abstractmethod
     async def enqueue(self, task: Task) -> str:
@@ -155,6 +175,30 @@ class AsyncQueue(AsyncResource):
     async def requeue_dead(self, queue: str = "default", task_id: str | None = None) -> int:
         """Put dead-lettered tasks (one, or all) back as ready; returns how many."""
 
+    async def next_due(
+        self, queue: str = "default", after: datetime | None = None
+    ) -> datetime | None:
+        """When the earliest delayed or retrying task of ``queue`` (due after ``after``, if
+        given) comes due; None if there is none.
+
+        A burst worker asks it before stopping, so that it waits for a task due soon. This
+        default knows of none (None): a burst worker on such a queue stops once nothing is
+        ready, leaving delayed tasks for the next run."""
+        return None
+
+    async def repair(self, queue: str = "default") -> int:
+        """Redo what a process killed half-way through a change left undone; returns how
+        many steps it redid. The worker calls it every ``sweep_interval``. This default has
+        nothing to repair (a storage whose changes are atomic needs none): 0."""
+        return 0
+
+    async def maintain(self, *, sweep: bool = False) -> None:
+        """Housekeeping that belongs to this storage, beyond the contract's clean-ups. The
+        worker calls it every ``cleanup_interval`` with ``sweep=False`` and about every
+        ``sweep_interval`` with ``sweep=True`` (the expensive once-a-day work, such as
+        removing what a killed process left). Errors propagate (the worker logs them and
+        tries again at the next round). This default does nothing."""
+
 
 class AsyncResultStorage(AsyncResource):
     """Task results with expiry."""
@@ -186,6 +230,10 @@ class AsyncResultStorage(AsyncResource):
     async def cleanup_expired(self) -> int:
         """Delete expired results; returns how many."""
 
+    async def maintain(self, *, sweep: bool = False) -> None:
+        """Housekeeping that belongs to this storage (see ``AsyncQueue.maintain``); the worker
+        calls it before ``cleanup_expired``. This default does nothing."""
+
 
 class AsyncEventStorage(AsyncResource):
     """Task events, one document each."""
@@ -208,3 +256,76 @@ class AsyncEventStorage(AsyncResource):
     @abc.abstractmethod
     async def cleanup(self, older_than: datetime | timedelta) -> int:
         """Delete events older than a time (or an age); returns how many."""
+
+    async def maintain(self, *, sweep: bool = False) -> None:
+        """Housekeeping that belongs to this storage (see ``AsyncQueue.maintain``); the worker
+        calls it before ``cleanup``. This default does nothing."""
+
+
+# -- what a worker needs from a backend ------------------------------------------------------
+class WorkerSettings(Protocol):
+    """The settings a worker reads from ``backend.config``."""
+
+    @property
+    def event_retention(self) -> float | None:
+        """Seconds events are kept: the worker's clean-up deletes older ones (None: never)."""
+
+
+class WorkerBackend(Protocol):
+    """Everything ``AsyncWorker`` uses of a backend; any object of this shape works with it.
+
+    * ``queue``: where tasks are claimed (``dequeue``), heartbeated (``extend_lease``, whose
+      ``TaskCancelledError`` stops a running task), finished (``ack``/``nack``) or given back
+      (``release``); also ``lease``, ``next_due``, ``repair`` and ``maintain``.
+    * ``results``: where outcomes are stored (``set``) and expired ones dropped
+      (``cleanup_expired``, ``maintain``); None: results are not kept.
+    * ``events``: None turns events off; otherwise the worker records ``started``,
+      ``succeeded``, ``retried``, ``failed``, ``dead_lettered`` and ``cancelled`` through
+      ``emit`` and drops old ones (``cleanup``, ``maintain``).
+    * ``emit(event)``: record one event (only called when ``events`` is not None; must not
+      raise for storage trouble).
+    * ``config.event_retention``: see :class:`WorkerSettings`.
+
+    Optional, looked up with ``getattr``: ``schedules``, the file backend's schedule store;
+    without it a worker fires no schedules.
+    """
+
+    @property
+    def queue(self) -> AsyncQueue: ...
+
+    @property
+    def results(self) -> AsyncResultStorage | None: ...
+
+    @property
+    def events(self) -> AsyncEventStorage | None: ...
+
+    @property
+    def config(self) -> WorkerSettings: ...
+
+    async def emit(self, event: TaskEvent) -> None: ...
+
+
+def default_worker_id() -> str:
+    """A worker id unique to this process: ``host-pid-random``."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def cancelled_result(
+    task: Task, attempt: int, worker_id: str | None, started: datetime | None = None
+) -> TaskResult:
+    """The FAILURE result recorded for a cancelled task, so that waiters stop waiting. Both a
+    worker (a running task cancelled) and a backend's ``cancel`` (a pending one) write it."""
+    error = ErrorInfo(
+        type=f"{TaskCancelledError.__module__}.{TaskCancelledError.__qualname__}",
+        message=f"task {task.id} was cancelled",
+    )
+    return TaskResult(
+        task_id=task.id,
+        status=ResultStatus.FAILURE,
+        error=error,
+        attempt=attempt,
+        queue=task.queue,
+        func=task.func,
+        worker_id=worker_id,
+        started_at=started,
+    )

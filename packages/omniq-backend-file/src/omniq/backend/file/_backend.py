@@ -6,12 +6,12 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from typing_extensions import ParamSpec, Self
 
 from omniq.core.errors import ConfigurationError, NotFoundError
-from omniq.core.interfaces import AsyncResource
+from omniq.core.interfaces import AsyncResource, cancelled_result
 from omniq.core.models import (
     EventType,
     Task,
@@ -28,9 +28,7 @@ from omniq.storage.file.results import AsyncFileResultStorage
 from ._config import BackendConfig, resolve_config
 from ._functions import func_path
 from ._schedules import AsyncSchedules, Schedule, build_schedule, periodic_decorator
-
-if TYPE_CHECKING:
-    from ._worker import AsyncWorker
+from ._worker import AsyncWorker
 
 log = logging.getLogger("omniq.backend")
 P = ParamSpec("P")
@@ -46,6 +44,10 @@ class AsyncFileBackend(AsyncResource):
     (``queue_dir=``/``queue_options=``, ``results_dir=``, ``events_dir=``). Settings also come
     from ``config`` (a dict) and ``OMNIQ_*`` environment variables; precedence: keyword
     arguments > config > environment > defaults.
+
+    It has the shape of ``omniq.core.interfaces.WorkerBackend`` (``queue``, ``results``,
+    ``events``, ``emit``, ``config.event_retention``), which is all ``AsyncWorker`` uses of it,
+    plus ``schedules``, which a worker fires.
     """
 
     def __init__(
@@ -248,8 +250,6 @@ class AsyncFileBackend(AsyncResource):
         if not await self.queue.cancel(task_id, info.task.queue if info.task else None):
             return False
         if info.status in (TaskStatus.PENDING, TaskStatus.SCHEDULED) and info.task is not None:
-            from ._worker import cancelled_result
-
             if self.results is not None:
                 await self.results.set(cancelled_result(info.task, info.attempt or 1, None))
             await self.emit(
@@ -356,8 +356,6 @@ class AsyncFileBackend(AsyncResource):
         self, queues: Sequence[str] | str = ("default",), concurrency: int = 4, **options: Any
     ) -> AsyncWorker:
         """A worker running tasks from ``queues`` (see AsyncWorker for the options)."""
-        from ._worker import AsyncWorker
-
         return AsyncWorker(self, queues, concurrency, **options)
 
 

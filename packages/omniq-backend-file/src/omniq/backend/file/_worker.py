@@ -1,4 +1,7 @@
-"""The worker: claims tasks, runs them, records results and events, retries, heartbeats."""
+"""The worker: claims tasks, runs them, records results and events, retries, heartbeats.
+
+It is written against the storage contract only (``omniq.core.interfaces``): any backend of
+the shape of ``WorkerBackend`` works with it, the file backend being one of them."""
 
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from omniq.core.errors import (
     StorageError,
     TaskCancelledError,
 )
+from omniq.core.interfaces import WorkerBackend, cancelled_result, default_worker_id
+from omniq.core.maintenance import TEMP_FILE_AGE
 from omniq.core.models import (
     Claimed,
     ErrorInfo,
@@ -37,7 +42,6 @@ from omniq.core.models import (
     utcnow,
 )
 from omniq.core.names import validate_name
-from omniq.storage.file.queue import default_worker_id
 
 from ._functions import FunctionImportError, FunctionNotAllowedError, is_async, resolve
 from ._schedules import run_schedules
@@ -45,9 +49,9 @@ from ._schedules import run_schedules
 log = logging.getLogger("omniq.worker")
 log.addFilter(RedactFilter())  # storage errors may quote URLs; credentials never show
 
-# A temporary file is renamed or linked into place milliseconds after it is written; one this
-# old belongs to a process that was killed in between.
-TEMP_FILE_AGE = 3600
+# Kept importable from here: ``TEMP_FILE_AGE`` (now in omniq.core.maintenance, used by the
+# file storages' ``maintain``) and ``cancelled_result`` (now in omniq.core.interfaces).
+__all__ = ["TEMP_FILE_AGE", "AsyncWorker", "cancelled_result"]
 
 
 def _call_in_process(path: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -58,21 +62,27 @@ def _call_in_process(path: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
 class AsyncWorker:
     """Runs tasks from ``queues`` with at most ``concurrency`` at a time.
 
-    Async functions run on the event loop, plain functions in a thread pool, or in a process
-    pool with ``processes=N`` (for CPU-bound work). A task never holds a slot it does not
-    have: the worker claims only when a slot is free. Leases are extended every third of
-    their length while a task runs. On SIGINT/SIGTERM (or ``stop()``) it takes nothing new,
-    lets running tasks finish for ``grace`` seconds, then releases the rest so another worker
-    gets them at once.
+    ``backend`` is anything of the shape of ``omniq.core.interfaces.WorkerBackend``: a queue
+    (an ``AsyncQueue``), optional result and event storages, ``emit`` and
+    ``config.event_retention`` (an ``AsyncFileBackend``, or any other backend built on the
+    same abstract classes). Async functions run on the event loop, plain functions in a thread
+    pool, or in a process pool with ``processes=N`` (for CPU-bound work). A task never holds
+    a slot it does not have: the worker claims only when a slot is free. Leases are extended
+    every third of their length while a task runs. On SIGINT/SIGTERM (or ``stop()``) it takes
+    nothing new, lets running tasks finish for ``grace`` seconds, then releases the rest so
+    another worker gets them at once.
 
     Args:
         allow: if given, only functions whose path matches an entry run (exact
             ``"pkg.mod:func"`` or a module prefix ``"pkg.mod"``); others fail without retry.
+        lease: seconds of each claim (default: the queue's ``lease``); heartbeats every third.
         cleanup_interval: seconds between expiry clean-ups of results and events.
         sweep_interval: seconds (default a day, with 10 % jitter; None: never) between clean-ups
-            that also read every stored result (``cleanup_expired(sweep=True)``), the backstop
-            for results whose batched expiry marker a killed process never wrote, and remove
-            temporary files an hour old (left locally by a process killed mid-write).
+            that also run each storage's ``maintain(sweep=True)`` and the queue's ``repair``
+            of the worker's queues. On the file storages the sweep reads every stored result
+            (``cleanup_expired(sweep=True)``), the backstop for results whose batched expiry
+            marker a killed process never wrote, and removes temporary files an hour old
+            (left locally by a process killed mid-write).
         burst: stop once the queues stay empty for ``idle_timeout`` seconds (like
             ``rq worker --burst``) and no delayed or retrying task comes due within
             ``burst_horizon`` seconds (default 60).
@@ -81,7 +91,8 @@ class AsyncWorker:
             tasks finish. Without ``burst`` the worker keeps retrying through outages.
         schedules: fire the due ticks of the schedules (``base_dir/schedules``), read at most
             once per ``schedule_refresh`` seconds (default 1); False: this worker fires none
-            (``omniq worker --no-schedules``).
+            (``omniq worker --no-schedules``). Only for a backend that has ``schedules``
+            (the file backend); others fire none.
 
     ``run()`` raises the error that stopped the worker itself (``CapabilityError``,
     ``StorageError``, ...), never an exception group; other errors raised at the same time are
@@ -90,7 +101,7 @@ class AsyncWorker:
 
     def __init__(
         self,
-        backend: Any,
+        backend: WorkerBackend,
         queues: Sequence[str] | str = ("default",),
         concurrency: int = 4,
         *,
@@ -213,7 +224,7 @@ class AsyncWorker:
             if self.handle_signals and threading.current_thread() is threading.main_thread():
                 tg.start_soon(self._watch_signals)
             tg.start_soon(self._cleanup_loop)
-            if self.schedules:
+            if self.schedules and getattr(self.backend, "schedules", None) is not None:
                 tg.start_soon(run_schedules, self)
             idle_since: float | None = None
             failures = 0  # consecutive failed claims (storage trouble)
@@ -351,48 +362,29 @@ class AsyncWorker:
         return True
 
     async def cleanup(self) -> None:
-        """Drop expired results and old events (runs by itself every cleanup_interval); when
-        a sweep is due, also read every result, remove stale temporary files and run the
-        queue's ``repair``."""
+        """Drop expired results and old events (runs by itself every cleanup_interval): each
+        storage's ``maintain(sweep=...)``, then ``results.cleanup_expired()`` and
+        ``events.cleanup(event_retention)``. When a sweep is due (``sweep_interval``),
+        ``maintain`` gets ``sweep=True`` (on the file storages: read every result, remove
+        stale temporary files) and the queue's ``repair`` runs for each of the worker's
+        queues. An error is logged; the next round tries again."""
         try:
             sweep = self._sweep_due()
+            await self.queue.maintain(sweep=sweep)
             if sweep:
-                await self._sweep_temp()
                 for queue in self.queues:  # what a process killed between two writes left
                     if redone := await self.queue.repair(queue):
                         log.warning("repair redid %d interrupted step(s) in %s", redone, queue)
             if self.backend.results is not None:
-                await self.backend.results.cleanup_expired(sweep=sweep)
-            retention = self.backend.config.event_retention
-            if self.backend.events is not None and retention is not None:
-                from datetime import timedelta
-
-                await self.backend.events.cleanup(timedelta(seconds=retention))
+                await self.backend.results.maintain(sweep=sweep)
+                await self.backend.results.cleanup_expired()
+            if self.backend.events is not None:
+                await self.backend.events.maintain(sweep=sweep)
+                retention = self.backend.config.event_retention
+                if retention is not None:
+                    await self.backend.events.cleanup(timedelta(seconds=retention))
         except Exception:
             log.exception("expiry clean-up failed; will try again")
-
-    async def _sweep_temp(self) -> None:
-        parts = (self.queue, self.backend.results, self.backend.events)
-        stores = sorted((p.store for p in parts if p is not None), key=lambda s: len(s.root))
-        walked: list[Any] = []
-        for store in stores:
-            # Results and events usually live under the queue's directory: one walk covers them.
-            if any(
-                w.kind == store.kind and f"{store.root}/".startswith(f"{w.root.rstrip('/')}/")
-                for w in walked
-            ):
-                continue
-            walked.append(store)
-            removed = await store.sweep_temp(older_than=TEMP_FILE_AGE)
-            if removed:
-                log.warning(
-                    "removed %d temporary file(s) older than %d s under %s, left by a process "
-                    "killed while writing (first: %s)",
-                    len(removed),
-                    TEMP_FILE_AGE,
-                    store.url,
-                    removed[0],
-                )
 
     # -- one task ----------------------------------------------------------------------------
     async def _run_one(self, claimed: Claimed, slots: anyio.Semaphore) -> None:
@@ -609,23 +601,3 @@ def _first_error(group: BaseException) -> BaseException:
             if hasattr(first, "add_note"):
                 first.add_note(f"the worker also failed with {type(other).__name__}: {other}")
     return first
-
-
-def cancelled_result(
-    task: Any, attempt: int, worker_id: str | None, started: datetime | None = None
-) -> TaskResult:
-    """The FAILURE result recorded for a cancelled task, so that waiters stop waiting."""
-    error = ErrorInfo(
-        type=f"{TaskCancelledError.__module__}.{TaskCancelledError.__qualname__}",
-        message=f"task {task.id} was cancelled",
-    )
-    return TaskResult(
-        task_id=task.id,
-        status=ResultStatus.FAILURE,
-        error=error,
-        attempt=attempt,
-        queue=task.queue,
-        func=task.func,
-        worker_id=worker_id,
-        started_at=started,
-    )

@@ -28,6 +28,7 @@ class FileEventStorage(StorageTwin[AsyncFileEventStorage]):
     log = blocking(AsyncFileEventStorage.log)
     query = blocking(AsyncFileEventStorage.query)
     cleanup = blocking(AsyncFileEventStorage.cleanup)
+    maintain = blocking(AsyncFileEventStorage.maintain)
 
 
 __all__ = ["AsyncFileEventStorage", "FileEventStorage"]

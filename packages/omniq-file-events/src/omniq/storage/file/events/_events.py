@@ -19,6 +19,7 @@ from omniq.core.errors import SerializationError
 from omniq.core.fs import Program, Store, delete_many, listdir, listdirs, read_many, remove_dir
 from omniq.core.fs import write as write_op
 from omniq.core.interfaces import AsyncEventStorage
+from omniq.core.maintenance import sweep_temp_files
 from omniq.core.models import UTC, EventType, TaskEvent, ensure_utc
 from omniq.core.names import validate_name
 
@@ -95,6 +96,12 @@ class AsyncFileEventStorage(AsyncEventStorage):
 
     async def close(self) -> None:
         await self.store.aclose()
+
+    async def maintain(self, *, sweep: bool = False) -> None:
+        """With ``sweep``: remove the temporary files an hour old under this storage's
+        directory, left by a process killed while writing (local directories only)."""
+        if sweep:
+            await sweep_temp_files(self.store)
 
     # -- writing -----------------------------------------------------------------------------
     @staticmethod

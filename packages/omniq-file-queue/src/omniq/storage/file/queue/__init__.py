@@ -25,6 +25,7 @@ class FileQueue(StorageTwin[AsyncFileQueue]):
     extend_lease = blocking(AsyncFileQueue.extend_lease)
     reap = blocking(AsyncFileQueue.reap)
     repair = blocking(AsyncFileQueue.repair)
+    maintain = blocking(AsyncFileQueue.maintain)
     get_task = blocking(AsyncFileQueue.get_task)
     cancel = blocking(AsyncFileQueue.cancel)
     size = blocking(AsyncFileQueue.size)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-import socket
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -36,6 +34,8 @@ from omniq.core.fs import (
     write,
 )
 from omniq.core.interfaces import AsyncQueue
+from omniq.core.interfaces import default_worker_id as default_worker_id  # moved to core
+from omniq.core.maintenance import sweep_temp_files
 from omniq.core.models import (
     UTC,
     Claimed,
@@ -55,10 +55,6 @@ from ._leases import LeaseHandling
 log = logging.getLogger("omniq.queue")
 
 EventHook = Callable[[TaskEvent], Awaitable[None]]
-
-
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 class _Cache:
@@ -163,6 +159,12 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
             except Exception as exc:  # the next listing of any worker removes them
                 log.warning("could not finish deferred clean-up: %s", exc)
         await self.store.aclose()
+
+    async def maintain(self, *, sweep: bool = False) -> None:
+        """With ``sweep``: remove the temporary files an hour old under this queue's
+        directory, left by a process killed while writing (local directories only)."""
+        if sweep:
+            await sweep_temp_files(self.store)
 
     def _now(self) -> float:
         return self.store.clock()

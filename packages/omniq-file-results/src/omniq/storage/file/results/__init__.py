@@ -24,6 +24,7 @@ class FileResultStorage(StorageTwin[AsyncFileResultStorage]):
     delete = blocking(AsyncFileResultStorage.delete)
     list = blocking(AsyncFileResultStorage.list)
     cleanup_expired = blocking(AsyncFileResultStorage.cleanup_expired)
+    maintain = blocking(AsyncFileResultStorage.maintain)
     flush = blocking(AsyncFileResultStorage.flush)
 
 

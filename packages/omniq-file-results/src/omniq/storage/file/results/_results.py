@@ -35,6 +35,7 @@ from omniq.core.fs import (
     write,
 )
 from omniq.core.interfaces import AsyncResultStorage
+from omniq.core.maintenance import sweep_temp_files
 from omniq.core.models import SCHEMA_VERSION, UTC, ErrorInfo, ResultStatus, TaskResult
 from omniq.core.names import validate_name
 
@@ -386,6 +387,15 @@ class AsyncFileResultStorage(AsyncResultStorage):
             return False
         yield delete(key)  # its expiry marker, if any, goes at the next cleanup_expired
         return True
+
+    async def maintain(self, *, sweep: bool = False) -> None:
+        """With ``sweep``: remove the temporary files an hour old under this storage's
+        directory (left by a process killed while writing), then ``cleanup_expired(sweep=True)``
+        (reads every stored result: the backstop for results whose expiry marker was never
+        written). The worker runs it every ``sweep_interval``."""
+        if sweep:
+            await sweep_temp_files(self.store)
+            await self.cleanup_expired(sweep=True)
 
     async def cleanup_expired(self, *, sweep: bool = False) -> int:
         """Delete expired results; returns how many.
