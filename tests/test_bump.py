@@ -50,12 +50,17 @@ bump = _load_tool("bump")
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    """A scratch repo holding a copy of packages/ (manifests, sources, changelogs)."""
+    """A scratch repo holding a copy of packages/ (manifests, sources, changelogs), with
+    every changelog's Unreleased section emptied: the tests add the entries they need, so
+    they do not depend on what the real changelogs hold today."""
     shutil.copytree(
         ROOT / "packages",
         tmp_path / "packages",
         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "dist", "build", ".*"),
     )
+    for log in (tmp_path / "packages").glob("*/CHANGELOG.md"):
+        head, _, rest = log.read_text("utf-8").partition("## Unreleased\n")
+        log.write_text(f"{head}## Unreleased\n\n## {rest.split(chr(10) + '## ', 1)[1]}")
     return tmp_path
 
 
@@ -225,10 +230,11 @@ def test_hatchling_reads_the_single_source(repo: Path) -> None:
 
 
 def test_bump_file_queue(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _add_entry(repo, "omniq-file-queue", "An intent file before every spawning outcome.")
     before = _snapshot(repo)
     old_queue_log = _changelog(repo, "omniq-file-queue")
     entries = _unreleased(old_queue_log)
-    assert "intent file" in entries
+    assert entries == "- An intent file before every spawning outcome."
 
     assert _run(repo, "omniq-file-queue", "0.2.0", "--date", "2026-12-24") == 0
     out = capsys.readouterr().out
