@@ -25,6 +25,8 @@ SECRET_KEY = "PLANTED-KEY-456"
 SECRET_OPTIONS = json.dumps({"key": SECRET_KEY, "secret": SECRET})
 SUBCOMMANDS = ("worker", "enqueue", "status", "result", "events", "dead")
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIQ_")}
@@ -416,7 +418,7 @@ def test_worker_stops_gracefully_on_sigterm(cli, base, tmp_path):
 def test_demo(tmp_path):
     began = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "omniq.backend.file.demo", "--dir", str(tmp_path / "demo")],
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "--dir", str(tmp_path / "demo")],
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,7 +1,7 @@
-"""Task functions of ``python -m omniq.backend.file.demo``.
+"""Task functions of ``examples/demo.py``.
 
-A worker imports tasks by path (``"omniq.backend.file.demo_tasks:fibonacci"``), so they live at
-module level in an importable module, like your own tasks would.
+A worker imports tasks by path (``"demo_tasks:fibonacci"``), so they live at module level in
+an importable module, like your own tasks would.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""OmniQ in one command: ``hatch run demo`` (``python -m omniq.backend.file.demo [--dir PATH]``).
+"""OmniQ in one command: ``hatch run demo`` (``python examples/demo.py [--dir PATH]``).
 
 Queues a few dozen real tasks in a local directory -- plain and async functions, a delayed
 task, one that fails once and succeeds on its retry, one that times out and one that always
@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from omniq.backend.file import FileBackend, demo_tasks
+import demo_tasks  # beside this script: a worker imports tasks by path, like yours
+
+from omniq.backend.file import FileBackend
+from omniq.backend.file._cli_format import clip, fmt_error, fmt_time, table
+from omniq.backend.file._schedules import tick_task_id
 from omniq.core.models import UTC, EventType, TaskResult, TaskStatus, utcnow
 from omniq.storage.file.events import FileEventStorage
-
-from ._cli_format import clip, fmt_error, fmt_time, table
-from ._schedules import tick_task_id
 
 DELAY = 2.0  # seconds the delayed task waits
 DEADLINE = 45.0  # the worker is stopped after this many seconds whatever happens
