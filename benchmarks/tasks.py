@@ -9,3 +9,10 @@ def noop(*args: object) -> None:
 
 async def anoop(*args: object) -> None:
     """Async twin of :func:`noop` (runs on the worker's event loop, no thread hop)."""
+
+
+def stamp(*args: object) -> float:
+    """Returns ``time.time()`` when it starts: the pick-up benchmark's clock on the worker."""
+    import time
+
+    return time.time()
