@@ -66,6 +66,22 @@ async def test_directories_created_later_are_watched(tmp_path: Path) -> None:
         watch.close()
 
 
+async def test_a_directory_and_its_subdirectory_created_at_once(tmp_path: Path) -> None:
+    """Found by the pickup benchmark: ``ready/`` and ``ready/p0999/`` both appeared before
+    the watch read its events; the priority directory was never watched, so the waiter
+    fell back to polling for good."""
+    ready = tmp_path / "ready"
+    watch = _watch([ready])
+    try:
+        (ready / "p0999").mkdir(parents=True)
+        assert await watch.wait(NEVER) is True  # the parent's event
+        (ready / "p0999" / "t.1.json").write_bytes(b"{}")
+        with anyio.fail_after(5):
+            assert await watch.wait(NEVER) is True
+    finally:
+        watch.close()
+
+
 async def test_an_idle_dequeue_is_woken_by_an_enqueue(tmp_path: Path) -> None:
     base = str(tmp_path / "store")
     consumer = AsyncFileQueue(base, poll_interval=NEVER, max_poll_interval=NEVER)

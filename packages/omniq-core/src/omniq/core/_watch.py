@@ -13,7 +13,6 @@ import ctypes
 import errno
 import logging
 import os
-import struct
 import sys
 
 import anyio
@@ -24,8 +23,6 @@ _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = 0o2000000
 _IN_MOVED_TO = 0x00000080
 _IN_CREATE = 0x00000100
-_IN_ISDIR = 0x40000000
-_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len (struct inotify_event)
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -75,17 +72,16 @@ class DirWatch:
         return True
 
     def _arm(self) -> None:
-        """Watch every wanted directory that exists (and its subdirectories), else its
-        nearest existing parent, whose changes re-arm this."""
+        """Watch every wanted directory that exists and its subdirectories (priority
+        directories appear at any time), else its nearest existing parent, whose events
+        re-arm this. Runs after every read of events."""
         watching = set(self._watched.values())
         for path in self._wanted:
-            if path in watching:
-                continue
-            if self._add(path):
+            if path in watching or self._add(path):
                 try:
                     with os.scandir(path) as entries:
                         subdirs = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
-                except OSError:  # removed meanwhile: the parent's watch re-arms this
+                except OSError:  # removed meanwhile: its parent's watch re-arms this
                     subdirs = []
                 for sub in subdirs:
                     if sub not in watching:
@@ -98,29 +94,22 @@ class DirWatch:
                 self._add(parent)
 
     def _drain(self) -> bool:
-        """Read pending events; True if there were any."""
+        """Read pending events; True if there were any. What they were does not matter: the
+        waiter looks at the directories anyway."""
         seen = False
         while True:
             try:
-                data = os.read(self._fd, 65536)
+                os.read(self._fd, 65536)
             except BlockingIOError:
-                return seen
+                break
             except OSError as exc:
                 if exc.errno == errno.EINTR:
                     continue
                 raise
             seen = True
-            offset = 0
-            while offset < len(data):
-                wd, mask, _, size = _HEADER.unpack_from(data, offset)
-                name = data[offset + _HEADER.size : offset + _HEADER.size + size].rstrip(b"\0")
-                offset += _HEADER.size + size
-                parent = self._watched.get(wd)
-                if mask & _IN_ISDIR and parent is not None:
-                    path = os.path.join(parent, os.fsdecode(name))
-                    if parent in self._wanted or path in self._wanted:
-                        self._add(path)
+        if seen:
             self._arm()
+        return seen
 
     async def wait(self, timeout: float) -> bool:
         """Wait until something was created in a watched directory (True), or ``timeout``
