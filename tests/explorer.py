@@ -37,8 +37,9 @@ from typing import Any, NamedTuple, TypeVar
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from omniq.core._local import LocalOps
-from omniq.core._ops import FsspecOps, Ops
+from omniq.core._fsspec_ops import FsspecOps
+from omniq.core._local_ops import LocalOps
+from omniq.core._ops_protocol import Ops
 from omniq.core.fs import Op, Program, Store, _as_storage_error, _drive
 
 START_TIME = 1_800_000_000.0

@@ -518,7 +518,7 @@ def store(request, tmp_path):
 @pytest.mark.anyio
 async def test_store_basics(store: Store) -> None:
     assert await store.read("q/a.json") is None
-    assert await store.list("q") == [] and await store.list_dirs("") == []
+    assert await store.listdir("q") == [] and await store.listdirs("") == []
     assert await store.exists("q/a.json") is False
 
     assert await store.create("q/a.json", b"first") is True
@@ -534,15 +534,15 @@ async def test_store_basics(store: Store) -> None:
         await store.write(f"q/{name}", name.encode())
     for d in ("zeta", "alpha", "mid"):
         await store.write(f"dirs/{d}/x", b"")
-    assert await store.list("q") == sorted(
+    assert await store.listdir("q") == sorted(
         ["0.json", "A.json", "a.json", "b.json", "c.json", "new.json"]
     )
-    detail = await store.list_detail("q")
-    assert [e.name for e in detail] == await store.list("q")
+    detail = await store.listdir("q", detail=True)
+    assert [e.name for e in detail] == await store.listdir("q")
     assert {e.name: e.size for e in detail}["a.json"] == len(b"replaced")
-    assert await store.list_dirs("dirs") == ["alpha", "mid", "zeta"]
-    assert await store.list_dirs("") == ["dirs", "q"]
-    assert await store.list("dirs") == []  # only files directly under the prefix
+    assert await store.listdirs("dirs") == ["alpha", "mid", "zeta"]
+    assert await store.listdirs("") == ["dirs", "q"]
+    assert await store.listdir("dirs") == []  # only files directly under the prefix
 
     got = await store.read_many(["q/a.json", "q/missing.json", "q/b.json"])
     assert got == {"q/a.json": b"replaced", "q/missing.json": None, "q/b.json": b"b.json"}
@@ -550,9 +550,9 @@ async def test_store_basics(store: Store) -> None:
     assert await store.delete("q/a.json") is True
     assert await store.delete("q/a.json") is False
     assert await store.read("q/a.json") is None
-    assert "a.json" not in await store.list("q")
+    assert "a.json" not in await store.listdir("q")
     await store.delete_many(["q/b.json", "q/c.json"])
-    assert await store.list("q") == ["0.json", "A.json", "new.json"]
+    assert await store.listdir("q") == ["0.json", "A.json", "new.json"]
     await store.probe_exclusive_create()
     await store.aclose()
 
@@ -573,7 +573,7 @@ async def test_store_local_failure_is_storage_error_with_cause(tmp_path) -> None
 
 @pytest.mark.anyio
 async def test_store_transient_failures_are_retried_then_wrapped(monkeypatch) -> None:
-    from omniq.core import _ops
+    from omniq.core import _fsspec_ops as _ops
 
     monkeypatch.setattr(_ops, "_backoff", lambda attempt: 0.0)
     store = Store(f"memory://omniq-core-{uuid.uuid4().hex}")

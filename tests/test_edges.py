@@ -28,9 +28,9 @@ from omniq.core import (
     ConfigurationError,
     RedactFilter,
     StorageError,
-    _ops,
     redact_logs,
 )
+from omniq.core import _fsspec_ops as _ops
 from omniq.core.fs import Store
 
 if sys.version_info < (3, 11):

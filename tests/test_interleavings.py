@@ -180,7 +180,7 @@ def fenced_writes(scene: Scene, state: State) -> list[str]:
     assert scene.holder is not None
     h = scene.holder
     mine = []
-    for name in scene.world.ops.ls(f"{Q}/run", False):
+    for name in scene.world.ops.listdir(f"{Q}/run", False):
         parsed = L.parse_run_name(name)
         if parsed is None or (parsed.task_id, parsed.attempt) != (h.id, h.attempt):
             continue

@@ -230,7 +230,7 @@ async def test_without_hard_links_no_half_written_file_is_visible(
 ) -> None:
     """Problem 5: the O_EXCL fallback (no hard links) must never show a created file before
     it is complete: a claimer reading it empty would quarantine the task."""
-    from omniq.core._local import LocalOps
+    from omniq.core._local_ops import LocalOps
 
     ops = LocalOps(str(tmp_path))
     ops._link_ok = False
@@ -449,7 +449,7 @@ async def test_a_follow_up_cut_short_is_finished_by_the_next_reaper_pass(
     again = await q.dequeue("default")
     assert again is not None and (again.id, again.attempt) == (task_id, 2)
     await q.ack(again)
-    names = await q.store.list("default/run")
+    names = await q.store.listdir("default/run")
     assert not [n for n in names if n.endswith(".i")], names  # the intent is gone
     assert await drain(q, clock) == []  # attempt 2 is never made twice
 
@@ -526,7 +526,7 @@ async def test_a_writer_stalled_before_its_follow_up_never_makes_attempt_2_again
     for _ in range(3):  # attempts 1 and 2 are cleaned up
         clock.advance(q.tombstone_ttl * 2)
         await q.reap("default")
-    assert not await q.store.list("default/run")
+    assert not await q.store.listdir("default/run")
     resume(q, program, stalled)  # the holder wakes up
     assert await drain(q, clock) == []
 

@@ -234,7 +234,7 @@ async def test_s3_defers_and_batches_the_ready_copy_deletes(storage) -> None:
         ready = "default/ready/p0999"
         claimed = await q1.dequeue_many(2)
         assert len(claimed) == 2
-        assert len(await q1.store.list(ready)) == 3  # the copies wait for the batch
+        assert len(await q1.store.listdir(ready)) == 3  # the copies wait for the batch
         gets: list[str] = []
         real_read = q2._claim_program
 
@@ -247,7 +247,7 @@ async def test_s3_defers_and_batches_the_ready_copy_deletes(storage) -> None:
         assert third is not None and third.id not in {c.id for c in claimed}
         assert gets == [third.id]  # the claimed ones were never tried
         # q2's listing deleted q1's spent copies; its own claim's copy waits for its batch.
-        assert await q1.store.list(ready) == [f"{third.id}.1.json"]
+        assert await q1.store.listdir(ready) == [f"{third.id}.1.json"]
         await q1.ack_many(claimed)
         await q2.ack(third)
         assert (await q1.size()).ready == 1  # q2's pending copy counts until q2 lists again
@@ -256,7 +256,7 @@ async def test_s3_defers_and_batches_the_ready_copy_deletes(storage) -> None:
         await q3.enqueue(Task(func="m:f"))
         got = await q3.dequeue()
         assert got is not None
-    assert await q3.store.list(ready) == []  # close() sent the pending delete
+    assert await q3.store.listdir(ready) == []  # close() sent the pending delete
 
 
 async def test_extend_lease_keeps_the_task(storage) -> None:
@@ -339,7 +339,7 @@ async def test_corrupt_file_is_quarantined_and_good_tasks_run(storage) -> None:
         got = await drain(q)
         assert [c.id for c in got] == [good.id]
         assert await q.store.read(bad_key) is None
-        kept = await q.store.list("default/quarantine")
+        kept = await q.store.listdir("default/quarantine")
         assert len(kept) == 1
         assert await q.store.read(f"default/quarantine/{kept[0]}") == b'{"v": 1, "func": trunc'
 
@@ -359,7 +359,7 @@ async def test_future_schema_version_is_left_for_newer_workers(storage) -> None:
         assert claimed is not None and claimed.id == good.id
         assert await q.dequeue() is None
         assert await q.store.read(key) == raw
-        assert await q.store.list("default/quarantine") == []
+        assert await q.store.listdir("default/quarantine") == []
 
 
 @pytest.mark.parametrize(

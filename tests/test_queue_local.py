@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from omniq.core import ConfigurationError, LeaseLostError, Task, TaskStatus, codec
-from omniq.core._local import LocalOps
+from omniq.core._local_ops import LocalOps
+from omniq.core.fs import TakeResult, TakeStatus
 from omniq.core.models import Claimed
 from omniq.storage.file.queue import AsyncFileQueue, FileQueue
 from queue_helpers import FakeClock
@@ -172,13 +173,13 @@ def test_take_reports_gone_and_taken(tmp_path: Path) -> None:
     ops = LocalOps(str(tmp_path))
     (tmp_path / "a").write_bytes(b"x" * 40)
     (tmp_path / "b").write_bytes(b"y" * 40)
-    assert ops.take("missing", "run/m", 1.0, "w") is None
-    ino = ops.take("a", "run/a", 1234.0, "w")
-    assert isinstance(ino, int) and ino == (tmp_path / "run" / "a").stat().st_ino
+    assert ops.take("missing", "run/m", 1.0, "w") == TakeResult(TakeStatus.GONE)
+    status, ino = ops.take("a", "run/a", 1234.0, "w")
+    assert status is TakeStatus.TAKEN and ino == (tmp_path / "run" / "a").stat().st_ino
     assert not (tmp_path / "a").exists()
     assert (tmp_path / "run" / "a").stat().st_mtime == 1234.0
     (tmp_path / "a2").write_bytes(b"z" * 40)
-    assert ops.take("a2", "run/a", 1.0, "w") is False  # exclusive: the claim exists
+    assert ops.take("a2", "run/a", 1.0, "w").status is TakeStatus.EXISTS  # the claim exists
     assert (tmp_path / "a2").exists()  # the loser's copy is left to its caller
     assert ops.stat("run/a") is not None and ops.stat("nope") is None
     assert ops.touch("run/a", 99.0) and (tmp_path / "run" / "a").stat().st_mtime == 99.0
@@ -200,7 +201,7 @@ def test_take_restamps_after_a_racing_loser(tmp_path: Path, monkeypatch) -> None
             os.setxattr(src, "user.omniq.owner", b"loser")
 
     monkeypatch.setattr(os, "link", link_then_loser_stamps)
-    assert isinstance(ops.take("a", "run/a", 1234.0, "winner"), int)
+    assert ops.take("a", "run/a", 1234.0, "winner").status is TakeStatus.TAKEN
     assert (tmp_path / "run" / "a").stat().st_mtime == 1234.0
     assert ops.owner("run/a") in ("winner", None)
 
@@ -208,7 +209,7 @@ def test_take_restamps_after_a_racing_loser(tmp_path: Path, monkeypatch) -> None
 def test_take_refuses_a_leftover_tombstone(tmp_path: Path) -> None:
     ops = LocalOps(str(tmp_path))
     (tmp_path / "a").write_bytes(b"done")
-    assert ops.take("a", "run/a", 1.0, "w", min_size=17) is False
+    assert ops.take("a", "run/a", 1.0, "w", min_size=17).status is TakeStatus.EXISTS
     assert not (tmp_path / "a").exists()
     assert (tmp_path / "run" / "a").read_bytes() == b"done"  # stays a tombstone
 

@@ -196,7 +196,7 @@ def test_enqueue_killed_mid_write_leaves_no_garbage(local_storage, tmp_path: Pat
                     assert len(c.task.args[0]) == 200_000
                     await q.ack(c)
                     n += 1
-                assert await q.store.list("default/quarantine") == []
+                assert await q.store.listdir("default/quarantine") == []
                 return n
 
         assert asyncio.run(check()) > 0

@@ -26,7 +26,7 @@ from omniq.core.sync import run_sync
 
 def _count_results(backend: FileBackend) -> int:
     store = backend.async_api.results.store
-    names = run_sync(lambda: store.list("results"))
+    names = run_sync(lambda: store.listdir("results"))
     return sum(1 for n in names if n.endswith(".json"))
 
 
@@ -140,9 +140,9 @@ def _chaos(
         assert not bad, f"tasks without a correct SUCCESS result: {list(bad.items())[:10]}"
         size = run_sync(lambda: queue.size())
         assert (size.ready, size.scheduled, size.running, size.dead) == (0, 0, 0, 0), size
-        assert run_sync(lambda: queue.store.list("default/quarantine")) == []
+        assert run_sync(lambda: queue.store.listdir("default/quarantine")) == []
         results_store = backend.async_api.results.store
-        assert run_sync(lambda: results_store.list("results/_quarantine")) == []
+        assert run_sync(lambda: results_store.listdir("results/_quarantine")) == []
 
         # --- a task ran twice only because a worker that ran (or held) it was killed
         runs = _read_runs(records)
@@ -191,7 +191,7 @@ def _where(backend: FileBackend, ids: list[str]) -> str:
     to be diagnosed from the CI log alone."""
     queue = backend.async_api.queue
     missing = [i for i in ids if backend.result(i) is None][:5]
-    names = run_sync(lambda: queue.store.list("default/run"))
+    names = run_sync(lambda: queue.store.listdir("default/run"))
     shown = []
     for task_id in missing:
         mine = sorted(n for n in names if n.startswith(f"{task_id}."))

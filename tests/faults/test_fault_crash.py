@@ -124,9 +124,9 @@ async def _drain(base: Path) -> dict[str, Any]:
         stats = await worker.run()
         results = await backend.results.list()
         size = await backend.queue.size()
-        sched = await backend.queue.store.list("default/sched")
-        quarantine = await backend.queue.store.list("default/quarantine")
-        result_quarantine = await backend.results.store.list("results/_quarantine")
+        sched = await backend.queue.store.listdir("default/sched")
+        quarantine = await backend.queue.store.listdir("default/quarantine")
+        result_quarantine = await backend.results.store.listdir("results/_quarantine")
         events = await backend.events.query()
     return {
         "stats": stats,

@@ -114,7 +114,7 @@ def _proxied(kind: str, emulator: Any, proxy: FaultProxy) -> dict[str, Any]:
 
 def _count_results(backend: FileBackend) -> int:
     store = backend.async_api.results.store
-    names = run_sync(lambda: store.list("results"))
+    names = run_sync(lambda: store.listdir("results"))
     return sum(1 for n in names if n.endswith(".json"))
 
 
@@ -194,7 +194,7 @@ def _traces(backend: FileBackend, task_id: str) -> str:
     store = backend.async_api.queue.store
     found = []
     for area in ("default/ready/p0999", "default/run", "default/sched", "default/dead"):
-        names = run_sync(lambda area=area: store.list(area))
+        names = run_sync(lambda area=area: store.listdir(area))
         for name in names:
             if name.startswith(f"{task_id}."):
                 data = run_sync(lambda area=area, name=name: store.read(f"{area}/{name}"))
@@ -426,8 +426,8 @@ def _network_faults(kind: str, emulator: Any, tmp_path: Path, records: Path) -> 
         queue = watch.async_api.queue
         size = run_sync(lambda: queue.size())
         assert (size.ready, size.scheduled, size.running, size.dead) == (0, 0, 0, 0), size
-        assert run_sync(lambda: queue.store.list("default/quarantine")) == []
-        assert run_sync(lambda: watch.async_api.results.store.list("results/_quarantine")) == []
+        assert run_sync(lambda: queue.store.listdir("default/quarantine")) == []
+        assert run_sync(lambda: watch.async_api.results.store.listdir("results/_quarantine")) == []
         for name, text in worker_logs.text.items():
             assert "Traceback" not in text, f"{name}:\n{text[-3000:]}"
 

@@ -128,7 +128,9 @@ def test_s3_secret_never_leaks(
             seen.add(f"stored {path}", data.decode("utf-8", "replace"))
 
     # failing configurations: a bucket that does not exist, an endpoint nobody listens on
-    monkeypatch.setattr("omniq.core._ops.RETRIES", 1)  # fail fast; retries are tested elsewhere
+    monkeypatch.setattr(
+        "omniq.core._fsspec_ops.RETRIES", 1
+    )  # fail fast; retries are tested elsewhere
     missing = s3_emulator.url("x").replace("omniq-test", f"no-such-bucket-{uuid.uuid4().hex}")
     with FileBackend(missing, options) as backend:
         assert isinstance(
@@ -164,7 +166,7 @@ def test_azure_account_key_never_leaks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    monkeypatch.setattr("omniq.core._ops.RETRIES", 1)
+    monkeypatch.setattr("omniq.core._fsspec_ops.RETRIES", 1)
     secret = _canary()
     key = base64.b64encode(secret.encode()).decode()
     endpoint = azure_emulator.endpoint

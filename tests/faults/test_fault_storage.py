@@ -16,7 +16,7 @@ import pytest
 
 from omniq.backend.file import FileBackend
 from omniq.core import ResultStatus, StorageError
-from omniq.core._ops import AsyncFsspecOps, FsspecOps
+from omniq.core._fsspec_ops import AsyncFsspecOps, FsspecOps
 from omniq.core.fs import Store
 
 # --------------------------------------------------------------------------- exclusive create
@@ -175,8 +175,8 @@ def _check_all_done(backend: FileBackend, ids: list[str], records: Path) -> None
     queue = backend.async_api.queue
     size = _run(queue.size())
     assert (size.ready, size.scheduled, size.running, size.dead) == (0, 0, 0, 0), size
-    assert _run(queue.store.list("default/quarantine")) == []
-    assert _run(backend.async_api.results.store.list("results/_quarantine")) == []
+    assert _run(queue.store.listdir("default/quarantine")) == []
+    assert _run(backend.async_api.results.store.listdir("results/_quarantine")) == []
     assert set(_runs(records)) == set(ids)
 
 

@@ -30,7 +30,7 @@ import types
 import uuid
 import weakref
 from collections.abc import Callable, Generator, Iterable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 import anyio
 import anyio.to_thread
@@ -40,11 +40,14 @@ from fsspec.core import split_protocol
 from fsspec.implementations.dirfs import DirFileSystem
 
 from . import _redact
-from ._local import CANNOT_TAKE as CANNOT_TAKE
-from ._local import LocalOps
-from ._local import Stat as Stat
-from ._ops import AsyncFsspecOps, FsspecOps, Ops
-from ._ops import Entry as Entry
+from ._fsspec_ops import AsyncFsspecOps, FsspecOps
+from ._local_ops import LocalOps
+from ._ops_protocol import Entry as Entry
+from ._ops_protocol import LocalOnlyOps as LocalOnlyOps
+from ._ops_protocol import Ops as Ops
+from ._ops_protocol import Stat as Stat
+from ._ops_protocol import TakeResult as TakeResult
+from ._ops_protocol import TakeStatus as TakeStatus
 from .errors import (
     CapabilityError,
     ConfigurationError,
@@ -58,6 +61,9 @@ R = TypeVar("R")
 
 
 class Op(NamedTuple):
+    """One request of a program: ``name`` is the constructor that built it and the method of
+    the ops object (``Ops``, ``LocalOnlyOps``) that runs it."""
+
     name: str
     args: tuple[Any, ...]
 
@@ -116,7 +122,7 @@ def listdir(prefix: str, detail: bool = False, keep: Callable[[Entry], bool] | N
     With ``keep`` (used with ``detail=True`` only; ignored otherwise), only the entries it
     accepts are returned; a local directory applies it while scanning, so a large directory
     is never held in memory."""
-    return Op("ls", (prefix, detail, keep))
+    return Op("listdir", (prefix, detail, keep))
 
 
 def count(prefix: str, min_size: int = 0) -> Op:
@@ -127,18 +133,18 @@ def count(prefix: str, min_size: int = 0) -> Op:
 def listhead(prefix: str, limit: int) -> Op:
     """The first ``limit`` file names under ``prefix`` in sorted order. On S3 this is one
     LIST request whatever the number of keys; elsewhere a full listing, sliced."""
-    return Op("ls_head", (prefix, limit))
+    return Op("listhead", (prefix, limit))
 
 
 def listafter(prefix: str, after: str, limit: int) -> Op:
     """Up to ``limit`` file names under ``prefix`` sorting after ``after``, in order. On S3
     one LIST request (``StartAfter``); elsewhere a full listing, filtered."""
-    return Op("ls_after", (prefix, after, limit))
+    return Op("listafter", (prefix, after, limit))
 
 
 def listdirs(prefix: str) -> Op:
     """Sorted names of the sub-directories directly under ``prefix``."""
-    return Op("list_dirs", (prefix,))
+    return Op("listdirs", (prefix,))
 
 
 def exists(key: str) -> Op:
@@ -157,9 +163,10 @@ def remove_dir(prefix: str) -> Op:
 def take(src: str, dst: str, mtime: float, owner: str, min_size: int = 0) -> Op:
     """Local directories only (``Store.can_take``): claim the file ``src`` as ``dst`` by
     hard link, exclusive like ``create``, stamped with ``mtime`` (and ``owner``, where
-    extended attributes work). No new file is made. Returns the inode number; False if
-    ``dst`` exists (or the file is under ``min_size`` bytes); None if ``src`` is gone;
-    ``CANNOT_TAKE`` if this file cannot be taken (not ours, links refused)."""
+    extended attributes work). No new file is made. Returns a ``TakeResult``: ``TAKEN`` with
+    the inode number; ``EXISTS`` if ``dst`` exists (or the file is under ``min_size`` bytes);
+    ``GONE`` if ``src`` is gone; ``REFUSED`` if this file cannot be taken (not ours, links
+    refused)."""
     return Op("take", (src, dst, mtime, owner, min_size))
 
 
@@ -205,8 +212,8 @@ _KIND = {
 }
 # The pip extra that brings each cloud protocol's plugin.
 _EXTRAS = {protocol: kind for protocol, kind in _KIND.items() if kind in ("s3", "gcs", "azure")}
-# One retry budget per operation: OmniQ's (``_ops.RETRIES`` tries with backoff); the SDKs are
-# set to a single try each, with these timeouts (unless storage_options set them).
+# One retry budget per operation: OmniQ's (``_fsspec_ops.RETRIES`` tries with backoff); the
+# SDKs are set to a single try each, with these timeouts (unless storage_options set them).
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 15.0
 # Options every fsspec filesystem takes (AbstractFileSystem / AsyncFileSystem).
@@ -280,7 +287,7 @@ class Store:
         self.local_io = local_io or ("thread" if fsync else "inline")
         self._async_ops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncFsspecOps]
         self._async_ops = weakref.WeakKeyDictionary()
-        self._sync: Ops | None = None
+        self._sync: Ops | LocalOnlyOps | None = None
         if self.kind == "local":
             if self._options:
                 log.debug("storage_options are ignored for a local directory")
@@ -296,7 +303,7 @@ class Store:
             _check_options(self.kind, protocol, cls, self._options)
 
     @property
-    def _sync_ops(self) -> Ops:
+    def _sync_ops(self) -> Ops | LocalOnlyOps:
         # Remote stores build their sync filesystem only when needed (trio, or no loop):
         # under asyncio they run natively async and never open a second session.
         if self._sync is None:
@@ -342,8 +349,9 @@ class Store:
 
     @property
     def can_take(self) -> bool:
-        """Whether the ``take``, ``stat`` and ``touch`` ops are available: a local directory
-        whose filesystem has not refused a hard link (``probe_exclusive_create`` tries one)."""
+        """Whether the ``LocalOnlyOps`` (``take``, ``link``, ``stat``, ``owner``, ``touch``) are
+        available: a local directory whose filesystem has not refused a hard link
+        (``probe_exclusive_create`` tries one)."""
         return isinstance(self._sync, LocalOps) and self._sync.links_work
 
     @property
@@ -413,14 +421,24 @@ class Store:
     async def delete_many(self, keys: Iterable[str]) -> None:
         await self.run(_one(delete_many(keys)))
 
+    @overload
+    async def listdir(self, prefix: str, detail: Literal[False] = False) -> builtins.list[str]: ...
+    @overload
+    async def listdir(self, prefix: str, detail: Literal[True]) -> builtins.list[Entry]: ...
+    async def listdir(self, prefix: str, detail: bool = False) -> builtins.list[Any]:
+        """Files directly under ``prefix``: sorted names, or ``Entry``s with ``detail``."""
+        return await self.run(_one(listdir(prefix, detail)))
+
+    async def listdirs(self, prefix: str) -> builtins.list[str]:
+        return await self.run(_one(listdirs(prefix)))
+
     async def list(self, prefix: str) -> builtins.list[str]:
-        return await self.run(_one(listdir(prefix)))
+        """Deprecated: ``listdir(prefix)``."""
+        return await self.listdir(prefix)
 
     async def list_detail(self, prefix: str) -> builtins.list[Entry]:
-        return await self.run(_one(listdir(prefix, True)))
-
-    async def list_dirs(self, prefix: str) -> builtins.list[str]:
-        return await self.run(_one(listdirs(prefix)))
+        """Deprecated: ``listdir(prefix, detail=True)``."""
+        return await self.listdir(prefix, True)
 
     async def exists(self, key: str) -> bool:
         return await self.run(_one(exists(key)))
@@ -656,7 +674,11 @@ def _no_expect_continue(fs: Any) -> None:
     fs.set_session = set_session
 
 
-def _drive(program: Program[R], ops: Ops, clock: Callable[[], float], where: str = "") -> R:
+def _drive(
+    program: Program[R], ops: Ops | LocalOnlyOps, clock: Callable[[], float], where: str = ""
+) -> R:
+    """Run ``program`` against ``ops``: each ``Op`` is the ops method of its name (``now`` is
+    the clock). A local-only op on ops without it fails like any other bad op."""
     try:
         op = next(program)
         while True:

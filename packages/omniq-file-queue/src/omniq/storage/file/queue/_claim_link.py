@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import msgspec
 
-from omniq.core.fs import CANNOT_TAKE, Program, exists, link, owner, stat, take
+from omniq.core.fs import Program, TakeStatus, exists, link, owner, stat, take
 from omniq.core.models import Claimed, Task
 
 from . import _layout as L
@@ -80,11 +80,11 @@ class LinkClaims(DocumentClaims):
     ) -> Program[Claimed | None]:
         run = L.run_key(task.queue, task.id, cand.attempt)
         taken = yield take(cand.key, run, current + lease, worker)
-        if taken == CANNOT_TAKE:
+        if taken.status is TakeStatus.REFUSED:
             return (yield from super().claim(cand, task, current, lease, worker))
-        if taken is None:  # claimed by someone else meanwhile: they remove the marker
-            return None
-        if taken is False:  # a stale name of a claimed or finished attempt
+        if taken.status is TakeStatus.GONE:
+            return None  # claimed by someone else meanwhile: they remove the marker
+        if taken.status is TakeStatus.EXISTS:  # a stale name of a claimed or finished attempt
             yield from self.spend(cand)
             return None
         if cand.marker:
@@ -94,6 +94,6 @@ class LinkClaims(DocumentClaims):
             attempt=cand.attempt,
             lease_until=_dt(current + lease),
             worker_id=worker,
-            token=f"ino:{taken}",
+            token=f"ino:{taken.ino}",
             claimed_at=_dt(current),
         )

@@ -249,7 +249,7 @@ class QueueInspection:
         return None
 
     async def list_queues(self) -> list[str]:
-        names = await self.store.list_dirs("")
+        names = await self.store.listdirs("")
         valid = []
         for name in names:
             try:

@@ -1,7 +1,9 @@
-"""The file operations behind ``Store`` on fsspec filesystems (sync, async); shared helpers.
+"""The ``Ops`` of ``Store`` on fsspec filesystems: ``FsspecOps`` (sync API) and
+``AsyncFsspecOps`` (async API), each operation written once; the retry policy and the
+classification of SDK errors.
 
-Every class answers the same operations with the same meaning (see the op constructors in
-``fs.py``). Transient failures (timeouts, connection resets, 5xx) of idempotent operations are
+Both classes answer the same operations with the same meaning (see the op constructors in
+``fs.py`` and ``_ops_protocol.Ops``). Transient failures (timeouts, connection resets, 5xx) of idempotent operations are
 retried with backoff; other failures become ``StorageError`` with the original as the cause.
 """
 
@@ -13,10 +15,11 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from datetime import datetime
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
+from ._ops_protocol import Entry
 from ._redact import RedactFilter, redact, scrub_exception
 from .errors import OmniQError, StorageError
 
@@ -165,66 +168,6 @@ def _storage_error(what: str, key: str, exc: BaseException) -> StorageError:
     return StorageError(redact(f"{what} {key!r} failed: {type(exc).__name__}: {exc}"))
 
 
-class Ops(Protocol):
-    def read(self, key: str) -> bytes | None: ...
-    def read_many(self, keys: list[str]) -> dict[str, bytes | None]: ...
-    def write(self, key: str, data: bytes) -> None: ...
-    def create(self, key: str, data: bytes) -> bool: ...
-    def create_many(self, items: list[tuple[str, bytes]]) -> list[bool]: ...
-    def mark(self, key: str, data: bytes) -> None: ...
-    def delete(self, key: str) -> bool: ...
-    def delete_many(self, keys: list[str]) -> None: ...
-    def ls(
-        self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
-    ) -> list[Any]: ...
-    def count(self, prefix: str, min_size: int = 0) -> int: ...
-    def ls_head(self, prefix: str, limit: int) -> list[str]: ...
-    def ls_after(self, prefix: str, after: str, limit: int) -> list[str]: ...
-    def list_dirs(self, prefix: str) -> list[str]: ...
-    def exists(self, key: str) -> bool: ...
-    def remove_dir(self, prefix: str) -> bool: ...
-
-
-def _retry(what: str, key: str, fn: Callable[[], T]) -> T:
-    for attempt in range(RETRIES):
-        try:
-            return fn()
-        except Exception as exc:
-            if not _is_transient(exc):
-                raise
-            if attempt == RETRIES - 1:
-                raise _storage_error(what, key, exc) from exc
-            log.warning(
-                "retrying %s %r after %s: %s", what, key, type(exc).__name__, redact(str(exc))
-            )
-            time.sleep(_backoff(attempt))
-    raise AssertionError("unreachable")
-
-
-async def _aretry(what: str, key: str, fn: Callable[[], Awaitable[T]]) -> T:
-    for attempt in range(RETRIES):
-        try:
-            return await fn()
-        except Exception as exc:
-            if not _is_transient(exc):
-                raise
-            if attempt == RETRIES - 1:
-                raise _storage_error(what, key, exc) from exc
-            log.warning(
-                "retrying %s %r after %s: %s", what, key, type(exc).__name__, redact(str(exc))
-            )
-            await asyncio.sleep(_backoff(attempt))
-    raise AssertionError("unreachable")
-
-
-class Entry(NamedTuple):
-    """One file in a listing: its base name, size in bytes and modification time (epoch s)."""
-
-    name: str
-    size: int
-    mtime: float
-
-
 _entry = Entry
 
 
@@ -302,125 +245,6 @@ def _is_exists_error(exc: BaseException) -> bool:
     return False
 
 
-class FsspecOps:
-    """Any fsspec filesystem through its sync API (memory; remote stores outside asyncio)."""
-
-    def __init__(self, fs: Any) -> None:
-        self.fs = fs
-
-    def read(self, key: str) -> bytes | None:
-        def go() -> bytes | None:
-            try:
-                return self.fs.cat_file(key, **_read_options(self.fs))  # type: ignore[no-any-return]
-            except FileNotFoundError:
-                return None
-
-        return _retry("read", key, go)
-
-    def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
-        if not keys:
-            return {}
-        got = _retry(
-            "read", keys[0], lambda: self.fs.cat(keys, on_error="return", **_read_options(self.fs))
-        )
-        return _collect(keys, got, self.read)
-
-    def write(self, key: str, data: bytes) -> None:
-        _retry("write", key, lambda: self.fs.pipe_file(key, data))
-
-    mark = write
-
-    def create(self, key: str, data: bytes) -> bool:
-        for attempt in range(RETRIES):
-            try:
-                self.fs.pipe_file(key, data, mode="create")
-                return True
-            except Exception as exc:
-                if _is_exists_error(exc):
-                    # "Exists" also answers a retry (ours, the SDK's or the HTTP client's) of
-                    # a request that landed but whose response was lost. Callers write unique
-                    # bytes (a nonce), so the stored bytes tell whether this call wrote them.
-                    return self.read(key) == data
-                if not _is_transient(exc) or attempt == RETRIES - 1:
-                    raise _storage_error("create", key, exc) from exc
-                log.warning(
-                    "retrying create %r after %s: %s", key, type(exc).__name__, redact(str(exc))
-                )
-                time.sleep(_backoff(attempt))
-        raise AssertionError("unreachable")
-
-    def create_many(self, items: list[tuple[str, bytes]]) -> list[bool]:
-        return [self.create(key, data) for key, data in items]
-
-    def delete(self, key: str) -> bool:
-        def go() -> bool:
-            try:
-                self.fs.rm_file(key)
-                return True
-            except FileNotFoundError:
-                return False
-
-        return _retry("delete", key, go)
-
-    def delete_many(self, keys: list[str]) -> None:
-        if keys:
-            try:
-                _retry("delete", keys[0], lambda: self.fs.rm(keys))
-            except FileNotFoundError:
-                for key in keys:
-                    self.delete(key)
-
-    def ls(
-        self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
-    ) -> list[Any]:
-        return _listing(self._ls(prefix), detail, keep)
-
-    def count(self, prefix: str, min_size: int = 0) -> int:
-        return _count(self._ls(prefix), min_size)
-
-    def ls_head(self, prefix: str, limit: int) -> list[str]:
-        inner = self.fs.fs
-        if hasattr(inner, "_lsdir") and hasattr(inner, "_call_s3"):
-            from fsspec.asyn import sync
-
-            infos = _retry(
-                "list",
-                prefix,
-                lambda: sync(inner.loop, _s3_head, inner, self.fs._join(prefix), limit),
-            )
-            return _listing(infos, False)[:limit]
-        return self.ls(prefix, False)[:limit]
-
-    def ls_after(self, prefix: str, after: str, limit: int) -> list[str]:
-        inner = self.fs.fs
-        if hasattr(inner, "_call_s3"):
-            from fsspec.asyn import sync
-
-            path = self.fs._join(prefix)
-            return _retry(
-                "list", prefix, lambda: sync(inner.loop, _s3_after, inner, path, after, limit)
-            )
-        return [n for n in self.ls(prefix, False) if n > after][:limit]
-
-    def list_dirs(self, prefix: str) -> list[str]:
-        return _dirs(self._ls(prefix))
-
-    def _ls(self, prefix: str) -> list[dict[str, Any]]:
-        def go() -> list[dict[str, Any]]:
-            try:
-                return self.fs.ls(prefix, detail=True)  # type: ignore[no-any-return]
-            except (FileNotFoundError, NotADirectoryError):
-                return []
-
-        return _retry("list", prefix, go)
-
-    def exists(self, key: str) -> bool:
-        return _retry("exists", key, lambda: bool(self.fs.exists(key)))
-
-    def remove_dir(self, prefix: str) -> bool:
-        return False  # no empty directories on object stores or memory
-
-
 def _collect(
     keys: list[str], got: Any, single: Callable[[str], bytes | None]
 ) -> dict[str, bytes | None]:
@@ -439,11 +263,297 @@ def _collect(
     return out
 
 
-class AsyncFsspecOps:
-    """An async fsspec filesystem (s3fs, gcsfs, adlfs) on the running asyncio loop."""
+# -- one body per operation, two drivers -------------------------------------------------------
+# Each operation is written once, as a generator of *steps* (the calls it makes and the pauses
+# between retries) that receives each step's result, like a ``Store`` program receives its ops'
+# results. ``FsspecOps`` runs the steps through the sync fsspec API, ``AsyncFsspecOps`` through
+# the async one on the running loop: the retry loops, the "exists" read-back of a create and the
+# shaping of arguments and results exist once.
+
+
+class _Call(NamedTuple):
+    """A call of the ``DirFileSystem``: ``fs.name(*args, **kwargs)`` sync, ``await
+    fs._name(*args, **kwargs)`` async."""
+
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+class _S3Call(NamedTuple):
+    """A coroutine function of s3fs (the filesystem inside the ``DirFileSystem``), called with
+    it and ``args``: awaited on the running loop async, run on s3fs' own loop sync."""
+
+    fn: Callable[..., Awaitable[Any]]
+    args: tuple[Any, ...]
+
+
+class _Method(NamedTuple):
+    """A method of the ops themselves (so a subclass's override applies), once per tuple of
+    arguments in ``calls``: in turn sync, concurrently async. The result is their list."""
+
+    name: str
+    calls: list[tuple[Any, ...]]
+
+
+class _Sleep(NamedTuple):
+    """A pause before a retry."""
+
+    seconds: float
+
+
+_Step = _Call | _S3Call | _Method | _Sleep
+_Steps = Generator[_Step, Any, T]
+
+
+def _call(name: str, *args: Any, **kwargs: Any) -> _Steps[Any]:
+    return (yield _Call(name, args, kwargs))
+
+
+def _retrying(what: str, key: str, attempt: Callable[[], _Steps[T]]) -> _Steps[T]:
+    """Run the steps ``attempt()`` makes, again with backoff after a transient failure, up to
+    ``RETRIES`` tries; then a ``StorageError`` with the last failure as its cause. Other
+    failures propagate unchanged."""
+    for n in range(RETRIES):
+        try:
+            return (yield from attempt())
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+            if n == RETRIES - 1:
+                raise _storage_error(what, key, exc) from exc
+            log.warning(
+                "retrying %s %r after %s: %s", what, key, type(exc).__name__, redact(str(exc))
+            )
+            yield _Sleep(_backoff(n))
+    raise AssertionError("unreachable")
+
+
+def _run_sync(ops: _FsspecSteps, steps: _Steps[T]) -> T:
+    """Drive ``steps`` through the sync fsspec API; a failed step is thrown into them."""
+    try:
+        step = next(steps)
+        while True:
+            try:
+                if isinstance(step, _Call):
+                    result = getattr(ops.fs, step.name)(*step.args, **step.kwargs)
+                elif isinstance(step, _S3Call):
+                    from fsspec.asyn import sync
+
+                    inner = ops.fs.fs
+                    result = sync(inner.loop, step.fn, inner, *step.args)
+                elif isinstance(step, _Method):
+                    method = getattr(ops, step.name)
+                    result = [method(*args) for args in step.calls]
+                else:
+                    time.sleep(step.seconds)
+                    result = None
+            except Exception as exc:
+                step = steps.throw(exc)
+            else:
+                step = steps.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+async def _run_async(ops: _FsspecSteps, steps: _Steps[T]) -> T:
+    """Drive ``steps`` through the async fsspec API on the running loop."""
+    try:
+        step = next(steps)
+        while True:
+            try:
+                if isinstance(step, _Call):
+                    result = await getattr(ops.fs, f"_{step.name}")(*step.args, **step.kwargs)
+                elif isinstance(step, _S3Call):
+                    result = await step.fn(ops.fs.fs, *step.args)
+                elif isinstance(step, _Method):
+                    method = getattr(ops, step.name)
+                    result = list(await asyncio.gather(*(method(*a) for a in step.calls)))
+                else:
+                    await asyncio.sleep(step.seconds)
+                    result = None
+            except Exception as exc:
+                step = steps.throw(exc)
+            else:
+                step = steps.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+class _FsspecSteps:
+    """The steps of each operation on a ``DirFileSystem`` ``fs``, shared by both drivers."""
 
     def __init__(self, fs: Any) -> None:
         self.fs = fs
+
+    def _read(self, key: str) -> _Steps[bytes | None]:
+        def attempt() -> _Steps[bytes | None]:
+            try:
+                return (yield from _call("cat_file", key, **_read_options(self.fs)))  # type: ignore[no-any-return]
+            except FileNotFoundError:
+                return None
+
+        return (yield from _retrying("read", key, attempt))
+
+    def _write(self, key: str, data: bytes) -> _Steps[None]:
+        yield from _retrying("write", key, lambda: _call("pipe_file", key, data))
+
+    def _create(self, key: str, data: bytes) -> _Steps[bool]:
+        for attempt in range(RETRIES):
+            try:
+                yield _Call("pipe_file", (key, data), {"mode": "create"})
+                return True
+            except Exception as exc:
+                if _is_exists_error(exc):
+                    # "Exists" also answers a retry (ours, the SDK's or the HTTP client's) of
+                    # a request that landed but whose response was lost. Callers write unique
+                    # bytes (a nonce), so the stored bytes tell whether this call wrote them.
+                    (stored,) = yield _Method("read", [(key,)])
+                    return bool(stored == data)
+                if not _is_transient(exc) or attempt == RETRIES - 1:
+                    raise _storage_error("create", key, exc) from exc
+                log.warning(
+                    "retrying create %r after %s: %s", key, type(exc).__name__, redact(str(exc))
+                )
+                yield _Sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
+
+    def _create_many(self, items: list[tuple[str, bytes]]) -> _Steps[list[bool]]:
+        return (yield _Method("create", [(key, data) for key, data in items]))  # type: ignore[no-any-return]
+
+    def _delete(self, key: str) -> _Steps[bool]:
+        def attempt() -> _Steps[bool]:
+            try:
+                yield from _call("rm_file", key)
+                return True
+            except FileNotFoundError:
+                return False
+
+        return (yield from _retrying("delete", key, attempt))
+
+    def _delete_many(self, keys: list[str]) -> _Steps[None]:
+        if not keys:
+            return
+        try:
+            yield from _retrying("delete", keys[0], lambda: _call("rm", keys))
+        except FileNotFoundError:
+            yield _Method("delete", [(key,) for key in keys])
+
+    def _infos(self, prefix: str) -> _Steps[list[dict[str, Any]]]:
+        """The detailed fsspec listing of ``prefix`` ([] if absent)."""
+
+        def attempt() -> _Steps[list[dict[str, Any]]]:
+            try:
+                return (yield from _call("ls", prefix, detail=True))  # type: ignore[no-any-return]
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+
+        return (yield from _retrying("list", prefix, attempt))
+
+    def _listdir(
+        self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
+    ) -> _Steps[list[Any]]:
+        return _listing((yield from self._infos(prefix)), detail, keep)
+
+    def _count(self, prefix: str, min_size: int = 0) -> _Steps[int]:
+        return _count((yield from self._infos(prefix)), min_size)
+
+    def _listhead(self, prefix: str, limit: int) -> _Steps[list[str]]:
+        inner = self.fs.fs
+        if hasattr(inner, "_lsdir") and hasattr(inner, "_call_s3"):
+            path = self.fs._join(prefix)
+            infos = yield from _retrying("list", prefix, lambda: _s3(_s3_head, path, limit))
+            return _listing(infos, False)[:limit]
+        (names,) = yield _Method("listdir", [(prefix, False)])
+        return names[:limit]  # type: ignore[no-any-return]
+
+    def _listafter(self, prefix: str, after: str, limit: int) -> _Steps[list[str]]:
+        inner = self.fs.fs
+        if hasattr(inner, "_call_s3"):
+            path = self.fs._join(prefix)
+            names: list[str] = yield from _retrying(
+                "list", prefix, lambda: _s3(_s3_after, path, after, limit)
+            )
+            return names
+        (listed,) = yield _Method("listdir", [(prefix, False)])
+        return [n for n in listed if n > after][:limit]
+
+    def _listdirs(self, prefix: str) -> _Steps[list[str]]:
+        return _dirs((yield from self._infos(prefix)))
+
+    def _exists(self, key: str) -> _Steps[bool]:
+        return (yield from _retrying("exists", key, lambda: _exists_call(key)))
+
+
+def _s3(fn: Callable[..., Awaitable[Any]], *args: Any) -> _Steps[Any]:
+    return (yield _S3Call(fn, args))
+
+
+def _exists_call(key: str) -> _Steps[bool]:
+    return bool((yield _Call("exists", (key,), {})))
+
+
+class FsspecOps(_FsspecSteps):
+    """Any fsspec filesystem through its sync API (memory; remote stores outside asyncio)."""
+
+    def read(self, key: str) -> bytes | None:
+        return _run_sync(self, self._read(key))
+
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        # One request for all the keys (AsyncFsspecOps reads them concurrently instead).
+        if not keys:
+            return {}
+        options = _read_options(self.fs)
+        got = _run_sync(
+            self,
+            _retrying("read", keys[0], lambda: _call("cat", keys, on_error="return", **options)),
+        )
+        return _collect(keys, got, self.read)
+
+    def write(self, key: str, data: bytes) -> None:
+        _run_sync(self, self._write(key, data))
+
+    mark = write
+
+    def create(self, key: str, data: bytes) -> bool:
+        return _run_sync(self, self._create(key, data))
+
+    def create_many(self, items: list[tuple[str, bytes]]) -> list[bool]:
+        return _run_sync(self, self._create_many(items))
+
+    def delete(self, key: str) -> bool:
+        return _run_sync(self, self._delete(key))
+
+    def delete_many(self, keys: list[str]) -> None:
+        _run_sync(self, self._delete_many(keys))
+
+    def listdir(
+        self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
+    ) -> list[Any]:
+        return _run_sync(self, self._listdir(prefix, detail, keep))
+
+    def count(self, prefix: str, min_size: int = 0) -> int:
+        return _run_sync(self, self._count(prefix, min_size))
+
+    def listhead(self, prefix: str, limit: int) -> list[str]:
+        return _run_sync(self, self._listhead(prefix, limit))
+
+    def listafter(self, prefix: str, after: str, limit: int) -> list[str]:
+        return _run_sync(self, self._listafter(prefix, after, limit))
+
+    def listdirs(self, prefix: str) -> list[str]:
+        return _run_sync(self, self._listdirs(prefix))
+
+    def exists(self, key: str) -> bool:
+        return _run_sync(self, self._exists(key))
+
+    def remove_dir(self, prefix: str) -> bool:
+        return False  # no empty directories on object stores or memory
+
+
+class AsyncFsspecOps(_FsspecSteps):
+    """An async fsspec filesystem (s3fs, gcsfs, adlfs) on the running asyncio loop: the
+    operations of ``Ops``, as coroutines."""
 
     async def aclose(self) -> None:
         """Close the client sessions now, while their loop runs, and drop the finalizers the
@@ -469,101 +579,56 @@ class AsyncFsspecOps:
         _detach_finalizers(inner)
 
     async def read(self, key: str) -> bytes | None:
-        async def go() -> bytes | None:
-            try:
-                return await self.fs._cat_file(key, **_read_options(self.fs))  # type: ignore[no-any-return]
-            except FileNotFoundError:
-                return None
-
-        return await _aretry("read", key, go)
+        return await _run_async(self, self._read(key))
 
     async def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
-        values = await asyncio.gather(*(self.read(k) for k in keys))
+        # Concurrent reads (FsspecOps makes one request for all the keys instead).
+        values = await _run_async(self, _read_each(keys))
         return dict(zip(keys, values, strict=True))
 
     async def write(self, key: str, data: bytes) -> None:
-        await _aretry("write", key, lambda: self.fs._pipe_file(key, data))
+        await _run_async(self, self._write(key, data))
 
     mark = write
 
     async def create(self, key: str, data: bytes) -> bool:
-        for attempt in range(RETRIES):
-            try:
-                await self.fs._pipe_file(key, data, mode="create")
-                return True
-            except Exception as exc:
-                if _is_exists_error(exc):
-                    # See FsspecOps.create: the stored bytes say whether this call wrote them.
-                    return await self.read(key) == data
-                if not _is_transient(exc) or attempt == RETRIES - 1:
-                    raise _storage_error("create", key, exc) from exc
-                log.warning(
-                    "retrying create %r after %s: %s", key, type(exc).__name__, redact(str(exc))
-                )
-                await asyncio.sleep(_backoff(attempt))
-        raise AssertionError("unreachable")
+        return await _run_async(self, self._create(key, data))
 
     async def create_many(self, items: list[tuple[str, bytes]]) -> list[bool]:
-        return list(await asyncio.gather(*(self.create(key, data) for key, data in items)))
+        return await _run_async(self, self._create_many(items))
 
     async def delete(self, key: str) -> bool:
-        async def go() -> bool:
-            try:
-                await self.fs._rm_file(key)
-                return True
-            except FileNotFoundError:
-                return False
-
-        return await _aretry("delete", key, go)
+        return await _run_async(self, self._delete(key))
 
     async def delete_many(self, keys: list[str]) -> None:
-        if not keys:
-            return
-        try:
-            await _aretry("delete", keys[0], lambda: self.fs._rm(keys))
-        except FileNotFoundError:
-            await asyncio.gather(*(self.delete(k) for k in keys))
+        await _run_async(self, self._delete_many(keys))
 
-    async def _ls(self, prefix: str) -> list[dict[str, Any]]:
-        async def go() -> list[dict[str, Any]]:
-            try:
-                return await self.fs._ls(prefix, detail=True)  # type: ignore[no-any-return]
-            except (FileNotFoundError, NotADirectoryError):
-                return []
-
-        return await _aretry("list", prefix, go)
-
-    async def ls(
+    async def listdir(
         self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
     ) -> list[Any]:
-        return _listing(await self._ls(prefix), detail, keep)
+        return await _run_async(self, self._listdir(prefix, detail, keep))
 
     async def count(self, prefix: str, min_size: int = 0) -> int:
-        return _count(await self._ls(prefix), min_size)
+        return await _run_async(self, self._count(prefix, min_size))
 
-    async def ls_head(self, prefix: str, limit: int) -> list[str]:
-        inner = self.fs.fs
-        if hasattr(inner, "_lsdir") and hasattr(inner, "_call_s3"):
-            path = self.fs._join(prefix)
-            infos = await _aretry("list", prefix, lambda: _s3_head(inner, path, limit))
-            return _listing(infos, False)[:limit]
-        return (await self.ls(prefix, False))[:limit]
+    async def listhead(self, prefix: str, limit: int) -> list[str]:
+        return await _run_async(self, self._listhead(prefix, limit))
 
-    async def ls_after(self, prefix: str, after: str, limit: int) -> list[str]:
-        inner = self.fs.fs
-        if hasattr(inner, "_call_s3"):
-            path = self.fs._join(prefix)
-            return await _aretry("list", prefix, lambda: _s3_after(inner, path, after, limit))
-        return [n for n in await self.ls(prefix, False) if n > after][:limit]
+    async def listafter(self, prefix: str, after: str, limit: int) -> list[str]:
+        return await _run_async(self, self._listafter(prefix, after, limit))
 
-    async def list_dirs(self, prefix: str) -> list[str]:
-        return _dirs(await self._ls(prefix))
+    async def listdirs(self, prefix: str) -> list[str]:
+        return await _run_async(self, self._listdirs(prefix))
 
     async def exists(self, key: str) -> bool:
-        return await _aretry("exists", key, lambda: self.fs._exists(key))
+        return await _run_async(self, self._exists(key))
 
     async def remove_dir(self, prefix: str) -> bool:
         return False  # no empty directories on object stores
+
+
+def _read_each(keys: list[str]) -> _Steps[list[bytes | None]]:
+    return (yield _Method("read", [(key,) for key in keys]))  # type: ignore[no-any-return]
 
 
 def _detach_finalizers(obj: Any) -> None:

@@ -1,0 +1,371 @@
+"""A local directory through os calls: ``LocalOps``, the ``Ops`` (and ``LocalOnlyOps``) of
+``Store`` for ``file://`` paths.
+
+Exclusive create is a fully written temp file hard-linked into place (``link(2)`` fails with
+EEXIST like ``O_EXCL``; a reader never sees half a file); ``take`` claims an existing file by
+hard link without creating one.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ._ops_protocol import Entry, Stat, TakeResult, TakeStatus
+
+log = logging.getLogger("omniq.fs")
+_entry = Entry
+
+_CHUNK = 1 << 16
+_OWNER_XATTR = "user.omniq.owner"
+_NO_LINK = (errno.EPERM, errno.EACCES, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK)
+
+
+_EXISTS = TakeResult(TakeStatus.EXISTS)
+_GONE = TakeResult(TakeStatus.GONE)
+_REFUSED = TakeResult(TakeStatus.REFUSED)
+
+
+def _lock_name(path: str) -> str:
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".lock-{name}")
+
+
+class LocalOps:
+    """A local directory through os calls (inline, or one worker thread per program).
+    Implements ``LocalOnlyOps`` (and so ``Ops``)."""
+
+    def __init__(self, root: str, *, fsync: bool = False) -> None:
+        self.root = root
+        self._prefix = root.rstrip(os.sep) + os.sep
+        self.fsync = fsync
+        self._link_ok = True
+        self._xattr_ok = hasattr(os, "setxattr")
+
+    @property
+    def links_work(self) -> bool:
+        """False once a hard link was refused here (some FUSE, SMB, FAT mounts)."""
+        return self._link_ok
+
+    def _path(self, key: str) -> str:
+        return f"{self._prefix}{key}"  # keys are relative and validated: no join needed
+
+    def _tmp_write(self, path: str, data: bytes) -> str:
+        directory = os.path.dirname(path)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+        for attempt in range(3):
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+                # Missing, or an empty directory removed by a concurrent cleanup just now.
+                os.makedirs(directory, exist_ok=True)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    def read(self, key: str) -> bytes | None:
+        # os calls, not open(): three syscalls for a small file instead of about seven.
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            data = os.read(fd, _CHUNK)
+            if len(data) < _CHUNK:  # a short read of a regular file is its end
+                return data
+            parts = [data]
+            while chunk := os.read(fd, _CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        finally:
+            os.close(fd)
+
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        return {key: self.read(key) for key in keys}
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._tmp_write(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        if not self._link_ok:
+            return self._create_excl(path, data)
+        tmp = self._tmp_write(path, data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            log.info("hard links unsupported under %s; using O_EXCL create", self.root)
+            self._link_ok = False
+            return self._create_excl(path, data)
+        finally:
+            os.unlink(tmp)
+
+    def create_many(self, items: list[tuple[str, bytes]]) -> list[bool]:
+        return [self.create(key, data) for key, data in items]
+
+    def mark(self, key: str, data: bytes) -> None:
+        # In place: no new file (a create costs far more than a write on some disks). A
+        # reader may see the file empty for an instant; callers only mark with tiny states.
+        try:
+            fd = os.open(self._path(key), os.O_WRONLY | os.O_TRUNC)
+        except FileNotFoundError:
+            self.write(key, data)
+            return
+        try:
+            os.write(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def take(self, src: str, dst: str, mtime: float, owner: str, min_size: int = 0) -> TakeResult:
+        """Claim ``src`` as ``dst`` without creating a file: stamp ``mtime`` on it, hard-link
+        it to ``dst`` (exclusive like ``O_EXCL``: EEXIST means another claim exists), unlink
+        ``src``, then stamp ``mtime`` and ``owner`` (an extended attribute, where supported)
+        again. Returns ``TAKEN`` with the inode number on success -- also when the clean-up
+        after the link fails (the claim is won; a leftover ``src`` is dropped by its next
+        claimer); ``EXISTS`` if ``dst`` exists or the file is smaller than ``min_size``;
+        ``GONE`` if ``src`` is gone; ``REFUSED`` if this file cannot be taken here (owned by
+        another user, links refused): the caller then claims another way."""
+        source, target = self._path(src), self._path(dst)
+        try:
+            if os.stat(source).st_nlink > 1 and os.path.exists(target):
+                # Already taken (a claimer died between its link and its unlink): do not stamp
+                # it, which would extend that orphaned claim's lease.
+                return _EXISTS
+            # Before the link, so the claim never exists without a lease.
+            os.utime(source, (mtime, mtime))
+        except FileNotFoundError:
+            return _GONE
+        except PermissionError:  # only a file's owner may set its times
+            return _REFUSED
+        for attempt in range(2):
+            try:
+                os.link(source, target)
+                break
+            except FileExistsError:
+                return _EXISTS
+            except FileNotFoundError:
+                if attempt or not os.path.exists(source):
+                    return _GONE
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            except OSError as exc:
+                if exc.errno in _NO_LINK:  # protected_hardlinks, EXDEV, FUSE/SMB mounts
+                    return _REFUSED
+                raise
+        st = os.stat(target)
+        try:
+            self.delete(src)
+            # Once more, now that no other claimer can reach the file by its ready name: a
+            # loser of the race may have stamped its own lease between our stamp and unlink.
+            os.utime(target, (mtime, mtime))
+        except OSError as exc:  # the claim is won: keep it
+            log.warning("claimed %s, but finishing the take failed: %s", dst, exc)
+        if st.st_size < min_size:
+            return _EXISTS
+        if self._xattr_ok:
+            try:
+                os.setxattr(target, _OWNER_XATTR, owner.encode())
+            except OSError:  # ENOTSUP, EPERM, ENOSPC: the owner is informational only
+                self._xattr_ok = False
+        return TakeResult(TakeStatus.TAKEN, st.st_ino)
+
+    def link(self, src: str, dst: str, mtime: float) -> bool | None:
+        """Hard-link ``src`` to ``dst`` (exclusive like ``O_EXCL``), then stamp ``mtime`` on
+        the file: a new name without a new file. True if linked; False if ``dst`` exists;
+        None if ``src`` is gone or links are refused here (the caller creates instead)."""
+        if not self._link_ok:
+            return None
+        source, target = self._path(src), self._path(dst)
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno in _NO_LINK:
+                return None
+            raise
+        try:
+            os.utime(target, (mtime, mtime))
+        except OSError as exc:  # the name is made; its time only starts the clean-up clock
+            log.warning("linked %s, but stamping its time failed: %s", dst, exc)
+        return True
+
+    def stat(self, key: str) -> Stat | None:
+        try:
+            st = os.stat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return Stat(st.st_size, st.st_mtime, st.st_ino)
+
+    def owner(self, key: str) -> str | None:
+        """The owner stamped by ``take``, if the filesystem kept it."""
+        if not self._xattr_ok:
+            return None
+        try:
+            return os.getxattr(self._path(key), _OWNER_XATTR).decode(errors="replace")
+        except OSError:
+            return None
+
+    def touch(self, key: str, mtime: float) -> bool:
+        """Set the modification time of ``key``; False if it does not exist."""
+        try:
+            os.utime(self._path(key), (mtime, mtime))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _create_excl(self, path: str, data: bytes) -> bool:
+        """Exclusive create without hard links: ``O_EXCL`` on a hidden lock name decides,
+        then the complete file is renamed into place, so no reader ever sees it half
+        written. The lock stays as long as the file (``delete`` removes both)."""
+        lock = _lock_name(path)
+        for attempt in range(2):
+            try:
+                os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                break
+            except FileExistsError:
+                return False
+            except FileNotFoundError:
+                if attempt:
+                    raise
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            tmp = self._tmp_write(path, data)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(lock)
+            raise
+        return True
+
+    def delete(self, key: str) -> bool:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        if not self._link_ok:  # the lock of a file made by _create_excl, after the file
+            try:
+                os.unlink(_lock_name(path))
+            except FileNotFoundError:
+                pass
+        return True
+
+    def delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            self.delete(key)
+
+    def _files(self, prefix: str) -> Iterator[os.DirEntry[str]]:
+        """The visible files directly under ``prefix`` as the scan finds them (none if it
+        does not exist); entries that vanish while scanned are skipped."""
+        try:
+            with os.scandir(self._path(prefix)) as it:
+                for entry in it:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if entry.is_file():
+                            yield entry
+                    except FileNotFoundError:
+                        continue
+        except (FileNotFoundError, NotADirectoryError):
+            return
+
+    @staticmethod
+    def _stat(entry: os.DirEntry[str]) -> Entry | None:
+        try:
+            st = entry.stat()
+        except FileNotFoundError:
+            return None
+        return _entry(entry.name, st.st_size, st.st_mtime)
+
+    def listdir(
+        self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
+    ) -> list[Any]:
+        if not detail:
+            return sorted(e.name for e in self._files(prefix))
+        items = (self._stat(e) for e in self._files(prefix))
+        return sorted(i for i in items if i is not None and (keep is None or keep(i)))
+
+    def count(self, prefix: str, min_size: int = 0) -> int:
+        if not min_size:
+            return sum(1 for _ in self._files(prefix))
+        items = (self._stat(e) for e in self._files(prefix))
+        return sum(1 for i in items if i is not None and i.size >= min_size)
+
+    def listhead(self, prefix: str, limit: int) -> list[str]:
+        # The smallest names without building and sorting the whole directory listing.
+        return heapq.nsmallest(limit, (e.name for e in self._files(prefix)))
+
+    def listafter(self, prefix: str, after: str, limit: int) -> list[str]:
+        names = (e.name for e in self._files(prefix) if e.name > after)
+        return heapq.nsmallest(limit, names)
+
+    def sweep_temp(self, prefix: str, before: float) -> list[str]:
+        """Delete the temporary files (``.tmp-*``) under ``prefix``, at any depth, last written
+        before ``before``: what a process killed between write and rename left behind. Returns
+        their keys."""
+        top = self._path(prefix.strip("/")) if prefix.strip("/") else self.root
+        removed = []
+        for directory, _, files in os.walk(top):
+            for name in files:
+                if not name.startswith(".tmp-"):
+                    continue
+                path = os.path.join(directory, name)
+                try:
+                    if os.lstat(path).st_mtime >= before:
+                        continue
+                    os.unlink(path)
+                except FileNotFoundError:  # renamed or removed by its writer just now
+                    continue
+                removed.append(os.path.relpath(path, self.root).replace(os.sep, "/"))
+        return removed
+
+    def listdirs(self, prefix: str) -> list[str]:
+        try:
+            with os.scandir(self._path(prefix)) as it:
+                return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
+    def remove_dir(self, prefix: str) -> bool:
+        if not prefix.strip("/"):
+            return False  # never the root itself
+        try:
+            os.rmdir(self._path(prefix))
+            return True
+        except OSError:  # absent, not empty (files or an in-flight temp file), not a directory
+            return False
