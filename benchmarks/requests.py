@@ -7,8 +7,8 @@ instrumenting the client:
 * S3 (moto server from ``tools/emulators.py``): every call of aiobotocore's
   ``AioBaseClient._make_api_call`` is one HTTP request, counted by operation name (a
   conditional PUT is shown as ``PutObject(If-None-Match)``);
-* local disk: every call of the ``omniq.core._local.LocalOps`` methods (read, write, create,
-  delete, ls, ls_head, ...) is one storage operation; listings also record how many
+* local disk: every call of the ``omniq.core._local_ops.LocalOps`` methods (read, write, create,
+  delete, listdir, listhead, ...) is one storage operation; listings also record how many
   directory entries the scan behind them returned.
 
 The queue is filled to a depth D, then M lifecycles are run one after the other; after each,
@@ -106,12 +106,12 @@ def count_s3() -> Iterator[None]:
 @contextlib.contextmanager
 def count_local() -> Iterator[None]:
     """Count the storage operations of ``LocalOps``: every public method is wrapped; a call
-    made inside another counted call (``ls_head`` calling ``ls``) is not counted again, and
+    made inside another counted call (``listhead`` calling ``listdir``) is not counted again, and
     the ``*_many`` methods count as their items. Listings also record how many directory
     entries the underlying scan returned (what a local listing costs)."""
     import threading
 
-    from omniq.core._local import LocalOps
+    from omniq.core._local_ops import LocalOps
 
     local = threading.local()
     saved = {}
@@ -138,7 +138,7 @@ def count_local() -> Iterator[None]:
                 result = _original(self, *args)
             finally:
                 local.depth = depth
-            if _name in ("ls", "list_dirs"):
+            if _name in ("listdir", "listdirs"):
                 COUNTER.listed[COUNTER.phase] += len(result)
             return result
 

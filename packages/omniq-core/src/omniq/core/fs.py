@@ -432,14 +432,6 @@ class Store:
     async def listdirs(self, prefix: str) -> builtins.list[str]:
         return await self.run(_one(listdirs(prefix)))
 
-    async def list(self, prefix: str) -> builtins.list[str]:
-        """Deprecated: ``listdir(prefix)``."""
-        return await self.listdir(prefix)
-
-    async def list_detail(self, prefix: str) -> builtins.list[Entry]:
-        """Deprecated: ``listdir(prefix, detail=True)``."""
-        return await self.listdir(prefix, True)
-
     async def exists(self, key: str) -> bool:
         return await self.run(_one(exists(key)))
 

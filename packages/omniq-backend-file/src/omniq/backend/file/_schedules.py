@@ -675,7 +675,7 @@ class ScheduleStore:
     async def ids(self) -> builtins.list[str]:
         return [
             name.removesuffix(".json")
-            for name in await self.store.list("")
+            for name in await self.store.listdir("")
             if name.endswith(".json") and _valid(name.removesuffix(".json"))
         ]
 
@@ -691,7 +691,7 @@ class ScheduleStore:
             if data is not None and (schedule := self._decode(name, data)) is not None:
                 schedules[name] = schedule
         records: dict[str, builtins.list[Entry]] = {}
-        for entry in await self.store.list_detail(FIRED):
+        for entry in await self.store.listdir(FIRED, True):
             parsed = _parse_record_name(entry.name)
             if parsed is not None:
                 records.setdefault(parsed[0], []).append(entry)
@@ -709,7 +709,7 @@ class ScheduleStore:
         prefix = f"{schedule_id}."
         return [
             name
-            for name in await self.store.list(FIRED)
+            for name in await self.store.listdir(FIRED)
             if name.startswith(prefix) and (p := _parse_record_name(name)) and p[0] == schedule_id
         ]
 
