@@ -645,3 +645,22 @@ def test_store_rejects_bad_base_dir() -> None:
         Store("")
     with pytest.raises(errors.ConfigurationError):
         Store("memory://")
+
+
+def test_the_old_store_listing_names_still_work_and_warn(tmp_path: Path) -> None:
+    """Store.list/list_detail/list_dirs (0.1.0) became listdir/listdirs: the old names keep
+    working for one release, with a DeprecationWarning naming the new call."""
+    import asyncio
+
+    async def go() -> None:
+        store = Store(str(tmp_path), package="omniq-core")
+        await store.write("q/ready/p0999/a.json", b"{}")
+        with pytest.warns(DeprecationWarning, match=r"use Store.listdir\(prefix\)"):
+            assert await store.list("q/ready/p0999") == ["a.json"]
+        with pytest.warns(DeprecationWarning, match="detail=True"):
+            assert [e.name for e in await store.list_detail("q/ready/p0999")] == ["a.json"]
+        with pytest.warns(DeprecationWarning, match=r"Store.listdirs\(prefix\)"):
+            assert await store.list_dirs("q/ready") == ["p0999"]
+        await store.aclose()
+
+    asyncio.run(go())

@@ -51,7 +51,7 @@ import pytest
 from typing_extensions import Self
 
 from omniq.backend.file import FileBackend
-from omniq.core import EventType, TaskEvent, blocking
+from omniq.core import EventType, TaskEvent, blocking, delegate
 
 #: The top-level module of each distribution (the public API lives in their ``__all__``).
 PACKAGE_MODULES = (
@@ -121,8 +121,8 @@ def describe(cls: type, name: str) -> Member:
         kind, bound = "classmethod", raw.__get__(None, cls)
     elif isinstance(raw, staticmethod):
         kind, bound = "staticmethod", raw.__func__
-    elif inspect.isfunction(raw) or isinstance(raw, blocking):
-        # ``_async`` is what the twins' ``blocking`` descriptor reads when bound.
+    elif inspect.isfunction(raw) or isinstance(raw, (blocking, delegate)):
+        # ``_async`` is what the twins' descriptors read when bound.
         kind, bound = "method", raw.__get__(SimpleNamespace(_async=None), cls)
     else:
         return Member("attribute", None, False)

@@ -34,7 +34,7 @@ from .models import (
     utcnow,
 )
 from .names import validate_name
-from .sync import SyncWrapper, blocking, run_sync
+from .sync import SyncWrapper, blocking, delegate, run_sync
 
 __version__ = "0.1.0"  # the only copy (pyproject: dynamic); change it with tools/bump.py
 
@@ -68,6 +68,7 @@ __all__ = [
     "TaskResult",
     "TaskStatus",
     "blocking",
+    "delegate",
     "check_json_value",
     "decode",
     "encode",

@@ -28,6 +28,7 @@ import logging
 import os
 import types
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterable
 from typing import Any, Literal, NamedTuple, TypeVar, overload
@@ -432,6 +433,22 @@ class Store:
     async def listdirs(self, prefix: str) -> builtins.list[str]:
         return await self.run(_one(listdirs(prefix)))
 
+    # Deprecated names (0.1.0), kept one release: the ops and Store now share one vocabulary.
+    async def list(self, prefix: str) -> builtins.list[str]:
+        """Deprecated: ``listdir(prefix)``."""
+        _deprecated("Store.list", "Store.listdir(prefix)")
+        return await self.listdir(prefix)
+
+    async def list_detail(self, prefix: str) -> builtins.list[Entry]:
+        """Deprecated: ``listdir(prefix, detail=True)``."""
+        _deprecated("Store.list_detail", "Store.listdir(prefix, detail=True)")
+        return await self.listdir(prefix, True)
+
+    async def list_dirs(self, prefix: str) -> builtins.list[str]:
+        """Deprecated: ``listdirs(prefix)``."""
+        _deprecated("Store.list_dirs", "Store.listdirs(prefix)")
+        return await self.listdirs(prefix)
+
     async def exists(self, key: str) -> bool:
         return await self.run(_one(exists(key)))
 
@@ -472,6 +489,10 @@ class Store:
             "with conditional writes (If-None-Match), Google Cloud Storage, Azure Blob "
             "Storage, or memory:// inside one process"
         )
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
 
 
 def _wall_clock() -> float:

@@ -185,14 +185,11 @@ def shared_loop() -> asyncio.AbstractEventLoop:
     return _LOOP.loop()
 
 
-class blocking(Generic[P, R]):
-    """Descriptor that turns an ``async def`` method of the wrapped object into a blocking one.
+class _TwinMethod:
+    """What ``blocking`` and ``delegate`` share: the wrapped method's name, docstring and
+    signature without ``self``."""
 
-    ``enqueue = blocking(AsyncFileQueue.enqueue)`` gives ``FileQueue().enqueue(task) -> str``
-    with the same signature, docstring and return type as the async method.
-    """
-
-    def __init__(self, method: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]]) -> None:
+    def __init__(self, method: Callable[..., Any]) -> None:
         self._method = method
         self._name = method.__name__
         self.__doc__ = method.__doc__
@@ -210,6 +207,17 @@ class blocking(Generic[P, R]):
     def __set_name__(self, owner: type, name: str) -> None:
         self._owner_name = f"{owner.__name__}.{name}"
 
+
+class blocking(_TwinMethod, Generic[P, R]):
+    """Descriptor that turns an ``async def`` method of the wrapped object into a blocking one.
+
+    ``enqueue = blocking(AsyncFileQueue.enqueue)`` gives ``FileQueue().enqueue(task) -> str``
+    with the same signature, docstring and return type as the async method.
+    """
+
+    def __init__(self, method: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]]) -> None:
+        super().__init__(method)
+
     @overload
     def __get__(self, obj: None, owner: type | None = None) -> Self: ...
     @overload
@@ -224,6 +232,31 @@ class blocking(Generic[P, R]):
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
             method: Callable[P, Coroutine[Any, Any, R]] = getattr(target, name)
             return _LOOP.run(lambda: method(*args, **kwargs), owner_name)
+
+        call.__signature__ = self._bound_signature()  # type: ignore[attr-defined]  # no self
+        return call
+
+
+class delegate(_TwinMethod, Generic[P, R]):
+    """Descriptor for a plain (non-async) method of the wrapped object, such as
+    ``make_task``: the twin calls it directly, with the same signature and return type."""
+
+    def __init__(self, method: Callable[Concatenate[Any, P], R]) -> None:
+        super().__init__(method)
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> Self: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> Callable[P, R]: ...
+    def __get__(self, obj: object | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        target, name = obj._async, self._name  # type: ignore[attr-defined]
+
+        @functools.wraps(self._method)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            method: Callable[P, R] = getattr(target, name)
+            return method(*args, **kwargs)
 
         call.__signature__ = self._bound_signature()  # type: ignore[attr-defined]  # no self
         return call

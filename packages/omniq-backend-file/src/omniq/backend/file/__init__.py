@@ -10,13 +10,11 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from typing_extensions import ParamSpec
 
-from omniq.core.models import Task
-from omniq.core.sync import SyncWrapper, blocking, run_sync
+from omniq.core.sync import SyncWrapper, blocking, delegate, run_sync
 from omniq.storage.file.events import FileEventStorage
 from omniq.storage.file.queue import FileQueue
 from omniq.storage.file.results import FileResultStorage
@@ -160,6 +158,7 @@ class FileBackend(SyncWrapper[AsyncFileBackend]):
     get_task = blocking(AsyncFileBackend.get_task)
     cancel = blocking(AsyncFileBackend.cancel)
     schedule = blocking(AsyncFileBackend.schedule)
+    make_task = delegate(AsyncFileBackend.make_task)
 
     def make_schedule(
         self,
@@ -181,40 +180,6 @@ class FileBackend(SyncWrapper[AsyncFileBackend]):
             schedules.add(schedule)
 
         return periodic_decorator(self._async, register, dict(options))
-
-    def make_task(
-        self,
-        func: Callable[..., Any] | str,
-        args: Sequence[Any] = (),
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        queue: str = "default",
-        priority: int = 0,
-        delay: float | timedelta | None = None,
-        eta: datetime | None = None,
-        ttl: float | timedelta | None = None,
-        max_retries: int | None = None,
-        retry_backoff: float | None = None,
-        timeout: float | None = None,
-        task_id: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> Task:
-        """Build the Task that ``enqueue`` would store (no I/O)."""
-        return self._async.make_task(
-            func,
-            args,
-            kwargs,
-            queue=queue,
-            priority=priority,
-            delay=delay,
-            eta=eta,
-            ttl=ttl,
-            max_retries=max_retries,
-            retry_backoff=retry_backoff,
-            timeout=timeout,
-            task_id=task_id,
-            metadata=metadata,
-        )
 
     def task(self, func: Callable[P, R] | None = None, **options: Any) -> Any:
         """Decorator: ``@backend.task(queue="mail")`` then ``send.enqueue(to=...)``."""
