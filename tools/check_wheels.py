@@ -36,7 +36,7 @@ import tempfile
 import textwrap
 import time
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +251,15 @@ def build_sdist(dist: str, out_dir: Path, *, packages_dir: Path = PACKAGES_DIR) 
     return _build(dist, out_dir, "sdist", packages_dir=packages_dir)
 
 
+def _build_all(
+    build: Callable[..., Path], out_dir: Path, dists: Iterable[str], packages_dir: Path
+) -> dict[str, Path]:
+    names = list(dists)
+    with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:
+        futures = {d: pool.submit(build, d, out_dir, packages_dir=packages_dir) for d in names}
+        return {d: f.result() for d, f in futures.items()}
+
+
 def build_wheels(
     out_dir: Path,
     dists: Iterable[str] = PACKAGES,
@@ -258,12 +267,7 @@ def build_wheels(
     packages_dir: Path = PACKAGES_DIR,
 ) -> dict[str, Path]:
     """Build the wheels (in parallel); return ``{distribution: wheel path}``."""
-    names = list(dists)
-    with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:
-        futures = {
-            d: pool.submit(build_wheel, d, out_dir, packages_dir=packages_dir) for d in names
-        }
-        return {d: f.result() for d, f in futures.items()}
+    return _build_all(build_wheel, out_dir, dists, packages_dir)
 
 
 def build_sdists(
@@ -273,12 +277,7 @@ def build_sdists(
     packages_dir: Path = PACKAGES_DIR,
 ) -> dict[str, Path]:
     """Build the sdists (in parallel); return ``{distribution: sdist path}``."""
-    names = list(dists)
-    with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:
-        futures = {
-            d: pool.submit(build_sdist, d, out_dir, packages_dir=packages_dir) for d in names
-        }
-        return {d: f.result() for d, f in futures.items()}
+    return _build_all(build_sdist, out_dir, dists, packages_dir)
 
 
 # --------------------------------------------------------------------------- #
