@@ -35,7 +35,7 @@ from omniq.core.errors import SerializationError
 from omniq.core.fs import Program
 from omniq.core.models import UTC, Claimed, Task, TaskStatus
 from omniq.storage.file.queue import AsyncFileQueue
-from omniq.storage.file.queue import _layout as L
+from omniq.storage.file.queue import _layout as layout
 from omniq.storage.file.queue._claim_document import DocumentClaims
 from omniq.storage.file.queue._claim_link import LinkClaims
 from omniq.storage.file.queue._claim_s3 import S3Claims
@@ -102,10 +102,10 @@ def written(state: State) -> list[str]:
 
 def readable(key: str, data: bytes) -> bool:
     if "/run/" in key and key.endswith(".x"):
-        return L.parse_outcome(data) is not None
+        return layout.parse_outcome(data) is not None
     if "/run/" in key and not key.endswith(".json"):
-        return L.parse_record(data) is not None
-    if "/due/" in key or "/cancel/" in key or ("/run/" in key and L.tombstone_state(data)):
+        return layout.parse_record(data) is not None
+    if "/due/" in key or "/cancel/" in key or ("/run/" in key and layout.tombstone_state(data)):
         return True
     for kind in (Claimed, Task):
         try:
@@ -120,12 +120,12 @@ def note_written(scene: Scene, key: str, data: bytes) -> None:
     """Remember how a task ended when the record that says so is written (the clean-up
     removes it later)."""
     name = key.rsplit("/", 1)[-1]
-    parsed = L.parse_run_name(name) if "/run/" in key else None
+    parsed = layout.parse_run_name(name) if "/run/" in key else None
     if parsed is not None and parsed.part == "x":
-        rec = L.parse_outcome(data)
+        rec = layout.parse_outcome(data)
         if rec is not None and rec.state in ("done", "dead", "cancelled"):
             scene.ended[parsed.task_id] = rec.state
-    elif parsed is not None and parsed.part == "json" and (ended := L.tombstone_state(data)):
+    elif parsed is not None and parsed.part == "json" and (ended := layout.tombstone_state(data)):
         scene.ended[parsed.task_id] = ended
 
 
@@ -145,9 +145,9 @@ def check(world: World, state: State) -> list[str]:
         believed = believed_lease(scene, state)
         n = holder.attempt + 1
         later = [
-            L.run_key(Q, holder.id, n),
-            L.ready_key(Q, holder.task.priority, holder.id, n),
-            L.sched_key(Q, holder.id, n),
+            layout.run_key(Q, holder.id, n),
+            layout.ready_key(Q, holder.task.priority, holder.id, n),
+            layout.sched_key(Q, holder.id, n),
         ]
         if believed is not None and believed > world.t and any(map(world.ops.exists, later)):
             problems.append(f"holder believes its lease to {believed} while attempt {n} exists")
@@ -181,12 +181,12 @@ def fenced_writes(scene: Scene, state: State) -> list[str]:
     h = scene.holder
     mine = []
     for name in scene.world.ops.listdir(f"{Q}/run", False):
-        parsed = L.parse_run_name(name)
+        parsed = layout.parse_run_name(name)
         if parsed is None or (parsed.task_id, parsed.attempt) != (h.id, h.attempt):
             continue
         if parsed.part == "json":
             continue
-        rec = L.parse_record(scene.world.ops.read(f"{Q}/run/{name}") or b"")
+        rec = layout.parse_record(scene.world.ops.read(f"{Q}/run/{name}") or b"")
         if rec is not None and rec.worker == h.worker_id and rec.state != "cancelled":
             mine.append(f"refused holder still wrote {name} ({rec.state})")
     return mine
@@ -398,12 +398,12 @@ def test_the_invariants_catch_a_read_then_write_heartbeat(tmp_path: Path) -> Non
         from omniq.core.fs import exists, now, write
 
         current = yield now()
-        if not (yield exists(L.run_key(Q, claimed.id, claimed.attempt))):
+        if not (yield exists(layout.run_key(Q, claimed.id, claimed.attempt))):
             return None
-        if (yield exists(L.outcome_key(Q, claimed.id, claimed.attempt))):
+        if (yield exists(layout.outcome_key(Q, claimed.id, claimed.attempt))):
             return None
-        data = L.record("lease", current, lease_until=current + LEASE)
-        yield write(L.epoch_key(Q, claimed.id, claimed.attempt, claimed.epoch + 1), data)
+        data = layout.record("lease", current, lease_until=current + LEASE)
+        yield write(layout.epoch_key(Q, claimed.id, claimed.attempt, claimed.epoch + 1), data)
         return msgspec.structs.replace(
             claimed, lease_until=datetime.fromtimestamp(current + LEASE, UTC)
         )

@@ -19,7 +19,7 @@ import pytest
 from omniq.core.errors import StorageError
 from omniq.core.models import ResultStatus, TaskResult
 from omniq.storage.file.results import AsyncFileResultStorage, FileResultStorage
-from omniq.storage.file.results import _layout as L
+from omniq.storage.file.results import _layout as layout
 from storage_helpers import exists, path, put
 
 UTC = timezone.utc
@@ -82,7 +82,7 @@ def pairs_of(body: bytes) -> set[tuple[int, str]]:
 
 
 def ms(dt: datetime) -> int:
-    return L.epoch_ms(dt)
+    return layout.epoch_ms(dt)
 
 
 # --------------------------------------------------------------------------- writing
@@ -105,12 +105,14 @@ async def test_one_batch_marker_per_bucket_per_flush(storage, anyio_backend):
         found = markers(storage)
         assert len(found) == 2, found
         by_bucket = {name.split("/")[0]: body for name, body in found.items()}
-        assert pairs_of(by_bucket[L.bucket(ms(soon))]) == {(ms(soon), f"a{i}") for i in range(5)}
-        assert pairs_of(by_bucket[L.bucket(ms(later))]) == {(ms(later), "b0")}
+        assert pairs_of(by_bucket[layout.bucket(ms(soon))]) == {
+            (ms(soon), f"a{i}") for i in range(5)
+        }
+        assert pairs_of(by_bucket[layout.bucket(ms(later))]) == {(ms(later), "b0")}
         for name in found:
-            assert L.parse_batch(name.split("/")[1]) is not None
+            assert layout.parse_batch(name.split("/")[1]) is not None
             # The single-marker parser (as in OmniQ 0.1.0) skips batch markers.
-            assert L.parse_marker(name.split("/")[1]) is None
+            assert layout.parse_marker(name.split("/")[1]) is None
         assert await s.flush() == 0
         assert len(markers(storage)) == 2
 
@@ -160,9 +162,9 @@ async def test_marker_batch_1_writes_each_marker_before_its_result(storage, anyi
         ops.write = recording_write
         await s.set(result("one", finished_at=clock.at(0)))
         expires = ms(clock.at(60))
-        assert written == [L.marker_key(expires, "one"), "results/one.json"]
+        assert written == [layout.marker_key(expires, "one"), "results/one.json"]
         assert await s.flush() == 0
-        assert markers(storage) == {f"{L.bucket(expires)}/{expires:013d}.one": b""}
+        assert markers(storage) == {f"{layout.bucket(expires)}/{expires:013d}.one": b""}
         clock.advance(61)
         assert await s.cleanup_expired() == 1
         assert markers(storage) == {}
@@ -233,7 +235,7 @@ async def test_cleanup_reads_batch_and_single_markers(storage, anyio_backend):
         await old.set(result("old1", finished_at=clock.at(0)))  # a single marker
     # A single marker as OmniQ 0.1.0 wrote it, for a result it wrote.
     expires = ms(clock.at(30))
-    put(storage, L.marker_key(expires, "old2"), b"")
+    put(storage, layout.marker_key(expires, "old2"), b"")
     async with make(storage, clock=clock) as s:
         await s.set(result("old2", finished_at=clock.at(0), expires_at=clock.at(30)))
         s._markers.take()  # that result's marker is the single one above
@@ -324,7 +326,7 @@ async def test_corrupt_batch_marker_is_quarantined(storage, anyio_backend, caplo
     caplog.set_level(logging.WARNING, logger="omniq.results")
     clock = Clock()
     due = ms(clock.at(10))
-    bucket = L.bucket(due)
+    bucket = layout.bucket(due)
     garbage = b'{"v": 1, "expiry": [[12, "a"'
     bad_id = json.dumps({"v": 1, "expiry": [[due, "../../etc/passwd"]]}).encode()
     newer = json.dumps({"v": 9, "format": "unknown"}).encode()

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from . import _cli_format as fmt
+from . import _cli_format as cli_format
 from ._cli_format import CliError
 from ._schedules import MISFIRE_POLICIES, ScheduleInfo
 
@@ -32,11 +32,11 @@ def register(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             help="do not fire schedules (by default every worker fires the due ticks; the "
             "storage makes it one task per tick)",
         )
-    common = fmt.common_parser()
+    common = cli_format.common_parser()
     text = "Periodic and cron tasks: add, list, pause, resume, delete."
     top = subs.add_parser("schedule", help=text, description=text)
     actions = top.add_subparsers(
-        dest="action", metavar="ACTION", required=True, parser_class=fmt.Parser
+        dest="action", metavar="ACTION", required=True, parser_class=cli_format.Parser
     )
 
     def action(name: str, text: str, handler: Any) -> argparse.ArgumentParser:
@@ -118,7 +118,7 @@ def _when(text: str | None, flag: str) -> datetime | None:
         return None
     value = text.strip()
     if value.lower() == "now" or _RELATIVE.fullmatch(value):
-        return fmt.parse_when(value, flag)
+        return cli_format.parse_when(value, flag)
     try:
         return datetime.fromisoformat(value[:-1] + "+00:00" if value[-1:] in "Zz" else value)
     except ValueError:
@@ -164,11 +164,11 @@ def _row(info: ScheduleInfo) -> list[Any]:
     state = "paused" if s.paused else ("done" if ended else "active")
     return [
         s.id,
-        fmt.clip(s.func, 40),
+        cli_format.clip(s.func, 40),
         s.when,
         state,
-        fmt.fmt_time(info.next_tick),
-        fmt.fmt_time(info.last_tick),
+        cli_format.fmt_time(info.next_tick),
+        cli_format.fmt_time(info.last_tick),
         s.queue,
     ]
 
@@ -176,7 +176,7 @@ def _row(info: ScheduleInfo) -> list[Any]:
 def schedules_table(infos: Sequence[ScheduleInfo]) -> str:
     if not infos:
         return "(no schedules)"
-    return fmt.table(
+    return cli_format.table(
         ["SCHEDULE", "FUNCTION", "WHEN", "STATE", "NEXT", "LAST FIRED", "QUEUE"],
         [_row(info) for info in infos],
     )
@@ -184,8 +184,8 @@ def schedules_table(infos: Sequence[ScheduleInfo]) -> str:
 
 def _info_json(info: ScheduleInfo) -> dict[str, Any]:
     doc: dict[str, Any] = msgspec.to_builtins(info.schedule)
-    doc["next_tick"] = None if info.next_tick is None else fmt.fmt_time(info.next_tick)
-    doc["last_tick"] = None if info.last_tick is None else fmt.fmt_time(info.last_tick)
+    doc["next_tick"] = None if info.next_tick is None else cli_format.fmt_time(info.next_tick)
+    doc["last_tick"] = None if info.last_tick is None else cli_format.fmt_time(info.last_tick)
     return doc
 
 
@@ -239,4 +239,4 @@ def status_line(found: tuple[int, int]) -> str:
 def status_json(text: str, found: tuple[int, int]) -> str:
     doc = json.loads(text)
     doc["schedules"] = {"total": found[0], "paused": found[1]}
-    return fmt.to_json(doc)
+    return cli_format.to_json(doc)

@@ -42,11 +42,11 @@ from omniq.core.fs import redact_url
 from omniq.core.models import UTC, QueueSize, TaskEvent, TaskInfo
 from omniq.core.sync import run_sync
 
-from . import _cli_format as fmt
+from . import _cli_format as cli_format
 from . import _cli_schedule
 from ._cli_format import CliError, Redactor
 
-ENV_STORAGE_OPTIONS = fmt.ENV_STORAGE_OPTIONS
+ENV_STORAGE_OPTIONS = cli_format.ENV_STORAGE_OPTIONS
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 EXIT_FAILED, EXIT_USAGE, EXIT_STORAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
@@ -64,7 +64,7 @@ class _Context:
         (which the backend's configuration reads from ``environ`` itself)."""
         from . import FileBackend
 
-        options = fmt.json_flag(self.ns.storage_options, "--storage-options", dict)
+        options = cli_format.json_flag(self.ns.storage_options, "--storage-options", dict)
         base_dir = self.ns.base_dir
         if base_dir.startswith("memory://"):
             print(
@@ -91,7 +91,7 @@ def _setup_logging(level: str, redactor: Redactor, fmt_text: str) -> None:
     storage-option values hidden."""
     redact_logs()  # every record of the process, the SDKs' DEBUG lines included
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(fmt.RedactingFormatter(fmt_text, redactor))
+    handler.setFormatter(cli_format.RedactingFormatter(fmt_text, redactor))
     handler.set_name("omniq-cli")
     root = logging.getLogger()
     for old in list(root.handlers):  # from an earlier main() in this process
@@ -137,8 +137,8 @@ def checked_function(ns: Any) -> tuple[str, list[Any], dict[str, Any]]:
     the function is imported first (unless ``--no-check``) to catch typos before storing."""
     from ._functions import func_path, resolve
 
-    args = fmt.json_flag(ns.args, "--args", list) or []
-    kwargs = fmt.json_flag(ns.kwargs, "--kwargs", dict) or {}
+    args = cli_format.json_flag(ns.args, "--args", list) or []
+    kwargs = cli_format.json_flag(ns.kwargs, "--kwargs", dict) or {}
     path = func_path(ns.func)
     if not ns.no_check:
         _add_paths(ns.path)
@@ -222,7 +222,7 @@ def cmd_status(ctx: _Context) -> int:
                 now = datetime.now(UTC)
                 if ns.json:
                     print(
-                        _cli_schedule.status_json(fmt.status_json(sizes, now), schedules),
+                        _cli_schedule.status_json(cli_format.status_json(sizes, now), schedules),
                         flush=True,
                     )
                 else:
@@ -232,11 +232,12 @@ def cmd_status(ctx: _Context) -> int:
                         print()
                     if interval is not None:
                         print(
-                            f"{redact_url(ns.base_dir)}  {fmt.fmt_time(now)}  "
+                            f"{redact_url(ns.base_dir)}  {cli_format.fmt_time(now)}  "
                             f"(every {interval:g}s, Ctrl-C to stop)"
                         )
                     print(
-                        fmt.status_table(sizes) + _cli_schedule.status_line(schedules), flush=True
+                        cli_format.status_table(sizes) + _cli_schedule.status_line(schedules),
+                        flush=True,
                     )
                 shown += 1
                 if interval is None or (ns.iterations and shown >= ns.iterations):
@@ -266,11 +267,11 @@ def cmd_result(ctx: _Context) -> int:
                 f"{info.status.value}); --wait SECONDS waits for it"
             ) from None
     if ns.json:
-        print(fmt.to_json(result), flush=True)
+        print(cli_format.to_json(result), flush=True)
     elif result.ok:
         print(json.dumps(result.value, ensure_ascii=False), flush=True)
     else:
-        print(fmt.failure_text(result), flush=True)
+        print(cli_format.failure_text(result), flush=True)
     return 0 if result.ok else EXIT_FAILED
 
 
@@ -282,8 +283,8 @@ def cmd_events(ctx: _Context) -> int:
     from datetime import timedelta
 
     ns = ctx.ns
-    since = fmt.parse_when(ns.since, "--since") if ns.since else None
-    until = fmt.parse_when(ns.until, "--until") if ns.until else None
+    since = cli_format.parse_when(ns.since, "--since") if ns.since else None
+    until = cli_format.parse_when(ns.until, "--until") if ns.until else None
     printed = 0
     seen: dict[str, datetime] = {}
     if not ns.follow:
@@ -311,7 +312,10 @@ def cmd_events(ctx: _Context) -> int:
                     if event.id in seen:
                         continue
                     seen[event.id] = event.time
-                    print(fmt.to_json(event) if ns.json else fmt.event_line(event), flush=True)
+                    print(
+                        cli_format.to_json(event) if ns.json else cli_format.event_line(event),
+                        flush=True,
+                    )
                     printed += 1
                     if ns.limit is not None and printed >= ns.limit:
                         return 0
@@ -362,12 +366,12 @@ def cmd_dead(ctx: _Context) -> int:
                 f"task {ns.requeue} is not dead-lettered"
                 + (f" in {', '.join(ns.queue)}" if ns.queue else "")
             )
-        print(fmt.to_json({"requeued": count}) if ns.json else f"requeued {count} task(s)")
+        print(cli_format.to_json({"requeued": count}) if ns.json else f"requeued {count} task(s)")
         return 0
     if ns.json:
-        print(fmt.to_json([{"queue": q, **msgspec.to_builtins(i)} for q, i in found]))
+        print(cli_format.to_json([{"queue": q, **msgspec.to_builtins(i)} for q, i in found]))
     else:
-        print(fmt.dead_table(found))
+        print(cli_format.dead_table(found))
     return 0
 
 
@@ -398,15 +402,15 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     args = list(sys.argv[1:] if argv is None else argv)
     redactor = Redactor()
     redactor.add_raw(env.get(ENV_STORAGE_OPTIONS))
-    for text in fmt.storage_options_text(args):
+    for text in cli_format.storage_options_text(args):
         redactor.add_raw(text)
     for arg in args:  # user:password@ in a URL: the whole, the user and the password
         for userinfo in re.findall(r"://([^/@]+)@", arg):
             redactor.add_value([userinfo, *userinfo.split(":", 1)])
-    fmt.Parser.redactor = redactor
+    cli_format.Parser.redactor = redactor
     try:
-        parser = _cli_schedule.register(fmt.build_parser(HANDLERS))
-        ns = parser.parse_args(fmt.prepare_argv(args))
+        parser = _cli_schedule.register(cli_format.build_parser(HANDLERS))
+        ns = parser.parse_args(cli_format.prepare_argv(args))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     _setup_logging(
@@ -427,7 +431,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         print(f"omniq: error: {redactor(str(exc))}", file=sys.stderr)
         return exc.code
     except BaseException as exc:
-        leaf = fmt.leaf(exc)
+        leaf = cli_format.leaf(exc)
         code = _exit_code(leaf)
         if code is None:
             if not isinstance(leaf, Exception):

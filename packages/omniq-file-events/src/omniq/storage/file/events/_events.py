@@ -23,7 +23,7 @@ from omniq.core.maintenance import sweep_temp_files
 from omniq.core.models import UTC, EventType, TaskEvent, ensure_utc
 from omniq.core.names import validate_name
 
-from . import _layout as L
+from . import _layout as layout
 
 log = logging.getLogger("omniq.events")
 
@@ -35,8 +35,8 @@ class _Window:
 
     def __init__(self, since: datetime | None, until: datetime | None) -> None:
         self.since, self.until = since, until
-        self.since_ms = None if since is None else L.epoch_ms(since)
-        self.until_ms = None if until is None else L.epoch_ms(until)
+        self.since_ms = None if since is None else layout.epoch_ms(since)
+        self.until_ms = None if until is None else layout.epoch_ms(until)
         self.since_s = None if since is None else since.timestamp()
         self.until_s = None if until is None else until.timestamp()
 
@@ -105,14 +105,14 @@ class AsyncFileEventStorage(AsyncEventStorage):
 
     # -- writing -----------------------------------------------------------------------------
     @staticmethod
-    def _name(event: TaskEvent) -> L.Name:
+    def _name(event: TaskEvent) -> layout.Name:
         validate_name(event.task_id, "task id")
         validate_name(event.id, "event id")
         kind = EventType(event.type)  # ValueError for an unknown type
-        time_ms = L.epoch_ms(event.time)
+        time_ms = layout.epoch_ms(event.time)
         if time_ms < 0:
             raise ValueError(f"event time {event.time.isoformat()} is before 1970")
-        return L.Name(time_ms, event.id, kind.value, event.task_id)
+        return layout.Name(time_ms, event.id, kind.value, event.task_id)
 
     async def log(self, event: TaskEvent) -> None:
         """Record ``event`` (two small files: the primary copy and the per-task index).
@@ -146,10 +146,10 @@ class AsyncFileEventStorage(AsyncEventStorage):
             return
         self.written += 1
 
-    def _log_program(self, name: L.Name, data: bytes) -> Program[None]:
+    def _log_program(self, name: layout.Name, data: bytes) -> Program[None]:
         # The primary copy first: an index entry never exists without it, so cleanup (which
         # walks the primary copies) also removes every index entry.
-        for key in (L.time_key(name), L.task_key(name)):
+        for key in (layout.time_key(name), layout.task_key(name)):
             yield write_op(key, data)
 
     # -- reading -----------------------------------------------------------------------------
@@ -181,7 +181,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
     def _select(
         self,
         prefix: str,
-        listing: Iterable[tuple[str, L.Name | None]],
+        listing: Iterable[tuple[str, layout.Name | None]],
         kind: str | None,
         window: _Window,
     ) -> list[str]:
@@ -199,10 +199,10 @@ class AsyncFileEventStorage(AsyncEventStorage):
     def _task_program(
         self, task_id: str, kind: str | None, window: _Window, limit: int | None
     ) -> Program[list[TaskEvent]]:
-        prefix = f"{L.BY_TASK}/{task_id}"
+        prefix = f"{layout.BY_TASK}/{task_id}"
         listing = yield listdir(prefix)
         keys = self._select(
-            prefix, ((n, L.parse_task_name(task_id, n)) for n in listing), kind, window
+            prefix, ((n, layout.parse_task_name(task_id, n)) for n in listing), kind, window
         )
         out: list[TaskEvent] = []
         yield from self._read(keys, window, out, limit)
@@ -212,18 +212,18 @@ class AsyncFileEventStorage(AsyncEventStorage):
         self, kind: str | None, window: _Window, limit: int | None
     ) -> Program[list[TaskEvent]]:
         out: list[TaskEvent] = []
-        for day in (yield listdirs(L.BY_TIME)):
-            day_start = L.day_start(day)
-            if day_start is None or not window.overlaps(day_start, L.DAY):
+        for day in (yield listdirs(layout.BY_TIME)):
+            day_start = layout.day_start(day)
+            if day_start is None or not window.overlaps(day_start, layout.DAY):
                 continue
-            for hour in (yield listdirs(f"{L.BY_TIME}/{day}")):
-                start = L.hour_start(day_start, hour)
-                if start is None or not window.overlaps(start, L.HOUR):
+            for hour in (yield listdirs(f"{layout.BY_TIME}/{day}")):
+                start = layout.hour_start(day_start, hour)
+                if start is None or not window.overlaps(start, layout.HOUR):
                     continue
-                prefix = f"{L.BY_TIME}/{day}/{hour}"
+                prefix = f"{layout.BY_TIME}/{day}/{hour}"
                 listing = yield listdir(prefix)
                 keys = self._select(
-                    prefix, ((n, L.parse_time_name(n)) for n in listing), kind, window
+                    prefix, ((n, layout.parse_time_name(n)) for n in listing), kind, window
                 )
                 if (yield from self._read(keys, window, out, limit)):
                     return out
@@ -273,26 +273,26 @@ class AsyncFileEventStorage(AsyncEventStorage):
         local = self.store.is_local
         removed = 0
         tasks: set[str] = set()
-        for day in (yield listdirs(L.BY_TIME)):
-            day_start = L.day_start(day)
+        for day in (yield listdirs(layout.BY_TIME)):
+            day_start = layout.day_start(day)
             if day_start is None or day_start >= cutoff:
                 continue
-            for hour in (yield listdirs(f"{L.BY_TIME}/{day}")):
-                start = L.hour_start(day_start, hour)
+            for hour in (yield listdirs(f"{layout.BY_TIME}/{day}")):
+                start = layout.hour_start(day_start, hour)
                 if start is None or start >= cutoff:
                     continue
-                whole = start + L.HOUR <= cutoff
-                prefix = f"{L.BY_TIME}/{day}/{hour}"
+                whole = start + layout.HOUR <= cutoff
+                prefix = f"{layout.BY_TIME}/{day}/{hour}"
                 doomed, index = [], []
                 for name in (yield listdir(prefix)):
-                    parsed = L.parse_time_name(name)
+                    parsed = layout.parse_time_name(name)
                     if parsed is None:
                         if whole:  # a stray file in an old partition: it goes too
                             doomed.append(f"{prefix}/{name}")
                         continue
                     if whole or parsed.time_ms < cutoff_ms:
                         doomed.append(f"{prefix}/{name}")
-                        index.append(L.task_key(parsed))
+                        index.append(layout.task_key(parsed))
                         tasks.add(parsed.task_id)
                 # The index entries first: if this fails half-way, the primary copies are
                 # still there and the next cleanup removes the rest.
@@ -304,10 +304,10 @@ class AsyncFileEventStorage(AsyncEventStorage):
                 if local and whole:
                     yield remove_dir(prefix)
             if local:
-                yield remove_dir(f"{L.BY_TIME}/{day}")
+                yield remove_dir(f"{layout.BY_TIME}/{day}")
         if local:
             for task_id in sorted(tasks):
-                yield remove_dir(f"{L.BY_TASK}/{task_id}")
+                yield remove_dir(f"{layout.BY_TASK}/{task_id}")
         if removed:
             log.info(
                 "deleted %d events older than %s from %s",

@@ -29,7 +29,7 @@ from omniq.core import codec
 from omniq.core.fs import Program, Store, create, delete, stat
 from omniq.core.models import UTC, Claimed, Task
 
-from . import _layout as L
+from . import _layout as layout
 
 log = logging.getLogger("omniq.queue")
 
@@ -56,7 +56,7 @@ class DocumentClaims:
         return lease
 
     def claim(
-        self, cand: L.Candidate, task: Task, current: float, lease: float, worker: str
+        self, cand: layout.Candidate, task: Task, current: float, lease: float, worker: str
     ) -> Program[Claimed | None]:
         claimed = Claimed(
             task=task,
@@ -66,18 +66,18 @@ class DocumentClaims:
             token=uuid.uuid4().hex,
             claimed_at=_dt(current),
         )
-        run = L.run_key(task.queue, task.id, cand.attempt)
+        run = layout.run_key(task.queue, task.id, cand.attempt)
         if (yield create(run, codec.encode(claimed))):
             yield from self.spend(cand)
             return claimed
         yield from self.lost(cand, run)
         return None
 
-    def lost(self, cand: L.Candidate, run: str) -> Program[None]:
+    def lost(self, cand: layout.Candidate, run: str) -> Program[None]:
         """The attempt is claimed (or over): its copy is stale and is removed."""
         yield from self.spend(cand)
 
-    def spend(self, cand: L.Candidate) -> Program[None]:
+    def spend(self, cand: layout.Candidate) -> Program[None]:
         """Remove a copy (and its due marker) whose attempt is claimed or over. Best effort:
         a copy left behind is harmless (see the module docstring)."""
         for key in (cand.key, cand.marker):
@@ -89,16 +89,16 @@ class DocumentClaims:
                 log.warning("could not remove %s (removed later): %s", key, exc)
 
     def decide(
-        self, queue: str, task_id: str, attempt: int, record: L.Record, current: float
+        self, queue: str, task_id: str, attempt: int, record: layout.Record, current: float
     ) -> Program[bool]:
         """Create the attempt's outcome ``record``; True if this call created it."""
-        data = L.encode_record(record)
-        return bool((yield create(L.outcome_key(queue, task_id, attempt), data)))
+        data = layout.encode_record(record)
+        return bool((yield create(layout.outcome_key(queue, task_id, attempt), data)))
 
     def read_claim(self, queue: str, key: str, data: bytes) -> Program[Claimed | None]:
         """The claim file ``key`` (its bytes ``data``) as a Claimed, None if unreadable."""
         yield from ()
-        return L.as_claim(data, 0.0, queue, key)
+        return layout.as_claim(data, 0.0, queue, key)
 
     def lease_end(self, key: str, claimed: Claimed) -> Program[float | None]:
         """When the lease of a claim without epochs ends (None: the claim is gone)."""
@@ -107,7 +107,7 @@ class DocumentClaims:
         info = yield stat(key)  # a taken ready file (see _claim_link)
         return None if info is None else info.mtime
 
-    def filter(self, queue: str, found: list[L.Candidate]) -> Program[list[L.Candidate]]:
+    def filter(self, queue: str, found: list[layout.Candidate]) -> Program[list[layout.Candidate]]:
         """Candidates worth a claim attempt, from a listing."""
         yield from ()
         return found

@@ -27,7 +27,7 @@ import msgspec
 from omniq.core.fs import Program, TakeStatus, exists, link, owner, stat, take
 from omniq.core.models import Claimed, Task
 
-from . import _layout as L
+from . import _layout as layout
 from ._claim_document import DocumentClaims, _dt
 
 
@@ -35,20 +35,22 @@ class LinkClaims(DocumentClaims):
     name = "link"
 
     def decide(
-        self, queue: str, task_id: str, attempt: int, record: L.Record, current: float
+        self, queue: str, task_id: str, attempt: int, record: layout.Record, current: float
     ) -> Program[bool]:
         # An ack links the claim file itself to the outcome name (exclusive, EEXIST like any
         # create) and stamps the time: no file is created, which is what an ack cost before
         # outcomes were exclusive. A name there already decided the attempt first.
-        if record.state == L.State.DONE:
+        if record.state == layout.State.DONE:
             made = yield link(
-                L.run_key(queue, task_id, attempt), L.outcome_key(queue, task_id, attempt), current
+                layout.run_key(queue, task_id, attempt),
+                layout.outcome_key(queue, task_id, attempt),
+                current,
             )
             if made is not None:
                 return bool(made)
         return (yield from super().decide(queue, task_id, attempt, record, current))
 
-    def lost(self, cand: L.Candidate, run: str) -> Program[None]:
+    def lost(self, cand: layout.Candidate, run: str) -> Program[None]:
         # Without hard links a create is decided by a lock name before the file appears
         # (LocalOps._create_excl): the copy goes only once the claim is there to guard it.
         if (yield exists(run)):
@@ -60,7 +62,7 @@ class LinkClaims(DocumentClaims):
     scan_outcomes_first = True
 
     def read_claim(self, queue: str, key: str, data: bytes) -> Program[Claimed | None]:
-        claimed = L.as_claim(data, 0.0, queue, key)
+        claimed = layout.as_claim(data, 0.0, queue, key)
         if claimed is None or claimed.token:
             return claimed
         # A taken ready file: its lease is its mtime, its worker the extended attribute.
@@ -76,9 +78,9 @@ class LinkClaims(DocumentClaims):
         return clock_skew  # a taken file's mtime is when its lease ends
 
     def claim(
-        self, cand: L.Candidate, task: Task, current: float, lease: float, worker: str
+        self, cand: layout.Candidate, task: Task, current: float, lease: float, worker: str
     ) -> Program[Claimed | None]:
-        run = L.run_key(task.queue, task.id, cand.attempt)
+        run = layout.run_key(task.queue, task.id, cand.attempt)
         taken = yield take(cand.key, run, current + lease, worker)
         if taken.status is TakeStatus.REFUSED:
             return (yield from super().claim(cand, task, current, lease, worker))

@@ -18,7 +18,7 @@ import logging
 
 from omniq.core.fs import Program, Store, delete_many, listafter
 
-from . import _layout as L
+from . import _layout as layout
 from ._claim_document import DocumentClaims
 
 log = logging.getLogger("omniq.queue")
@@ -31,7 +31,7 @@ class S3Claims(DocumentClaims):
         super().__init__(store, batch)
         self._spent: list[str] = []
 
-    def spend(self, cand: L.Candidate) -> Program[None]:
+    def spend(self, cand: layout.Candidate) -> Program[None]:
         self._spent += [cand.key, cand.marker] if cand.marker else [cand.key]
         if len(self._spent) >= self.batch:
             try:
@@ -53,7 +53,7 @@ class S3Claims(DocumentClaims):
     def pending(self) -> bool:
         return bool(self._spent)
 
-    def filter(self, queue: str, found: list[L.Candidate]) -> Program[list[L.Candidate]]:
+    def filter(self, queue: str, found: list[layout.Candidate]) -> Program[list[layout.Candidate]]:
         """Drop (and delete) candidates whose attempt is already claimed or finished: copies
         left by a claimer that deferred their deletion, or died before it."""
         if not found:

@@ -30,7 +30,7 @@ from omniq.core.fs import (
 from omniq.core.models import UTC, QueueSize, Task, TaskInfo, TaskStatus
 from omniq.core.names import validate_name
 
-from . import _layout as L
+from . import _layout as layout
 from ._layout import State
 from ._leases import group_run, quietly
 
@@ -82,7 +82,7 @@ class QueueInspection:
             [
                 Entry(n, 0, 0.0)
                 for n in names
-                if (p := L.parse_run_name(n)) is not None
+                if (p := layout.parse_run_name(n)) is not None
                 and p.task_id == task_id
                 and p.part not in ("i", "q")  # an intent says nothing about where it stands
             ]
@@ -97,7 +97,7 @@ class QueueInspection:
         last = names_of.requeued or names_of.outcome
         if last is not None:
             data = yield read(f"{queue}/run/{last.name}")
-            rec = None if data is None else L.parse_outcome(data)
+            rec = None if data is None else layout.parse_outcome(data)
             if rec is None:
                 return None
             if rec.state in State.SPAWNING and rec.next is not None:
@@ -107,11 +107,11 @@ class QueueInspection:
                 return (yield from self._dead_letter(queue, task_id))
             status = _OUTCOME_STATUS.get(rec.state, TaskStatus.DONE)
             return TaskInfo(task=None, status=status, attempt=attempt), ""
-        run = L.run_key(queue, task_id, attempt)
+        run = layout.run_key(queue, task_id, attempt)
         data = yield read(run)
         if data is None:
             return None
-        if (ended := L.tombstone_state(data)) is not None:
+        if (ended := layout.tombstone_state(data)) is not None:
             return TaskInfo(task=None, status=TaskStatus(ended), attempt=attempt), ""
         claimed = yield from self.claims.read_claim(queue, run, data)
         if claimed is None:
@@ -119,8 +119,8 @@ class QueueInspection:
         lease_until = claimed.lease_until
         epoch = max(names_of.epochs, default=0)
         if epoch:
-            raw = yield read(L.epoch_key(queue, task_id, attempt, epoch))
-            rec = None if raw is None else L.parse_record(raw)
+            raw = yield read(layout.epoch_key(queue, task_id, attempt, epoch))
+            rec = None if raw is None else layout.parse_record(raw)
             if rec is not None and rec.lease_until is not None:
                 lease_until = datetime.fromtimestamp(rec.lease_until, UTC)
         return TaskInfo(
@@ -136,20 +136,20 @@ class QueueInspection:
     ) -> Program[tuple[TaskInfo, str] | None]:
         """Attempt ``attempt`` stored as ready (at the priority of ``task``, else at any) or
         delayed."""
-        ranks = [L.rank(task.priority)] if task else (yield listdirs(f"{queue}/ready"))
+        ranks = [layout.rank(task.priority)] if task else (yield listdirs(f"{queue}/ready"))
         for rank_dir in ranks:
             key = f"{queue}/ready/{rank_dir}/{task_id}.{attempt}.json"
             body = yield read(key)
             if body is not None:
                 return self._info(body, TaskStatus.PENDING, attempt), key
-        key = L.sched_key(queue, task_id, attempt)
+        key = layout.sched_key(queue, task_id, attempt)
         body = yield read(key)
         if body is not None:
             return self._info(body, TaskStatus.SCHEDULED, attempt), key
         return None
 
     def _dead_letter(self, queue: str, task_id: str) -> Program[tuple[TaskInfo, str] | None]:
-        key = L.dead_key(queue, task_id)
+        key = layout.dead_key(queue, task_id)
         body = yield read(key)
         if body is None:
             return None
@@ -185,12 +185,16 @@ class QueueInspection:
         if info.status in (TaskStatus.PENDING, TaskStatus.SCHEDULED):
             assert info.attempt is not None
             # The claim name, exclusive: a claimer racing this cancel wins or loses it whole.
-            if (yield create(L.run_key(queue, task_id, info.attempt), L.tombstone(L.CANCELLED))):
+            if (
+                yield create(
+                    layout.run_key(queue, task_id, info.attempt), layout.tombstone(layout.CANCELLED)
+                )
+            ):
                 yield delete(key)
                 task = info.task
                 if info.status is TaskStatus.SCHEDULED and task is not None and task.eta:
                     yield delete(
-                        L.due_key(
+                        layout.due_key(
                             queue,
                             int(task.eta.timestamp() * 1000),
                             task.priority,
@@ -206,7 +210,7 @@ class QueueInspection:
         if info.status is TaskStatus.RUNNING and info.attempt is not None:
             # Per attempt: a request that arrives after the attempt ended cancels nothing
             # later, and is removed with the attempt's records.
-            yield write(L.cancel_key(queue, task_id, info.attempt), b"")
+            yield write(layout.cancel_key(queue, task_id, info.attempt), b"")
             return True
         return False
 
@@ -228,7 +232,7 @@ class QueueInspection:
         running = sum(
             1
             for a in attempts.values()
-            if a.claim is not None and a.claim.size > L.TOMBSTONE_MAX and not a.decided
+            if a.claim is not None and a.claim.size > layout.TOMBSTONE_MAX and not a.decided
         )
         dead = yield count(f"{queue}/dead")
         return QueueSize(ready=ready, scheduled=scheduled, running=running, dead=dead)
@@ -240,7 +244,7 @@ class QueueInspection:
         given) comes due; None if there is none (among the next 256)."""
         validate_name(queue, "queue name")
         for name in await self.store.run(_head(f"{queue}/due", 256)):
-            candidate = L.due_candidate(queue, name)
+            candidate = layout.due_candidate(queue, name)
             if candidate is None:
                 continue
             due = datetime.fromtimestamp(candidate.time_ms / 1000, UTC)
@@ -313,10 +317,10 @@ class QueueInspection:
             current = yield now()
             # Exclusive per dead attempt: two requeues of one dead letter make one attempt.
             # The intent first, as for an outcome (see _leases).
-            intent = L.intent_key(queue, task.id, task.attempt, requeue=True)
-            yield write(intent, L.record(State.INTENT, current))
-            data = L.record(State.REQUEUED, current, next=nxt)
-            if (yield create(L.requeue_key(queue, task.id, task.attempt), data)):
+            intent = layout.intent_key(queue, task.id, task.attempt, requeue=True)
+            yield write(intent, layout.record(State.INTENT, current))
+            data = layout.record(State.REQUEUED, current, next=nxt)
+            if (yield create(layout.requeue_key(queue, task.id, task.attempt), data)):
                 if (yield from self._follow_up(State.REQUEUED, nxt, current)):
                     yield from quietly(delete(intent))
                 count += 1

@@ -45,7 +45,7 @@ from omniq.core.fs import (
 from omniq.core.models import UTC, Claimed, ErrorInfo, EventType, Task, TaskStatus
 from omniq.core.names import validate_name
 
-from . import _layout as L
+from . import _layout as layout
 from ._layout import State
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def group_run(entries: list[Entry]) -> dict[tuple[str, int], Attempt]:
     """``run/`` entries grouped by attempt."""
     attempts: dict[tuple[str, int], Attempt] = {}
     for entry in entries:
-        parsed = L.parse_run_name(entry.name)
+        parsed = layout.parse_run_name(entry.name)
         if parsed is not None:
             key = (parsed.task_id, parsed.attempt)
             attempts.setdefault(key, Attempt()).add(parsed.part, entry)
@@ -165,12 +165,12 @@ class LeaseHandling:
         current: float,
         worker: str = "",
     ) -> Program[bool]:
-        record = L.Record(state=state, nonce="", at=current, worker=worker or None, next=nxt)
-        intent = L.intent_key(queue, task_id, attempt)
+        record = layout.Record(state=state, nonce="", at=current, worker=worker or None, next=nxt)
+        intent = layout.intent_key(queue, task_id, attempt)
         if nxt is not None:
             # Before the outcome: whoever dies after it leaves this for the reaper. A writer
             # that loses the race leaves it too (the winner may still be on its follow-up).
-            yield write(intent, L.record(State.INTENT, current))
+            yield write(intent, layout.record(State.INTENT, current))
         if not (yield from self.claims.decide(queue, task_id, attempt, record, current)):
             return False
         if (yield from self._follow_up(state, nxt, current)) and nxt is not None:
@@ -190,7 +190,7 @@ class LeaseHandling:
             return False
         try:
             if state == State.DEAD:
-                yield write(L.dead_key(nxt.queue, nxt.id), codec.encode(nxt))
+                yield write(layout.dead_key(nxt.queue, nxt.id), codec.encode(nxt))
             else:
                 yield from self._enqueue_program([(nxt, codec.encode(nxt))])
         except Exception as exc:
@@ -204,7 +204,7 @@ class LeaseHandling:
             return False
         return True
 
-    def _followed(self, rec: L.Record) -> Program[bool]:
+    def _followed(self, rec: layout.Record) -> Program[bool]:
         """Whether the follow-up of decision ``rec`` exists. Attempt n+1 is looked for by its
         claim, which stays until ``tombstone_ttl`` after n+1 ends (its copy may be claimed at
         any moment: re-creating a claimed copy is harmless, its claimers find the claim); the
@@ -213,10 +213,10 @@ class LeaseHandling:
         nxt = rec.next
         assert nxt is not None
         if rec.state != State.DEAD:
-            return bool((yield exists(L.run_key(nxt.queue, nxt.id, nxt.attempt))))
-        if (yield exists(L.dead_key(nxt.queue, nxt.id))):
+            return bool((yield exists(layout.run_key(nxt.queue, nxt.id, nxt.attempt))))
+        if (yield exists(layout.dead_key(nxt.queue, nxt.id))):
             return True
-        return bool((yield exists(L.requeue_key(nxt.queue, nxt.id, nxt.attempt))))
+        return bool((yield exists(layout.requeue_key(nxt.queue, nxt.id, nxt.attempt))))
 
     def _finish_intent(
         self, queue: str, task_id: str, attempt: int, requeue: bool, current: float
@@ -224,17 +224,17 @@ class LeaseHandling:
         """An intent left behind: finish the follow-up of the decision it announced (if that
         decision was made), then remove it. Returns ``"redone"``, ``"cleared"`` (nothing was
         missing) or ``"left"`` (undecided, or the follow-up failed: the intent stays)."""
-        key = L.requeue_key if requeue else L.outcome_key
+        key = layout.requeue_key if requeue else layout.outcome_key
         data = yield read(key(queue, task_id, attempt))
         if data is None:
             return "left"  # undecided: its writer died first (a take-over decides) or is slow
-        rec = L.parse_outcome(data)
+        rec = layout.parse_outcome(data)
         status = "cleared"
         if rec is not None and rec.next is not None and not (yield from self._followed(rec)):
             if not (yield from self._follow_up(rec.state, rec.next, current)):
                 return "left"
             status = "redone"
-        yield from quietly(delete(L.intent_key(queue, task_id, attempt, requeue)))
+        yield from quietly(delete(layout.intent_key(queue, task_id, attempt, requeue)))
         return status
 
     async def ack(self, claimed: Claimed) -> None:
@@ -335,20 +335,20 @@ class LeaseHandling:
         current = yield now()
         if self._too_late(claimed, current):
             return None
-        cancel = L.cancel_key(queue, task_id, attempt)
+        cancel = layout.cancel_key(queue, task_id, attempt)
         if (yield exists(cancel)):
             if not (yield from self._decide(claimed, State.CANCELLED, None)):
                 return None
             yield from quietly(delete(cancel))
             return False
         epoch = claimed.epoch + 1
-        data = L.record(
+        data = layout.record(
             State.LEASE, current, lease_until=current + seconds, worker=claimed.worker_id
         )
-        if not (yield create(L.epoch_key(queue, task_id, attempt, epoch), data)):
+        if not (yield create(layout.epoch_key(queue, task_id, attempt, epoch), data)):
             return None  # a reaper's fence (or a finished attempt's clean-up) came first
         if claimed.epoch:  # the newest two epochs are enough for anyone
-            yield from quietly(delete(L.epoch_key(queue, task_id, attempt, claimed.epoch)))
+            yield from quietly(delete(layout.epoch_key(queue, task_id, attempt, claimed.epoch)))
         return msgspec.structs.replace(claimed, epoch=epoch, lease_until=_dt(current + seconds))
 
     # -- the reaper ------------------------------------------------------------------------
@@ -393,7 +393,7 @@ class LeaseHandling:
             name = entry.name
             if not name.endswith(".json"):
                 return note(entry)
-            if entry.size <= L.TOMBSTONE_MAX:
+            if entry.size <= layout.TOMBSTONE_MAX:
                 return entry.mtime < old
             return entry.mtime < suspect and hash(name[:-5]) not in recent
 
@@ -433,7 +433,7 @@ class LeaseHandling:
                     yield from self._cleanable(queue, task_id, attempt, names, decided)
                 ):
                     spent.append((task_id, attempt, names))
-            elif names.claim is not None and names.claim.size <= L.TOMBSTONE_MAX:
+            elif names.claim is not None and names.claim.size <= layout.TOMBSTONE_MAX:
                 if not held:
                     spent.append((task_id, attempt, names))  # ended unclaimed, over ttl ago
             elif names.claim is not None:
@@ -441,7 +441,7 @@ class LeaseHandling:
                 if claimed is not None:
                     taken.append(claimed)
             elif max(e.mtime for e in names.records()) < old and not (
-                yield exists(L.run_key(queue, task_id, attempt))
+                yield exists(layout.run_key(queue, task_id, attempt))
             ):
                 # Left by a partial clean-up (the claim goes before the records). A claim
                 # younger than the listing's cut is live: its records are not touched.
@@ -468,8 +468,8 @@ class LeaseHandling:
         if names.requeued is not None:
             spawning = True
         else:
-            data = yield read(L.outcome_key(queue, task_id, attempt))
-            rec = None if data is None else L.parse_outcome(data)
+            data = yield read(layout.outcome_key(queue, task_id, attempt))
+            rec = None if data is None else layout.parse_outcome(data)
             spawning = rec is None or rec.state in State.SPAWNING  # unreadable: kept
         if spawning:
             self._spawning.add((queue, task_id, attempt))
@@ -478,11 +478,11 @@ class LeaseHandling:
     def _take_over(
         self, queue: str, task_id: str, attempt: int, names: Attempt, current: float
     ) -> Program[Claimed | None]:
-        key = L.run_key(queue, task_id, attempt)
+        key = layout.run_key(queue, task_id, attempt)
         data = yield read(key)
-        if data is None or len(data) <= L.TOMBSTONE_MAX:
+        if data is None or len(data) <= layout.TOMBSTONE_MAX:
             return None
-        claimed = L.as_claim(data, 0.0, queue, key)
+        claimed = layout.as_claim(data, 0.0, queue, key)
         if claimed is None:
             if not codec.is_newer_schema(data):
                 yield from self._quarantine(key, data, SerializationError("unreadable claim"))
@@ -490,8 +490,8 @@ class LeaseHandling:
         epoch = max(names.epochs, default=0)
         fenced = False
         if epoch:
-            raw = yield read(L.epoch_key(queue, task_id, attempt, epoch))
-            rec = None if raw is None else L.parse_record(raw)
+            raw = yield read(layout.epoch_key(queue, task_id, attempt, epoch))
+            rec = None if raw is None else layout.parse_record(raw)
             if rec is None:
                 return None  # replaced by a newer heartbeat since the listing
             fenced = rec.state == State.FENCE  # a reaper died between fence and outcome
@@ -508,8 +508,8 @@ class LeaseHandling:
                 return None
             # The fence: the epoch the holder's next heartbeat would create. Whoever creates
             # it first wins; a heartbeat landing later fails and extends nothing.
-            fence = L.record(State.FENCE, current)
-            if not (yield create(L.epoch_key(queue, task_id, attempt, epoch + 1), fence)):
+            fence = layout.record(State.FENCE, current)
+            if not (yield create(layout.epoch_key(queue, task_id, attempt, epoch + 1), fence)):
                 return None
         nxt = msgspec.structs.replace(claimed.task, attempt=attempt + 1, eta=None)
         if not (yield from self._outcome(queue, task_id, attempt, State.LOST, nxt, current)):
@@ -525,10 +525,13 @@ class LeaseHandling:
         copies, claims, records = [], [], []
         for task_id, attempt, names in spent:
             copies += [f"{queue}/ready/{r}/{task_id}.{attempt}.json" for r in ranks]
-            copies += [L.sched_key(queue, task_id, attempt), L.cancel_key(queue, task_id, attempt)]
+            copies += [
+                layout.sched_key(queue, task_id, attempt),
+                layout.cancel_key(queue, task_id, attempt),
+            ]
             # The claim by its name: a claim younger than the listing's cut (a lease longer
             # than tombstone_ttl) is not in the listing, and must go before its outcome.
-            claims.append(L.run_key(queue, task_id, attempt))
+            claims.append(layout.run_key(queue, task_id, attempt))
             records += [f"{queue}/run/{n}" for n in names.names() if not n.endswith(".json")]
             self._spawning.discard((queue, task_id, attempt))
         yield delete_many(copies)
@@ -554,11 +557,11 @@ class LeaseHandling:
             if last is None or last.mtime >= settle or (task_id, attempt + 1) in attempts:
                 continue
             data = yield read(f"{queue}/run/{last.name}")
-            rec = None if data is None else L.parse_outcome(data)
+            rec = None if data is None else layout.parse_outcome(data)
             if rec is None or rec.next is None:
                 continue
             if rec.state == State.DEAD:
-                if (yield exists(L.dead_key(queue, task_id))):
+                if (yield exists(layout.dead_key(queue, task_id))):
                     continue
             elif (yield from self._pending(rec.next)):
                 continue
@@ -567,10 +570,10 @@ class LeaseHandling:
         markers = {
             (c.task_id, c.attempt)
             for name in (yield listdir(f"{queue}/due"))
-            if (c := L.due_candidate(queue, name)) is not None
+            if (c := layout.due_candidate(queue, name)) is not None
         }
         for entry in (yield listdir(f"{queue}/sched", True)):
-            parsed = L.split_id_attempt(entry.name.removesuffix(".json"))
+            parsed = layout.split_id_attempt(entry.name.removesuffix(".json"))
             if parsed is None or parsed in markers or entry.mtime >= settle:
                 continue
             body = yield read(f"{queue}/sched/{entry.name}")
@@ -579,16 +582,16 @@ class LeaseHandling:
             except SerializationError:
                 continue
             eta = task.eta.timestamp() if task.eta else current
-            yield write(L.due_key(queue, int(eta * 1000), task.priority, *parsed), b"")
+            yield write(layout.due_key(queue, int(eta * 1000), task.priority, *parsed), b"")
             redone += 1
         return redone
 
     def _pending(self, task: Task) -> Program[bool]:
         """Whether attempt ``task.attempt`` is stored as ready or delayed."""
-        ready = L.ready_key(task.queue, task.priority, task.id, task.attempt)
+        ready = layout.ready_key(task.queue, task.priority, task.id, task.attempt)
         if (yield exists(ready)):
             return True
-        return bool((yield exists(L.sched_key(task.queue, task.id, task.attempt))))
+        return bool((yield exists(layout.sched_key(task.queue, task.id, task.attempt))))
 
 
 def quietly(op: Any) -> Program[None]:

@@ -45,7 +45,7 @@ from omniq.core.models import (
 )
 from omniq.core.names import validate_name
 
-from . import _layout as L
+from . import _layout as layout
 from ._claim_document import DocumentClaims
 from ._claim_link import LinkClaims
 from ._claim_s3 import S3Claims
@@ -62,7 +62,7 @@ class _Cache:
 
     __slots__ = ("at", "items")
 
-    def __init__(self, at: float, items: list[L.Candidate]) -> None:
+    def __init__(self, at: float, items: list[layout.Candidate]) -> None:
         self.at = at
         self.items = items
 
@@ -210,12 +210,14 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
                 eta_ms = int(task.eta.timestamp() * 1000)
                 # Body first: a claimer that lists the marker finds the body. A crash between
                 # the two leaves a body without a marker, which ``repair`` marks.
-                yield write(L.sched_key(task.queue, task.id, task.attempt), data)
+                yield write(layout.sched_key(task.queue, task.id, task.attempt), data)
                 yield write(
-                    L.due_key(task.queue, eta_ms, task.priority, task.id, task.attempt), b""
+                    layout.due_key(task.queue, eta_ms, task.priority, task.id, task.attempt), b""
                 )
             else:
-                ready.append((L.ready_key(task.queue, task.priority, task.id, task.attempt), data))
+                ready.append(
+                    (layout.ready_key(task.queue, task.priority, task.id, task.attempt), data)
+                )
         if ready:
             yield create_many(ready)
 
@@ -346,7 +348,7 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
             cache = None
 
     def _claim_many_program(
-        self, queue: str, picks: list[L.Candidate], lease: float, worker: str
+        self, queue: str, picks: list[layout.Candidate], lease: float, worker: str
     ) -> Program[list[Claimed | Task | None]]:
         out: list[Claimed | Task | None] = []
         for candidate in picks:
@@ -360,27 +362,27 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
                 break
         return out
 
-    def _pick(self, items: list[L.Candidate]) -> int:
+    def _pick(self, items: list[layout.Candidate]) -> int:
         """A random index among the first ``spread`` candidates of the top priority, so that
         workers polling the same queue rarely race for the same file."""
         top, window = items[0].rank, min(self.spread, len(items))
         same = next((i for i in range(1, window) if items[i].rank != top), window)
         return random.randrange(same)
 
-    def _scan_program(self, queue: str) -> Program[list[L.Candidate]]:
+    def _scan_program(self, queue: str) -> Program[list[layout.Candidate]]:
         if self.claims.pending:  # deferred deletes first: the listing then no longer shows them
             yield from self.claims.flush()
-        found: list[L.Candidate] = []
+        found: list[layout.Candidate] = []
         for rank_dir in (yield listdirs(f"{queue}/ready")):
             for name in (yield listhead(f"{queue}/ready/{rank_dir}", self.batch)):
-                candidate = L.ready_candidate(queue, rank_dir, name)
+                candidate = layout.ready_candidate(queue, rank_dir, name)
                 if candidate is not None:
                     found.append(candidate)
             if len(found) >= self.batch:
                 break
         current_ms = (yield now()) * 1000
         for name in (yield listhead(f"{queue}/due", self.batch)):
-            candidate = L.due_candidate(queue, name)
+            candidate = layout.due_candidate(queue, name)
             if candidate is None:
                 continue
             if candidate.time_ms > current_ms:
@@ -390,7 +392,7 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
         return (yield from self.claims.filter(queue, found[: self.batch]))
 
     def _claim_program(
-        self, queue: str, cand: L.Candidate, lease: float, worker: str
+        self, queue: str, cand: layout.Candidate, lease: float, worker: str
     ) -> Program[Claimed | Task | None]:
         body = yield read(cand.key)
         if body is None:  # claimed by someone else meanwhile, or a marker without its body
@@ -413,19 +415,21 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
             return None
         current = yield now()
         if task.is_expired(datetime.fromtimestamp(current, UTC)):
-            won = yield create(L.run_key(queue, task.id, cand.attempt), L.tombstone(L.EXPIRED))
+            won = yield create(
+                layout.run_key(queue, task.id, cand.attempt), layout.tombstone(layout.EXPIRED)
+            )
             yield from self.claims.spend(cand)
             return task if won else None
         return (yield from self.claims.claim(cand, task, current, lease, worker))
 
-    def _unbodied_marker(self, queue: str, cand: L.Candidate) -> Program[None]:
+    def _unbodied_marker(self, queue: str, cand: layout.Candidate) -> Program[None]:
         assert cand.marker is not None
         """A due marker whose body is missing: its attempt was claimed (the claimer died
         before removing the marker) -- remove it; else the body may still be on its way
         (bodies are written first, but a retried PUT can be slow): leave it until it is
         ``tombstone_ttl`` past due, then remove it as orphaned."""
         current = yield now()
-        claimed = yield exists(L.run_key(queue, cand.task_id, cand.attempt))
+        claimed = yield exists(layout.run_key(queue, cand.task_id, cand.attempt))
         if claimed or current * 1000 > cand.time_ms + self.tombstone_ttl * 1000:
             if not claimed:
                 log.warning("removing orphaned due marker %s (no body)", cand.marker)

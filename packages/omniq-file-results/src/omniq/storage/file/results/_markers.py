@@ -22,7 +22,7 @@ from omniq.core import codec
 from omniq.core.errors import InvalidNameError, SerializationError
 from omniq.core.names import validate_name
 
-from . import _layout as L
+from . import _layout as layout
 
 MARKER_VERSION = 1
 MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last instant a datetime holds
@@ -81,11 +81,11 @@ def batch_writes(pairs: Iterable[Pair]) -> list[tuple[str, bytes]]:
     """``(key, body)`` of the batch markers holding ``pairs``: one per expiry hour."""
     by_bucket: dict[str, set[Pair]] = {}
     for pair in pairs:
-        by_bucket.setdefault(L.bucket(pair[0]), set()).add(pair)
+        by_bucket.setdefault(layout.bucket(pair[0]), set()).add(pair)
     out = []
     for group in by_bucket.values():
         first = min(ms for ms, _ in group)
-        out.append((L.batch_key(first, uuid.uuid4().hex), encode_batch(group)))
+        out.append((layout.batch_key(first, uuid.uuid4().hex), encode_batch(group)))
     return out
 
 

@@ -39,7 +39,7 @@ from omniq.core.maintenance import sweep_temp_files
 from omniq.core.models import SCHEMA_VERSION, UTC, ErrorInfo, ResultStatus, TaskResult
 from omniq.core.names import validate_name
 
-from . import _layout as L
+from . import _layout as layout
 from ._markers import MarkerBuffer, NewerMarkerError, Pair, batch_writes, decode_batch
 
 log = logging.getLogger("omniq.results")
@@ -231,7 +231,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
             )
             return
         if prepared.expires_at is not None and not single:
-            pair = (L.epoch_ms(prepared.expires_at), prepared.task_id)
+            pair = (layout.epoch_ms(prepared.expires_at), prepared.task_id)
             self._markers.add(pair, self.store.clock())
         if self._markers.due(self.store.clock()):
             try:
@@ -248,7 +248,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
     def _set_program(
         self, result: TaskResult, data: bytes, check_attempt: bool = True, marker: bool = True
     ) -> Program[int | None]:
-        key = L.result_key(result.task_id)
+        key = layout.result_key(result.task_id)
         old = (yield read(key)) if check_attempt else None
         if old is not None:
             try:
@@ -259,7 +259,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
             if stored is not None and stored > result.attempt:
                 return stored
         if marker and result.expires_at is not None:  # marker_batch=1: its own marker first
-            yield write(L.marker_key(L.epoch_ms(result.expires_at), result.task_id), b"")
+            yield write(layout.marker_key(layout.epoch_ms(result.expires_at), result.task_id), b"")
         yield write(key, data)
         return None
 
@@ -314,7 +314,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
                 raise newer from exc
             yield from self._quarantine(key, data, exc)
             return None
-        if L.result_key(result.task_id) != key:
+        if layout.result_key(result.task_id) != key:
             yield from self._quarantine(
                 key, data, f"the document is the result of task {result.task_id!r}"
             )
@@ -326,7 +326,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
     ) -> Program[None]:
         """Copy an unreadable file aside, then remove it unless it was rewritten meanwhile."""
         name = key.rsplit("/", 1)[-1]
-        target = f"{L.QUARANTINE}/{name}.{time.time_ns()}-{uuid.uuid4().hex[:8]}"
+        target = f"{layout.QUARANTINE}/{name}.{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         yield write(target, data)
         if (yield read(key)) == data:
             yield delete(key)
@@ -343,7 +343,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
         return await self.store.run(self._get_program(task_id))
 
     def _get_program(self, task_id: str) -> Program[TaskResult | None]:
-        key = L.result_key(task_id)
+        key = layout.result_key(task_id)
         data = yield read(key)
         if data is None:
             return None
@@ -382,7 +382,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
         return await self.store.run(self._delete_program(task_id))
 
     def _delete_program(self, task_id: str) -> Program[bool]:
-        key = L.result_key(task_id)
+        key = layout.result_key(task_id)
         if not (yield exists(key)):
             return False
         yield delete(key)  # its expiry marker, if any, goes at the next cleanup_expired
@@ -420,10 +420,12 @@ class AsyncFileResultStorage(AsyncResultStorage):
     def _cleanup_program(self) -> Program[int]:
         current = yield now()
         removed = 0
-        for name in (yield listdirs(L.EXPIRY)):
-            start = L.bucket_start(name)
+        for name in (yield listdirs(layout.EXPIRY)):
+            start = layout.bucket_start(name)
             if start is not None and start <= current:
-                removed += yield from self._cleanup_bucket(f"{L.EXPIRY}/{name}", start, current)
+                removed += yield from self._cleanup_bucket(
+                    f"{layout.EXPIRY}/{name}", start, current
+                )
         return removed
 
     def _cleanup_bucket(self, prefix: str, start: float, current: float) -> Program[int]:
@@ -439,8 +441,8 @@ class AsyncFileResultStorage(AsyncResultStorage):
         kept = 0  # markers left in the bucket (so that it is not removed)
         batch_keys: builtins.list[str] = []
         for marker in (yield listdir(prefix)):
-            single = L.parse_marker(marker)
-            first = L.parse_batch(marker) if single is None else None
+            single = layout.parse_marker(marker)
+            first = layout.parse_batch(marker) if single is None else None
             if single is not None and single[0] <= now_ms:
                 due.setdefault(single[1], []).append((single[0], f"{prefix}/{marker}"))
             elif first is not None and first <= now_ms:
@@ -468,11 +470,11 @@ class AsyncFileResultStorage(AsyncResultStorage):
         removed = 0
         for lo in range(0, len(ids), self.batch):
             chunk = ids[lo : lo + self.batch]
-            bodies = yield read_many(L.result_key(t) for t in chunk)
+            bodies = yield read_many(layout.result_key(t) for t in chunk)
             doomed: builtins.list[str] = []
             spent: builtins.list[str] = []
             for task_id in chunk:
-                key = L.result_key(task_id)
+                key = layout.result_key(task_id)
                 data = bodies.get(key)
                 try:
                     result = None if data is None else (yield from self._decode(key, data))
@@ -485,7 +487,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
                 live = (
                     None
                     if result is None or result.expires_at is None
-                    else L.epoch_ms(result.expires_at)
+                    else layout.epoch_ms(result.expires_at)
                 )
                 for ms, ref in due[task_id]:
                     if not expired and ms == live:  # due this very millisecond, not expired
@@ -507,7 +509,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
             kept += 1
         if touched:
             yield delete_many(b.key for b in touched)
-        if not kept and start + L.BUCKET_SECONDS <= current:
+        if not kept and start + layout.BUCKET_SECONDS <= current:
             yield remove_dir(prefix)
         return removed
 
@@ -523,8 +525,8 @@ class AsyncFileResultStorage(AsyncResultStorage):
         return None
 
     def _stored_keys(self) -> Program[builtins.list[str]]:
-        names = yield listdir(L.RESULTS)
-        return [f"{L.RESULTS}/{n}" for n in names if L.task_id_of(n) is not None]
+        names = yield listdir(layout.RESULTS)
+        return [f"{layout.RESULTS}/{n}" for n in names if layout.task_id_of(n) is not None]
 
     def _read_results(
         self, keys: builtins.list[str], warn_newer: bool
