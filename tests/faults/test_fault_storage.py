@@ -73,6 +73,17 @@ def test_create_of_existing_key_without_fault_reports_not_created(faulty) -> Non
     assert ops.create("k", b"one") is True
 
 
+def test_create_whose_last_try_landed_unseen_reports_created(faulty) -> None:
+    # Found by the network-fault suite (a "phantom claim" on GCS): three tries never reached
+    # the store, the fourth landed and its response was lost. No retry is left to be answered
+    # "exists": a last look finds this call's bytes, so the claim is not left unowned.
+    script = {("create", n): "before" for n in (1, 2, 3)} | {("create", 4): "after"}
+    faults = _scripted(faulty, script)
+    ops, _ = _ops(faults)
+    assert ops.create("run/d.1.json", b"token-4") is True
+    assert faults.count("create", "after") == 1
+
+
 def test_create_gives_up_with_storage_error_after_retries(faulty) -> None:
     faults = faulty(rate=1.0, after_share=0.0, ops=["create"])
     ops, _ = _ops(faults)
@@ -119,8 +130,9 @@ class _ScriptedAsyncFs:
         (["before"], b"rival", False),
         (["before", "after"], None, True),
         ([None], None, True),
+        (["before", "before", "before", "after"], None, True),
     ],
-    ids=["after-fault", "lost-race", "before-then-after", "no-fault"],
+    ids=["after-fault", "lost-race", "before-then-after", "no-fault", "last-try-landed"],
 )
 def test_async_create_read_back(
     script: list[str | None], rival: bytes | None, expected: bool

@@ -410,7 +410,18 @@ class _FsspecSteps:
                     # bytes (a nonce), so the stored bytes tell whether this call wrote them.
                     (stored,) = yield _Method("read", [(key,)])
                     return bool(stored == data)
-                if not _is_transient(exc) or attempt == RETRIES - 1:
+                if not _is_transient(exc):
+                    raise _storage_error("create", key, exc) from exc
+                if attempt == RETRIES - 1:
+                    # The last try may have landed with its response lost, and no retry is
+                    # left to be answered "exists": one look (no retries of its own, so an
+                    # outage does not take longer to report) tells.
+                    try:
+                        stored = yield from _call("cat_file", key, **_read_options(self.fs))
+                    except Exception:
+                        stored = None
+                    if stored == data:
+                        return True
                     raise _storage_error("create", key, exc) from exc
                 log.warning(
                     "retrying create %r after %s: %s", key, type(exc).__name__, redact(str(exc))
