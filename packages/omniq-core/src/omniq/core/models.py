@@ -66,6 +66,7 @@ if hasattr(os, "register_at_fork"):
 class TaskStatus(str, enum.Enum):
     PENDING = "pending"
     SCHEDULED = "scheduled"
+    WAITING = "waiting"  # held until the tasks it depends on have succeeded
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
@@ -90,6 +91,8 @@ class EventType(str, enum.Enum):
     EXPIRED = "expired"
     LEASE_EXPIRED = "lease_expired"
     SCHEDULED = "scheduled"  # a schedule fired a tick: its task was enqueued
+    PROGRESS = "progress"  # a running task reported progress (``data``: done, total, message)
+    WAITING = "waiting"  # enqueued with dependencies: held until they have succeeded
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True, frozen=True):
@@ -248,8 +251,27 @@ class Claimed(msgspec.Struct, kw_only=True):
         return self.lease_until - (now or utcnow())
 
 
+class Progress(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """How far a running attempt has come, as its task reported it (``ctx.progress``)."""
+
+    done: float
+    total: float | None = None
+    message: str | None = None
+    at: datetime | None = None
+
+    @property
+    def fraction(self) -> float | None:
+        """``done / total`` clamped to [0, 1], or None without a positive total."""
+        if not self.total or self.total <= 0:
+            return None
+        return min(max(self.done / self.total, 0.0), 1.0)
+
+
 class TaskInfo(msgspec.Struct, kw_only=True):
-    """What ``get_task`` reports: the task document and where it stands."""
+    """What ``get_task`` reports: the task document and where it stands.
+
+    ``progress`` and ``metadata`` are what the running attempt last persisted through its
+    task context (``ctx.progress`` / ``ctx.update``); empty for tasks that never reported."""
 
     task: Task | None
     status: TaskStatus
@@ -257,6 +279,8 @@ class TaskInfo(msgspec.Struct, kw_only=True):
     worker_id: str | None = None
     lease_until: datetime | None = None
     error: ErrorInfo | None = None
+    progress: Progress | None = None
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class QueueSize(msgspec.Struct, kw_only=True):
