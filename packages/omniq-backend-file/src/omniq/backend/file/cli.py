@@ -45,6 +45,7 @@ from omniq.core.sync import run_sync
 from . import _cli_format as cli_format
 from . import _cli_schedule
 from ._cli_format import CliError, Redactor
+from ._cli_progress import LiveProgress, live
 
 ENV_STORAGE_OPTIONS = cli_format.ENV_STORAGE_OPTIONS
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -335,19 +336,29 @@ def cmd_events(ctx: _Context) -> int:
 
 # -- dead ------------------------------------------------------------------------------------------
 async def _dead(
-    backend: Any, queues: Sequence[str] | None, requeue: str | None
+    backend: Any, queues: Sequence[str] | None, requeue: str | None, progress: LiveProgress
 ) -> tuple[list[tuple[str, TaskInfo]], int]:
     queue = backend.queue
     names = list(queues) if queues else await queue.list_queues()
-    if requeue is None:
-        found = []
+    found: list[tuple[str, TaskInfo]] = []
+    if requeue in (None, "*"):  # requeue all: list first, so that the bar knows the total
+        progress.total = len(names)
         for name in names:
             found += [(name, info) for info in await queue.list_dead(name, limit=None)]
-        return found, 0
+            progress.advance()
+        if requeue is None:
+            return found, 0
+    wanted = (
+        [(name, info.task.id) for name, info in found if info.task is not None]
+        if requeue == "*"
+        else [(name, requeue) for name in names]
+    )
+    progress.label, progress.total, progress.done = "requeue", len(wanted), 0
     count = 0
-    for name in names:
+    for name, task_id in wanted:
         # Through the backend: it also drops the stale failure result and records an event.
-        count += len(await backend.requeue_dead(name, None if requeue == "*" else requeue))
+        count += len(await backend.requeue_dead(name, task_id))
+        progress.advance()
         if count and requeue != "*":
             break
     return [], count
@@ -356,9 +367,9 @@ async def _dead(
 def cmd_dead(ctx: _Context) -> int:
     ns = ctx.ns
     _require_local_dir(ctx)
-    with ctx.backend() as backend:
+    with ctx.backend() as backend, live("dead letters", json=ns.json) as progress:
         found, count = run_sync(
-            lambda: _dead(backend.async_api, ns.queue, ns.requeue), "omniq dead"
+            lambda: _dead(backend.async_api, ns.queue, ns.requeue, progress), "omniq dead"
         )
     if ns.requeue is not None:
         if ns.requeue != "*" and not count:
