@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import subprocess
 import sys
 import tarfile
 import tomllib
@@ -17,6 +18,19 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+import omniq.storage.file
+import omniq.storage.file.events
+import omniq.storage.file.queue
+import omniq.storage.file.results
+from omniq.storage.file import (
+    AsyncFileEventStorage,
+    AsyncFileQueue,
+    AsyncFileResultStorage,
+    FileEventStorage,
+    FileQueue,
+    FileResultStorage,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,6 +193,46 @@ def test_checker_rejects_namespace_init(tmp_path: Path, bad: str) -> None:
     assert any("namespace-package" in p and bad in p for p in problems), problems
 
 
+CORE_INFO = "omniq_core-0.1.0.dist-info"
+CORE_GOOD: dict[str, str | bytes] = {
+    "omniq/core/__init__.py": "",
+    "omniq/core/py.typed": "",
+    "omniq/storage/file/__init__.py": "",
+    "omniq/storage/file/py.typed": "",
+    f"{CORE_INFO}/METADATA": "Metadata-Version: 2.4\nLicense-File: LICENSE\n",
+    f"{CORE_INFO}/licenses/LICENSE": LICENSE,
+}
+
+
+def test_checker_wants_the_aggregator_in_the_core_wheel(tmp_path: Path) -> None:
+    assert cw.wheel_problems("omniq-core", _fake_wheel(tmp_path, "omniq-core", CORE_GOOD)) == []
+    (tmp_path / "bad").mkdir()
+    files = dict(CORE_GOOD)
+    del files["omniq/storage/file/__init__.py"], files["omniq/storage/file/py.typed"]
+    wheel = _fake_wheel(tmp_path / "bad", "omniq-core", files)
+    assert cw.wheel_problems("omniq-core", wheel) == [
+        f"{wheel.name}: missing omniq/storage/file/__init__.py",
+        f"{wheel.name}: missing omniq/storage/file/py.typed",
+    ]
+
+
+@pytest.mark.parametrize("dist", ["omniq-file-queue", "omniq-file-results", "omniq-backend-file"])
+def test_checker_rejects_the_aggregator_in_other_wheels(tmp_path: Path, dist: str) -> None:
+    leaf = cw.leaf_dir(dist)
+    info = f"{dist.replace('-', '_')}-0.1.0.dist-info"
+    files: dict[str, str | bytes] = {
+        f"{leaf}/__init__.py": "",
+        f"{leaf}/py.typed": "",
+        "omniq/storage/file/__init__.py": "",
+        f"{info}/METADATA": "License-File: LICENSE\n",
+        f"{info}/licenses/LICENSE": LICENSE,
+    }
+    wheel = _fake_wheel(tmp_path, dist, files)
+    assert cw.wheel_problems(dist, wheel) == [
+        f"{wheel.name}: ships omniq/storage/file/__init__.py, which belongs to omniq-core"
+    ]
+
+
 def test_checker_rejects_foreign_files(tmp_path: Path) -> None:
     wheel = _fake_wheel(
         tmp_path,
@@ -205,6 +259,81 @@ def test_smoke_script_includes_extra_snippets() -> None:
     compile(script, "<smoke>", "exec")
     assert "assert x == 1" in script
     assert "boom()" not in script  # queue is not installed in this subset
+
+
+# --------------------------------------------------------------------------- #
+# the import path omniq.storage.file, from the workspace (editable installs)
+# --------------------------------------------------------------------------- #
+
+
+def test_aggregator_names_are_the_leaf_objects() -> None:
+    # The workspace installs each distribution editable: five separate src/ directories.
+    assert AsyncFileQueue is omniq.storage.file.queue.AsyncFileQueue
+    assert FileQueue is omniq.storage.file.queue.FileQueue
+    assert AsyncFileResultStorage is omniq.storage.file.results.AsyncFileResultStorage
+    assert FileResultStorage is omniq.storage.file.results.FileResultStorage
+    assert AsyncFileEventStorage is omniq.storage.file.events.AsyncFileEventStorage
+    assert FileEventStorage is omniq.storage.file.events.FileEventStorage
+    assert sorted(omniq.storage.file.__all__) == sorted(cw.AGGREGATED_NAMES)
+    assert set(cw.AGGREGATED_NAMES) <= set(dir(omniq.storage.file))
+
+
+def test_aggregator_is_shipped_by_core_and_spans_the_parts() -> None:
+    agg = Path(omniq.storage.file.__file__ or "")
+    assert agg == ROOT / "packages/omniq-core/src/omniq/storage/file/__init__.py"
+    paths = {Path(p) for p in omniq.storage.file.__path__}
+    for dist in ("omniq-file-queue", "omniq-file-results", "omniq-file-events"):
+        assert ROOT / "packages" / dist / "src/omniq/storage/file" in paths, dist
+    # omniq.storage stays a PEP 420 namespace (no __init__.py anywhere).
+    assert getattr(sys.modules["omniq.storage"], "__file__", None) is None
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        omniq.storage.file.Nope  # noqa: B018
+
+
+def _run_with_src_dirs(dists: list[str], code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter whose sys.path holds, of the workspace's
+    editable src/ directories, only those of ``dists`` (as if only they were installed)."""
+    srcs = [str(ROOT / "packages" / d / "src") for d in dists]
+    prelude = (
+        "import sys\n"
+        f"sys.path[:] = [p for p in sys.path if not p.startswith({str(ROOT / 'packages')!r})]"
+        f" + {srcs!r}\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code], capture_output=True, text=True, check=False
+    )
+
+
+def test_aggregator_with_only_core_and_queue_from_src_dirs() -> None:
+    proc = _run_with_src_dirs(
+        ["omniq-core", "omniq-file-queue"],
+        "from omniq.storage.file import AsyncFileQueue\n"
+        "import omniq.storage.file.queue as leaf\n"
+        "assert AsyncFileQueue is leaf.AsyncFileQueue\n"
+        "from omniq.storage.file import FileResultStorage\n",
+    )
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: cannot import name 'FileResultStorage'"), last
+    assert "install omniq-file-results" in last, last
+
+
+def test_aggregator_keeps_a_broken_parts_own_error() -> None:
+    # A part that is installed but fails to import (here: its dependency omniq.core is
+    # absent) must show that error, not claim the part is missing.
+    proc = _run_with_src_dirs(
+        ["omniq-file-events"], "from omniq.storage.file.events import FileEventStorage\n"
+    )
+    assert "No module named 'omniq.core'" in proc.stderr, proc.stderr
+    proc = _run_with_src_dirs(
+        ["omniq-core"],
+        "import sys\n"
+        "sys.modules['msgspec'] = None  # a broken dependency of an installed part\n"
+        f"sys.path.append({str(ROOT / 'packages/omniq-file-events/src')!r})\n"
+        "from omniq.storage.file import FileEventStorage\n",
+    )
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "msgspec" in last and "install omniq-file-events" not in last, last
 
 
 # --------------------------------------------------------------------------- #
@@ -246,3 +375,41 @@ def test_isolated_install_detects_missing_module(wheels: dict[str, Path], tmp_pa
             tmp_path,
             extra_smoke={"omniq-file-events": ["import no_such_module"]},
         )
+
+
+@pytest.mark.slow
+def test_wheels_core_and_queue_only(wheels: dict[str, Path], tmp_path: Path) -> None:
+    # The issue's case, spelled out (the generic smoke run checks it for every subset).
+    python = cw.create_venv(tmp_path / "venv")
+    cw.install_wheels(python, [wheels["omniq-core"], wheels["omniq-file-queue"]])
+    code = (
+        "from omniq.storage.file import AsyncFileQueue, FileQueue\n"
+        "import omniq.storage.file.queue as leaf\n"
+        "assert (AsyncFileQueue, FileQueue) == (leaf.AsyncFileQueue, leaf.FileQueue)\n"
+        "try:\n"
+        "    from omniq.storage.file import FileResultStorage\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [str(python), "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
+    assert "cannot import name 'FileResultStorage'" in out, out
+    assert "install omniq-file-results" in out, out
+
+
+@pytest.mark.slow
+def test_typecheck_needs_the_aggregators_py_typed(wheels: dict[str, Path], tmp_path: Path) -> None:
+    # The all-parts smoke run passes typecheck_smoke; without omniq.storage.file's py.typed
+    # mypy ignores the installed package's types, and the check says so.
+    python = cw.create_venv(tmp_path / "venv")
+    cw.install_wheels(python, [wheels[d] for d in cw.PACKAGES])
+    found = subprocess.run(
+        [str(python), "-I", "-c", "import omniq.storage.file as m; print(m.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(found).parent / "py.typed").unlink()
+    with pytest.raises(cw.CheckError, match="has no attribute"):
+        cw.typecheck_smoke(python, tmp_path)

@@ -7,7 +7,10 @@ Checks, in order:
 2. Each wheel contains only its own leaf package (plus its ``.dist-info``), has
    the leaf ``__init__.py`` and ``py.typed``, and never ships an ``__init__.py``
    for one of the shared PEP 420 namespace levels (``omniq``, ``omniq.storage``,
-   ``omniq.storage.file``, ``omniq.backend``). It ships the repository's MIT
+   ``omniq.backend``). ``omniq.storage.file`` is the one shared level with an
+   ``__init__.py`` (a pkgutil-style namespace re-exporting the file storages'
+   classes): omniq-core ships it and its ``py.typed`` (``OWNED_SHARED_FILES``),
+   no other wheel may. It ships the repository's MIT
    ``LICENSE`` as ``.dist-info/licenses/LICENSE`` (PEP 639, named by a
    ``License-File`` line of its METADATA), and so does each sdist (``uv build
    --sdist``). Hatchling takes license files only from inside the project
@@ -17,7 +20,10 @@ Checks, in order:
    gets *only* those wheels (third-party dependencies come from the index) and a
    smoke script asserts that the installed leaves import (each with a
    ``__version__`` equal to its distribution's version) and the others are
-   absent. Per-package smoke code can be added through ``EXTRA_SMOKE`` or the
+   absent; ``from omniq.storage.file import <name>`` gives each installed part's
+   class and, for a part not installed, an ImportError naming its distribution;
+   with every part installed, mypy (installed into that venv) type-checks a
+   program using the six names of ``omniq.storage.file``. Per-package smoke code can be added through ``EXTRA_SMOKE`` or the
    ``extra_smoke`` argument of :func:`run_checks`.
 
 Run as ``python tools/check_wheels.py`` (exit status 1 on failure) or import the
@@ -64,12 +70,28 @@ PACKAGES: dict[str, str] = {
 NAMESPACE_PACKAGES: tuple[str, ...] = (
     "omniq",
     "omniq.storage",
-    "omniq.storage.file",
     "omniq.backend",
 )
 FORBIDDEN_FILES: frozenset[str] = frozenset(
     f"{ns.replace('.', '/')}/__init__.py" for ns in NAMESPACE_PACKAGES
 )
+
+#: The shared level with an ``__init__.py``: a pkgutil-style namespace (``extend_path``)
+#: re-exporting the classes of the file storages, shipped by omniq-core.
+AGGREGATOR = "omniq.storage.file"
+#: Files outside a distribution's leaf package that it (and only it) ships.
+OWNED_SHARED_FILES: dict[str, tuple[str, ...]] = {
+    CORE: ("omniq/storage/file/__init__.py", "omniq/storage/file/py.typed"),
+}
+#: name importable from ``omniq.storage.file`` -> the distribution providing it.
+AGGREGATED_NAMES: dict[str, str] = {
+    "AsyncFileQueue": "omniq-file-queue",
+    "FileQueue": "omniq-file-queue",
+    "AsyncFileResultStorage": "omniq-file-results",
+    "FileResultStorage": "omniq-file-results",
+    "AsyncFileEventStorage": "omniq-file-events",
+    "FileEventStorage": "omniq-file-events",
+}
 
 #: Install subsets for the venv smoke test. omniq-core is always added.
 SUBSETS: tuple[tuple[str, ...], ...] = (
@@ -328,16 +350,22 @@ def wheel_problems(dist: str, wheel: Path, *, license_bytes: bytes | None = None
         shipped_license = zf.read(license_path) if license_path in names else None
         metadata_name = f"{dist_info}/METADATA"
         metadata = zf.read(metadata_name).decode() if metadata_name in names else ""
+    owned = OWNED_SHARED_FILES.get(dist, ())
+    owners = {f: d for d, files in OWNED_SHARED_FILES.items() for f in files}
     for name in names:
         top = name.split("/", 1)[0]
         if name in FORBIDDEN_FILES:
             problems.append(f"ships namespace-package file {name} (must not exist: PEP 420)")
+        elif name in owned:
+            continue
+        elif name in owners:
+            problems.append(f"ships {name}, which belongs to {owners[name]}")
         elif top.endswith(".dist-info"):
             if not top.startswith(dist_info_prefix):
                 problems.append(f"unexpected dist-info directory {top}")
         elif not name.startswith(leaf + "/"):
             problems.append(f"file outside its leaf package {leaf}/: {name}")
-    for required in (f"{leaf}/__init__.py", f"{leaf}/py.typed"):
+    for required in (f"{leaf}/__init__.py", f"{leaf}/py.typed", *owned):
         if required not in names:
             problems.append(f"missing {required}")
     if shipped_license is None:
@@ -402,6 +430,8 @@ def smoke_script(installed: Sequence[str], extra_smoke: Mapping[str, Sequence[st
             ABSENT = {absent!r}
             NAMESPACES = {list(NAMESPACE_PACKAGES)!r}
             SOURCE_TREE = {str(PACKAGES_DIR)!r}
+            AGGREGATOR = {AGGREGATOR!r}
+            AGGREGATED = {AGGREGATED_NAMES!r}
 
             def find(name):
                 try:
@@ -432,6 +462,23 @@ def smoke_script(installed: Sequence[str], extra_smoke: Mapping[str, Sequence[st
 
             for name in ABSENT:
                 assert find(name) is None, f"{{name}} importable but not installed"
+
+            # omniq.storage.file (shipped by omniq-core): each installed part's classes,
+            # the very objects of their own modules; an ImportError naming the others.
+            agg = importlib.import_module(AGGREGATOR)
+            assert agg.__file__ and importlib.resources.files(AGGREGATOR).joinpath(
+                "py.typed"
+            ).is_file(), agg
+            for name, dist in AGGREGATED.items():
+                leaf = PRESENT[DISTS.index(dist)] if dist in DISTS else None
+                try:
+                    exec(f"from {{AGGREGATOR}} import {{name}} as got", globals())
+                except ImportError as exc:
+                    assert leaf is None, f"{{name}}: {{exc}}"
+                    assert f"install {{dist}}" in str(exc), str(exc)
+                else:
+                    assert leaf is not None, f"{{name}} importable without {{dist}}"
+                    assert got is getattr(importlib.import_module(leaf), name), name
             """
         )
     ]
@@ -441,6 +488,50 @@ def smoke_script(installed: Sequence[str], extra_smoke: Mapping[str, Sequence[st
             parts.append(textwrap.dedent(snippet).strip("\n") + "\n")
     parts.append(f'\nprint("smoke ok: " + {" + ".join(installed)!r})\n')
     return "".join(parts)
+
+
+#: A program using the six names of ``omniq.storage.file``; mypy must type-check it (strict)
+#: against the installed wheels and find each name's real type.
+TYPECHECK_PROGRAM = """\
+from omniq.storage.file import (
+    AsyncFileEventStorage,
+    AsyncFileQueue,
+    AsyncFileResultStorage,
+    FileEventStorage,
+    FileQueue,
+    FileResultStorage,
+)
+from omniq.storage.file.queue import AsyncFileQueue as QueueFromLeaf
+
+
+def make(base: str) -> tuple[FileQueue, FileResultStorage, FileEventStorage]:
+    return FileQueue(base), FileResultStorage(base), FileEventStorage(base)
+
+
+def make_async(base: str) -> tuple[QueueFromLeaf, AsyncFileResultStorage, AsyncFileEventStorage]:
+    return AsyncFileQueue(base), AsyncFileResultStorage(base), AsyncFileEventStorage(base)
+"""
+#: What mypy must reject in the same environment: proof that the names have real types.
+TYPECHECK_WRONG = "from omniq.storage.file import FileQueue\nwrong: int = FileQueue('x')\n"
+
+
+def typecheck_smoke(venv_python: Path, work_dir: Path) -> None:
+    """Install mypy into the venv at ``venv_python``; check ``TYPECHECK_PROGRAM`` passes
+    ``mypy --strict`` and ``TYPECHECK_WRONG`` fails with an assignment error."""
+    _run(
+        [find_uv(), "pip", "install", "--quiet", "--python", str(venv_python), "mypy"],
+        what="installing mypy",
+    )
+    good, wrong = work_dir / "uses_aggregator.py", work_dir / "wrong_type.py"
+    good.write_text(TYPECHECK_PROGRAM, encoding="utf-8")
+    wrong.write_text(TYPECHECK_WRONG, encoding="utf-8")
+    mypy = [str(venv_python), "-I", "-m", "mypy", "--strict", "--no-incremental"]
+    _run([*mypy, good.name], cwd=work_dir, what="mypy on omniq.storage.file's names")
+    proc = subprocess.run(
+        [*mypy, wrong.name], cwd=work_dir, env=_clean_env(), capture_output=True, text=True
+    )
+    if proc.returncode == 0 or '"FileQueue", variable has type "int"' not in proc.stdout:
+        raise CheckError(f"mypy did not see FileQueue's type:\n{proc.stdout}{proc.stderr}")
 
 
 def create_venv(path: Path, *, python: str | None = None) -> Path:
@@ -467,8 +558,10 @@ def smoke_test(
     work_dir: Path,
     *,
     extra_smoke: Mapping[str, Sequence[str]] | None = None,
+    typecheck: bool = True,
 ) -> tuple[str, ...]:
-    """Fresh venv with only ``dists`` (+ core) installed from ``wheels``; run smoke code."""
+    """Fresh venv with only ``dists`` (+ core) installed from ``wheels``; run smoke code
+    (and, when every distribution is installed and ``typecheck``, :func:`typecheck_smoke`)."""
     installed = _with_core(dists)
     missing = [d for d in installed if d not in wheels]
     if missing:
@@ -482,6 +575,8 @@ def smoke_test(
     script.write_text(smoke_script(installed, smoke), encoding="utf-8")
     # Run from work_dir (not the repo) so the checkout cannot leak onto sys.path.
     _run([str(python), "-I", str(script)], cwd=work_dir, what=f"smoke test [{slug}]")
+    if typecheck and set(installed) == set(PACKAGES):
+        typecheck_smoke(python, work_dir)
     return installed
 
 
