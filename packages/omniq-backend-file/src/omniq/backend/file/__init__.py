@@ -154,11 +154,13 @@ class FileBackend(SyncWrapper[AsyncFileBackend]):
     enqueue = blocking(AsyncFileBackend.enqueue)
     enqueue_task = blocking(AsyncFileBackend.enqueue_task)
     requeue_dead = blocking(AsyncFileBackend.requeue_dead)
+    delete_dead = blocking(AsyncFileBackend.delete_dead)
     result = blocking(AsyncFileBackend.result)
     get_task = blocking(AsyncFileBackend.get_task)
     cancel = blocking(AsyncFileBackend.cancel)
     schedule = blocking(AsyncFileBackend.schedule)
     make_task = delegate(AsyncFileBackend.make_task)
+    dashboard_app = delegate(AsyncFileBackend.dashboard_app)
 
     def make_schedule(
         self,

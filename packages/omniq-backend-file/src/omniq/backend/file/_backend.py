@@ -237,6 +237,11 @@ class AsyncFileBackend(AsyncResource):
                 done.append(one)
         return done
 
+    async def delete_dead(self, queue: str, task_id: str) -> bool:
+        """Discard one dead-lettered task (its failure result stays); False if it is not
+        dead-lettered in ``queue``."""
+        return await self.queue.delete_dead(queue, task_id)
+
     async def get_task(self, task_id: str) -> TaskInfo:
         return await self.queue.get_task(task_id)
 
@@ -261,6 +266,14 @@ class AsyncFileBackend(AsyncResource):
                 )
             )
         return True
+
+    def dashboard_app(self, *, read_only: bool = False, token: str | None = None) -> Any:
+        """The web dashboard of this backend as an ASGI app, to mount in your own (needs the
+        ``omniq-backend-file[dashboard]`` extra). ``read_only`` refuses every action;
+        ``token`` makes every page ask for it. See docs/dashboard.md."""
+        from .dashboard import create_app
+
+        return create_app(self, read_only=read_only, token=token)
 
     # -- schedules ---------------------------------------------------------------------------
     def make_schedule(

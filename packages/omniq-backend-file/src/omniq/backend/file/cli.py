@@ -45,6 +45,7 @@ from omniq.core.sync import run_sync
 from . import _cli_format as cli_format
 from . import _cli_schedule
 from ._cli_format import CliError, Redactor
+from .dashboard import _cli as dashboard_cli
 from ._cli_progress import LiveProgress, live
 
 ENV_STORAGE_OPTIONS = cli_format.ENV_STORAGE_OPTIONS
@@ -421,6 +422,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     cli_format.Parser.redactor = redactor
     try:
         parser = _cli_schedule.register(cli_format.build_parser(HANDLERS))
+        parser = dashboard_cli.register(parser)
         ns = parser.parse_args(cli_format.prepare_argv(args))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE

@@ -34,6 +34,7 @@ class FileQueue(StorageTwin[AsyncFileQueue]):
     purge = blocking(AsyncFileQueue.purge)
     list_dead = blocking(AsyncFileQueue.list_dead)
     requeue_dead = blocking(AsyncFileQueue.requeue_dead)
+    delete_dead = blocking(AsyncFileQueue.delete_dead)
 
 
 __all__ = ["AsyncFileQueue", "FileQueue", "default_worker_id"]

@@ -44,7 +44,8 @@ _OUTCOME_STATUS = {
 
 
 class QueueInspection:
-    """get_task, cancel, size, list_queues, purge, list_dead, requeue_dead, next_due."""
+    """get_task, cancel, size, list_queues, purge, list_dead, requeue_dead, delete_dead,
+    next_due."""
 
     store: Store
     _cache: dict[str, Any]
@@ -326,6 +327,20 @@ class QueueInspection:
                 count += 1
             yield delete(key)  # requeued now, or earlier by a call that died before this
         return count
+
+
+    async def delete_dead(self, queue: str, task_id: str) -> bool:
+        """Discard one dead-lettered task; False if it is not (or no longer) dead-lettered.
+        A ``requeue_dead`` racing it may still requeue the task (it read the letter first)."""
+        validate_name(queue, "queue name")
+        validate_name(task_id, "task id")
+        return await self.store.run(self._delete_dead_program(queue, task_id))
+
+    def _delete_dead_program(self, queue: str, task_id: str) -> Program[bool]:
+        key = layout.dead_key(queue, task_id)
+        if (yield read(key)) is None:  # S3 says a delete succeeded whether or not it existed
+            return False
+        return bool((yield delete(key)))
 
 
 def _head(prefix: str, limit: int) -> Program[list[str]]:
