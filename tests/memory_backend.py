@@ -38,6 +38,7 @@ from omniq.core.models import (
     Claimed,
     ErrorInfo,
     EventType,
+    Progress,
     QueueSize,
     ResultStatus,
     Task,
@@ -62,6 +63,8 @@ class _Entry:
     worker_id: str | None = None
     lease_until: datetime | None = None
     cancel_requested: bool = False
+    progress: Progress | None = None  # what the running attempt reported (its context)
+    metadata: dict[str, Any] | None = None
 
     def info(self) -> TaskInfo:
         return TaskInfo(
@@ -71,6 +74,8 @@ class _Entry:
             worker_id=self.worker_id,
             lease_until=self.lease_until,
             error=self.task.last_error,
+            progress=self.progress if self.status is TaskStatus.RUNNING else None,
+            metadata=(self.metadata or {}) if self.status is TaskStatus.RUNNING else {},
         )
 
 
@@ -131,6 +136,7 @@ class MemoryQueue(AsyncQueue):
         entry.worker_id = worker_id or "memory-worker"
         entry.lease_until = now + timedelta(seconds=self.lease if lease is None else lease)
         entry.cancel_requested = False
+        entry.progress = entry.metadata = None
         return Claimed(
             task=entry.task,
             attempt=entry.task.attempt,
@@ -196,11 +202,19 @@ class MemoryQueue(AsyncQueue):
         entry.task = replace(_next(entry.task), eta=None)
         entry.status, entry.token = TaskStatus.PENDING, None
 
-    async def extend_lease(self, claimed: Claimed, seconds: float | None = None) -> Claimed:
+    async def extend_lease(
+        self,
+        claimed: Claimed,
+        seconds: float | None = None,
+        *,
+        progress: Progress | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Claimed:
         entry = self._held(claimed, "extend_lease")
         if entry.cancel_requested:
             entry.status, entry.token = TaskStatus.CANCELLED, None
             raise TaskCancelledError(f"task {claimed.id} was cancelled")
+        entry.progress, entry.metadata = progress, metadata
         entry.lease_until = utcnow() + timedelta(seconds=self.lease if seconds is None else seconds)
         return replace(claimed, lease_until=entry.lease_until)
 

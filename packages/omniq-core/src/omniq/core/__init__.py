@@ -3,6 +3,7 @@ fsspec plumbing shared by every file storage."""
 
 from ._redact import RedactFilter, redact_logs
 from .codec import check_json_value, decode, encode
+from .context import TaskContext
 from .errors import (
     AsyncContextError,
     CapabilityError,
@@ -65,6 +66,7 @@ __all__ = [
     "SyncWrapper",
     "Task",
     "TaskCancelledError",
+    "TaskContext",
     "TaskEvent",
     "TaskInfo",
     "TaskResult",

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from typing_extensions import Self
 
@@ -34,6 +34,7 @@ from .models import (
     Claimed,
     ErrorInfo,
     EventType,
+    Progress,
     QueueSize,
     ResultStatus,
     Task,
@@ -144,8 +145,19 @@ class AsyncQueue(AsyncResource):
         """Give the task back at once without counting a failure (graceful shutdown)."""
 
     @abc.abstractmethod
-    async def extend_lease(self, claimed: Claimed, seconds: float | None = None) -> Claimed:
-        """Heartbeat: push the lease expiry. Raises LeaseLostError or TaskCancelledError."""
+    async def extend_lease(
+        self,
+        claimed: Claimed,
+        seconds: float | None = None,
+        *,
+        progress: Progress | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Claimed:
+        """Heartbeat: push the lease expiry. Raises LeaseLostError or TaskCancelledError.
+
+        ``progress`` and ``metadata`` are what the task reported through its context: kept
+        with the lease, so that ``get_task`` shows the latest while the attempt runs. The
+        worker passes them (keywords) only once the task has reported something."""
 
     @abc.abstractmethod
     async def get_task(self, task_id: str, queue: str | None = None) -> TaskInfo:

@@ -192,6 +192,8 @@ class TaskResult(_Document, kw_only=True):
     started_at: datetime | None = None
     finished_at: datetime = msgspec.field(default_factory=utcnow)
     expires_at: datetime | None = None
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    """The task's final metadata: its enqueue-time metadata plus what ``ctx.update`` set."""
 
     def __post_init__(self) -> None:
         self._check_version()

@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 from typing_extensions import ParamSpec
 
+from omniq.core.context import TaskContext
 from omniq.core.sync import SyncWrapper, blocking, delegate, run_sync
 from omniq.storage.file.events import FileEventStorage
 from omniq.storage.file.queue import FileQueue
@@ -210,6 +211,7 @@ __all__ = [
     "Schedule",
     "ScheduleInfo",
     "Schedules",
+    "TaskContext",
     "TaskFunction",
     "Worker",
     "func_path",

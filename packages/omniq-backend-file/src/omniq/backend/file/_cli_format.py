@@ -429,6 +429,20 @@ def build_parser(handlers: Mapping[str, Callable[[Any], int]]) -> argparse.Argum
         "--worker-id", metavar="ID", help="name in events and results (default: host-pid-random)"
     )
     p.add_argument(
+        "--hook",
+        action="append",
+        metavar="PKG.MOD:OBJ",
+        help="an object with before_task/after_task/on_failure methods (a class is "
+        "instantiated; repeatable, called in order)",
+    )
+    p.add_argument(
+        "--progress-interval",
+        type=_positive(float),
+        default=1.0,
+        metavar="S",
+        help="write a task's reported progress at most once per S seconds (default: 1)",
+    )
+    p.add_argument(
         "--path",
         action="append",
         metavar="DIR",

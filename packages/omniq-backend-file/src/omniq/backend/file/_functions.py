@@ -56,6 +56,14 @@ def resolve(path: str, allow: Sequence[str] | None = None) -> Callable[..., Any]
     """Import ``path`` and return the callable; raise FunctionImportError / NotAllowed."""
     if not is_allowed(path, allow):
         raise FunctionNotAllowedError(f"{path} is not in this worker's allow-list")
+    obj = import_object(path)
+    if not callable(obj):
+        raise FunctionImportError(f"{path} is a {type(obj).__name__}, not a function")
+    return obj  # type: ignore[no-any-return]
+
+
+def import_object(path: str) -> Any:
+    """The object at ``"package.module:name"`` (FunctionImportError if it does not import)."""
     module_name, _, qualname = path.partition(":")
     if not module_name or not qualname:
         raise FunctionImportError(f"{path!r} is not a 'package.module:function' path")
@@ -66,9 +74,7 @@ def resolve(path: str, allow: Sequence[str] | None = None) -> Callable[..., Any]
     except Exception as exc:  # also a module that fails while importing (SyntaxError, ...):
         # retrying cannot fix it, and it must not escape as an internal worker error
         raise FunctionImportError(f"cannot import {path}: {type(exc).__name__}: {exc}") from exc
-    if not callable(obj):
-        raise FunctionImportError(f"{path} is a {type(obj).__name__}, not a function")
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def is_async(func: Callable[..., Any]) -> bool:

@@ -15,14 +15,16 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import anyio
 import anyio.to_process
 import anyio.to_thread
+import msgspec
 
 from omniq.core import RedactFilter, codec
+from omniq.core.context import TaskContext
 from omniq.core.errors import (
     LeaseLostError,
     SerializationError,
@@ -45,6 +47,16 @@ from omniq.core.names import validate_name
 
 from ._functions import FunctionImportError, FunctionNotAllowedError, is_async, resolve
 from ._schedules import run_schedules
+from ._task_context import (
+    ChildLink,
+    Hooks,
+    call_in_process,
+    context_parameter,
+    heartbeat,
+    make_context,
+    progress_event,
+    with_context,
+)
 
 log = logging.getLogger("omniq.worker")
 log.addFilter(RedactFilter())  # storage errors may quote URLs; credentials never show
@@ -52,11 +64,6 @@ log.addFilter(RedactFilter())  # storage errors may quote URLs; credentials neve
 # Kept importable from here: ``TEMP_FILE_AGE`` (now in omniq.core.maintenance, used by the
 # file storages' ``maintain``) and ``cancelled_result`` (now in omniq.core.interfaces).
 __all__ = ["TEMP_FILE_AGE", "AsyncWorker", "cancelled_result"]
-
-
-def _call_in_process(path: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
-    func = resolve(path)
-    return getattr(func, "__omniq_func__", func)(*args, **kwargs)
 
 
 class AsyncWorker:
@@ -93,6 +100,11 @@ class AsyncWorker:
             once per ``schedule_refresh`` seconds (default 1); False: this worker fires none
             (``omniq worker --no-schedules``). Only for a backend that has ``schedules``
             (the file backend); others fire none.
+        hooks: objects with any of ``before_task(ctx)``, ``after_task(ctx, result)``,
+            ``on_failure(ctx, error)`` (sync or async), called in order around each task
+            (docs/worker.md, "Hooks"); a hook that raises is logged, the task unaffected.
+        progress_interval: seconds; a task's progress and metadata (``TaskContext``) are
+            written at most once per interval (default 1), besides the heartbeats.
 
     ``run()`` raises the error that stopped the worker itself (``CapabilityError``,
     ``StorageError``, ...), never an exception group; other errors raised at the same time are
@@ -120,6 +132,8 @@ class AsyncWorker:
         handle_signals: bool = True,
         schedules: bool = True,
         schedule_refresh: float = 1.0,
+        hooks: Sequence[Any] = (),
+        progress_interval: float = 1.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -149,6 +163,10 @@ class AsyncWorker:
         self.handle_signals = handle_signals
         self.schedules = schedules
         self.schedule_refresh = schedule_refresh
+        self.hooks = Hooks(hooks)
+        if not progress_interval > 0:
+            raise ValueError("progress_interval must be > 0 seconds")
+        self.progress_interval = progress_interval
         self.schedule_runner: Any = None  # the ScheduleRunner while run() runs
         self.stats = {
             "claimed": 0,
@@ -388,25 +406,37 @@ class AsyncWorker:
 
     # -- one task ----------------------------------------------------------------------------
     async def _run_one(self, claimed: Claimed, slots: anyio.Semaphore) -> None:
+        ctx = make_context(claimed, self.worker_id)
         try:
-            await self._execute(claimed)
-        except StorageError as exc:
-            log.warning(
-                "task %s: storage failed while recording its outcome (%s); it will run "
-                "again once its lease expires",
-                claimed.id,
-                exc,
-            )
+            await self.hooks.call("before_task", ctx)
+            try:
+                value, error = await self._execute(claimed, ctx)
+            except StorageError as exc:
+                log.warning(
+                    "task %s: storage failed while recording its outcome (%s); it will run "
+                    "again once its lease expires",
+                    claimed.id,
+                    exc,
+                )
+                value, error = None, exc
+            if error is None:
+                await self.hooks.call("after_task", ctx, value)
+            else:
+                await self.hooks.call("on_failure", ctx, error)
         except Exception:
             log.exception("internal error while handling task %s", claimed.id)
         finally:
             self.running.pop(claimed.id, None)
             slots.release()
 
-    async def _execute(self, claimed: Claimed) -> None:
+    async def _execute(
+        self, claimed: Claimed, ctx: TaskContext
+    ) -> tuple[Any, BaseException | None]:
+        """Run the task and record its outcome (in ``ctx.outcome``); returns what the
+        function returned, or the error it ended with (None if it returned)."""
         self.stats["claimed"] += 1
         task = claimed.task
-        started = utcnow()
+        started = ctx.started_at
         log.info("task %s %s started (attempt %d)", task.id, task.func, claimed.attempt)
         await self._event(EventType.STARTED, claimed, data={"func": task.func})
         state: dict[str, Any] = {"claimed": claimed, "lost": False, "cancelled": False}
@@ -425,9 +455,9 @@ class AsyncWorker:
             async with anyio.create_task_group() as tg:
                 with anyio.CancelScope() as scope:
                     self._scopes[task.id] = scope
-                    tg.start_soon(self._heartbeat, state, scope)
+                    tg.start_soon(heartbeat, self, state, scope, ctx)
                     try:
-                        outcome = await self._call(func, claimed)
+                        outcome = await self._call(func, claimed, ctx)
                         finished = True
                     except Exception as exc:
                         error, finished = exc, True
@@ -435,20 +465,28 @@ class AsyncWorker:
                         tg.cancel_scope.cancel()
                 self._scopes.pop(task.id, None)
             if not finished and not state["lost"] and not state["cancelled"]:
-                await self._release(state["claimed"])
-                return
+                await self._release(state["claimed"], ctx)
+                return None, TaskCancelledError(
+                    f"task {task.id} was released: the worker stopped before it finished"
+                )
         claimed = state["claimed"]
+        progress, _, changed = ctx._take()  # the last value, even if no write carried it
+        if changed and progress is not None:
+            await progress_event(self, claimed, progress)
         duration = (utcnow() - started).total_seconds()
         if state["lost"]:
             self.stats["lost"] += 1
+            ctx.outcome = "lost"
             log.warning("task %s: lease lost to another worker; result discarded", task.id)
-            return
+            return None, LeaseLostError(f"the lease of task {task.id} was taken over")
         if state["cancelled"]:
             self.stats["cancelled"] += 1
             log.info("task %s cancelled while running", task.id)
-            await self._record(cancelled_result(task, claimed.attempt, self.worker_id, started))
+            result = cancelled_result(task, claimed.attempt, self.worker_id, started)
+            await self._record(msgspec.structs.replace(result, metadata=dict(ctx.metadata)))
+            ctx.outcome = "cancelled"
             await self._event(EventType.CANCELLED, claimed, duration=duration)
-            return
+            return None, TaskCancelledError(f"task {task.id} was cancelled")
         if error is None and self.backend.results is not None:
             try:  # a return value that cannot be stored is the task's failure, not a success
                 # A full encode, not check_json_value: the size limit applies to the document.
@@ -458,55 +496,52 @@ class AsyncWorker:
             except SerializationError as exc:
                 error, retry = exc, False
         if error is None:
-            await self._succeed(claimed, outcome, started, duration)
-        else:
-            await self._fail(claimed, error, retry, started, duration)
+            await self._succeed(claimed, outcome, ctx, duration)
+            return outcome, None
+        await self._fail(claimed, error, retry, ctx, duration)
+        return None, error
 
-    async def _call(self, func: Any, claimed: Claimed) -> Any:
+    async def _call(self, func: Any, claimed: Claimed, ctx: TaskContext) -> Any:
         task = claimed.task
+        where = context_parameter(func)
         timeout = task.timeout if task.timeout and task.timeout > 0 else math.inf
         with anyio.fail_after(timeout):
+            if self.processes and not is_async(func):
+                link = None if where is None else ChildLink(ctx, where, self.progress_interval)
+                try:
+                    return await anyio.to_process.run_sync(
+                        call_in_process,
+                        task.func,
+                        task.args,
+                        task.kwargs,
+                        None if link is None else link.spec(),
+                        cancellable=True,
+                        limiter=self._process_limiter,
+                    )
+                finally:
+                    if link is not None:
+                        await link.close()
+            args, kwargs = with_context(where, task.args, task.kwargs, ctx)
             if is_async(func):
-                return await func(*task.args, **task.kwargs)
-            if self.processes:
-                return await anyio.to_process.run_sync(
-                    _call_in_process,
-                    task.func,
-                    task.args,
-                    task.kwargs,
-                    cancellable=True,
-                    limiter=self._process_limiter,
-                )
-            call = functools.partial(func, *task.args, **task.kwargs)
+                return await func(*args, **kwargs)
+            call = functools.partial(func, *args, **kwargs)
             return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
 
-    async def _heartbeat(self, state: dict[str, Any], scope: anyio.CancelScope) -> None:
-        while True:
-            await anyio.sleep(self.lease / 3)
-            try:
-                state["claimed"] = await self.queue.extend_lease(state["claimed"], self.lease)
-            except LeaseLostError:
-                state["lost"] = True
-                scope.cancel()
-                return
-            except TaskCancelledError:
-                state["cancelled"] = True
-                scope.cancel()
-                return
-            except Exception as exc:
-                log.warning("heartbeat for task %s failed: %s", state["claimed"].id, exc)
-
-    async def _release(self, claimed: Claimed) -> None:
+    async def _release(self, claimed: Claimed, ctx: TaskContext | None = None) -> None:
         try:
             await self.queue.release(claimed)
             self.stats["released"] += 1
+            outcome = "released"
         except LeaseLostError:
             self.stats["lost"] += 1
+            outcome = "lost"
+        if ctx is not None:
+            ctx.outcome = outcome
 
     def _result(
         self,
         claimed: Claimed,
-        started: datetime,
+        ctx: TaskContext,
         *,
         value: Any = None,
         error: ErrorInfo | None = None,
@@ -522,7 +557,8 @@ class AsyncWorker:
             queue=task.queue,
             func=task.func,
             worker_id=self.worker_id,
-            started_at=started,
+            started_at=ctx.started_at,
+            metadata=dict(ctx.metadata),
         )
 
     async def _record(self, result: TaskResult, claimed: Claimed | None = None) -> None:
@@ -532,13 +568,17 @@ class AsyncWorker:
             latest = claimed is not None and utcnow() < claimed.lease_until
             await self.backend.results.set(result, check_attempt=not latest)
 
-    async def _succeed(self, claimed: Claimed, value: Any, started: Any, duration: float) -> None:
+    async def _succeed(
+        self, claimed: Claimed, value: Any, ctx: TaskContext, duration: float
+    ) -> None:
         task = claimed.task
-        await self._record(self._result(claimed, started, value=value), claimed)
+        await self._record(self._result(claimed, ctx, value=value), claimed)
         try:
             await self.queue.ack(claimed)
+            ctx.outcome = "done"
         except LeaseLostError:
             self.stats["lost"] += 1
+            ctx.outcome = "lost"
             log.warning("task %s finished after its lease was taken over", task.id)
             return
         self.stats["succeeded"] += 1
@@ -546,7 +586,7 @@ class AsyncWorker:
         await self._event(EventType.SUCCEEDED, claimed, duration=duration)
 
     async def _fail(
-        self, claimed: Claimed, error: BaseException, retry: bool, started: Any, duration: float
+        self, claimed: Claimed, error: BaseException, retry: bool, ctx: TaskContext, duration: float
     ) -> None:
         task = claimed.task
         if isinstance(error, TimeoutError) and not str(error):
@@ -556,12 +596,14 @@ class AsyncWorker:
             status = await self.queue.nack(claimed, error=info, retry=retry)
         except LeaseLostError:
             self.stats["lost"] += 1
+            ctx.outcome = "lost"
             return
+        ctx.outcome = "dead" if status is TaskStatus.DEAD else "retried"
         self.stats["failed"] += 1
         if status is TaskStatus.DEAD:
             self.stats["dead"] += 1
             log.info("task %s failed: %s: %s (dead-lettered)", task.id, info.type, info.message)
-            await self._record(self._result(claimed, started, error=info))
+            await self._record(self._result(claimed, ctx, error=info))
             await self._event(EventType.FAILED, claimed, error=info, duration=duration)
             await self._event(EventType.DEAD_LETTERED, claimed, error=info)
         else:

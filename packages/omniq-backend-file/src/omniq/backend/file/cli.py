@@ -45,6 +45,7 @@ from omniq.core.sync import run_sync
 from . import _cli_format as cli_format
 from . import _cli_schedule
 from ._cli_format import CliError, Redactor
+from ._task_context import load_hook
 from .dashboard import _cli as dashboard_cli
 from ._cli_progress import LiveProgress, live
 
@@ -123,6 +124,8 @@ def cmd_worker(ctx: _Context) -> int:
             idle_timeout=ns.idle_timeout,
             storage_timeout=ns.storage_timeout,
             schedules=not ns.no_schedules,
+            hooks=[load_hook(path) for path in ns.hook or ()],
+            progress_interval=ns.progress_interval,
             **({"worker_id": ns.worker_id} if ns.worker_id else {}),
         )
         logging.getLogger("omniq.cli").info(

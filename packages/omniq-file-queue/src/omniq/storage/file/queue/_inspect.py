@@ -119,8 +119,11 @@ class QueueInspection:
             return None
         lease_until = claimed.lease_until
         epoch = max(names_of.epochs, default=0)
+        rec = None
         if epoch:
             raw = yield read(layout.epoch_key(queue, task_id, attempt, epoch))
+            if raw is None:  # replaced by a heartbeat since the listing: read its successor
+                raw = yield read(layout.epoch_key(queue, task_id, attempt, epoch + 1))
             rec = None if raw is None else layout.parse_record(raw)
             if rec is not None and rec.lease_until is not None:
                 lease_until = datetime.fromtimestamp(rec.lease_until, UTC)
@@ -130,6 +133,8 @@ class QueueInspection:
             attempt=attempt,
             worker_id=claimed.worker_id or None,
             lease_until=lease_until,
+            progress=rec.progress if rec is not None else None,  # what the task reported
+            metadata=rec.meta or {} if rec is not None else {},
         ), run
 
     def _pending_copy(

@@ -33,7 +33,7 @@ import msgspec
 
 from omniq.core import codec
 from omniq.core.errors import SerializationError
-from omniq.core.models import MAX_PRIORITY, UTC, Claimed, Task
+from omniq.core.models import MAX_PRIORITY, UTC, Claimed, Progress, Task
 
 TOMBSTONE_MAX = 16
 """A claim file this small ended its attempt unclaimed (``cancelled``, ``expired``)."""
@@ -73,7 +73,9 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=True):
     ``nonce`` makes every record's bytes unique, so a create answered "exists" can tell its
     own write (a lost response retried) from another writer's. ``next`` is what the record's
     writer must create after winning: attempt n+1 (spawning states) or the dead letter; a
-    repair pass redoes it if the writer died first."""
+    repair pass redoes it if the writer died first. A lease epoch may carry the task's
+    ``progress`` and ``meta`` (its task context): every later epoch repeats them, so the
+    newest epoch holds the latest."""
 
     state: str
     nonce: str
@@ -81,6 +83,8 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=True):
     lease_until: float | None = None
     worker: str | None = None
     next: Task | None = None
+    progress: Progress | None = None  # a lease epoch: what the task last reported
+    meta: dict[str, Any] | None = None  # a lease epoch: the task's metadata (ctx.update)
 
 
 def record(state: str, at: float, **fields: Any) -> bytes:

@@ -42,7 +42,7 @@ from omniq.core.fs import (
     stat,
     write,
 )
-from omniq.core.models import UTC, Claimed, ErrorInfo, EventType, Task, TaskStatus
+from omniq.core.models import UTC, Claimed, ErrorInfo, EventType, Progress, Task, TaskStatus
 from omniq.core.names import validate_name
 
 from . import _layout as layout
@@ -316,21 +316,37 @@ class LeaseHandling:
         return (yield from self._decide(claimed, State.RELEASED, nxt))
 
     # -- heartbeats --------------------------------------------------------------------------
-    async def extend_lease(self, claimed: Claimed, seconds: float | None = None) -> Claimed:
+    async def extend_lease(
+        self,
+        claimed: Claimed,
+        seconds: float | None = None,
+        *,
+        progress: Progress | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Claimed:
         """Heartbeat: the lease now ends ``seconds`` (default: the queue's lease) from now.
-        Use the returned claim from then on.
+        Use the returned claim from then on. ``progress`` and ``metadata`` (the task's
+        context) go into the new lease epoch, where ``get_task`` reads them.
 
         Raises LeaseLostError if another worker took the task over (nothing is extended),
         TaskCancelledError if it was cancelled (the attempt is then recorded as cancelled).
         """
-        got = await self.store.run(self._extend_program(claimed, seconds or self.lease))
+        got = await self.store.run(
+            self._extend_program(claimed, seconds or self.lease, progress, metadata)
+        )
         if got is None:
             raise self._lost(claimed, "extend_lease")
         if isinstance(got, bool):
             raise TaskCancelledError(f"task {claimed.id} was cancelled")
         return got
 
-    def _extend_program(self, claimed: Claimed, seconds: float) -> Program[Claimed | bool | None]:
+    def _extend_program(
+        self,
+        claimed: Claimed,
+        seconds: float,
+        progress: Progress | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Program[Claimed | bool | None]:
         queue, task_id, attempt = claimed.queue, claimed.id, claimed.attempt
         current = yield now()
         if self._too_late(claimed, current):
@@ -343,7 +359,12 @@ class LeaseHandling:
             return False
         epoch = claimed.epoch + 1
         data = layout.record(
-            State.LEASE, current, lease_until=current + seconds, worker=claimed.worker_id
+            State.LEASE,
+            current,
+            lease_until=current + seconds,
+            worker=claimed.worker_id,
+            progress=progress,
+            meta=metadata,
         )
         if not (yield create(layout.epoch_key(queue, task_id, attempt, epoch), data)):
             return None  # a reaper's fence (or a finished attempt's clean-up) came first

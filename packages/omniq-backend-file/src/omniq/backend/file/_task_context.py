@@ -1,0 +1,315 @@
+"""The worker's side of the task context and of hooks: which functions get a context and how,
+the heartbeat that also writes progress (rate-limited), the link that forwards a child
+process's context to the worker, and calling hooks without letting them hurt a task."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import math
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+
+from omniq.core.context import TaskContext
+from omniq.core.errors import LeaseLostError, TaskCancelledError
+from omniq.core.models import Claimed, EventType, Progress
+
+from ._functions import import_object
+
+log = logging.getLogger("omniq.worker")
+
+HOOK_METHODS = ("before_task", "after_task", "on_failure")
+_NAME = re.compile(r"(?:[A-Za-z_]\w*\.)*TaskContext")
+
+
+def make_context(claimed: Claimed, worker_id: str) -> TaskContext:
+    task = claimed.task
+    return TaskContext(
+        task_id=task.id,
+        attempt=claimed.attempt,
+        queue=task.queue,
+        func=task.func,
+        worker_id=worker_id,
+        metadata=task.metadata,
+        enqueued_at=task.created_at,
+    )
+
+
+# -- which functions get a context -----------------------------------------------------------
+@functools.lru_cache(maxsize=1024)
+def context_parameter(func: Callable[..., Any]) -> tuple[int | None, str] | None:
+    """Where ``func`` takes a context: (its position, or None if keyword-only; its name), or
+    None if no parameter is annotated ``TaskContext`` (the class, or the name as a string)."""
+    target = getattr(func, "__omniq_func__", func)
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for index, param in enumerate(params):
+        ann = param.annotation
+        if ann is TaskContext or (isinstance(ann, str) and _NAME.fullmatch(ann.strip())):
+            positional = param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
+            return (index if positional else None), param.name
+    return None
+
+
+def with_context(
+    where: tuple[int | None, str] | None, args: list[Any], kwargs: dict[str, Any], ctx: Any
+) -> tuple[list[Any], dict[str, Any]]:
+    """The call's arguments with ``ctx`` in its place: positionally where the task's own
+    positional arguments reach it, else by keyword."""
+    if where is None:
+        return args, kwargs
+    index, name = where
+    if index is not None and index <= len(args):
+        return [*args[:index], ctx, *args[index:]], kwargs
+    return args, {**kwargs, name: ctx}
+
+
+# -- the heartbeat, which also writes progress -------------------------------------------------
+async def heartbeat(
+    worker: Any, state: dict[str, Any], scope: anyio.CancelScope, ctx: TaskContext
+) -> None:
+    """Extend the lease every third of it; write the context's values as an early heartbeat,
+    at most once per ``worker.progress_interval``. A progress write is a heartbeat: a holder
+    that lost its lease fails it the same way and extends nothing."""
+    token = anyio.lowlevel.current_token()
+    loop_thread = threading.get_ident()
+    wake = [anyio.Event()]
+
+    def notify() -> None:
+        if threading.get_ident() == loop_thread:
+            wake[0].set()
+            return
+        try:
+            anyio.from_thread.run_sync(lambda: wake[0].set(), token=token)
+        except RuntimeError:  # the loop is gone: the attempt is over anyway
+            pass
+
+    ctx._notify = notify
+    beat = worker.lease / 3
+    last_write = -math.inf
+    next_beat = time.monotonic() + beat
+    try:
+        while True:
+            wake[0] = anyio.Event()  # before looking: a value reported from now on wakes it
+            if not ctx._pending():
+                with anyio.move_on_after(max(0.0, next_beat - time.monotonic())):
+                    await wake[0].wait()
+            current = time.monotonic()
+            if current < next_beat:
+                if not ctx._pending():
+                    continue
+                delay = min(last_write + worker.progress_interval, next_beat) - current
+                if delay > 0:
+                    await anyio.sleep(delay)
+            progress, meta, changed = ctx._take()
+            extra: dict[str, Any] = {}
+            if progress is not None or meta is not None:
+                extra = {"progress": progress, "metadata": meta}
+            try:
+                state["claimed"] = await worker.queue.extend_lease(
+                    state["claimed"], worker.lease, **extra
+                )
+            except LeaseLostError:
+                state["lost"] = True
+                scope.cancel()
+                return
+            except TaskCancelledError:
+                ctx._mark_cancelled()
+                state["cancelled"] = True
+                scope.cancel()
+                return
+            except Exception as exc:
+                log.warning("heartbeat for task %s failed: %s", state["claimed"].id, exc)
+            else:
+                state["writes"] = state.get("writes", 0) + 1
+                if changed and progress is not None:
+                    await progress_event(worker, state["claimed"], progress)
+            last_write = time.monotonic()
+            next_beat = last_write + beat
+    finally:
+        ctx._notify = None
+
+
+async def progress_event(worker: Any, claimed: Claimed, progress: Progress) -> None:
+    fields = {"done": progress.done, "total": progress.total, "message": progress.message}
+    data = {k: v for k, v in fields.items() if v is not None}
+    try:
+        await worker._event(EventType.PROGRESS, claimed, data=data)
+    except Exception as exc:  # an event is a report: losing one must not stop the task
+        log.warning("progress event of task %s failed: %s", claimed.id, exc)
+
+
+# -- a child process's context, forwarded to the worker ---------------------------------------
+class ChildLink:
+    """The worker's end: a local socket the child connects to (proving itself with a
+    one-time token), and a thread applying what the child's context sends to the worker's
+    context. Messages are JSON lines, never pickles."""
+
+    def __init__(self, ctx: TaskContext, where: tuple[int | None, str], interval: float) -> None:
+        self.ctx, self.where, self.interval = ctx, where, interval
+        self.token = secrets.token_hex(16)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)  # the reader looks at ``closed`` this often
+        self.closed = False
+        self.thread = threading.Thread(target=self._read, name="omniq-progress", daemon=True)
+        self.thread.start()
+
+    def spec(self) -> dict[str, Any]:
+        """What the child needs (plain data): where to connect, the context's fields."""
+        ctx = self.ctx
+        return {
+            "address": list(self.server.getsockname()[:2]),
+            "token": self.token,
+            "interval": self.interval,
+            "where": list(self.where),
+            "fields": {
+                "task_id": ctx.task_id,
+                "attempt": ctx.attempt,
+                "queue": ctx.queue,
+                "func": ctx.func,
+                "worker_id": ctx.worker_id,
+                "metadata": ctx.metadata,
+                "enqueued_at": ctx.enqueued_at.isoformat() if ctx.enqueued_at else None,
+                "started_at": ctx.started_at.isoformat(),
+            },
+        }
+
+    def _read(self) -> None:
+        while not self.closed:
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as lines:
+                conn.settimeout(None)
+                if lines.readline().strip().decode(errors="replace") != self.token:
+                    continue  # not our child
+                try:
+                    for line in lines:
+                        self.ctx._apply(json.loads(line))
+                except (OSError, ValueError) as exc:
+                    log.warning("progress from the process of %s: %s", self.ctx.task_id, exc)
+                return
+
+    async def close(self) -> None:
+        """After the call: read what the child sent last, then stop listening."""
+        self.closed = True
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.thread.join, 5.0)
+        self.server.close()
+
+
+class _Forwarder:
+    """The child's end: sends its context's changes to the worker, at most one message per
+    ``interval`` (a timer sends the last one), and what is left when the call ends."""
+
+    def __init__(self, ctx: TaskContext, conn: socket.socket, interval: float) -> None:
+        self.ctx, self.conn, self.interval = ctx, conn, interval
+        self.lock = threading.Lock()
+        self.last = -math.inf
+        self.timer: threading.Timer | None = None
+
+    def notify(self) -> None:
+        with self.lock:
+            delay = self.last + self.interval - time.monotonic()
+            if delay <= 0:
+                self._send()
+            elif self.timer is None:
+                self.timer = threading.Timer(delay, self.flush)
+                self.timer.daemon = True
+                self.timer.start()
+
+    def flush(self) -> None:
+        with self.lock:
+            self.timer = None
+            self._send()
+
+    def _send(self) -> None:
+        message = self.ctx._snapshot()
+        if message:
+            self.conn.sendall(json.dumps(message).encode() + b"\n")
+            self.last = time.monotonic()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self._send()
+        self.conn.close()
+
+
+def call_in_process(
+    path: str, args: list[Any], kwargs: dict[str, Any], link: dict[str, Any] | None
+) -> Any:
+    """Runs in a worker process: import the function and call it, with a context that
+    forwards to the worker when ``link`` is given."""
+    func = import_object(path)
+    func = getattr(func, "__omniq_func__", func)
+    if link is None:
+        return func(*args, **kwargs)
+    from datetime import datetime
+
+    fields = dict(link["fields"])
+    for key in ("enqueued_at", "started_at"):
+        fields[key] = datetime.fromisoformat(fields[key]) if fields[key] else None
+    ctx = TaskContext(**fields)
+    host, port = link["address"]
+    conn = socket.create_connection((host, port))
+    conn.sendall(link["token"].encode() + b"\n")
+    forwarder = _Forwarder(ctx, conn, link["interval"])
+    ctx._notify = forwarder.notify
+    index, name = link["where"]
+    args, kwargs = with_context((index, name), args, kwargs, ctx)
+    try:
+        return func(*args, **kwargs)
+    finally:
+        forwarder.close()
+
+
+# -- hooks -----------------------------------------------------------------------------------
+def load_hook(path: str) -> Any:
+    """The hook at ``"pkg.mod:obj"``; a class is instantiated without arguments."""
+    obj = import_object(path)
+    return obj() if inspect.isclass(obj) else obj
+
+
+class Hooks:
+    """Calls ``before_task``, ``after_task`` and ``on_failure`` of each hook object that has
+    them, in order, sync or async. A hook that raises is logged and skipped."""
+
+    def __init__(self, hooks: Sequence[Any] = ()) -> None:
+        self.hooks = list(hooks)
+        for hook in self.hooks:
+            if not any(callable(getattr(hook, name, None)) for name in HOOK_METHODS):
+                raise TypeError(f"hook {hook!r} has none of the methods {', '.join(HOOK_METHODS)}")
+
+    def __bool__(self) -> bool:
+        return bool(self.hooks)
+
+    async def call(self, name: str, ctx: TaskContext, *args: Any) -> None:
+        for hook in self.hooks:
+            method = getattr(hook, name, None)
+            if method is None:
+                continue
+            try:
+                outcome = method(ctx, *args)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            except Exception:
+                log.exception("hook %r.%s failed for task %s", hook, name, ctx.task_id)

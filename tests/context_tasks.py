@@ -1,0 +1,85 @@
+"""Task functions that take a ``TaskContext``, for tests/test_context.py and test_hooks.py.
+
+Workers import them by path (``"context_tasks:name"``); subprocess workers and process pools
+get ``tests/`` through ``PYTHONPATH``."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from omniq.core import TaskContext
+
+
+def describe(ctx: TaskContext, x: int) -> dict[str, Any]:
+    """The context as the function saw it (a thread task), with ``x``."""
+    ctx.update(seen=x)
+    return {
+        "task_id": ctx.task_id,
+        "attempt": ctx.attempt,
+        "queue": ctx.queue,
+        "func": ctx.func,
+        "worker_id": ctx.worker_id,
+        "enqueued": ctx.enqueued_at.isoformat() if ctx.enqueued_at else None,
+        "pid": os.getpid(),
+        "x": x,
+    }
+
+
+async def async_describe(x: int, *, context: TaskContext) -> dict[str, Any]:
+    """An async task taking the context by keyword, after its own argument."""
+    context.update(seen=x)
+    return {"task_id": context.task_id, "attempt": context.attempt, "x": x}
+
+
+def plain(x: int) -> int:
+    return x + 1
+
+
+def report_then_wait(ctx: TaskContext, gate: str, steps: int = 3) -> str:
+    """Reports ``steps`` of ``steps * 2`` with a message and metadata, then waits for the
+    file ``gate`` to exist (the test controls it), then reports the rest."""
+    for i in range(1, steps + 1):
+        ctx.progress(i, steps * 2, message=f"step {i}")
+    ctx.update(stage="waiting")
+    while not Path(gate).exists():
+        time.sleep(0.02)
+    ctx.progress(steps * 2, steps * 2, message="done")
+    ctx.update(stage="finished")
+    return "ok"
+
+
+async def async_report_then_wait(gate: str, ctx: TaskContext, steps: int = 3) -> str:
+    for i in range(1, steps + 1):
+        ctx.progress(i, steps * 2, message=f"step {i}")
+    ctx.update(stage="waiting")
+    while not Path(gate).exists():
+        await anyio.sleep(0.02)
+    ctx.progress(steps * 2, steps * 2, message="done")
+    ctx.update(stage="finished")
+    return "ok"
+
+
+def tight_loop(ctx: TaskContext, calls: int) -> dict[str, float]:
+    """Calls ``ctx.progress`` ``calls`` times as fast as it can; returns how long it took."""
+    start = time.monotonic()
+    for i in range(calls):
+        ctx.progress(i + 1, calls)
+    return {"seconds": time.monotonic() - start, "calls": calls}
+
+
+def until_cancelled(ctx: TaskContext, gate: str) -> str:
+    """Polls ``ctx.cancelled`` (touching ``gate`` once it runs) until asked to stop."""
+    Path(gate).touch()
+    while True:
+        ctx.check_cancelled()
+        time.sleep(0.01)
+
+
+def fails(ctx: TaskContext) -> None:
+    ctx.update(before="failing")
+    raise RuntimeError("boom")
