@@ -44,6 +44,7 @@ from omniq.core.models import (
     Task,
     TaskEvent,
     TaskInfo,
+    TaskPage,
     TaskResult,
     TaskStatus,
     ensure_utc,
@@ -53,6 +54,13 @@ from omniq.core.names import validate_name
 
 POLL = 0.01  # seconds between looks while waiting (dequeue, results.wait)
 _OPEN = (TaskStatus.PENDING, TaskStatus.SCHEDULED)
+_LISTED = (  # what list_tasks lists (no dependencies here: nothing is ever waiting)
+    TaskStatus.PENDING,
+    TaskStatus.SCHEDULED,
+    TaskStatus.WAITING,
+    TaskStatus.RUNNING,
+    TaskStatus.DEAD,
+)
 
 
 @dataclasses.dataclass
@@ -281,6 +289,31 @@ class MemoryQueue(AsyncQueue):
             entry.status = TaskStatus.PENDING
             count += 1
         return count
+
+    async def list_tasks(
+        self,
+        queue: str | None = None,
+        status: TaskStatus | str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> TaskPage:
+        wanted = _LISTED if status is None else (TaskStatus(status),)
+        if wanted[0] not in _LISTED:
+            raise ValueError(f"status {status!r} cannot be listed")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError("limit must be a positive integer")
+        if queue is not None:
+            validate_name(queue, "queue name")
+        rows = sorted(
+            (f"{e.task.queue}/{_LISTED.index(e.status)}/{e.task.id}", e)
+            for e in self._tasks.values()
+            if e.status in wanted and queue in (None, e.task.queue)
+        )
+        if after is not None and after.count("/") != 2:
+            raise ValueError("after: not a cursor")
+        rows = [(key, e) for key, e in rows if after is None or key > after]
+        more = len(rows) > limit
+        return TaskPage([e.info() for _, e in rows[:limit]], rows[limit - 1][0] if more else None)
 
     async def next_due(
         self, queue: str = "default", after: datetime | None = None

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from typing_extensions import Self
 
-from .errors import LeaseLostError, TaskCancelledError
+from .errors import CapabilityError, LeaseLostError, TaskCancelledError
 from .models import (
     Claimed,
     ErrorInfo,
@@ -40,6 +40,7 @@ from .models import (
     Task,
     TaskEvent,
     TaskInfo,
+    TaskPage,
     TaskResult,
     TaskStatus,
 )
@@ -186,6 +187,22 @@ class AsyncQueue(AsyncResource):
     @abc.abstractmethod
     async def requeue_dead(self, queue: str = "default", task_id: str | None = None) -> int:
         """Put dead-lettered tasks (one, or all) back as ready; returns how many."""
+
+    async def list_tasks(
+        self,
+        queue: str | None = None,
+        status: TaskStatus | str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> TaskPage:
+        """One page of tasks of ``queue`` (None: every queue) in ``status`` (``pending``,
+        ``scheduled``, ``waiting``, ``running`` or ``dead``; None: all of them), at most
+        ``limit``; ``after`` is the ``next`` cursor of the previous page. Bad input raises
+        ValueError (InvalidNameError for a bad queue name).
+
+        This default raises CapabilityError: a backend that can list overrides it, at a
+        cost proportional to the page."""
+        raise CapabilityError(f"{type(self).__name__} cannot list tasks")
 
     async def next_due(
         self, queue: str = "default", after: datetime | None = None

@@ -285,6 +285,14 @@ class TaskInfo(msgspec.Struct, kw_only=True):
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class TaskPage(msgspec.Struct):
+    """One page of ``list_tasks``: the tasks, and ``next``, the cursor to pass as ``after``
+    for the following page (None: this is the last page)."""
+
+    items: list[TaskInfo]
+    next: str | None = None
+
+
 class QueueSize(msgspec.Struct, kw_only=True):
     ready: int = 0
     scheduled: int = 0

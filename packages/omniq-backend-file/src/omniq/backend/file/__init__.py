@@ -158,6 +158,7 @@ class FileBackend(SyncWrapper[AsyncFileBackend]):
     delete_dead = blocking(AsyncFileBackend.delete_dead)
     result = blocking(AsyncFileBackend.result)
     get_task = blocking(AsyncFileBackend.get_task)
+    list_tasks = blocking(AsyncFileBackend.list_tasks)
     cancel = blocking(AsyncFileBackend.cancel)
     schedule = blocking(AsyncFileBackend.schedule)
     make_task = delegate(AsyncFileBackend.make_task)

@@ -17,6 +17,7 @@ from omniq.core.models import (
     Task,
     TaskEvent,
     TaskInfo,
+    TaskPage,
     TaskResult,
     TaskStatus,
     utcnow,
@@ -244,6 +245,18 @@ class AsyncFileBackend(AsyncResource):
 
     async def get_task(self, task_id: str) -> TaskInfo:
         return await self.queue.get_task(task_id)
+
+    async def list_tasks(
+        self,
+        queue: str | None = None,
+        status: TaskStatus | str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> TaskPage:
+        """One page of tasks by status (``pending``, ``scheduled``, ``waiting``, ``running``,
+        ``dead``; None: all) of ``queue`` (None: every queue); ``after`` is the previous
+        page's ``next``. See ``AsyncFileQueue.list_tasks``."""
+        return await self.queue.list_tasks(queue, status, limit, after)
 
     async def cancel(self, task_id: str) -> bool:
         """Cancel a task. A pending or scheduled one never runs (a CANCELLED event and a

@@ -33,6 +33,7 @@ class FileQueue(StorageTwin[AsyncFileQueue]):
     next_due = blocking(AsyncFileQueue.next_due)
     purge = blocking(AsyncFileQueue.purge)
     list_dead = blocking(AsyncFileQueue.list_dead)
+    list_tasks = blocking(AsyncFileQueue.list_tasks)
     requeue_dead = blocking(AsyncFileQueue.requeue_dead)
     delete_dead = blocking(AsyncFileQueue.delete_dead)
 

@@ -51,6 +51,7 @@ from ._claim_link import LinkClaims
 from ._claim_s3 import S3Claims
 from ._inspect import QueueInspection
 from ._leases import LeaseHandling
+from ._listing import QueueListing
 
 log = logging.getLogger("omniq.queue")
 
@@ -67,7 +68,7 @@ class _Cache:
         self.items = items
 
 
-class AsyncFileQueue(LeaseHandling, QueueInspection, AsyncQueue):
+class AsyncFileQueue(LeaseHandling, QueueInspection, QueueListing, AsyncQueue):
     """A task queue whose state is files under ``base_dir``; safe for many workers.
 
     Args:
