@@ -687,19 +687,39 @@ def _no_expect_continue(fs: Any) -> None:
     fs.set_session = set_session
 
 
+# Called after every storage op a program makes (``now`` excepted) with the op's name and the
+# exception it raised, or None: how ``omniq.backend.file._metrics`` counts storage requests.
+# None by default, so that the drivers cost one comparison per op when nobody is counting.
+RequestHook = Callable[[str, BaseException | None], None]
+request_hook: RequestHook | None = None
+
+
+def set_request_hook(hook: RequestHook | None) -> RequestHook | None:
+    """Install ``hook`` (None removes it) for the programs started from now on; returns the
+    hook it replaces. One op retried inside the ops (transient failures) counts once."""
+    global request_hook
+    previous, request_hook = request_hook, hook
+    return previous
+
+
 def _drive(
     program: Program[R], ops: Ops | LocalOnlyOps, clock: Callable[[], float], where: str = ""
 ) -> R:
     """Run ``program`` against ``ops``: each ``Op`` is the ops method of its name (``now`` is
     the clock). A local-only op on ops without it fails like any other bad op."""
+    hook = request_hook
     try:
         op = next(program)
         while True:
             try:
                 result = clock() if op.name == "now" else getattr(ops, op.name)(*op.args)
             except Exception as exc:  # handed to the program, which may handle it
+                if hook is not None:
+                    hook(op.name, exc)
                 op = program.throw(_as_storage_error(op, exc, where))
             else:
+                if hook is not None and op.name != "now":
+                    hook(op.name, None)
                 op = program.send(result)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
@@ -708,14 +728,19 @@ def _drive(
 async def _adrive(
     program: Program[R], ops: AsyncFsspecOps, clock: Callable[[], float], where: str = ""
 ) -> R:
+    hook = request_hook
     try:
         op = next(program)
         while True:
             try:
                 result = clock() if op.name == "now" else await getattr(ops, op.name)(*op.args)
             except Exception as exc:
+                if hook is not None:
+                    hook(op.name, exc)
                 op = program.throw(_as_storage_error(op, exc, where))
             else:
+                if hook is not None and op.name != "now":
+                    hook(op.name, None)
                 op = program.send(result)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]

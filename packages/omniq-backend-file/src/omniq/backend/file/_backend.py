@@ -10,7 +10,7 @@ from typing import Any, Generic, TypeVar
 
 from typing_extensions import ParamSpec, Self
 
-from omniq.core.errors import ConfigurationError, NotFoundError
+from omniq.core.errors import ConfigurationError, MissingDependencyError, NotFoundError
 from omniq.core.interfaces import AsyncResource, cancelled_result
 from omniq.core.models import (
     EventType,
@@ -26,6 +26,7 @@ from omniq.storage.file.events import AsyncFileEventStorage
 from omniq.storage.file.queue import AsyncFileQueue
 from omniq.storage.file.results import AsyncFileResultStorage
 
+from . import _tracing
 from ._config import BackendConfig, resolve_config
 from ._functions import func_path
 from ._schedules import AsyncSchedules, Schedule, build_schedule, periodic_decorator
@@ -181,7 +182,8 @@ class AsyncFileBackend(AsyncResource):
         user argument named ``queue`` or ``timeout`` never collides with an option.
         """
         task = self.make_task(func, args, kwargs, **options)
-        await self.queue.enqueue(task)
+        with _tracing.enqueue_span(task):
+            await self.queue.enqueue(task)
         await self.emit(
             TaskEvent(
                 task_id=task.id, type=EventType.ENQUEUED, queue=task.queue, data={"func": task.func}
@@ -190,7 +192,8 @@ class AsyncFileBackend(AsyncResource):
         return task.id
 
     async def enqueue_task(self, task: Task) -> str:
-        await self.queue.enqueue(task)
+        with _tracing.enqueue_span(task):
+            await self.queue.enqueue(task)
         await self.emit(
             TaskEvent(
                 task_id=task.id, type=EventType.ENQUEUED, queue=task.queue, data={"func": task.func}
@@ -379,9 +382,31 @@ class AsyncFileBackend(AsyncResource):
         return wrap(func) if func is not None else wrap
 
     def worker(
-        self, queues: Sequence[str] | str = ("default",), concurrency: int = 4, **options: Any
+        self,
+        queues: Sequence[str] | str = ("default",),
+        concurrency: int = 4,
+        *,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
+        **options: Any,
     ) -> AsyncWorker:
-        """A worker running tasks from ``queues`` (see AsyncWorker for the options)."""
+        """A worker running tasks from ``queues`` (see AsyncWorker for the options).
+
+        ``metrics_port``: serve Prometheus metrics on ``http://metrics_host:PORT/metrics``
+        (the ``[metrics]`` extra). With ``opentelemetry-api`` installed, a tracing hook comes
+        first in ``hooks`` (docs/observability.md)."""
+        hooks = [*_tracing.worker_hooks(), *options.pop("hooks", ())]
+        if metrics_port is not None:
+            try:
+                from ._metrics import worker_hooks
+            except ImportError as exc:
+                raise MissingDependencyError(
+                    "metrics need prometheus-client: pip install 'omniq-backend-file[metrics]'"
+                    f" ({exc})"
+                ) from exc
+            hooks += worker_hooks(self, metrics_port, metrics_host)
+        if hooks:
+            options["hooks"] = hooks
         return AsyncWorker(self, queues, concurrency, **options)
 
 

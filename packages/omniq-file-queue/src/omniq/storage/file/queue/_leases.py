@@ -123,6 +123,7 @@ class LeaseHandling:
     tombstone_ttl: float
     claims: DocumentClaims
     _reaped: dict[str, float]
+    takeovers: dict[str, int]
     _spawning: set[tuple[str, str, int]]
 
     if TYPE_CHECKING:
@@ -380,6 +381,8 @@ class LeaseHandling:
         validate_name(queue, "queue name")
         self._reaped[queue] = self._now()  # an explicit pass counts: dequeue waits reap_interval
         taken = await self.store.run(self._reap_program(queue), heavy=True)
+        if taken:
+            self.takeovers[queue] = self.takeovers.get(queue, 0) + len(taken)
         for claimed in taken:
             log.warning(
                 "lease of task %s attempt %d%s expired; requeued",

@@ -138,6 +138,7 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, QueueListing, AsyncQueue):
         self._checked = False
         self._cache: dict[str, _Cache] = {}
         self._reaped: dict[str, float] = {}
+        self.takeovers: dict[str, int] = {}  # expired leases this reaper requeued (metrics)
         self._spawning: set[tuple[str, str, int]] = set()
         self.watch = watch
         self._watches: dict[tuple[str, ...], DirWatch | None] = {}
