@@ -28,6 +28,7 @@ from omniq.storage.file.results import AsyncFileResultStorage
 
 from . import _tracing
 from ._config import BackendConfig, resolve_config
+from ._drain import drain
 from ._functions import func_path
 from ._schedules import AsyncSchedules, Schedule, build_schedule, periodic_decorator
 from ._worker import AsyncWorker
@@ -46,6 +47,10 @@ class AsyncFileBackend(AsyncResource):
     (``queue_dir=``/``queue_options=``, ``results_dir=``, ``events_dir=``). Settings also come
     from ``config`` (a dict) and ``OMNIQ_*`` environment variables; precedence: keyword
     arguments > config > environment > defaults.
+
+    ``immediate=True`` (``OMNIQ_IMMEDIATE=1``) is the testing mode: ``enqueue`` runs the task
+    (and whatever else is due in its queue) through the worker before it returns, delays and
+    retries included; see ``drain`` and docs/testing.md.
 
     It has the shape of ``omniq.core.interfaces.WorkerBackend`` (``queue``, ``results``,
     ``events``, ``emit``, ``config.event_retention``), which is all ``AsyncWorker`` uses of it,
@@ -189,6 +194,8 @@ class AsyncFileBackend(AsyncResource):
                 task_id=task.id, type=EventType.ENQUEUED, queue=task.queue, data={"func": task.func}
             )
         )
+        if self.config.immediate:
+            await self.drain(task.queue, include_scheduled=True)
         return task.id
 
     async def enqueue_task(self, task: Task) -> str:
@@ -199,7 +206,38 @@ class AsyncFileBackend(AsyncResource):
                 task_id=task.id, type=EventType.ENQUEUED, queue=task.queue, data={"func": task.func}
             )
         )
+        if self.config.immediate:
+            await self.drain(task.queue, include_scheduled=True)
         return task.id
+
+    # -- testing mode (docs/testing.md) ------------------------------------------------------
+    async def drain(
+        self,
+        /,
+        queues: Sequence[str] | str | None = None,
+        *,
+        include_scheduled: bool = False,
+        concurrency: int = 1,
+        max_rounds: int = 1000,
+        **worker_options: Any,
+    ) -> dict[str, int]:
+        """Run here, through the real worker, every ready task of ``queues`` (None: every
+        queue) until none is left, tasks enqueued meanwhile included; returns the worker's
+        counters (``claimed``, ``succeeded``, ``failed``, ``retried``, ``dead``, ...).
+
+        With ``include_scheduled``, delayed and retrying tasks are treated as due (in the
+        order they come due), so retries run to their end. Results and events are written as
+        in production. Meant for tests: ``concurrency`` tasks at a time (default one);
+        ``worker_options`` go to ``AsyncWorker`` (``allow``, ``processes``, ...).
+        RuntimeError after ``max_rounds`` worker runs that still left scheduled tasks."""
+        return await drain(
+            self,
+            queues,
+            include_scheduled=include_scheduled,
+            concurrency=concurrency,
+            max_rounds=max_rounds,
+            **worker_options,
+        )
 
     async def result(self, task_id: str, wait: float | None = None) -> TaskResult | None:
         """The task's result; with ``wait`` seconds, wait for it (ResultTimeoutError)."""

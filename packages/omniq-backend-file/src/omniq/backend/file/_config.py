@@ -51,6 +51,7 @@ class BackendConfig:
     clock_skew: float = 5.0
     max_retries: int = 0
     timeout: float | None = None
+    immediate: bool = False
 
     def __repr__(self) -> str:
         from omniq.core.fs import redact_url
