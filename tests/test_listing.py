@@ -392,3 +392,53 @@ async def test_the_memory_contract_backend_pages_the_same_way() -> None:
     assert len(set(ids(items))) == 5
     with pytest.raises(ValueError):
         await q.list_tasks(status="done")
+
+
+# -- omniq tasks -----------------------------------------------------------------------------
+def test_cli_tasks_lists_pages_and_refuses_bad_input(tmp_path) -> None:
+    from test_cli import SECRET_OPTIONS, Cli
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    cli, base = Cli(work), str(tmp_path / "store")
+    dead = cli.enqueue(base, "cli_tasks:boom", "--kwargs", '{"message": "bad record"}')
+    cli.burst(base)
+    first = cli.enqueue(base, "cli_tasks:add", "--args", "[1, 2]")
+    later = cli.enqueue(base, "cli_tasks:add", "--args", "[3, 4]", "--delay", "600", "-q", "zz")
+
+    table = cli.ok("tasks", base, "--storage-options", SECRET_OPTIONS).splitlines()
+    assert table[0].split() == [
+        "TASK", "QUEUE", "STATUS", "FUNCTION", "ATTEMPT", "WHEN", "WORKER", "NOTE"
+    ]  # fmt: skip
+    rows = [line.split()[:3] for line in table[1:]]
+    assert rows == [
+        [first, "default", "pending"],
+        [dead, "default", "dead"],
+        [later, "zz", "scheduled"],
+    ]
+    assert "ValueError: bad record" in table[2] and "(more" not in "\n".join(table)
+
+    seen, after = [], []
+    while True:  # --json, one task a page
+        page = json.loads(cli.ok("tasks", base, "--json", "--limit", "1", *after))
+        seen += [(i["task"]["id"], i["status"]) for i in page["items"]]
+        if page["next"] is None:
+            break
+        after = ["--after", page["next"]]
+    assert seen == [(first, "pending"), (dead, "dead"), (later, "scheduled")]
+    out = cli.ok("tasks", base, "--limit", "1", "-q", "default")
+    assert first in out and dead not in out and "(more: --after " in out
+    assert dead in cli.ok("tasks", base, "--status", "dead") and "(no tasks)" in cli.ok(
+        "tasks", base, "--status", "running"
+    )
+
+    for args, message in [
+        (["--status", "done"], "invalid choice"),
+        (["--limit", "0"], "must be > 0"),
+        (["--after", "junk"], "not a cursor"),
+        (["-q", "../x"], "queue name"),
+    ]:
+        proc = cli("tasks", base, *args)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+    proc = cli("tasks", str(tmp_path / "missing"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr

@@ -294,6 +294,46 @@ def dead_table(items: list[tuple[str, TaskInfo]]) -> str:
     )
 
 
+def tasks_table(items: list[TaskInfo], *, tty: bool = False) -> str:
+    """``omniq tasks``: one row per task. WHEN is the due time of a scheduled task, the lease
+    end of a running one, else the creation time; NOTE the progress of a running task (a bar
+    on a terminal) or the last error."""
+    from ._cli_progress import bar
+
+    if not items:
+        return "(no tasks)"
+    rows = []
+    for info in items:
+        task = info.task
+        when = None if task is None else task.created_at
+        if task is not None and info.status.value == "scheduled":
+            when = task.eta
+        elif info.status.value == "running":
+            when = info.lease_until
+        note = fmt_error(info.error, 60)
+        progress = info.progress
+        if progress is not None:
+            fraction = progress.fraction
+            note = f"{progress.done:g}" + (f"/{progress.total:g}" if progress.total else "")
+            if fraction is not None:
+                note = (f"{bar(fraction, 10)} " if tty else "") + f"{fraction:.0%} ({note})"
+            note = clip(f"{note} {progress.message or ''}".rstrip(), 60)
+        rows.append(
+            [
+                task.id if task else "?",
+                task.queue if task else "?",
+                info.status.value,
+                task.func if task else "?",
+                info.attempt if info.attempt is not None else "-",
+                fmt_time(when),
+                info.worker_id or "-",
+                note,
+            ]
+        )
+    headers = ["TASK", "QUEUE", "STATUS", "FUNCTION", "ATTEMPT", "WHEN", "WORKER", "NOTE"]
+    return table(headers, rows, right=(4,))
+
+
 def failure_text(result: TaskResult) -> str:
     error = result.error
     head = f"task {result.task_id} failed on attempt {result.attempt}"
@@ -576,4 +616,26 @@ def build_parser(handlers: Mapping[str, Callable[[Any], int]]) -> argparse.Argum
         help="put dead tasks back as ready: one, or all without TASK_ID",
     )
     p.add_argument("--json", action="store_true", help="JSON output")
+
+    p = sub(
+        "tasks",
+        "List tasks by status, a page at a time: pending, scheduled, waiting, running, dead.",
+    )
+    p.add_argument("-q", "--queue", metavar="QUEUE", help="only this queue (default: every queue)")
+    p.add_argument(
+        "--status",
+        choices=["pending", "scheduled", "waiting", "running", "dead"],
+        help="only this status (default: all five)",
+    )
+    p.add_argument(
+        "--limit",
+        type=_positive(int),
+        default=100,
+        metavar="N",
+        help="tasks per page (default: 100)",
+    )
+    p.add_argument(
+        "--after", metavar="CURSOR", help="the next page: the cursor the previous page printed"
+    )
+    p.add_argument("--json", action="store_true", help='{"items": [...], "next": CURSOR|null}')
     return parser

@@ -392,6 +392,26 @@ def cmd_dead(ctx: _Context) -> int:
     return 0
 
 
+# -- tasks -----------------------------------------------------------------------------------------
+def cmd_tasks(ctx: _Context) -> int:
+    ns = ctx.ns
+    _require_local_dir(ctx)
+    with ctx.backend() as backend:
+        try:
+            page = backend.list_tasks(ns.queue, ns.status, ns.limit, ns.after)
+        except ValueError as exc:
+            if isinstance(exc, OmniQError):
+                raise
+            raise CliError(str(exc)) from None
+    if ns.json:
+        print(cli_format.to_json(page), flush=True)
+        return 0
+    print(cli_format.tasks_table(page.items, tty=sys.stdout.isatty()), flush=True)
+    if page.next is not None:
+        print(f"(more: --after {page.next})", flush=True)
+    return 0
+
+
 HANDLERS = {
     "worker": cmd_worker,
     "enqueue": cmd_enqueue,
@@ -399,6 +419,7 @@ HANDLERS = {
     "result": cmd_result,
     "events": cmd_events,
     "dead": cmd_dead,
+    "tasks": cmd_tasks,
 }
 
 
