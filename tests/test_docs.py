@@ -25,7 +25,7 @@ DOCS = ROOT / "docs"
 README_LIMIT = 8192  # bytes
 
 #: How many python blocks are marked not-run. Change it only with a reason in the marker.
-EXPECTED_NOT_RUN = 2
+EXPECTED_NOT_RUN = 3
 
 FENCE = re.compile(r"^```\s*([\w+-]*)\s*$")
 MARKER = re.compile(r"^<!--\s*not-run\b(.*?)-->\s*$")

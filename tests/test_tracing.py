@@ -31,10 +31,13 @@ def current_trace_id() -> str:
 @pytest.fixture
 def spans():
     # The global provider can be set once per process: every test shares it, and its exporter.
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
         provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
         trace.set_tracer_provider(provider)
+    if not getattr(provider, "_omniq_test_exporter", False):  # set by another test module?
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        provider._omniq_test_exporter = True  # type: ignore[attr-defined]
     _EXPORTER.clear()
     yield _EXPORTER
     _EXPORTER.clear()
