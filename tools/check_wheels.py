@@ -152,6 +152,9 @@ EXTRA_SMOKE: dict[str, list[str]] = {
         from importlib.metadata import entry_points
         eps = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
         assert eps.get("omniq") == "omniq.backend.file.cli:main", eps
+        # The pytest plugin of the testing mode (pytest itself is not installed here).
+        plugins = {ep.name: ep.value for ep in entry_points(group="pytest11")}
+        assert plugins.get("omniq") == "omniq.backend.file.testing", plugins
         """
     ],
 }
