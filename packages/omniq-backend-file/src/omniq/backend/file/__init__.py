@@ -195,10 +195,24 @@ class FileBackend(SyncWrapper[AsyncFileBackend]):
         return wrap(func) if func is not None else wrap
 
     def worker(
-        self, queues: Sequence[str] | str = ("default",), concurrency: int = 4, **options: Any
+        self,
+        queues: Sequence[str] | str = ("default",),
+        concurrency: int = 4,
+        *,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
+        **options: Any,
     ) -> Worker:
         """A blocking worker; ``.run()`` works until SIGINT/SIGTERM or ``.stop()``."""
-        return Worker(self._async.worker(queues, concurrency, **options))
+        return Worker(
+            self._async.worker(
+                queues,
+                concurrency,
+                metrics_port=metrics_port,
+                metrics_host=metrics_host,
+                **options,
+            )
+        )
 
 
 __all__ = [

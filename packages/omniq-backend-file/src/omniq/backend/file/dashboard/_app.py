@@ -90,7 +90,7 @@ class Dashboard:
         self.guard = guard
         self.refresh = refresh
         self.env = make_environment()
-        url = str(backend.queue.store.url)
+        url = str(backend.config.base_dir or backend.queue.store.url)
         self.label = _redact.redact(redact_url(url))
 
     # -- rendering ---------------------------------------------------------------------------

@@ -1,0 +1,245 @@
+"""The dashboard through Starlette's TestClient: every page on every store, the live fragment,
+the actions and their refusals (CSRF, origin, read-only, token), escaping, and credentials never
+shown. The real browser drives it in test_dashboard_browser.py."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from omniq.backend.file import FileBackend
+from omniq.backend.file.cli import main
+from omniq.backend.file.dashboard import create_app, is_loopback
+from omniq.core.models import TaskStatus
+
+SCRIPT = "<script>document.title='pwned'</script>"
+HTML = {"accept": "text/html"}
+BURST: dict[str, Any] = {"burst": True, "idle_timeout": 0.3, "poll": 0.1}
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrf" value="([0-9a-f]+)"', html)
+    assert match, "no CSRF token in the page"
+    return match.group(1)
+
+
+class World:
+    """A backend with a pending, a running, a finished and a dead task, and a schedule."""
+
+    def __init__(self, backend: FileBackend) -> None:
+        self.backend = backend
+        self.done = backend.enqueue("worker_tasks:add", [2, 3], queue="work")
+        self.dead = backend.enqueue("worker_tasks:always_fail", ["boom"], queue="work")
+        backend.worker(["work"], **BURST).run()
+        self.pending = backend.enqueue("worker_tasks:shout", [SCRIPT], queue="inbox")
+        self.running_id = backend.enqueue("worker_tasks:add", [1, 1], queue="busy")
+        claimed = backend.queue.dequeue(["busy"], lease=300, worker_id="worker-7")
+        assert claimed is not None and claimed.id == self.running_id
+        self.schedule = backend.schedule("worker_tasks:add", [1, 2], every=3600, name="hourly")
+
+
+@pytest.fixture
+def world(storage: Any) -> Iterator[World]:
+    with FileBackend(storage.base_dir, storage.storage_options, events=True) as backend:
+        yield World(backend)
+
+
+def client(backend: FileBackend, **options: Any) -> TestClient:
+    return TestClient(create_app(backend, **options), base_url="http://127.0.0.1:8787")
+
+
+# -- pages -------------------------------------------------------------------------------------
+def test_every_page_shows_the_storage(world: World) -> None:
+    with client(world.backend) as c:
+        home = c.get("/", headers=HTML)
+        assert home.status_code == 200
+        for queue, counts in {"work": (0, 0, 1), "inbox": (1, 0, 0), "busy": (0, 1, 0)}.items():
+            row = re.search(rf'<tr data-queue="{queue}">(.*?)</tr>', home.text, re.S)
+            assert row, queue
+            shown = [
+                int(re.search(rf'data-count="{k}"><a [^>]*>(\d+)<', row.group(1)).group(1))  # type: ignore[union-attr]
+                for k in ("ready", "running", "dead")
+            ]
+            assert tuple(shown) == counts, queue
+        assert "Finished tasks per minute" in home.text  # events are on
+
+        running = c.get("/running", headers=HTML).text
+        assert world.running_id in running and "worker-7" in running
+
+        pending = c.get("/queues/inbox?status=pending", headers=HTML).text
+        assert world.pending in pending and "worker_tasks:shout" in pending
+
+        dead = c.get("/dead", headers=HTML).text
+        assert world.dead in dead and "boom" in dead and 'data-action="requeue"' in dead
+
+        task = c.get(f"/tasks/{world.done}", headers=HTML).text
+        assert 'id="task-result">5<' in task
+        assert re.search(r"<strong>started</strong>.*<strong>succeeded</strong>", task, re.S)
+        assert 'id="attempts"' in task
+
+        failed = c.get(f"/tasks/{world.dead}", headers=HTML).text
+        assert "always_fail" in failed and "Traceback" in failed and "boom" in failed
+
+        schedules = c.get("/schedules", headers=HTML).text
+        assert world.schedule in schedules and "every 3600s" in schedules
+        assert 'data-action="pause"' in schedules
+
+        workers = c.get("/workers", headers=HTML).text
+        assert "worker-7" in workers
+
+
+def test_the_live_fragment_is_the_page_block_alone(world: World) -> None:
+    with client(world.backend) as c:
+        whole = c.get("/dead", headers=HTML).text
+        part = c.get("/dead", headers={"x-omniq-fragment": "1"}).text
+    assert "<html" in whole and "<html" not in part and "<nav>" not in part
+    assert world.dead in part and part.strip() in whole
+
+
+def test_unknown_task_and_bad_names(world: World) -> None:
+    with client(world.backend) as c:
+        assert c.get("/tasks/01HZZZZZZZZZZZZZZZZZZZZZZZ", headers=HTML).status_code == 404
+        assert c.get("/tasks/..%2Fescape", headers=HTML).status_code in (400, 404)
+        assert c.get("/queues/inbox?status=bogus", headers=HTML).status_code == 400
+
+
+# -- actions -----------------------------------------------------------------------------------
+def test_requeue_needs_the_csrf_token_and_the_same_origin(world: World) -> None:
+    backend = world.backend
+    form = {"queue": "work", "task_id": world.dead, "next": "/dead"}
+    with client(backend) as c:
+        token = csrf_of(c.get("/dead", headers=HTML).text)
+        refused = c.post("/actions/requeue", data=form, follow_redirects=False)
+        assert refused.status_code == 403 and "CSRF" in refused.text
+        wrong = c.post("/actions/requeue", data={**form, "csrf": "0" * 64})
+        assert wrong.status_code == 403
+        other_site = c.post(
+            "/actions/requeue",
+            data={**form, "csrf": token},
+            headers={"origin": "http://evil.example"},
+        )
+        assert other_site.status_code == 403
+        assert backend.get_task(world.dead).status is TaskStatus.DEAD  # nothing changed
+
+        done = c.post(
+            "/actions/requeue",
+            data={**form, "csrf": token},
+            headers={"origin": "http://127.0.0.1:8787"},
+            follow_redirects=False,
+        )
+        assert done.status_code == 303 and done.headers["location"] == "/dead?done=requeued"
+    assert backend.get_task(world.dead).status is TaskStatus.PENDING
+
+
+def test_a_token_from_another_session_is_refused(world: World) -> None:
+    with client(world.backend) as first, client(world.backend) as second:
+        token = csrf_of(first.get("/dead", headers=HTML).text)
+        second.get("/dead", headers=HTML)  # a session cookie of its own
+        form = {"queue": "work", "task_id": world.dead, "csrf": token}
+        assert second.post("/actions/delete", data=form).status_code == 403
+    assert world.backend.get_task(world.dead).status is TaskStatus.DEAD
+
+
+def test_delete_cancel_pause_resume(world: World) -> None:
+    backend = world.backend
+    with client(backend) as c:
+        token = csrf_of(c.get("/dead", headers=HTML).text)
+
+        def act(verb: str, **fields: str) -> str:
+            response = c.post(
+                f"/actions/{verb}", data={**fields, "csrf": token}, follow_redirects=False
+            )
+            assert response.status_code == 303, response.text
+            return response.headers["location"]
+
+        assert act("delete", queue="work", task_id=world.dead).endswith("done=deleted")
+        assert backend.queue.list_dead("work") == []
+        assert act("delete", queue="work", task_id=world.dead).endswith("done=missing")
+        assert act("cancel", task_id=world.pending).endswith("done=cancelled")
+        assert backend.get_task(world.pending).status is TaskStatus.CANCELLED
+        act("pause", schedule_id=world.schedule)
+        assert backend.schedules.get(world.schedule).paused
+        act("resume", schedule_id=world.schedule)
+        assert not backend.schedules.get(world.schedule).paused
+        shown = c.get("/?done=deleted", headers=HTML).text
+        assert "Dead letter deleted." in shown
+
+
+def test_read_only_refuses_every_action_and_shows_none(world: World) -> None:
+    backend = world.backend
+    with client(backend, read_only=True) as c:
+        page = c.get("/dead", headers=HTML).text
+        assert "read-only" in page and "data-action" not in page
+        # A CSRF token from a writable dashboard of the same process does not help.
+        for verb, fields in (
+            ("requeue", {"queue": "work", "task_id": world.dead}),
+            ("delete", {"queue": "work", "task_id": world.dead}),
+            ("cancel", {"task_id": world.pending}),
+            ("pause", {"schedule_id": world.schedule}),
+        ):
+            response = c.post(f"/actions/{verb}", data={**fields, "csrf": "x"})
+            assert response.status_code == 403 and "read-only" in response.text
+    assert backend.get_task(world.dead).status is TaskStatus.DEAD
+    assert backend.get_task(world.pending).status is TaskStatus.PENDING
+    assert not backend.schedules.get(world.schedule).paused
+
+
+def test_a_token_guards_every_page(world: World) -> None:
+    secret = "let-me-in-please"
+    with client(world.backend, token=secret) as c:
+        assert c.get("/", headers=HTML, follow_redirects=False).headers["location"] == "/login"
+        assert c.get("/dead").status_code == 401
+        assert c.get("/metrics").status_code == 401
+        assert c.post("/actions/requeue", data={}).status_code == 401
+        assert c.post("/login", data={"token": "wrong-token!"}).status_code == 403
+        assert c.get("/dead", headers={"authorization": f"Bearer {secret}"}).status_code == 200
+        login = c.post("/login", data={"token": secret}, follow_redirects=False)
+        assert login.status_code == 303 and secret not in login.headers["set-cookie"]
+        assert world.dead in c.get("/dead", headers=HTML).text  # the cookie now
+
+
+# -- escaping and credentials ------------------------------------------------------------------
+def test_a_script_argument_is_shown_as_text(world: World) -> None:
+    with client(world.backend) as c:
+        for path in (f"/tasks/{world.pending}", "/queues/inbox?status=pending"):
+            page = c.get(path, headers=HTML)
+            assert SCRIPT not in page.text
+            assert "&lt;script&gt;document.title=" in page.text
+            assert "script-src 'self'" in page.headers["content-security-policy"]
+
+
+def test_credentials_never_shown(s3_emulator: Any) -> None:
+    """Storage options with a key and a secret (moto takes any), and a dead task whose error
+    echoes them and a URL with userinfo: no page, error or header shows them."""
+    key, secret = "AKIADASHBOARDKEY4242", "dashboard-secret-Zq8Xw3"
+    options = {**s3_emulator.storage_options, "key": key, "secret": secret}
+    base_dir = s3_emulator.url("dashboard-creds")
+    with FileBackend(base_dir, options, events=True) as backend:
+        leaky = f"cannot reach s3://{key}:{secret}@bucket/x with secret {secret}"
+        dead = backend.enqueue("worker_tasks:always_fail", [leaky], queue="work")
+        backend.worker(["work"], **BURST).run()
+        with client(backend) as c:
+            pages = [c.get(p, headers=HTML) for p in ("/", "/dead", f"/tasks/{dead}")]
+            pages.append(c.get("/queues/work?status=dead", headers=HTML))
+            pages.append(c.get("/tasks/..bad..", headers=HTML))
+            assert "dashboard-creds" in pages[0].text  # the storage is named...
+            for page in pages:
+                text = page.text + str(page.headers)
+                assert key not in text and secret not in text  # ...its credentials are not
+            assert "***" in pages[2].text
+
+
+# -- command line ------------------------------------------------------------------------------
+def test_cli_refuses_a_public_address_without_a_token(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["dashboard", str(tmp_path), "--host", "0.0.0.0"], environ={}) == 2
+    assert "without a token" in capsys.readouterr().err
+    short = main(["dashboard", str(tmp_path), "--host", "::", "--token", "abc"], environ={})
+    assert short == 2
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
