@@ -49,3 +49,20 @@ class ResultTimeoutError(OmniQError, TimeoutError):
 
 class AsyncContextError(OmniQError, RuntimeError):
     """A blocking (sync) API was called from a thread whose event loop is running."""
+
+
+class DependencyError(OmniQError, ValueError):
+    """``depends_on`` names a task that is unknown (never enqueued, or finished and cleaned
+    up), or would make a cycle; nothing was enqueued. ``task_ids`` names the culprits."""
+
+    def __init__(self, message: str, task_ids: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.task_ids = list(task_ids or [])
+
+
+class UnknownDependencyError(DependencyError, LookupError):
+    """A dependency is not in any queue: never enqueued, or finished and cleaned up."""
+
+
+class DependencyCycleError(DependencyError):
+    """The task would (transitively) depend on itself."""

@@ -146,9 +146,18 @@ class Task(_Document, kw_only=True):
     created_at: datetime = msgspec.field(default_factory=utcnow)
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     last_error: ErrorInfo | None = None
+    depends_on: list[str] = msgspec.field(default_factory=list)
+    """Ids of the tasks that must succeed before this one becomes ready (docs/dependencies.md)."""
+    on_dependency_failure: str = "cancel"
+    """``"cancel"``: a dependency that fails for good cancels this task; ``"run"``: it runs
+    once every dependency has ended, whatever the outcome."""
 
     def __post_init__(self) -> None:
         self._check_version()
+        if self.on_dependency_failure not in DEPENDENCY_FAILURE_MODES:
+            raise ValueError(
+                f"on_dependency_failure must be 'cancel' or 'run', not {self.on_dependency_failure!r}"
+            )
         args: Any = self.args
         if isinstance(args, tuple):  # accept tuples from Python callers
             self.args = list(args)
@@ -174,6 +183,7 @@ class Task(_Document, kw_only=True):
         return self.expires_at is not None and now >= self.expires_at
 
 
+DEPENDENCY_FAILURE_MODES = ("cancel", "run")
 MIN_PRIORITY = -999
 MAX_PRIORITY = 999
 

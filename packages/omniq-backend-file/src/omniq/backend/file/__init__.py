@@ -154,6 +154,7 @@ class FileBackend(SyncWrapper[AsyncFileBackend]):
     emit = blocking(AsyncFileBackend.emit)
     enqueue = blocking(AsyncFileBackend.enqueue)
     enqueue_task = blocking(AsyncFileBackend.enqueue_task)
+    chain = blocking(AsyncFileBackend.chain)
     drain = blocking(AsyncFileBackend.drain)
     requeue_dead = blocking(AsyncFileBackend.requeue_dead)
     delete_dead = blocking(AsyncFileBackend.delete_dead)

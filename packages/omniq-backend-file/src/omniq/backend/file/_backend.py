@@ -8,12 +8,20 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
+import msgspec
 from typing_extensions import ParamSpec, Self
 
-from omniq.core.errors import ConfigurationError, MissingDependencyError, NotFoundError
+from omniq.core.errors import (
+    ConfigurationError,
+    MissingDependencyError,
+    NotFoundError,
+    UnknownDependencyError,
+)
 from omniq.core.interfaces import AsyncResource, cancelled_result
 from omniq.core.models import (
+    DEPENDENCY_FAILURE_MODES,
     EventType,
+    ResultStatus,
     Task,
     TaskEvent,
     TaskInfo,
@@ -24,6 +32,7 @@ from omniq.core.models import (
 )
 from omniq.storage.file.events import AsyncFileEventStorage
 from omniq.storage.file.queue import AsyncFileQueue
+from omniq.storage.file.queue._dependencies import DEPENDENCY_FAILED
 from omniq.storage.file.results import AsyncFileResultStorage
 
 from . import _tracing
@@ -126,6 +135,54 @@ class AsyncFileBackend(AsyncResource):
 
     async def _queue_event(self, event: TaskEvent) -> None:
         await self.emit(event)
+        if (
+            event.type is EventType.CANCELLED
+            and event.error is not None
+            and event.error.type == DEPENDENCY_FAILED
+            and self.results is not None
+        ):  # a waiting task cancelled by a failed dependency: waiters of its result stop
+            await self.results.set(
+                TaskResult(
+                    task_id=event.task_id,
+                    status=ResultStatus.FAILURE,
+                    error=event.error,
+                    attempt=0,
+                    queue=event.queue,
+                    func=event.data.get("func"),
+                )
+            )
+
+    async def _enqueue(self, task: Task) -> None:
+        """The queue's enqueue; a dependency the queue no longer knows (finished and cleaned
+        up) counts as met if its stored result says it succeeded."""
+        try:
+            await self.queue.enqueue(task)
+        except UnknownDependencyError as exc:
+            met = set()
+            for dep in exc.task_ids:
+                found = await self.results.get(dep) if self.results is not None else None
+                if found is None or not found.ok:
+                    raise
+                met.add(dep)
+            left = [dep for dep in task.depends_on if dep not in met]
+            await self.queue.enqueue(msgspec.structs.replace(task, depends_on=left))
+        if task.depends_on:
+            data = {"func": task.func, "depends_on": list(task.depends_on)}
+            await self.emit(
+                TaskEvent(task_id=task.id, type=EventType.WAITING, queue=task.queue, data=data)
+            )
+
+    async def chain(self, *tasks: Task) -> list[str]:
+        """Enqueue ``tasks`` (from ``make_task``) so that each runs after the previous one
+        succeeded (each depends on the one before it, besides its own ``depends_on``); if one
+        fails for good the rest are cancelled (with ``on_dependency_failure="run"`` a task runs
+        anyway). Returns their ids, in order."""
+        ids: list[str] = []
+        for task in tasks:
+            if ids and ids[-1] not in task.depends_on:
+                task = msgspec.structs.replace(task, depends_on=[ids[-1], *task.depends_on])
+            ids.append(await self.enqueue_task(task))
+        return ids
 
     # -- producing ---------------------------------------------------------------------------
     def make_task(
@@ -144,6 +201,8 @@ class AsyncFileBackend(AsyncResource):
         timeout: float | None = None,
         task_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        depends_on: Sequence[str] | None = None,
+        on_dependency_failure: str = "cancel",
     ) -> Task:
         """Build the Task that ``enqueue`` would store (no I/O)."""
         if delay is not None and eta is not None:
@@ -170,6 +229,15 @@ class AsyncFileBackend(AsyncResource):
             fields["retry_backoff"] = retry_backoff
         if task_id is not None:
             fields["id"] = task_id
+        if depends_on:
+            if isinstance(depends_on, str):
+                raise ConfigurationError("depends_on is a list of task ids, not one string")
+            fields["depends_on"] = list(dict.fromkeys(depends_on))
+        if on_dependency_failure not in DEPENDENCY_FAILURE_MODES:
+            raise ConfigurationError(
+                f"on_dependency_failure must be 'cancel' or 'run', not {on_dependency_failure!r}"
+            )
+        fields["on_dependency_failure"] = on_dependency_failure
         return Task(**fields)
 
     async def enqueue(
@@ -183,12 +251,14 @@ class AsyncFileBackend(AsyncResource):
         """Queue ``func(*args, **kwargs)``; returns the task id.
 
         Options: queue, priority, delay (s or timedelta), eta, ttl, max_retries,
-        retry_backoff, timeout, task_id, metadata. ``args``/``kwargs`` are explicit, so a
+        retry_backoff, timeout, task_id, metadata, depends_on (task ids that must succeed
+        first; unknown ids and cycles raise DependencyError) and on_dependency_failure
+        (``"cancel"``, the default, or ``"run"``): see docs/dependencies.md. ``args``/``kwargs`` are explicit, so a
         user argument named ``queue`` or ``timeout`` never collides with an option.
         """
         task = self.make_task(func, args, kwargs, **options)
         with _tracing.enqueue_span(task):
-            await self.queue.enqueue(task)
+            await self._enqueue(task)
         await self.emit(
             TaskEvent(
                 task_id=task.id, type=EventType.ENQUEUED, queue=task.queue, data={"func": task.func}
@@ -200,7 +270,7 @@ class AsyncFileBackend(AsyncResource):
 
     async def enqueue_task(self, task: Task) -> str:
         with _tracing.enqueue_span(task):
-            await self.queue.enqueue(task)
+            await self._enqueue(task)
         await self.emit(
             TaskEvent(
                 task_id=task.id, type=EventType.ENQUEUED, queue=task.queue, data={"func": task.func}
@@ -308,7 +378,8 @@ class AsyncFileBackend(AsyncResource):
             return False
         if not await self.queue.cancel(task_id, info.task.queue if info.task else None):
             return False
-        if info.status in (TaskStatus.PENDING, TaskStatus.SCHEDULED) and info.task is not None:
+        withdrawn = (TaskStatus.PENDING, TaskStatus.SCHEDULED, TaskStatus.WAITING)
+        if info.status in withdrawn and info.task is not None:
             if self.results is not None:
                 await self.results.set(cancelled_result(info.task, info.attempt or 1, None))
             await self.emit(

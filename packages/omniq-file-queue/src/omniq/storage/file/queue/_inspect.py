@@ -27,7 +27,7 @@ from omniq.core.fs import (
     read_many,
     write,
 )
-from omniq.core.models import UTC, QueueSize, Task, TaskInfo, TaskStatus
+from omniq.core.models import UTC, ErrorInfo, QueueSize, Task, TaskInfo, TaskStatus
 from omniq.core.names import validate_name
 
 from . import _layout as layout
@@ -36,6 +36,7 @@ from ._leases import group_run, quietly
 
 if TYPE_CHECKING:
     from ._claim_document import DocumentClaims
+    from ._dependencies import Settled
 
 _OUTCOME_STATUS = {
     State.DONE: TaskStatus.DONE,
@@ -56,6 +57,12 @@ class QueueInspection:
 
         def _quarantine(self, key: str, data: bytes, reason: BaseException) -> Program[None]: ...
         def _follow_up(self, state: str, nxt: Task | None, since: float) -> Program[bool]: ...
+        def _ended(self, queue: str, task_id: str, state: str) -> None: ...
+        async def _report_settled(self) -> None: ...
+        def _cascade(self, settled: list[Settled]) -> Program[None]: ...
+        def _decide_wait(
+            self, queue: str, task_id: str, state: str, reason: str | None
+        ) -> Program[list[Settled]]: ...
 
     # -- inspection --------------------------------------------------------------------------
     async def _queues_for(self, queue: str | None) -> list[str]:
@@ -92,6 +99,9 @@ class QueueInspection:
             found = yield from self._pending_copy(queue, task_id, 1, None)
             if found is not None:
                 return found
+            key = layout.wait_key(queue, task_id)  # waiting for its dependencies
+            if (body := (yield read(key))) is not None:
+                return self._info(body, TaskStatus.WAITING, 1), key
             return (yield from self._dead_letter(queue, task_id))
         attempt = max(n for _, n in attempts)
         names_of = attempts[(task_id, attempt)]
@@ -107,7 +117,8 @@ class QueueInspection:
             if rec.state == State.DEAD:
                 return (yield from self._dead_letter(queue, task_id))
             status = _OUTCOME_STATUS.get(rec.state, TaskStatus.DONE)
-            return TaskInfo(task=None, status=status, attempt=attempt), ""
+            error = None if rec.reason is None else ErrorInfo(type="cancelled", message=rec.reason)
+            return TaskInfo(task=None, status=status, attempt=attempt, error=error), ""
         run = layout.run_key(queue, task_id, attempt)
         data = yield read(run)
         if data is None:
@@ -179,6 +190,7 @@ class QueueInspection:
         validate_name(task_id, "task id")
         for name in await self._queues_for(queue):
             result = await self.store.run(self._cancel_program(name, task_id), heavy=True)
+            await self._report_settled()  # dependents cancelled with it
             if result is not None:
                 return result
         return False
@@ -188,6 +200,16 @@ class QueueInspection:
         if found is None:
             return None
         info, key = found
+        if info.status is TaskStatus.WAITING:
+            # Its wait's outcome, exclusive: a release racing this cancel wins or loses whole.
+            settled = yield from self._decide_wait(queue, task_id, State.CANCELLED, None)
+            if settled:
+                yield from self._cascade(settled)  # its own dependents end too
+                return True
+            found = yield from self._locate_program(queue, task_id)  # released just now
+            if found is None:
+                return False
+            info, key = found
         if info.status in (TaskStatus.PENDING, TaskStatus.SCHEDULED):
             assert info.attempt is not None
             # The claim name, exclusive: a claimer racing this cancel wins or loses it whole.
@@ -196,6 +218,7 @@ class QueueInspection:
                     layout.run_key(queue, task_id, info.attempt), layout.tombstone(layout.CANCELLED)
                 )
             ):
+                self._ended(queue, task_id, State.CANCELLED)
                 yield delete(key)
                 task = info.task
                 if info.status is TaskStatus.SCHEDULED and task is not None and task.eta:

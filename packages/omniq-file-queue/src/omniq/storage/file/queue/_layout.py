@@ -18,6 +18,12 @@
     {queue}/dead/{id}.json                       dead-lettered task with its last error
     {queue}/cancel/{id}.{n}                      cancel request for running attempt n
     {queue}/quarantine/{area}.{name}.{time}      unreadable files, moved aside
+    {queue}/wait/{id}.json                       task waiting for its dependencies
+    {queue}/deps/{dep}/{id}                      link: waiting task {id} (its queue inside)
+                                                 depends on {dep} of this queue
+    {queue}/met/{id}/{dep}                       dependency {dep} of waiting {id} has ended
+    {queue}/run/{id}.0.x                         the wait's one outcome: released (attempt 1
+                                                 follows) or cancelled; ``.0.i`` its intent
 
 Every transition of an attempt is the exclusive create of one of its ``run/`` names; the
 design and each store's argument are in docs/design.md ("The attempt protocol").
@@ -85,6 +91,7 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=True):
     next: Task | None = None
     progress: Progress | None = None  # a lease epoch: what the task last reported
     meta: dict[str, Any] | None = None  # a lease epoch: the task's metadata (ctx.update)
+    reason: str | None = None  # a wait cancelled: the dependency that failed, and how
 
 
 def record(state: str, at: float, **fields: Any) -> bytes:
@@ -156,6 +163,20 @@ def requeue_key(queue: str, task_id: str, attempt: int) -> str:
 def intent_key(queue: str, task_id: str, attempt: int, requeue: bool = False) -> str:
     """The intent of attempt n's outcome, or (``requeue``) of the requeue of its dead letter."""
     return f"{queue}/run/{task_id}.{attempt}.{'q' if requeue else 'i'}"
+
+
+def wait_key(queue: str, task_id: str) -> str:
+    return f"{queue}/wait/{task_id}.json"
+
+
+def link_key(queue: str, dep: str, task_id: str) -> str:
+    """The link by which dependency ``dep`` (of ``queue``) finds its dependent ``task_id``."""
+    return f"{queue}/deps/{dep}/{task_id}"
+
+
+def met_key(queue: str, task_id: str, dep: str) -> str:
+    """Dependency ``dep`` of the waiting ``task_id`` (of ``queue``) has ended."""
+    return f"{queue}/met/{task_id}/{dep}"
 
 
 def dead_key(queue: str, task_id: str) -> str:

@@ -132,6 +132,14 @@ class LeaseHandling:
         async def _emit(self, kind: EventType, task: Task, **fields: Any) -> None: ...
         def _enqueue_program(self, items: list[tuple[Task, bytes]]) -> Program[None]: ...
         def _quarantine(self, key: str, data: bytes, reason: BaseException) -> Program[None]: ...
+        def _ended(self, queue: str, task_id: str, state: str) -> None: ...
+        async def _report_settled(self) -> None: ...
+        @staticmethod
+        def _note_linked(entry: Entry, linked: set[str], ended: set[str]) -> None: ...
+        def _settle_linked(self, queue: str, candidates: set[str]) -> Program[None]: ...
+        def _wait_leftovers(
+            self, queue: str, task_id: str, delete_them: bool = False
+        ) -> Program[list[str]]: ...
 
     def _lost(self, claimed: Claimed, action: str) -> LeaseLostError:
         return LeaseLostError(
@@ -174,6 +182,7 @@ class LeaseHandling:
             yield write(intent, layout.record(State.INTENT, current))
         if not (yield from self.claims.decide(queue, task_id, attempt, record, current)):
             return False
+        self._ended(queue, task_id, state)  # done, dead, cancelled: settle its dependents
         if (yield from self._follow_up(state, nxt, current)) and nxt is not None:
             yield from quietly(delete(intent))
         return True
@@ -381,6 +390,7 @@ class LeaseHandling:
         validate_name(queue, "queue name")
         self._reaped[queue] = self._now()  # an explicit pass counts: dequeue waits reap_interval
         taken = await self.store.run(self._reap_program(queue), heavy=True)
+        await self._report_settled()  # waits its dependency settling decided
         if taken:
             self.takeovers[queue] = self.takeovers.get(queue, 0) + len(taken)
         for claimed in taken:
@@ -406,6 +416,9 @@ class LeaseHandling:
         # stem: run/ holds one outcome per task finished in that time (100,000s at a high
         # rate), and all the reaper needs of them is that they are decided.
         recent: set[int] = set()
+        # Dependencies with waiting dependents, and those of them that may have ended
+        # (_dependencies.py: what a process that died before settling them left).
+        linked, ended = set((yield listdirs(f"{queue}/deps"))), set[str]()
 
         def note(entry: Entry) -> bool:
             if entry.name.endswith((".x", ".r")) and entry.mtime >= old:
@@ -414,6 +427,8 @@ class LeaseHandling:
             return True  # old outcomes (to clean up), lease epochs and intents (few)
 
         def keep(entry: Entry) -> bool:  # filtered while scanning
+            if linked:
+                self._note_linked(entry, linked, ended)
             name = entry.name
             if not name.endswith(".json"):
                 return note(entry)
@@ -470,6 +485,10 @@ class LeaseHandling:
                 # Left by a partial clean-up (the claim goes before the records). A claim
                 # younger than the listing's cut is live: its records are not touched.
                 spent.append((task_id, attempt, names))
+        if ended:
+            yield from self._settle_linked(queue, ended)
+        # A dependency is kept while it has links: settling them reads how it ended.
+        spent = [s for s in spent if s[0] not in linked]
         if spent:
             yield from self._clean_up(queue, spent)
         return taken
@@ -553,6 +572,8 @@ class LeaseHandling:
                 layout.sched_key(queue, task_id, attempt),
                 layout.cancel_key(queue, task_id, attempt),
             ]
+            if attempt == 0:  # a decided wait: its document and markers, if left
+                copies += yield from self._wait_leftovers(queue, task_id)
             # The claim by its name: a claim younger than the listing's cut (a lease longer
             # than tombstone_ttl) is not in the listing, and must go before its outcome.
             claims.append(layout.run_key(queue, task_id, attempt))

@@ -49,6 +49,7 @@ from . import _layout as layout
 from ._claim_document import DocumentClaims
 from ._claim_link import LinkClaims
 from ._claim_s3 import S3Claims
+from ._dependencies import DependencyHandling
 from ._inspect import QueueInspection
 from ._leases import LeaseHandling
 from ._listing import QueueListing
@@ -68,7 +69,9 @@ class _Cache:
         self.items = items
 
 
-class AsyncFileQueue(LeaseHandling, QueueInspection, QueueListing, AsyncQueue):
+class AsyncFileQueue(
+    DependencyHandling, LeaseHandling, QueueInspection, QueueListing, AsyncQueue
+):
     """A task queue whose state is files under ``base_dir``; safe for many workers.
 
     Args:
@@ -140,6 +143,9 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, QueueListing, AsyncQueue):
         self._reaped: dict[str, float] = {}
         self.takeovers: dict[str, int] = {}  # expired leases this reaper requeued (metrics)
         self._spawning: set[tuple[str, str, int]] = set()
+        self._owed: dict[str, dict[str, str]] = {}  # ended here; dependents not settled yet
+        self._owed_at = 0.0
+        self._unreported = []  # waits decided here, events not sent yet
         self.watch = watch
         self._watches: dict[tuple[str, ...], DirWatch | None] = {}
         # One claim strategy per store; each module carries its store's correctness argument.
@@ -151,6 +157,10 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, QueueListing, AsyncQueue):
         return f"AsyncFileQueue({self.store.url!r})"
 
     async def close(self) -> None:
+        try:
+            await self._settle_owed()
+        except Exception as exc:  # links stay: a reaper pass settles them
+            log.warning("could not settle the dependents of finished tasks: %s", exc)
         for watch in self._watches.values():
             if watch is not None:
                 watch.close()
@@ -192,7 +202,10 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, QueueListing, AsyncQueue):
         validate_name(task.id, "task id")
 
     async def enqueue(self, task: Task) -> str:
-        """Store ``task``; ready now, or at ``task.eta``. Idempotent for the same id."""
+        """Store ``task``; ready now, or at ``task.eta``. Idempotent for the same id.
+
+        With ``task.depends_on`` it waits until those tasks have succeeded (see
+        docs/dependencies.md); unknown ids and cycles raise DependencyError, storing nothing."""
         return (await self.enqueue_many([task]))[0]
 
     async def enqueue_many(self, tasks: Sequence[Task]) -> list[str]:
@@ -201,7 +214,12 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, QueueListing, AsyncQueue):
             self._check_task(task)
         encoded = [(task, codec.encode(task)) for task in tasks]  # errors before any write
         await self._check()
-        await self.store.run(self._enqueue_program(encoded))
+        ready = [(task, data) for task, data in encoded if not task.depends_on]
+        if ready:
+            await self.store.run(self._enqueue_program(ready))
+        for task in tasks:
+            if task.depends_on:  # in order: one may depend on an earlier one
+                await self._enqueue_waiting(task)
         return [task.id for task in tasks]
 
     def _enqueue_program(self, items: list[tuple[Task, bytes]]) -> Program[None]:
@@ -273,11 +291,16 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, QueueListing, AsyncQueue):
         pause = self.poll_interval
         watch = self._watch(names) if wait > 0 else None  # before the first look: no gap
         claimed: list[Claimed] = []
+        if self._owed and self._now() - self._owed_at >= self.refresh_interval:
+            await self._settle_owed()  # busy: the dependents of what ended, once per interval
         while True:
             for name in names:
                 claimed += await self._claim_from(name, seconds, worker, count - len(claimed))
                 if len(claimed) >= count:
                     return await self._fresh(claimed, seconds)
+            if not claimed and self._owed:
+                await self._settle_owed()  # idle: settle now, then look again (released tasks)
+                continue
             left = deadline - time.monotonic()
             if claimed or left <= 0:
                 return await self._fresh(claimed, seconds)
@@ -421,6 +444,8 @@ class AsyncFileQueue(LeaseHandling, QueueInspection, QueueListing, AsyncQueue):
                 layout.run_key(queue, task.id, cand.attempt), layout.tombstone(layout.EXPIRED)
             )
             yield from self.claims.spend(cand)
+            if won:
+                self._ended(queue, task.id, layout.EXPIRED)
             return task if won else None
         return (yield from self.claims.claim(cand, task, current, lease, worker))
 
