@@ -5,6 +5,7 @@ worker, ``immediate=True`` runs each task inside ``enqueue``, and the pytest plu
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 
@@ -103,6 +104,23 @@ def test_drain_include_scheduled_keeps_the_backends_clock(omniq_backend: FileBac
     later = omniq_backend.enqueue(tasks.add, (1, 2), delay=600)
     assert omniq_backend.drain()["claimed"] == 0
     assert omniq_backend.get_task(later).status is TaskStatus.SCHEDULED
+
+
+def test_drain_on_every_store(storage: Any) -> None:
+    # include_scheduled drives a second queue on the same storage (with its clock ahead):
+    # each store's claim strategy must accept it, and the results land where production's do.
+    key = _key()
+    with FileBackend(storage.base_dir, storage.storage_options, events=True) as backend:
+        ready = backend.enqueue(tasks.add, (1, 2))
+        flaky = backend.enqueue(tasks.fail_until, (key, 2), max_retries=3, retry_backoff=30)
+        later = backend.enqueue(tasks.async_mul, (2, 8), delay=3600)
+        stats = backend.drain(include_scheduled=True)
+        assert (stats["succeeded"], stats["retried"], stats["dead"]) == (3, 1, 0), stats
+        values = [getattr(backend.result(t), "value", None) for t in (ready, flaky, later)]
+        assert values == [3, 2, 16]
+        assert _kinds(backend, flaky)[-2:] == ["started", "succeeded"]
+        size = backend.queue.size("default")
+        assert (size.ready, size.scheduled, size.running) == (0, 0, 0)
 
 
 @pytest.mark.anyio
