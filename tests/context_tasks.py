@@ -75,11 +75,32 @@ def tight_loop(ctx: TaskContext, calls: int) -> dict[str, float]:
 def until_cancelled(ctx: TaskContext, gate: str) -> str:
     """Polls ``ctx.cancelled`` (touching ``gate`` once it runs) until asked to stop."""
     Path(gate).touch()
-    while True:
-        ctx.check_cancelled()
-        time.sleep(0.01)
+    try:
+        while True:
+            ctx.check_cancelled()
+            time.sleep(0.01)
+    finally:
+        Path(f"{gate}.stopped").touch()
 
 
 def fails(ctx: TaskContext) -> None:
     ctx.update(before="failing")
     raise RuntimeError("boom")
+
+
+class RecordingHook:
+    """A sync hook for ``omniq worker --hook context_tasks:RecordingHook`` (a class: the
+    worker makes one); appends to the file named by $OMNIQ_TEST_HOOK_LOG."""
+
+    def _log(self, *parts: Any) -> None:
+        with open(os.environ["OMNIQ_TEST_HOOK_LOG"], "a") as out:
+            out.write(" ".join(str(p) for p in parts) + "\n")
+
+    def before_task(self, ctx: TaskContext) -> None:
+        self._log("before", ctx.task_id, ctx.outcome)
+
+    def after_task(self, ctx: TaskContext, result: Any) -> None:
+        self._log("after", ctx.task_id, ctx.outcome, result)
+
+    def on_failure(self, ctx: TaskContext, error: BaseException) -> None:
+        self._log("failure", ctx.task_id, ctx.outcome, type(error).__name__)

@@ -240,6 +240,38 @@ def status_table(sizes: dict[str, QueueSize]) -> str:
     return table(["QUEUE", "READY", "SCHEDULED", "RUNNING", "DEAD"], rows, right=(1, 2, 3, 4))
 
 
+def task_status_text(info: TaskInfo, task_id: str, *, tty: bool) -> str:
+    """``omniq status --task``: where the task stands and, while it runs, what it reported
+    (a progress bar on a terminal, a percentage otherwise) and its metadata."""
+    from ._cli_progress import bar
+
+    head = f"task {task_id}  {info.status.value}"
+    details = [
+        f"attempt {info.attempt}" if info.attempt is not None else "",
+        f"worker {info.worker_id}" if info.worker_id else "",
+        f"lease until {fmt_time(info.lease_until)}" if info.lease_until else "",
+    ]
+    if any(details):
+        head += "  (" + ", ".join(d for d in details if d) + ")"
+    lines = [head]
+    if info.task is not None:
+        lines.append(f"func      {info.task.func}  queue {info.task.queue}")
+    progress = info.progress
+    if progress is not None:
+        count = f"{progress.done:g}" + (f"/{progress.total:g}" if progress.total else "")
+        fraction = progress.fraction
+        shown = count if fraction is None else f"{fraction:.0%} ({count})"
+        if fraction is not None and tty:
+            shown = f"{bar(fraction)} {shown}"
+        message = f"  {progress.message}" if progress.message else ""
+        lines.append(f"progress  {shown}{message}  at {fmt_time(progress.at)}")
+    if info.metadata:
+        lines.append(f"metadata  {to_json(info.metadata)}")
+    if info.error is not None:
+        lines.append(f"error     {fmt_error(info.error)}")
+    return "\n".join(lines)
+
+
 def status_json(sizes: dict[str, QueueSize], when: datetime) -> str:
     return to_json(
         {
@@ -564,6 +596,11 @@ def build_parser(handlers: Mapping[str, Callable[[Any], int]]) -> argparse.Argum
         help="with --watch: stop after N refreshes",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per refresh")
+    p.add_argument(
+        "--task",
+        metavar="ID",
+        help="one task instead: its status, progress (a bar on a terminal) and metadata",
+    )
 
     p = sub(
         "result",

@@ -58,7 +58,7 @@ def context_parameter(func: Callable[..., Any]) -> tuple[int | None, str] | None
         return None
     for index, param in enumerate(params):
         ann = param.annotation
-        if ann is TaskContext or (isinstance(ann, str) and _NAME.fullmatch(ann.strip())):
+        if ann is TaskContext or (isinstance(ann, str) and _NAME.fullmatch(ann.strip(" '\""))):
             positional = param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
             return (index if positional else None), param.name
     return None
@@ -137,10 +137,25 @@ async def heartbeat(
                 state["writes"] = state.get("writes", 0) + 1
                 if changed and progress is not None:
                     await progress_event(worker, state["claimed"], progress)
+                    state["evented"] = progress
             last_write = time.monotonic()
             next_beat = last_write + beat
     finally:
         ctx._notify = None
+
+
+async def last_progress_event(
+    worker: Any, claimed: Claimed, ctx: TaskContext, state: dict[str, Any]
+) -> None:
+    """When the task ends: the event of its last progress, unless a write already sent it
+    (a write cut short by the task's end did not)."""
+    progress, _, _ = ctx._take()
+    sent = state.get("evented")
+    if progress is not None and (
+        sent is None or (progress.done, progress.total, progress.message)
+        != (sent.done, sent.total, sent.message)
+    ):
+        await progress_event(worker, claimed, progress)
 
 
 async def progress_event(worker: Any, claimed: Claimed, progress: Progress) -> None:

@@ -53,8 +53,8 @@ from ._task_context import (
     call_in_process,
     context_parameter,
     heartbeat,
+    last_progress_event,
     make_context,
-    progress_event,
     with_context,
 )
 
@@ -470,9 +470,7 @@ class AsyncWorker:
                     f"task {task.id} was released: the worker stopped before it finished"
                 )
         claimed = state["claimed"]
-        progress, _, changed = ctx._take()  # the last value, even if no write carried it
-        if changed and progress is not None:
-            await progress_event(self, claimed, progress)
+        await last_progress_event(self, claimed, ctx, state)
         duration = (utcnow() - started).total_seconds()
         if state["lost"]:
             self.stats["lost"] += 1

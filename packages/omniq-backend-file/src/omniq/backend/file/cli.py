@@ -224,6 +224,13 @@ def cmd_status(ctx: _Context) -> int:
         tty = sys.stdout.isatty()
         try:
             while True:
+                if ns.task is not None:
+                    _task_status(backend, ns, tty, interval is not None and shown > 0)
+                    shown += 1
+                    if interval is None or (ns.iterations and shown >= ns.iterations):
+                        return 0
+                    _sleep(interval)
+                    continue
                 sizes = run_sync(lambda: _sizes(backend.async_api, ns.queue), "omniq status")
                 schedules = _cli_schedule.counts(backend)
                 now = datetime.now(UTC)
@@ -252,6 +259,20 @@ def cmd_status(ctx: _Context) -> int:
                 _sleep(interval)
         except KeyboardInterrupt:
             return 0
+
+
+def _task_status(backend: Any, ns: Any, tty: bool, again: bool) -> None:
+    """``omniq status --task ID``: one view of the task (not found: exit 2)."""
+    try:
+        info = backend.get_task(ns.task)
+    except NotFoundError:
+        raise CliError(f"task {ns.task} not found") from None
+    if ns.json:
+        print(cli_format.to_json(info), flush=True)
+        return
+    if again:
+        print("\033[H\033[J" if tty else "", end="")
+    print(cli_format.task_status_text(info, ns.task, tty=tty), flush=True)
 
 
 # -- result ----------------------------------------------------------------------------------------

@@ -1,0 +1,146 @@
+"""Worker hooks: before_task / after_task / on_failure called in order with the attempt's
+context (``ctx.outcome`` set once the outcome is recorded), sync and async; a hook that
+raises is logged and never changes or loses the task; ``omniq worker --hook``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from omniq.backend.file import AsyncFileBackend, TaskContext
+from omniq.core.models import ResultStatus
+
+TESTS_DIR = Path(__file__).resolve().parent
+QUICK = pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
+BURST = {"burst": True, "idle_timeout": 0.3, "poll": 0.1}
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def make(storage, **settings: Any) -> AsyncFileBackend:
+    return AsyncFileBackend(storage.base_dir, storage.storage_options, environ={}, **settings)
+
+
+class SyncHook:
+    def __init__(self, calls: list[tuple[Any, ...]]) -> None:
+        self.calls = calls
+
+    def before_task(self, ctx: TaskContext) -> None:
+        self.calls.append(("sync before", ctx.task_id, ctx.attempt, ctx.outcome))
+
+    def after_task(self, ctx: TaskContext, result: Any) -> None:
+        self.calls.append(("sync after", ctx.task_id, ctx.attempt, ctx.outcome, result))
+
+    def on_failure(self, ctx: TaskContext, error: BaseException) -> None:
+        self.calls.append(("sync failure", ctx.task_id, ctx.attempt, ctx.outcome, str(error)))
+
+
+class AsyncHook:
+    """Only two of the methods, async; it also looks the result up when a task ends."""
+
+    def __init__(self, backend: AsyncFileBackend, calls: list[tuple[Any, ...]]) -> None:
+        self.backend, self.calls = backend, calls
+
+    async def before_task(self, ctx: TaskContext) -> None:
+        self.calls.append(("async before", ctx.task_id, ctx.attempt, ctx.outcome))
+
+    async def after_task(self, ctx: TaskContext, result: Any) -> None:
+        stored = await self.backend.result(ctx.task_id)  # recorded before the hook runs
+        self.calls.append(("async after", ctx.task_id, ctx.outcome, stored and stored.value))
+
+
+class Broken:
+    def before_task(self, ctx: TaskContext) -> None:
+        raise RuntimeError("hook before broke")
+
+    async def after_task(self, ctx: TaskContext, result: Any) -> None:
+        raise RuntimeError("hook after broke")
+
+    def on_failure(self, ctx: TaskContext, error: BaseException) -> None:
+        raise RuntimeError("hook failure broke")
+
+
+@QUICK
+@pytest.mark.anyio
+async def test_hooks_are_called_in_order_with_the_context_and_the_outcome(storage):
+    calls: list[tuple[Any, ...]] = []
+    async with make(storage) as backend:
+        ok = await backend.enqueue("context_tasks:plain", [1])
+        worker = backend.worker(
+            concurrency=1, hooks=[SyncHook(calls), AsyncHook(backend, calls)], **BURST
+        )
+        await worker.run()
+        assert calls == [
+            ("sync before", ok, 1, None),
+            ("async before", ok, 1, None),
+            ("sync after", ok, 1, "done", 2),
+            ("async after", ok, "done", 2),
+        ]
+        calls.clear()
+        bad = await backend.enqueue("context_tasks:fails", max_retries=1, retry_backoff=0.0)
+        await worker.run()
+        assert calls == [
+            ("sync before", bad, 1, None),
+            ("async before", bad, 1, None),
+            ("sync failure", bad, 1, "retried", "boom"),
+            ("sync before", bad, 2, None),
+            ("async before", bad, 2, None),
+            ("sync failure", bad, 2, "dead", "boom"),
+        ]
+
+
+@QUICK
+@pytest.mark.anyio
+async def test_a_raising_hook_is_logged_and_loses_no_task(storage, caplog):
+    calls: list[tuple[Any, ...]] = []
+    caplog.set_level(logging.ERROR, logger="omniq.worker")
+    async with make(storage) as backend:
+        ok = await backend.enqueue("context_tasks:plain", [1])
+        bad = await backend.enqueue("context_tasks:fails")
+        worker = backend.worker(concurrency=1, hooks=[Broken(), SyncHook(calls)], **BURST)
+        stats = await worker.run()
+        assert stats["succeeded"] == 1 and stats["dead"] == 1
+        result = await backend.result(ok)
+        assert result is not None and result.status is ResultStatus.SUCCESS and result.value == 2
+        failed = await backend.result(bad)
+        assert failed is not None and failed.error is not None and failed.error.message == "boom"
+        # The hooks after the broken one still ran, each time.
+        assert [c[0] for c in calls if c[1] == ok] == ["sync before", "sync after"]
+        assert [c[0] for c in calls if c[1] == bad] == ["sync before", "sync failure"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "omniq.worker"]
+    for name in ("before_task", "after_task", "on_failure"):
+        assert any(f".{name} failed for task" in m for m in logged), logged
+
+
+def test_an_object_without_hook_methods_is_refused(tmp_path):
+    backend = AsyncFileBackend(str(tmp_path / "q"), environ={})
+    with pytest.raises(TypeError, match="before_task"):
+        backend.worker(hooks=[object()])
+
+
+def test_omniq_worker_loads_hooks_by_path(tmp_path):
+    base, log = str(tmp_path / "q"), tmp_path / "hook.log"
+    env = dict(os.environ, OMNIQ_TEST_HOOK_LOG=str(log))
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), *filter(None, [env.get("PYTHONPATH")])])
+    from omniq.backend.file import FileBackend
+
+    with FileBackend(base, environ={}) as backend:
+        task_id = backend.enqueue("context_tasks:plain", [41])
+    omniq = str(Path(sys.executable).with_name("omniq"))
+    args = [omniq, "worker", base, "--burst", "--hook", "context_tasks:RecordingHook"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert log.read_text().splitlines() == [f"before {task_id} None", f"after {task_id} done 42"]
+    wrong = subprocess.run(
+        [*args[:-1], "context_tasks:nothing_here"], env=env, capture_output=True, text=True
+    )
+    assert wrong.returncode == 2 and "nothing_here" in wrong.stderr
