@@ -189,6 +189,16 @@ async def test_a_stale_copy_of_a_claimed_attempt_is_not_pending(storage) -> None
         assert ids((await q.list_tasks()).items) == ["t1"]
 
 
+async def test_a_decided_wait_is_not_waiting(storage) -> None:
+    async with make_queue(storage) as q:
+        for n in range(3):
+            await wait_doc(q, Task(func="m:w", id=f"w{n}"))
+        # w1's wait decided (released: attempt 1 follows), its document not removed yet
+        done = layout.record("released", time.time(), next=Task(func="m:w", id="w1"))
+        assert await q.store.create(layout.outcome_key("default", "w1", 0), done)
+        assert ids((await q.list_tasks(status="waiting")).items) == ["w0", "w2"]
+
+
 async def test_every_queue_when_queue_is_none(storage) -> None:
     async with make_queue(storage) as q:
         await q.enqueue_many([Task(func="m:f", id=f"b{n}", queue="beta") for n in range(3)])

@@ -196,7 +196,7 @@ class QueueListing:
         if status is TaskStatus.RUNNING:
             return (yield from self._list_running(queue, pos, want))
         area = "wait" if status is TaskStatus.WAITING else "dead"
-        return (yield from self._list_documents(f"{queue}/{area}", pos, want, status))
+        return (yield from self._list_documents(queue, area, pos, want, status))
 
     def _list_ready(self, queue: str, pos: str, want: int) -> Program[list[_Item]]:
         rank_pos, _, name_pos = pos.partition("/")
@@ -252,19 +252,26 @@ class QueueListing:
         return out[:want]
 
     def _list_documents(
-        self, prefix: str, after: str, want: int, status: TaskStatus
+        self, queue: str, area: str, after: str, want: int, status: TaskStatus
     ) -> Program[list[_Item]]:
-        """Task documents ``{id}.json`` under ``prefix`` (waiting, dead) after ``after``."""
+        """Task documents ``{id}.json`` in ``area`` (``wait``, ``dead``) after ``after``. A
+        wait is attempt 0 of its task: one whose outcome exists (released or cancelled, its
+        document not yet removed) is not waiting any more."""
+        prefix = f"{queue}/{area}"
         out: list[_Item] = []
         while len(out) < want:
             ask = min(want - len(out), _PAGE)
             names = yield listafter(prefix, after, ask)
-            keys = [f"{prefix}/{n}" for n in names if n.endswith(".json")]
-            bodies = (yield read_many(keys)) if keys else {}
-            for key in keys:
-                body = bodies.get(key)
-                if body is not None:
-                    out.append(_Item(key.rsplit("/", 1)[1], self._info(body, status, None)))
+            found = [n for n in names if n.endswith(".json")]
+            bodies = (yield read_many(f"{prefix}/{n}" for n in found)) if found else {}
+            decided: dict[str, bytes | None] = {}
+            if found and status is TaskStatus.WAITING:
+                decided = yield read_many(layout.outcome_key(queue, n[:-5], 0) for n in found)
+            for name in found:
+                body = bodies.get(f"{prefix}/{name}")
+                if body is None or decided.get(layout.outcome_key(queue, name[:-5], 0)):
+                    continue
+                out.append(_Item(name, self._info(body, status, None)))
             if len(names) < ask:
                 break
             after = names[-1]
