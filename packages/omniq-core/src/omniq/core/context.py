@@ -119,7 +119,7 @@ class TaskContext:
     # -- cancellation ----------------------------------------------------------------------
     @property
     def cancelled(self) -> bool:
-        """Whether the task was asked to stop (``omniq cancel``). Reading it asks the worker
+        """Whether the task was asked to stop (``backend.cancel``). Reading it asks the worker
         for an early heartbeat (at most one per ``progress_interval``), which looks for a
         cancel request: a polling task learns of it within about that interval."""
         if self._cancelled.is_set():
