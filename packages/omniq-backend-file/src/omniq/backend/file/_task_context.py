@@ -20,12 +20,14 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
+import anyio.to_process
+import anyio.to_thread
 
 from omniq.core.context import TaskContext
 from omniq.core.errors import LeaseLostError, TaskCancelledError
 from omniq.core.models import Claimed, EventType, Progress
 
-from ._functions import import_object
+from ._functions import import_object, is_async
 
 log = logging.getLogger("omniq.worker")
 
@@ -75,6 +77,35 @@ def with_context(
     if index is not None and index <= len(args):
         return [*args[:index], ctx, *args[index:]], kwargs
     return args, {**kwargs, name: ctx}
+
+
+async def call_task(worker: Any, func: Any, claimed: Claimed, ctx: TaskContext) -> Any:
+    """Call the task's function where it runs (event loop, thread, or process pool), with
+    its context if it takes one, under the task's timeout."""
+    task = claimed.task
+    where = context_parameter(func)
+    timeout = task.timeout if task.timeout and task.timeout > 0 else math.inf
+    with anyio.fail_after(timeout):
+        if worker.processes and not is_async(func):
+            link = None if where is None else ChildLink(ctx, where, worker.progress_interval)
+            try:
+                return await anyio.to_process.run_sync(
+                    call_in_process,
+                    task.func,
+                    task.args,
+                    task.kwargs,
+                    None if link is None else link.spec(),
+                    cancellable=True,
+                    limiter=worker._process_limiter,
+                )
+            finally:
+                if link is not None:
+                    await link.close()
+        args, kwargs = with_context(where, task.args, task.kwargs, ctx)
+        if is_async(func):
+            return await func(*args, **kwargs)
+        call = functools.partial(func, *args, **kwargs)
+        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
 
 
 # -- the heartbeat, which also writes progress -------------------------------------------------
@@ -152,7 +183,8 @@ async def last_progress_event(
     progress, _, _ = ctx._take()
     sent = state.get("evented")
     if progress is not None and (
-        sent is None or (progress.done, progress.total, progress.message)
+        sent is None
+        or (progress.done, progress.total, progress.message)
         != (sent.done, sent.total, sent.message)
     ):
         await progress_event(worker, claimed, progress)

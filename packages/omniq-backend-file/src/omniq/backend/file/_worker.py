@@ -6,9 +6,7 @@ the shape of ``WorkerBackend`` works with it, the file backend being one of them
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import math
 import random
 import signal
 import sys
@@ -19,8 +17,6 @@ from datetime import timedelta
 from typing import Any
 
 import anyio
-import anyio.to_process
-import anyio.to_thread
 import msgspec
 
 from omniq.core import RedactFilter, codec
@@ -45,18 +41,9 @@ from omniq.core.models import (
 )
 from omniq.core.names import validate_name
 
-from ._functions import FunctionImportError, FunctionNotAllowedError, is_async, resolve
+from ._functions import FunctionImportError, FunctionNotAllowedError, resolve
 from ._schedules import run_schedules
-from ._task_context import (
-    ChildLink,
-    Hooks,
-    call_in_process,
-    context_parameter,
-    heartbeat,
-    last_progress_event,
-    make_context,
-    with_context,
-)
+from ._task_context import Hooks, call_task, heartbeat, last_progress_event, make_context
 
 log = logging.getLogger("omniq.worker")
 log.addFilter(RedactFilter())  # storage errors may quote URLs; credentials never show
@@ -457,7 +444,7 @@ class AsyncWorker:
                     self._scopes[task.id] = scope
                     tg.start_soon(heartbeat, self, state, scope, ctx)
                     try:
-                        outcome = await self._call(func, claimed, ctx)
+                        outcome = await call_task(self, func, claimed, ctx)
                         finished = True
                     except Exception as exc:
                         error, finished = exc, True
@@ -498,32 +485,6 @@ class AsyncWorker:
             return outcome, None
         await self._fail(claimed, error, retry, ctx, duration)
         return None, error
-
-    async def _call(self, func: Any, claimed: Claimed, ctx: TaskContext) -> Any:
-        task = claimed.task
-        where = context_parameter(func)
-        timeout = task.timeout if task.timeout and task.timeout > 0 else math.inf
-        with anyio.fail_after(timeout):
-            if self.processes and not is_async(func):
-                link = None if where is None else ChildLink(ctx, where, self.progress_interval)
-                try:
-                    return await anyio.to_process.run_sync(
-                        call_in_process,
-                        task.func,
-                        task.args,
-                        task.kwargs,
-                        None if link is None else link.spec(),
-                        cancellable=True,
-                        limiter=self._process_limiter,
-                    )
-                finally:
-                    if link is not None:
-                        await link.close()
-            args, kwargs = with_context(where, task.args, task.kwargs, ctx)
-            if is_async(func):
-                return await func(*args, **kwargs)
-            call = functools.partial(func, *args, **kwargs)
-            return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
 
     async def _release(self, claimed: Claimed, ctx: TaskContext | None = None) -> None:
         try:
