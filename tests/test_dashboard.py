@@ -243,3 +243,14 @@ def test_cli_refuses_a_public_address_without_a_token(
     assert short == 2
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
+
+
+def test_metrics_are_served_behind_the_token(world: World) -> None:
+    secret = "metrics-scraper-token"
+    with client(world.backend, token=secret) as c:
+        assert c.get("/metrics").status_code == 401
+        page = c.get("/metrics", headers={"authorization": f"Bearer {secret}"})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+    assert re.search(
+        r'omniq_queue_depth\{[^}]*queue="inbox"[^}]*state="ready"[^}]*\} 1\.0', page.text
+    ), page.text

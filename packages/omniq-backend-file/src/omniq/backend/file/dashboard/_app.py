@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import anyio
 import jinja2
 from markupsafe import Markup
 from starlette.applications import Starlette
@@ -181,7 +182,8 @@ class Dashboard:
             from .._metrics import exposition
         except ImportError:
             raise HTTPException(404, "metrics need the omniq-backend-file[metrics] extra") from None
-        body, content_type = await _maybe_await(exposition(self.monitor.backend))
+        # It blocks (a queue-depth refresh on OmniQ's loop thread): not on this event loop.
+        body, content_type = await anyio.to_thread.run_sync(exposition, self.monitor.backend)
         return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
     # -- login -------------------------------------------------------------------------------
@@ -256,12 +258,6 @@ class Dashboard:
         response = self.render(request, "error.html", "error", status=status, text=clean)
         response.status_code = status
         return response
-
-
-async def _maybe_await(value: Any) -> Any:
-    if hasattr(value, "__await__"):
-        return await value
-    return value
 
 
 def _guarded(dashboard: Dashboard, handler: Handler, *, login: bool = False) -> Handler:
