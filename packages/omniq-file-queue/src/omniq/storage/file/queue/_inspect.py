@@ -356,7 +356,6 @@ class QueueInspection:
             yield delete(key)  # requeued now, or earlier by a call that died before this
         return count
 
-
     async def delete_dead(self, queue: str, task_id: str) -> bool:
         """Discard one dead-lettered task; False if it is not (or no longer) dead-lettered.
         A ``requeue_dead`` racing it may still requeue the task (it read the letter first)."""

@@ -69,9 +69,7 @@ class _Cache:
         self.items = items
 
 
-class AsyncFileQueue(
-    DependencyHandling, LeaseHandling, QueueInspection, QueueListing, AsyncQueue
-):
+class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueListing, AsyncQueue):
     """A task queue whose state is files under ``base_dir``; safe for many workers.
 
     Args:
