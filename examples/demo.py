@@ -1,10 +1,11 @@
 """OmniQ in one command: ``hatch run demo`` (``python examples/demo.py [--dir PATH]``).
 
 Queues a few dozen real tasks in a local directory -- plain and async functions, a delayed
-task, one that fails once and succeeds on its retry, one that times out and one that always
-fails -- and a schedule that fires every second, twice; runs a worker (concurrency 8, burst
-mode) until every task has a result, then prints the results, the worker's counters and one
-task's event timeline. Nothing is simulated: the files stay behind for ``omniq status DIR``,
+task, one that fails once and succeeds on its retry, one that times out, one that always
+fails, one that reports its progress, and one that waits for two others (``depends_on``) --
+and a schedule that fires every second, twice; runs a worker (concurrency 8, burst mode)
+until every task has a result, then prints the results, the progress seen while a task ran,
+the worker's counters and one task's event timeline. Nothing is simulated: the files stay behind for ``omniq status DIR``,
 ``omniq events DIR --task ID`` and ``omniq schedule list DIR``.
 
 Exit code 0 when every task behaved as expected, 1 otherwise.
@@ -30,10 +31,11 @@ import demo_tasks  # beside this script: a worker imports tasks by path, like yo
 from omniq.backend.file import FileBackend
 from omniq.backend.file._cli_format import clip, fmt_error, fmt_time, table
 from omniq.backend.file._schedules import tick_task_id
-from omniq.core.models import UTC, EventType, TaskResult, TaskStatus, utcnow
+from omniq.core.models import UTC, EventType, Progress, TaskResult, TaskStatus, utcnow
 from omniq.storage.file.events import FileEventStorage
 
 DELAY = 2.0  # seconds the delayed task waits
+PROGRESS_STEPS = 8  # images resize_images "processes", 0.3 s each
 DEADLINE = 45.0  # the worker is stopped after this many seconds whatever happens
 SCHEDULE = "demo-every-second"
 
@@ -55,11 +57,12 @@ TEXTS = [
 class Job:
     label: str
     task_id: str
-    expect: str  # "value", "retried", "timeout", "dead"
+    expect: str  # "value", "retried", "timeout", "dead", "after" (its dependencies)
     value: Any = None
     enqueued_at: datetime = field(default_factory=utcnow)
     delay: float = 0.0
     result: TaskResult | None = None
+    depends_on: list[str] = field(default_factory=list)
 
 
 def _enqueue(backend: FileBackend, marker: str) -> list[Job]:
@@ -93,6 +96,15 @@ def _enqueue(backend: FileBackend, marker: str) -> list[Job]:
     jobs.append(Job("slow(5.0) timeout=0.5", tid, "timeout"))
     tid = backend.enqueue(demo_tasks.broken, ["id=42;;"], max_retries=2, retry_backoff=0.1)
     jobs.append(Job("broken(...) max_retries=2", tid, "dead"))
+    resize = backend.enqueue(demo_tasks.resize_images, [PROGRESS_STEPS])
+    jobs.append(Job(f"resize_images({PROGRESS_STEPS}) progress", resize, "value", PROGRESS_STEPS))
+    first = jobs[0].task_id  # word_count of the first text
+    tid = backend.enqueue(demo_tasks.publish, ["album"], depends_on=[resize, first])
+    jobs.append(
+        Job(
+            "publish(...) depends_on=2", tid, "after", "published album", depends_on=[resize, first]
+        )
+    )
     return jobs
 
 
@@ -123,16 +135,28 @@ def _schedule(backend: FileBackend) -> list[Job]:
     ]
 
 
-def _run_worker(backend: FileBackend, jobs: list[Job]) -> dict[str, int]:
+def _run_worker(backend: FileBackend, jobs: list[Job], progress: list[Progress]) -> dict[str, int]:
     """A burst-mode worker, stopped as soon as every task has a result (its idle timeout
-    alone is long enough for the delayed task to come due)."""
-    worker = backend.worker(["default", "io"], concurrency=8, burst=True, idle_timeout=DELAY + 3.0)
+    alone is long enough for the delayed task to come due). Meanwhile the progress of the
+    task that reports it is read the way any other process would: ``get_task``."""
+    worker = backend.worker(
+        ["default", "io"],
+        concurrency=8,
+        burst=True,
+        idle_timeout=DELAY + 3.0,
+        progress_interval=0.25,
+    )
     done = threading.Event()
+    watched = next(job.task_id for job in jobs if job.label.startswith("resize_images"))
 
     def stop_when_done() -> None:
         deadline = time.monotonic() + DEADLINE
         pending = {job.task_id: job for job in jobs}
         while pending and time.monotonic() < deadline and not done.is_set():
+            if watched in pending:
+                seen = backend.get_task(watched).progress
+                if seen is not None and (not progress or seen.done != progress[-1].done):
+                    progress.append(seen)
             for task_id in list(pending):
                 result = backend.result(task_id)
                 if result is not None:
@@ -166,6 +190,13 @@ def _check(
                 )
             if job.expect == "retried" and res.attempt != 2:
                 problems.append(f"{job.label}: succeeded on attempt {res.attempt}, not 2")
+        elif job.expect == "after":
+            if not res.ok or res.value != job.value:
+                problems.append(f"{job.label}: expected {job.value!r}, got {res.status.value}")
+            for dep in job.depends_on:
+                before = next(j.result for j in jobs if j.task_id == dep)
+                if before is None or res.started_at is None or res.started_at < before.finished_at:
+                    problems.append(f"{job.label}: started before its dependency {dep} finished")
             if (
                 job.delay
                 and res.started_at is not None
@@ -182,7 +213,7 @@ def _check(
                     f"{job.label}: expected dead after 3 attempts, got "
                     f"{res.status.value} on attempt {res.attempt} ({status.value})"
                 )
-    succeeded = sum(1 for job in jobs if job.expect in ("value", "retried"))
+    succeeded = sum(1 for job in jobs if job.expect in ("value", "retried", "after"))
     if stats.get("succeeded") != succeeded or stats.get("dead") != 2:
         problems.append(f"worker counters: expected succeeded={succeeded} dead=2, got {stats}")
     kinds = [event.type for event in timeline]
@@ -269,13 +300,16 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         started = time.monotonic()
-        stats = _run_worker(backend, jobs)
+        progress: list[Progress] = []
+        stats = _run_worker(backend, jobs, progress)
         print(f"... done in {time.monotonic() - started:.1f}s\n")
         flaky = next(job for job in jobs if job.expect == "retried")
         # The backend keeps its events under BASE_DIR/events; read them like any tool would.
         with FileEventStorage(os.path.join(demo_dir, "events")) as events:
             timeline = events.query(task_id=flaky.task_id)
         problems = _check(backend, jobs, stats, timeline)
+        if len(progress) < 2:
+            problems.append(f"resize_images: progress seen {len(progress)} times while it ran")
 
     print(_results_table(jobs) + "\n")
     print("Worker counters: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
@@ -284,6 +318,15 @@ def main(argv: list[str] | None = None) -> int:
         f"Tasks: {ok} succeeded, {len(jobs) - ok} failed ({stats.get('dead', 0)} of them "
         "dead-lettered)\n"
     )
+    resize = next(job for job in jobs if job.label.startswith("resize_images"))
+    seen = ", ".join(f"{p.done:g}/{p.total:g}" for p in progress)
+    print(f"Progress of {resize.task_id} seen by get_task while it ran: {seen}")
+    publish = next(job for job in jobs if job.expect == "after")
+    if publish.result is not None and publish.result.started_at is not None:
+        print(
+            f"publish({publish.task_id}) waited for {', '.join(publish.depends_on)} and started "
+            f"at {fmt_time(publish.result.started_at)[11:23]}\n"
+        )
     fired = ", ".join(f"{job.task_id} ({job.label[-8:]})" for job in ticks)
     print(f"Schedule {SCHEDULE!r} fired its 2 ticks as tasks {fired}\n")
     print(f"Event timeline of the flaky task {flaky.task_id} (failed once, then retried):")
@@ -292,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     print("Look around (in the repository: `hatch run omniq ...`):")
     for command in (
         "status",
+        "tasks",
         f"events {{}} --task {flaky.task_id}",
         f"result {{}} {dead.task_id}",
         "dead",

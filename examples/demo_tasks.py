@@ -6,7 +6,11 @@ an importable module, like your own tasks would.
 
 from __future__ import annotations
 
+import time
+
 import anyio
+
+from omniq.core import TaskContext
 
 
 def word_count(text: str) -> int:
@@ -51,3 +55,18 @@ async def slow(seconds: float) -> str:
 def broken(record: str) -> None:
     """Always fails: retried, then dead-lettered."""
     raise ValueError(f"cannot parse record {record!r}")
+
+
+def resize_images(count: int, ctx: TaskContext) -> int:
+    """Asks for its task context (a parameter annotated ``TaskContext``) and reports
+    progress after each image; the worker persists it at most once per progress interval."""
+    for done in range(1, count + 1):
+        time.sleep(0.3)  # stands in for real work
+        ctx.progress(done, count, f"image {done} of {count}")
+    ctx.update(images=count)
+    return count
+
+
+def publish(album: str) -> str:
+    """Enqueued with ``depends_on``: runs only once the tasks it depends on have succeeded."""
+    return f"published {album}"

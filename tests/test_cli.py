@@ -23,7 +23,7 @@ SECRET = "PLANTED-SECRET-123"
 SECRET_KEY = "PLANTED-KEY-456"
 # A local directory ignores storage options: the secrets ride along and must never show.
 SECRET_OPTIONS = json.dumps({"key": SECRET_KEY, "secret": SECRET})
-SUBCOMMANDS = ("worker", "enqueue", "status", "result", "events", "dead")
+SUBCOMMANDS = ("worker", "enqueue", "status", "tasks", "result", "events", "dead", "dashboard")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -432,6 +432,11 @@ def test_demo(tmp_path):
     kinds = [line.split()[2] for line in timeline.splitlines()[2:] if line.strip()]
     assert kinds == ["enqueued", "started", "retried", "started", "succeeded"]
     assert "omniq status" in out and "--task" in out
+    # The progress of resize_images(8) was read by get_task while it ran, in order.
+    seen = out.split("seen by get_task while it ran: ", 1)[1].splitlines()[0].split(", ")
+    done = [int(step.split("/")[0]) for step in seen]
+    assert len(done) >= 2 and done == sorted(done) and all(step.endswith("/8") for step in seen)
+    assert "published album" in out and "waited for" in out
     assert "Everything behaved as expected" in out
     assert time.monotonic() - began < 60
 
