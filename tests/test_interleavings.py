@@ -477,3 +477,39 @@ def test_interleavings_remote(
         # in some schedules (and the holder's ack wins in others).
         assert reaped["won"] > 0, reaped
         assert reaped["lost"] > 0, reaped
+
+
+def _look(world: World) -> Program[Any]:
+    scene: Scene = world.obj
+    return scene.q._locate_program(Q, scene.tasks[0])
+
+
+def _never_unknown(world: World, state: State) -> list[str]:
+    look = state["look"]
+    if look.status == "finished" and look.value is None:
+        return ["get_task found nothing of an enqueued task"]
+    return []
+
+
+@pytest.mark.parametrize("kind", ["memory", "local"])
+def test_get_task_finds_a_task_claimed_between_its_listing_and_its_reads(
+    kind: str, world_dir: Path
+) -> None:
+    """A claim made after get_task listed ``run/`` (no claim yet) and before it read the
+    ready copy (gone by then) must not make the task unknown: get_task looks once more.
+    Before that second look the explorer found "get_task found nothing" here (and helper
+    runs saw NotFoundError on azure)."""
+    report = explore(
+        "get_task x claimer",
+        [Actor("look", _look), _actor("claimer", claimer)],
+        kind=kind,
+        base_dir=world_dir,
+        make=Scene,
+        setup=lambda w: ready_task(w.obj),
+        check=_never_unknown,
+        max_crashes=0,
+        max_advances=0,
+        samples=200,
+    )
+    report.assert_clean()
+    assert report.schedules > 0

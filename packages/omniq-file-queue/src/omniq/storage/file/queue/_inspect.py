@@ -84,7 +84,17 @@ class QueueInspection:
         newest attempt say (a spawning outcome is kept while its next attempt waits, so a
         requeued task is found however long it waits); with none, attempt 1 is pending, or
         the task is unknown. One listing of ``run/`` from the id on (on S3 one LIST with
-        ``StartAfter``), then a few reads: the cost does not grow with the queue's depth."""
+        ``StartAfter``), then a few reads: the cost does not grow with the queue's depth.
+
+        A task moves on between the listing and the reads (claimed: its ready copy is gone
+        but the listing had no claim; cleaned up: a listed record is gone), so a look that
+        finds nothing is made once more before the task counts as unknown."""
+        found = yield from self._locate_once(queue, task_id)
+        if found is None:
+            found = yield from self._locate_once(queue, task_id)
+        return found
+
+    def _locate_once(self, queue: str, task_id: str) -> Program[tuple[TaskInfo, str] | None]:
         names = yield listafter(f"{queue}/run", f"{task_id}.", 1000)
         attempts = group_run(
             [
