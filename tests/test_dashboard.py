@@ -5,6 +5,8 @@ shown. The real browser drives it in test_dashboard_browser.py."""
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +16,7 @@ from starlette.testclient import TestClient
 from omniq.backend.file import FileBackend
 from omniq.backend.file.cli import main
 from omniq.backend.file.dashboard import create_app, is_loopback
+from omniq.core import TaskContext
 from omniq.core.models import TaskStatus
 
 SCRIPT = "<script>document.title='pwned'</script>"
@@ -25,6 +28,16 @@ def csrf_of(html: str) -> str:
     match = re.search(r'name="csrf" value="([0-9a-f]+)"', html)
     assert match, "no CSRF token in the page"
     return match.group(1)
+
+
+GATE = threading.Event()
+
+
+def report_progress(ctx: TaskContext) -> str:
+    """A task (run as ``test_dashboard:report_progress``) that reports progress, then waits."""
+    ctx.progress(3, 4, "three of four")
+    GATE.wait(60)
+    return "ok"
 
 
 class World:
@@ -254,3 +267,24 @@ def test_metrics_are_served_behind_the_token(world: World) -> None:
     assert re.search(
         r'omniq_queue_depth\{[^}]*queue="inbox"[^}]*state="ready"[^}]*\} 1\.0', page.text
     ), page.text
+
+
+def test_running_tasks_show_their_progress(storage: Any) -> None:
+    GATE.clear()
+    with FileBackend(storage.base_dir, storage.storage_options) as backend:
+        task_id = backend.enqueue("test_dashboard:report_progress", queue="slow")
+        worker = backend.worker(["slow"], progress_interval=0.05, poll=0.1)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        try:
+            with client(backend) as c:
+                deadline = time.monotonic() + 60
+                while "three of four" not in (page := c.get("/running", headers=HTML).text):
+                    assert time.monotonic() < deadline, "no progress shown"
+                    time.sleep(0.1)
+                assert task_id in page and '<progress max="1" value="0.750">' in page
+                assert "75%" in c.get(f"/tasks/{task_id}", headers=HTML).text
+        finally:
+            GATE.set()
+            worker.stop()
+            thread.join(60)
