@@ -117,6 +117,34 @@ def test_runs_as_python_module(cli):
     assert proc.returncode == 0 and "usage: omniq status" in proc.stdout
 
 
+def test_process_pool_worker_runs_as_python_module(cli, base):
+    """anyio's process workers re-run ``__main__`` by its path: with ``python -m ...cli`` that
+    is cli.py itself, whose relative imports failed there, so every task of a
+    ``--processes`` worker died with BrokenWorkerProcess before cli.py imported absolutely."""
+    task_id = cli.enqueue(base, "cli_tasks:add", "--args", "[20, 22]")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "omniq.backend.file.cli",
+            "worker",
+            base,
+            "--burst",
+            "--processes",
+            "2",
+            "--path",
+            str(TESTS_DIR),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+        cwd=cli.cwd,
+    )
+    assert proc.returncode == 0 and "succeeded=1" in proc.stdout, proc.stdout + proc.stderr
+    assert cli.ok("result", base, task_id).strip() == "42"
+
+
 def test_enqueue_worker_result(cli, base):
     task_id = cli.enqueue(base, "cli_tasks:add", "--args", "[2, 3]")
     out = cli.burst(base)

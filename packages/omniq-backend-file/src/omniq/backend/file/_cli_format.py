@@ -501,19 +501,6 @@ def build_parser(handlers: Mapping[str, Callable[[Any], int]]) -> argparse.Argum
         "--worker-id", metavar="ID", help="name in events and results (default: host-pid-random)"
     )
     p.add_argument(
-        "--metrics-port",
-        type=int,
-        metavar="N",
-        help="serve Prometheus metrics on http://HOST:N/metrics (needs the [metrics] extra; "
-        "0: any free port, logged)",
-    )
-    p.add_argument(
-        "--metrics-host",
-        default="127.0.0.1",
-        metavar="HOST",
-        help="address the metrics server binds (default: 127.0.0.1; 0.0.0.0 for every interface)",
-    )
-    p.add_argument(
         "--hook",
         action="append",
         metavar="PKG.MOD:OBJ",
@@ -526,6 +513,19 @@ def build_parser(handlers: Mapping[str, Callable[[Any], int]]) -> argparse.Argum
         default=1.0,
         metavar="S",
         help="write a task's reported progress at most once per S seconds (default: 1)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve Prometheus metrics on http://HOST:N/metrics (needs the [metrics] extra; "
+        "0: any free port, logged)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the metrics server binds (default: 127.0.0.1; 0.0.0.0 for every interface)",
     )
     p.add_argument(
         "--path",

@@ -15,6 +15,9 @@ please report it); 130 interrupted.
 
 from __future__ import annotations
 
+# Absolute imports only: ``python -m omniq.backend.file.cli worker --processes N`` makes this
+# file ``__main__``, and anyio's process workers re-run ``__main__`` by its path (as
+# multiprocessing's spawn does), where a relative import fails.
 import argparse
 import json
 import logging
@@ -29,6 +32,12 @@ from typing import Any
 
 import msgspec
 
+from omniq.backend.file import _cli_cleanup, _cli_schedule
+from omniq.backend.file import _cli_format as cli_format
+from omniq.backend.file._cli_format import CliError, Redactor
+from omniq.backend.file._cli_progress import LiveProgress, live
+from omniq.backend.file._task_context import load_hook
+from omniq.backend.file.dashboard import _cli as dashboard_cli
 from omniq.core import redact_logs
 from omniq.core.errors import (
     CapabilityError,
@@ -41,13 +50,6 @@ from omniq.core.errors import (
 from omniq.core.fs import redact_url
 from omniq.core.models import UTC, QueueSize, TaskEvent, TaskInfo
 from omniq.core.sync import run_sync
-
-from . import _cli_format as cli_format
-from . import _cli_schedule
-from ._cli_format import CliError, Redactor
-from ._task_context import load_hook
-from .dashboard import _cli as dashboard_cli
-from ._cli_progress import LiveProgress, live
 
 ENV_STORAGE_OPTIONS = cli_format.ENV_STORAGE_OPTIONS
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -65,7 +67,7 @@ class _Context:
     def backend(self, **settings: Any) -> Any:
         """A FileBackend for BASE_DIR; ``--storage-options`` wins over OMNIQ_STORAGE_OPTIONS
         (which the backend's configuration reads from ``environ`` itself)."""
-        from . import FileBackend
+        from omniq.backend.file import FileBackend
 
         options = cli_format.json_flag(self.ns.storage_options, "--storage-options", dict)
         base_dir = self.ns.base_dir
@@ -142,7 +144,7 @@ def cmd_worker(ctx: _Context) -> int:
 def checked_function(ns: Any) -> tuple[str, list[Any], dict[str, Any]]:
     """The function path, args and kwargs of an ``enqueue`` or ``schedule add`` command line;
     the function is imported first (unless ``--no-check``) to catch typos before storing."""
-    from ._functions import func_path, resolve
+    from omniq.backend.file._functions import func_path, resolve
 
     args = cli_format.json_flag(ns.args, "--args", list) or []
     kwargs = cli_format.json_flag(ns.kwargs, "--kwargs", dict) or {}
@@ -470,6 +472,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     try:
         parser = _cli_schedule.register(cli_format.build_parser(HANDLERS))
         parser = dashboard_cli.register(parser)
+        parser = _cli_cleanup.register(parser)
         ns = parser.parse_args(cli_format.prepare_argv(args))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
