@@ -9,6 +9,7 @@ import os
 import pty
 import select
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
 
@@ -159,3 +160,34 @@ def test_piped_output_has_no_bar(capsys, dead_dir, instant):
     captured = capsys.readouterr()
     assert captured.err == "" and "\r" not in captured.out
     assert captured.out.count("no_such_module_here") == DEAD
+
+
+def test_cleanup_shows_a_bar_on_a_terminal_and_reports_what_it_removed(
+    monkeypatch, capsys, tmp_path, instant
+):
+    base = tmp_path / "c"
+    with FileBackend(str(base), events=True, result_ttl=0.01) as backend:
+        for queue in ("a", "b"):
+            backend.enqueue("no_such_module_here:f", queue=queue, max_retries=0)
+        backend.worker(["a", "b"], burst=True, idle_timeout=0.05).run()
+    time.sleep(0.05)  # the results' 10 ms time-to-live is over
+    master, stream = _on_pty(monkeypatch)
+    try:
+        args = ["cleanup", str(base), "--events-older-than", "0", "--sweep"]
+        assert main(args, environ={}) == 0
+        stream.flush()
+        drawn = _read_all(master)
+    finally:
+        stream.close()
+        os.close(master)
+    # Two queues, the queue's sweep, results and events: five steps. The results expired
+    # 10 ms after they were written, but their expiry markers' hour has not begun: only the
+    # sweep (which reads every result) finds them.
+    assert "5/5" in drawn and "█" in drawn and drawn.endswith("\r\033[K")
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["a: repair redid 0 interrupted step(s)", "b: repair redid 0 interrupted step(s)"]
+    assert out[2] == "results: removed 2 expired"
+    removed = int(out[3].split()[2])
+    assert out[3] == f"events: removed {removed} old" and removed >= 6  # 3 events per task
+    with FileBackend(str(base), events=True) as backend:
+        assert backend.events is not None and backend.events.query() == []
