@@ -24,7 +24,9 @@ def register(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "files and every expired result, marked or not. Safe while workers run: they do the "
         "same by themselves (the sweep daily)."
     )
-    p = subs.add_parser("cleanup", parents=[cli_format.common_parser()], help=text, description=text)
+    p = subs.add_parser(
+        "cleanup", parents=[cli_format.common_parser()], help=text, description=text
+    )
     p.set_defaults(handler=cmd_cleanup)
     p.add_argument(
         "-q",
