@@ -185,7 +185,10 @@ def test_cleanup_shows_a_bar_on_a_terminal_and_reports_what_it_removed(
     # sweep (which reads every result) finds them.
     assert "5/5" in drawn and "█" in drawn and drawn.endswith("\r\033[K")
     out = capsys.readouterr().out.splitlines()
-    assert out[:2] == ["a: repair redid 0 interrupted step(s)", "b: repair redid 0 interrupted step(s)"]
+    assert out[:2] == [
+        "a: repair redid 0 interrupted step(s)",
+        "b: repair redid 0 interrupted step(s)",
+    ]
     assert out[2] == "results: removed 2 expired"
     removed = int(out[3].split()[2])
     assert out[3] == f"events: removed {removed} old" and removed >= 6  # 3 events per task
