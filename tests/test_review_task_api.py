@@ -1,0 +1,123 @@
+"""Review of issue 15's task context, hooks and testing mode: FAILING tests that prove bugs
+(see each docstring). Task functions are module-level here, imported by path."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import anyio
+import pytest
+
+from omniq.backend.file import AsyncFileBackend, FileBackend, TaskContext
+from omniq.core.models import TaskStatus
+
+RUNS: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def _count(key: str) -> None:
+    with _lock:
+        RUNS[key] = RUNS.get(key, 0) + 1
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def parent_enqueues_a_delayed_child(base_dir: str, key: str) -> str:
+    _count(key)
+    with FileBackend(base_dir, environ={}, immediate=True) as backend:
+        backend.enqueue(add, (1, 1), delay=3600)
+    return "ok"
+
+
+def counted(key: str) -> int:
+    _count(key)
+    time.sleep(0.2)
+    return 1
+
+
+def non_json_metadata(ctx: TaskContext) -> int:
+    ctx.update(step=1)
+    ctx.metadata["handle"] = object()  # a plain dict: nothing stops this
+    time.sleep(0.6)
+    return 1
+
+
+def test_immediate_mode_runs_a_task_that_enqueues_a_delayed_task_once() -> None:
+    """immediate=True: the nested enqueue's drain(include_scheduled=True) moves its own
+    clock an hour ahead, so its reaper sees the running parent's lease as expired, takes it
+    over and runs the parent a second time (_drain.py: the clock-ahead queue also reaps)."""
+    base, key = f"memory://review-immediate-{uuid.uuid4().hex}", uuid.uuid4().hex
+    with FileBackend(base, environ={}, immediate=True) as backend:
+        task_id = backend.enqueue(parent_enqueues_a_delayed_child, (base, key))
+        result = backend.result(task_id)
+    assert result is not None and result.value == "ok"
+    assert RUNS[key] == 1, f"the parent ran {RUNS[key]} times"
+
+
+@pytest.mark.anyio
+async def test_drain_include_scheduled_leaves_a_live_lease_alone() -> None:
+    """drain(include_scheduled=True) reaps with its clock ahead: a task claimed a moment ago
+    by another holder (lease 30 s) is taken over and run again by the drain."""
+    async with AsyncFileBackend(
+        f"memory://review-drain-{uuid.uuid4().hex}", environ={}, lease=30
+    ) as backend:
+        held = await backend.enqueue(add, (1, 2))
+        claimed = await backend.queue.dequeue("default")  # a live worker's claim
+        assert claimed is not None and claimed.id == held
+        await backend.enqueue(add, (3, 4), delay=3600)
+        await backend.drain(include_scheduled=True)
+        info = await backend.get_task(held)
+        assert info.status is TaskStatus.RUNNING and info.attempt == 1, (
+            f"the live claim was taken over: {info.status.value}, attempt {info.attempt}"
+        )
+
+
+@pytest.mark.anyio
+async def test_a_non_json_value_in_ctx_metadata_does_not_strand_the_task() -> None:
+    """update() checks only its arguments; ctx.metadata is a plain dict. A non-JSON value put
+    in it makes every heartbeat fail (the lease is never extended: another worker may take
+    the task over while it runs) and the result unstorable: the worker logs an internal
+    error, records no outcome, and the task stays 'running' (to run again after its lease,
+    forever: no attempt is counted against max_retries)."""
+    async with AsyncFileBackend(
+        f"memory://review-meta-{uuid.uuid4().hex}", environ={}, lease=0.9
+    ) as backend:
+        task_id = await backend.enqueue(non_json_metadata)
+        worker = backend.worker(burst=True, idle_timeout=0.3, poll=0.05, progress_interval=0.05)
+        await worker.run()
+        info = await backend.get_task(task_id)
+        assert info.status is not TaskStatus.RUNNING, "the task was left running, no outcome"
+
+
+class SlowBefore:
+    async def before_task(self, ctx: TaskContext) -> None:
+        await anyio.sleep(2.0)  # a log shipper or exporter that stalls
+
+
+@pytest.mark.anyio
+async def test_a_slow_before_task_hook_does_not_let_the_task_run_twice() -> None:
+    """before_task runs before the heartbeat starts: a hook slower than lease + clock_skew
+    lets another worker take the task over, and the first worker then still calls the
+    function with its expired lease: it runs twice."""
+    key = uuid.uuid4().hex
+    async with AsyncFileBackend(
+        f"memory://review-hook-{uuid.uuid4().hex}", environ={}, lease=1.0, clock_skew=0.2
+    ) as backend:
+        await backend.enqueue(counted, (key,))
+        slow: Any = backend.worker(burst=True, idle_timeout=3, poll=0.1, hooks=[SlowBefore()])
+        other: Any = backend.worker(burst=True, idle_timeout=3, poll=0.1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow.run)
+            await anyio.sleep(0.2)  # the slow one claims first
+            tg.start_soon(other.run)
+    assert RUNS[key] == 1, f"the task ran {RUNS[key]} times"
