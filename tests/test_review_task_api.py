@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from omniq.backend.file import AsyncFileBackend, FileBackend, TaskContext
+from omniq.backend.file import AsyncFileBackend, TaskContext
 from omniq.core.models import TaskStatus
 
 RUNS: dict[str, int] = {}
@@ -32,13 +32,6 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
-def parent_enqueues_a_delayed_child(base_dir: str, key: str) -> str:
-    _count(key)
-    with FileBackend(base_dir, environ={}, immediate=True) as backend:
-        backend.enqueue(add, (1, 1), delay=3600)
-    return "ok"
-
-
 def counted(key: str) -> int:
     _count(key)
     time.sleep(0.2)
@@ -50,36 +43,6 @@ def non_json_metadata(ctx: TaskContext) -> int:
     ctx.metadata["handle"] = object()  # a plain dict: nothing stops this
     time.sleep(0.6)
     return 1
-
-
-def test_immediate_mode_runs_a_task_that_enqueues_a_delayed_task_once() -> None:
-    """immediate=True: the nested enqueue's drain(include_scheduled=True) moves its own
-    clock an hour ahead, so its reaper sees the running parent's lease as expired, takes it
-    over and runs the parent a second time (_drain.py: the clock-ahead queue also reaps)."""
-    base, key = f"memory://review-immediate-{uuid.uuid4().hex}", uuid.uuid4().hex
-    with FileBackend(base, environ={}, immediate=True) as backend:
-        task_id = backend.enqueue(parent_enqueues_a_delayed_child, (base, key))
-        result = backend.result(task_id)
-    assert result is not None and result.value == "ok"
-    assert RUNS[key] == 1, f"the parent ran {RUNS[key]} times"
-
-
-@pytest.mark.anyio
-async def test_drain_include_scheduled_leaves_a_live_lease_alone() -> None:
-    """drain(include_scheduled=True) reaps with its clock ahead: a task claimed a moment ago
-    by another holder (lease 30 s) is taken over and run again by the drain."""
-    async with AsyncFileBackend(
-        f"memory://review-drain-{uuid.uuid4().hex}", environ={}, lease=30
-    ) as backend:
-        held = await backend.enqueue(add, (1, 2))
-        claimed = await backend.queue.dequeue("default")  # a live worker's claim
-        assert claimed is not None and claimed.id == held
-        await backend.enqueue(add, (3, 4), delay=3600)
-        await backend.drain(include_scheduled=True)
-        info = await backend.get_task(held)
-        assert info.status is TaskStatus.RUNNING and info.attempt == 1, (
-            f"the live claim was taken over: {info.status.value}, attempt {info.attempt}"
-        )
 
 
 @pytest.mark.anyio

@@ -192,6 +192,33 @@ def test_immediate_from_the_environment() -> None:
         assert backend.result(backend.enqueue(tasks.add, (1, 2))) is None
 
 
+def test_immediate_runs_a_task_that_enqueues_a_delayed_task_once() -> None:
+    """The nested enqueue's drain moves its own clock an hour ahead: its reaper took the
+    running parent's lease for expired and ran the parent again (review of issue 15; failed
+    before the clock-ahead queue stopped reaping)."""
+    base, key = f"memory://immediate-nested/{_key()}", _key()
+    with FileBackend(base, environ={}, immediate=True) as backend:
+        task_id = backend.enqueue(tasks.parent_enqueues_a_delayed_child, (base, key))
+        result = backend.result(task_id)
+    assert result is not None and result.value == "ok"
+    assert tasks.CALLS[key] == 1, f"the parent ran {tasks.CALLS[key]} times"
+
+
+@pytest.mark.anyio
+async def test_drain_include_scheduled_leaves_a_live_lease_alone() -> None:
+    """A task claimed a moment ago by another holder (lease 30 s) is neither taken over nor
+    run by a drain whose clock runs ahead (it failed before: attempt 2 ran)."""
+    async with AsyncFileBackend(f"memory://drain-live/{_key()}", environ={}, lease=30) as backend:
+        held = await backend.enqueue(tasks.add, (1, 2))
+        claimed = await backend.queue.dequeue("default")  # a live worker's claim
+        assert claimed is not None and claimed.id == held
+        later = await backend.enqueue(tasks.add, (3, 4), delay=3600)
+        await backend.drain(include_scheduled=True)
+        info = await backend.get_task(held)
+        assert info.status is TaskStatus.RUNNING and info.attempt == 1, info
+        assert (await backend.get_task(later)).status is TaskStatus.DONE
+
+
 # -- the pytest plugin -------------------------------------------------------------------------
 INNER_TESTS = """
 import fsspec

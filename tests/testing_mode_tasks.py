@@ -45,3 +45,13 @@ async def spawn(base_dir: str, queue: str, n: int) -> int:
     finally:
         await backend.close()
     return n
+
+
+def parent_enqueues_a_delayed_child(base_dir: str, key: str) -> str:
+    """Counts its runs, then enqueues a task delayed by an hour on an immediate backend."""
+    _count(key)
+    from omniq.backend.file import FileBackend
+
+    with FileBackend(base_dir, environ={}, immediate=True) as backend:
+        backend.enqueue(add, (1, 1), delay=3600)
+    return "ok"

@@ -9,6 +9,7 @@ other process, keep the real time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -99,17 +100,19 @@ async def drain(
         cfg = backend.config
         part = cfg.part("queue")
         clock = _AheadClock(backend.queue.store.clock)
-        target = _AheadBackend(
-            backend,
-            AsyncFileQueue(
-                part.base_dir,
-                part.storage_options,
-                lease=cfg.lease,
-                clock_skew=cfg.clock_skew,
-                on_event=backend.emit,
-                clock=clock,
-            ),
+        ahead = AsyncFileQueue(
+            part.base_dir,
+            part.storage_options,
+            lease=cfg.lease,
+            clock_skew=cfg.clock_skew,
+            on_event=backend.emit,
+            clock=clock,
         )
+        # It only claims: by its clock every lease held elsewhere (another worker, the task
+        # that called drain in immediate mode) would look expired and every record old, so
+        # its reaper would take live claims over and clean up what is still needed.
+        ahead.reap_interval = math.inf
+        target = _AheadBackend(backend, ahead)
     options = {**DRAIN_WORKER, **worker_options}
     previous_due: datetime | None = None
     try:
