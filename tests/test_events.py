@@ -124,49 +124,53 @@ class OpSpy:
 @pytest.mark.anyio
 async def test_log_and_query(storage, anyio_backend):
     events = sample()
-    in_order = sorted(events, key=lambda e: e.time)
     async with make(storage) as s:
         assert await s.query() == []
         await log_all(s, events)
         assert (s.written, s.failed_writes) == (9, 0)
+        await check_queries(s, events)
 
-        everything = await s.query()
-        assert ids(everything) == ids(in_order)
-        assert everything[4] == in_order[4]  # the whole document round-trips
 
-        t2 = await s.query(task_id="t2")
-        assert ids(t2) == ids([e for e in in_order if e.task_id == "t2"])
-        assert await s.query(task_id="unknown") == []
+async def check_queries(s: AsyncFileEventStorage, events: list[TaskEvent]) -> None:
+    """Every kind of query over the nine ``sample()`` events, against the expected answer."""
+    in_order = sorted(events, key=lambda e: e.time)
+    everything = await s.query()
+    assert ids(everything) == ids(in_order)
+    assert everything[4] == in_order[4]  # the whole document round-trips
 
-        failed = [e for e in in_order if e.type is EventType.FAILED]
-        assert ids(await s.query(event_type=EventType.FAILED)) == ids(failed)
-        assert ids(await s.query(event_type="failed")) == ids(failed)
-        assert ids(await s.query(task_id="t1", event_type="started")) == ids(
-            [e for e in in_order if e.task_id == "t1" and e.type is EventType.STARTED]
-        )
+    t2 = await s.query(task_id="t2")
+    assert ids(t2) == ids([e for e in in_order if e.task_id == "t2"])
+    assert await s.query(task_id="unknown") == []
 
-        since, until = T0 + timedelta(minutes=37), T0 + timedelta(minutes=37 * 5)
-        window = [e for e in in_order if since <= e.time < until]  # half-open
-        assert len(window) == 4
-        assert ids(await s.query(since=since, until=until)) == ids(window)
-        assert ids(await s.query(since=T0 + timedelta(hours=3))) == ids(
-            [e for e in in_order if e.time >= T0 + timedelta(hours=3)]
-        )
-        assert ids(await s.query(until=T0 + timedelta(minutes=1))) == ids(in_order[:1])
-        # Other time zones are the same instants.
-        eastern = timezone(timedelta(hours=-4))
-        assert ids(
-            await s.query(since=since.astimezone(eastern), until=until.astimezone(eastern))
-        ) == ids(window)
+    failed = [e for e in in_order if e.type is EventType.FAILED]
+    assert ids(await s.query(event_type=EventType.FAILED)) == ids(failed)
+    assert ids(await s.query(event_type="failed")) == ids(failed)
+    assert ids(await s.query(task_id="t1", event_type="started")) == ids(
+        [e for e in in_order if e.task_id == "t1" and e.type is EventType.STARTED]
+    )
 
-        assert ids(await s.query(limit=3)) == ids(in_order[:3])
-        assert ids(await s.query(task_id="t3", limit=1)) == ids(
-            [e for e in in_order if e.task_id == "t3"][:1]
-        )
-        assert ids(await s.query(since=since, event_type="started", limit=2)) == ids(
-            [e for e in in_order if e.time >= since and e.type is EventType.STARTED][:2]
-        )
-        assert await s.query(limit=0) == []
+    since, until = T0 + timedelta(minutes=37), T0 + timedelta(minutes=37 * 5)
+    window = [e for e in in_order if since <= e.time < until]  # half-open
+    assert len(window) == 4
+    assert ids(await s.query(since=since, until=until)) == ids(window)
+    assert ids(await s.query(since=T0 + timedelta(hours=3))) == ids(
+        [e for e in in_order if e.time >= T0 + timedelta(hours=3)]
+    )
+    assert ids(await s.query(until=T0 + timedelta(minutes=1))) == ids(in_order[:1])
+    # Other time zones are the same instants.
+    eastern = timezone(timedelta(hours=-4))
+    assert ids(
+        await s.query(since=since.astimezone(eastern), until=until.astimezone(eastern))
+    ) == ids(window)
+
+    assert ids(await s.query(limit=3)) == ids(in_order[:3])
+    assert ids(await s.query(task_id="t3", limit=1)) == ids(
+        [e for e in in_order if e.task_id == "t3"][:1]
+    )
+    assert ids(await s.query(since=since, event_type="started", limit=2)) == ids(
+        [e for e in in_order if e.time >= since and e.type is EventType.STARTED][:2]
+    )
+    assert await s.query(limit=0) == []
 
 
 @pytest.mark.anyio
@@ -341,3 +345,184 @@ async def test_unencodable_event_data_is_replaced_not_raised(storage, anyio_back
         (got,) = await s.query()
         assert "unencodable_data" in got.data and "set" in got.data["unencodable_data"]
         assert s.written == 1
+
+
+# --------------------------------------------------------------------------- batches
+
+
+async def write_batched(s: AsyncFileEventStorage, events: list[TaskEvent], how: str) -> None:
+    shuffled = list(events)
+    random.Random(7).shuffle(shuffled)
+    if how == "log_many":
+        await s.log_many(shuffled[:4])
+        await s.log_many(shuffled[4:])
+    elif how == "submit":
+        for event in shuffled:
+            await s.submit(event)
+    else:  # single-event files (the layout of earlier versions) beside batches
+        for event in shuffled[:3]:
+            await s.log(event)
+        await s.log_many(shuffled[3:])
+
+
+@pytest.mark.parametrize("how", ["log_many", "submit", "mixed"])
+@pytest.mark.anyio
+async def test_batched_events_answer_the_same_queries(storage, anyio_backend, how):
+    events = sample()
+    async with make(storage) as s:
+        await write_batched(s, events, how)
+        await s.flush()
+        assert (s.written, s.failed_writes, s.pending) == (9, 0, 0)
+        await check_queries(s, events)
+    async with make(storage) as other:  # another instance (or process) reads the same
+        assert ids(await other.query()) == ids(sorted(events, key=lambda e: e.time))
+
+
+@QUICK
+@pytest.mark.anyio
+async def test_batch_layout_one_file_per_hour_and_an_index_entry_per_task(storage, anyio_backend):
+    events = [  # five events of two tasks in hour 22, one in hour 23
+        TaskEvent(task_id=f"t{i % 2}", type=EventType.STARTED, time=T0 + timedelta(minutes=i))
+        for i in range(5)
+    ] + [TaskEvent(task_id="t0", type=EventType.SUCCEEDED, time=T0 + timedelta(minutes=40))]
+    async with make(storage) as s:
+        await s.log_many(events)
+    by_time = [p.rsplit("events/", 1)[1] for p in find(storage, "events/by-time")]
+    by_task = [p.rsplit("events/", 1)[1] for p in find(storage, "events/by-task")]
+    assert [k.rsplit("/", 1)[0] for k in by_time] == [
+        "by-time/2024-05-01/22",
+        "by-time/2024-05-01/23",
+    ]
+    assert all(k.endswith(".jsonl") for k in by_time + by_task)
+    names = {k.rsplit("/", 1)[1] for k in by_time}
+    # t0 has events in both batches, t1 in the first only; entries carry the batch's name.
+    assert sorted(k.rsplit("/", 2)[1] for k in by_task) == ["t0", "t0", "t1"]
+    assert {k.rsplit("/", 1)[1] for k in by_task} == names
+    fs = storage.filesystem()
+    lines = fs.cat_file(find(storage, "events/by-time/2024-05-01/22")[0]).splitlines()
+    assert sorted(json.loads(line)["id"] for line in lines) == sorted(e.id for e in events[:5])
+    if storage.kind == "local":  # once a task has its directory, its entries are hard links
+        async with make(storage) as s:
+            await s.log_many([TaskEvent(task_id=t, type=EventType.RETRIED) for t in ("t0", "t1")])
+        (batch,) = [p for p in find(storage, "events/by-time") if p.rsplit("/", 1)[1] not in names]
+        assert os.stat(batch).st_nlink == 3  # the batch and its two tasks' entries
+
+
+@QUICK
+@pytest.mark.anyio
+async def test_submit_waits_for_flush_close_or_query(storage, anyio_backend):
+    events = sample()[:3]
+    async with make(storage, flush_interval=3600) as s:
+        for event in events:
+            await s.submit(event)
+        if anyio_backend == "asyncio":  # held by the background writer
+            assert (s.pending, s.written) == (3, 0)
+            async with make(storage) as other:
+                assert await other.query() == []
+        assert ids(await s.query()) == ids(events)  # a query writes them first
+        assert (s.pending, s.written) == (0, 3)
+        await s.submit(sample()[3])
+    async with make(storage) as other:  # close wrote the last one
+        assert len(await other.query()) == 4
+
+
+@pytest.mark.parametrize("storage", ["memory"], indirect=True)
+@pytest.mark.anyio
+async def test_submit_writes_when_flush_every_events_are_pending(storage, anyio_backend):
+    async with make(storage, flush_interval=3600, flush_every=4) as s:
+        for event in sample()[:5]:
+            await s.submit(event)
+        trio = anyio_backend == "trio"  # no background writer: each is written at once
+        assert (s.written, s.pending) == ((5, 0) if trio else (4, 1))
+        with pytest.raises(InvalidNameError):  # bad names raise at once, nothing queued
+            await s.submit(TaskEvent(task_id="a/b", type=EventType.STARTED))
+
+
+def test_background_writer_writes_on_its_timer(storage):
+    import time
+
+    with FileEventStorage(storage.base_dir, storage.storage_options, flush_interval=0.01) as s:
+        for minute in (0, 1):
+            s.submit(
+                TaskEvent(task_id="t", type=EventType.STARTED, time=T0 + timedelta(minutes=minute))
+            )
+        for _ in range(500):  # no timing assertion: waits until the timer has fired
+            if s.written == 2:
+                break
+            time.sleep(0.01)
+        assert (s.written, s.pending) == (2, 0)
+        assert len(find(storage, "events/by-time")) == 1  # one batch for both
+
+
+@pytest.mark.parametrize("storage", ["local"], indirect=True)
+def test_a_blocking_twin_flushes_its_events_at_exit(storage, tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "from omniq.core.models import EventType, TaskEvent\n"
+        "from omniq.storage.file.events import FileEventStorage\n"
+        f"s = FileEventStorage({storage.base_dir!r}, flush_interval=3600)\n"
+        "s.submit(TaskEvent(task_id='t', type=EventType.STARTED))\n"
+        "assert s.pending == 1\n"  # never closed: the exit handler writes it
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    with FileEventStorage(storage.base_dir) as s:
+        assert [e.task_id for e in s.query()] == ["t"]
+
+
+@pytest.mark.anyio
+async def test_cleanup_removes_batches_and_their_index(storage, anyio_backend):
+    events = sample()
+    in_order = sorted(events, key=lambda e: e.time)
+    async with make(storage) as s:
+        await s.log_many(events[:5])  # hours 22, 23, 00, 00, 01: one batch per hour
+        await s.log_many(events[5:])
+        # Cutoff 00:58:01: hours 22 and 23 go whole; the 00 batch (00:21, 00:58) by its
+        # latest time.
+        cutoff = T0 + timedelta(minutes=37 * 4, seconds=1)
+        assert await s.cleanup(cutoff) == 5
+        kept = [e for e in in_order if e.time >= cutoff]
+        assert ids(await s.query()) == ids(kept)
+        for task in ("t1", "t2", "t3"):
+            assert ids(await s.query(task_id=task)) == ids([e for e in kept if e.task_id == task])
+        assert all("2024-05-01" not in p for p in find(storage, "events/by-time"))
+        # a batch straddling the cutoff stays whole until all its events are old
+        await s.log_many(
+            TaskEvent(task_id="t9", type=EventType.STARTED, time=cutoff + timedelta(minutes=m))
+            for m in (-1, 1)
+        )
+        assert await s.cleanup(cutoff) == 0
+        assert await s.cleanup(timedelta(0)) == len(kept) + 2
+        assert find(storage, "events") == []
+    if storage.kind == "local":
+        root = path(storage, "events")
+        assert os.listdir(f"{root}/by-time") == [] and os.listdir(f"{root}/by-task") == []
+
+
+@QUICK
+@pytest.mark.anyio
+async def test_batch_failures_are_counted_and_bad_lines_skipped(
+    storage, anyio_backend, monkeypatch, caplog
+):
+    caplog.set_level(logging.WARNING, logger="omniq.events")
+    events = sample()[:3]
+    async with make(storage) as s:
+
+        async def broken(program, **kwargs):
+            program.close()
+            raise StorageError("write 'events/...' failed: ConnectionError: down")
+
+        monkeypatch.setattr(s.store, "run", broken)
+        await s.log_many(events)
+        monkeypatch.undo()
+        assert (s.written, s.failed_writes) == (0, 3)
+        assert any("could not record 3 events" in r.getMessage() for r in caplog.records)
+
+        await s.log_many(events)
+        (key,) = find(storage, "events/by-time/2024-05-01/22")
+        fs = storage.filesystem()
+        fs.pipe_file(key, b"{oops\n" + fs.cat_file(key))
+        assert ids(await s.query()) == ids(events)
+        assert ids(await s.query(task_id="t1")) == ids(events[:1])
+        assert any("unreadable event" in r.getMessage() for r in caplog.records)

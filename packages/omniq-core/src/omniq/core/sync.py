@@ -15,9 +15,10 @@ import functools
 import inspect
 import os
 import threading
+import weakref
 from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, ClassVar, Concatenate, Generic, TypeVar, overload
+from typing import Any, ClassVar, Concatenate, Generic, Protocol, TypeVar, overload
 
 import sniffio
 from typing_extensions import ParamSpec, Self
@@ -29,6 +30,10 @@ R = TypeVar("R")
 A = TypeVar("A")
 
 
+class Flushable(Protocol):
+    async def flush(self) -> None: ...
+
+
 class _LoopThread:
     """The process-wide event-loop thread."""
 
@@ -37,6 +42,7 @@ class _LoopThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.exiting = False
+        self.flush_at_exit: weakref.WeakSet[Flushable] = weakref.WeakSet()
 
     def loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
@@ -89,6 +95,11 @@ class _LoopThread:
             return
 
         async def cancel_all() -> None:
+            for obj in list(self.flush_at_exit):  # buffered writes first (event writers)
+                try:
+                    await obj.flush()
+                except Exception:
+                    pass
             me = asyncio.current_task()
             tasks = [t for t in asyncio.all_tasks() if t is not me]
             for task in tasks:
@@ -111,6 +122,7 @@ class _LoopThread:
         self._loop = None
         self._thread = None
         self.exiting = False
+        self.flush_at_exit = weakref.WeakSet()  # the parent's buffered events are its own
 
 
 class _Call(Generic[R]):
@@ -178,6 +190,17 @@ def _refuse_async_context(owner: str) -> None:
 def run_sync(make_coro: Callable[[], Coroutine[Any, Any, R]], owner: str = "OmniQ") -> R:
     """Run a coroutine on the shared loop thread and return its result (blocking)."""
     return _LOOP.run(make_coro, owner)
+
+
+def in_shared_loop() -> bool:
+    """Whether the caller runs on the shared loop thread (inside a blocking twin's call)."""
+    return _LOOP.in_loop_thread()
+
+
+def flush_at_exit(obj: Flushable) -> None:
+    """Have ``await obj.flush()`` run on the shared loop at interpreter exit, before its
+    pending work is cancelled (held weakly: a collected object is forgotten)."""
+    _LOOP.flush_at_exit.add(obj)
 
 
 def shared_loop() -> asyncio.AbstractEventLoop:

@@ -129,9 +129,11 @@ class AsyncFileBackend(AsyncResource):
                 await part.close()
 
     async def emit(self, event: TaskEvent) -> None:
-        """Record an event if event storage is on (never raises for storage trouble)."""
+        """Record an event if event storage is on (never raises for storage trouble). It is
+        handed to the events' background writer: written within ``flush_interval`` (50 ms),
+        and by ``close``."""
         if self.events is not None:
-            await self.events.log(event)
+            await self.events.submit(event)
 
     async def _queue_event(self, event: TaskEvent) -> None:
         await self.emit(event)

@@ -25,7 +25,15 @@ class FileEventStorage(StorageTwin[AsyncFileEventStorage]):
         """Events that could not be recorded (storage trouble)."""
         return self._async.failed_writes
 
+    @property
+    def pending(self) -> int:
+        """Events submitted but not written yet."""
+        return self._async.pending
+
     log = blocking(AsyncFileEventStorage.log)
+    log_many = blocking(AsyncFileEventStorage.log_many)
+    submit = blocking(AsyncFileEventStorage.submit)
+    flush = blocking(AsyncFileEventStorage.flush)
     query = blocking(AsyncFileEventStorage.query)
     cleanup = blocking(AsyncFileEventStorage.cleanup)
     maintain = blocking(AsyncFileEventStorage.maintain)

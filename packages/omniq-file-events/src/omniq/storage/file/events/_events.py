@@ -1,31 +1,59 @@
-"""AsyncFileEventStorage: task events as one JSON document each, on any fsspec filesystem.
+"""AsyncFileEventStorage: task events as JSON documents on any fsspec filesystem.
 
-Multi-step operations are *programs* (generators of storage ops, see ``omniq.core.fs``): one
-thread hop per call for a local directory, natively async on S3, GCS and Azure.
+``log`` writes one event as two small files; ``log_many`` and the background writer behind
+``submit`` write many events as one batch file per hour plus one index entry per task (see
+``_layout``). Multi-step operations are *programs* (generators of storage ops, see
+``omniq.core.fs``): one thread hop per call for a local directory, natively async on S3, GCS
+and Azure.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
-from typing import Any
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 import msgspec
+import sniffio
 
 from omniq.core import codec
 from omniq.core.errors import SerializationError
-from omniq.core.fs import Program, Store, delete_many, listdir, listdirs, read_many, remove_dir
+from omniq.core.fs import (
+    Program,
+    Store,
+    delete_many,
+    link,
+    listdir,
+    listdirs,
+    now,
+    read_many,
+    remove_dir,
+)
 from omniq.core.fs import write as write_op
 from omniq.core.interfaces import AsyncEventStorage
 from omniq.core.maintenance import sweep_temp_files
 from omniq.core.models import UTC, EventType, TaskEvent, ensure_utc
 from omniq.core.names import validate_name
+from omniq.core.sync import flush_at_exit, in_shared_loop
 
 from . import _layout as layout
 
 log = logging.getLogger("omniq.events")
+_HOUR_MS = 3_600_000
+
+
+class _Source(NamedTuple):
+    """A file a query reads: one event (``batch`` False) or a batch, whose events all lie
+    in ``min_ms..max_ms``."""
+
+    min_ms: int
+    key: str
+    batch: bool
 
 
 class _Window:
@@ -52,6 +80,12 @@ class _Window:
             self.until_ms is None or time_ms <= self.until_ms
         )
 
+    def may_overlap(self, min_ms: int, max_ms: int) -> bool:
+        """Whether a batch of events timed ``min_ms..max_ms`` may hold events of the window."""
+        return (self.since_ms is None or max_ms >= self.since_ms) and (
+            self.until_ms is None or min_ms <= self.until_ms
+        )
+
     def holds(self, time: datetime) -> bool:
         return (self.since is None or time >= self.since) and (
             self.until is None or time < self.until
@@ -68,9 +102,12 @@ class AsyncFileEventStorage(AsyncEventStorage):
         base_dir: local path or fsspec URL (``s3://bucket/prefix``, ``gs://...``,
             ``abfs://container/prefix``, ``memory://name``).
         storage_options: passed to fsspec (credentials, endpoint); never shown.
-        batch: events read per request by ``query``.
+        batch: files read per request by ``query``.
         fsync: fsync local files before they are renamed into place.
         clock: epoch-seconds clock, for tests (``cleanup`` with a timedelta uses it).
+        flush_interval: seconds ``submit`` keeps events before the background writer
+            writes them (one batch file per hour of event time, one index entry per task).
+        flush_every: pending events at which ``submit`` writes them at once (and waits).
     """
 
     def __init__(
@@ -81,6 +118,8 @@ class AsyncFileEventStorage(AsyncEventStorage):
         batch: int = 256,
         fsync: bool = False,
         clock: Callable[[], float] | None = None,
+        flush_interval: float = 0.05,
+        flush_every: int = 512,
     ) -> None:
         self.store = Store(
             base_dir, storage_options, package="omniq-file-events", fsync=fsync, clock=clock
@@ -90,11 +129,24 @@ class AsyncFileEventStorage(AsyncEventStorage):
         """Events recorded by this instance."""
         self.failed_writes = 0
         """Events this instance failed to record (storage trouble); see the log for why."""
+        self.flush_interval = max(0.0, flush_interval)
+        self.flush_every = max(1, flush_every)
+        self._pending: list[tuple[layout.Name, bytes]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
+        self._at_exit = False
 
     def __repr__(self) -> str:
         return f"AsyncFileEventStorage({self.store.url!r})"
 
+    @property
+    def pending(self) -> int:
+        """Events submitted but not written yet."""
+        return len(self._pending)
+
     async def close(self) -> None:
+        """Write the submitted events, then release the storage connections."""
+        await self.flush()
         await self.store.aclose()
 
     async def maintain(self, *, sweep: bool = False) -> None:
@@ -122,13 +174,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
         Invalid input (a task id or event id that is not a safe name) raises
         InvalidNameError.
         """
-        name = self._name(event)
-        try:
-            data = codec.encode(event)
-        except SerializationError as exc:
-            log.warning("event %s of task %s: data dropped: %s", event.id, event.task_id, exc)
-            event = msgspec.structs.replace(event, data={"unencodable_data": str(exc)})
-            data = codec.encode(event)
+        name, data = self._encode(event)
         try:
             await self.store.run(self._log_program(name, data))
         except Exception as exc:  # storage trouble must not break the caller
@@ -145,6 +191,102 @@ class AsyncFileEventStorage(AsyncEventStorage):
             log.debug("event write failure", exc_info=True)
             return
         self.written += 1
+
+    def _encode(self, event: TaskEvent) -> tuple[layout.Name, bytes]:
+        name = self._name(event)
+        try:
+            data = codec.encode(event)
+        except SerializationError as exc:
+            log.warning("event %s of task %s: data dropped: %s", event.id, event.task_id, exc)
+            event = msgspec.structs.replace(event, data={"unencodable_data": str(exc)})
+            data = codec.encode(event)
+        return name, data
+
+    async def log_many(self, events: Iterable[TaskEvent]) -> None:
+        """Record ``events`` now, as one batch file per hour of event time plus one index
+        entry per task (a hard link locally). Never raises for storage trouble (counted in
+        ``failed_writes``, like ``log``); an invalid name raises before anything is written."""
+        items = [self._encode(event) for event in events]
+        if items:
+            await self._write_batch(items)
+
+    async def submit(self, event: TaskEvent) -> None:
+        """Hand ``event`` to the background writer and return (a name that is not safe
+        raises InvalidNameError at once). Events are written within ``flush_interval``
+        seconds, when ``flush_every`` are pending (this call then waits for the write), by
+        ``flush``, ``query`` and ``close``. Under trio (no background writer) it writes now.
+        Failures are logged and counted in ``failed_writes``, as for ``log``."""
+        item = self._encode(event)
+        if sniffio.current_async_library() != "asyncio":
+            await self._write_batch([item])
+            return
+        self._pending.append(item)
+        if len(self._pending) >= self.flush_every:
+            await self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._on_timer)
+            if not self._at_exit and in_shared_loop():  # a blocking twin's: flush at exit
+                self._at_exit = True
+                flush_at_exit(self)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        task = asyncio.get_running_loop().create_task(self._write_pending())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _write_pending(self) -> None:
+        items, self._pending = self._pending, []
+        if items:
+            await self._write_batch(items)
+
+    async def flush(self) -> None:
+        """Write the submitted events now, and wait for background writes under way."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self._write_pending()
+        if self._flushing:
+            loop = asyncio.get_running_loop()
+            here = [task for task in self._flushing if task.get_loop() is loop]
+            await asyncio.gather(*here, return_exceptions=True)
+
+    async def _write_batch(self, items: list[tuple[layout.Name, bytes]]) -> None:
+        try:
+            await self.store.run(self._batch_program(items))
+        except Exception as exc:  # storage trouble must not break the caller
+            self.failed_writes += len(items)
+            log.warning(
+                "could not record %d events in %s: %s: %s",
+                len(items),
+                self.store.url,
+                type(exc).__name__,
+                exc,
+            )
+            log.debug("event batch write failure", exc_info=True)
+            return
+        self.written += len(items)
+
+    def _batch_program(self, items: list[tuple[layout.Name, bytes]]) -> Program[None]:
+        hours: dict[int, list[tuple[layout.Name, bytes]]] = {}
+        for item in items:
+            hours.setdefault(item[0].time_ms // _HOUR_MS, []).append(item)
+        can_link = self.store.can_take
+        stamp = None
+        for group in hours.values():
+            times = [name.time_ms for name, _ in group]
+            batch = layout.Batch(min(times), max(times), uuid.uuid4().hex)
+            key = layout.batch_time_key(batch)
+            # The batch first: an index entry never exists without it (as in _log_program).
+            yield write_op(key, b"\n".join([data for _, data in group]) + b"\n")
+            for task_id in dict.fromkeys(name.task_id for name, _ in group):
+                entry = layout.batch_task_key(task_id, batch)
+                if can_link:  # a second name for the batch: no new file
+                    if stamp is None:
+                        stamp = yield now()
+                    if (yield link(key, entry, stamp)) is not None:
+                        continue  # made (False, "exists", cannot happen: the name is unique)
+                yield write_op(entry, b"")  # no task directory yet, or no links here
 
     def _log_program(self, name: layout.Name, data: bytes) -> Program[None]:
         # The primary copy first: an index entry never exists without it, so cleanup (which
@@ -172,40 +314,44 @@ class AsyncFileEventStorage(AsyncEventStorage):
         window = _Window(ensure_utc(since, "since"), ensure_utc(until, "until"))
         if limit is not None and limit <= 0:
             return []
+        await self.flush()  # this instance's own submitted events are visible to it
         if task_id is not None:
             return await self.store.run(
                 self._task_program(task_id, kind, window, limit), heavy=True
             )
         return await self.store.run(self._time_program(kind, window, limit), heavy=True)
 
-    def _select(
-        self,
-        prefix: str,
-        listing: Iterable[tuple[str, layout.Name | None]],
-        kind: str | None,
-        window: _Window,
-    ) -> list[str]:
-        """Keys of the listed events that may match, in time order (names only, no reads)."""
-        chosen = [
-            (parsed.sort_key, f"{prefix}/{name}")
-            for name, parsed in listing
-            if parsed is not None
-            and (kind is None or parsed.type == kind)
-            and window.may_hold(parsed.time_ms)
-        ]
-        chosen.sort()
-        return [key for _, key in chosen]
+    @staticmethod
+    def _sources(
+        prefix: str, names: Iterable[str], task_id: str | None, kind: str | None, window: _Window
+    ) -> list[_Source]:
+        """The listed files that may hold matching events (names only, no reads): single
+        events by their name, batches by their time span."""
+        out = []
+        for name in names:
+            single = (
+                layout.parse_time_name(name)
+                if task_id is None
+                else layout.parse_task_name(task_id, name)
+            )
+            if single is not None:
+                if (kind is None or single.type == kind) and window.may_hold(single.time_ms):
+                    out.append(_Source(single.time_ms, f"{prefix}/{name}", False))
+                continue
+            batch = layout.parse_batch_name(name)
+            if batch is not None and window.may_overlap(batch.min_ms, batch.max_ms):
+                key = f"{prefix}/{name}" if task_id is None else layout.batch_time_key(batch)
+                out.append(_Source(batch.min_ms, key, True))
+        return out
 
     def _task_program(
         self, task_id: str, kind: str | None, window: _Window, limit: int | None
     ) -> Program[list[TaskEvent]]:
         prefix = f"{layout.BY_TASK}/{task_id}"
         listing = yield listdir(prefix)
-        keys = self._select(
-            prefix, ((n, layout.parse_task_name(task_id, n)) for n in listing), kind, window
-        )
+        sources = self._sources(prefix, listing, task_id, kind, window)
         out: list[TaskEvent] = []
-        yield from self._read(keys, window, out, limit)
+        yield from self._read(sources, task_id, kind, window, out, limit)
         return out
 
     def _time_program(
@@ -222,38 +368,72 @@ class AsyncFileEventStorage(AsyncEventStorage):
                     continue
                 prefix = f"{layout.BY_TIME}/{day}/{hour}"
                 listing = yield listdir(prefix)
-                keys = self._select(
-                    prefix, ((n, layout.parse_time_name(n)) for n in listing), kind, window
-                )
-                if (yield from self._read(keys, window, out, limit)):
+                sources = self._sources(prefix, listing, None, kind, window)
+                if (yield from self._read(sources, None, kind, window, out, limit)):
                     return out
         return out
 
     def _read(
-        self, keys: list[str], window: _Window, out: list[TaskEvent], limit: int | None
+        self,
+        sources: list[_Source],
+        task_id: str | None,
+        kind: str | None,
+        window: _Window,
+        out: list[TaskEvent],
+        limit: int | None,
     ) -> Program[bool]:
-        """Append the events stored at ``keys`` to ``out``; True once ``limit`` is reached."""
+        """Append the matching events of ``sources`` to ``out`` in (time, id) order; True
+        once ``limit`` is reached. Sources are read in order of their earliest event: an
+        event read is final once no unread source can hold an earlier one."""
+        sources.sort()
+        held: list[tuple[tuple[int, str], TaskEvent]] = []
         first = 0
-        while first < len(keys):
-            step = self.batch if limit is None else min(self.batch, limit - len(out))
-            chunk = keys[first : first + step]
+        while first < len(sources):
+            step = self.batch if limit is None else max(1, min(self.batch, limit - len(out)))
+            chunk = sources[first : first + step]
             first += step
-            bodies = yield read_many(chunk)
-            for key in chunk:
-                data = bodies.get(key)
+            bodies = yield read_many([source.key for source in chunk])
+            for source in chunk:
+                data = bodies.get(source.key)
                 if data is None:  # removed by a cleanup since the listing
                     continue
-                try:
-                    event = codec.decode(data, TaskEvent)
-                except SerializationError as exc:
-                    log.warning("skipping unreadable event file %s: %s", key, exc)
-                    continue
-                if not window.holds(event.time):
-                    continue
+                for event in self._decode(source, data, task_id):
+                    if (kind is None or event.type == kind) and window.holds(event.time):
+                        held.append(((layout.epoch_ms(event.time), event.id), event))
+            horizon = sources[first].min_ms if first < len(sources) else None
+            held.sort(key=itemgetter(0))
+            done = 0
+            for (time_ms, _), event in held:
+                if horizon is not None and time_ms >= horizon:
+                    break
+                done += 1
                 out.append(event)
                 if limit is not None and len(out) >= limit:
                     return True
+            del held[:done]
         return False
+
+    @staticmethod
+    def _decode(source: _Source, data: bytes, task_id: str | None) -> list[TaskEvent]:
+        """The events in a file (a batch: only ``task_id``'s, if given); unreadable
+        documents are skipped with a warning."""
+        if not source.batch:
+            lines = [data]
+        else:
+            needle = None if task_id is None else task_id.encode()
+            lines = [
+                line for line in data.split(b"\n") if line and (needle is None or needle in line)
+            ]
+        events = []
+        for line in lines:
+            try:
+                event = codec.decode(line, TaskEvent)
+            except SerializationError as exc:
+                log.warning("skipping unreadable event file %s: %s", source.key, exc)
+                continue
+            if task_id is None or event.task_id == task_id:
+                events.append(event)
+        return events
 
     # -- cleanup -----------------------------------------------------------------------------
     async def cleanup(self, older_than: datetime | timedelta) -> int:
@@ -283,24 +463,39 @@ class AsyncFileEventStorage(AsyncEventStorage):
                     continue
                 whole = start + layout.HOUR <= cutoff
                 prefix = f"{layout.BY_TIME}/{day}/{hour}"
-                doomed, index = [], []
+                doomed, index, batches = [], [], []
                 for name in (yield listdir(prefix)):
                     parsed = layout.parse_time_name(name)
                     if parsed is None:
-                        if whole:  # a stray file in an old partition: it goes too
+                        batch = layout.parse_batch_name(name)
+                        if batch is not None and (whole or batch.max_ms < cutoff_ms):
+                            batches.append((f"{prefix}/{name}", batch))
+                        elif batch is None and whole:  # a stray file in an old partition
                             doomed.append(f"{prefix}/{name}")
                         continue
                     if whole or parsed.time_ms < cutoff_ms:
                         doomed.append(f"{prefix}/{name}")
                         index.append(layout.task_key(parsed))
                         tasks.add(parsed.task_id)
+                count = len(index)
+                # A batch names its tasks only inside: read it to find its index entries.
+                bodies = (yield read_many(key for key, _ in batches)) if batches else {}
+                for key, batch in batches:
+                    doomed.append(key)
+                    events = self._decode(
+                        _Source(batch.min_ms, key, True), bodies.get(key) or b"", None
+                    )
+                    count += len(events)
+                    for task_id in dict.fromkeys(event.task_id for event in events):
+                        index.append(layout.batch_task_key(task_id, batch))
+                        tasks.add(task_id)
                 # The index entries first: if this fails half-way, the primary copies are
                 # still there and the next cleanup removes the rest.
                 if index:
                     yield delete_many(index)
                 if doomed:
                     yield delete_many(doomed)
-                    removed += len(index)
+                    removed += count
                 if local and whole:
                     yield remove_dir(prefix)
             if local:

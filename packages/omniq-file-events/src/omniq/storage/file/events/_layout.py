@@ -7,6 +7,16 @@
     events/by-task/{task_id}/{time_ms:013d}~{event_id}~{type}.json
         the same document again: the per-task index
 
+Events written in batches (``log_many``, and the background writer behind ``submit``, which
+the backend and the worker use) share files instead::
+
+    events/by-time/{YYYY-MM-DD}/{HH}/{min_ms:013d}~{max_ms:013d}~{batch_id}.jsonl
+        the batch: one JSON document per line, all of one hour, times min_ms..max_ms
+    events/by-task/{task_id}/{min_ms:013d}~{max_ms:013d}~{batch_id}.jsonl
+        an index entry per task with events in the batch: a hard link to the batch file on
+        a local directory (no new file), an empty object elsewhere; readers read the batch
+        under ``by-time`` (its key follows from the name) and keep that task's lines
+
 ``~`` separates the fields because no task id, event id or event type can contain it
 (``validate_name`` allows only ``[A-Za-z0-9_.-]``). A file name alone therefore tells the
 time, id, type and task of an event: queries filter on names before reading anything, and
@@ -25,6 +35,7 @@ BY_TIME = "events/by-time"
 BY_TASK = "events/by-task"
 SEP = "~"
 SUFFIX = ".json"
+BATCH_SUFFIX = ".jsonl"
 DAY_FORMAT = "%Y-%m-%d"
 HOUR = 3600.0
 DAY = 86400.0
@@ -103,3 +114,33 @@ def hour_start(day: float, name: str) -> float | None:
     if len(name) != 2 or not name.isdigit() or int(name) > 23:
         return None
     return day + int(name) * HOUR
+
+
+class Batch(NamedTuple):
+    """What a batch file name says: the time span of its events and its unique id."""
+
+    min_ms: int
+    max_ms: int
+    batch_id: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.min_ms:013d}{SEP}{self.max_ms:013d}{SEP}{self.batch_id}{BATCH_SUFFIX}"
+
+
+def batch_time_key(b: Batch) -> str:
+    return f"{BY_TIME}/{day_of(b.min_ms)}/{hour_of(b.min_ms)}/{b.name}"
+
+
+def batch_task_key(task_id: str, b: Batch) -> str:
+    return f"{BY_TASK}/{task_id}/{b.name}"
+
+
+def parse_batch_name(name: str) -> Batch | None:
+    """Parse a batch file name (under ``by-time`` or ``by-task``); None if it is not one."""
+    if not name.endswith(BATCH_SUFFIX):
+        return None
+    parts = name[: -len(BATCH_SUFFIX)].split(SEP)
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit() or not parts[2]:
+        return None
+    return Batch(int(parts[0]), int(parts[1]), parts[2])
