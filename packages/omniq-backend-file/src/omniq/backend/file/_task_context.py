@@ -228,7 +228,7 @@ class ChildLink:
                 "queue": ctx.queue,
                 "func": ctx.func,
                 "worker_id": ctx.worker_id,
-                "metadata": ctx.metadata,
+                "metadata": dict(ctx.metadata),
                 "enqueued_at": ctx.enqueued_at.isoformat() if ctx.enqueued_at else None,
                 "started_at": ctx.started_at.isoformat(),
             },
