@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,12 @@ import anyio
 import pytest
 
 from omniq.backend.file import AsyncFileBackend, TaskContext
-from omniq.backend.file._task_context import context_parameter, with_context
+from omniq.backend.file._task_context import (
+    ChildLink,
+    call_in_process,
+    context_parameter,
+    with_context,
+)
 from omniq.core import NotFoundError, SerializationError
 from omniq.core.context import MAX_METADATA_BYTES, MAX_PROGRESS_MESSAGE
 from omniq.core.models import EventType, ResultStatus, TaskStatus
@@ -189,6 +195,29 @@ async def test_a_non_json_value_in_ctx_metadata_does_not_strand_the_task(
         assert result is not None and result.ok and result.value == value
         assert result.metadata == metadata
         assert extended and all(m in (None, metadata) for m in extended)
+
+
+# -- a process task's link to the worker -----------------------------------------------------
+@pytest.mark.anyio
+async def test_a_silent_local_connection_does_not_keep_the_child_process_out(monkeypatch):
+    """Another local process connecting to the link's socket first (saying nothing, or a
+    wrong token) is dropped after a short wait; the child's reports still arrive."""
+    monkeypatch.setattr(ChildLink, "TOKEN_TIMEOUT", 0.2)
+    ctx = TaskContext(task_id="t", attempt=1, queue="q", func="m:f", worker_id="w")
+    link = ChildLink(ctx, (0, "ctx"), 0.01)
+    spec = link.spec()
+    address = tuple(spec["address"])
+    with socket.create_connection(address) as silent, socket.create_connection(address) as bad:
+        bad.sendall(b"0" * 32 + b"\n")
+        seen = await anyio.to_thread.run_sync(
+            call_in_process, "context_tasks:describe", [7], {}, spec
+        )
+        assert seen["x"] == 7
+        await link.close()
+        assert not link.thread.is_alive()
+        assert dict(ctx.metadata) == {"seen": 7}
+        silent.settimeout(5)
+        assert silent.recv(1) == b""  # the link closed it
 
 
 # -- seen from another process while the task runs -------------------------------------------

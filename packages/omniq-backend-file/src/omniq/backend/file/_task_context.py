@@ -205,6 +205,9 @@ class ChildLink:
     one-time token), and a thread applying what the child's context sends to the worker's
     context. Messages are JSON lines, never pickles."""
 
+    TOKEN_TIMEOUT = 2.0
+    """Seconds a connection may take to send the token before it is closed."""
+
     def __init__(self, ctx: TaskContext, where: tuple[int | None, str], interval: float) -> None:
         self.ctx, self.where, self.interval = ctx, where, interval
         self.token = secrets.token_hex(16)
@@ -235,21 +238,30 @@ class ChildLink:
         }
 
     def _read(self) -> None:
-        while not self.closed:
+        while True:
             try:
                 conn, _ = self.server.accept()
             except TimeoutError:
+                if self.closed:  # and no connection waiting: the child never came
+                    return
                 continue
             except OSError:
                 return
             with conn, conn.makefile("rb") as lines:
-                conn.settimeout(None)
-                if lines.readline().strip().decode(errors="replace") != self.token:
+                # A local process that connects first and says nothing must not keep the
+                # child out: a short wait for the token, then back to accepting.
+                conn.settimeout(self.TOKEN_TIMEOUT)
+                try:
+                    token = lines.readline(len(self.token) + 2).strip()
+                except OSError:
+                    continue
+                if token.decode(errors="replace") != self.token:
                     continue  # not our child
+                conn.settimeout(None)
                 try:
                     for line in lines:
                         self.ctx._apply(json.loads(line))
-                except (OSError, ValueError) as exc:
+                except (OSError, ValueError, TypeError) as exc:
                     log.warning("progress from the process of %s: %s", self.ctx.task_id, exc)
                 return
 
