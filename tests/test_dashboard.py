@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +17,7 @@ from starlette.testclient import TestClient
 from omniq.backend.file import FileBackend
 from omniq.backend.file.cli import main
 from omniq.backend.file.dashboard import create_app, is_loopback
-from omniq.core import TaskContext
+from omniq.core import TaskContext, _redact
 from omniq.core.models import TaskStatus
 
 SCRIPT = "<script>document.title='pwned'</script>"
@@ -288,3 +289,77 @@ def test_running_tasks_show_their_progress(storage: Any) -> None:
             GATE.set()
             worker.stop()
             thread.join(60)
+
+
+# -- hosts and origins (DNS rebinding, reverse proxies) ----------------------------------------
+def test_a_rebound_host_name_can_neither_read_nor_act() -> None:
+    """DNS rebinding: a page on rebind.attacker.example whose name resolves to 127.0.0.1 is
+    same-origin with a dashboard that answers any Host; without a token only loopback names
+    are answered, so it reads nothing (no task argument, no CSRF token) and changes nothing."""
+    attacker = "rebind.attacker.example:8787"
+    with FileBackend(f"memory://rebind-{uuid.uuid4().hex}", events=True) as backend:
+        dead = backend.enqueue("worker_tasks:always_fail", ["private-argument"], queue="work")
+        backend.worker(["work"], **BURST).run()
+        assert backend.get_task(dead).status is TaskStatus.DEAD
+        with TestClient(create_app(backend), base_url=f"http://{attacker}") as c:
+            page = c.get("/dead", headers=HTML)
+            token = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
+            acted = c.post(
+                "/actions/delete",
+                data={"queue": "work", "task_id": dead, "csrf": token.group(1) if token else ""},
+                headers={"origin": f"http://{attacker}"},
+                follow_redirects=False,
+            )
+        assert page.status_code == 400 and "private-argument" not in page.text
+        assert acted.status_code >= 400
+        assert backend.get_task(dead).status is TaskStatus.DEAD
+        for loopback in ("127.0.0.1:8787", "localhost:9000", "[::1]:8787"):
+            with TestClient(create_app(backend), base_url=f"http://{loopback}") as c:
+                assert c.get("/dead", headers=HTML).status_code == 200, loopback
+        # A token (the attacker cannot have it) or allowed_hosts lets other names in.
+        with TestClient(create_app(backend, token="x" * 12), base_url=f"http://{attacker}") as c:
+            assert c.get("/dead").status_code == 401
+        app = create_app(backend, allowed_hosts=["dash.example.com"])
+        with TestClient(app, base_url="http://dash.example.com") as c:
+            assert "private-argument" in c.get("/dead", headers=HTML).text
+        with TestClient(app, base_url=f"http://{attacker}") as c:
+            assert c.get("/dead", headers=HTML).status_code == 400
+    with pytest.raises(ValueError, match="without a port"):
+        create_app(backend, allowed_hosts=["dash.example.com:443"])
+
+
+def test_behind_a_proxy_that_rewrites_host(world: World) -> None:
+    """nginx's default proxy_pass sends Host 127.0.0.1:8787 while the browser's Origin names
+    the proxy: with allowed_hosts naming it, login and actions are accepted; another origin
+    is still refused. A comma-separated X-Forwarded-Host (chained proxies) is split."""
+    secret = "let-me-in-please"
+    proxy = {"origin": "https://dash.example.com"}
+    with client(world.backend, token=secret) as c:  # no allowed_hosts: refused
+        assert c.post("/login", data={"token": secret}, headers=proxy).status_code == 403
+    with client(world.backend, token=secret, allowed_hosts=["dash.example.com"]) as c:
+        evil = c.post("/login", data={"token": secret}, headers={"origin": "https://evil.example"})
+        assert evil.status_code == 403
+        login = c.post("/login", data={"token": secret}, headers=proxy, follow_redirects=False)
+        assert login.status_code == 303
+        token = csrf_of(c.get("/dead", headers=HTML).text)
+        form = {"queue": "work", "task_id": world.dead, "csrf": token, "next": "/dead"}
+        done = c.post("/actions/requeue", data=form, headers=proxy, follow_redirects=False)
+        assert done.status_code == 303
+    assert world.backend.get_task(world.dead).status is TaskStatus.PENDING
+    with client(world.backend) as c:
+        token = csrf_of(c.get("/queues/inbox?status=pending", headers=HTML).text)
+        chained = {"origin": "https://outer.example", "x-forwarded-host": "outer.example, inner"}
+        form = {"queue": "work", "task_id": world.pending, "csrf": token}
+        assert c.post("/actions/cancel", data=form, headers=chained).status_code == 200
+
+
+def test_a_credential_cut_by_the_listing_truncation_is_still_hidden() -> None:
+    secret = "review16-secret-Zq8Xw3Lm9"
+    _redact.register([secret])
+    with FileBackend(f"memory://cut-{uuid.uuid4().hex}") as backend:
+        # json.dumps(["x" * 100, secret]): the secret starts at character 106 of 130.
+        backend.enqueue("worker_tasks:add", ["x" * 100, secret], queue="inbox")
+        with client(backend) as c:
+            page = c.get("/queues/inbox?status=pending", headers=HTML).text
+    assert "xxxx" in page  # the arguments are shown (truncated)
+    assert secret[:10] not in page, "the first part of a registered secret is shown"

@@ -394,13 +394,20 @@ class AsyncFileBackend(AsyncResource):
             )
         return True
 
-    def dashboard_app(self, *, read_only: bool = False, token: str | None = None) -> Any:
+    def dashboard_app(
+        self,
+        *,
+        read_only: bool = False,
+        token: str | None = None,
+        allowed_hosts: Sequence[str] | None = None,
+    ) -> Any:
         """The web dashboard of this backend as an ASGI app, to mount in your own (needs the
         ``omniq-backend-file[dashboard]`` extra). ``read_only`` refuses every action;
-        ``token`` makes every page ask for it. See docs/dashboard.md."""
+        ``token`` makes every page ask for it; without a token only loopback ``Host`` names
+        are answered unless ``allowed_hosts`` names more. See docs/dashboard.md."""
         from .dashboard import create_app
 
-        return create_app(self, read_only=read_only, token=token)
+        return create_app(self, read_only=read_only, token=token, allowed_hosts=allowed_hosts)
 
     # -- schedules ---------------------------------------------------------------------------
     def make_schedule(

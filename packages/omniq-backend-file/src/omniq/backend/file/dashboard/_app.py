@@ -4,7 +4,7 @@ and the live refresh of each page's ``live`` block."""
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,8 @@ import jinja2
 from markupsafe import Markup
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -57,6 +59,8 @@ def _finalize(value: Any) -> Any:
 
 def _json(value: Any, limit: int | None = None) -> str:
     text = json.dumps(value, ensure_ascii=False, indent=None if limit else 2, default=str)
+    # Redact before cutting: a credential cut at the limit would no longer be recognised.
+    text = _redact.redact(text)
     if limit is not None and len(text) > limit:
         return text[: limit - 1] + "…"
     return text
@@ -293,13 +297,16 @@ def create_app(
     token: str | None = None,
     refresh: float = 2.0,
     secret: bytes | None = None,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> Starlette:
     """The dashboard of an ``AsyncFileBackend`` (or ``FileBackend``) as an ASGI app.
 
     ``read_only`` refuses every action; ``token`` makes every request log in first (or send
-    ``Authorization: Bearer TOKEN``); ``refresh`` is the live refresh period in seconds."""
+    ``Authorization: Bearer TOKEN``); ``refresh`` is the live refresh period in seconds;
+    ``allowed_hosts`` the extra ``Host`` names answered and origins accepted (see Guard)."""
     backend = getattr(backend, "async_api", backend)
-    dash = Dashboard(backend, Guard(token=token, read_only=read_only, secret=secret), refresh)
+    guard = Guard(token=token, read_only=read_only, secret=secret, allowed_hosts=allowed_hosts)
+    dash = Dashboard(backend, guard, refresh)
 
     def page(path: str, handler: Handler, methods: list[str] | None = None) -> Route:
         return Route(path, _guarded(dash, handler), methods=methods or ["GET"])
@@ -317,6 +324,7 @@ def create_app(
         Route("/login", _guarded(dash, dash.login, login=True), methods=["GET", "POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    app = Starlette(routes=routes)
+    hosts = Middleware(TrustedHostMiddleware, allowed_hosts=list(guard.hosts), www_redirect=False)
+    app = Starlette(routes=routes, middleware=[hosts])
     app.state.dashboard = dash
     return app

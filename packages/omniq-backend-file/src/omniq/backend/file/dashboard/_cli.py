@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from .._cli_format import CliError, common_parser
-from ._security import TOKEN_ENV, is_loopback
+from ._security import TOKEN_ENV, Guard, is_loopback
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8787
@@ -40,6 +40,15 @@ def register(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "required when --host is not a loopback address",
     )
     p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer this Host name and accept its origin (repeatable; '*.example.com', "
+        "'*' for any): the name a reverse proxy or a mounted app is reached by. Without a "
+        "token only 127.0.0.1, localhost and [::1] are answered (DNS rebinding)",
+    )
+    p.add_argument(
         "--refresh",
         type=float,
         default=2.0,
@@ -70,8 +79,18 @@ def cmd_dashboard(ctx: Any) -> int:
         raise CliError(
             f"the dashboard needs: pip install 'omniq-backend-file[dashboard]' ({exc})"
         ) from None
+    try:
+        Guard(token=token, allowed_hosts=ns.allow_host)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     with ctx.backend(events=True) as backend:
-        app = create_app(backend, read_only=ns.read_only, token=token, refresh=ns.refresh)
+        app = create_app(
+            backend,
+            read_only=ns.read_only,
+            token=token,
+            refresh=ns.refresh,
+            allowed_hosts=ns.allow_host,
+        )
         host = f"[{ns.host}]" if ":" in ns.host else ns.host
         mode = " (read-only)" if ns.read_only else ""
         print(
