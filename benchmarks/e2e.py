@@ -5,16 +5,26 @@ In a fresh process: ``AsyncFileBackend(dir, events=on|off)`` enqueues N tasks of
 code would), then an ``AsyncWorker`` with concurrency 1, 8 or 32 in burst mode drains them:
 claim, run, write the result, ack (and the started/succeeded events when events are on).
 The drain ends when the worker has counted N successes. Configurations are interleaved,
-repetitions rotate their order; medians.
+repetitions rotate their order; medians. With events on, the event writer's pending events
+are flushed inside each timed window (enqueue, drain), so its deferred writes are counted.
+
+Issue 13 target 2 (id 14): events on cost at most 25 % of the drain tasks/s and enqueue
+keeps >= 0.8x (ratios of the same repetition), and event queries are as fast as with the
+one-file-per-event layout. The queries are timed in one more child: N tasks' events (enqueued,
+started, succeeded) written as single files with ``log`` (the layout before batching) in one
+directory and through ``submit`` (what the backend and worker do) in another; then the median
+of ``query(task_id=...)`` over 200 tasks, and ``query(since, until)`` over a 10 % window and
+over everything.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
 from typing import Any
 
-from .common import Context, fmt, md_table, median, plt, run_children, summary
+from .common import Context, fmt, md_table, median, plt, ratio, run_children, summary
 
 NAME = "e2e"
 
@@ -34,6 +44,8 @@ def child(path: str, n: int, concurrency: int, events: bool, *, ready: Any) -> d
         t0 = time.monotonic()
         for i in range(n):
             await backend.enqueue(FUNC, args=[i])
+        if backend.events is not None:
+            await backend.events.flush()
         t1 = time.monotonic()
         worker = backend.worker(
             "default",
@@ -48,6 +60,8 @@ def child(path: str, n: int, concurrency: int, events: bool, *, ready: Any) -> d
         async def watch() -> None:
             while worker.stats["succeeded"] + worker.stats["failed"] < n:
                 await anyio.sleep(0.002)
+            if backend.events is not None:
+                await backend.events.flush()
             finished["at"] = time.monotonic()
 
         t2 = time.monotonic()
@@ -63,6 +77,64 @@ def child(path: str, n: int, concurrency: int, events: bool, *, ready: Any) -> d
         }
 
     return anyio.run(main)
+
+
+def query_child(path: str, n: int, *, ready: Any) -> dict[str, Any]:
+    """Event queries over the two layouts (see the module docstring)."""
+    import asyncio
+    from datetime import timedelta
+
+    from omniq.core.models import EventType, TaskEvent
+    from omniq.storage.file.events import AsyncFileEventStorage
+
+    kinds = (EventType.ENQUEUED, EventType.STARTED, EventType.SUCCEEDED)
+    tasks = [f"task{i:06d}" for i in range(n)]
+
+    async def main() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        ready()
+        for layout in ("files", "batches"):
+            s = AsyncFileEventStorage(os.path.join(path, layout))
+            # Producer, then worker order: enqueued events first, started/succeeded after.
+            events = [TaskEvent(task_id=t, type=EventType.ENQUEUED) for t in tasks]
+            for t in tasks:
+                events += [TaskEvent(task_id=t, type=k) for k in kinds[1:]]
+            first, last = events[0].time, events[-1].time
+            t0 = time.perf_counter()
+            for event in events:
+                await (s.log(event) if layout == "files" else s.submit(event))
+                if layout == "batches" and s.pending % 64 == 0:
+                    await asyncio.sleep(0)  # let the timer writer run as in a worker
+            await s.flush()
+            write_s = time.perf_counter() - t0
+            picks = random.Random(1).sample(tasks, min(200, n))
+            by_task = []
+            for t in picks:
+                q0 = time.perf_counter()
+                got = await s.query(task_id=t)
+                by_task.append(time.perf_counter() - q0)
+                assert len(got) == 3, (layout, t, len(got))
+            span = last - first
+            since = first + span * 0.45
+            q0 = time.perf_counter()
+            window = await s.query(since=since, until=since + span * 0.1)
+            window_s = time.perf_counter() - q0
+            q0 = time.perf_counter()
+            everything = await s.query(until=last + timedelta(seconds=1))
+            all_s = time.perf_counter() - q0
+            assert len(everything) == len(events), (layout, len(everything))
+            out[layout] = {
+                "write_per_s": len(events) / write_s,
+                "by_task_ms": (median(by_task) or 0) * 1000,
+                "window_ms": window_s * 1000,
+                "window_events": len(window),
+                "all_ms": all_s * 1000,
+                "files": sum(len(f) for _, _, f in os.walk(os.path.join(path, layout))),
+            }
+            await s.close()
+        return out
+
+    return asyncio.run(main())
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -87,6 +159,16 @@ def run(ctx: Context) -> dict[str, Any]:
                 f"  drain {got['drain_per_s']:6.0f}/s  (max running {got['max_running']})"
             )
             raw.setdefault(key, []).append(got)
+    queries = []
+    for rep in range(ctx.repeat):
+        with ctx.scratch(ctx.disk_base, "e2e-queries") as path:
+            (got,) = run_children(query_child, [(path, n)])
+        ctx.log(
+            f"e2e queries rep {rep + 1}/{ctx.repeat}: by task "
+            f"{got['files']['by_task_ms']:.2f} -> {got['batches']['by_task_ms']:.2f} ms, "
+            f"all {got['files']['all_ms']:.0f} -> {got['batches']['all_ms']:.0f} ms"
+        )
+        queries.append(got)
     table = {}
     for key, runs in raw.items():
         table[key] = {
@@ -99,7 +181,37 @@ def run(ctx: Context) -> dict[str, Any]:
             "succeeded": [r["stats"]["succeeded"] for r in runs],
             "rss_mib": median(r["maxrss_kb"] / 1024 for r in runs),
         }
-    return {"n": n, "repeat": ctx.repeat, "func": FUNC, "results": table}
+    # Events on / off of the same repetition (their children ran back to back).
+    ratios = {
+        f"c{c}": {
+            what: summary(
+                [
+                    r
+                    for on, off in zip(
+                        raw[f"c{c}-events-on"], raw[f"c{c}-events-off"], strict=False
+                    )
+                    if (r := ratio(on[what], off[what])) is not None
+                ]
+            )
+            for what in ("drain_per_s", "enqueue_per_s")
+        }
+        for c in CONCURRENCY
+    }
+    query_table = {
+        layout: {
+            field: summary([q[layout][field] for q in queries])
+            for field in ("write_per_s", "by_task_ms", "window_ms", "all_ms", "files")
+        }
+        for layout in ("files", "batches")
+    }
+    return {
+        "n": n,
+        "repeat": ctx.repeat,
+        "func": FUNC,
+        "results": table,
+        "events_ratio": ratios,
+        "queries": query_table,
+    }
 
 
 def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -110,7 +222,35 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         for v in res.values()
     ]
     ok = all(all(s == data["n"] for s in v["succeeded"]) for v in res.values())
+    ratios, q = data["events_ratio"], data["queries"]
+    drain = {c: ratios[c]["drain_per_s"]["median"] for c in ratios}
+    enqueue = {c: ratios[c]["enqueue_per_s"]["median"] for c in ratios}
+    slower = {
+        what: ratio(q["batches"][what]["median"], q["files"][what]["median"])
+        for what in ("by_task_ms", "window_ms", "all_ms")
+    }
+    # Queries "as fast as today": within 1.25x of the one-file-per-event layout (noise).
+    events_met = (
+        all(v is not None and v >= 0.75 for v in drain.values())
+        and all(v is not None and v >= 0.8 for v in enqueue.values())
+        and all(v is not None and v <= 1.25 for v in slower.values())
+    )
     return [
+        {
+            "id": 14,
+            "figure": NAME,
+            "title": "events that cost little (issue 13 target 2)",
+            "goal": "events on: drain >= 0.75x and enqueue >= 0.8x of events off; event "
+            "queries by task / by time no slower than one file per event",
+            "measured": "drain on/off "
+            + " ".join(f"{c} {fmt(v, 2)}x" for c, v in drain.items())
+            + "; enqueue on/off "
+            + " ".join(f"{c} {fmt(v, 2)}x" for c, v in enqueue.items())
+            + "; query time batches/files: by task "
+            + f"{fmt(slower['by_task_ms'], 2)}x, 10 % window {fmt(slower['window_ms'], 2)}x, "
+            + f"all {fmt(slower['all_ms'], 2)}x",
+            "met": events_met,
+        },
         {
             "id": 7,
             "figure": NAME,
@@ -118,7 +258,7 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
             "goal": "report tasks/s at concurrency 1, 8, 32, events on and off (no threshold)",
             "measured": "; ".join(bits) + ("" if ok else "; SOME TASKS DID NOT SUCCEED"),
             "met": ok,
-        }
+        },
     ]
 
 
@@ -154,6 +294,33 @@ def markdown(data: dict[str, Any]) -> str:
             ],
             rows,
         )
+        + _queries_markdown(data)
+    )
+
+
+def _queries_markdown(data: dict[str, Any]) -> str:
+    q = data["queries"]
+    rows = []
+    for field, label in (
+        ("write_per_s", "events written/s"),
+        ("by_task_ms", "query(task_id) ms, median of 200"),
+        ("window_ms", "query(since, until) 10 % window ms"),
+        ("all_ms", "query() everything ms"),
+        ("files", "files on disk"),
+    ):
+        a, b = q["files"][field]["median"], q["batches"][field]["median"]
+        rows.append([label, fmt(a, 2), fmt(b, 2), fmt(ratio(b, a), 2)])
+    r = data["events_ratio"]
+    ratio_rows = [
+        [c, fmt(r[c]["drain_per_s"]["median"], 2), fmt(r[c]["enqueue_per_s"]["median"], 2)]
+        for c in r
+    ]
+    return (
+        "\n\nEvents on / off, median of per-repetition ratios:\n\n"
+        + md_table(["concurrency", "drain on/off", "enqueue on/off"], ratio_rows)
+        + f"\n\nEvent queries over {data['n']:,} tasks x 3 events, one file per event "
+        "(`log`, the layout before batches) vs batches (`submit`):\n\n"
+        + md_table(["", "one file per event", "batches", "batches / files"], rows)
     )
 
 

@@ -199,22 +199,29 @@ class LocalOps:
         return TakeResult(TakeStatus.TAKEN, st.st_ino)
 
     def link(self, src: str, dst: str, mtime: float) -> bool | None:
-        """Hard-link ``src`` to ``dst`` (exclusive like ``O_EXCL``), then stamp ``mtime`` on
-        the file: a new name without a new file. True if linked; False if ``dst`` exists;
-        None if ``src`` is gone or links are refused here (the caller creates instead)."""
+        """Hard-link ``src`` to ``dst`` (exclusive like ``O_EXCL``; ``dst``'s directory is made
+        if missing), then stamp ``mtime`` on the file: a new name without a new file. True if
+        linked; False if ``dst`` exists; None if ``src`` is gone or links are refused here
+        (the caller creates instead)."""
         if not self._link_ok:
             return None
         source, target = self._path(src), self._path(dst)
-        try:
-            os.link(source, target)
-        except FileExistsError:
-            return False
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if exc.errno in _NO_LINK:
-                return None
-            raise
+        for attempt in range(2):
+            try:
+                os.link(source, target)
+                break
+            except FileExistsError:
+                return False
+            except FileNotFoundError:
+                # The source is gone, or the target's directory does not exist yet (an
+                # event index's first entry for a task): make it, once, if the source is here.
+                if attempt or not os.path.exists(source):
+                    return None
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            except OSError as exc:
+                if exc.errno in _NO_LINK:
+                    return None
+                raise
         try:
             os.utime(target, (mtime, mtime))
         except OSError as exc:  # the name is made; its time only starts the clean-up clock

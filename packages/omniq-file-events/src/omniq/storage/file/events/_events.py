@@ -56,6 +56,19 @@ class _Source(NamedTuple):
     batch: bool
 
 
+def _lines_with(data: bytes, needle: bytes) -> list[bytes]:
+    """The lines of ``data`` that contain ``needle`` (found by ``bytes.find``, not split)."""
+    lines = []
+    at = data.find(needle)
+    while at >= 0:
+        start = data.rfind(b"\n", 0, at) + 1
+        end = data.find(b"\n", at)
+        end = len(data) if end < 0 else end
+        lines.append(data[start:end])
+        at = data.find(needle, end)
+    return lines
+
+
 class _Window:
     """The half-open time window ``since <= time < until`` of a query (None: unbounded)."""
 
@@ -281,12 +294,12 @@ class AsyncFileEventStorage(AsyncEventStorage):
             yield write_op(key, b"\n".join([data for _, data in group]) + b"\n")
             for task_id in dict.fromkeys(name.task_id for name, _ in group):
                 entry = layout.batch_task_key(task_id, batch)
-                if can_link:  # a second name for the batch: no new file
+                if can_link:  # a second name for the batch: no new file (its directory is made)
                     if stamp is None:
                         stamp = yield now()
                     if (yield link(key, entry, stamp)) is not None:
                         continue  # made (False, "exists", cannot happen: the name is unique)
-                yield write_op(entry, b"")  # no task directory yet, or no links here
+                yield write_op(entry, b"")  # links refused here (or not local)
 
     def _log_program(self, name: layout.Name, data: bytes) -> Program[None]:
         # The primary copy first: an index entry never exists without it, so cleanup (which
@@ -419,11 +432,10 @@ class AsyncFileEventStorage(AsyncEventStorage):
         documents are skipped with a warning."""
         if not source.batch:
             lines = [data]
-        else:
-            needle = None if task_id is None else task_id.encode()
-            lines = [
-                line for line in data.split(b"\n") if line and (needle is None or needle in line)
-            ]
+        elif task_id is None:
+            lines = [line for line in data.split(b"\n") if line]
+        else:  # only the lines naming the task: a batch may hold hundreds of other tasks'
+            lines = _lines_with(data, task_id.encode())
         events = []
         for line in lines:
             try:
