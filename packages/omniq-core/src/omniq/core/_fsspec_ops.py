@@ -470,20 +470,24 @@ class _FsspecSteps:
         return _count((yield from self._infos(prefix)), min_size)
 
     def _listhead(self, prefix: str, limit: int) -> _Steps[list[str]]:
-        inner = self.fs.fs
-        if hasattr(inner, "_lsdir") and hasattr(inner, "_call_s3"):
-            path = self.fs._join(prefix)
-            infos = yield from _retrying("list", prefix, lambda: _s3(_s3_head, path, limit))
-            return _listing(infos, False)[:limit]
-        (names,) = yield _Method("listdir", [(prefix, False)])
-        return names[:limit]  # type: ignore[no-any-return]
+        return (yield from self._listafter(prefix, "", limit))
 
     def _listafter(self, prefix: str, after: str, limit: int) -> _Steps[list[str]]:
+        """Up to ``limit`` file names under ``prefix`` after ``after`` in key order. On S3,
+        GCS and Azure one bounded request, whatever the prefix holds (start-after on S3 and
+        GCS; Azure has none, so a name deep in a prefix pages there from its start)."""
         inner = self.fs.fs
+        lister: Callable[..., Awaitable[list[str]]] | None = None
         if hasattr(inner, "_call_s3"):
+            lister = _s3_after
+        elif hasattr(inner, "_call_list_objects"):
+            lister = _gcs_after
+        elif hasattr(inner, "service_client"):
+            lister = _azure_after
+        if lister is not None:
             path = self.fs._join(prefix)
             names: list[str] = yield from _retrying(
-                "list", prefix, lambda: _s3(_s3_after, path, after, limit)
+                "list", prefix, lambda: _s3(lister, path, after, limit)
             )
             return names
         (listed,) = yield _Method("listdir", [(prefix, False)])
@@ -659,13 +663,40 @@ def _detach_finalizers(obj: Any) -> None:
             finalizer.detach()
 
 
-async def _s3_head(s3: Any, path: str, limit: int) -> list[dict[str, Any]]:
-    """The first ``limit`` entries under ``path`` in key order: one LIST request, however
-    many keys the prefix holds (S3 lists in UTF-8 byte order)."""
-    try:
-        return await s3._lsdir(path, max_items=limit, refresh=True)  # type: ignore[no-any-return]
-    except FileNotFoundError:
-        return []
+async def _gcs_after(gcs: Any, path: str, after: str, limit: int) -> list[str]:
+    """Up to ``limit`` file names under ``path`` after ``after``: one GET of the object
+    listing with ``startOffset`` (inclusive: one more is asked for) and ``maxResults``."""
+    bucket, key, _ = gcs.split_path(path)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    extra = 1 if after else 0
+    page = await gcs._call_list_objects(
+        bucket,
+        delimiter="/",
+        prefix=prefix or None,
+        startOffset=f"{prefix}{after}" if after else None,
+        maxResults=limit + extra,
+    )
+    names = [item["name"][len(prefix) :] for item in page.get("items", [])]
+    return [n for n in names if n > after and "/" not in n][:limit]
+
+
+async def _azure_after(azure: Any, path: str, after: str, limit: int) -> list[str]:
+    """Up to ``limit`` blob names under ``path`` after ``after``: pages of ``limit`` from the
+    prefix's start (Azure lists in key order but has no start-after), usually one request:
+    ``after`` is empty for a claim's listing of a queue's head."""
+    container, key, _ = azure.split_path(path)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    client = azure.service_client.get_container_client(container)
+    out: list[str] = []
+    pages = client.walk_blobs(name_starts_with=prefix, results_per_page=limit).by_page()
+    async for page in pages:
+        async for blob in page:
+            name = blob["name"][len(prefix) :]
+            if name and "/" not in name and name > after:
+                out.append(name)
+        if len(out) >= limit:
+            break
+    return out[:limit]
 
 
 async def _s3_after(s3: Any, path: str, after: str, limit: int) -> list[str]:

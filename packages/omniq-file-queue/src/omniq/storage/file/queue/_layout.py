@@ -18,6 +18,7 @@
     {queue}/dead/{id}.json                       dead-lettered task with its last error
     {queue}/cancel/{id}.{n}                      cancel request for running attempt n
     {queue}/quarantine/{area}.{name}.{time}      unreadable files, moved aside
+    {queue}/reaper/last                          when the last reaper pass began (cadence)
     {queue}/wait/{id}.json                       task waiting for its dependencies
     {queue}/deps/{dep}/{id}                      link: waiting task {id} (its queue inside)
                                                  depends on {dep} of this queue
@@ -142,6 +143,10 @@ def sched_key(queue: str, task_id: str, attempt: int) -> str:
 
 def due_key(queue: str, eta_ms: int, priority: int, task_id: str, attempt: int) -> str:
     return f"{queue}/due/{eta_ms:013d}.{MAX_PRIORITY - priority:04d}.{task_id}.{attempt}"
+
+
+def reaper_key(queue: str) -> str:
+    return f"{queue}/reaper/last"
 
 
 def run_key(queue: str, task_id: str, attempt: int) -> str:

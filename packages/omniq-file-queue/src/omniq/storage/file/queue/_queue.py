@@ -69,6 +69,25 @@ class _Cache:
         self.items = items
 
 
+class _Idle:
+    """The polling pace of one set of queues: when the next look is due, and the pause after
+    it (``poll_interval`` after a look that found work, growing 1.5x per empty look up to
+    ``max_poll_interval``)."""
+
+    __slots__ = ("next", "pause")
+
+    def __init__(self) -> None:
+        self.next = 0.0
+        self.pause = 0.0
+
+    def looked(self, found: bool, first: float, most: float) -> None:
+        if found:
+            self.next, self.pause = 0.0, 0.0
+            return
+        self.pause = first if self.pause == 0.0 else min(self.pause * 1.5, most)
+        self.next = time.monotonic() + self.pause
+
+
 class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueListing, AsyncQueue):
     """A task queue whose state is files under ``base_dir``; safe for many workers.
 
@@ -109,7 +128,7 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
         tombstone_ttl: float = 300.0,
         refresh_interval: float = 1.0,
         batch: int | None = None,
-        spread: int = 8,
+        spread: int = 256,
         fsync: bool = False,
         local_io: str | None = None,
         watch: bool = True,
@@ -139,6 +158,7 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
         self._checked = False
         self._cache: dict[str, _Cache] = {}
         self._reaped: dict[str, float] = {}
+        self._idle: dict[tuple[str, ...], _Idle] = {}
         self.takeovers: dict[str, int] = {}  # expired leases this reaper requeued (metrics)
         self._spawning: set[tuple[str, str, int]] = set()
         self._owed: dict[str, dict[str, str]] = {}  # ended here; dependents not settled yet
@@ -215,6 +235,7 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
         ready = [(task, data) for task, data in encoded if not task.depends_on]
         if ready:
             await self.store.run(self._enqueue_program(ready))
+            self._idle.clear()  # a poller of this instance looks at once
         for task in tasks:
             if task.depends_on:  # in order: one may depend on an earlier one
                 await self._enqueue_waiting(task)
@@ -288,20 +309,34 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
         deadline = time.monotonic() + max(0.0, wait)
         pause = self.poll_interval
         watch = self._watch(names) if wait > 0 else None  # before the first look: no gap
+        # A poller (waiting, no watch) keeps its pace across calls: looks stay max_poll_interval
+        # apart while the queues stay empty, however short each call's wait.
+        idle = self._idle.setdefault(tuple(names), _Idle()) if wait > 0 and watch is None else None
         claimed: list[Claimed] = []
         if self._owed and self._now() - self._owed_at >= self.refresh_interval:
             await self._settle_owed()  # busy: the dependents of what ended, once per interval
         while True:
+            early = 0.0 if idle is None else idle.next - time.monotonic()
+            if early > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                await anyio.sleep(min(early, left))
+                continue
             for name in names:
                 claimed += await self._claim_from(name, seconds, worker, count - len(claimed))
                 if len(claimed) >= count:
-                    return await self._fresh(claimed, seconds)
+                    break
             if not claimed and self._owed:
                 await self._settle_owed()  # idle: settle now, then look again (released tasks)
                 continue
             left = deadline - time.monotonic()
-            if claimed or left <= 0:
-                return await self._fresh(claimed, seconds)
+            if claimed or left <= 0 or idle is not None:
+                if idle is not None:
+                    idle.looked(bool(claimed), self.poll_interval, self.max_poll_interval)
+                if claimed or left <= 0:
+                    return await self._fresh(claimed, seconds)
+                continue
             if watch is not None and await watch.wait(min(pause, left)):
                 pause = self.poll_interval  # woken by a new file: look now
                 continue
@@ -341,20 +376,21 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
         cache = self._cache.get(queue)
         refreshed = False
         due = current - self._reaped.get(queue, 0.0) >= self.reap_interval
-        if due and await self.reap(queue):  # requeued tasks: list again to see them
-            cache = None
+        if due and await self.store.run(self._reap_turn(queue, current)) and await self.reap(queue):
+            cache = None  # requeued tasks: list again to see them
         claimed: list[Claimed] = []
         while True:
             if cache is None or not cache.items or current - cache.at > self.refresh_interval:
                 if refreshed:
                     return claimed
                 items = await self.store.run(self._scan_program(queue))
-                cache = self._cache[queue] = _Cache(current, items)
+                # Stamped when the listing ended: a slow listing must not make the next
+                # dequeue list again at once.
+                cache = self._cache[queue] = _Cache(self._now(), self._spread(items))
                 refreshed = True
             while cache.items:
                 picks = [
-                    cache.items.pop(self._pick(cache.items))
-                    for _ in range(min(want - len(claimed), len(cache.items)))
+                    cache.items.pop(0) for _ in range(min(want - len(claimed), len(cache.items)))
                 ]
                 for got in await self.store.run(
                     self._claim_many_program(queue, picks, lease, worker)
@@ -369,6 +405,23 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
             if refreshed:
                 return claimed
             cache = None
+
+    def _reap_turn(self, queue: str, current: float) -> Program[bool]:
+        """Whether this consumer reaps ``queue`` now: one reaper pass per ``reap_interval``
+        per queue, whatever the number of consumers. The pass's start time is kept in
+        ``{queue}/reaper/last``; a consumer that finds it fresh waits for the next interval.
+        Two consumers that both find it stale both reap, which is safe (every transition of
+        the reaper is an exclusive create); a clock far off makes the time look stale."""
+        data = yield read(layout.reaper_key(queue))
+        try:
+            last = float(data or b"")
+        except ValueError:
+            last = 0.0
+        if 0.0 <= current - last < self.reap_interval:
+            self._reaped[queue] = last + random.uniform(0.0, self.reap_interval / 4)
+            return False
+        yield write(layout.reaper_key(queue), repr(current).encode())
+        return True
 
     def _claim_many_program(
         self, queue: str, picks: list[layout.Candidate], lease: float, worker: str
@@ -385,12 +438,17 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
                 break
         return out
 
-    def _pick(self, items: list[layout.Candidate]) -> int:
-        """A random index among the first ``spread`` candidates of the top priority, so that
-        workers polling the same queue rarely race for the same file."""
+    def _spread(self, items: list[layout.Candidate]) -> list[layout.Candidate]:
+        """``items`` in claim order: the first ``spread`` candidates of the top priority
+        rotated by a random offset, so that consumers listing the same head start at
+        different places and walk it without meeting (a random pick per claim collides more
+        as the head is used up), then the rest in order."""
+        if not items:
+            return items
         top, window = items[0].rank, min(self.spread, len(items))
         same = next((i for i in range(1, window) if items[i].rank != top), window)
-        return random.randrange(same)
+        start = random.randrange(same)
+        return items[start:same] + items[:start] + items[same:]
 
     def _scan_program(self, queue: str) -> Program[list[layout.Candidate]]:
         if self.claims.pending:  # deferred deletes first: the listing then no longer shows them
