@@ -4,21 +4,24 @@ shown. The real browser drives it in test_dashboard_browser.py."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
 
-from omniq.backend.file import FileBackend
+from omniq.backend.file import AsyncFileBackend, FileBackend
 from omniq.backend.file.cli import main
 from omniq.backend.file.dashboard import create_app, is_loopback
+from omniq.backend.file.dashboard._data import Monitor
 from omniq.core import TaskContext, _redact
-from omniq.core.models import TaskStatus
+from omniq.core.models import UTC, EventType, TaskEvent, TaskStatus
 
 SCRIPT = "<script>document.title='pwned'</script>"
 HTML = {"accept": "text/html"}
@@ -363,3 +366,65 @@ def test_a_credential_cut_by_the_listing_truncation_is_still_hidden() -> None:
             page = c.get("/queues/inbox?status=pending", headers=HTML).text
     assert "xxxx" in page  # the arguments are shown (truncated)
     assert secret[:10] not in page, "the first part of a registered secret is shown"
+
+
+# -- cost --------------------------------------------------------------------------------------
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_the_throughput_chart_reads_only_the_events_recorded_since_its_last_read(
+    storage: Any, anyio_backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 tasks finished two minutes ago (single-event files in the current hour's
+    partition), then 3 more and 2 started events (a batch and single files): the next
+    refresh lists and reads those 5 files only, and the chart counts 203."""
+    async with AsyncFileBackend(storage.base_dir, storage.storage_options, events=True) as b:
+        events = b.events
+        assert events is not None
+        now = time.time()
+
+        def event(kind: EventType, at: float, n: int) -> TaskEvent:
+            when = datetime.fromtimestamp(at, UTC)
+            return TaskEvent(task_id=f"t{n}", type=kind, queue="q", time=when)
+
+        for start in range(0, 200, 50):
+            await asyncio.gather(
+                *(
+                    events.log(event(EventType.SUCCEEDED, now - 120, n))
+                    for n in range(start, start + 50)
+                )
+            )
+        clock = [now]
+        monitor = Monitor(b, clock=lambda: clock[0])
+        first = await monitor.throughput()
+        assert first is not None and sum(c for _, c in first) == 200
+
+        listed, read = [], []
+        real_run = events.store.run
+
+        def spy(program: Any) -> Any:
+            try:
+                op = next(program)
+                while True:
+                    value = yield op
+                    if op.name in ("listdir", "listafter"):
+                        listed.extend(value)
+                    elif op.name == "read_many":
+                        read.extend(op.args[0])
+                    op = program.send(value)
+            except StopIteration as stop:
+                return stop.value
+
+        monkeypatch.setattr(events.store, "run", lambda p, **kw: real_run(spy(p), **kw))
+        await events.log_many([event(EventType.DEAD_LETTERED, now + 1, n) for n in (200, 201)])
+        await events.log(event(EventType.FAILED, now + 1, 202))
+        await events.log(event(EventType.STARTED, now + 1, 203))
+        await events.log(event(EventType.STARTED, now + 1, 204))
+        clock[0] = now + 6
+        second = await monitor.throughput()
+        assert second is not None and sum(c for _, c in second) == 203
+        assert len(listed) == 4, listed  # the batch, the failed and the two started files
+        assert len(read) == 2, read  # the batch and the failed event, not the started ones

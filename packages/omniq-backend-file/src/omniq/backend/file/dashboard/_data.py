@@ -2,9 +2,10 @@
 
 Each page reads only what it shows: the queues page one ``size`` per queue (which lists the
 queue's ready, scheduled, running and dead entries, not its results), listings one page of
-``list_tasks``, a task page one task's records, result and event index. Nothing here walks
-the results or the whole event history, so one refresh costs the same at 100 or 100,000
-finished tasks.
+``list_tasks``, a task page one task's records, result and event index, the throughput chart
+the event files recorded since its last read. Nothing here walks the results or the whole
+event history, so one refresh costs the same at 100 or 100,000 finished tasks (the chart:
+it follows the tasks finishing now, not those finished before).
 
 Kept in this process's memory (lost on restart, never written to the storage): samples of
 the queue counts taken at each refresh of the queues page (the depth sparklines), the
@@ -31,12 +32,14 @@ from omniq.core.models import (
     TaskResult,
     TaskStatus,
 )
+from omniq.storage.file.events import Tail
 
 #: How far back the charts reach (seconds).
 WINDOW = 15 * 60.0
 #: The events are read at most this often for the throughput chart (seconds).
 THROUGHPUT_EVERY = 5.0
-#: Events re-read on each throughput refresh: events may land slightly out of order.
+#: Seconds of event time listed again on each throughput refresh: event files may land
+#: this late (batches are written after their events).
 LOOKBACK = 10.0
 #: Workers stay listed this long after their last running claim was seen (seconds).
 WORKER_MEMORY = 10 * 60.0
@@ -103,8 +106,7 @@ class Monitor:
         self.clock = clock
         self._depth: dict[str, deque[tuple[float, float]]] = {}
         self._finished: dict[int, int] = {}  # minute (epoch // 60) -> finished tasks
-        self._seen_events: dict[str, float] = {}  # event id -> time, within the look-back
-        self._events_until: float | None = None  # throughput counted up to here
+        self._tail: Tail | None = None  # where the throughput's reading of events stands
         self._events_read_at = 0.0
         self._workers: dict[str, WorkerSeen] = {}
 
@@ -137,30 +139,20 @@ class Monitor:
 
     async def throughput(self) -> list[tuple[float, float]] | None:
         """Finished tasks (succeeded, failed, dead-lettered) per minute over the window, from
-        the events; None when events are off. Reads only the events recorded since the last
-        read (plus a short look-back), at most every THROUGHPUT_EVERY seconds."""
+        the events; None when events are off. At most every THROUGHPUT_EVERY seconds, one
+        ``tail`` of the event storage: only the event files recorded since the last read
+        (plus a LOOKBACK) are listed and read, however many the hour partition holds."""
         events = self.backend.events
         if events is None:
             return None
         now = self.clock()
         if now - self._events_read_at >= THROUGHPUT_EVERY:
             self._events_read_at = now
-            start = now - WINDOW
-            if self._events_until is not None:
-                start = max(start, self._events_until - LOOKBACK)
-            since = datetime.fromtimestamp(start, UTC)
-            for kind in FINISHED_EVENTS:
-                for event in await events.query(event_type=kind, since=since):
-                    if event.id in self._seen_events:
-                        continue
-                    stamp = event.time.timestamp()
-                    self._seen_events[event.id] = stamp
-                    minute = int(stamp // 60)
-                    self._finished[minute] = self._finished.get(minute, 0) + 1
-            self._events_until = now
-            self._seen_events = {
-                k: t for k, t in self._seen_events.items() if t >= now - 2 * LOOKBACK
-            }
+            if self._tail is None:
+                self._tail = Tail(datetime.fromtimestamp(now - WINDOW, UTC), LOOKBACK)
+            for event in await events.tail(self._tail, FINISHED_EVENTS):
+                minute = int(event.time.timestamp() // 60)
+                self._finished[minute] = self._finished.get(minute, 0) + 1
             oldest = int((now - WINDOW) // 60)
             self._finished = {m: c for m, c in self._finished.items() if m >= oldest}
         first, last = int((now - WINDOW) // 60) + 1, int(now // 60)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from omniq.core.sync import StorageTwin, blocking
 
-from ._events import AsyncFileEventStorage
+from ._events import AsyncFileEventStorage, Tail
 
 __version__ = "0.1.0"  # the only copy (pyproject: dynamic); change it with tools/bump.py
 
@@ -35,8 +35,9 @@ class FileEventStorage(StorageTwin[AsyncFileEventStorage]):
     submit = blocking(AsyncFileEventStorage.submit)
     flush = blocking(AsyncFileEventStorage.flush)
     query = blocking(AsyncFileEventStorage.query)
+    tail = blocking(AsyncFileEventStorage.tail)
     cleanup = blocking(AsyncFileEventStorage.cleanup)
     maintain = blocking(AsyncFileEventStorage.maintain)
 
 
-__all__ = ["AsyncFileEventStorage", "FileEventStorage"]
+__all__ = ["AsyncFileEventStorage", "FileEventStorage", "Tail"]

@@ -28,6 +28,7 @@ from omniq.core.fs import (
     Store,
     delete_many,
     link,
+    listafter,
     listdir,
     listdirs,
     now,
@@ -103,6 +104,21 @@ class _Window:
         return (self.since is None or time >= self.since) and (
             self.until is None or time < self.until
         )
+
+
+class Tail:
+    """A reader's place in the events as recorded, for ``AsyncFileEventStorage.tail``: the
+    ``by-time`` files of the last ``settle`` seconds it has seen, by key. Each read lists
+    from the previous read's time minus ``settle``: a file landing later than that after
+    its events' time (a stalled writer, a clock behind) is not seen."""
+
+    def __init__(self, since: datetime, settle: float = 10.0) -> None:
+        aware = ensure_utc(since, "since")
+        assert aware is not None
+        self.since_ms = layout.epoch_ms(aware)
+        self.settle_ms = max(0, int(settle * 1000))
+        self.read_at_ms: int | None = None  # the storage's clock at the last read
+        self.seen: dict[str, int] = {}  # key -> earliest event time in the file (ms)
 
 
 class AsyncFileEventStorage(AsyncEventStorage):
@@ -446,6 +462,64 @@ class AsyncFileEventStorage(AsyncEventStorage):
             if task_id is None or event.task_id == task_id:
                 events.append(event)
         return events
+
+    async def tail(
+        self, place: Tail, event_types: Iterable[EventType | str] | None = None
+    ) -> list[TaskEvent]:
+        """Events recorded since the last call with ``place`` (the first call: since
+        ``place.since``), of ``event_types`` (None: all), in no particular order.
+
+        Cost follows the events recorded, not what a partition holds: the hour partitions
+        are listed only from the previous read's time minus ``place.settle`` on (one LIST
+        with start-after on S3 and GCS), and only files not seen before are read (a
+        single-event file only if the type in its name matches)."""
+        kinds = None if event_types is None else {EventType(k).value for k in event_types}
+        await self.flush()  # this instance's own submitted events are visible to it
+        return await self.store.run(self._tail_program(place, kinds), heavy=True)
+
+    def _tail_program(self, place: Tail, kinds: set[str] | None) -> Program[list[TaskEvent]]:
+        now_ms = int(self.store.clock() * 1000)
+        start = place.since_ms
+        if place.read_at_ms is not None:
+            start = max(start, place.read_at_ms - place.settle_ms)
+        sources: list[_Source] = []
+        for hour in range(start // _HOUR_MS, now_ms // _HOUR_MS + 1):
+            first = hour * _HOUR_MS
+            prefix = f"{layout.BY_TIME}/{layout.day_of(first)}/{layout.hour_of(first)}"
+            # "~~" sorts after every name of that millisecond (ids have no "~").
+            after = f"{start - 1:013d}{layout.SEP * 2}" if first < start else ""
+            while True:
+                names = yield listafter(prefix, after, 1000)
+                for name in names:
+                    key = f"{prefix}/{name}"
+                    if key in place.seen:
+                        continue
+                    single = layout.parse_time_name(name)
+                    batch = None if single is not None else layout.parse_batch_name(name)
+                    if single is not None:
+                        place.seen[key] = single.time_ms
+                        if kinds is None or single.type in kinds:
+                            sources.append(_Source(single.time_ms, key, False))
+                    elif batch is not None:
+                        place.seen[key] = batch.min_ms
+                        sources.append(_Source(batch.min_ms, key, True))
+                if len(names) < 1000:
+                    break
+                after = names[-1]
+        out: list[TaskEvent] = []
+        for begin in range(0, len(sources), self.batch):
+            chunk = sources[begin : begin + self.batch]
+            bodies = yield read_many([source.key for source in chunk])
+            for source in chunk:
+                for event in self._decode(source, bodies.get(source.key) or b"", None):
+                    if (kinds is None or event.type in kinds) and layout.epoch_ms(
+                        event.time
+                    ) >= place.since_ms:
+                        out.append(event)
+        place.read_at_ms = now_ms
+        keep = max(place.since_ms, now_ms - place.settle_ms)  # the next listing's start
+        place.seen = {key: ms for key, ms in place.seen.items() if ms >= keep}
+        return out
 
     # -- cleanup -----------------------------------------------------------------------------
     async def cleanup(self, older_than: datetime | timedelta) -> int:
