@@ -1,9 +1,11 @@
 """The worker's side of the task context and of hooks: which functions get a context and how,
-the heartbeat that also writes progress (rate-limited), the link that forwards a child
-process's context to the worker, and calling hooks without letting them hurt a task."""
+progress events (the heartbeat loop that writes the progress is in ``_heartbeats.py``), the
+link that forwards a child process's context to the worker, and calling hooks without letting
+them hurt a task."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -24,7 +26,6 @@ import anyio.to_process
 import anyio.to_thread
 
 from omniq.core.context import TaskContext
-from omniq.core.errors import LeaseLostError, TaskCancelledError
 from omniq.core.models import Claimed, EventType, Progress
 
 from ._functions import import_object, is_async
@@ -33,6 +34,7 @@ log = logging.getLogger("omniq.worker")
 
 HOOK_METHODS = ("before_task", "after_task", "on_failure")
 _NAME = re.compile(r"(?:[A-Za-z_]\w*\.)*TaskContext")
+_NO_TIMEOUT = contextlib.nullcontext()
 
 
 def make_context(claimed: Claimed, worker_id: str) -> TaskContext:
@@ -84,8 +86,8 @@ async def call_task(worker: Any, func: Any, claimed: Claimed, ctx: TaskContext) 
     its context if it takes one, under the task's timeout."""
     task = claimed.task
     where = context_parameter(func)
-    timeout = task.timeout if task.timeout and task.timeout > 0 else math.inf
-    with anyio.fail_after(timeout):
+    timeout = task.timeout if task.timeout and task.timeout > 0 else None
+    with anyio.fail_after(timeout) if timeout is not None else _NO_TIMEOUT:
         if worker.processes and not is_async(func):
             link = None if where is None else ChildLink(ctx, where, worker.progress_interval)
             try:
@@ -108,73 +110,7 @@ async def call_task(worker: Any, func: Any, claimed: Claimed, ctx: TaskContext) 
         return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
 
 
-# -- the heartbeat, which also writes progress -------------------------------------------------
-async def heartbeat(
-    worker: Any, state: dict[str, Any], scope: anyio.CancelScope, ctx: TaskContext
-) -> None:
-    """Extend the lease every third of it; write the context's values as an early heartbeat,
-    at most once per ``worker.progress_interval``. A progress write is a heartbeat: a holder
-    that lost its lease fails it the same way and extends nothing."""
-    token = anyio.lowlevel.current_token()
-    loop_thread = threading.get_ident()
-    wake = [anyio.Event()]
-
-    def notify() -> None:
-        if threading.get_ident() == loop_thread:
-            wake[0].set()
-            return
-        try:
-            anyio.from_thread.run_sync(lambda: wake[0].set(), token=token)
-        except RuntimeError:  # the loop is gone: the attempt is over anyway
-            pass
-
-    ctx._notify = notify
-    beat = worker.lease / 3
-    last_write = -math.inf
-    next_beat = time.monotonic() + beat
-    try:
-        while True:
-            wake[0] = anyio.Event()  # before looking: a value reported from now on wakes it
-            if not ctx._pending():
-                with anyio.move_on_after(max(0.0, next_beat - time.monotonic())):
-                    await wake[0].wait()
-            current = time.monotonic()
-            if current < next_beat:
-                if not ctx._pending():
-                    continue
-                delay = min(last_write + worker.progress_interval, next_beat) - current
-                if delay > 0:
-                    await anyio.sleep(delay)
-            progress, meta, changed = ctx._take()
-            extra: dict[str, Any] = {}
-            if progress is not None or meta is not None:
-                extra = {"progress": progress, "metadata": meta}
-            try:
-                state["claimed"] = await worker.queue.extend_lease(
-                    state["claimed"], worker.lease, **extra
-                )
-            except LeaseLostError:
-                state["lost"] = True
-                scope.cancel()
-                return
-            except TaskCancelledError:
-                ctx._mark_cancelled()
-                state["cancelled"] = True
-                scope.cancel()
-                return
-            except Exception as exc:
-                log.warning("heartbeat for task %s failed: %s", state["claimed"].id, exc)
-            else:
-                state["writes"] = state.get("writes", 0) + 1
-                if changed and progress is not None:
-                    await progress_event(worker, state["claimed"], progress)
-                    state["evented"] = progress
-            last_write = time.monotonic()
-            next_beat = last_write + beat
-    finally:
-        ctx._notify = None
-
-
+# -- progress events ---------------------------------------------------------------------------
 async def last_progress_event(
     worker: Any, claimed: Claimed, ctx: TaskContext, state: dict[str, Any]
 ) -> None:

@@ -42,8 +42,9 @@ from omniq.core.models import (
 from omniq.core.names import validate_name
 
 from ._functions import FunctionImportError, FunctionNotAllowedError, resolve
+from ._heartbeats import Heartbeats
 from ._schedules import run_schedules
-from ._task_context import Hooks, call_task, heartbeat, last_progress_event, make_context
+from ._task_context import Hooks, call_task, last_progress_event, make_context
 
 log = logging.getLogger("omniq.worker")
 log.addFilter(RedactFilter())  # storage errors may quote URLs; credentials never show
@@ -169,6 +170,7 @@ class AsyncWorker:
         self.max_running = 0
         self._stopping = False
         self._scopes: dict[str, anyio.CancelScope] = {}
+        self._beats = Heartbeats(self)
 
     def __repr__(self) -> str:
         return (
@@ -229,6 +231,8 @@ class AsyncWorker:
             if self.handle_signals and threading.current_thread() is threading.main_thread():
                 tg.start_soon(self._watch_signals)
             tg.start_soon(self._cleanup_loop)
+            self._beats = Heartbeats(self)
+            await tg.start(self._beats.run)
             if self.schedules and getattr(self.backend, "schedules", None) is not None:
                 tg.start_soon(run_schedules, self)
             idle_since: float | None = None
@@ -394,8 +398,10 @@ class AsyncWorker:
     # -- one task ----------------------------------------------------------------------------
     async def _run_one(self, claimed: Claimed, slots: anyio.Semaphore) -> None:
         ctx = make_context(claimed, self.worker_id)
+        hooks = self.hooks
         try:
-            await self.hooks.call("before_task", ctx)
+            if hooks:
+                await hooks.call("before_task", ctx)
             try:
                 value, error = await self._execute(claimed, ctx)
             except StorageError as exc:
@@ -406,10 +412,12 @@ class AsyncWorker:
                     exc,
                 )
                 value, error = None, exc
-            if error is None:
-                await self.hooks.call("after_task", ctx, value)
+            if not hooks:
+                pass
+            elif error is None:
+                await hooks.call("after_task", ctx, value)
             else:
-                await self.hooks.call("on_failure", ctx, error)
+                await hooks.call("on_failure", ctx, error)
         except Exception:
             log.exception("internal error while handling task %s", claimed.id)
         finally:
@@ -424,7 +432,7 @@ class AsyncWorker:
         self.stats["claimed"] += 1
         task = claimed.task
         started = ctx.started_at
-        log.info("task %s %s started (attempt %d)", task.id, task.func, claimed.attempt)
+        log.debug("task %s %s started (attempt %d)", task.id, task.func, claimed.attempt)
         await self._event(EventType.STARTED, claimed, data={"func": task.func})
         state: dict[str, Any] = {"claimed": claimed, "lost": False, "cancelled": False}
         outcome: Any = None
@@ -435,22 +443,21 @@ class AsyncWorker:
         except (FunctionImportError, FunctionNotAllowedError) as exc:
             error, retry = exc, False
         else:
-            # Whether the function returned or raised. Not ``scope.cancelled_caught``: the
-            # ``finally`` below cancels the enclosing task group too, so the cancellation is
-            # caught there and an interrupted task would pass for a success returning None.
+            # Whether the function returned or raised (not ``scope.cancelled_caught``: the
+            # heartbeat loop may cancel the scope after the function returned).
             finished = False
-            async with anyio.create_task_group() as tg:
+            held = self._beats.hold(state, ctx)
+            try:
                 with anyio.CancelScope() as scope:
-                    self._scopes[task.id] = scope
-                    tg.start_soon(heartbeat, self, state, scope, ctx)
+                    held.scope = self._scopes[task.id] = scope
                     try:
                         outcome = await call_task(self, func, claimed, ctx)
                         finished = True
                     except Exception as exc:
                         error, finished = exc, True
-                    finally:
-                        tg.cancel_scope.cancel()
+            finally:
                 self._scopes.pop(task.id, None)
+                await self._beats.release(held)
             if not finished and not state["lost"] and not state["cancelled"]:
                 await self._release(state["claimed"], ctx)
                 return None, TaskCancelledError(
@@ -472,7 +479,7 @@ class AsyncWorker:
             ctx.outcome = "cancelled"
             await self._event(EventType.CANCELLED, claimed, duration=duration)
             return None, TaskCancelledError(f"task {task.id} was cancelled")
-        if error is None and self.backend.results is not None:
+        if error is None and self.backend.results is not None and not _small(outcome):
             try:  # a return value that cannot be stored is the task's failure, not a success
                 # A full encode, not check_json_value: the size limit applies to the document.
                 codec.encode(
@@ -541,7 +548,7 @@ class AsyncWorker:
             log.warning("task %s finished after its lease was taken over", task.id)
             return
         self.stats["succeeded"] += 1
-        log.info("task %s succeeded in %.3fs", task.id, duration)
+        log.debug("task %s succeeded in %.3fs", task.id, duration)
         await self._event(EventType.SUCCEEDED, claimed, duration=duration)
 
     async def _fail(
@@ -569,6 +576,16 @@ class AsyncWorker:
             self.stats["retried"] += 1
             log.info("task %s failed: %s: %s (will retry)", task.id, info.type, info.message)
             await self._event(EventType.RETRIED, claimed, error=info, duration=duration)
+
+
+def _small(value: Any) -> bool:
+    """A return value whose result document surely encodes (no need to try it first)."""
+    return (
+        value is None
+        or value is True
+        or value is False
+        or (type(value) is int and -(2**63) <= value < 2**64)
+    )
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
