@@ -246,3 +246,29 @@ def test_metrics_off_never_imports_prometheus(tmp_path):
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_first_scrapes_at_once_share_one_registry(monkeypatch) -> None:
+    """Two first scrapes of a backend in two threads (the dashboard serves /metrics from a
+    thread pool) get the same registry: a slow registry constructor widens the race."""
+    import threading
+
+    from omniq.backend.file import _metrics
+
+    class Slow(CollectorRegistry):
+        def __init__(self) -> None:
+            time.sleep(0.05)
+            super().__init__()
+
+    monkeypatch.setattr(_metrics, "CollectorRegistry", Slow)
+    with FileBackend("memory://metrics-race") as backend:
+        got: list[CollectorRegistry] = []
+        threads = [
+            threading.Thread(target=lambda: got.append(_metrics.registry_for(backend)))
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(got) == 4 and all(r is got[0] for r in got)

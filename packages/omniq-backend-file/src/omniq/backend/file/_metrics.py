@@ -145,7 +145,12 @@ class QueueCollector(Collector):
         yield takeovers
         requests, errors = REQUESTS.snapshot()
         for metric, help_text, counts in (
-            ("omniq_storage_requests", "Storage operations by operation.", requests),
+            (
+                "omniq_storage_requests",
+                "Storage operations by operation (not HTTP requests: a listing of any "
+                "length counts one).",
+                requests,
+            ),
             ("omniq_storage_errors", "Storage operations that failed, by operation.", errors),
         ):
             family = CounterMetricFamily(metric, help_text, labels=["operation"])
@@ -195,7 +200,8 @@ class WorkerMetrics:
         )
         self.collector = QueueCollector(backend, depth_interval)
         self.registry.register(self.collector)
-        _REGISTRIES[self.collector.backend] = self.registry
+        with _REGISTRIES_LOCK:
+            _REGISTRIES[self.collector.backend] = self.registry
         self._server: Any = None
 
     def __repr__(self) -> str:
@@ -244,18 +250,20 @@ class WorkerMetrics:
 
 # -- for other servers (the dashboard) ------------------------------------------------------
 _REGISTRIES: weakref.WeakKeyDictionary[Any, CollectorRegistry] = weakref.WeakKeyDictionary()
+_REGISTRIES_LOCK = threading.Lock()
 
 
 def registry_for(backend: Any) -> CollectorRegistry:
     """The registry of ``backend``: its worker's (with the task counters) when a
     ``WorkerMetrics`` of this process watches it, else one with the queue collector only."""
     key = getattr(backend, "async_api", backend)
-    registry = _REGISTRIES.get(key)
-    if registry is None:
-        count_storage_requests()
-        registry = CollectorRegistry()
-        registry.register(QueueCollector(key))
-        _REGISTRIES[key] = registry
+    with _REGISTRIES_LOCK:  # two first scrapes at once must not make two registries
+        registry = _REGISTRIES.get(key)
+        if registry is None:
+            count_storage_requests()
+            registry = CollectorRegistry()
+            registry.register(QueueCollector(key))
+            _REGISTRIES[key] = registry
     return registry
 
 
