@@ -46,6 +46,8 @@ from . import _layout as layout
 
 log = logging.getLogger("omniq.events")
 _HOUR_MS = 3_600_000
+_PER_FILE = 64  # events per batch file: a by-task query reads whole batches
+_IN_FLIGHT = 2  # background writes under way before ``submit`` waits for them
 
 
 class _Source(NamedTuple):
@@ -251,7 +253,11 @@ class AsyncFileEventStorage(AsyncEventStorage):
             return
         self._pending.append(item)
         if len(self._pending) >= self.flush_every:
-            await self.flush()
+            if len(self._flushing) >= _IN_FLIGHT:  # the writer is behind: wait for it
+                await self.flush()
+            else:
+                self._on_timer()
+                await asyncio.sleep(0)  # let the write start (in a thread, locally)
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._on_timer)
             if not self._at_exit and in_shared_loop():  # a blocking twin's: flush at exit
@@ -259,7 +265,9 @@ class AsyncFileEventStorage(AsyncEventStorage):
                 flush_at_exit(self)
 
     def _on_timer(self) -> None:
-        self._timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         task = asyncio.get_running_loop().create_task(self._write_pending())
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
@@ -282,7 +290,8 @@ class AsyncFileEventStorage(AsyncEventStorage):
 
     async def _write_batch(self, items: list[tuple[layout.Name, bytes]]) -> None:
         try:
-            await self.store.run(self._batch_program(items))
+            # heavy: a local directory writes in a worker thread, off the event loop.
+            await self.store.run(self._batch_program(items), heavy=True)
         except Exception as exc:  # storage trouble must not break the caller
             self.failed_writes += len(items)
             log.warning(
@@ -302,7 +311,8 @@ class AsyncFileEventStorage(AsyncEventStorage):
             hours.setdefault(item[0].time_ms // _HOUR_MS, []).append(item)
         can_link = self.store.can_take
         stamp = None
-        for group in hours.values():
+        groups = [g[i : i + _PER_FILE] for g in hours.values() for i in range(0, len(g), _PER_FILE)]
+        for group in groups:
             times = [name.time_ms for name, _ in group]
             batch = layout.Batch(min(times), max(times), uuid.uuid4().hex)
             key = layout.batch_time_key(batch)
@@ -344,10 +354,8 @@ class AsyncFileEventStorage(AsyncEventStorage):
         if limit is not None and limit <= 0:
             return []
         await self.flush()  # this instance's own submitted events are visible to it
-        if task_id is not None:
-            return await self.store.run(
-                self._task_program(task_id, kind, window, limit), heavy=True
-            )
+        if task_id is not None:  # one task's few files: inline, no thread hop locally
+            return await self.store.run(self._task_program(task_id, kind, window, limit))
         return await self.store.run(self._time_program(kind, window, limit), heavy=True)
 
     @staticmethod
