@@ -536,3 +536,81 @@ def test_blocking_preserves_name_doc_and_signature() -> None:
     # the bound twin's signature is the async method's without ``self``
     assert list(inspect.signature(thing.add).parameters) == ["a", "b"]
     assert inspect.signature(thing.add).return_annotation in (int, "int")
+
+
+# --------------------------------------------------------------------------- inline calls
+
+
+def _threads_running_programs(q) -> list[str]:
+    """Names of the threads that ran each storage program of ``q`` (recorded from now on)."""
+    seen: list[str] = []
+    real = q.async_api.store.run
+
+    async def recording(program, **kwargs):
+        seen.append(threading.current_thread().name)
+        return await real(program, **kwargs)
+
+    q.async_api.store.run = recording
+    return seen
+
+
+def test_a_local_queue_runs_its_calls_on_the_calling_thread(tmp_path):
+    from omniq.core import Task
+    from omniq.storage.file.queue import FileQueue
+
+    with FileQueue(tmp_path / "q") as q:
+        q.size()  # start-up (probe, first reaper pass) out of the way
+        seen = _threads_running_programs(q)
+        q.enqueue(Task(func="m:f"))
+        claimed = q.dequeue()
+        assert claimed is not None
+        q.ack(claimed)
+        assert set(seen) == {threading.current_thread().name}
+        seen.clear()
+        assert q.dequeue(wait=0.05) is None  # a call that waits takes the loop thread
+        assert seen and set(seen) == {"omniq-loop"}
+
+
+def test_a_queue_with_an_event_hook_keeps_to_the_loop_thread(tmp_path):
+    from omniq.core import Task
+    from omniq.storage.file.queue import AsyncFileQueue, FileQueue
+
+    async def hook(event):
+        pass
+
+    q = FileQueue.wrap(AsyncFileQueue(tmp_path / "q", on_event=hook))
+    seen = _threads_running_programs(q)
+    q.enqueue(Task(func="m:f"))
+    assert set(seen) == {"omniq-loop"}
+    q.close()
+
+
+def test_inline_calls_from_many_threads_lose_and_duplicate_nothing(tmp_path):
+    from omniq.core import Task
+    from omniq.storage.file.queue import FileQueue
+
+    got: list[int] = []
+    errors: list[BaseException] = []
+    with FileQueue(tmp_path / "q") as q:
+
+        def work(k: int) -> None:
+            try:
+                for i in range(50):
+                    q.enqueue(Task(func="m:f", args=[k * 50 + i]))
+                    # Some calls take the loop thread meanwhile (a dequeue that waits).
+                    if i % 5 == 0 and (waited := q.dequeue(wait=0.001)) is not None:
+                        got.append(waited.task.args[0])
+                        q.ack(waited)
+                while (claimed := q.dequeue()) is not None:
+                    got.append(claimed.task.args[0])
+                    q.ack(claimed)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert errors == []
+    assert sorted(got) == list(range(400))  # every task once

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omniq.core.sync import StorageTwin, blocking
+from omniq.core.sync import StorageTwin, blocking, no_wait
 
 from ._queue import AsyncFileQueue, default_worker_id
 
@@ -14,21 +14,21 @@ class FileQueue(StorageTwin[AsyncFileQueue]):
 
     async_class = AsyncFileQueue
 
-    enqueue = blocking(AsyncFileQueue.enqueue)
-    enqueue_many = blocking(AsyncFileQueue.enqueue_many)
-    dequeue = blocking(AsyncFileQueue.dequeue)
-    dequeue_many = blocking(AsyncFileQueue.dequeue_many)
-    ack = blocking(AsyncFileQueue.ack)
-    ack_many = blocking(AsyncFileQueue.ack_many)
-    nack = blocking(AsyncFileQueue.nack)
-    release = blocking(AsyncFileQueue.release)
-    extend_lease = blocking(AsyncFileQueue.extend_lease)
+    enqueue = blocking(AsyncFileQueue.enqueue, inline=True)
+    enqueue_many = blocking(AsyncFileQueue.enqueue_many, inline=True)
+    dequeue = blocking(AsyncFileQueue.dequeue, inline=no_wait)
+    dequeue_many = blocking(AsyncFileQueue.dequeue_many, inline=no_wait)
+    ack = blocking(AsyncFileQueue.ack, inline=True)
+    ack_many = blocking(AsyncFileQueue.ack_many, inline=True)
+    nack = blocking(AsyncFileQueue.nack, inline=True)
+    release = blocking(AsyncFileQueue.release, inline=True)
+    extend_lease = blocking(AsyncFileQueue.extend_lease, inline=True)
     reap = blocking(AsyncFileQueue.reap)
     repair = blocking(AsyncFileQueue.repair)
     maintain = blocking(AsyncFileQueue.maintain)
-    get_task = blocking(AsyncFileQueue.get_task)
+    get_task = blocking(AsyncFileQueue.get_task, inline=True)
     cancel = blocking(AsyncFileQueue.cancel)
-    size = blocking(AsyncFileQueue.size)
+    size = blocking(AsyncFileQueue.size, inline=True)
     list_queues = blocking(AsyncFileQueue.list_queues)
     next_due = blocking(AsyncFileQueue.next_due)
     purge = blocking(AsyncFileQueue.purge)
