@@ -486,7 +486,41 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": met,
             }
         )
+    out.extend(_twin_target(data))
     return out
+
+
+def _twin_target(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 13 target 5: the blocking twin, one call at a time, against the async class
+    (1 consumer, dequeue+ack) and Huey (enqueue), ratios of the same repetition."""
+    bits, checks = [], []
+    for label in ("disk", "tmpfs"):
+        res = data["results"].get(label)
+        if not res or "omniq-sync" not in res["queues"] or "omniq" not in res["queues"]:
+            continue
+        q = res["queues"]
+        deq = median(
+            ratio(a["consume1_per_s"], b["consume1_per_s"])
+            for a, b in zip(q["omniq-sync"]["per_rep"], q["omniq"]["per_rep"], strict=False)
+        )
+        enq = res["ratios"].get("omniq-sync/huey/enqueue")
+        checks += [(deq, 0.5)] + ([(enq, 1.0)] if label == "disk" else [])
+        bits.append(
+            f"{label}: FileQueue dequeue+ack {fmt(deq, 2)}x AsyncFileQueue"
+            + (f", enqueue {fmt(enq, 2)}x Huey" if enq is not None else "")
+        )
+    if not checks:
+        return []
+    return [
+        {
+            "id": 15,
+            "figure": NAME,
+            "title": "blocking twin FileQueue, one call at a time",
+            "goal": "dequeue+ack >= 0.5x AsyncFileQueue (1 consumer); enqueue >= 1.0x Huey (disk)",
+            "measured": "; ".join(bits),
+            "met": all(v is not None and v >= goal for v, goal in checks),
+        }
+    ]
 
 
 # --------------------------------------------------------------------------- report
