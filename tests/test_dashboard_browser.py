@@ -8,6 +8,8 @@ docs/images/ holds one of each). Waits have timeouts; nothing asserts how long a
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import shutil
 import socket
@@ -199,6 +201,32 @@ def test_a_worker_runs_under_the_dashboard(
             assert backend.get_task(dead).status is TaskStatus.PENDING
 
 
+@contextlib.contextmanager
+def attacker_site(page: str) -> Iterator[str]:
+    """Serve ``page`` at ``/`` of a plain HTTP server on another port of 127.0.0.1."""
+    body = page.encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_refusals_in_the_browser(
     browser: WebDriver, tmp_path: Path, shots: Callable[[WebDriver, str], None]
 ) -> None:
@@ -225,10 +253,13 @@ def test_refusals_in_the_browser(
                 f'<input name="queue" value="fails"><input name="task_id" value="{dead}">'
                 "</form><script>document.getElementById('f').submit()</script>"
             )
-            other = tmp_path / "other-site.html"
-            other.write_text(page)
-            browser.get(other.as_uri())
-            wait_for(lambda: "refused" in browser.page_source, "the refusal")
+            # Served from 127.0.0.1 on another port: another origin but the same site, so
+            # the browser sends the SameSite=Strict session cookie and the token is valid;
+            # only the Origin check stands in the way (a file:// page would lose the cookie).
+            with attacker_site(page) as other_url:
+                browser.get(other_url)
+                wait_for(lambda: "refused" in browser.page_source, "the refusal")
+                assert "not come from this dashboard" in browser.page_source
             assert backend.get_task(dead).status is TaskStatus.DEAD
 
         with Server(backend, read_only=True) as server:
