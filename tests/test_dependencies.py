@@ -18,8 +18,10 @@ import anyio
 import pytest
 
 from omniq.backend.file import AsyncFileBackend
-from omniq.core.errors import DependencyCycleError, UnknownDependencyError
-from omniq.core.models import EventType, ResultStatus, TaskStatus
+from omniq.core.errors import DependencyCycleError, DependencyError, UnknownDependencyError
+from omniq.core.models import EventType, ResultStatus, Task, TaskResult, TaskStatus
+from omniq.storage.file.queue import AsyncFileQueue
+from omniq.storage.file.queue._dependencies import MAX_DEPENDENCIES
 
 TESTS_DIR = Path(__file__).resolve().parent
 OMNIQ = str(Path(sys.executable).with_name("omniq"))
@@ -146,3 +148,220 @@ async def test_unknown_ids_and_cycles_are_refused_and_nothing_is_stored(storage:
         # A cancelled waiting task is withdrawn: it never becomes ready.
         assert await backend.cancel(b)
         assert (await backend.get_task(b)).status is TaskStatus.CANCELLED
+
+
+# -- review of issue 15 (each failed before its fix) -------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def status(queue: AsyncFileQueue, task_id: str) -> TaskStatus:
+    return (await queue.get_task(task_id)).status
+
+
+@pytest.mark.anyio
+async def test_a_dependency_id_cannot_escape_base_dir(tmp_path: Path) -> None:
+    """depends_on ids were never validated: '../..' in one was read and written outside
+    base_dir (the link {q}/deps/{dep}/{id})."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (tmp_path / "outside.json").write_bytes(b"{}")  # any file outside base_dir
+    queue = AsyncFileQueue(str(base))
+    try:
+        await queue.enqueue(Task(func="m:f", id="A"))
+        await queue.enqueue(Task(func="m:f", id="W", depends_on=["A"]))  # wait/ and deps/ made
+        with pytest.raises(ValueError, match="task id"):
+            await queue.enqueue(Task(func="m:f", id="T", depends_on=["../../../outside"]))
+    finally:
+        await queue.close()
+    assert not (tmp_path / "outside").exists(), "a link was written outside base_dir"
+    backend = AsyncFileBackend(f"memory://{tmp_path.name}-escape", environ={})
+    with pytest.raises(ValueError, match="task id"):
+        backend.make_task("m:f", depends_on=["a/b"])
+
+
+@pytest.mark.anyio
+async def test_more_dependencies_than_the_cap_are_refused_writing_nothing(tmp_path: Path) -> None:
+    queue = AsyncFileQueue(str(tmp_path))
+    try:
+        await queue.enqueue(Task(func="m:f", id="A"))
+        many = ["A"] + [f"d{i}" for i in range(MAX_DEPENDENCIES)]
+        with pytest.raises(DependencyError, match="limit"):
+            await queue.enqueue(Task(func="m:f", id="T", depends_on=many))
+        with pytest.raises(Exception, match="not found"):
+            await queue.get_task("T")
+        assert not (tmp_path / "default" / "deps").exists()
+    finally:
+        await queue.close()
+    backend = AsyncFileBackend(f"memory://{tmp_path.name}-cap", environ={})
+    with pytest.raises(DependencyError, match="limit"):
+        backend.make_task("m:f", depends_on=many)
+
+
+@pytest.mark.anyio
+async def test_enqueueing_a_waiting_id_again_never_releases_it_early(tmp_path: Path) -> None:
+    """Enqueue is idempotent for the same id, but a second enqueue of a waiting id with
+    another dependency added a link (counting 1 dependency) by which that one released the
+    task, although the dependency it was stored with never ran."""
+    queue = AsyncFileQueue(f"file://{tmp_path}", clock=lambda: 1_000_000.0)
+    try:
+        await queue.enqueue(Task(func="m:f", id="A"))
+        await queue.enqueue(Task(func="m:f", id="T", depends_on=["A"]))
+        await queue.enqueue(Task(func="m:f", id="C"))
+        await queue.enqueue(Task(func="m:f", id="T", depends_on=["C"]))  # 'idempotent'
+        claimed = await queue.dequeue_many(2)
+        await queue.ack(next(c for c in claimed if c.id == "C"))  # C done; A never acked
+        await queue.close()  # the flush
+        info = await queue.get_task("T")
+        assert info.status is TaskStatus.WAITING, f"T is {info.status.value}; A never ran"
+        assert info.task is not None and info.task.depends_on == ["A"]
+        await queue.ack(next(c for c in claimed if c.id == "A"))
+        await queue.close()
+        assert await status(queue, "T") is TaskStatus.PENDING
+    finally:
+        await queue.close()
+
+
+@pytest.mark.anyio
+async def test_a_heartbeat_settles_what_is_owed_while_one_long_task_runs(tmp_path: Path) -> None:
+    """Concurrency 1: the worker acks A, then claims and runs a long task B. The look at A's
+    dependents was made only by dequeue, so T waited for all of B; now B's heartbeat (every
+    lease/3) makes it once the last one is refresh_interval old."""
+    clock = Clock()
+    queue = AsyncFileQueue(str(tmp_path), clock=clock)
+    try:
+        for priority, task_id in enumerate(("B", "A", "X")):  # claimed X, A, B
+            await queue.enqueue(Task(func="m:f", id=task_id, priority=priority))
+        await queue.enqueue(Task(func="m:f", id="T", depends_on=["A"]))
+        claimed = await queue.dequeue()
+        assert claimed is not None and claimed.id == "X"
+        await queue.ack(claimed)
+        claimed = await queue.dequeue()  # settles what X owed: a settle was just made
+        assert claimed is not None and claimed.id == "A"
+        await queue.ack(claimed)
+        long_task = await queue.dequeue()  # busy: the settle is not due yet
+        assert long_task is not None and long_task.id == "B"
+        assert await status(queue, "T") is TaskStatus.WAITING
+        clock.t += queue.lease / 3
+        long_task = await queue.extend_lease(long_task)
+        assert await status(queue, "T") is TaskStatus.PENDING
+    finally:
+        await queue.close()
+
+
+@pytest.mark.anyio
+async def test_cancelling_a_dependency_settles_its_dependents_at_once(tmp_path: Path) -> None:
+    """A producer-only process (a web app) that cancels a dependency kept the settle in
+    memory until close: its dependent stayed waiting."""
+    queue = AsyncFileQueue(str(tmp_path))
+    try:
+        await queue.enqueue(Task(func="m:f", id="A"))
+        await queue.enqueue(Task(func="m:f", id="T", depends_on=["A"]))
+        assert await queue.cancel("A")
+        assert await status(queue, "T") is TaskStatus.CANCELLED
+    finally:
+        await queue.close()
+
+
+async def dead_dependency(queue: AsyncFileQueue) -> None:
+    await queue.enqueue(Task(func="m:f", id="A"))
+    await queue.enqueue(Task(func="m:f", id="T", depends_on=["A"]))
+    claimed = await queue.dequeue()
+    assert claimed is not None and claimed.id == "A"
+    await queue.nack(claimed, error="boom", retry=False)
+
+
+@pytest.mark.anyio
+async def test_a_dead_dependency_requeued_before_the_flush_keeps_its_dependents(
+    tmp_path: Path,
+) -> None:
+    """The flush cancelled the dependents with the DEAD state it remembered, although
+    requeue_dead had put the dependency back meanwhile."""
+    queue = AsyncFileQueue(str(tmp_path))
+    try:
+        await dead_dependency(queue)
+        assert await queue.requeue_dead("default", "A") == 1
+        await queue.close()  # the flush
+        assert await status(queue, "T") is TaskStatus.WAITING
+        claimed = await queue.dequeue()
+        assert claimed is not None and claimed.id == "A"
+        await queue.ack(claimed)
+        await queue.close()
+        assert await status(queue, "T") is TaskStatus.PENDING
+    finally:
+        await queue.close()
+
+
+@pytest.mark.anyio
+async def test_a_deleted_dead_letter_cancels_its_dependents_at_the_reaper(tmp_path: Path) -> None:
+    """The process that dead-lettered A died before its flush, and A's dead letter was
+    deleted: the reaper found A's outcome but nothing to locate, and kept T (and A's records)
+    forever; it now settles A as gone."""
+    queue = AsyncFileQueue(str(tmp_path))
+    try:
+        await dead_dependency(queue)
+        queue._owed.clear()  # died before its flush
+        assert await queue.delete_dead("default", "A")
+        await queue.reap()
+        assert await status(queue, "T") is TaskStatus.CANCELLED
+        assert not list((tmp_path / "default" / "deps").glob("*/*")), "a link was left"
+    finally:
+        await queue.close()
+
+
+@pytest.mark.anyio
+async def test_a_gone_dependency_whose_result_succeeded_counts_as_met(tmp_path: Path) -> None:
+    """A dependency found ended with nothing left to read how counted as failed even when
+    the backend holds its success result (what the backend's enqueue already looks at)."""
+    async with AsyncFileBackend(str(tmp_path), environ={}) as backend:
+        queue = backend.queue
+        await dead_dependency(queue)
+        queue._owed.clear()
+        assert await queue.delete_dead("default", "A")
+        assert backend.results is not None
+        await backend.results.set(TaskResult(task_id="A", status=ResultStatus.SUCCESS))
+        await queue.reap()
+        assert await status(queue, "T") is TaskStatus.PENDING
+
+
+@pytest.mark.anyio
+async def test_the_reaper_does_not_look_again_at_a_released_task_still_running(
+    tmp_path: Path,
+) -> None:
+    """A released dependent that is itself a dependency (linked) was located on every reaper
+    pass while it ran; now once, until a newer attempt of it ends."""
+    queue = AsyncFileQueue(str(tmp_path))
+    try:
+        await queue.enqueue(Task(func="m:f", id="A"))
+        await queue.enqueue(Task(func="m:f", id="T", depends_on=["A"]))
+        await queue.enqueue(Task(func="m:f", id="U", depends_on=["T"]))
+        claimed = await queue.dequeue()
+        assert claimed is not None and claimed.id == "A"
+        await queue.ack(claimed)
+        await queue.close()  # flush: T released (its attempt 0 outcome), linked by U
+        looked: list[str] = []
+        locate = queue._locate_program
+
+        def counting(q: str, task_id: str) -> Any:
+            looked.append(task_id)
+            return locate(q, task_id)
+
+        queue._locate_program = counting  # type: ignore[method-assign]
+        for _ in range(3):
+            await queue.reap()
+        assert looked.count("T") == 1, looked
+        claimed = await queue.dequeue()
+        assert claimed is not None and claimed.id == "T"
+        await queue.ack(claimed)
+        queue._owed.clear()  # died before its flush: the reaper looks again
+        await queue.reap()
+        assert looked.count("T") == 2, looked
+        assert await status(queue, "U") is TaskStatus.PENDING
+    finally:
+        await queue.close()

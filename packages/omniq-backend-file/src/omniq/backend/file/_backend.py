@@ -32,7 +32,7 @@ from omniq.core.models import (
 )
 from omniq.storage.file.events import AsyncFileEventStorage
 from omniq.storage.file.queue import AsyncFileQueue
-from omniq.storage.file.queue._dependencies import DEPENDENCY_FAILED
+from omniq.storage.file.queue._dependencies import DEPENDENCY_FAILED, check_dependencies
 from omniq.storage.file.results import AsyncFileResultStorage
 
 from . import _tracing
@@ -108,6 +108,7 @@ class AsyncFileBackend(AsyncResource):
         if cfg.events:
             part = cfg.part("events")
             self.events = AsyncFileEventStorage(part.base_dir, part.storage_options, clock=clock)
+        self.queue.dependency_succeeded = self._succeeded  # a dependency the queue forgot
         self.schedules = AsyncSchedules(self, clock)
         """The schedules under ``base_dir/schedules`` (list, get, pause, resume, delete)."""
 
@@ -162,8 +163,7 @@ class AsyncFileBackend(AsyncResource):
         except UnknownDependencyError as exc:
             met = set()
             for dep in exc.task_ids:
-                found = await self.results.get(dep) if self.results is not None else None
-                if found is None or not found.ok:
+                if not await self._succeeded(dep):
                     raise
                 met.add(dep)
             left = [dep for dep in task.depends_on if dep not in met]
@@ -173,6 +173,11 @@ class AsyncFileBackend(AsyncResource):
             await self.emit(
                 TaskEvent(task_id=task.id, type=EventType.WAITING, queue=task.queue, data=data)
             )
+
+    async def _succeeded(self, task_id: str) -> bool:
+        """Whether the stored result of ``task_id`` says it succeeded."""
+        found = await self.results.get(task_id) if self.results is not None else None
+        return found is not None and found.ok
 
     async def chain(self, *tasks: Task) -> list[str]:
         """Enqueue ``tasks`` (from ``make_task``) so that each runs after the previous one
@@ -235,6 +240,7 @@ class AsyncFileBackend(AsyncResource):
             if isinstance(depends_on, str):
                 raise ConfigurationError("depends_on is a list of task ids, not one string")
             fields["depends_on"] = list(dict.fromkeys(depends_on))
+            check_dependencies(task_id or "(new)", fields["depends_on"])
         if on_dependency_failure not in DEPENDENCY_FAILURE_MODES:
             raise ConfigurationError(
                 f"on_dependency_failure must be 'cancel' or 'run', not {on_dependency_failure!r}"

@@ -37,12 +37,18 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
 from omniq.core import codec
-from omniq.core.errors import DependencyCycleError, SerializationError, UnknownDependencyError
+from omniq.core.errors import (
+    DependencyCycleError,
+    DependencyError,
+    SerializationError,
+    UnknownDependencyError,
+)
 from omniq.core.fs import (
     Entry,
     Program,
@@ -78,8 +84,23 @@ ENDED = {
 }
 """Statuses a task never leaves (short of ``requeue_dead``), as the state a marker records."""
 _FINAL_STATES = frozenset(ENDED.values())
-GONE = "gone"  # ended and cleaned up before the check could read how: counts as a failure
+GONE = "gone"  # ended, and nothing left to read how: a failure unless its result says success
 DEPENDENCY_FAILED = "omniq.DependencyFailed"
+MAX_DEPENDENCIES = 1000
+"""The most dependencies one task may have (its enqueue locates each one)."""
+
+
+def check_dependencies(task_id: str, depends_on: list[str]) -> None:
+    """Refuse (ValueError, nothing written) dependency ids that are not safe names (they
+    become path components) and more than ``MAX_DEPENDENCIES`` of them."""
+    if len(depends_on) > MAX_DEPENDENCIES:
+        raise DependencyError(
+            f"task {task_id} has {len(depends_on)} dependencies; the limit is "
+            f"{MAX_DEPENDENCIES} (chain through an intermediate task for more)",
+            [],
+        )
+    for dep in depends_on:
+        validate_name(dep, "task id")
 
 
 class Link(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -89,6 +110,15 @@ class Link(msgspec.Struct, kw_only=True, omit_defaults=True):
     deps: int  # how many distinct dependencies T has
     run: bool = False  # on_dependency_failure == "run"
     nonce: str = ""
+
+
+class Gone(NamedTuple):
+    """A dependency that ended with nothing left to read how (``_settle_gone``): of one
+    dependent (``waiter``: its queue and id) or, with None, of every linked one."""
+
+    queue: str
+    dep: str
+    waiter: tuple[str, str] | None
 
 
 class Settled(NamedTuple):
@@ -121,6 +151,10 @@ class DependencyHandling:
     _owed: dict[str, dict[str, str]]  # queue -> {task id: state}: ended here, not settled yet
     _owed_at: float
     _unreported: list[Settled]
+    _gone: list[Gone]  # dependencies whose end is unknowable here: settled by their result
+    _unfinished: dict[tuple[str, str], int]  # (queue, id) -> newest attempt, found not ended
+    dependency_succeeded: Callable[[str], Awaitable[bool]] | None
+    """Set by the backend: whether a task the queue no longer knows succeeded (its result)."""
 
     if TYPE_CHECKING:
 
@@ -201,7 +235,8 @@ class DependencyHandling:
                 "enqueued, or finished and cleaned up; nothing was enqueued",
                 unknown,
             )
-        if (yield from self._locate_program(task.queue, task.id)) is not None:
+        stored = yield from self._locate_program(task.queue, task.id)
+        if stored is not None:
             # Already stored: idempotent, unless these dependencies lead back to it.
             if (yield from self._reaches(task.id, found)):
                 raise DependencyCycleError(
@@ -209,26 +244,37 @@ class DependencyHandling:
                     "was enqueued",
                     [task.id],
                 )
-            found_self = yield from self._locate_program(task.queue, task.id)
-            if found_self is None or found_self[0].status is not TaskStatus.WAITING:
+            if stored[0].status is not TaskStatus.WAITING or stored[0].task is None:
                 return  # enqueued before (and maybe released since): nothing to do
-        link = _link(task, len(ids))
+            # Still waiting: redo the registration and the check of the *stored* document
+            # (a producer that died during its enqueue); this call's list is not used.
+            task = stored[0].task
+            found = {}
+            for dep in dict.fromkeys(task.depends_on):
+                hit = yield from self._find(dep, task.queue)
+                if hit is None:  # ended and cleaned up since: unknowable here
+                    self._gone.append(Gone(task.queue, dep, (task.queue, task.id)))
+                else:
+                    found[dep] = hit
+        link = _link(task, len(task.depends_on))
         waiting = {dep: hit for dep, hit in found.items() if hit[1].status not in ENDED}
         # Registration: the links first, so that a link never lacks its document for long
         # (a producer killed in between leaves links whose document never comes: settling
-        # them finds no document and drops them), then the document.
+        # them finds no document and drops them), then the document -- unless stored, or
+        # decided and tidied away since the look above: never written again then.
         yield create_many(
             [(layout.link_key(q, dep, task.id), link) for dep, (q, _) in waiting.items()]
         )
-        yield create(layout.wait_key(task.queue, task.id), codec.encode(task))
+        if stored is None:
+            yield create(layout.wait_key(task.queue, task.id), codec.encode(task))
         # Then the check: a dependency that ended before its link was written was not
         # settled by its look (see the module docstring); this sees its outcome.
         ended: list[tuple[str, str, str]] = []
         for dep, (queue, info) in found.items():
             if info.status not in ENDED:
                 again = yield from self._locate_program(queue, dep)
-                if again is None:  # ended and cleaned up while this call stalled: unknowable
-                    ended.append((queue, dep, GONE))
+                if again is None:  # ended and cleaned up while this call stalled: its result
+                    self._gone.append(Gone(queue, dep, (task.queue, task.id)))
                     continue
                 info = again[0]
             if info.status in ENDED:
@@ -245,36 +291,54 @@ class DependencyHandling:
         self, queue: str, dep: str, state: str, task_id: str, link: Link
     ) -> Program[list[Settled]]:
         """Dependency ``dep`` (of ``queue``) ended with ``state``: record it for ``task_id``
-        and decide its wait if that was the last (or a failure that cancels it)."""
+        and decide its wait if that was the last (or a failure that cancels it). The stored
+        document decides, not the link: a link left by another registration of the same id
+        (a producer that died before writing its document) names a dependency the document
+        may not have, and may count another number of them."""
         waiting = link.queue
         settled: list[Settled] = []
-        if state == State.DONE or link.run:
-            yield write(layout.met_key(waiting, task_id, dep), state.encode())
-            met = yield listdir(f"{waiting}/met/{task_id}")
-            if len(met) >= link.deps:
-                settled = yield from self._decide_wait(waiting, task_id, State.RELEASED, None)
-        else:
-            reason = f"dependency {dep} ended {state}"
-            settled = yield from self._decide_wait(waiting, task_id, State.CANCELLED, reason)
+        task = yield from self._wait_document(waiting, task_id)
+        # No document: decided and tidied, or its enqueue has not written it yet (that
+        # enqueue's own check settles this dependency then).
+        if task is not None and dep in task.depends_on:
+            if state == State.DONE or task.on_dependency_failure == "run":
+                yield write(layout.met_key(waiting, task_id, dep), state.encode())
+                met = yield listdir(f"{waiting}/met/{task_id}")
+                if set(task.depends_on) <= set(met):
+                    settled = yield from self._decide_wait(
+                        waiting, task_id, State.RELEASED, None, task
+                    )
+            else:
+                reason = f"dependency {dep} ended {state}"
+                settled = yield from self._decide_wait(
+                    waiting, task_id, State.CANCELLED, reason, task
+                )
         yield delete(layout.link_key(queue, dep, task_id))
         return settled
 
-    def _decide_wait(
-        self, queue: str, task_id: str, state: str, reason: str | None
-    ) -> Program[list[Settled]]:
-        """Release (attempt 1 follows) or cancel the waiting ``task_id``: the exclusive create
-        of its attempt 0's outcome. [] if another call decided it first, or if its document is
-        not there (decided and tidied, or its enqueue has not written it yet: that enqueue's
-        own check decides then)."""
+    def _wait_document(self, queue: str, task_id: str) -> Program[Task | None]:
+        """The stored document of the waiting ``task_id``; None if absent or unreadable."""
         key = layout.wait_key(queue, task_id)
         body = yield read(key)
         if body is None:
-            return []
+            return None
         try:
-            task = codec.decode(body, Task)
+            return codec.decode(body, Task)
         except SerializationError as exc:
             log.warning("waiting task %s is unreadable; left as it is: %s", key, exc)
-            return []
+            return None
+
+    def _decide_wait(
+        self, queue: str, task_id: str, state: str, reason: str | None, task: Task | None = None
+    ) -> Program[list[Settled]]:
+        """Release (attempt 1 follows) or cancel the waiting ``task_id`` (its document
+        ``task``, read here if not given): the exclusive create of its attempt 0's outcome.
+        [] if another call decided it first, or if its document is not there (decided and
+        tidied, or its enqueue has not written it yet: that enqueue's own check decides)."""
+        if task is None:
+            task = yield from self._wait_document(queue, task_id)
+            if task is None:
+                return []
         current = yield now()
         if state == State.RELEASED:
             won = yield from self._outcome(queue, task_id, 0, State.RELEASED, task, current)
@@ -346,13 +410,37 @@ class DependencyHandling:
         finally:
             await self._report_settled()
 
+    async def _settle_due(self) -> None:
+        """Settle what is owed if the last settle is ``refresh_interval`` old: called by the
+        public calls a process may make alone (a heartbeat while a long task runs, a
+        producer's enqueue). A failure is logged: the links stay for the next call or the
+        reaper."""
+        if self._owed and self._now() - self._owed_at >= self.refresh_interval:
+            await self._settle_now()
+
+    async def _settle_now(self) -> None:
+        """Settle what is owed now (``cancel``: rare, and maybe a producer's only call)."""
+        try:
+            await self._settle_owed()
+        except Exception as exc:
+            log.warning("could not settle the dependents of finished tasks: %s", exc)
+
     def _owed_program(self, owed: dict[str, dict[str, str]]) -> Program[None]:
         ended: list[tuple[str, str, str]] = []
         for queue, ids in owed.items():
             linked = set((yield listdirs(f"{queue}/deps")))  # one LIST for any number of acks
-            ended += [
-                (queue, task_id, state) for task_id, state in ids.items() if task_id in linked
-            ]
+            for task_id, state in ids.items():
+                if task_id not in linked:
+                    continue
+                if state != State.DONE:  # a failure may be undone since (requeue_dead): look
+                    found = yield from self._locate_program(queue, task_id)
+                    if found is None:
+                        self._gone.append(Gone(queue, task_id, None))
+                        continue
+                    if found[0].status not in ENDED:
+                        continue  # requeued: its dependents wait for its new attempt
+                    state = ENDED[found[0].status]
+                ended.append((queue, task_id, state))
         if ended:
             yield from self._settle_program(ended)
 
@@ -360,26 +448,76 @@ class DependencyHandling:
     @staticmethod
     def _note_linked(entry: Entry, linked: set[str], ended: set[str]) -> None:
         """While the reaper scans ``run/``: a linked dependency with an outcome or an
-        unclaimed end (cancelled or expired) may have ended; ``_settle_linked`` looks."""
+        unclaimed end (cancelled or expired) may have ended; ``_settle_linked`` looks.
+        ``ended`` gets the entry's name (its attempt tells a new end from one seen before)."""
         parsed = layout.parse_run_name(entry.name)
         if parsed is None or parsed.task_id not in linked:
             return
         if parsed.part == "x" or (parsed.part == "json" and entry.size <= layout.TOMBSTONE_MAX):
-            ended.add(parsed.task_id)
+            ended.add(entry.name)
 
     def _settle_linked(self, queue: str, candidates: set[str]) -> Program[None]:
-        """Settle the dependents of ``candidates`` that ended for good: what a process that
-        died before its flush left (and what another process settles anyway, harmlessly)."""
+        """Settle the dependents of the noted ``candidates`` (run/ names) that ended for
+        good: what a process that died before its flush left (and what another process
+        settles anyway, harmlessly). One found not ended (a released or retried task now
+        running) is remembered with its newest noted attempt and not looked at again until
+        a newer attempt ends. One with nothing left to locate (its dead letter deleted) is
+        settled as gone."""
+        newest: dict[str, int] = {}
+        for name in candidates:
+            parsed = layout.parse_run_name(name)
+            if parsed is not None:
+                newest[parsed.task_id] = max(parsed.attempt, newest.get(parsed.task_id, -1))
+        for key in [k for k in self._unfinished if k[0] == queue and k[1] not in newest]:
+            del self._unfinished[key]  # no longer linked, or its outcome cleaned up
         ended = []
-        for task_id in sorted(candidates):
+        for task_id, attempt in sorted(newest.items()):
+            if self._unfinished.get((queue, task_id)) == attempt:
+                continue
             found = yield from self._locate_program(queue, task_id)
-            if found is not None and found[0].status in ENDED:
+            if found is None:
+                self._gone.append(Gone(queue, task_id, None))
+            elif found[0].status in ENDED:
                 ended.append((queue, task_id, ENDED[found[0].status]))
+            else:
+                self._unfinished[(queue, task_id)] = attempt
+                continue
+            self._unfinished.pop((queue, task_id), None)
         if ended:
             yield from self._settle_program(ended)
 
+    async def _settle_gone(self) -> None:
+        """Settle the dependencies found ended with nothing left to read how: as met if
+        ``dependency_succeeded`` (the backend's result look-up) says so, else as failed. Kept
+        for the next call if the look-up or the storage fails."""
+        pending, self._gone = self._gone, []
+        for i, gone in enumerate(pending):
+            try:
+                ok = self.dependency_succeeded is not None and (
+                    await self.dependency_succeeded(gone.dep)
+                )
+                state = State.DONE if ok else GONE
+                await self.store.run(self._gone_program(gone, state))
+            except Exception as exc:
+                log.warning("could not settle the dependents of %s: %s", gone.dep, exc)
+                self._gone += pending[i:]
+                return
+
+    def _gone_program(self, gone: Gone, state: str) -> Program[None]:
+        if gone.waiter is None:
+            yield from self._settle_program([(gone.queue, gone.dep, state)])
+            return
+        queue, task_id = gone.waiter
+        link = Link(queue=queue, deps=0)
+        yield from self._cascade(
+            (yield from self._settle_one(gone.queue, gone.dep, state, task_id, link))
+        )
+
     async def _report_settled(self) -> None:
-        """Events for the waits decided by this process's programs."""
+        """Events for the waits decided by this process's programs (after settling what they
+        found gone)."""
+        if self._gone:
+            await self._settle_gone()
         pending, self._unreported = self._unreported, []
         for settled in pending:
             task = settled.task

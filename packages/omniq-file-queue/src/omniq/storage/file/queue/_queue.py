@@ -49,7 +49,7 @@ from . import _layout as layout
 from ._claim_document import DocumentClaims
 from ._claim_link import LinkClaims
 from ._claim_s3 import S3Claims
-from ._dependencies import DependencyHandling
+from ._dependencies import DependencyHandling, check_dependencies
 from ._inspect import QueueInspection
 from ._leases import LeaseHandling
 from ._listing import QueueListing
@@ -164,6 +164,9 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
         self._owed: dict[str, dict[str, str]] = {}  # ended here; dependents not settled yet
         self._owed_at = 0.0
         self._unreported = []  # waits decided here, events not sent yet
+        self._gone = []  # dependencies ended with nothing left to read how
+        self._unfinished = {}  # linked tasks the reaper found running: not looked at again
+        self.dependency_succeeded = None  # the backend's result look-up
         self.watch = watch
         self._watches: dict[tuple[str, ...], DirWatch | None] = {}
         # One claim strategy per store; each module carries its store's correctness argument.
@@ -218,6 +221,7 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
     def _check_task(self, task: Task) -> None:
         validate_name(task.queue, "queue name")
         validate_name(task.id, "task id")
+        check_dependencies(task.id, task.depends_on)
 
     async def enqueue(self, task: Task) -> str:
         """Store ``task``; ready now, or at ``task.eta``. Idempotent for the same id.
@@ -239,6 +243,7 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
         for task in tasks:
             if task.depends_on:  # in order: one may depend on an earlier one
                 await self._enqueue_waiting(task)
+        await self._settle_due()  # a producer may make no other call
         return [task.id for task in tasks]
 
     def _enqueue_program(self, items: list[tuple[Task, bytes]]) -> Program[None]:
