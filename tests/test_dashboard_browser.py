@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import uvicorn
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -90,6 +91,31 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
+
+
+def click(driver: WebDriver, selector: str) -> None:
+    """Click the element ``selector`` finds; found again when the live refresh replaced it
+    between the look-up and the click (StaleElementReferenceException)."""
+
+    def attempt() -> bool:
+        try:
+            driver.find_element(By.CSS_SELECTOR, selector).click()
+        except StaleElementReferenceException:
+            return False
+        return True
+
+    wait_for(attempt, f"a click on {selector}")
+
+
+def text_of(driver: WebDriver, element_id: str) -> str:
+    """The rendered text of element ``element_id``, read in one script call (a live refresh
+    may replace the element between a look-up and a read)."""
+    found = driver.execute_script(
+        "var e = document.getElementById(arguments[0]); return e ? e.innerText : null;",
+        element_id,
+    )
+    assert found is not None, f"no element #{element_id}"
+    return str(found)
 
 
 def count(driver: WebDriver, queue: str, kind: str) -> str:
@@ -177,26 +203,25 @@ def test_a_worker_runs_under_the_dashboard(
 
             # A finished task's page: its result and its timeline.
             browser.get(f"{server.url}/tasks/{done}")
-            assert browser.find_element(By.ID, "task-result").text == "42"
-            timeline = browser.find_element(By.ID, "timeline").text
+            assert text_of(browser, "task-result") == "42"
+            timeline = text_of(browser, "timeline")
             assert "enqueued" in timeline and "started" in timeline and "succeeded" in timeline
             shots(browser, "task")
 
             # The dead letter, opened from the dead-letters page: the script is only text.
             browser.get(server.url + "/dead")
             shots(browser, "dead")
-            browser.find_element(By.CSS_SELECTOR, f'a[href="/tasks/{dead}"]').click()
+            click(browser, f'a[href="/tasks/{dead}"]')
             wait_for(lambda: dead in browser.title, "the task page")
-            assert SCRIPT in browser.find_element(By.ID, "task-args").text
+            assert SCRIPT in text_of(browser, "task-args")
             assert "pwned" not in browser.title
-            assert "dead_lettered" in browser.find_element(By.ID, "timeline").text
+            assert "dead_lettered" in text_of(browser, "timeline")
             assert browser.find_elements(By.CSS_SELECTOR, "pre.traceback")
             shots(browser, "task-dead")
 
             # Requeue it by clicking.
             browser.get(server.url + "/dead")
-            row = browser.find_element(By.CSS_SELECTOR, f'tr[data-task="{dead}"]')
-            row.find_element(By.CSS_SELECTOR, 'button[data-action="requeue"]').click()
+            click(browser, f'tr[data-task="{dead}"] button[data-action="requeue"]')
             wait_for(lambda: "Task requeued." in browser.page_source, "the requeue")
             assert backend.get_task(dead).status is TaskStatus.PENDING
 
