@@ -35,7 +35,7 @@ from benchmarks.common import REPO, Context, machine_info, md_table, write_json
 FIGURES = ("peers", "requests", "latency", "sync_overhead", "rss", "e2e", "pickup", "drain")
 # Registered groups that run only when named (``run.py NAME``, ``--only NAME``), not in
 # ``all`` / ``smoke``: tests/test_bench_smoke.py checks that smoke reports exactly FIGURES.
-BY_NAME: tuple[str, ...] = ("dashboard", "dependencies")
+BY_NAME: tuple[str, ...] = ("dashboard", "dependencies", "fleet")
 
 
 def _module(name: str) -> Any:

@@ -494,6 +494,11 @@ class _FsspecSteps:
         return [n for n in listed if n > after][:limit]
 
     def _listdirs(self, prefix: str) -> _Steps[list[str]]:
+        if hasattr(self.fs.fs, "_call_s3"):
+            # s3fs lists the parent too when a prefix is empty (is it a file?): one LIST here.
+            path = self.fs._join(prefix)
+            names: list[str] = yield from _retrying("list", prefix, lambda: _s3(_s3_dirs, path))
+            return names
         return _dirs((yield from self._infos(prefix)))
 
     def _exists(self, key: str) -> _Steps[bool]:
@@ -661,6 +666,23 @@ def _detach_finalizers(obj: Any) -> None:
     for finalizer, info in entries:
         if info.weakref() is obj:
             finalizer.detach()
+
+
+async def _s3_dirs(s3: Any, path: str) -> list[str]:
+    """The names of the "directories" (common prefixes) under ``path``: one LIST request per
+    1,000 entries, none for the parent."""
+    bucket, key, _ = s3.split_path(path)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    out: list[str] = []
+    more: dict[str, Any] = {}
+    while True:
+        response = await s3._call_s3(
+            "list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/", **more
+        )
+        out += [p["Prefix"][len(prefix) :].rstrip("/") for p in response.get("CommonPrefixes", [])]
+        if not response.get("IsTruncated"):
+            return sorted(n for n in out if n and not n.startswith("."))
+        more = {"ContinuationToken": response["NextContinuationToken"]}
 
 
 async def _gcs_after(gcs: Any, path: str, after: str, limit: int) -> list[str]:

@@ -62,11 +62,24 @@ EventHook = Callable[[TaskEvent], Awaitable[None]]
 class _Cache:
     """Claim candidates from the last listing of one queue, shared by this instance's callers."""
 
-    __slots__ = ("at", "items")
+    __slots__ = ("at", "items", "misses", "taken")
 
     def __init__(self, at: float, items: list[layout.Candidate]) -> None:
         self.at = at
         self.items = items
+        self.taken = 0  # claims made from it
+        self.misses = 0  # candidates in a row found claimed by others
+
+    def stale(self, current: float, interval: float) -> bool:
+        """Whether to list again: the candidates are used up, or three in a row were taken
+        by others, or the listing is ``interval`` old and 32 claims were made from it (a
+        busy consumer sees new higher priorities within ``interval``) or ten times as old
+        (a slow one lists at most every ``10 x interval``: with many consumers a claim
+        would otherwise pay for a listing of its own; see docs/design.md)."""
+        age = current - self.at
+        if not self.items or self.misses >= 3:
+            return True
+        return age > interval and (self.taken >= 32 or age > 10 * interval)
 
 
 class _Idle:
@@ -240,6 +253,7 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
         if ready:
             await self.store.run(self._enqueue_program(ready))
             self._idle.clear()  # a poller of this instance looks at once
+            self._drop_cache_below(ready)
         for task in tasks:
             if task.depends_on:  # in order: one may depend on an earlier one
                 await self._enqueue_waiting(task)
@@ -385,7 +399,7 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
             cache = None  # requeued tasks: list again to see them
         claimed: list[Claimed] = []
         while True:
-            if cache is None or not cache.items or current - cache.at > self.refresh_interval:
+            if cache is None or cache.stale(current, self.refresh_interval):
                 if refreshed:
                     return claimed
                 items = await self.store.run(self._scan_program(queue))
@@ -393,7 +407,7 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
                 # dequeue list again at once.
                 cache = self._cache[queue] = _Cache(self._now(), self._spread(items))
                 refreshed = True
-            while cache.items:
+            while cache.items and cache.misses < 3:
                 picks = [
                     cache.items.pop(0) for _ in range(min(want - len(claimed), len(cache.items)))
                 ]
@@ -402,14 +416,27 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
                 ):
                     if isinstance(got, Claimed):
                         claimed.append(got)
+                        cache.taken, cache.misses = cache.taken + 1, 0
                     elif isinstance(got, Task):
                         log.info("task %s expired before it started", got.id)
                         await self._emit(EventType.EXPIRED, got, attempt=got.attempt)
+                    else:  # taken by another consumer, who walks on from there: jump away
+                        cache.items = self._spread(cache.items)
+                        cache.misses += 1
                 if len(claimed) >= want:
                     return claimed
             if refreshed:
                 return claimed
             cache = None
+
+    def _drop_cache_below(self, tasks: list[tuple[Task, bytes]]) -> None:
+        """Forget a listing whose candidates rank below a task just enqueued here: this
+        instance's next claim then sees it (other producers' are seen at the next listing)."""
+        for task, _ in tasks:
+            cache = self._cache.get(task.queue)
+            rank = int(layout.rank(task.priority)[1:])
+            if cache is not None and (not cache.items or rank < cache.items[0].rank):
+                del self._cache[task.queue]
 
     def _reap_turn(self, queue: str, current: float) -> Program[bool]:
         """Whether this consumer reaps ``queue`` now: one reaper pass per ``reap_interval``

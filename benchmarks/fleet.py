@@ -1,0 +1,368 @@
+"""Figure group "fleet" (run by name): object-store requests per task with K workers on one
+queue, flat in depth, per-worker throughput under request latency, idle polling cost.
+
+* **Requests per task.** A queue on S3 (moto), GCS (fake-gcs-server) or Azure (azurite),
+  from ``tools/emulators.py``, is filled to depth D (not counted); then K in-process
+  ``AsyncWorker``s (``concurrency=8``, burst, events off, results on; each with its own
+  backend, so its own client and claim cache, as K processes would have) drain it. At depth
+  100 they drain everything; at depth 5,000 they stop after ``sample`` tasks (the cost of the
+  head of a deep queue). Every HTTP request the clients send during the drain is counted by
+  operation (S3: aiobotocore's ``_make_api_call``; GCS: gcsfs' ``_request``; Azure: the
+  azure-core aiohttp transport's ``send``) and divided by the tasks finished: claim + result
+  + ack + listings + reaper, amortized.
+* **Latency-bound throughput.** The same drain at depth 100 through ``tools/fault_proxy.py``
+  holding every response 20 ms (``delay`` mode, ``delay_range=(0.02, 0.02)``): per-worker
+  tasks/s against ``concurrency / (requests per task x 0.02 s)``, the rate of a worker whose
+  requests overlap up to its concurrency.
+* **Idle polling.** One worker idles on an empty queue: requests it sends per minute (counted
+  over ``idle_s``), then the pick-up latency of single tasks enqueued at random moments
+  (enqueue returned -> the task function started), against ``max_poll_interval / 2``.
+
+Workers are in one process with the emulator in another (2 cores): tasks/s say little about a
+real fleet; the request counts are the design's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .common import TOOLS, Context, fmt, md_table, median
+
+NAME = "fleet"
+
+SIZES = {
+    "smoke": {"stores": ["s3"], "workers": [1, 2], "depths": [20], "sample": 20, "idle_s": 3,
+              "pickups": 3, "latency": False},
+    "quick": {"stores": ["s3", "gcs", "azure"], "workers": [1, 4, 16], "depths": [100, 5000],
+              "sample": 300, "idle_s": 20, "pickups": 10, "latency": True},
+    "full": {"stores": ["s3", "gcs", "azure"], "workers": [1, 4, 16], "depths": [100, 5000],
+             "sample": 500, "idle_s": 30, "pickups": 20, "latency": True},
+}  # fmt: skip
+LIMIT = 5.0  # target: requests per task (claim + result + ack)
+CONCURRENCY = 8
+LATENCY = 0.02
+FUNC = "benchmarks.tasks:noop"
+MARK = "benchmarks.fleet:mark"
+# The worker's schedule runner lists schedules/ every second (not the queue's cost; measured
+# apart with OMNIQ_FLEET_SCHEDULES=1).
+SCHEDULES = os.environ.get("OMNIQ_FLEET_SCHEDULES") == "1"
+
+COUNTS: collections.Counter[str] = collections.Counter()
+STARTED: dict[int, float] = {}
+
+
+def mark(n: int) -> None:
+    """The pick-up task: notes when it started (the workers run in this process)."""
+    STARTED[n] = time.monotonic()
+
+
+@contextlib.contextmanager
+def count_requests() -> Iterator[None]:
+    """Count every HTTP request of the three SDKs into ``COUNTS`` by operation."""
+    patches: list[tuple[Any, str, Any]] = []
+    from aiobotocore.client import AioBaseClient
+
+    async def s3_call(self: Any, operation: str, params: dict[str, Any]) -> Any:
+        name = operation + ("(If-None-Match)" if params.get("IfNoneMatch") else "")
+        if operation == "ListObjectsV2":  # which area: ready/p0005/ -> ready, run/ -> run
+            parts = str(params.get("Prefix", "")).rstrip("/").split("/")
+            name += f" {parts[-2] if parts[-1].startswith('p0') else parts[-1]}/"
+        COUNTS[f"s3 {name}"] += 1
+        return await s3_original(self, operation, params)
+
+    s3_original = AioBaseClient._make_api_call
+    patches.append((AioBaseClient, "_make_api_call", s3_call))
+    with contextlib.suppress(ImportError):
+        import gcsfs
+
+        gcs_original = gcsfs.GCSFileSystem._request
+
+        async def gcs_request(self: Any, method: str, path: str, *args: Any, **kw: Any) -> Any:
+            kind = "list" if method == "GET" and path.rstrip("/").endswith("/o") else "object"
+            COUNTS[f"gcs {method} {kind}"] += 1
+            return await gcs_original(self, method, path, *args, **kw)
+
+        patches.append((gcsfs.GCSFileSystem, "_request", gcs_request))
+    with contextlib.suppress(ImportError):
+        from azure.core.pipeline.transport import AioHttpTransport
+
+        azure_original = AioHttpTransport.send
+
+        async def azure_send(self: Any, request: Any, **kw: Any) -> Any:
+            kind = "list" if "comp=list" in str(request.url) else "blob"
+            COUNTS[f"azure {request.method} {kind}"] += 1
+            return await azure_original(self, request, **kw)
+
+        patches.append((AioHttpTransport, "send", azure_send))
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, fn in patches:
+        setattr(owner, name, fn)
+    try:
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def _emulator(store: str) -> Any:
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    if TOOLS not in sys.path:
+        sys.path.insert(0, TOOLS)
+    import emulators
+
+    return {"s3": emulators.S3Emulator, "gcs": emulators.GCSEmulator}.get(
+        store, emulators.AzureEmulator
+    )()
+
+
+def _options(emulator: Any, endpoint: str) -> dict[str, Any]:
+    options = dict(emulator.storage_options)
+    if "connection_string" in options:
+        options["connection_string"] = options["connection_string"].replace(
+            emulator.endpoint, endpoint
+        )
+    else:
+        options["endpoint_url"] = endpoint
+    return options
+
+
+async def _drain(
+    url: str, options: dict[str, Any], workers: int, depth: int, sample: int
+) -> dict[str, Any]:
+    import anyio
+
+    from omniq.backend.file import AsyncFileBackend
+    from omniq.core import Task
+    from omniq.storage.file.queue import AsyncFileQueue
+
+    filler = AsyncFileQueue(f"{url}/queue", options)
+    for lo in range(0, depth, 500):
+        await filler.enqueue_many(
+            [Task(func=FUNC, args=[i]) for i in range(lo, min(depth, lo + 500))]
+        )
+    await filler.close()
+    want = min(depth, sample)
+    backends = [AsyncFileBackend(url, options, events=False) for _ in range(workers)]
+    fleet = [
+        b.worker(
+            "default",
+            concurrency=CONCURRENCY,
+            burst=True,
+            idle_timeout=0.5,
+            poll=0.5,
+            handle_signals=False,
+            schedules=SCHEDULES,
+        )
+        for b in backends
+    ]
+
+    def done() -> int:
+        return sum(w.stats["succeeded"] + w.stats["failed"] for w in fleet)
+
+    finished: dict[str, float] = {}
+
+    async def watch() -> None:
+        while done() < want:
+            await anyio.sleep(0.01)
+        finished["at"] = time.monotonic()
+        for w in fleet:
+            w.stop()
+
+    for b in backends:  # the start-up probe (3 requests once per process): not counted
+        await b.queue.enqueue_many([])
+    COUNTS.clear()
+    t0 = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        for w in fleet:
+            tg.start_soon(w.run)
+    seconds = finished.get("at", time.monotonic()) - t0
+    ops = dict(COUNTS)
+    tasks = done()
+    for b in backends:
+        await b.close()
+    total = sum(ops.values())
+    return {
+        "workers": workers,
+        "depth": depth,
+        "tasks": tasks,
+        "seconds": seconds,
+        "requests_per_task": total / max(1, tasks),
+        "by_operation": {op: n / max(1, tasks) for op, n in sorted(ops.items())},
+        "tasks_per_s_per_worker": tasks / seconds / workers if seconds else None,
+    }
+
+
+async def _idle(url: str, options: dict[str, Any], idle_s: float, pickups: int) -> dict[str, Any]:
+    import anyio
+
+    from omniq.backend.file import AsyncFileBackend
+
+    backend = AsyncFileBackend(url, options, events=False)
+    producer = AsyncFileBackend(url, options, events=False)
+    await producer.enqueue(FUNC, args=[0])  # the queue exists; the worker takes this one
+    worker = backend.worker(
+        "default", concurrency=CONCURRENCY, poll=0.5, handle_signals=False, schedules=SCHEDULES
+    )
+    poll_max = backend.queue.max_poll_interval
+    out: dict[str, Any] = {"max_poll_interval": poll_max}
+    latencies: list[float] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await anyio.sleep(2 * poll_max + 1)  # the worker has found the queue empty a while
+        COUNTS.clear()
+        await anyio.sleep(idle_s)
+        out["requests_per_idle_minute"] = sum(COUNTS.values()) * 60 / idle_s
+        out["idle_by_operation"] = {k: v * 60 / idle_s for k, v in sorted(COUNTS.items())}
+        STARTED.clear()
+        for n in range(pickups):
+            await anyio.sleep(random.uniform(2 * poll_max, 3 * poll_max))
+            await producer.enqueue(MARK, args=[n])
+            sent = time.monotonic()
+            while n not in STARTED:
+                await anyio.sleep(0.005)
+            latencies.append(STARTED[n] - sent)
+        worker.stop()
+    await backend.close()
+    await producer.close()
+    out["pickup_ms"] = sorted(round(x * 1000, 1) for x in latencies)
+    out["pickup_p50_ms"] = (median(latencies) or 0.0) * 1000
+    return out
+
+
+def _store(ctx: Context, store: str, size: dict[str, Any]) -> dict[str, Any]:
+    emulator = _emulator(store)
+    try:
+        emulator.start()
+    except Exception as exc:
+        ctx.note(f"fleet: {store} skipped: {exc}")
+        return {"skipped": str(exc)}
+    out: dict[str, Any] = {"drain": [], "latency": [], "idle": None}
+    try:
+        with count_requests():
+            for depth in size["depths"]:
+                for k in size["workers"]:
+                    url = emulator.url(f"fleet-{os.getpid()}-{time.time_ns()}")
+                    got = asyncio.run(
+                        _drain(url, emulator.storage_options, k, depth, size["sample"])
+                    )
+                    ctx.log(
+                        f"fleet: {store} depth {depth:,} K={k}: {got['requests_per_task']:.2f} "
+                        f"requests/task over {got['tasks']} tasks {got['by_operation']}"
+                    )
+                    out["drain"].append(got)
+            if size["latency"]:
+                out["latency"] = _latency(ctx, store, emulator, size)
+            url = emulator.url(f"fleet-idle-{os.getpid()}-{time.time_ns()}")
+            out["idle"] = asyncio.run(
+                _idle(url, emulator.storage_options, size["idle_s"], size["pickups"])
+            )
+            ctx.log(f"fleet: {store} idle: {out['idle']}")
+    finally:
+        emulator.stop()
+    return out
+
+
+def _latency(ctx: Context, store: str, emulator: Any, size: dict[str, Any]) -> list[Any]:
+    import fault_proxy
+
+    port = int(emulator.endpoint.rsplit(":", 1)[1])
+    rows = []
+    with fault_proxy.FaultProxy(("127.0.0.1", port), delay_range=(LATENCY, LATENCY)) as proxy:
+        proxy.set_mode("delay", p=1.0)
+        options = _options(emulator, proxy.endpoint)
+        for k in size["workers"][:2]:
+            url = emulator.url(f"fleet-lat-{os.getpid()}-{time.time_ns()}")
+            got = asyncio.run(_drain(url, options, k, 100, 100))
+            bound = CONCURRENCY / (got["requests_per_task"] * LATENCY)
+            got["bound_tasks_per_s"] = bound
+            got["ratio_to_bound"] = (got["tasks_per_s_per_worker"] or 0) / bound
+            ctx.log(
+                f"fleet: {store} +{LATENCY * 1000:.0f} ms K={k}: "
+                f"{got['tasks_per_s_per_worker']:.1f} tasks/s per worker, bound {bound:.1f}"
+            )
+            rows.append(got)
+    return rows
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    size = ctx.size(SIZES)
+    only = os.environ.get("OMNIQ_FLEET_STORES")
+    stores = only.split(",") if only else size["stores"]
+    return {"limit": LIMIT, "stores": {s: _store(ctx, s, size) for s in stores}}
+
+
+def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
+    bits, met = [], True
+    for store, block in data["stores"].items():
+        if "skipped" in block:
+            met = False
+            continue
+        per = [d["requests_per_task"] for d in block["drain"]]
+        met = met and bool(per) and max(per) <= LIMIT
+        bits.append(f"{store}: {min(per):.2f}-{max(per):.2f}")
+    return [
+        {
+            "id": 6,
+            "figure": NAME,
+            "title": "object-store requests per task with 1-16 workers, depth 100 and 5,000",
+            "goal": f"<= {LIMIT:g} requests per task (claim + result + ack), flat in depth",
+            "measured": "; ".join(bits),
+            "met": met,
+        }
+    ]
+
+
+def markdown(data: dict[str, Any]) -> str:
+    parts = []
+    for store, block in data["stores"].items():
+        if "skipped" in block:
+            parts.append(f"**{store}**: skipped ({block['skipped']})")
+            continue
+        rows = [
+            [
+                f"{d['depth']:,}",
+                d["workers"],
+                d["tasks"],
+                f"{d['requests_per_task']:.2f}",
+                ", ".join(f"{op.split(' ', 1)[1]} {n:.2f}" for op, n in d["by_operation"].items()),
+            ]
+            for d in block["drain"]
+        ]
+        parts.append(
+            f"**{store}**\n\n"
+            + md_table(["depth", "workers", "tasks", "requests/task", "by operation"], rows)
+        )
+        if block["latency"]:
+            lat = [
+                [
+                    d["workers"],
+                    f"{d['requests_per_task']:.2f}",
+                    fmt(d["tasks_per_s_per_worker"], 1),
+                    fmt(d["bound_tasks_per_s"], 1),
+                    f"{d['ratio_to_bound']:.2f}",
+                ]
+                for d in block["latency"]
+            ]
+            parts.append(
+                f"{store} with {LATENCY * 1000:.0f} ms per request (fault proxy)\n\n"
+                + md_table(
+                    ["workers", "requests/task", "tasks/s per worker", "bound", "ratio"], lat
+                )
+            )
+        idle = block["idle"]
+        if idle:
+            parts.append(
+                f"{store} idle worker: {idle['requests_per_idle_minute']:.0f} requests/min "
+                f"({idle['idle_by_operation']}); pick-up p50 {idle['pickup_p50_ms']:.0f} ms "
+                f"(max_poll_interval {idle['max_poll_interval']:g} s), all {idle['pickup_ms']}"
+            )
+    return "\n\n".join(parts)
