@@ -129,3 +129,13 @@ def mutates_after_update(ctx: TaskContext) -> int:
     items.append(object())
     time.sleep(0.6)
     return len(items)
+
+
+#: Runs per key, in this process (hook tests run their workers here).
+RUNS: dict[str, int] = {}
+
+
+def counted(key: str) -> int:
+    RUNS[key] = RUNS.get(key, 0) + 1
+    time.sleep(0.2)
+    return 1

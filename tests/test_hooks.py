@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
+import context_tasks
 from omniq.backend.file import AsyncFileBackend, TaskContext
 from omniq.core.models import ResultStatus
 
@@ -144,3 +146,55 @@ def test_omniq_worker_loads_hooks_by_path(tmp_path):
         [*args[:-1], "context_tasks:nothing_here"], env=env, capture_output=True, text=True
     )
     assert wrong.returncode == 2 and "nothing_here" in wrong.stderr
+
+
+class SlowBefore:
+    async def before_task(self, ctx: TaskContext) -> None:
+        await anyio.sleep(30)  # an exporter that stalls
+
+
+class HungAfter:
+    def __init__(self) -> None:
+        self.cancelled = 0
+
+    async def after_task(self, ctx: TaskContext, result: Any) -> None:
+        try:
+            await anyio.sleep(3600)
+        except anyio.get_cancelled_exc_class():
+            self.cancelled += 1
+            raise
+
+
+@pytest.mark.anyio
+async def test_a_slow_before_task_hook_does_not_let_the_task_run_twice() -> None:
+    """before_task runs before the first heartbeat: it is cut short after a third of the
+    lease. A hook slower than lease + clock_skew let another worker take the task over while
+    the first still called the function: it ran twice (review of issue 15; failed before)."""
+    key = f"slow-before-{os.getpid()}-{id(object())}"
+    async with AsyncFileBackend(
+        f"memory://hooks-slow/{key}", environ={}, lease=1.0, clock_skew=0.2
+    ) as backend:
+        await backend.enqueue(context_tasks.counted, (key,))
+        slow: Any = backend.worker(burst=True, idle_timeout=3, poll=0.1, hooks=[SlowBefore()])
+        other: Any = backend.worker(burst=True, idle_timeout=3, poll=0.1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow.run)
+            await anyio.sleep(0.2)  # the slow one claims first
+            tg.start_soon(other.run)
+    assert context_tasks.RUNS[key] == 1, f"the task ran {context_tasks.RUNS[key]} times"
+
+
+@pytest.mark.anyio
+async def test_a_hung_async_hook_is_cancelled_after_hook_timeout() -> None:
+    """An after_task that never returns held its slot for ever and a stopping worker waited
+    for it for ever; now it is cancelled after hook_timeout and the worker goes on."""
+    hung = HungAfter()
+    async with AsyncFileBackend(f"memory://hooks-hung/{os.getpid()}", environ={}) as backend:
+        ids = [await backend.enqueue(context_tasks.plain, (n,)) for n in range(3)]
+        worker: Any = backend.worker(
+            burst=True, idle_timeout=0.2, poll=0.05, concurrency=1, hooks=[hung], hook_timeout=0.3
+        )
+        with anyio.fail_after(30):
+            stats = await worker.run()
+        assert stats["succeeded"] == 3 and hung.cancelled == 3
+        assert [(await backend.result(i)).value for i in ids] == [1, 2, 3]  # type: ignore[union-attr]

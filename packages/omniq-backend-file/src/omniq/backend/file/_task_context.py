@@ -297,14 +297,20 @@ class Hooks:
     def __bool__(self) -> bool:
         return bool(self.hooks)
 
-    async def call(self, name: str, ctx: TaskContext, *args: Any) -> None:
-        for hook in self.hooks:
-            method = getattr(hook, name, None)
-            if method is None:
-                continue
-            try:
-                outcome = method(ctx, *args)
-                if inspect.isawaitable(outcome):
-                    await outcome
-            except Exception:
-                log.exception("hook %r.%s failed for task %s", hook, name, ctx.task_id)
+    async def call(self, name: str, ctx: TaskContext, *args: Any, timeout: float) -> None:
+        """Call ``name`` of every hook; an async hook still running after ``timeout`` seconds
+        (all of them together) is cancelled and logged. A sync hook runs on the event loop and
+        cannot be cut short: it must be quick."""
+        with anyio.move_on_after(timeout) as scope:
+            for hook in self.hooks:
+                method = getattr(hook, name, None)
+                if method is None:
+                    continue
+                try:
+                    outcome = method(ctx, *args)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+                except Exception:
+                    log.exception("hook %r.%s failed for task %s", hook, name, ctx.task_id)
+        if scope.cancelled_caught:
+            log.warning("hooks' %s for task %s cancelled after %.1f s", name, ctx.task_id, timeout)

@@ -91,6 +91,8 @@ class AsyncWorker:
         hooks: objects with any of ``before_task(ctx)``, ``after_task(ctx, result)``,
             ``on_failure(ctx, error)`` (sync or async), called in order around each task
             (docs/worker.md, "Hooks"); a hook that raises is logged, the task unaffected.
+        hook_timeout: seconds an async hook may take (default 10; ``before_task`` at most a
+            third of the lease, as it runs before the first heartbeat); then it is cancelled.
         progress_interval: seconds; a task's progress and metadata (``TaskContext``) are
             written at most once per interval (default 1), besides the heartbeats.
 
@@ -122,6 +124,7 @@ class AsyncWorker:
         schedule_refresh: float = 1.0,
         hooks: Sequence[Any] = (),
         progress_interval: float = 1.0,
+        hook_timeout: float = 10.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -152,6 +155,9 @@ class AsyncWorker:
         self.schedules = schedules
         self.schedule_refresh = schedule_refresh
         self.hooks = Hooks(hooks)
+        if not hook_timeout > 0:
+            raise ValueError("hook_timeout must be > 0 seconds")
+        self.hook_timeout = hook_timeout
         if not progress_interval > 0:
             raise ValueError("progress_interval must be > 0 seconds")
         self.progress_interval = progress_interval
@@ -401,7 +407,14 @@ class AsyncWorker:
         hooks = self.hooks
         try:
             if hooks:
-                await hooks.call("before_task", ctx)
+                limit = min(self.hook_timeout, self.lease / 3)
+                await hooks.call("before_task", ctx, timeout=limit)
+                if claimed.remaining() <= timedelta(0):
+                    # A sync hook blocked the loop past the lease: another worker may hold
+                    # the task now. Running it here could run the attempt twice.
+                    self.stats["lost"] += 1
+                    log.warning("task %s: its lease ran out in before_task; not run", claimed.id)
+                    return
             try:
                 value, error = await self._execute(claimed, ctx)
             except StorageError as exc:
@@ -415,9 +428,9 @@ class AsyncWorker:
             if not hooks:
                 pass
             elif error is None:
-                await hooks.call("after_task", ctx, value)
+                await hooks.call("after_task", ctx, value, timeout=self.hook_timeout)
             else:
-                await hooks.call("on_failure", ctx, error)
+                await hooks.call("on_failure", ctx, error, timeout=self.hook_timeout)
         except Exception:
             log.exception("internal error while handling task %s", claimed.id)
         finally:
