@@ -1,0 +1,126 @@
+"""What a claim lists and how often (issue 13): bounded head listings on every store, one
+reaper pass per interval whatever the number of consumers, consumers spread over the head
+without breaking priority order, an idle poller's pace kept across calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from omniq.core import Task
+from omniq.core.fs import listafter, listdirs, listhead, write
+from queue_helpers import FakeClock, make_queue
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_head_listings_are_ordered_and_bounded(storage: Any) -> None:
+    """listhead/listafter return names in key order from where they are asked, at most
+    ``limit``, files only (not a sub-directory), [] for a missing prefix: the claim's
+    listing on S3, GCS and Azure is one bounded request built on these."""
+    q = make_queue(storage)
+    try:
+
+        def program() -> Any:
+            for i in range(30):
+                yield write(f"area/a{i:03d}", b"x")
+            yield write("area/sub/inner", b"x")
+            head = yield listhead("area", 5)
+            after = yield listafter("area", "a010", 5)
+            tail = yield listafter("area", "a028", 5)
+            missing = yield listhead("nothing-here", 5)
+            dirs = yield listdirs("area")
+            return head, after, tail, missing, dirs
+
+        head, after, tail, missing, dirs = await q.store.run(program())
+    finally:
+        await q.close()
+    assert head == [f"a{i:03d}" for i in range(5)]
+    assert after == [f"a{i:03d}" for i in range(11, 16)]
+    assert tail == ["a029"]
+    assert missing == []
+    assert dirs == ["sub"]
+
+
+async def test_one_reaper_pass_per_interval_whatever_the_consumers(storage: Any) -> None:
+    clock = FakeClock()
+    consumers = [make_queue(storage, clock=clock, lease=40) for _ in range(4)]
+    passes = []
+    for q in consumers:
+        original = q.reap
+
+        async def counted(queue: str = "default", _original: Any = original) -> Any:
+            passes.append(queue)
+            return await _original(queue)
+
+        q.reap = counted  # type: ignore[method-assign]
+    try:
+        for _ in range(3):
+            for q in consumers:
+                assert await q.dequeue() is None
+        assert len(passes) == 1  # not one per consumer
+        clock.advance(consumers[0].reap_interval * 1.3)  # past the interval and its jitter
+        for q in consumers:
+            assert await q.dequeue() is None
+        assert len(passes) == 2
+    finally:
+        for q in consumers:
+            await q.close()
+
+
+async def test_spread_consumers_keep_priority_order_and_claim_each_once(storage: Any) -> None:
+    consumers = [make_queue(storage, spread=256) for _ in range(3)]
+    try:
+        low = [Task(func="m:f", args=[i], priority=-1) for i in range(40)]
+        high = [Task(func="m:f", args=[i], priority=5) for i in range(10)]
+        await consumers[0].enqueue_many(low + high)
+        seen: list[str] = []
+        while True:
+            got = [await q.dequeue() for q in consumers]
+            claimed = [c for c in got if c is not None]
+            if not claimed:
+                break
+            seen += [c.id for c in claimed]
+            for c, q in zip(got, consumers, strict=True):
+                if c is not None:
+                    await q.ack(c)
+        assert sorted(seen) == sorted(t.id for t in low + high)  # each exactly once
+        assert set(seen[:10]) == {t.id for t in high}  # every high one before any low one
+    finally:
+        for q in consumers:
+            await q.close()
+
+
+async def test_an_idle_poller_keeps_its_pace_across_calls(storage: Any) -> None:
+    q = make_queue(storage, poll_interval=30.0, max_poll_interval=60.0, watch=False)
+    looks = []
+    original = q._scan_program
+
+    def counted(queue: str) -> Any:
+        looks.append(queue)
+        return original(queue)
+
+    q._scan_program = counted  # type: ignore[method-assign]
+    try:
+        assert await q.dequeue(wait=0.01) is None
+        assert len(looks) == 1
+        # The next look is 30 s away: short waits return without listing again.
+        for _ in range(3):
+            assert await q.dequeue(wait=0.01) is None
+        assert len(looks) == 1
+        # A dequeue without a wait always looks.
+        assert await q.dequeue() is None
+        assert len(looks) == 2
+        # An enqueue through this instance wakes its poller at once.
+        task = Task(func="m:f")
+        await q.enqueue(task)
+        claimed = await q.dequeue(wait=0.01)
+        assert claimed is not None and claimed.id == task.id
+    finally:
+        await q.close()
