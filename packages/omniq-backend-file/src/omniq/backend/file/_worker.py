@@ -5,11 +5,9 @@ the shape of ``WorkerBackend`` works with it, the file backend being one of them
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -42,6 +40,7 @@ from omniq.core.models import (
 from omniq.core.names import validate_name
 
 from ._functions import FunctionImportError, FunctionNotAllowedError, resolve
+from ._groups import first_error as _first_error
 from ._heartbeats import Heartbeats
 from ._schedules import run_schedules
 from ._task_context import Hooks, call_task, last_progress_event, make_context
@@ -599,36 +598,3 @@ def _small(value: Any) -> bool:
         or value is False
         or (type(value) is int and -(2**63) <= value < 2**64)
     )
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    inner = getattr(exc, "exceptions", None)
-    if not isinstance(inner, tuple):
-        return [exc]
-    return [leaf for item in inner for leaf in _leaves(item)]
-
-
-def _first_error(group: BaseException) -> BaseException:
-    """The error to raise for an exception group out of the worker's task group: an
-    interruption (KeyboardInterrupt, SystemExit) first, else the first real error; the others
-    are logged and noted on it. The group itself if it holds only cancellations."""
-    leaves = _leaves(group)
-    cancelled: tuple[type[BaseException], ...] = (asyncio.CancelledError,)
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        cancelled += (trio.Cancelled,)
-    real = [e for e in leaves if not isinstance(e, cancelled)]
-    if not real:
-        return group
-    first = next((e for e in real if not isinstance(e, Exception)), real[0])
-    for other in real:
-        if other is not first:
-            log.error(
-                "worker also failed with %s: %s",
-                type(other).__name__,
-                other,
-                exc_info=(type(other), other, other.__traceback__),
-            )
-            if hasattr(first, "add_note"):
-                first.add_note(f"the worker also failed with {type(other).__name__}: {other}")
-    return first
