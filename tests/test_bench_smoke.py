@@ -60,7 +60,9 @@ def test_every_figure_reports(smoke: dict) -> None:
     meta = smoke["meta"]
     assert meta["cpu_count"] >= 1 and meta["python"] and meta["date"]
     assert meta["filesystems"]["disk"]["type"]
-    expected = {1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15} | ({2} if "tmpfs" in meta["filesystems"] else set())
+    expected = {1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15} | (
+        {2} if "tmpfs" in meta["filesystems"] else set()
+    )
     assert {t["id"] for t in smoke["targets"]} == expected
     for target in smoke["targets"]:
         assert target["measured"] and target["goal"]
