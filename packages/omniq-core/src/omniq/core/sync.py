@@ -281,14 +281,14 @@ def _run(
             return _LOOP.run(make_coro, owner)
         finally:
             gate.end_other()
-    gate = _GATES.get(target)
-    if gate is None:  # never called inline: nothing to keep apart
+    known = _GATES.get(target)
+    if known is None:  # never called inline: nothing to keep apart
         return _LOOP.run(make_coro, owner)
-    gate.begin_other()
+    known.begin_other()
     try:
         return _LOOP.run(make_coro, owner)
     finally:
-        gate.end_other()
+        known.end_other()
 
 
 _LOOP = _LoopThread()
