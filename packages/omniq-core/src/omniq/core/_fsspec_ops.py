@@ -494,10 +494,19 @@ class _FsspecSteps:
         return [n for n in listed if n > after][:limit]
 
     def _listdirs(self, prefix: str) -> _Steps[list[str]]:
-        if hasattr(self.fs.fs, "_call_s3"):
-            # s3fs lists the parent too when a prefix is empty (is it a file?): one LIST here.
+        # The plugins look again when a prefix is empty (is it a file?): s3fs lists the
+        # parent, gcsfs GETs the object, adlfs HEADs it. One listing request here.
+        inner = self.fs.fs
+        lister: Callable[..., Awaitable[list[str]]] | None = None
+        if hasattr(inner, "_call_s3"):
+            lister = _s3_dirs
+        elif hasattr(inner, "_call_list_objects"):
+            lister = _gcs_dirs
+        elif hasattr(inner, "service_client"):
+            lister = _azure_dirs
+        if lister is not None:
             path = self.fs._join(prefix)
-            names: list[str] = yield from _retrying("list", prefix, lambda: _s3(_s3_dirs, path))
+            names: list[str] = yield from _retrying("list", prefix, lambda: _s3(lister, path))
             return names
         return _dirs((yield from self._infos(prefix)))
 
@@ -683,6 +692,35 @@ async def _s3_dirs(s3: Any, path: str) -> list[str]:
         if not response.get("IsTruncated"):
             return sorted(n for n in out if n and not n.startswith("."))
         more = {"ContinuationToken": response["NextContinuationToken"]}
+
+
+async def _gcs_dirs(gcs: Any, path: str) -> list[str]:
+    """The sub-directory names under ``path``: object-listing pages with a delimiter."""
+    bucket, key, _ = gcs.split_path(path)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    out: list[str] = []
+    more: dict[str, Any] = {}
+    while True:
+        page = await gcs._call_list_objects(
+            bucket, delimiter="/", prefix=prefix or None, maxResults=1000, **more
+        )
+        out += [p[len(prefix) :].rstrip("/") for p in page.get("prefixes", [])]
+        if not page.get("nextPageToken"):
+            return sorted(n for n in out if n and not n.startswith("."))
+        more = {"pageToken": page["nextPageToken"]}
+
+
+async def _azure_dirs(azure: Any, path: str) -> list[str]:
+    """The sub-directory names under ``path``: a walk with a delimiter."""
+    container, key, _ = azure.split_path(path)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    client = azure.service_client.get_container_client(container)
+    out: list[str] = []
+    async for item in client.walk_blobs(name_starts_with=prefix, results_per_page=1000):
+        name = item["name"][len(prefix) :]
+        if name.endswith("/"):
+            out.append(name.rstrip("/"))
+    return sorted(n for n in out if n and not n.startswith("."))
 
 
 async def _gcs_after(gcs: Any, path: str, after: str, limit: int) -> list[str]:
