@@ -245,7 +245,7 @@ class AsyncWorker:
             failing_since: float | None = None
             gave_up: StorageError | None = None
             while not self._stopping:
-                got_slot = False
+                got_slot = final_look = False
                 with anyio.move_on_after(self.poll):
                     await slots.acquire()
                     got_slot = True
@@ -256,11 +256,19 @@ class AsyncWorker:
                     # Not under the poll timeout: a claim cancelled half-way (after its run
                     # file was created) would leave the task claimed by no one until the
                     # lease expired. dequeue's own ``wait`` bounds this call.
+                    # Burst mode stops only after a look that found nothing: an idle poller's
+                    # dequeue may skip looking (its pace), so the last one before stopping
+                    # does not wait and always looks.
+                    final_look = (
+                        self.burst
+                        and idle_since is not None
+                        and time.monotonic() - idle_since >= self.idle_timeout
+                    )
                     try:
                         claimed = await self.queue.dequeue(
                             self.queues,
                             lease=self.lease,
-                            wait=min(self.poll, 0.5),
+                            wait=0.0 if final_look else min(self.poll, 0.5),
                             worker_id=self.worker_id,
                         )
                     except (StorageError, OSError) as exc:
@@ -313,7 +321,7 @@ class AsyncWorker:
                         continue
                 if self.burst and not self.running:
                     idle_since = idle_since or time.monotonic()
-                    if time.monotonic() - idle_since >= self.idle_timeout:
+                    if final_look:
                         if not await self._due_soon():
                             break
                         idle_since = None
