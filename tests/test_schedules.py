@@ -331,6 +331,8 @@ async def test_cron_schedule_with_injected_clock_and_three_workers(storage):
         expected = [ms(utc(2026, 6, 1, 8, 5)) + k * 300_000 for k in range(24)]
         assert fired == expected
         assert (await backends[0].queue.size("cron")).ready == 24
+        for backend in backends:  # each backend's events are written in the background
+            await backend.events.flush()
         events = await scheduled_events(backends[0])
         assert len(events) == 24 and {e.worker_id for e in events} == {"w0", "w1", "w2"}
         info = await backends[1].schedules.get(sid)

@@ -424,6 +424,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
         event read is final once no unread source can hold an earlier one."""
         sources.sort()
         held: list[tuple[tuple[int, str], TaskEvent]] = []
+        seen: set[str] = {event.id for event in out}  # one event in two files counts once
         first = 0
         while first < len(sources):
             step = self.batch if limit is None else max(1, min(self.batch, limit - len(out)))
@@ -435,7 +436,10 @@ class AsyncFileEventStorage(AsyncEventStorage):
                 if data is None:  # removed by a cleanup since the listing
                     continue
                 for event in self._decode(source, data, task_id):
+                    if event.id in seen:
+                        continue
                     if (kind is None or event.type == kind) and window.holds(event.time):
+                        seen.add(event.id)
                         held.append(((layout.epoch_ms(event.time), event.id), event))
             horizon = sources[first].min_ms if first < len(sources) else None
             held.sort(key=itemgetter(0))
