@@ -452,7 +452,7 @@ class AsyncWorker:
         self.stats["claimed"] += 1
         task = claimed.task
         started = ctx.started_at
-        log.debug("task %s %s started (attempt %d)", task.id, task.func, claimed.attempt)
+        log.info("task %s %s started (attempt %d)", task.id, task.func, claimed.attempt)
         await self._event(EventType.STARTED, claimed, data={"func": task.func})
         state: dict[str, Any] = {"claimed": claimed, "lost": False, "cancelled": False}
         outcome: Any = None
