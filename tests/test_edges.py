@@ -270,6 +270,80 @@ async def test_enqueue_into_a_broken_local_directory_raises(tmp_path) -> None:
 # --------------------------------------------------------------------------- 2. lost responses
 
 
+async def _lose_every_answer(store: Store, kind: str, monkeypatch) -> None:
+    """Every exclusive create of ``store`` lands but its caller gets a connection error, and
+    from then on every read fails: the claimer cannot tell whether its claim landed."""
+    if store.kind == "memory":
+        dirfs, prefix = store._sync_ops.fs, ""  # type: ignore[attr-defined]
+    else:
+        dirfs, prefix = (await store._ops_for_loop()).fs, "_"
+    pipe, cat = getattr(dirfs, f"{prefix}pipe_file"), getattr(dirfs, f"{prefix}cat_file")
+
+    landed: list[str] = []
+
+    def lost(path: str) -> Exception:
+        return _connection_error(kind, f"{store.url}/{path}")
+
+    if store.kind == "memory":
+
+        def pipe_sync(path: str, data: bytes, **kwargs: Any) -> Any:
+            pipe(path, data, **kwargs)
+            if kwargs.get("mode") == "create":
+                landed.append(path)
+                raise lost(path)
+
+        def cat_sync(path: str, *args: Any, **kwargs: Any) -> Any:
+            if landed:
+                raise lost(path)
+            return cat(path, *args, **kwargs)
+
+        monkeypatch.setattr(dirfs, "pipe_file", pipe_sync)
+        monkeypatch.setattr(dirfs, "cat_file", cat_sync)
+        return
+
+    async def pipe_async(path: str, data: bytes, **kwargs: Any) -> Any:
+        await pipe(path, data, **kwargs)
+        if kwargs.get("mode") == "create":
+            landed.append(path)
+            raise lost(path)
+
+    async def cat_async(path: str, *args: Any, **kwargs: Any) -> Any:
+        if landed:
+            raise lost(path)
+        return await cat(path, *args, **kwargs)
+
+    monkeypatch.setattr(dirfs, "_pipe_file", pipe_async)
+    monkeypatch.setattr(dirfs, "_cat_file", cat_async)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("storage", ["memory", "s3", "gcs", "azure"], indirect=True)
+async def test_claim_that_landed_unanswered_is_handed_out_by_the_next_dequeue(
+    storage, monkeypatch
+) -> None:
+    """A claim lands, but every answer is lost (the create's and the look after it): the
+    dequeue raises. Once the store answers again, the same consumer's next dequeue returns
+    that claim -- the attempt is not left claimed by nobody until its lease runs out -- and
+    another consumer finds nothing to claim."""
+    monkeypatch.setattr(_ops, "_backoff", lambda n: 0.01)
+    backend = AsyncFileBackend(_url(storage, TRAP), storage.storage_options, environ={})
+    rival = AsyncFileBackend(_url(storage, TRAP), storage.storage_options, environ={})
+    try:
+        await backend.enqueue("worker_tasks:add", [1, 2], task_id=TASK_ID, queue=QUEUE)
+        with monkeypatch.context() as patch:
+            await _lose_every_answer(backend.queue.store, storage.kind, patch)
+            with pytest.raises(StorageError):
+                await backend.queue.dequeue([QUEUE], worker_id="w1", lease=30)
+        assert await rival.queue.dequeue([QUEUE], worker_id="w2") is None
+        claimed = await backend.queue.dequeue([QUEUE], worker_id="w1", lease=30)
+        assert claimed is not None and (claimed.id, claimed.attempt) == (TASK_ID, 1)
+        await backend.queue.ack(claimed)
+        assert await backend.queue.dequeue([QUEUE], worker_id="w1") is None
+    finally:
+        await rival.close()
+        await backend.close()
+
+
 async def _retry_inside_sdk(store: Store, monkeypatch) -> None:
     """Each conditional create is sent twice inside one call, the way an SDK retries a
     request whose response was lost: the first lands, the second gets the store's own

@@ -17,21 +17,39 @@ was lost); the token makes the bytes unique. After winning, the ready copy (and 
 marker) are deleted; if that fails the claim is kept -- the copy's next claimer finds the
 claim and drops it, and the reaper's clean-up deletes any copy left before it removes the
 claim. A lease is the document's ``lease_until``, later the newest lease epoch.
+
+A create that ends in an error may still have landed (the response of the last try lost, and
+the look that followed failed too). Its claim is kept as *unsettled*; the next claim from
+that queue reads the name first: the claim's own bytes there mean the attempt is this
+consumer's, and it is handed out (renewed first if little lease is left). Without that look
+the attempt would sit claimed by nobody until its lease ran out.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
 from omniq.core import codec
-from omniq.core.fs import Program, Store, create, delete, stat
+from omniq.core.errors import StorageError
+from omniq.core.fs import Program, Store, create, delete, now, read, stat
 from omniq.core.models import UTC, Claimed, Task
 
 from . import _layout as layout
 
 log = logging.getLogger("omniq.queue")
+
+
+@dataclass(frozen=True)
+class Unsettled:
+    """A claim whose create failed without an answer: it may have landed."""
+
+    cand: layout.Candidate
+    run: str
+    data: bytes
+    claimed: Claimed
 
 
 def _dt(epoch: float) -> datetime:
@@ -49,6 +67,7 @@ class DocumentClaims:
     def __init__(self, store: Store, batch: int | None = None) -> None:
         self.store = store
         self.batch = batch or self.batch
+        self.unsettled: list[Unsettled] = []
 
     def suspect_after(self, lease: float, clock_skew: float) -> float:
         """How old a claim file must be before the reaper reads it: a document's mtime is
@@ -67,11 +86,40 @@ class DocumentClaims:
             claimed_at=_dt(current),
         )
         run = layout.run_key(task.queue, task.id, cand.attempt)
-        if (yield create(run, codec.encode(claimed))):
+        data = codec.encode(claimed)
+        try:
+            won = yield create(run, data)
+        except StorageError:
+            self.unsettled.append(Unsettled(cand, run, data, claimed))
+            raise
+        if won:
             yield from self.spend(cand)
             return claimed
         yield from self.lost(cand, run)
         return None
+
+    def settle(self, queue: str, want: int, grace: float) -> Program[list[Claimed]]:
+        """Up to ``want`` unsettled claims of ``queue`` that did land (their bytes are at
+        their name). One still unreadable is kept until ``grace`` past its lease (then the
+        reaper owns the attempt); one that did not land, or lost to a rival, is forgotten."""
+        mine, kept = [], []
+        current = yield now()
+        for item in self.unsettled:
+            if item.claimed.queue != queue or len(mine) >= want:
+                kept.append(item)
+                continue
+            try:
+                stored = yield read(item.run)
+            except StorageError:
+                if current < item.claimed.lease_until.timestamp() + grace:
+                    kept.append(item)
+                continue
+            if stored == item.data:
+                log.info("task %s: a claim whose answer was lost did land", item.claimed.id)
+                yield from self.spend(item.cand)
+                mine.append(item.claimed)
+        self.unsettled = kept
+        return mine
 
     def lost(self, cand: layout.Candidate, run: str) -> Program[None]:
         """The attempt is claimed (or over): its copy is stale and is removed."""

@@ -398,6 +398,10 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
         if due and await self.store.run(self._reap_turn(queue, current)) and await self.reap(queue):
             cache = None  # requeued tasks: list again to see them
         claimed: list[Claimed] = []
+        if self.claims.unsettled:
+            claimed += await self.store.run(self.claims.settle(queue, want, self.tombstone_ttl))
+            if len(claimed) >= want:
+                return claimed
         while True:
             if cache is None or cache.stale(current, self.refresh_interval):
                 if refreshed:
