@@ -102,7 +102,8 @@ class DocumentClaims:
         """Up to ``want`` unsettled claims of ``queue`` that did land (their bytes are at
         their name). One still unreadable is kept until ``grace`` past its lease (then the
         reaper owns the attempt); one that did not land, or lost to a rival, is forgotten."""
-        mine, kept = [], []
+        mine: list[Claimed] = []
+        kept: list[Unsettled] = []
         current = yield now()
         for item in self.unsettled:
             if item.claimed.queue != queue or len(mine) >= want:
