@@ -420,6 +420,43 @@ def test_exit_with_pending_work_is_clean() -> None:
         assert noise not in proc.stderr, proc.stderr
 
 
+def test_a_script_using_a_local_queue_from_threads_exits(tmp_path) -> None:
+    """Inline calls (a local directory) from the main thread and from other threads start
+    anyio worker threads on the callers' private loops; the script still exits when its main
+    thread ends (the interpreter joins non-daemon threads, so one left idle hangs it)."""
+    script = textwrap.dedent(f"""
+        import threading
+        from omniq.core import Task
+        from omniq.storage.file.queue import FileQueue
+
+        queue = FileQueue({str(tmp_path / "q")!r})
+        ids = queue.enqueue_many([Task(func="m:f", args=[i]) for i in range(3)])
+        queue.ack(queue.dequeue())
+
+        def calls() -> None:
+            for _ in range(5):
+                queue.size("default")
+                queue.get_task(ids[1], "default")
+
+        threads = [threading.Thread(target=calls) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        calls()
+        print("MAIN EXITS", flush=True)
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_script_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "MAIN EXITS" in proc.stdout
+
+
 # --------------------------------------------------------------------------- 7. Ctrl-C
 
 

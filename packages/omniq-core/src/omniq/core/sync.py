@@ -249,9 +249,19 @@ def _complete(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, R]) -> 
     try:
         while not task.done():
             step()
+        # One more step runs the task's done callbacks (queued with call_soon; the no-op
+        # makes the step not wait): anyio stops the worker threads a ``to_thread`` call
+        # started from one of them. Skipped, those non-daemon threads idle forever and the
+        # interpreter hangs at exit, joining them.
+        loop.call_soon(_nothing)
+        step()
     finally:
         asyncio.events._set_running_loop(None)
     return task.result()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _inline_ok(target: Any) -> bool:
