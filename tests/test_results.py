@@ -168,11 +168,12 @@ async def test_wait_returns_when_the_result_lands(storage, anyio_backend):
         async with anyio.create_task_group() as tg:
             tg.start_soon(later)
             start = time.monotonic()
-            got = await s.wait("w1", timeout=10)
+            got = await s.wait("w1", timeout=60)
             elapsed = time.monotonic() - start
         assert got.value == "done"
-        # Well before the 10 s timeout (a loaded CI machine may need a few seconds to write).
-        assert 0.15 <= elapsed < 5.0, elapsed
+        # It waited for the value and returned with it (a timeout raises; no upper time
+        # bound: a loaded CI machine took 8 s to write once).
+        assert elapsed >= 0.15, elapsed
 
 
 def test_sync_wait_for_a_result_set_by_another_thread(storage):
@@ -181,13 +182,14 @@ def test_sync_wait_for_a_result_set_by_another_thread(storage):
         setter.start()
         try:
             start = time.monotonic()
-            got = s.wait("w2", timeout=10)
+            got = s.wait("w2", timeout=60)
             elapsed = time.monotonic() - start
         finally:
             setter.join()
         assert got.value == 42
-        # Well before the 10 s timeout (a loaded CI machine may need a few seconds to write).
-        assert 0.15 <= elapsed < 5.0, elapsed
+        # It waited for the value and returned with it (a timeout raises; no upper time
+        # bound: a loaded CI machine took 8 s to write once).
+        assert elapsed >= 0.15, elapsed
 
 
 @QUICK
