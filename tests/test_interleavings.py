@@ -443,7 +443,7 @@ REMOTE_SCENARIOS = [
     "nack-retry x reaper",
     "requeue_dead x requeue_dead",
 ]
-REMOTE_SAMPLES = int(os.environ.get("OMNIQ_EXPLORE_REMOTE_SAMPLES") or 20)  # ~80 s in all
+REMOTE_SAMPLES = int(os.environ.get("OMNIQ_EXPLORE_REMOTE_SAMPLES") or 15)
 
 
 @pytest.mark.parametrize("scenario", REMOTE_SCENARIOS)
