@@ -249,19 +249,15 @@ def _complete(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, R]) -> 
     try:
         while not task.done():
             step()
-        # One more step runs the task's done callbacks (queued with call_soon; the no-op
-        # makes the step not wait): anyio stops the worker threads a ``to_thread`` call
-        # started from one of them. Skipped, those non-daemon threads idle forever and the
-        # interpreter hangs at exit, joining them.
-        loop.call_soon(_nothing)
-        step()
+        # The task's done callbacks are queued (call_soon), not run yet: anyio stops the
+        # worker threads a ``to_thread`` call started from one of them. Skipped, those
+        # non-daemon threads idle forever and the interpreter hangs at exit, joining them.
+        # Only then is there anything ready: the common call pays no extra step.
+        if getattr(loop, "_ready", None):
+            step()
     finally:
         asyncio.events._set_running_loop(None)
     return task.result()
-
-
-def _nothing() -> None:
-    pass
 
 
 def _inline_ok(target: Any) -> bool:
