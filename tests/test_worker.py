@@ -71,17 +71,16 @@ class ClaimCounter:
 
     def __init__(self, queue) -> None:
         self.held = self.peak = self.total = 0
-        real_dequeue = queue.dequeue
+        real_dequeue_many = queue.dequeue_many
 
-        async def dequeue(*args, **kwargs):
-            claimed = await real_dequeue(*args, **kwargs)
-            if claimed is not None:
-                self.held += 1
-                self.total += 1
-                self.peak = max(self.peak, self.held)
+        async def dequeue_many(*args, **kwargs):  # the worker claims a batch per call
+            claimed = await real_dequeue_many(*args, **kwargs)
+            self.held += len(claimed)
+            self.total += len(claimed)
+            self.peak = max(self.peak, self.held)
             return claimed
 
-        queue.dequeue = dequeue
+        queue.dequeue_many = dequeue_many
         for name in ("ack", "nack", "release"):
             setattr(queue, name, self._finishing(getattr(queue, name)))
 
@@ -369,15 +368,15 @@ async def test_slow_claim_is_not_dropped_by_the_poll_timeout(storage):
     out (regression: it was run under the poll's ``move_on_after``)."""
     async with make(storage) as backend:
         ids = [await backend.enqueue(worker_tasks.add, (i, i)) for i in range(3)]
-        real_dequeue = backend.queue.dequeue
+        real_dequeue_many = backend.queue.dequeue_many
 
-        async def slow_dequeue(*args, **kwargs):
-            claimed = await real_dequeue(*args, **kwargs)
-            if claimed is not None:
+        async def slow_dequeue_many(*args, **kwargs):
+            claimed = await real_dequeue_many(*args, **kwargs)
+            if claimed:
                 await anyio.sleep(0.3)  # longer than poll (0.1)
             return claimed
 
-        backend.queue.dequeue = slow_dequeue
+        backend.queue.dequeue_many = slow_dequeue_many
         stats = await backend.worker(**BURST).run()
         assert stats["claimed"] == 3
         for i, task_id in enumerate(ids):

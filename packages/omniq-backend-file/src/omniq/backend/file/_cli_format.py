@@ -446,6 +446,13 @@ def build_parser(handlers: Mapping[str, Callable[[Any], int]]) -> argparse.Argum
         help="tasks run at the same time (default: 4)",
     )
     p.add_argument(
+        "--claimers",
+        type=_positive(int),
+        metavar="N",
+        help="claim calls in flight at once while tasks wait (default: 1 on a local "
+        "directory, 4 on an object store; at most --concurrency)",
+    )
+    p.add_argument(
         "--events",
         action="store_true",
         default=None,

@@ -39,6 +39,7 @@ from omniq.core.models import (
 )
 from omniq.core.names import validate_name
 
+from ._claimers import ClaimHelpers, default_claimers, release, take_free
 from ._functions import FunctionImportError, FunctionNotAllowedError, resolve
 from ._groups import first_error as _first_error
 from ._heartbeats import Heartbeats
@@ -94,6 +95,9 @@ class AsyncWorker:
             third of the lease, as it runs before the first heartbeat); then it is cancelled.
         progress_interval: seconds; a task's progress and metadata (``TaskContext``) are
             written at most once per interval (default 1), besides the heartbeats.
+        claimers: claim calls in flight at once while tasks are waiting (default 1 on a
+            local directory or memory, 4 on an object store; at most ``concurrency``). Each
+            claims for every free slot; an idle worker polls with one.
 
     ``run()`` raises the error that stopped the worker itself (``CapabilityError``,
     ``StorageError``, ...), never an exception group; other errors raised at the same time are
@@ -124,6 +128,7 @@ class AsyncWorker:
         hooks: Sequence[Any] = (),
         progress_interval: float = 1.0,
         hook_timeout: float = 10.0,
+        claimers: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -136,6 +141,9 @@ class AsyncWorker:
         single = isinstance(given, (str, bytes)) or not isinstance(given, Iterable)
         self.queues = [validate_name(q, "queue name") for q in ([given] if single else given)]
         self.concurrency = concurrency
+        if claimers is not None and claimers < 1:
+            raise ValueError("claimers must be >= 1")
+        self.claimers = min(concurrency, claimers or default_claimers(self.queue))
         self.processes = processes
         self.lease = lease or self.queue.lease
         self.grace = grace
@@ -240,6 +248,14 @@ class AsyncWorker:
             await tg.start(self._beats.run)
             if self.schedules and getattr(self.backend, "schedules", None) is not None:
                 tg.start_soon(run_schedules, self)
+
+            def start(claimed: Claimed) -> None:
+                self.running[claimed.id] = claimed
+                self.max_running = max(self.max_running, len(self.running))
+                tg.start_soon(self._run_one, claimed, slots)
+
+            helpers = ClaimHelpers(self, slots, self.claimers - 1)
+            helpers.start(tg, start)
             idle_since: float | None = None
             failures = 0  # consecutive failed claims (storage trouble)
             failing_since: float | None = None
@@ -264,8 +280,12 @@ class AsyncWorker:
                         and idle_since is not None
                         and time.monotonic() - idle_since >= self.idle_timeout
                     )
+                    # Every free slot is claimed for in one call: on an object store the
+                    # claims then overlap (a batch costs about one claim's latency).
+                    free = 1 + take_free(slots)
                     try:
-                        claimed = await self.queue.dequeue(
+                        batch = await self.queue.dequeue_many(
+                            free,
                             self.queues,
                             lease=self.lease,
                             wait=0.0 if final_look else min(self.poll, 0.5),
@@ -274,7 +294,7 @@ class AsyncWorker:
                     except (StorageError, OSError) as exc:
                         # Storage trouble (an outage, a store restarting) must not kill the
                         # worker: log it, back off, try again.
-                        slots.release()
+                        release(slots, free)
                         failures += 1
                         failing_since = failing_since or time.monotonic()
                         down = time.monotonic() - failing_since
@@ -305,19 +325,19 @@ class AsyncWorker:
                         await self._pause(delay)
                         continue
                     except BaseException:
-                        slots.release()
+                        release(slots, free)
                         raise
                     failures, failing_since = 0, None
-                    if claimed is not None and self._stop_requested():
-                        await self._release(claimed)  # stopped while polling: give it back
-                        claimed = None
-                    if claimed is None:
-                        slots.release()
-                    else:
+                    if batch and self._stop_requested():
+                        for claimed in batch:  # stopped while polling: give them back
+                            await self._release(claimed)
+                        batch = []
+                    release(slots, free - len(batch))
+                    if batch:
                         idle_since = None
-                        self.running[claimed.id] = claimed
-                        self.max_running = max(self.max_running, len(self.running))
-                        tg.start_soon(self._run_one, claimed, slots)
+                        for claimed in batch:
+                            start(claimed)
+                        helpers.found_work()
                         continue
                 if self.burst and not self.running:
                     idle_since = idle_since or time.monotonic()
@@ -325,6 +345,7 @@ class AsyncWorker:
                         if not await self._due_soon():
                             break
                         idle_since = None
+            await helpers.close()
             await self._drain()
             tg.cancel_scope.cancel()
         self._stopping = False  # a stop() before run() is honoured; afterwards it may run again

@@ -128,6 +128,7 @@ def cmd_worker(ctx: _Context) -> int:
             schedules=not ns.no_schedules,
             hooks=[load_hook(path) for path in ns.hook or ()],
             progress_interval=ns.progress_interval,
+            claimers=ns.claimers,
             metrics_port=ns.metrics_port,
             metrics_host=ns.metrics_host,
             **({"worker_id": ns.worker_id} if ns.worker_id else {}),

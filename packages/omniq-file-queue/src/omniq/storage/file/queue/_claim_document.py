@@ -105,7 +105,8 @@ class DocumentClaims:
         mine: list[Claimed] = []
         kept: list[Unsettled] = []
         current = yield now()
-        for item in self.unsettled:
+        looked = list(self.unsettled)
+        for item in looked:
             if item.claimed.queue != queue or len(mine) >= want:
                 kept.append(item)
                 continue
@@ -119,7 +120,9 @@ class DocumentClaims:
                 log.info("task %s: a claim whose answer was lost did land", item.claimed.id)
                 yield from self.spend(item.cand)
                 mine.append(item.claimed)
-        self.unsettled = kept
+        # Claims that failed meanwhile (a concurrent claim of this consumer) stay too.
+        seen = {id(item) for item in looked}
+        self.unsettled = kept + [item for item in self.unsettled if id(item) not in seen]
         return mine
 
     def lost(self, cand: layout.Candidate, run: str) -> Program[None]:

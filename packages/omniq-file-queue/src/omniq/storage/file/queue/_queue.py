@@ -170,6 +170,7 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
         self.worker_id = default_worker_id()
         self._checked = False
         self._cache: dict[str, _Cache] = {}
+        self._listing: set[str] = set()  # queues a call of this instance is listing now
         self._reaped: dict[str, float] = {}
         self._idle: dict[tuple[str, ...], _Idle] = {}
         self.takeovers: dict[str, int] = {}  # expired leases this reaper requeued (metrics)
@@ -403,10 +404,19 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
             if len(claimed) >= want:
                 return claimed
         while True:
-            if cache is None or cache.stale(current, self.refresh_interval):
-                if refreshed:
+            if refreshed and (cache is None or cache.stale(current, self.refresh_interval)):
+                return claimed
+            if queue in self._listing:
+                # Another call of this instance is listing the queue: no second listing;
+                # claim from the last one meanwhile, if anything is left of it.
+                if cache is None or not cache.items:
                     return claimed
-                items = await self.store.run(self._scan_program(queue))
+            elif cache is None or cache.stale(current, self.refresh_interval):
+                self._listing.add(queue)
+                try:
+                    items = await self.store.run(self._scan_program(queue))
+                finally:
+                    self._listing.discard(queue)
                 # Stamped when the listing ended: a slow listing must not make the next
                 # dequeue list again at once.
                 cache = self._cache[queue] = _Cache(self._now(), self._spread(items))
@@ -415,9 +425,7 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
                 picks = [
                     cache.items.pop(0) for _ in range(min(want - len(claimed), len(cache.items)))
                 ]
-                for got in await self.store.run(
-                    self._claim_many_program(queue, picks, lease, worker)
-                ):
+                for got in await self._claim_picks(queue, picks, lease, worker):
                     if isinstance(got, Claimed):
                         claimed.append(got)
                         cache.taken, cache.misses = cache.taken + 1, 0
@@ -429,7 +437,7 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
                         cache.misses += 1
                 if len(claimed) >= want:
                     return claimed
-            if refreshed:
+            if refreshed or queue in self._listing:
                 return claimed
             cache = None
 
@@ -458,6 +466,34 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
             return False
         yield write(layout.reaper_key(queue), repr(current).encode())
         return True
+
+    async def _claim_picks(
+        self, queue: str, picks: list[layout.Candidate], lease: float, worker: str
+    ) -> list[Claimed | Task | None]:
+        """Claim attempts on ``picks``, in their order. On an object store they run
+        concurrently: each is a read and a create, so a batch of n costs two request
+        latencies, not 2n. Locally one program runs them (no request latency to overlap)."""
+        if len(picks) == 1 or self.store.kind in ("memory", "local"):
+            return await self.store.run(self._claim_many_program(queue, picks, lease, worker))
+        out: list[Claimed | Task | BaseException | None] = [None] * len(picks)
+
+        async def attempt(i: int, cand: layout.Candidate) -> None:
+            try:
+                out[i] = await self.store.run(self._claim_program(queue, cand, lease, worker))
+            except Exception as exc:
+                out[i] = exc
+
+        async with anyio.create_task_group() as tg:
+            for i, cand in enumerate(picks):
+                tg.start_soon(attempt, i, cand)
+        errors = [got for got in out if isinstance(got, BaseException)]
+        got = [item for item in out if not isinstance(item, BaseException)]
+        if errors:
+            if not any(isinstance(item, Claimed) for item in got):
+                raise errors[0]
+            # Hand over what is claimed already rather than strand it until its lease ends.
+            log.warning("claiming from %s: %d attempt(s) failed: %s", queue, len(errors), errors[0])
+        return got
 
     def _claim_many_program(
         self, queue: str, picks: list[layout.Candidate], lease: float, worker: str

@@ -1,0 +1,129 @@
+"""The worker's extra claimers: more claims in flight while tasks are waiting.
+
+On an object store a claim is a read and a conditional create (two request latencies) and a
+listing refresh three more, so one claim loop caps a worker at a few batches a second
+however many slots it has. While the worker's main loop finds work, ``ClaimHelpers`` run
+``count`` more loops that each take the free slots and claim for them (``dequeue_many``
+with no wait). A helper that finds nothing parks until the main loop claims again, so an
+idle worker polls with one loop only: its requests per minute do not grow with helpers.
+
+A helper never leaves a claim half-done: it is stopped by ``close`` (it finishes the claim
+in flight, starts or gives back what it got, then exits), not by cancellation, which could
+strand a task whose claim file was created but not returned.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+
+from omniq.core.errors import StorageError
+
+log = logging.getLogger("omniq.worker")
+
+
+def take_free(slots: anyio.Semaphore) -> int:
+    """Acquire every slot that is free now, without waiting; returns how many."""
+    taken = 0
+    while True:
+        try:
+            slots.acquire_nowait()
+        except anyio.WouldBlock:
+            return taken
+        taken += 1
+
+
+def release(slots: anyio.Semaphore, count: int) -> None:
+    for _ in range(count):
+        slots.release()
+
+
+def default_claimers(queue: Any) -> int:
+    """Claim loops per worker: 1 where a claim is a few local syscalls (memory, a local
+    directory: nothing to overlap), 4 on an object store."""
+    kind = getattr(getattr(queue, "store", None), "kind", "local")
+    return 1 if kind in ("memory", "local") else 4
+
+
+class ClaimHelpers:
+    """``count`` claim loops besides the worker's own (see the module docstring)."""
+
+    def __init__(self, worker: Any, slots: anyio.Semaphore, count: int) -> None:
+        self.worker = worker
+        self.slots = slots
+        self.count = count
+        self._work = anyio.Event()  # set (and replaced) each time the main loop claims
+        self._open = True
+        self._left = count
+        self._done = anyio.Event()
+        self._waiting: set[anyio.CancelScope] = set()
+        if count == 0:
+            self._done.set()
+
+    def start(self, tg: anyio.abc.TaskGroup, start_task: Any) -> None:
+        for _ in range(self.count):
+            tg.start_soon(self._loop, start_task)
+
+    def found_work(self) -> None:
+        """The main loop claimed something: parked helpers claim too."""
+        work, self._work = self._work, anyio.Event()
+        work.set()
+
+    async def close(self) -> None:
+        """Stop the helpers after the claims in flight; returns when all have exited."""
+        self._open = False
+        self.found_work()
+        for scope in self._waiting:
+            scope.cancel()
+        await self._done.wait()
+
+    async def _loop(self, start_task: Any) -> None:
+        worker = self.worker
+        try:
+            await self._park()
+            while self._open:
+                got = False
+                scope = anyio.CancelScope()
+                self._waiting.add(scope)
+                with scope:  # cancelled by close: no claim is in flight here
+                    await self.slots.acquire()
+                    got = True
+                self._waiting.discard(scope)
+                if not got:
+                    return
+                if not self._open or worker._stop_requested():
+                    self.slots.release()
+                    return
+                free = 1 + take_free(self.slots)
+                try:
+                    batch = await worker.queue.dequeue_many(
+                        free, worker.queues, lease=worker.lease, worker_id=worker.worker_id
+                    )
+                except (StorageError, OSError) as exc:
+                    release(self.slots, free)  # the main loop backs off and retries
+                    log.debug("worker %s: a helper's claim failed: %s", worker.worker_id, exc)
+                    await self._park()
+                    continue
+                except BaseException:
+                    release(self.slots, free)
+                    raise
+                if batch and (not self._open or worker._stop_requested()):
+                    for claimed in batch:
+                        await worker._release(claimed)
+                    batch = []
+                release(self.slots, free - len(batch))
+                for claimed in batch:
+                    start_task(claimed)
+                if not batch:
+                    await self._park()
+        finally:
+            self._left -= 1
+            if self._left == 0:
+                self._done.set()
+
+    async def _park(self) -> None:
+        """Wait until the main loop claims again (or the helpers are closed)."""
+        if self._open:
+            await self._work.wait()
