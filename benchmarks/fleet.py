@@ -1,4 +1,4 @@
-"""Figure group "fleet" (run by name): object-store requests per task with K workers on one
+"""Figure group "fleet" (in ``all``; S3 only in ``smoke``): object-store requests per task with K workers on one
 queue, flat in depth, per-worker throughput under request latency, idle polling cost.
 
 * **Requests per task.** A queue on S3 (moto), GCS (fake-gcs-server) or Azure (azurite),
@@ -335,7 +335,7 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{store}: {', '.join(ratios)} (ceiling {fmt(max(ceiling or [0]), 1)}/s)"
             )
     latency_target = {
-        "id": 6,
+        "id": 16,
         "figure": NAME,
         "title": "per-worker throughput under request latency (fault proxy)",
         "goal": "within 1.5x of concurrency / (requests per task x latency) at 20 ms",
@@ -345,7 +345,7 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         latency_target,
         {
-            "id": 6,
+            "id": 17,
             "figure": NAME,
             "title": "object-store requests per task with 1-16 workers, depth 100 and 5,000",
             "goal": f"<= {LIMIT:g} requests per task (claim + result + ack), flat in depth",

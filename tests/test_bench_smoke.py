@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 # per test on a loaded machine. It is one test: a module fixture would run once per xdist
 # worker that gets one of its tests.
 pytestmark = pytest.mark.timeout(900)
-FIGURES = ("peers", "requests", "latency", "sync_overhead", "rss", "e2e", "pickup", "drain")
+FIGURES = (
+    "peers", "requests", "latency", "sync_overhead", "rss", "e2e", "pickup", "drain", "fleet"
+)  # fmt: skip
 OMNIQ_QUEUES = ("omniq", "omniq-sync", "omniq-batch")
 
 
@@ -69,7 +71,7 @@ def _every_figure_reports(smoke: dict) -> None:
     meta = smoke["meta"]
     assert meta["cpu_count"] >= 1 and meta["python"] and meta["date"]
     assert meta["filesystems"]["disk"]["type"]
-    expected = {1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15} | (
+    expected = {1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17} | (
         {2} if "tmpfs" in meta["filesystems"] else set()
     )
     assert {t["id"] for t in smoke["targets"]} == expected
