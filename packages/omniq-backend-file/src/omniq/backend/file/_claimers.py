@@ -1,4 +1,5 @@
-"""The worker's extra claimers: more claims in flight while tasks are waiting.
+"""How the worker claims: its extra claimers (more claims in flight while tasks are waiting),
+and the main claim loop's back-off through storage trouble.
 
 On an object store a claim is a read and a conditional create (two request latencies) and a
 listing refresh three more, so one claim loop caps a worker at a few batches a second
@@ -7,14 +8,16 @@ however many slots it has. While the worker's main loop finds work, ``ClaimHelpe
 with no wait). A helper that finds nothing parks until the main loop claims again, so an
 idle worker polls with one loop only: its requests per minute do not grow with helpers.
 
-A helper never leaves a claim half-done: it is stopped by ``close`` (it finishes the claim
-in flight, starts or gives back what it got, then exits), not by cancellation, which could
-strand a task whose claim file was created but not returned.
+A helper never leaves a claim half-done: ``close`` cancels it only while it waits for a
+slot; a claim in flight is finished, what it got started or given back, then the helper
+exits. Cancelling a claim could strand a task whose claim file was created but not
+returned.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import anyio
@@ -38,6 +41,49 @@ def take_free(slots: anyio.Semaphore) -> int:
 def release(slots: anyio.Semaphore, count: int) -> None:
     for _ in range(count):
         slots.release()
+
+
+class ClaimFailures:
+    """The main claim loop's storage trouble: consecutive failed claims, the back-off before
+    the next try, and in burst mode the error to give up with after ``storage_timeout``."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.count = 0
+        self.since: float | None = None
+        self.gave_up: StorageError | None = None
+
+    def reset(self) -> None:
+        self.count, self.since = 0, None
+
+    def failed(self, exc: BaseException) -> float:
+        """Record a failed claim; returns the seconds to wait before the next (``gave_up`` is
+        set instead when a burst worker's ``storage_timeout`` has passed)."""
+        worker = self.worker
+        self.count += 1
+        self.since = self.since or time.monotonic()
+        down = time.monotonic() - self.since
+        timeout: float | None = worker.storage_timeout if worker.burst else None
+        if timeout is not None and down >= timeout:
+            self.gave_up = StorageError(
+                f"worker {worker.worker_id}: storage unavailable for {down:.0f} s "
+                f"({self.count} failed claims; burst mode gives up after "
+                f"storage_timeout={timeout:g} s); last error: {type(exc).__name__}: {exc}"
+            )
+            self.gave_up.__cause__ = exc
+            return 0.0
+        delay = min(5.0, 0.1 * 2.0 ** min(self.count, 6))
+        if timeout is not None:
+            delay = min(delay, max(0.0, timeout - down))
+        log.warning(
+            "worker %s: claiming from %s failed (%s: %s); retrying in %.1f s",
+            worker.worker_id,
+            ",".join(worker.queues),
+            type(exc).__name__,
+            exc,
+            delay,
+        )
+        return delay
 
 
 def default_claimers(queue: Any) -> int:

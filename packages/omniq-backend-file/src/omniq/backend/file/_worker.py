@@ -39,7 +39,7 @@ from omniq.core.models import (
 )
 from omniq.core.names import validate_name
 
-from ._claimers import ClaimHelpers, default_claimers, release, take_free
+from ._claimers import ClaimFailures, ClaimHelpers, default_claimers, release, take_free
 from ._functions import FunctionImportError, FunctionNotAllowedError, resolve
 from ._groups import first_error as _first_error
 from ._heartbeats import Heartbeats
@@ -257,9 +257,7 @@ class AsyncWorker:
             helpers = ClaimHelpers(self, slots, self.claimers - 1)
             helpers.start(tg, start)
             idle_since: float | None = None
-            failures = 0  # consecutive failed claims (storage trouble)
-            failing_since: float | None = None
-            gave_up: StorageError | None = None
+            failures = ClaimFailures(self)
             while not self._stopping:
                 got_slot = final_look = False
                 with anyio.move_on_after(self.poll):
@@ -295,39 +293,15 @@ class AsyncWorker:
                         # Storage trouble (an outage, a store restarting) must not kill the
                         # worker: log it, back off, try again.
                         release(slots, free)
-                        failures += 1
-                        failing_since = failing_since or time.monotonic()
-                        down = time.monotonic() - failing_since
-                        if (
-                            self.burst
-                            and self.storage_timeout is not None
-                            and down >= self.storage_timeout
-                        ):
-                            gave_up = StorageError(
-                                f"worker {self.worker_id}: storage unavailable for {down:.0f} s "
-                                f"({failures} failed claims; burst mode gives up after "
-                                f"storage_timeout={self.storage_timeout:g} s); last error: "
-                                f"{type(exc).__name__}: {exc}"
-                            )
-                            gave_up.__cause__ = exc
+                        delay = failures.failed(exc)
+                        if failures.gave_up is not None:
                             break
-                        delay = min(5.0, 0.1 * 2 ** min(failures, 6))
-                        if self.burst and self.storage_timeout is not None:
-                            delay = min(delay, max(0.0, self.storage_timeout - down))
-                        log.warning(
-                            "worker %s: claiming from %s failed (%s: %s); retrying in %.1f s",
-                            self.worker_id,
-                            ",".join(self.queues),
-                            type(exc).__name__,
-                            exc,
-                            delay,
-                        )
                         await self._pause(delay)
                         continue
                     except BaseException:
                         release(slots, free)
                         raise
-                    failures, failing_since = 0, None
+                    failures.reset()
                     if batch and self._stop_requested():
                         for claimed in batch:  # stopped while polling: give them back
                             await self._release(claimed)
@@ -349,9 +323,9 @@ class AsyncWorker:
             await self._drain()
             tg.cancel_scope.cancel()
         self._stopping = False  # a stop() before run() is honoured; afterwards it may run again
-        if gave_up is not None:
-            log.error("worker %s stopped: %s", self.worker_id, gave_up)
-            raise gave_up
+        if failures.gave_up is not None:
+            log.error("worker %s stopped: %s", self.worker_id, failures.gave_up)
+            raise failures.gave_up
         log.info("worker %s stopped: %s", self.worker_id, self.stats)
         return dict(self.stats)
 
