@@ -42,8 +42,8 @@ from .common import TOOLS, Context, fmt, md_table, median
 NAME = "fleet"
 
 SIZES = {
-    "smoke": {"stores": ["s3"], "workers": [1, 2], "depths": [20], "sample": 20, "idle_s": 3,
-              "pickups": 3, "latency": False},
+    "smoke": {"stores": ["s3"], "workers": [1], "depths": [20], "sample": 20, "idle_s": 1,
+              "pickups": 1, "latency": False},
     "quick": {"stores": ["s3", "gcs", "azure"], "workers": [1, 4, 16], "depths": [100, 5000],
               "sample": 300, "idle_s": 20, "pickups": 10, "latency": True},
     "full": {"stores": ["s3", "gcs", "azure"], "workers": [1, 4, 16], "depths": [100, 5000],

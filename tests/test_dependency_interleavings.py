@@ -251,7 +251,7 @@ def test_dependency_interleavings(scenario: str, kind: str, world_dir: Path) -> 
         advances=ADVANCES,
         max_crashes=1,
         max_advances=1,
-        samples=1_000 if kind == "memory" else 600,  # more: OMNIQ_EXPLORE_SAMPLES=N
+        samples=600 if kind == "memory" else 400,  # more: OMNIQ_EXPLORE_SAMPLES=N
     )
     report.assert_clean()
     assert report.schedules > 0

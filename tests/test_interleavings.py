@@ -368,7 +368,7 @@ def world_dir(tmp_path: Path) -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-SAMPLES = {"memory": 3_000, "local": 1_500}
+SAMPLES = {"memory": 2_000, "local": 1_000}
 
 
 @pytest.mark.parametrize("kind", ["memory", "local"])
@@ -387,7 +387,7 @@ def test_interleavings(scenario: str, kind: str, world_dir: Path) -> None:
         advances=ADVANCES,
         max_crashes=1,
         max_advances=1,
-        # After up to 2,000 exhaustive ones: 5,000 schedules per pair on memory, 3,500 on a
+        # After up to 2,000 exhaustive ones: 4,000 schedules per pair on memory, 3,000 on a
         # local directory (the same programs; its own claim strategy) -- what fits the CI
         # run. Deeper runs: OMNIQ_EXPLORE_SAMPLES=30000 (docs/design.md, "How it is tested").
         samples=SAMPLES[kind],
