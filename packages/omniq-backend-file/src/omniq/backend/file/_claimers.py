@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 
 from omniq.core.errors import StorageError
+from omniq.core.models import Claimed
 
 log = logging.getLogger("omniq.worker")
 
@@ -41,6 +43,26 @@ def take_free(slots: anyio.Semaphore) -> int:
 def release(slots: anyio.Semaphore, count: int) -> None:
     for _ in range(count):
         slots.release()
+
+
+async def hand_out(
+    worker: Any,
+    slots: anyio.Semaphore,
+    free: int,
+    batch: list[Claimed],
+    start: Callable[[Claimed], None],
+    stopping: bool,
+) -> bool:
+    """What one claim call for ``free`` slots got: started (or given back when the worker
+    is ``stopping``), the slots it did not use released. Returns whether any task started."""
+    if batch and stopping:
+        for claimed in batch:
+            await worker._release(claimed)
+        batch = []
+    release(slots, free - len(batch))
+    for claimed in batch:
+        start(claimed)
+    return bool(batch)
 
 
 class ClaimFailures:
@@ -108,7 +130,7 @@ class ClaimHelpers:
         if count == 0:
             self._done.set()
 
-    def start(self, tg: anyio.abc.TaskGroup, start_task: Any) -> None:
+    def start(self, tg: anyio.abc.TaskGroup, start_task: Callable[[Claimed], None]) -> None:
         for _ in range(self.count):
             tg.start_soon(self._loop, start_task)
 
@@ -125,7 +147,7 @@ class ClaimHelpers:
             scope.cancel()
         await self._done.wait()
 
-    async def _loop(self, start_task: Any) -> None:
+    async def _loop(self, start_task: Callable[[Claimed], None]) -> None:
         worker = self.worker
         try:
             await self._park()
@@ -155,14 +177,8 @@ class ClaimHelpers:
                 except BaseException:
                     release(self.slots, free)
                     raise
-                if batch and (not self._open or worker._stop_requested()):
-                    for claimed in batch:
-                        await worker._release(claimed)
-                    batch = []
-                release(self.slots, free - len(batch))
-                for claimed in batch:
-                    start_task(claimed)
-                if not batch:
+                stopping = not self._open or worker._stop_requested()
+                if not await hand_out(worker, self.slots, free, batch, start_task, stopping):
                     await self._park()
         finally:
             self._left -= 1

@@ -39,7 +39,14 @@ from omniq.core.models import (
 )
 from omniq.core.names import validate_name
 
-from ._claimers import ClaimFailures, ClaimHelpers, default_claimers, release, take_free
+from ._claimers import (
+    ClaimFailures,
+    ClaimHelpers,
+    default_claimers,
+    hand_out,
+    release,
+    take_free,
+)
 from ._functions import FunctionImportError, FunctionNotAllowedError, resolve
 from ._groups import first_error as _first_error
 from ._heartbeats import Heartbeats
@@ -302,15 +309,9 @@ class AsyncWorker:
                         release(slots, free)
                         raise
                     failures.reset()
-                    if batch and self._stop_requested():
-                        for claimed in batch:  # stopped while polling: give them back
-                            await self._release(claimed)
-                        batch = []
-                    release(slots, free - len(batch))
-                    if batch:
+                    # Stopped while polling: what it got is given back.
+                    if await hand_out(self, slots, free, batch, start, self._stop_requested()):
                         idle_since = None
-                        for claimed in batch:
-                            start(claimed)
                         helpers.found_work()
                         continue
                 if self.burst and not self.running:

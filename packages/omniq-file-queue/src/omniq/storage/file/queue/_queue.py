@@ -486,13 +486,11 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
         async with anyio.create_task_group() as tg:
             for i, cand in enumerate(picks):
                 tg.start_soon(attempt, i, cand)
-        errors = [got for got in out if isinstance(got, BaseException)]
         got = [item for item in out if not isinstance(item, BaseException)]
-        if errors:
-            if not any(isinstance(item, Claimed) for item in got):
-                raise errors[0]
-            # Hand over what is claimed already rather than strand it until its lease ends.
-            log.warning("claiming from %s: %d attempt(s) failed: %s", queue, len(errors), errors[0])
+        for error in out:
+            if isinstance(error, BaseException):
+                _hand_over_or_raise(queue, got, error)
+                break
         return got
 
     def _claim_many_program(
@@ -503,10 +501,7 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
             try:
                 out.append((yield from self._claim_program(queue, candidate, lease, worker)))
             except Exception as exc:
-                if not any(isinstance(got, Claimed) for got in out):
-                    raise
-                # Hand over what is claimed already rather than strand it until its lease ends.
-                log.warning("claiming from %s stopped after an error: %s", queue, exc)
+                _hand_over_or_raise(queue, out, exc)
                 break
         return out
 
@@ -601,3 +596,12 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
         yield write(target, data)
         yield delete(key)
         log.warning("moved unreadable %s to %s: %s", key, target, reason)
+
+
+def _hand_over_or_raise(queue: str, got: list[Any], error: BaseException) -> None:
+    """A batch claim that failed part-way: raise ``error`` if nothing was claimed, else log
+    it and let the caller hand over what was claimed rather than strand it until its lease
+    ends."""
+    if not any(isinstance(item, Claimed) for item in got):
+        raise error
+    log.warning("claiming from %s stopped after an error: %s", queue, error)
