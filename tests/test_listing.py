@@ -189,6 +189,39 @@ async def test_a_stale_copy_of_a_claimed_attempt_is_not_pending(storage) -> None
         assert ids((await q.list_tasks()).items) == ["t1"]
 
 
+def counts(size: Any) -> tuple[int, int, int, int]:
+    return (size.ready, size.scheduled, size.running, size.dead)
+
+
+async def test_copies_left_by_a_dead_claimer_do_not_count_in_size(storage) -> None:
+    """A claimer killed between its claim and the copy's delete (or an S3 claimer killed with
+    its deletes still batched) leaves the ready or scheduled copy; size() must not count
+    such a task as ready or scheduled, before or after its ack (CI: ready=1 after a chaos run
+    on S3 whose 150 tasks had all succeeded)."""
+    clock = FakeClock()
+    async with make_queue(storage, clock=clock) as q:
+        now = utcnow()
+        await q.enqueue(Task(func="m:f", id="r1"))
+        await q.enqueue(Task(func="m:f", id="s1", eta=now + timedelta(seconds=30)))
+        sched = layout.sched_key("default", "s1", 1)
+        sched_copy = await q.store.read(sched)
+        assert counts(await q.size()) == (1, 1, 0, 0)
+        r1 = await q.dequeue()
+        clock.advance(60)
+        s1 = await q.dequeue()
+        assert r1 is not None and s1 is not None and (r1.id, s1.id) == ("r1", "s1")
+        # What the dead claimer left: both copies back in place.
+        await q.store.write(layout.ready_key("default", 0, "r1", 1), codec.encode(r1.task))
+        await q.store.write(sched, sched_copy)
+        await q.enqueue(Task(func="m:f", id="r2"))
+        assert len(await q.store.listdir("default/ready/p0999")) == 2
+        assert counts(await q.size()) == (1, 0, 2, 0)
+        await q.ack(r1)
+        await q.ack(s1)
+        assert counts(await q.size()) == (1, 0, 0, 0)  # r2 only
+        assert (await q.dequeue()).id == "r2"  # the stale copies are never handed out
+
+
 async def test_a_decided_wait_is_not_waiting(storage) -> None:
     async with make_queue(storage) as q:
         for n in range(3):

@@ -250,8 +250,10 @@ async def test_s3_defers_and_batches_the_ready_copy_deletes(storage) -> None:
         assert await q1.store.listdir(ready) == [f"{third.id}.1.json"]
         await q1.ack_many(claimed)
         await q2.ack(third)
-        assert (await q1.size()).ready == 1  # q2's pending copy counts until q2 lists again
-        assert (await q2.size()).total == 0  # size() sends its own pending deletes first
+        assert len(await q1.store.listdir(ready)) == 1  # q2's copy waits for its batch ...
+        assert (await q1.size()).total == 0  # ... and does not count: its attempt has a claim
+        assert (await q2.size()).total == 0
+        assert await q1.store.listdir(ready) == []  # size() sends its own pending deletes first
     async with make_queue(storage) as q3:
         await q3.enqueue(Task(func="m:f"))
         got = await q3.dequeue()

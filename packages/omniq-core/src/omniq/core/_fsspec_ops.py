@@ -15,7 +15,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable, Generator, Iterator
+from collections.abc import Awaitable, Callable, Collection, Generator, Iterator
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
@@ -212,8 +212,8 @@ def _listing(
     return out
 
 
-def _count(infos: list[dict[str, Any]], min_size: int) -> int:
-    return sum(1 for e in _listing(infos, True) if e.size >= min_size)
+def _count(infos: list[dict[str, Any]], min_size: int, skip: Collection[str]) -> int:
+    return sum(1 for e in _listing(infos, True) if e.size >= min_size and e.name not in skip)
 
 
 def _dirs(infos: list[dict[str, Any]]) -> list[str]:
@@ -466,8 +466,8 @@ class _FsspecSteps:
     ) -> _Steps[list[Any]]:
         return _listing((yield from self._infos(prefix)), detail, keep)
 
-    def _count(self, prefix: str, min_size: int = 0) -> _Steps[int]:
-        return _count((yield from self._infos(prefix)), min_size)
+    def _count(self, prefix: str, min_size: int, skip: Collection[str]) -> _Steps[int]:
+        return _count((yield from self._infos(prefix)), min_size, skip)
 
     def _listhead(self, prefix: str, limit: int) -> _Steps[list[str]]:
         return (yield from self._listafter(prefix, "", limit))
@@ -561,8 +561,8 @@ class FsspecOps(_FsspecSteps):
     ) -> list[Any]:
         return _run_sync(self, self._listdir(prefix, detail, keep))
 
-    def count(self, prefix: str, min_size: int = 0) -> int:
-        return _run_sync(self, self._count(prefix, min_size))
+    def count(self, prefix: str, min_size: int = 0, skip: Collection[str] = ()) -> int:
+        return _run_sync(self, self._count(prefix, min_size, skip))
 
     def listhead(self, prefix: str, limit: int) -> list[str]:
         return _run_sync(self, self._listhead(prefix, limit))
@@ -637,8 +637,8 @@ class AsyncFsspecOps(_FsspecSteps):
     ) -> list[Any]:
         return await _run_async(self, self._listdir(prefix, detail, keep))
 
-    async def count(self, prefix: str, min_size: int = 0) -> int:
-        return await _run_async(self, self._count(prefix, min_size))
+    async def count(self, prefix: str, min_size: int = 0, skip: Collection[str] = ()) -> int:
+        return await _run_async(self, self._count(prefix, min_size, skip))
 
     async def listhead(self, prefix: str, limit: int) -> list[str]:
         return await _run_async(self, self._listhead(prefix, limit))

@@ -13,7 +13,7 @@ import heapq
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from ._ops_protocol import Entry, Stat, TakeResult, TakeStatus
@@ -324,10 +324,10 @@ class LocalOps:
         items = (self._stat(e) for e in self._files(prefix))
         return sorted(i for i in items if i is not None and (keep is None or keep(i)))
 
-    def count(self, prefix: str, min_size: int = 0) -> int:
+    def count(self, prefix: str, min_size: int = 0, skip: Collection[str] = ()) -> int:
         if not min_size:
-            return sum(1 for _ in self._files(prefix))
-        items = (self._stat(e) for e in self._files(prefix))
+            return sum(1 for e in self._files(prefix) if e.name not in skip)
+        items = (self._stat(e) for e in self._files(prefix) if e.name not in skip)
         return sum(1 for i in items if i is not None and i.size >= min_size)
 
     def listhead(self, prefix: str, limit: int) -> list[str]:

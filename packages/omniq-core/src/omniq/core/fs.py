@@ -30,7 +30,7 @@ import types
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Collection, Generator, Iterable
 from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 import anyio
@@ -126,9 +126,10 @@ def listdir(prefix: str, detail: bool = False, keep: Callable[[Entry], bool] | N
     return Op("listdir", (prefix, detail, keep))
 
 
-def count(prefix: str, min_size: int = 0) -> Op:
-    """How many files directly under ``prefix`` (of at least ``min_size`` bytes)."""
-    return Op("count", (prefix, min_size))
+def count(prefix: str, min_size: int = 0, skip: Collection[str] = ()) -> Op:
+    """How many files directly under ``prefix`` (of at least ``min_size`` bytes), not
+    counting the names in ``skip``."""
+    return Op("count", (prefix, min_size, skip))
 
 
 def listhead(prefix: str, limit: int) -> Op:

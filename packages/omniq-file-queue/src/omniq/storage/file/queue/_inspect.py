@@ -256,25 +256,29 @@ class QueueInspection:
         return False
 
     async def size(self, queue: str = "default") -> QueueSize:
-        """Counts of ready, scheduled, running and dead tasks (lists the queue). On S3 a task
-        another worker claimed in the last second may still count as ready as well."""
+        """Counts of ready, scheduled, running and dead tasks (lists the queue). A copy left
+        by a claimer that died before removing it does not count: its attempt has a claim."""
         validate_name(queue, "queue name")
-        if self.claims.pending:  # this instance's claimed tasks' copies must not count
+        if self.claims.pending:  # this instance's spent copies go first (one request on S3)
             await self.store.run(self.claims.flush())
         return await self.store.run(self._size_program(queue), heavy=True)
 
     def _size_program(self, queue: str) -> Program[QueueSize]:
-        ready = 0
-        for rank_dir in (yield listdirs(f"{queue}/ready")):
-            ready += yield count(f"{queue}/ready/{rank_dir}")
-        scheduled = yield count(f"{queue}/sched")
-        # Running: claims (not ended unclaimed) of attempts without an outcome.
+        # run/ first: a ready or scheduled copy whose attempt has a claim there is stale (its
+        # claimer's delete is deferred, failed, or never ran), as ``filter`` and list_tasks
+        # see it. A task claimed between the listings may count in neither, never in both.
         attempts = group_run((yield listdir(f"{queue}/run", True)))
+        claimed = {a.claim.name for a in attempts.values() if a.claim is not None}
+        # Running: claims (not ended unclaimed) of attempts without an outcome.
         running = sum(
             1
             for a in attempts.values()
             if a.claim is not None and a.claim.size > layout.TOMBSTONE_MAX and not a.decided
         )
+        ready = 0
+        for rank_dir in (yield listdirs(f"{queue}/ready")):
+            ready += yield count(f"{queue}/ready/{rank_dir}", skip=claimed)
+        scheduled = yield count(f"{queue}/sched", skip=claimed)
         dead = yield count(f"{queue}/dead")
         return QueueSize(ready=ready, scheduled=scheduled, running=running, dead=dead)
 
