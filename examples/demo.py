@@ -30,7 +30,7 @@ import demo_tasks  # beside this script: a worker imports tasks by path, like yo
 
 from omniq.backend.file import FileBackend
 from omniq.backend.file._cli_format import clip, fmt_error, fmt_time, table
-from omniq.backend.file._schedules import tick_task_id
+from omniq.backend.file._schedule_ticks import tick_task_id
 from omniq.core.models import UTC, EventType, Progress, TaskResult, TaskStatus, utcnow
 from omniq.storage.file.events import FileEventStorage
 

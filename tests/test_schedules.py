@@ -36,9 +36,8 @@ import anyio
 import pytest
 
 from omniq.backend.file import AsyncFileBackend, FileBackend, cli
-from omniq.backend.file._schedules import (
+from omniq.backend.file._schedule_ticks import (
     CATCH_UP_LIMIT,
-    ScheduleRunner,
     Ticks,
     iso,
     jitter_ms,
@@ -46,6 +45,7 @@ from omniq.backend.file._schedules import (
     task_for,
     tick_task_id,
 )
+from omniq.backend.file._schedules import ScheduleRunner
 from omniq.core.errors import ConfigurationError, NotFoundError
 from omniq.core.models import EventType, ResultStatus, TaskStatus
 from omniq.core.names import validate_name

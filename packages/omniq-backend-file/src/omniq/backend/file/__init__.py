@@ -23,7 +23,8 @@ from omniq.storage.file.results import FileResultStorage
 from ._backend import AsyncFileBackend, AsyncTaskFunction
 from ._config import BackendConfig, resolve_config
 from ._functions import FunctionImportError, FunctionNotAllowedError, func_path
-from ._schedules import AsyncSchedules, Schedule, ScheduleInfo, Schedules, periodic_decorator
+from ._schedule_ticks import Schedule, ScheduleInfo
+from ._schedules import AsyncSchedules, Schedules, periodic_decorator
 from ._worker import AsyncWorker
 
 __version__ = "0.1.0"  # the only copy (pyproject: dynamic); change it with tools/bump.py

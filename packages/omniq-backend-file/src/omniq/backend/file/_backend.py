@@ -39,7 +39,8 @@ from . import _tracing
 from ._config import BackendConfig, resolve_config
 from ._drain import drain
 from ._functions import func_path
-from ._schedules import AsyncSchedules, Schedule, build_schedule, periodic_decorator
+from ._schedule_ticks import Schedule, build_schedule
+from ._schedules import AsyncSchedules, periodic_decorator
 from ._worker import AsyncWorker
 
 log = logging.getLogger("omniq.backend")

@@ -14,7 +14,7 @@ import msgspec
 
 from . import _cli_format as cli_format
 from ._cli_format import CliError
-from ._schedules import MISFIRE_POLICIES, ScheduleInfo
+from ._schedule_ticks import MISFIRE_POLICIES, ScheduleInfo
 
 _RELATIVE = re.compile(r"[+-]?\d+(?:\.\d+)?[smhdw]")
 
