@@ -198,3 +198,37 @@ async def test_a_hung_async_hook_is_cancelled_after_hook_timeout() -> None:
             stats = await worker.run()
         assert stats["succeeded"] == 3 and hung.cancelled == 3
         assert [(await backend.result(i)).value for i in ids] == [1, 2, 3]  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_the_hook_timeout_is_shared_and_ends_the_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Hooks.call directly: sync hooks run in order with no timeout of their own; the async
+    ones share ``timeout``; once one is cancelled the hooks after it are not called."""
+    from omniq.backend.file._task_context import Hooks
+
+    calls: list[str] = []
+
+    class Sync:
+        def after_task(self, ctx: Any, result: Any) -> None:
+            calls.append("sync")
+
+    class Quick:
+        async def after_task(self, ctx: Any, result: Any) -> None:
+            await anyio.sleep(0.2)
+            calls.append("quick")
+
+    hung = HungAfter()
+    hooks = Hooks([Sync(), Quick(), hung, Sync()])
+    ctx: Any = type("Ctx", (), {"task_id": "t1"})()
+    caplog.set_level(logging.WARNING, logger="omniq.worker")
+    start = anyio.current_time()
+    await hooks.call("after_task", ctx, None, timeout=0.5)
+    took = anyio.current_time() - start
+    assert calls == ["sync", "quick"] and hung.cancelled == 1  # the last Sync is not called
+    assert 0.4 < took < 5  # Quick's 0.2 s counted against the shared 0.5 s
+    assert "hooks' after_task for task t1 cancelled after 0.5 s" in caplog.text
+    calls.clear()
+    await Hooks([Sync(), Quick(), Sync()]).call("after_task", ctx, None, timeout=0.5)
+    assert calls == ["sync", "quick", "sync"]

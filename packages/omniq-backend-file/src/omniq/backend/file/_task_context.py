@@ -299,18 +299,28 @@ class Hooks:
 
     async def call(self, name: str, ctx: TaskContext, *args: Any, timeout: float) -> None:
         """Call ``name`` of every hook; an async hook still running after ``timeout`` seconds
-        (all of them together) is cancelled and logged. A sync hook runs on the event loop and
-        cannot be cut short: it must be quick."""
-        with anyio.move_on_after(timeout) as scope:
-            for hook in self.hooks:
-                method = getattr(hook, name, None)
-                if method is None:
+        (all of them together) is cancelled and logged, and the hooks after it are not
+        called. A sync hook runs on the event loop and cannot be cut short: it must be quick.
+        Only an awaited hook costs a cancel scope (two scopes per task, for sync hooks alone,
+        were ~15 % of the worker's CPU for a no-op task)."""
+        deadline: float | None = None
+        for hook in self.hooks:
+            method = getattr(hook, name, None)
+            if method is None:
+                continue
+            try:
+                outcome = method(ctx, *args)
+                if not inspect.isawaitable(outcome):
                     continue
-                try:
-                    outcome = method(ctx, *args)
-                    if inspect.isawaitable(outcome):
-                        await outcome
-                except Exception:
-                    log.exception("hook %r.%s failed for task %s", hook, name, ctx.task_id)
-        if scope.cancelled_caught:
-            log.warning("hooks' %s for task %s cancelled after %.1f s", name, ctx.task_id, timeout)
+                if deadline is None:
+                    deadline = anyio.current_time() + timeout
+                with anyio.move_on_after(deadline - anyio.current_time()) as scope:
+                    await outcome
+            except Exception:
+                log.exception("hook %r.%s failed for task %s", hook, name, ctx.task_id)
+                continue
+            if scope.cancelled_caught:
+                log.warning(
+                    "hooks' %s for task %s cancelled after %.1f s", name, ctx.task_id, timeout
+                )
+                return
