@@ -107,6 +107,8 @@ async def call_task(worker: Any, func: Any, claimed: Claimed, ctx: TaskContext) 
         if is_async(func):
             return await func(*args, **kwargs)
         call = functools.partial(func, *args, **kwargs)
+        if worker._threads is not None:  # asyncio
+            return await worker._threads.run(call)
         return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import msgspec
+import sniffio
 
 from omniq.core import RedactFilter, codec
 from omniq.core.context import TaskContext
@@ -52,6 +53,7 @@ from ._groups import first_error as _first_error
 from ._heartbeats import Heartbeats
 from ._schedules import run_schedules
 from ._task_context import Hooks, call_task, last_progress_event, make_context
+from ._task_threads import TaskThreads
 
 log = logging.getLogger("omniq.worker")
 log.addFilter(RedactFilter())  # storage errors may quote URLs; credentials never show
@@ -191,6 +193,7 @@ class AsyncWorker:
         self._stopping = False
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._beats = Heartbeats(self)
+        self._threads: TaskThreads | None = None  # set by run() on asyncio
 
     def __repr__(self) -> str:
         return (
@@ -247,6 +250,8 @@ class AsyncWorker:
         )
         slots = anyio.Semaphore(self.concurrency)
         self._process_limiter = anyio.CapacityLimiter(self.processes or 1)
+        asyncio = sniffio.current_async_library() == "asyncio"
+        self._threads = TaskThreads() if asyncio else None
         async with anyio.create_task_group() as tg:
             if self.handle_signals and threading.current_thread() is threading.main_thread():
                 tg.start_soon(self._watch_signals)

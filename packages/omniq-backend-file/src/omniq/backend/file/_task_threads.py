@@ -1,0 +1,93 @@
+"""The threads plain task functions run in, on asyncio.
+
+``anyio.to_thread.run_sync`` costs ~90 µs of the event loop's CPU per call (a capacity
+limiter, cancel scopes and checkpoints), about a sixth of a no-op task's life in the worker,
+and caps every process at 40 threads. ``TaskThreads.run`` does what the worker needs with
+one future: the function runs in an idle thread (or a new one, when none is idle) with a copy
+of the caller's context (so a span the hooks made current is current in the function), and
+awaiting it is cancellable at once: a timed-out or cancelled call abandons its thread, which
+finishes the function and drops the outcome. Because a call never waits for a busy thread, an
+abandoned thread never delays the next task. Threads left idle for ``IDLE_EXIT`` seconds end.
+Under trio the worker keeps ``anyio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio.lowlevel
+import sniffio
+
+T = TypeVar("T")
+IDLE_EXIT = 10.0
+
+_Job = tuple[
+    asyncio.AbstractEventLoop, "asyncio.Future[Any]", contextvars.Context, Callable[[], Any]
+]
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, outcome: Any) -> None:
+    if future.cancelled():  # abandoned: nobody waits for it
+        return
+    if ok:
+        future.set_result(outcome)
+    else:
+        future.set_exception(outcome)
+
+
+class TaskThreads:
+    """Threads for blocking task functions, started as needed (see the module docstring)."""
+
+    def __init__(self, name: str = "omniq-task") -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        # Threads waiting for a job that no call has counted on. A call takes one (or starts
+        # a thread), so there are always as many uncounted waiters as jobs in the queue.
+        self._idle = 0
+        self.started = 0
+
+    async def run(self, func: Callable[[], T]) -> T:
+        """``func()`` in a thread; its value, or its exception raised here. Not started if
+        the caller is cancelled already (as ``anyio.to_thread``)."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._lock:
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1
+        context = contextvars.copy_context()
+        context.run(sniffio.current_async_library_cvar.set, None)  # no event loop there
+        self._jobs.put((loop, future, context, func))
+        if start:
+            self.started += 1
+            threading.Thread(target=self._serve, name=self._name, daemon=True).start()
+        return await future
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                loop, future, context, func = self._jobs.get(timeout=IDLE_EXIT)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # nobody counts on this thread: end it
+                        self._idle -= 1
+                        return
+                continue  # a call counted on a waiter: its job is on the way
+            try:
+                outcome, ok = context.run(func), True
+            except BaseException as exc:  # handed to the caller, as a thread pool does
+                outcome, ok = exc, False
+            with self._lock:  # idle before the caller hears back: its next call reuses it
+                self._idle += 1
+            try:
+                loop.call_soon_threadsafe(_settle, future, ok, outcome)
+            except RuntimeError:  # the loop is closed: the call was abandoned with it
+                pass
+            del loop, future, context, func, outcome  # no reference kept while idle
