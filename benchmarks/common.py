@@ -156,6 +156,10 @@ def _child_entry(
     fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], index: int, messages: Any, go: Any
 ) -> None:
     def ready() -> None:
+        # What the set-up wrote (and what the previous run's clean-up removed) is flushed
+        # before the timed window; unflushed, the disk wrote it back during the next timed
+        # part (in `drain`, the system after `floor` ran at about half its speed).
+        os.sync()
         messages.put(("ready", index, None))
         go.wait()
 
@@ -179,8 +183,9 @@ def run_children(
 ) -> list[dict[str, Any]]:
     """Run ``fn(*args, ready=ready)`` in one fresh (spawned) process per ``args``.
 
-    Each child does its set-up (imports, opening its queue), calls ``ready()``, and blocks
-    there until every child is ready: the timed parts start together. Returns each child's
+    Each child does its set-up (imports, opening its queue), calls ``ready()`` (which first
+    calls ``sync(2)``), and blocks there until every child is ready: the timed parts start
+    together. Returns each child's
     result dict plus its ``maxrss_kb``. ``on_start(processes)`` runs once all are ready.
     """
     messages = SPAWN.Queue()

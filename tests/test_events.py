@@ -192,6 +192,15 @@ async def test_layout_is_plain_json_by_hour_and_by_task(storage, anyio_backend):
         doc = json.loads(fs.cat_file(p))
         assert doc["task_id"] == "job-1" and doc["type"] == "started"
         assert doc["worker_id"] == "w1" and doc["time"].startswith("2024-05-01T22:30")
+    if storage.kind == "local":  # the index entry is a second name for the file, not a copy
+        assert os.stat(primary[0]).st_ino == os.stat(index[0]).st_ino
+        async with make(storage) as s:
+            s.store._sync_ops._link_ok = False  # a mount that refuses hard links: two files
+            again = TaskEvent(task_id="job-1", type=EventType.SUCCEEDED, time=T0)
+            await s.log(again)
+            assert [e.id for e in await s.query(task_id="job-1")] == sorted([event.id, again.id])
+        index = [p for p in find(storage, "events/by-task") if again.id in p]
+        assert os.stat(index[0]).st_nlink == 1
 
 
 @QUICK

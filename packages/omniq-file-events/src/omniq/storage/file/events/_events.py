@@ -330,8 +330,13 @@ class AsyncFileEventStorage(AsyncEventStorage):
     def _log_program(self, name: layout.Name, data: bytes) -> Program[None]:
         # The primary copy first: an index entry never exists without it, so cleanup (which
         # walks the primary copies) also removes every index entry.
-        for key in (layout.time_key(name), layout.task_key(name)):
-            yield write_op(key, data)
+        primary, entry = layout.time_key(name), layout.task_key(name)
+        yield write_op(primary, data)
+        # Locally the entry is a second name for the file (no new file): made, or there
+        # already (the same event logged again); None where links are refused.
+        if self.store.can_take and (yield link(primary, entry, (yield now()))) is not None:
+            return
+        yield write_op(entry, data)
 
     # -- reading -----------------------------------------------------------------------------
     async def query(

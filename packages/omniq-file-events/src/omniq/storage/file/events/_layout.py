@@ -5,7 +5,8 @@
     events/by-time/{YYYY-MM-DD}/{HH}/{time_ms:013d}~{event_id}~{type}~{task_id}.json
         the event (primary copy), partitioned by the UTC day and hour of ``event.time``
     events/by-task/{task_id}/{time_ms:013d}~{event_id}~{type}.json
-        the same document again: the per-task index
+        the same document again: the per-task index (a hard link to the primary copy on a
+        local directory, where links work: no second file)
 
 Events written in batches (``log_many``, and the background writer behind ``submit``, which
 the backend and the worker use) share files instead::
