@@ -6,6 +6,7 @@ import contextvars
 import threading
 
 import anyio
+import anyio.from_thread
 import pytest
 import sniffio
 
@@ -33,6 +34,12 @@ async def test_values_errors_and_the_callers_context() -> None:
         return VAR.get(), library, threading.current_thread() is threading.main_thread()
 
     assert await threads.run(look) == ("caller", None, False)
+
+    async def on_the_loop() -> bool:
+        return threading.current_thread() is threading.main_thread()
+
+    # As in anyio's worker threads: anyio.from_thread finds the loop without a token.
+    assert await threads.run(lambda: anyio.from_thread.run(on_the_loop)) is True
 
     def fail() -> None:
         raise KeyError("boom")

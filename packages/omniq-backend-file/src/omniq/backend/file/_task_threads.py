@@ -8,7 +8,8 @@ of the caller's context (so a span the hooks made current is current in the func
 awaiting it is cancellable at once: a timed-out or cancelled call abandons its thread, which
 finishes the function and drops the outcome. Because a call never waits for a busy thread, an
 abandoned thread never delays the next task. Threads left idle for ``IDLE_EXIT`` seconds end.
-Under trio the worker keeps ``anyio.to_thread``.
+As in anyio's own worker threads, ``anyio.from_thread`` works in them without a token. Under
+trio the worker keeps ``anyio.to_thread``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from typing import Any, TypeVar
 
 import anyio.lowlevel
 import sniffio
+
+try:  # where anyio.from_thread finds the loop of a worker thread (private, anyio 4)
+    from anyio._core import _eventloop as _anyio_eventloop
+except ImportError:  # pragma: no cover - another anyio: from_thread then needs a token
+    _anyio_eventloop = None  # type: ignore[assignment]
+_anyio_threadlocals: Any = getattr(_anyio_eventloop, "threadlocals", None)
 
 T = TypeVar("T")
 IDLE_EXIT = 10.0
@@ -44,7 +51,9 @@ class TaskThreads:
     """Threads for blocking task functions, started as needed (see the module docstring)."""
 
     def __init__(self, name: str = "omniq-task") -> None:
+        """Made on the event loop whose calls it serves."""
         self._name = name
+        self._token = anyio.lowlevel.current_token()
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._lock = threading.Lock()
         # Threads waiting for a job that no call has counted on. A call takes one (or starts
@@ -71,6 +80,8 @@ class TaskThreads:
         return await future
 
     def _serve(self) -> None:
+        if _anyio_threadlocals is not None:
+            _anyio_threadlocals.current_token = self._token
         while True:
             try:
                 loop, future, context, func = self._jobs.get(timeout=IDLE_EXIT)
