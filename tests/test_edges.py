@@ -28,6 +28,7 @@ from omniq.core import (
     ConfigurationError,
     RedactFilter,
     StorageError,
+    _store_errors,
     redact_logs,
 )
 from omniq.core import _fsspec_ops as _ops
@@ -149,7 +150,7 @@ def _sdk_errors() -> list[tuple[str, BaseException, bool, bool]]:
 def test_errors_are_classified_by_type_and_status_not_text() -> None:
     wrong = []
     for label, exc, exists, transient in _sdk_errors():
-        got = (_ops._is_exists_error(exc), _ops._is_transient(exc))
+        got = (_store_errors.is_exists_error(exc), _store_errors.is_transient(exc))
         if got != (exists, transient):
             wrong.append(f"{label}: (exists, transient) = {got}, expected {(exists, transient)}")
     assert not wrong, "\n".join(wrong)
