@@ -67,7 +67,9 @@ PHASES: dict[str, list[Point]] = {
     ],
     "event": [
         ("write", "events/events/by-time/", "half", (1, 20), None),
-        ("replace", "events/events/by-task/", "before", (1, 20), None),
+        # locally the per-task index entry is a hard link to the event's file
+        ("link", "events/events/by-task/", "before", (1, 20), None),
+        ("link", "events/events/by-task/", "after", (1, 20), None),
     ],
 }
 
