@@ -12,6 +12,7 @@ from omniq.core.maintenance import sweep_temp_files
 from omniq.core.sync import run_sync
 
 from . import _cli_format as cli_format
+from . import _cli_parser as cli_parser
 from ._cli_progress import LiveProgress, live
 
 
@@ -25,7 +26,7 @@ def register(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "same by themselves (the sweep daily)."
     )
     p = subs.add_parser(
-        "cleanup", parents=[cli_format.common_parser()], help=text, description=text
+        "cleanup", parents=[cli_parser.common_parser()], help=text, description=text
     )
     p.set_defaults(handler=cmd_cleanup)
     p.add_argument(

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from . import _cli_format as cli_format
+from . import _cli_parser as cli_parser
 from ._cli_format import CliError
 from ._schedule_ticks import MISFIRE_POLICIES, ScheduleInfo
 
@@ -32,11 +33,11 @@ def register(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             help="do not fire schedules (by default every worker fires the due ticks; the "
             "storage makes it one task per tick)",
         )
-    common = cli_format.common_parser()
+    common = cli_parser.common_parser()
     text = "Periodic and cron tasks: add, list, pause, resume, delete."
     top = subs.add_parser("schedule", help=text, description=text)
     actions = top.add_subparsers(
-        dest="action", metavar="ACTION", required=True, parser_class=cli_format.Parser
+        dest="action", metavar="ACTION", required=True, parser_class=cli_parser.Parser
     )
 
     def action(name: str, text: str, handler: Any) -> argparse.ArgumentParser:

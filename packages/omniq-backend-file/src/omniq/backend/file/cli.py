@@ -34,6 +34,7 @@ import msgspec
 
 from omniq.backend.file import _cli_cleanup, _cli_schedule
 from omniq.backend.file import _cli_format as cli_format
+from omniq.backend.file import _cli_parser as cli_parser
 from omniq.backend.file._cli_format import CliError, Redactor
 from omniq.backend.file._cli_progress import LiveProgress, live
 from omniq.backend.file._task_context import load_hook
@@ -469,9 +470,9 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     for arg in args:  # user:password@ in a URL: the whole, the user and the password
         for userinfo in re.findall(r"://([^/@]+)@", arg):
             redactor.add_value([userinfo, *userinfo.split(":", 1)])
-    cli_format.Parser.redactor = redactor
+    cli_parser.Parser.redactor = redactor
     try:
-        parser = _cli_schedule.register(cli_format.build_parser(HANDLERS))
+        parser = _cli_schedule.register(cli_parser.build_parser(HANDLERS))
         parser = dashboard_cli.register(parser)
         parser = _cli_cleanup.register(parser)
         ns = parser.parse_args(cli_format.prepare_argv(args))

@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from .._cli_format import CliError, common_parser
+from .._cli_format import CliError
+from .._cli_parser import common_parser
 from ._security import TOKEN_ENV, Guard, is_loopback
 
 DEFAULT_HOST = "127.0.0.1"
