@@ -742,3 +742,37 @@ def test_only_credential_options_are_hidden_everywhere() -> None:
     assert _redact.option_secrets({"connection_string": "AccountKey=abcd1234;X=y"})[-1] == (
         "abcd1234"
     )
+
+
+_UNCLOSED = """
+import json, sys
+import anyio
+from omniq.core import Task
+from omniq.storage.file.queue import AsyncFileQueue, FileQueue
+base_dir, options, mode = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+if mode == "sync":  # the blocking twin, on the shared loop thread
+    FileQueue(base_dir, options).enqueue(Task(func="m:f"))
+else:
+    async def main():
+        await AsyncFileQueue(base_dir, options).enqueue(Task(func="m:f"))
+    anyio.run(main)
+print("done")
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_program_that_never_closes_its_queue_exits_quietly(
+    remote_storage: Any, mode: str
+) -> None:
+    """adlfs' finalizer closed its client at exit through the event loop, closed by then: every
+    program that did not close its storage on Azure printed a 'Loop is not running'
+    traceback at exit (about 60 of them at the end of each CI log)."""
+    options = json.dumps(remote_storage.storage_options)
+    proc = subprocess.run(
+        [sys.executable, "-W", "default", "-c", _UNCLOSED, remote_storage.base_dir, options, mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+    assert "Traceback" not in proc.stderr and "Loop is not running" not in proc.stderr, proc.stderr

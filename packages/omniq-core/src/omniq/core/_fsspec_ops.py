@@ -451,7 +451,7 @@ class AsyncFsspecOps(_FsspecSteps):
                     await result
             except Exception as exc:  # closing is best effort
                 log.debug("closing %s: %s", type(inner).__name__, exc)
-        _detach_finalizers(inner)
+        detach_finalizers(inner)
 
     async def read(self, key: str) -> bytes | None:
         return await _run_async(self, self._read(key))
@@ -506,7 +506,7 @@ def _read_each(keys: list[str]) -> _Steps[list[bytes | None]]:
     return (yield _Method("read", [(key,) for key in keys]))  # type: ignore[no-any-return]
 
 
-def _detach_finalizers(obj: Any) -> None:
+def detach_finalizers(obj: Any) -> None:
     import weakref
 
     registry = getattr(weakref.finalize, "_registry", {})

@@ -37,7 +37,7 @@ from fsspec.core import split_protocol
 from fsspec.implementations.dirfs import DirFileSystem
 
 from . import _redact
-from ._fsspec_ops import AsyncFsspecOps, FsspecOps
+from ._fsspec_ops import AsyncFsspecOps, FsspecOps, detach_finalizers
 from ._local_ops import LocalOps
 from ._ops_protocol import Entry as Entry
 from ._ops_protocol import LocalOnlyOps as LocalOnlyOps
@@ -338,6 +338,10 @@ class Store:
             setter = getattr(dirfs.fs, "set_session", None)
             if setter is not None and asyncio.iscoroutinefunction(setter):
                 await setter()
+            # The plugins' own finalizers close their sessions at exit through this loop;
+            # once it is closed, adlfs' raise "Loop is not running" (a traceback at every
+            # exit of a program that did not close its storage). ``aclose`` closes them.
+            detach_finalizers(dirfs.fs)
             ops = self._async_ops[loop] = AsyncFsspecOps(dirfs)
         return ops
 
