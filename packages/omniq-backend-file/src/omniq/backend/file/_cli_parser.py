@@ -46,6 +46,19 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
+def add_import_check(p: argparse.ArgumentParser) -> None:
+    """``--path`` and ``--no-check``: where to import FUNC from to check that it exists."""
+    p.add_argument(
+        "--path",
+        action="append",
+        metavar="DIR",
+        help="directory to import FUNC from for the check (repeatable)",
+    )
+    p.add_argument(
+        "--no-check", action="store_true", help="do not import FUNC here to check that it exists"
+    )
+
+
 def common_parser() -> Parser:
     """The arguments every subcommand takes: the base directory and its storage options."""
     common = Parser(add_help=False)
@@ -231,15 +244,7 @@ def build_parser(handlers: Mapping[str, Callable[[Any], int]]) -> argparse.Argum
         "--task-id", metavar="ID", help="explicit task id (enqueue is idempotent per id)"
     )
     p.add_argument("--events", action="store_true", default=None, help="record the enqueued event")
-    p.add_argument(
-        "--path",
-        action="append",
-        metavar="DIR",
-        help="directory to import FUNC from for the check (repeatable)",
-    )
-    p.add_argument(
-        "--no-check", action="store_true", help="do not import FUNC here to check that it exists"
-    )
+    add_import_check(p)
 
     p = sub("status", "Ready / scheduled / running / dead counts per queue.")
     p.add_argument(

@@ -87,15 +87,7 @@ def register(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="a tick not fired within S seconds is missed (default 60)",
     )
     p.add_argument("--jitter", type=float, metavar="S", help="delay each tick by up to S seconds")
-    p.add_argument(
-        "--path",
-        action="append",
-        metavar="DIR",
-        help="directory to import FUNC from for the check (repeatable)",
-    )
-    p.add_argument(
-        "--no-check", action="store_true", help="do not import FUNC here to check that it exists"
-    )
+    cli_parser.add_import_check(p)
 
     p = action(
         "list",
