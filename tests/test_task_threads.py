@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextvars
+import queue
 import threading
+from typing import Any
 
 import anyio
 import anyio.from_thread
 import pytest
 import sniffio
 
+import worker_tasks
+from omniq.backend.file import AsyncFileBackend
 from omniq.backend.file._task_threads import TaskThreads
+from omniq.core.models import ResultStatus
 
 pytestmark = pytest.mark.anyio
 
@@ -46,6 +51,9 @@ async def test_values_errors_and_the_callers_context() -> None:
 
     with pytest.raises(KeyError, match="boom"):
         await threads.run(fail)
+    with anyio.fail_after(10), pytest.raises(RuntimeError, match="StopIteration"):
+        await threads.run(lambda: next(iter([])))  # set_exception refuses StopIteration
+    assert await threads.run(anyio.from_thread.check_cancelled) is None
     for n in range(5):  # one call at a time: the idle thread is reused
         assert await threads.run(lambda n=n: n * 2) == n * 2
     assert threads.started == 1
@@ -90,3 +98,33 @@ async def test_more_calls_at_once_than_anyios_default_limit_of_40() -> None:
             for _ in range(50):
                 tg.start_soon(one)
     assert sorted(results) == list(range(50))
+
+
+async def test_a_call_cancelled_before_its_thread_takes_it_is_not_run() -> None:
+    threads = TaskThreads()
+    gate = threading.Event()
+
+    class Held(queue.SimpleQueue):  # type: ignore[type-arg]
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            gate.wait(10)  # the thread takes the job only after the caller gave up
+            return super().get(*args, **kwargs)
+
+    threads._jobs = Held()
+    ran: list[int] = []
+    with anyio.move_on_after(0.1):
+        await threads.run(lambda: ran.append(1))
+    gate.set()
+    assert await threads.run(lambda: "after") == "after"  # the thread went on to the next
+    assert ran == []
+
+
+async def test_a_task_raising_stopiteration_fails_instead_of_hanging() -> None:
+    """Before: the future was never settled and the worker held the task for ever."""
+    async with AsyncFileBackend("memory://threads-stop-iteration", environ={}) as backend:
+        task_id = await backend.enqueue(worker_tasks.empty_next, max_retries=0)
+        worker = backend.worker(burst=True, idle_timeout=0.2, poll=0.05)
+        with anyio.fail_after(30):
+            await worker.run()
+        result = await backend.result(task_id)
+        assert result is not None and result.status is ResultStatus.FAILURE
+        assert result.error is not None and "StopIteration" in result.error.message

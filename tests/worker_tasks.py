@@ -139,3 +139,8 @@ def sleep_first_run(marker_dir: str, name: str, seconds: float) -> str:
     path.write_text(str(os.getpid()))
     time.sleep(seconds)
     return f"{name} first run"
+
+
+def empty_next() -> Any:
+    """Raises StopIteration (``next`` of an empty iterator): a future refuses it as is."""
+    return next(iter([]))

@@ -73,15 +73,16 @@ class TaskThreads:
                 self._idle -= 1
         context = contextvars.copy_context()
         context.run(sniffio.current_async_library_cvar.set, None)  # no event loop there
-        self._jobs.put((loop, future, context, func))
-        if start:
-            self.started += 1
+        if start:  # before the job is queued: a thread that cannot start leaves no job behind
             threading.Thread(target=self._serve, name=self._name, daemon=True).start()
+            self.started += 1
+        self._jobs.put((loop, future, context, func))
         return await future
 
     def _serve(self) -> None:
         if _anyio_threadlocals is not None:
             _anyio_threadlocals.current_token = self._token
+            _anyio_threadlocals.current_cancel_scope = None  # from_thread.check_cancelled
         while True:
             try:
                 loop, future, context, func = self._jobs.get(timeout=IDLE_EXIT)
@@ -91,10 +92,16 @@ class TaskThreads:
                         self._idle -= 1
                         return
                 continue  # a call counted on a waiter: its job is on the way
-            try:
-                outcome, ok = context.run(func), True
-            except BaseException as exc:  # handed to the caller, as a thread pool does
-                outcome, ok = exc, False
+            outcome: Any = None
+            ok = False
+            if not future.cancelled():  # a caller cancelled before the start: not run
+                try:
+                    outcome, ok = context.run(func), True
+                except StopIteration as exc:  # a future refuses it and would never settle
+                    outcome = RuntimeError("the task function raised StopIteration")
+                    outcome.__cause__ = exc
+                except BaseException as exc:  # handed to the caller, as a thread pool does
+                    outcome = exc
             with self._lock:  # idle before the caller hears back: its next call reuses it
                 self._idle += 1
             try:
