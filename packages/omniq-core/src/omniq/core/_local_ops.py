@@ -198,9 +198,9 @@ class LocalOps:
                 self._xattr_ok = False
         return TakeResult(TakeStatus.TAKEN, st.st_ino)
 
-    def link(self, src: str, dst: str, mtime: float) -> bool | None:
+    def link(self, src: str, dst: str, mtime: float | None = None) -> bool | None:
         """Hard-link ``src`` to ``dst`` (exclusive like ``O_EXCL``; ``dst``'s directory is made
-        if missing), then stamp ``mtime`` on the file: a new name without a new file. True if
+        if missing), then stamp ``mtime`` (if given) on the file: a new name without a new file. True if
         linked; False if ``dst`` exists; None if ``src`` is gone or links are refused here
         (the caller creates instead)."""
         if not self._link_ok:
@@ -222,6 +222,8 @@ class LocalOps:
                 if exc.errno in _NO_LINK:
                     return None
                 raise
+        if mtime is None:
+            return True
         try:
             os.utime(target, (mtime, mtime))
         except OSError as exc:  # the name is made; its time only starts the clean-up clock

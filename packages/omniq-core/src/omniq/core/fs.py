@@ -168,10 +168,10 @@ def take(src: str, dst: str, mtime: float, owner: str, min_size: int = 0) -> Op:
     return Op("take", (src, dst, mtime, owner, min_size))
 
 
-def link(src: str, dst: str, mtime: float) -> Op:
+def link(src: str, dst: str, mtime: float | None = None) -> Op:
     """Local directories only: a new name ``dst`` for the file ``src`` (hard link, exclusive
-    like ``create``), stamped with ``mtime``. True if made; False if ``dst`` exists; None if
-    ``src`` is gone or links are refused (create instead)."""
+    like ``create``), stamped with ``mtime`` if given. True if made; False if ``dst`` exists;
+    None if ``src`` is gone or links are refused (create instead)."""
     return Op("link", (src, dst, mtime))
 
 

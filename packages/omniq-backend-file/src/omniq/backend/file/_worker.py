@@ -250,8 +250,8 @@ class AsyncWorker:
         )
         slots = anyio.Semaphore(self.concurrency)
         self._process_limiter = anyio.CapacityLimiter(self.processes or 1)
-        asyncio = sniffio.current_async_library() == "asyncio"
-        self._threads = TaskThreads() if asyncio else None
+        on_asyncio = sniffio.current_async_library() == "asyncio"
+        self._threads = TaskThreads() if on_asyncio else None
         async with anyio.create_task_group() as tg:
             if self.handle_signals and threading.current_thread() is threading.main_thread():
                 tg.start_soon(self._watch_signals)

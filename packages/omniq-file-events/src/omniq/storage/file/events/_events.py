@@ -31,7 +31,6 @@ from omniq.core.fs import (
     listafter,
     listdir,
     listdirs,
-    now,
     read_many,
     remove_dir,
 )
@@ -310,7 +309,6 @@ class AsyncFileEventStorage(AsyncEventStorage):
         for item in items:
             hours.setdefault(item[0].time_ms // _HOUR_MS, []).append(item)
         can_link = self.store.can_take
-        stamp = None
         groups = [g[i : i + _PER_FILE] for g in hours.values() for i in range(0, len(g), _PER_FILE)]
         for group in groups:
             times = [name.time_ms for name, _ in group]
@@ -320,11 +318,10 @@ class AsyncFileEventStorage(AsyncEventStorage):
             yield write_op(key, b"\n".join([data for _, data in group]) + b"\n")
             for task_id in dict.fromkeys(name.task_id for name, _ in group):
                 entry = layout.batch_task_key(task_id, batch)
-                if can_link:  # a second name for the batch: no new file (its directory is made)
-                    if stamp is None:
-                        stamp = yield now()
-                    if (yield link(key, entry, stamp)) is not None:
-                        continue  # made (False, "exists", cannot happen: the name is unique)
+                # A second name for the batch, no new file (its directory is made); no stamp:
+                # event clean-up goes by the times in the names.
+                if can_link and (yield link(key, entry)) is not None:
+                    continue  # made (False, "exists", cannot happen: the name is unique)
                 yield write_op(entry, b"")  # links refused here (or not local)
 
     def _log_program(self, name: layout.Name, data: bytes) -> Program[None]:
@@ -334,7 +331,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
         yield write_op(primary, data)
         # Locally the entry is a second name for the file (no new file): made, or there
         # already (the same event logged again); None where links are refused.
-        if self.store.can_take and (yield link(primary, entry, (yield now()))) is not None:
+        if self.store.can_take and (yield link(primary, entry)) is not None:
             return
         yield write_op(entry, data)
 
