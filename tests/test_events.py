@@ -450,12 +450,14 @@ async def test_submit_writes_when_flush_every_events_are_pending(storage, anyio_
 def test_background_writer_writes_on_its_timer(storage):
     import time
 
-    with FileEventStorage(storage.base_dir, storage.storage_options, flush_interval=0.01) as s:
+    # 1 s: both submits (a few ms) come before the timer fires, even on a loaded machine. At
+    # 10 ms the timer fired between them once in CI (two batches of one event).
+    with FileEventStorage(storage.base_dir, storage.storage_options, flush_interval=1.0) as s:
         for minute in (0, 1):
             s.submit(
                 TaskEvent(task_id="t", type=EventType.STARTED, time=T0 + timedelta(minutes=minute))
             )
-        for _ in range(500):  # no timing assertion: waits until the timer has fired
+        for _ in range(1000):  # no timing assertion: waits until the timer has fired
             if s.written == 2:
                 break
             time.sleep(0.01)
