@@ -11,9 +11,10 @@ store directly. It asserts, per store:
 * **0 same-attempt re-runs**: each (task, attempt) started at most once (the worker logs
   ``task T ... started (attempt n)`` right before calling the function, the function records
   each call with the worker's pid: the two must agree);
-* **0 phantom claims**: no lease was taken over from a worker that never started that
-  attempt (a claimer that took a lost response for a lost race and left the claim behind),
-  and no task finished on attempt n > 1 with an earlier attempt that nobody started;
+* **0 phantom claims**: no lease was taken over from a worker that neither started that
+  attempt nor knew it held it (a claimer that took a lost response for a lost race and left
+  the claim behind), and no task finished on attempt n > 1 with an earlier attempt that
+  nobody started or knowingly gave up;
 * **bounded drain** once the proxy heals: all results within ``DRAIN_BOUND`` seconds (a bound,
   not a speed claim; take-overs of leases that expired during the outages need
   ``LEASE + CLOCK_SKEW``).
@@ -21,7 +22,9 @@ store directly. It asserts, per store:
 Reported, not asserted: leases taken over (legitimate when an outage cut a holder off past
 its lease), acks misread as lost (a holder told "lease taken over" when nobody took it: the
 lost response of its own outcome create), and attempts started on a (nearly) expired lease
-(a claim that took about a lease to land, then a take-over before the first heartbeat).
+(a claim that took about a lease to land, then a take-over before the first heartbeat), and
+claims given up unstarted (the holder logs ``claim lost before it started (attempt n)``: its
+requests, slowed or retried, spent the lease before it could renew it).
 
 The counts (faults injected by kind, tasks, take-overs, drain time) are printed and added to
 the session's "fault suite" summary. Runs on S3 and GCS (``OMNIQ_NETWORK_FAULT_STORES`` adds
@@ -92,6 +95,12 @@ STARTED = re.compile(
 TAKEN = re.compile(
     r"^(\S+ \S+) \d+ omniq\.queue WARNING lease of task (\S+) attempt (\d+) "
     r"\(worker ([^)]+)\) expired; requeued"
+)
+#: A claimer that knew it held an attempt and gave it up unstarted: its lease ran out while
+#: its requests were slowed or retried (renewed too late, or spent in before_task).
+DROPPED = re.compile(
+    r"^\S+ \S+ (\d+) omniq\.\w+ WARNING task (\S+): (?:claim lost before it started|its lease "
+    r"ran out in before_task; not run|a stale claim could not be renewed) \(attempt (\d+)\)"
 )
 LOST_LEASE = re.compile(
     r"^\S+ \S+ (\d+) omniq\.worker WARNING task (\S+)(?:: lease lost to another worker| "
@@ -166,6 +175,7 @@ class _Logs:
         self.taken: list[tuple[str, int, int]] = []  # (task, attempt, holder pid)
         self.taken_at: dict[tuple[str, int, int], float] = {}
         self.told_lost: list[tuple[str, int]] = []  # (task, pid)
+        self.dropped: set[tuple[str, int, int]] = set()  # (task, attempt, holder pid)
         for text in self.text.values():
             for line in text.splitlines():
                 if m := STARTED.match(line):
@@ -176,6 +186,8 @@ class _Logs:
                     key = (m[2], int(m[3]), _pid(m[4]))
                     self.taken.append(key)
                     self.taken_at[key] = _when(m[1])
+                elif m := DROPPED.match(line):
+                    self.dropped.add((m[2], int(m[3]), int(m[1])))
                 elif m := LOST_LEASE.match(line):
                     self.told_lost.append((m[2], int(m[1])))
 
@@ -338,16 +350,19 @@ def _network_faults(kind: str, emulator: Any, tmp_path: Path, records: Path) -> 
         same_attempt = {key: pids for key, pids in worker_logs.starts.items() if len(pids) > 1}
         reruns = sum(len(pids) - 1 for pids in same_attempt.values())
 
-        # A take-over is legitimate only if the holder had started that attempt (it was cut off
-        # past its lease by an outage); otherwise its claimer had left the claim behind.
+        # A take-over is legitimate only if the holder had started that attempt, or knew it held
+        # it and gave it up unstarted (either way an outage or slow requests cut it off past its
+        # lease); otherwise its claimer had left the claim behind without knowing it.
         # (task, attempt) -> the holder's pid (0: no take-over was logged for it).
+        dropped = {(task, attempt) for task, attempt, _ in worker_logs.dropped}
         phantom: dict[tuple[str, int], int] = {}
         for task, result in results.items():
             for attempt in range(1, result.attempt if result is not None else 1):
-                if (task, attempt) not in worker_logs.starts:
+                if (task, attempt) not in worker_logs.starts and (task, attempt) not in dropped:
                     phantom[(task, attempt)] = 0
         for task, attempt, pid in worker_logs.taken:
-            if pid not in worker_logs.starts.get((task, attempt), []):
+            known = pid in worker_logs.starts.get((task, attempt), [])
+            if not known and (task, attempt, pid) not in worker_logs.dropped:
                 phantom[(task, attempt)] = pid
         phantom_tasks = {task for task, _ in phantom}
         # A holder told that its lease was lost although nobody took it over misread the
@@ -380,7 +395,8 @@ def _network_faults(kind: str, emulator: Any, tmp_path: Path, records: Path) -> 
             f"OMNIQ_NETWORK_FAULT_SEED={seed}; "
             f"proxy {counts}\n  faults injected {total_faults}: {injected}\n"
             f"  producer retries {retries}; worker stats {stats}; exit codes {codes}\n"
-            f"  take-overs {len(worker_logs.taken)} (phantom {len(phantom)}); "
+            f"  take-overs {len(worker_logs.taken)} (phantom {len(phantom)}); claims given up "
+            f"unstarted {len(worker_logs.dropped)}; "
             f"same-attempt re-runs {reruns}; lost {len(lost)}; acks misread as lost "
             f"{len(misread)}; started on a (nearly) expired lease {len(stale)} {stale[:5]}; "
             f"tasks on attempt > 1: "
@@ -394,6 +410,7 @@ def _network_faults(kind: str, emulator: Any, tmp_path: Path, records: Path) -> 
         fault_stats.add("same-attempt re-runs", reruns)
         fault_stats.add("phantom claims", len(phantom))
         fault_stats.add("lease take-overs after network faults", len(worker_logs.taken))
+        fault_stats.add("claims given up unstarted (lease spent in slow requests)", len(dropped))
         fault_stats.add("acks misread as lost (lost response)", len(misread))
         fault_stats.add("attempts started on a (nearly) expired lease", len(stale))
         fault_stats.add(f"drain seconds after heal ({kind})", round(drain or DRAIN_BOUND))

@@ -421,7 +421,11 @@ class AsyncWorker:
                     # A sync hook blocked the loop past the lease: another worker may hold
                     # the task now. Running it here could run the attempt twice.
                     self.stats["lost"] += 1
-                    log.warning("task %s: its lease ran out in before_task; not run", claimed.id)
+                    log.warning(
+                        "task %s: its lease ran out in before_task; not run (attempt %d)",
+                        claimed.id,
+                        claimed.attempt,
+                    )
                     return
             try:
                 value, error = await self._execute(claimed, ctx)

@@ -345,7 +345,7 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
                 continue
             for name in names:
                 claimed += await self._claim_from(name, seconds, worker, count - len(claimed))
-                if len(claimed) >= count:
+                if len(claimed) >= count or self._held_too_long(claimed, seconds):
                     break
             if not claimed and self._owed:
                 await self._settle_owed()  # idle: settle now, then look again (released tasks)
@@ -376,20 +376,50 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
 
     async def _fresh(self, claims: list[Claimed], lease: float) -> list[Claimed]:
         """Claims with most of their lease left. A claim whose requests took long (retried
-        through an outage) may come back with its lease nearly spent: it is renewed before
-        the caller starts it, or dropped if it was taken over meanwhile."""
-        out = []
-        for claimed in claims:
-            if claimed.lease_until.timestamp() - self._now() >= lease / 3:
-                out.append(claimed)
-                continue
-            try:
-                out.append(await self.extend_lease(claimed, lease))
-            except (LeaseLostError, TaskCancelledError):
-                log.warning("task %s: claim lost before it started", claimed.id)
-            except Exception as exc:  # unreachable storage: let the lease run out
-                log.warning("task %s: a stale claim could not be renewed: %s", claimed.id, exc)
+        or slowed through an outage) may come back with its lease nearly spent: it is
+        renewed before the caller starts it, or dropped if it was taken over meanwhile.
+        Renewals run at once, and the claims are judged again after them: a slow renewal
+        must not spend the lease of a claim judged fresh before it."""
+        out: list[Claimed] = list(claims)
+        for _ in range(3):
+            current = self._now()
+            stale = [
+                i for i, c in enumerate(out) if c.lease_until.timestamp() - current < lease / 3
+            ]
+            if not stale:
+                break
+            kept: list[Claimed | None] = list(out)
+            async with anyio.create_task_group() as tg:
+                for i in stale:
+                    tg.start_soon(self._renew, kept, i, lease)
+            out = [c for c in kept if c is not None]
         return out
+
+    async def _renew(self, claims: list[Claimed | None], i: int, lease: float) -> None:
+        """Renew ``claims[i]`` in place; None if it was lost or could not be renewed."""
+        claimed = claims[i]
+        assert claimed is not None
+        try:
+            claims[i] = await self.extend_lease(claimed, lease)
+        except (LeaseLostError, TaskCancelledError):
+            claims[i] = None
+            log.warning(
+                "task %s: claim lost before it started (attempt %d)", claimed.id, claimed.attempt
+            )
+        except Exception as exc:  # unreachable storage: let the lease run out
+            claims[i] = None
+            log.warning(
+                "task %s: a stale claim could not be renewed (attempt %d): %s",
+                claimed.id,
+                claimed.attempt,
+                exc,
+            )
+
+    def _held_too_long(self, claimed: list[Claimed], lease: float) -> bool:
+        """Whether the claims in hand have waited long enough for more claims: once one has
+        spent a third of its lease, the next claim round would leave it to ``_fresh``."""
+        current = self._now()
+        return any(c.lease_until.timestamp() - current < lease * 2 / 3 for c in claimed)
 
     async def _claim_from(self, queue: str, lease: float, worker: str, want: int) -> list[Claimed]:
         current = self._now()
@@ -422,6 +452,8 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
                 cache = self._cache[queue] = _Cache(self._now(), self._spread(items))
                 refreshed = True
             while cache.items and cache.misses < 3:
+                if self._held_too_long(claimed, lease):
+                    return claimed  # slow requests: start what is in hand, claim more later
                 picks = [
                     cache.items.pop(0) for _ in range(min(want - len(claimed), len(cache.items)))
                 ]
