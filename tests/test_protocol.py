@@ -617,7 +617,7 @@ async def test_the_reaper_keeps_no_recent_outcome_in_memory(
     """The benchmark's RSS target caught the reaper holding every outcome younger than the
     TTL (one per finished task) and every finished claim (a local claim's mtime is its ack's
     time); it now notes a hash of each recent outcome and keeps only undecided claims."""
-    import omniq.storage.file.queue._leases as leases
+    import omniq.storage.file.queue._reaper as reaper
 
     clock = FakeClock()
     q = queue(str(tmp_path / "q"), clock)
@@ -626,7 +626,15 @@ async def test_the_reaper_keeps_no_recent_outcome_in_memory(
         await q.ack(claimed)
     clock.advance(q.clock_skew + 1)  # every claim is past the reaper's suspect cut
     kept: list[Any] = []
-    real = leases.group_run
-    monkeypatch.setattr(leases, "group_run", lambda entries: real(kept.extend(entries) or entries))
+    real = reaper.group_run
+    called: list[int] = []
+
+    def spy(entries: list[Any]) -> Any:
+        called.append(len(entries))
+        kept.extend(entries)
+        return real(entries)
+
+    monkeypatch.setattr(reaper, "group_run", spy)
     assert await q.reap("default") == []
+    assert called  # the reaper's scan went through the spy
     assert kept == []  # neither the 50 finished claims nor their recent outcomes

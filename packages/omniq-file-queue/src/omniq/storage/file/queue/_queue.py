@@ -9,26 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import datetime
 from typing import Any
 
 import anyio
 
 from omniq.core import codec
 from omniq.core._watch import DirWatch
-from omniq.core.errors import LeaseLostError, SerializationError, TaskCancelledError
 from omniq.core.fs import (
     Program,
     Store,
-    create,
     create_many,
     delete,
-    exists,
-    listdirs,
-    listhead,
     now,
     read,
     write,
@@ -37,7 +30,6 @@ from omniq.core.interfaces import AsyncQueue
 from omniq.core.interfaces import default_worker_id as default_worker_id  # moved to core
 from omniq.core.maintenance import sweep_temp_files
 from omniq.core.models import (
-    UTC,
     Claimed,
     EventType,
     Task,
@@ -49,37 +41,14 @@ from . import _layout as layout
 from ._claim_document import DocumentClaims
 from ._claim_link import LinkClaims
 from ._claim_s3 import S3Claims
+from ._claiming import ClaimHandling, ListingCache
 from ._dependencies import DependencyHandling, check_dependencies
 from ._inspect import QueueInspection
-from ._leases import LeaseHandling
 from ._listing import QueueListing
 
 log = logging.getLogger("omniq.queue")
 
 EventHook = Callable[[TaskEvent], Awaitable[None]]
-
-
-class _Cache:
-    """Claim candidates from the last listing of one queue, shared by this instance's callers."""
-
-    __slots__ = ("at", "items", "misses", "taken")
-
-    def __init__(self, at: float, items: list[layout.Candidate]) -> None:
-        self.at = at
-        self.items = items
-        self.taken = 0  # claims made from it
-        self.misses = 0  # candidates in a row found claimed by others
-
-    def stale(self, current: float, interval: float) -> bool:
-        """Whether to list again: the candidates are used up, or three in a row were taken
-        by others, or the listing is ``interval`` old and 32 claims were made from it (a
-        busy consumer sees new higher priorities within ``interval``) or ten times as old
-        (a slow one lists at most every ``10 x interval``: with many consumers a claim
-        would otherwise pay for a listing of its own; see docs/design.md)."""
-        age = current - self.at
-        if not self.items or self.misses >= 3:
-            return True
-        return age > interval and (self.taken >= 32 or age > 10 * interval)
 
 
 class _Idle:
@@ -101,7 +70,7 @@ class _Idle:
         self.next = time.monotonic() + self.pause
 
 
-class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueListing, AsyncQueue):
+class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueListing, AsyncQueue):
     """A task queue whose state is files under ``base_dir``; safe for many workers.
 
     Args:
@@ -169,7 +138,7 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
         self.on_event = on_event
         self.worker_id = default_worker_id()
         self._checked = False
-        self._cache: dict[str, _Cache] = {}
+        self._cache: dict[str, ListingCache] = {}
         self._listing: set[str] = set()  # queues a call of this instance is listing now
         self._reaped: dict[str, float] = {}
         self._idle: dict[tuple[str, ...], _Idle] = {}
@@ -374,249 +343,6 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
             self._watches[key] = DirWatch.open(dirs) if local else None
         return self._watches[key]
 
-    async def _fresh(self, claims: list[Claimed], lease: float) -> list[Claimed]:
-        """Claims with most of their lease left. A claim whose requests took long (retried
-        or slowed through an outage) may come back with its lease nearly spent: it is
-        renewed before the caller starts it, or dropped if it was taken over meanwhile.
-        Renewals run at once, and the claims are judged again after them: a slow renewal
-        must not spend the lease of a claim judged fresh before it."""
-        out: list[Claimed] = list(claims)
-        for _ in range(3):
-            current = self._now()
-            stale = [
-                i for i, c in enumerate(out) if c.lease_until.timestamp() - current < lease / 3
-            ]
-            if not stale:
-                break
-            kept: list[Claimed | None] = list(out)
-            async with anyio.create_task_group() as tg:
-                for i in stale:
-                    tg.start_soon(self._renew, kept, i, lease)
-            out = [c for c in kept if c is not None]
-        return out
-
-    async def _renew(self, claims: list[Claimed | None], i: int, lease: float) -> None:
-        """Renew ``claims[i]`` in place; None if it was lost or could not be renewed."""
-        claimed = claims[i]
-        assert claimed is not None
-        try:
-            claims[i] = await self.extend_lease(claimed, lease)
-        except (LeaseLostError, TaskCancelledError):
-            claims[i] = None
-            log.warning(
-                "task %s: claim lost before it started (attempt %d)", claimed.id, claimed.attempt
-            )
-        except Exception as exc:  # unreachable storage: let the lease run out
-            claims[i] = None
-            log.warning(
-                "task %s: a stale claim could not be renewed (attempt %d): %s",
-                claimed.id,
-                claimed.attempt,
-                exc,
-            )
-
-    def _held_too_long(self, claimed: list[Claimed], lease: float) -> bool:
-        """Whether the claims in hand have waited long enough for more claims: once one has
-        spent a third of its lease, the next claim round would leave it to ``_fresh``."""
-        current = self._now()
-        return any(c.lease_until.timestamp() - current < lease * 2 / 3 for c in claimed)
-
-    async def _claim_from(self, queue: str, lease: float, worker: str, want: int) -> list[Claimed]:
-        current = self._now()
-        cache = self._cache.get(queue)
-        refreshed = False
-        due = current - self._reaped.get(queue, 0.0) >= self.reap_interval
-        if due and await self.store.run(self._reap_turn(queue, current)) and await self.reap(queue):
-            cache = None  # requeued tasks: list again to see them
-        claimed: list[Claimed] = []
-        if self.claims.unsettled:
-            claimed += await self.store.run(self.claims.settle(queue, want, self.tombstone_ttl))
-            if len(claimed) >= want:
-                return claimed
-        while True:
-            if refreshed and (cache is None or cache.stale(current, self.refresh_interval)):
-                return claimed
-            if queue in self._listing:
-                # Another call of this instance is listing the queue: no second listing;
-                # claim from the last one meanwhile, if anything is left of it.
-                if cache is None or not cache.items:
-                    return claimed
-            elif cache is None or cache.stale(current, self.refresh_interval):
-                self._listing.add(queue)
-                try:
-                    items = await self.store.run(self._scan_program(queue))
-                finally:
-                    self._listing.discard(queue)
-                # Stamped when the listing ended: a slow listing must not make the next
-                # dequeue list again at once.
-                cache = self._cache[queue] = _Cache(self._now(), self._spread(items))
-                refreshed = True
-            while cache.items and cache.misses < 3:
-                if self._held_too_long(claimed, lease):
-                    return claimed  # slow requests: start what is in hand, claim more later
-                picks = [
-                    cache.items.pop(0) for _ in range(min(want - len(claimed), len(cache.items)))
-                ]
-                for got in await self._claim_picks(queue, picks, lease, worker):
-                    if isinstance(got, Claimed):
-                        claimed.append(got)
-                        cache.taken, cache.misses = cache.taken + 1, 0
-                    elif isinstance(got, Task):
-                        log.info("task %s expired before it started", got.id)
-                        await self._emit(EventType.EXPIRED, got, attempt=got.attempt)
-                    else:  # taken by another consumer, who walks on from there: jump away
-                        cache.items = self._spread(cache.items)
-                        cache.misses += 1
-                if len(claimed) >= want:
-                    return claimed
-            if refreshed or queue in self._listing:
-                return claimed
-            cache = None
-
-    def _drop_cache_below(self, tasks: list[tuple[Task, bytes]]) -> None:
-        """Forget a listing whose candidates rank below a task just enqueued here: this
-        instance's next claim then sees it (other producers' are seen at the next listing)."""
-        for task, _ in tasks:
-            cache = self._cache.get(task.queue)
-            rank = int(layout.rank(task.priority)[1:])
-            if cache is not None and (not cache.items or rank < cache.items[0].rank):
-                del self._cache[task.queue]
-
-    def _reap_turn(self, queue: str, current: float) -> Program[bool]:
-        """Whether this consumer reaps ``queue`` now: one reaper pass per ``reap_interval``
-        per queue, whatever the number of consumers. The pass's start time is kept in
-        ``{queue}/reaper/last``; a consumer that finds it fresh waits for the next interval.
-        Two consumers that both find it stale both reap, which is safe (every transition of
-        the reaper is an exclusive create); a clock far off makes the time look stale."""
-        data = yield read(layout.reaper_key(queue))
-        try:
-            last = float(data or b"")
-        except ValueError:
-            last = 0.0
-        if 0.0 <= current - last < self.reap_interval:
-            self._reaped[queue] = last + random.uniform(0.0, self.reap_interval / 4)
-            return False
-        yield write(layout.reaper_key(queue), repr(current).encode())
-        return True
-
-    async def _claim_picks(
-        self, queue: str, picks: list[layout.Candidate], lease: float, worker: str
-    ) -> list[Claimed | Task | None]:
-        """Claim attempts on ``picks``, in their order. On an object store they run
-        concurrently: each is a read and a create, so a batch of n costs two request
-        latencies, not 2n. Locally one program runs them (no request latency to overlap)."""
-        if len(picks) == 1 or self.store.kind in ("memory", "local"):
-            return await self.store.run(self._claim_many_program(queue, picks, lease, worker))
-        out: list[Claimed | Task | BaseException | None] = [None] * len(picks)
-
-        async def attempt(i: int, cand: layout.Candidate) -> None:
-            try:
-                out[i] = await self.store.run(self._claim_program(queue, cand, lease, worker))
-            except Exception as exc:
-                out[i] = exc
-
-        async with anyio.create_task_group() as tg:
-            for i, cand in enumerate(picks):
-                tg.start_soon(attempt, i, cand)
-        got = [item for item in out if not isinstance(item, BaseException)]
-        for error in out:
-            if isinstance(error, BaseException):
-                _hand_over_or_raise(queue, got, error)
-                break
-        return got
-
-    def _claim_many_program(
-        self, queue: str, picks: list[layout.Candidate], lease: float, worker: str
-    ) -> Program[list[Claimed | Task | None]]:
-        out: list[Claimed | Task | None] = []
-        for candidate in picks:
-            try:
-                out.append((yield from self._claim_program(queue, candidate, lease, worker)))
-            except Exception as exc:
-                _hand_over_or_raise(queue, out, exc)
-                break
-        return out
-
-    def _spread(self, items: list[layout.Candidate]) -> list[layout.Candidate]:
-        """``items`` in claim order: the first ``spread`` candidates of the top priority
-        rotated by a random offset, so that consumers listing the same head start at
-        different places and walk it without meeting (a random pick per claim collides more
-        as the head is used up), then the rest in order."""
-        if not items:
-            return items
-        top, window = items[0].rank, min(self.spread, len(items))
-        same = next((i for i in range(1, window) if items[i].rank != top), window)
-        start = random.randrange(same)
-        return items[start:same] + items[:start] + items[same:]
-
-    def _scan_program(self, queue: str) -> Program[list[layout.Candidate]]:
-        if self.claims.pending:  # deferred deletes first: the listing then no longer shows them
-            yield from self.claims.flush()
-        found: list[layout.Candidate] = []
-        for rank_dir in (yield listdirs(f"{queue}/ready")):
-            for name in (yield listhead(f"{queue}/ready/{rank_dir}", self.batch)):
-                candidate = layout.ready_candidate(queue, rank_dir, name)
-                if candidate is not None:
-                    found.append(candidate)
-            if len(found) >= self.batch:
-                break
-        current_ms = (yield now()) * 1000
-        for name in (yield listhead(f"{queue}/due", self.batch)):
-            candidate = layout.due_candidate(queue, name)
-            if candidate is None:
-                continue
-            if candidate.time_ms > current_ms:
-                break
-            found.append(candidate)
-        found.sort()
-        return (yield from self.claims.filter(queue, found[: self.batch]))
-
-    def _claim_program(
-        self, queue: str, cand: layout.Candidate, lease: float, worker: str
-    ) -> Program[Claimed | Task | None]:
-        body = yield read(cand.key)
-        if body is None:  # claimed by someone else meanwhile, or a marker without its body
-            if cand.marker:
-                yield from self._unbodied_marker(queue, cand)
-            return None
-        try:
-            task = codec.decode(body, Task)
-            if task.id != cand.task_id or task.attempt != cand.attempt or task.queue != queue:
-                raise SerializationError("document does not match its file name")
-        except SerializationError as exc:
-            if codec.is_newer_schema(body):
-                log.warning(
-                    "%s was written by a newer OmniQ; left for an upgraded worker", cand.key
-                )
-                return None
-            yield from self._quarantine(cand.key, body, exc)
-            if cand.marker:
-                yield delete(cand.marker)
-            return None
-        current = yield now()
-        if task.is_expired(datetime.fromtimestamp(current, UTC)):
-            won = yield create(
-                layout.run_key(queue, task.id, cand.attempt), layout.tombstone(layout.EXPIRED)
-            )
-            yield from self.claims.spend(cand)
-            if won:
-                self._ended(queue, task.id, layout.EXPIRED)
-            return task if won else None
-        return (yield from self.claims.claim(cand, task, current, lease, worker))
-
-    def _unbodied_marker(self, queue: str, cand: layout.Candidate) -> Program[None]:
-        assert cand.marker is not None
-        """A due marker whose body is missing: its attempt was claimed (the claimer died
-        before removing the marker) -- remove it; else the body may still be on its way
-        (bodies are written first, but a retried PUT can be slow): leave it until it is
-        ``tombstone_ttl`` past due, then remove it as orphaned."""
-        current = yield now()
-        claimed = yield exists(layout.run_key(queue, cand.task_id, cand.attempt))
-        if claimed or current * 1000 > cand.time_ms + self.tombstone_ttl * 1000:
-            if not claimed:
-                log.warning("removing orphaned due marker %s (no body)", cand.marker)
-            yield delete(cand.marker)
-
     def _quarantine(self, key: str, data: bytes, reason: BaseException) -> Program[None]:
         # Read again first: a file read while its claim was being finished in place (a taken
         # ready file shares its inode with the claim) can look torn; it is not corrupt then.
@@ -628,12 +354,3 @@ class AsyncFileQueue(DependencyHandling, LeaseHandling, QueueInspection, QueueLi
         yield write(target, data)
         yield delete(key)
         log.warning("moved unreadable %s to %s: %s", key, target, reason)
-
-
-def _hand_over_or_raise(queue: str, got: list[Any], error: BaseException) -> None:
-    """A batch claim that failed part-way: raise ``error`` if nothing was claimed, else log
-    it and let the caller hand over what was claimed rather than strand it until its lease
-    ends."""
-    if not any(isinstance(item, Claimed) for item in got):
-        raise error
-    log.warning("claiming from %s stopped after an error: %s", queue, error)
