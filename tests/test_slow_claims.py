@@ -1,16 +1,21 @@
 """Claims whose requests were slow (delayed or retried through an outage): the claimer starts
 what it holds instead of claiming more, renews nearly spent leases at once before it hands
-them out, and judges every claim again after a slow renewal (the CI's network-fault test on
+them out, judges every claim again after a slow renewal, and the worker's first heartbeat
+comes before what is left of the lease runs out (the CI's network-fault test on
 S3 and GCS found claims handed out, or dropped, with their lease spent by a sibling's
 requests)."""
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
 import pytest
 
+from omniq.backend.file._heartbeats import Heartbeats
 from omniq.core import Claimed, Task
 from queue_helpers import FakeClock, make_queue
 
@@ -143,3 +148,22 @@ async def test_a_stale_claim_taken_over_meanwhile_is_dropped_and_logged(
     finally:
         await holder.close()
         await reaper.close()
+
+
+@pytest.mark.parametrize(
+    ("left", "due_within"),
+    [(LEASE, LEASE / 3), (LEASE * 0.4, LEASE * 0.2), (-1.0, 0.0)],
+    ids=["full-lease", "lease-partly-spent", "lease-spent"],
+)
+def test_the_first_heartbeat_comes_half_way_through_what_is_left(
+    left: float, due_within: float
+) -> None:
+    """A claim handed out with part of its lease spent (its requests were slow) gets its
+    first heartbeat half-way through what is left, not a third of a full lease later (by
+    then it could have expired and been taken over)."""
+    beats = Heartbeats(SimpleNamespace(lease=LEASE, progress_interval=1.0))
+    claimed = SimpleNamespace(remaining=lambda: timedelta(seconds=left))
+    before = time.monotonic()
+    held = beats.hold({"claimed": claimed}, SimpleNamespace())  # type: ignore[arg-type]
+    after = time.monotonic()
+    assert before + due_within <= held.next_beat <= after + due_within

@@ -54,8 +54,11 @@ class Heartbeats:
 
     def hold(self, state: dict[str, Any], ctx: TaskContext) -> Held:
         # No wake-up: the loop never sleeps longer than a beat, so it looks at this task
-        # before its first beat is due.
-        held = Held(state, ctx, time.monotonic() + self.worker.lease / 3)
+        # before its first beat is due. A claim whose requests were slow comes with less
+        # than its lease left: its first beat is due half-way through what is left.
+        left = state["claimed"].remaining().total_seconds()
+        first = max(0.0, min(self.worker.lease / 3, left / 2))
+        held = Held(state, ctx, time.monotonic() + first)
         self.held[id(held)] = held
         ctx._notify = self.notify
         return held
