@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from omniq.backend.file._heartbeats import Heartbeats
-from omniq.core import Claimed, Task
+from omniq.core import Claimed, StorageError, Task
 from queue_helpers import FakeClock, make_queue
 
 pytestmark = pytest.mark.anyio
@@ -167,3 +167,124 @@ def test_the_first_heartbeat_comes_half_way_through_what_is_left(
     held = beats.hold({"claimed": claimed}, SimpleNamespace())  # type: ignore[arg-type]
     after = time.monotonic()
     assert before + due_within <= held.next_beat <= after + due_within
+
+
+@pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
+async def test_a_slow_second_queue_does_not_age_the_claims_of_the_first(storage: Any) -> None:
+    clock = FakeClock()
+    q = make_queue(storage, clock=clock, lease=LEASE)
+    tried: list[str] = []
+    scan, picks = q._scan_program, q._claim_picks
+
+    def slow_scan(queue: str) -> Any:
+        if queue == "b":
+            clock.advance(LEASE / 2)  # listing b took half a lease
+        return scan(queue)
+
+    async def record(queue: str, *args: Any) -> Any:
+        tried.append(queue)
+        return await picks(queue, *args)
+
+    q._scan_program = slow_scan  # type: ignore[method-assign]
+    q._claim_picks = record  # type: ignore[method-assign]
+    try:
+        await q.enqueue(Task(func="m:f", queue="a", id="a1"))
+        await q.enqueue_many([Task(func="m:f", queue="b") for _ in range(4)])
+        got = await q.dequeue_many(4, ["a", "b"])
+        assert [c.id for c in got] == ["a1"]
+        assert tried == ["a"]  # no claim round on b once a's claim had aged
+    finally:
+        await q.close()
+
+
+@pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
+async def test_claims_in_hand_are_handed_out_when_a_later_step_fails(
+    storage: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A storage error after some claims were made (a later claim round, or the next
+    queue's listing) hands out what was claimed: raising would strand those claims until
+    their lease ran out."""
+    q = make_queue(storage, lease=LEASE)
+    calls = 0
+    picks, scan = q._claim_picks, q._scan_program
+
+    async def fail_second(queue: str, chosen: list[Any], *args: Any) -> list[Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise StorageError("the store went away")
+        return [*(await picks(queue, chosen[:1], *args)), None]  # one claimed, one lost
+
+    def fail_on_c(queue: str) -> Any:
+        if queue == "c":
+            raise StorageError("listing c failed")
+        return scan(queue)
+
+    q._claim_picks = fail_second  # type: ignore[method-assign]
+    q._scan_program = fail_on_c  # type: ignore[method-assign]
+    try:
+        await q.enqueue_many([Task(func="m:f", queue="a") for _ in range(8)])
+        await q.enqueue(Task(func="m:f", queue="c"))
+        with caplog.at_level("WARNING", logger="omniq.queue"):
+            got = await q.dequeue_many(4, ["a"])
+            assert len(got) == 1  # round 2 failed: round 1's claim is handed out
+            assert "claiming from a stopped after an error: the store went away" in caplog.text
+            q._claim_picks = picks  # type: ignore[method-assign]
+            got = await q.dequeue_many(8, ["a", "c"])
+            assert len(got) == 7  # the rest of a, then listing c failed
+            assert "claiming from c stopped after an error: listing c failed" in caplog.text
+        with pytest.raises(StorageError):  # nothing claimed: the error is the caller's
+            await q.dequeue_many(1, ["c"])
+    finally:
+        await q.close()
+
+
+@pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
+async def test_a_claim_whose_lease_ran_out_through_slow_renewals_is_not_handed_out(
+    storage: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    q = make_queue(storage, clock=clock, lease=LEASE)
+    original = q.extend_lease
+
+    async def very_slow(claimed: Claimed, seconds: float | None = None, **kw: Any) -> Claimed:
+        out = await original(claimed, seconds, **kw)
+        clock.advance(LEASE * 2)  # renewed, but the answer came after the new lease ended
+        return out
+
+    try:
+        await q.enqueue(Task(func="m:f", id="t1"))
+        claimed = await q.dequeue()
+        assert claimed is not None
+        clock.advance(LEASE * 0.9)
+        q.extend_lease = very_slow  # type: ignore[method-assign]
+        with caplog.at_level("WARNING", logger="omniq.queue"):
+            assert await q._fresh([claimed], LEASE) == []
+        assert "task t1: its lease ran out before it started (attempt 1)" in caplog.text
+    finally:
+        await q.close()
+
+
+async def test_a_held_claim_with_little_lease_left_wakes_the_heartbeat_loop() -> None:
+    """The loop may be asleep for a third of a lease when a claim with less left comes in:
+    holding it wakes the loop, which beats half-way through what is left."""
+    beat = anyio.Event()
+
+    async def extend_lease(claimed: Any, seconds: float, **kw: Any) -> Any:
+        beat.set()
+        return claimed
+
+    worker = SimpleNamespace(
+        lease=LEASE, progress_interval=1.0, queue=SimpleNamespace(extend_lease=extend_lease)
+    )
+    beats = Heartbeats(worker)
+    ctx = SimpleNamespace(_pending=lambda: False, _take=lambda: (None, None, False))
+    claimed = SimpleNamespace(id="t1", remaining=lambda: timedelta(seconds=1.0))
+    async with anyio.create_task_group() as tg:
+        await tg.start(beats.run)
+        await anyio.sleep(0.05)  # the loop sleeps now, for up to LEASE / 3 (10 s)
+        held = beats.hold({"claimed": claimed}, ctx)  # type: ignore[arg-type]
+        with anyio.fail_after(5):  # due after 0.5 s; without a wake-up after 10 s
+            await beat.wait()
+        await beats.release(held)
+        tg.cancel_scope.cancel()

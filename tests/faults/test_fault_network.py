@@ -21,7 +21,8 @@ store directly. It asserts, per store:
 
 Reported, not asserted: leases taken over (legitimate when an outage cut a holder off past
 its lease), acks misread as lost (a holder told "lease taken over" when nobody took it: the
-lost response of its own outcome create), and attempts started on a (nearly) expired lease
+lost response of its own outcome create, or of the renewal of a claim not started yet), and
+attempts started on a (nearly) expired lease
 (a claim that took about a lease to land, then a take-over before the first heartbeat), and
 claims given up unstarted (the holder logs ``claim lost before it started (attempt n)``: its
 requests, slowed or retried, spent the lease before it could renew it).
@@ -99,8 +100,9 @@ TAKEN = re.compile(
 #: A claimer that knew it held an attempt and gave it up unstarted: its lease ran out while
 #: its requests were slowed or retried (renewed too late, or spent in before_task).
 DROPPED = re.compile(
-    r"^\S+ \S+ (\d+) omniq\.\w+ WARNING task (\S+): (?:claim lost before it started|its lease "
-    r"ran out in before_task; not run|a stale claim could not be renewed) \(attempt (\d+)\)"
+    r"^\S+ \S+ (\d+) omniq\.\w+ WARNING task (\S+): (claim lost before it started|its lease "
+    r"ran out in before_task; not run|its lease ran out before it started|a stale claim could "
+    r"not be renewed) \(attempt (\d+)\)"
 )
 LOST_LEASE = re.compile(
     r"^\S+ \S+ (\d+) omniq\.worker WARNING task (\S+)(?:: lease lost to another worker| "
@@ -176,6 +178,7 @@ class _Logs:
         self.taken_at: dict[tuple[str, int, int], float] = {}
         self.told_lost: list[tuple[str, int]] = []  # (task, pid)
         self.dropped: set[tuple[str, int, int]] = set()  # (task, attempt, holder pid)
+        self.lost_unstarted: set[tuple[str, int, int]] = set()  # told "claim lost": a take-over
         for text in self.text.values():
             for line in text.splitlines():
                 if m := STARTED.match(line):
@@ -187,7 +190,10 @@ class _Logs:
                     self.taken.append(key)
                     self.taken_at[key] = _when(m[1])
                 elif m := DROPPED.match(line):
-                    self.dropped.add((m[2], int(m[3]), int(m[1])))
+                    key = (m[2], int(m[4]), int(m[1]))
+                    self.dropped.add(key)
+                    if m[3].startswith("claim lost"):
+                        self.lost_unstarted.add(key)
                 elif m := LOST_LEASE.match(line):
                     self.told_lost.append((m[2], int(m[1])))
 
@@ -369,6 +375,14 @@ def _network_faults(kind: str, emulator: Any, tmp_path: Path, records: Path) -> 
         # lost response of its own ack: reported, not asserted (the task is done, once).
         taken_from = Counter((task, pid) for task, _, pid in worker_logs.taken)
         misread = [key for key in worker_logs.told_lost if not taken_from[key]]
+        # Likewise a claim renewed before its start and told lost although nobody took that
+        # attempt over from that holder: the lost response of its own renewal.
+        taken = set(worker_logs.taken)
+        misread += [
+            (task, pid)
+            for task, n, pid in worker_logs.lost_unstarted
+            if (task, n, pid) not in taken
+        ]
         # A take-over comes CLOCK_SKEW after the lease's end at the earliest, so one less than
         # LEASE / 3 + CLOCK_SKEW after the start means the attempt started with less lease left
         # than the first heartbeat needs (lease / 3): its claim took (nearly) a lease, e.g.
@@ -396,7 +410,7 @@ def _network_faults(kind: str, emulator: Any, tmp_path: Path, records: Path) -> 
             f"proxy {counts}\n  faults injected {total_faults}: {injected}\n"
             f"  producer retries {retries}; worker stats {stats}; exit codes {codes}\n"
             f"  take-overs {len(worker_logs.taken)} (phantom {len(phantom)}); claims given up "
-            f"unstarted {len(worker_logs.dropped)}; "
+            f"unstarted {len(dropped)}; "
             f"same-attempt re-runs {reruns}; lost {len(lost)}; acks misread as lost "
             f"{len(misread)}; started on a (nearly) expired lease {len(stale)} {stale[:5]}; "
             f"tasks on attempt > 1: "

@@ -53,14 +53,17 @@ class Heartbeats:
         self._thread = 0
 
     def hold(self, state: dict[str, Any], ctx: TaskContext) -> Held:
-        # No wake-up: the loop never sleeps longer than a beat, so it looks at this task
-        # before its first beat is due. A claim whose requests were slow comes with less
-        # than its lease left: its first beat is due half-way through what is left.
+        # A claim whose requests were slow comes with less than its lease left: its first
+        # beat is due half-way through what is left, and the loop, which may be asleep for
+        # up to a third of a lease, is woken to see it. Otherwise no wake-up: the loop never
+        # sleeps longer than a beat, so it looks at this task before its first beat is due.
         left = state["claimed"].remaining().total_seconds()
         first = max(0.0, min(self.worker.lease / 3, left / 2))
         held = Held(state, ctx, time.monotonic() + first)
         self.held[id(held)] = held
         ctx._notify = self.notify
+        if first < self.worker.lease / 3:
+            self._wake.set()  # hold runs on the loop's thread
         return held
 
     async def release(self, held: Held) -> None:

@@ -59,11 +59,12 @@ class ClaimHandling(Reaping):
     _listing: set[str]
 
     async def _fresh(self, claims: list[Claimed], lease: float) -> list[Claimed]:
-        """Claims with most of their lease left. A claim whose requests took long (retried
-        or slowed through an outage) may come back with its lease nearly spent: it is
-        renewed before the caller starts it, or dropped if it was taken over meanwhile.
-        Renewals run at once, and the claims are judged again after them: a slow renewal
-        must not spend the lease of a claim judged fresh before it."""
+        """The claims to hand out. A claim whose requests took long (retried or slowed through
+        an outage) may come back with its lease nearly spent: it is renewed before the caller
+        starts it, or dropped if it was taken over meanwhile. Renewals run at once, and the
+        claims are judged again after them (a slow renewal must not spend the lease of a
+        claim judged fresh before it), up to three rounds; a claim whose lease ran out even
+        so is dropped (the reaper requeues it), never started."""
         out: list[Claimed] = list(claims)
         for _ in range(3):
             current = self._now()
@@ -71,13 +72,21 @@ class ClaimHandling(Reaping):
                 i for i, c in enumerate(out) if c.lease_until.timestamp() - current < lease / 3
             ]
             if not stale:
-                break
+                return out
             kept: list[Claimed | None] = list(out)
             async with anyio.create_task_group() as tg:
                 for i in stale:
                     tg.start_soon(self._renew, kept, i, lease)
             out = [c for c in kept if c is not None]
-        return out
+        current = self._now()
+        for claimed in out:
+            if claimed.lease_until.timestamp() <= current:
+                log.warning(
+                    "task %s: its lease ran out before it started (attempt %d)",
+                    claimed.id,
+                    claimed.attempt,
+                )
+        return [c for c in out if c.lease_until.timestamp() > current]
 
     async def _renew(self, claims: list[Claimed | None], i: int, lease: float) -> None:
         """Renew ``claims[i]`` in place; None if it was lost or could not be renewed."""
@@ -85,10 +94,15 @@ class ClaimHandling(Reaping):
         assert claimed is not None
         try:
             claims[i] = await self.extend_lease(claimed, lease)
-        except (LeaseLostError, TaskCancelledError):
+        except LeaseLostError:
             claims[i] = None
             log.warning(
                 "task %s: claim lost before it started (attempt %d)", claimed.id, claimed.attempt
+            )
+        except TaskCancelledError:
+            claims[i] = None
+            log.info(
+                "task %s: cancelled before it started (attempt %d)", claimed.id, claimed.attempt
             )
         except Exception as exc:  # unreachable storage: let the lease run out
             claims[i] = None
@@ -105,26 +119,52 @@ class ClaimHandling(Reaping):
         current = self._now()
         return any(c.lease_until.timestamp() - current < lease * 2 / 3 for c in claimed)
 
-    async def _claim_from(self, queue: str, lease: float, worker: str, want: int) -> list[Claimed]:
+    async def _claim_from(
+        self, queue: str, lease: float, worker: str, want: int, held: list[Claimed]
+    ) -> list[Claimed]:
+        """Up to ``want`` claims from ``queue``; ``held`` are the claims the caller already
+        has (from other queues). A storage error after some claims were made is logged and
+        what was claimed is returned: raising would strand those claims until their lease
+        ends."""
+        claimed: list[Claimed] = []
+        try:
+            await self._claim_rounds(queue, lease, worker, want, held, claimed)
+        except Exception as exc:
+            hand_over_or_raise(queue, claimed, exc)
+        return claimed
+
+    async def _claim_rounds(
+        self,
+        queue: str,
+        lease: float,
+        worker: str,
+        want: int,
+        held: list[Claimed],
+        claimed: list[Claimed],
+    ) -> None:
+        # Claims made are appended to ``claimed`` as they come (kept if a later step fails).
+        if self._held_too_long(held, lease):
+            return  # slow requests: start what is in hand, claim more later
         current = self._now()
         cache = self._cache.get(queue)
         refreshed = False
         due = current - self._reaped.get(queue, 0.0) >= self.reap_interval
         if due and await self.store.run(self._reap_turn(queue, current)) and await self.reap(queue):
             cache = None  # requeued tasks: list again to see them
-        claimed: list[Claimed] = []
         if self.claims.unsettled:
             claimed += await self.store.run(self.claims.settle(queue, want, self.tombstone_ttl))
             if len(claimed) >= want:
-                return claimed
+                return
         while True:
             if refreshed and (cache is None or cache.stale(current, self.refresh_interval)):
-                return claimed
+                return
+            if self._held_too_long([*held, *claimed], lease):
+                return
             if queue in self._listing:
                 # Another call of this instance is listing the queue: no second listing;
                 # claim from the last one meanwhile, if anything is left of it.
                 if cache is None or not cache.items:
-                    return claimed
+                    return
             elif cache is None or cache.stale(current, self.refresh_interval):
                 self._listing.add(queue)
                 try:
@@ -136,8 +176,8 @@ class ClaimHandling(Reaping):
                 cache = self._cache[queue] = ListingCache(self._now(), self._spread(items))
                 refreshed = True
             while cache.items and cache.misses < 3:
-                if self._held_too_long(claimed, lease):
-                    return claimed  # slow requests: start what is in hand, claim more later
+                if self._held_too_long([*held, *claimed], lease):
+                    return  # slow requests: start what is in hand, claim more later
                 picks = [
                     cache.items.pop(0) for _ in range(min(want - len(claimed), len(cache.items)))
                 ]
@@ -152,9 +192,9 @@ class ClaimHandling(Reaping):
                         cache.items = self._spread(cache.items)
                         cache.misses += 1
                 if len(claimed) >= want:
-                    return claimed
+                    return
             if refreshed or queue in self._listing:
-                return claimed
+                return
             cache = None
 
     def _drop_cache_below(self, tasks: list[tuple[Task, bytes]]) -> None:
@@ -205,7 +245,7 @@ class ClaimHandling(Reaping):
         got = [item for item in out if not isinstance(item, BaseException)]
         for error in out:
             if isinstance(error, BaseException):
-                _hand_over_or_raise(queue, got, error)
+                hand_over_or_raise(queue, got, error)
                 break
         return got
 
@@ -217,7 +257,7 @@ class ClaimHandling(Reaping):
             try:
                 out.append((yield from self._claim_program(queue, candidate, lease, worker)))
             except Exception as exc:
-                _hand_over_or_raise(queue, out, exc)
+                hand_over_or_raise(queue, out, exc)
                 break
         return out
 
@@ -289,11 +329,11 @@ class ClaimHandling(Reaping):
         return (yield from self.claims.claim(cand, task, current, lease, worker))
 
     def _unbodied_marker(self, queue: str, cand: layout.Candidate) -> Program[None]:
-        assert cand.marker is not None
         """A due marker whose body is missing: its attempt was claimed (the claimer died
         before removing the marker) -- remove it; else the body may still be on its way
         (bodies are written first, but a retried PUT can be slow): leave it until it is
         ``tombstone_ttl`` past due, then remove it as orphaned."""
+        assert cand.marker is not None
         current = yield now()
         claimed = yield exists(layout.run_key(queue, cand.task_id, cand.attempt))
         if claimed or current * 1000 > cand.time_ms + self.tombstone_ttl * 1000:
@@ -302,7 +342,7 @@ class ClaimHandling(Reaping):
             yield delete(cand.marker)
 
 
-def _hand_over_or_raise(queue: str, got: list[Any], error: BaseException) -> None:
+def hand_over_or_raise(queue: str, got: list[Any], error: BaseException) -> None:
     """A batch claim that failed part-way: raise ``error`` if nothing was claimed, else log
     it and let the caller hand over what was claimed rather than strand it until its lease
     ends."""

@@ -110,7 +110,7 @@ def group_run(entries: list[Entry]) -> dict[tuple[str, int], Attempt]:
 
 
 class LeaseHandling:
-    """ack, ack_many, nack, release, extend_lease, reap, repair."""
+    """ack, ack_many, nack, release, extend_lease (reap and repair: ``_reaper.Reaping``)."""
 
     store: Store
     lease: float

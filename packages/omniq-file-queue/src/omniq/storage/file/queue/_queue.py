@@ -41,7 +41,7 @@ from . import _layout as layout
 from ._claim_document import DocumentClaims
 from ._claim_link import LinkClaims
 from ._claim_s3 import S3Claims
-from ._claiming import ClaimHandling, ListingCache
+from ._claiming import ClaimHandling, ListingCache, hand_over_or_raise
 from ._dependencies import DependencyHandling, check_dependencies
 from ._inspect import QueueInspection
 from ._listing import QueueListing
@@ -313,8 +313,15 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
                 await anyio.sleep(min(early, left))
                 continue
             for name in names:
-                claimed += await self._claim_from(name, seconds, worker, count - len(claimed))
-                if len(claimed) >= count or self._held_too_long(claimed, seconds):
+                try:
+                    got = await self._claim_from(
+                        name, seconds, worker, count - len(claimed), claimed
+                    )
+                except Exception as exc:  # claims from earlier queues are handed out, not stranded
+                    hand_over_or_raise(name, claimed, exc)
+                    break
+                claimed += got
+                if len(claimed) >= count:
                     break
             if not claimed and self._owed:
                 await self._settle_owed()  # idle: settle now, then look again (released tasks)
