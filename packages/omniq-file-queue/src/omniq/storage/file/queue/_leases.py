@@ -38,7 +38,7 @@ from omniq.core.fs import (
     read,
     write,
 )
-from omniq.core.models import UTC, Claimed, ErrorInfo, EventType, Progress, Task, TaskStatus
+from omniq.core.models import UTC, Claimed, ErrorInfo, Progress, Task, TaskStatus
 
 from . import _layout as layout
 from ._layout import State
@@ -117,25 +117,13 @@ class LeaseHandling:
     clock_skew: float
     tombstone_ttl: float
     claims: DocumentClaims
-    _reaped: dict[str, float]
-    takeovers: dict[str, int]
-    _spawning: set[tuple[str, str, int]]
 
     if TYPE_CHECKING:
 
         def _now(self) -> float: ...
-        async def _emit(self, kind: EventType, task: Task, **fields: Any) -> None: ...
         def _enqueue_program(self, items: list[tuple[Task, bytes]]) -> Program[None]: ...
-        def _quarantine(self, key: str, data: bytes, reason: BaseException) -> Program[None]: ...
         def _ended(self, queue: str, task_id: str, state: str) -> None: ...
-        async def _report_settled(self) -> None: ...
         async def _settle_due(self) -> None: ...
-        @staticmethod
-        def _note_linked(entry: Entry, linked: set[str], ended: set[str]) -> None: ...
-        def _settle_linked(self, queue: str, candidates: set[str]) -> Program[None]: ...
-        def _wait_leftovers(
-            self, queue: str, task_id: str, delete_them: bool = False
-        ) -> Program[list[str]]: ...
 
     def _lost(self, claimed: Claimed, action: str) -> LeaseLostError:
         return LeaseLostError(

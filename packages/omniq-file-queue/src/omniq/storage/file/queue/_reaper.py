@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -40,6 +41,22 @@ log = logging.getLogger("omniq.queue")
 
 class Reaping(LeaseHandling):
     """reap, repair."""
+
+    _reaped: dict[str, float]
+    takeovers: dict[str, int]
+    _spawning: set[tuple[str, str, int]]
+
+    if TYPE_CHECKING:
+
+        async def _emit(self, kind: EventType, task: Task, **fields: Any) -> None: ...
+        def _quarantine(self, key: str, data: bytes, reason: BaseException) -> Program[None]: ...
+        async def _report_settled(self) -> None: ...
+        @staticmethod
+        def _note_linked(entry: Entry, linked: set[str], ended: set[str]) -> None: ...
+        def _settle_linked(self, queue: str, candidates: set[str]) -> Program[None]: ...
+        def _wait_leftovers(
+            self, queue: str, task_id: str, delete_them: bool = False
+        ) -> Program[list[str]]: ...
 
     async def reap(self, queue: str = "default") -> list[Claimed]:
         """Requeue tasks whose lease expired (their worker died) as their next attempt, and
