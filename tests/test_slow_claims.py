@@ -22,6 +22,7 @@ from queue_helpers import FakeClock, make_queue
 pytestmark = pytest.mark.anyio
 
 LEASE = 30.0
+LOCAL = pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
 QUICK = pytest.mark.parametrize(
     "storage", ["memory", "local", pytest.param("s3", marks=pytest.mark.emulator)], indirect=True
 )
@@ -96,7 +97,7 @@ async def test_stale_claims_are_renewed_at_once(storage: Any) -> None:
         await q.close()
 
 
-@pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
+@LOCAL
 async def test_a_claim_judged_fresh_is_judged_again_after_a_slow_renewal(storage: Any) -> None:
     clock = FakeClock()
     q = make_queue(storage, clock=clock, lease=LEASE)
@@ -127,7 +128,7 @@ async def test_a_claim_judged_fresh_is_judged_again_after_a_slow_renewal(storage
         await q.close()
 
 
-@pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
+@LOCAL
 async def test_a_stale_claim_taken_over_meanwhile_is_dropped_and_logged(
     storage: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -169,7 +170,7 @@ def test_the_first_heartbeat_comes_half_way_through_what_is_left(
     assert before + due_within <= held.next_beat <= after + due_within
 
 
-@pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
+@LOCAL
 async def test_a_slow_second_queue_does_not_age_the_claims_of_the_first(storage: Any) -> None:
     clock = FakeClock()
     q = make_queue(storage, clock=clock, lease=LEASE)
@@ -197,7 +198,7 @@ async def test_a_slow_second_queue_does_not_age_the_claims_of_the_first(storage:
         await q.close()
 
 
-@pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
+@LOCAL
 async def test_claims_in_hand_are_handed_out_when_a_later_step_fails(
     storage: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -239,7 +240,7 @@ async def test_claims_in_hand_are_handed_out_when_a_later_step_fails(
         await q.close()
 
 
-@pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
+@LOCAL
 async def test_a_claim_whose_lease_ran_out_through_slow_renewals_is_not_handed_out(
     storage: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
