@@ -229,11 +229,17 @@ async def test_claims_in_hand_are_handed_out_when_a_later_step_fails(
         with caplog.at_level("WARNING", logger="omniq.queue"):
             got = await q.dequeue_many(4, ["a"])
             assert len(got) == 1  # round 2 failed: round 1's claim is handed out
-            assert "claiming from a stopped after an error: the store went away" in caplog.text
+            assert (
+                "claiming from a stopped after an error: StorageError: the store went away"
+                in caplog.text
+            )
             q._claim_picks = picks  # type: ignore[method-assign]
             got = await q.dequeue_many(8, ["a", "c"])
             assert len(got) == 7  # the rest of a, then listing c failed
-            assert "claiming from c stopped after an error: listing c failed" in caplog.text
+            assert (
+                "claiming from c stopped after an error: StorageError: listing c failed"
+                in caplog.text
+            )
         with pytest.raises(StorageError):  # nothing claimed: the error is the caller's
             await q.dequeue_many(1, ["c"])
     finally:

@@ -431,9 +431,10 @@ class AsyncWorker:
                 value, error = await self._execute(claimed, ctx)
             except StorageError as exc:
                 log.warning(
-                    "task %s: storage failed while recording its outcome (%s); it will run "
-                    "again once its lease expires",
+                    "task %s: storage failed while recording its outcome (%s: %s); it will "
+                    "run again once its lease expires",
                     claimed.id,
+                    type(exc).__name__,
                     exc,
                 )
                 value, error = None, exc

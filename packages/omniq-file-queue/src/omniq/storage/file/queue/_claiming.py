@@ -107,9 +107,10 @@ class ClaimHandling(Reaping):
         except Exception as exc:  # unreachable storage: let the lease run out
             claims[i] = None
             log.warning(
-                "task %s: a stale claim could not be renewed (attempt %d): %s",
+                "task %s: a stale claim could not be renewed (attempt %d): %s: %s",
                 claimed.id,
                 claimed.attempt,
+                type(exc).__name__,
                 exc,
             )
 
@@ -348,4 +349,6 @@ def hand_over_or_raise(queue: str, got: list[Any], error: BaseException) -> None
     ends."""
     if not any(isinstance(item, Claimed) for item in got):
         raise error
-    log.warning("claiming from %s stopped after an error: %s", queue, error)
+    log.warning(
+        "claiming from %s stopped after an error: %s: %s", queue, type(error).__name__, error
+    )
