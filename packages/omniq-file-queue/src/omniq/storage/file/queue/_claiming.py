@@ -114,11 +114,11 @@ class ClaimHandling(Reaping):
                 exc,
             )
 
-    def _held_too_long(self, claimed: list[Claimed], lease: float) -> bool:
+    def _held_too_long(self, lease: float, *groups: list[Claimed]) -> bool:
         """Whether the claims in hand have waited long enough for more claims: once one has
         spent a third of its lease, the next claim round would leave it to ``_fresh``."""
-        current = self._now()
-        return any(c.lease_until.timestamp() - current < lease * 2 / 3 for c in claimed)
+        limit = self._now() + lease * 2 / 3
+        return any(c.lease_until.timestamp() < limit for group in groups for c in group)
 
     async def _claim_from(
         self, queue: str, lease: float, worker: str, want: int, held: list[Claimed]
@@ -144,7 +144,7 @@ class ClaimHandling(Reaping):
         claimed: list[Claimed],
     ) -> None:
         # Claims made are appended to ``claimed`` as they come (kept if a later step fails).
-        if self._held_too_long(held, lease):
+        if self._held_too_long(lease, held):
             return  # slow requests: start what is in hand, claim more later
         current = self._now()
         cache = self._cache.get(queue)
@@ -159,14 +159,14 @@ class ClaimHandling(Reaping):
         while True:
             if refreshed and (cache is None or cache.stale(current, self.refresh_interval)):
                 return
-            if self._held_too_long([*held, *claimed], lease):
-                return
             if queue in self._listing:
                 # Another call of this instance is listing the queue: no second listing;
                 # claim from the last one meanwhile, if anything is left of it.
                 if cache is None or not cache.items:
                     return
             elif cache is None or cache.stale(current, self.refresh_interval):
+                if self._held_too_long(lease, held, claimed):
+                    return  # no listing while the claims in hand age
                 self._listing.add(queue)
                 try:
                     items = await self.store.run(self._scan_program(queue))
@@ -177,7 +177,7 @@ class ClaimHandling(Reaping):
                 cache = self._cache[queue] = ListingCache(self._now(), self._spread(items))
                 refreshed = True
             while cache.items and cache.misses < 3:
-                if self._held_too_long([*held, *claimed], lease):
+                if self._held_too_long(lease, held, claimed):
                     return  # slow requests: start what is in hand, claim more later
                 picks = [
                     cache.items.pop(0) for _ in range(min(want - len(claimed), len(cache.items)))
