@@ -175,7 +175,11 @@ async def test_lease_takeover_fences_the_old_holder(storage) -> None:
         assert old is not None
         clock.advance(11)  # expired, but inside the skew tolerance
         assert await q.dequeue(worker_id="new") is None
-        clock.advance(3)  # past the skew and the reap interval (lease / 4)
+        # Past the skew and the reap interval (lease / 4), with a wide margin: a document
+        # claim's mtime is the store's real time, and the reaper reads only claims older than
+        # one lease by the fake clock, so slow store calls before the claim (over 3 s once,
+        # in a CI run sharing its two cores) must not hide it.
+        clock.advance(20)
         new = await q.dequeue(worker_id="new")
         assert new is not None and new.id == task.id and new.attempt == 2
 
