@@ -419,11 +419,16 @@ async def test_the_throughput_chart_reads_only_the_events_recorded_since_its_las
                 return stop.value
 
         monkeypatch.setattr(events.store, "run", lambda p, **kw: real_run(spy(p), **kw))
-        await events.log_many([event(EventType.DEAD_LETTERED, now + 1, n) for n in (200, 201)])
-        await events.log(event(EventType.FAILED, now + 1, 202))
-        await events.log(event(EventType.STARTED, now + 1, 203))
-        await events.log(event(EventType.STARTED, now + 1, 204))
-        clock[0] = now + 6
+        # Stamped with the real time, as the events storage's clock is: the next read lists
+        # from its last read's real time minus the settle time, and events stamped before
+        # that (``now + 1`` once, when the first 200 writes took over 10 s on a loaded
+        # machine) were not seen.
+        later = time.time()
+        await events.log_many([event(EventType.DEAD_LETTERED, later, n) for n in (200, 201)])
+        await events.log(event(EventType.FAILED, later, 202))
+        await events.log(event(EventType.STARTED, later, 203))
+        await events.log(event(EventType.STARTED, later, 204))
+        clock[0] = later + 5
         second = await monitor.throughput()
         assert second is not None and sum(c for _, c in second) == 203
         assert len(listed) == 4, listed  # the batch, the failed and the two started files
