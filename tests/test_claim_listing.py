@@ -4,12 +4,15 @@ without breaking priority order, an idle poller's pace kept across calls."""
 
 from __future__ import annotations
 
+import random
+import time
 from typing import Any
 
 import pytest
 
 from omniq.core import Task
 from omniq.core.fs import listafter, listdirs, listhead, write
+from omniq.storage.file.queue import _queue as queue_module
 from queue_helpers import FakeClock, make_queue
 
 pytestmark = pytest.mark.anyio
@@ -124,3 +127,24 @@ async def test_an_idle_poller_keeps_its_pace_across_calls(storage: Any) -> None:
         assert claimed is not None and claimed.id == task.id
     finally:
         await q.close()
+
+
+def test_idle_looks_are_drawn_between_half_the_pause_and_the_pause(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pollers started together must not look at the same moments for ever: each wait is
+    drawn from [pause / 2, pause], the pause growing 1.5x per empty look up to the maximum."""
+    monkeypatch.setattr(queue_module, "random", random.Random(7))
+    idle, pause, gaps = queue_module._Idle(), 0.2, []
+    for _ in range(60):
+        before = time.monotonic()
+        idle.looked(False, 0.2, 2.0)
+        after = time.monotonic()
+        assert idle.pause == pytest.approx(pause)
+        assert idle.next - before >= pause / 2 and idle.next - after <= pause
+        gaps.append(idle.next - after)
+        pause = min(pause * 1.5, 2.0)
+    steady = gaps[10:]
+    assert min(steady) < 1.2 and max(steady) > 1.8  # spread over the band, not one period
+    idle.looked(True, 0.2, 2.0)
+    assert (idle.next, idle.pause) == (0.0, 0.0)  # work found: look again at once

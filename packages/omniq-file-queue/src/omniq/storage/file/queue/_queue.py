@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
@@ -54,7 +55,10 @@ EventHook = Callable[[TaskEvent], Awaitable[None]]
 class _Idle:
     """The polling pace of one set of queues: when the next look is due, and the pause after
     it (``poll_interval`` after a look that found work, growing 1.5x per empty look up to
-    ``max_poll_interval``)."""
+    ``max_poll_interval``). Each wait is drawn between half the pause and the pause: workers
+    started together (a deploy) would otherwise look at the same moments for ever, their
+    listings arriving at one prefix in bursts; and a task enqueued at a random moment waits
+    a median ~0.38x the pause for the next look instead of 0.5x (looks come 1/0.75 as often)."""
 
     __slots__ = ("next", "pause")
 
@@ -67,7 +71,7 @@ class _Idle:
             self.next, self.pause = 0.0, 0.0
             return
         self.pause = first if self.pause == 0.0 else min(self.pause * 1.5, most)
-        self.next = time.monotonic() + self.pause
+        self.next = time.monotonic() + random.uniform(self.pause / 2, self.pause)
 
 
 class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueListing, AsyncQueue):
