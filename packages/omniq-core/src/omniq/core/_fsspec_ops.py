@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Collection, Generator
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
+from ._cloud_listing import azure_after, azure_dirs, gcs_after, gcs_dirs, s3_after, s3_dirs
 from ._ops_protocol import Entry
 from ._redact import RedactFilter, redact, scrub_exception
 from ._store_errors import is_exists_error, is_transient
@@ -325,11 +326,11 @@ class _FsspecSteps:
         inner = self.fs.fs
         lister: Callable[..., Awaitable[list[str]]] | None = None
         if hasattr(inner, "_call_s3"):
-            lister = _s3_after
+            lister = s3_after
         elif hasattr(inner, "_call_list_objects"):
-            lister = _gcs_after
+            lister = gcs_after
         elif hasattr(inner, "service_client"):
-            lister = _azure_after
+            lister = azure_after
         if lister is not None:
             path = self.fs._join(prefix)
             names: list[str] = yield from _retrying(
@@ -345,11 +346,11 @@ class _FsspecSteps:
         inner = self.fs.fs
         lister: Callable[..., Awaitable[list[str]]] | None = None
         if hasattr(inner, "_call_s3"):
-            lister = _s3_dirs
+            lister = s3_dirs
         elif hasattr(inner, "_call_list_objects"):
-            lister = _gcs_dirs
+            lister = gcs_dirs
         elif hasattr(inner, "service_client"):
-            lister = _azure_dirs
+            lister = azure_dirs
         if lister is not None:
             path = self.fs._join(prefix)
             names: list[str] = yield from _retrying("list", prefix, lambda: _s3(lister, path))
@@ -521,104 +522,6 @@ def detach_finalizers(obj: Any) -> None:
     for finalizer, info in entries:
         if info.weakref() is obj:
             finalizer.detach()
-
-
-async def _s3_dirs(s3: Any, path: str) -> list[str]:
-    """The names of the "directories" (common prefixes) under ``path``: one LIST request per
-    1,000 entries, none for the parent."""
-    bucket, key, _ = s3.split_path(path)
-    prefix = f"{key.rstrip('/')}/" if key else ""
-    out: list[str] = []
-    more: dict[str, Any] = {}
-    while True:
-        response = await s3._call_s3(
-            "list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/", **more
-        )
-        out += [p["Prefix"][len(prefix) :].rstrip("/") for p in response.get("CommonPrefixes", [])]
-        if not response.get("IsTruncated"):
-            return sorted(n for n in out if n and not n.startswith("."))
-        more = {"ContinuationToken": response["NextContinuationToken"]}
-
-
-async def _gcs_dirs(gcs: Any, path: str) -> list[str]:
-    """The sub-directory names under ``path``: object-listing pages with a delimiter."""
-    bucket, key, _ = gcs.split_path(path)
-    prefix = f"{key.rstrip('/')}/" if key else ""
-    out: list[str] = []
-    more: dict[str, Any] = {}
-    while True:
-        page = await gcs._call_list_objects(
-            bucket, delimiter="/", prefix=prefix or None, maxResults=1000, **more
-        )
-        out += [p[len(prefix) :].rstrip("/") for p in page.get("prefixes", [])]
-        if not page.get("nextPageToken"):
-            return sorted(n for n in out if n and not n.startswith("."))
-        more = {"pageToken": page["nextPageToken"]}
-
-
-async def _azure_dirs(azure: Any, path: str) -> list[str]:
-    """The sub-directory names under ``path``: a walk with a delimiter."""
-    container, key, _ = azure.split_path(path)
-    prefix = f"{key.rstrip('/')}/" if key else ""
-    client = azure.service_client.get_container_client(container)
-    out: list[str] = []
-    async for item in client.walk_blobs(name_starts_with=prefix, results_per_page=1000):
-        name = item["name"][len(prefix) :]
-        if name.endswith("/"):
-            out.append(name.rstrip("/"))
-    return sorted(n for n in out if n and not n.startswith("."))
-
-
-async def _gcs_after(gcs: Any, path: str, after: str, limit: int) -> list[str]:
-    """Up to ``limit`` file names under ``path`` after ``after``: one GET of the object
-    listing with ``startOffset`` (inclusive: one more is asked for) and ``maxResults``."""
-    bucket, key, _ = gcs.split_path(path)
-    prefix = f"{key.rstrip('/')}/" if key else ""
-    extra = 1 if after else 0
-    page = await gcs._call_list_objects(
-        bucket,
-        delimiter="/",
-        prefix=prefix or None,
-        startOffset=f"{prefix}{after}" if after else None,
-        maxResults=limit + extra,
-    )
-    names = [item["name"][len(prefix) :] for item in page.get("items", [])]
-    return [n for n in names if n > after and "/" not in n][:limit]
-
-
-async def _azure_after(azure: Any, path: str, after: str, limit: int) -> list[str]:
-    """Up to ``limit`` blob names under ``path`` after ``after``: pages of ``limit`` from the
-    prefix's start (Azure lists in key order but has no start-after), usually one request:
-    ``after`` is empty for a claim's listing of a queue's head."""
-    container, key, _ = azure.split_path(path)
-    prefix = f"{key.rstrip('/')}/" if key else ""
-    client = azure.service_client.get_container_client(container)
-    out: list[str] = []
-    pages = client.walk_blobs(name_starts_with=prefix, results_per_page=limit).by_page()
-    async for page in pages:
-        async for blob in page:
-            name = blob["name"][len(prefix) :]
-            if name and "/" not in name and name > after:
-                out.append(name)
-        if len(out) >= limit:
-            break
-    return out[:limit]
-
-
-async def _s3_after(s3: Any, path: str, after: str, limit: int) -> list[str]:
-    """Up to ``limit`` file names under ``path`` that sort after ``after``: one LIST request
-    (``StartAfter``), wherever in a large prefix they are."""
-    bucket, key, _ = s3.split_path(path)
-    prefix = f"{key.rstrip('/')}/" if key else ""
-    response = await s3._call_s3(
-        "list_objects_v2",
-        Bucket=bucket,
-        Prefix=prefix,
-        Delimiter="/",
-        StartAfter=f"{prefix}{after}",
-        MaxKeys=limit,
-    )
-    return [item["Key"][len(prefix) :] for item in response.get("Contents", [])]
 
 
 def _read_options(dirfs: Any) -> dict[str, Any]:
