@@ -8,11 +8,21 @@ from __future__ import annotations
 from typing import Any
 
 
+def _prefix(key: str) -> str:
+    """The listing prefix of the "directory" ``key`` (the bucket's root: empty)."""
+    return f"{key.rstrip('/')}/" if key else ""
+
+
+def _visible(names: list[str]) -> list[str]:
+    """Sub-directory names in order, without hidden ones (names that start with ".")."""
+    return sorted(n for n in names if n and not n.startswith("."))
+
+
 async def s3_dirs(s3: Any, path: str) -> list[str]:
     """The names of the "directories" (common prefixes) under ``path``: one LIST request per
     1,000 entries, none for the parent."""
     bucket, key, _ = s3.split_path(path)
-    prefix = f"{key.rstrip('/')}/" if key else ""
+    prefix = _prefix(key)
     out: list[str] = []
     more: dict[str, Any] = {}
     while True:
@@ -21,14 +31,14 @@ async def s3_dirs(s3: Any, path: str) -> list[str]:
         )
         out += [p["Prefix"][len(prefix) :].rstrip("/") for p in response.get("CommonPrefixes", [])]
         if not response.get("IsTruncated"):
-            return sorted(n for n in out if n and not n.startswith("."))
+            return _visible(out)
         more = {"ContinuationToken": response["NextContinuationToken"]}
 
 
 async def gcs_dirs(gcs: Any, path: str) -> list[str]:
     """The sub-directory names under ``path``: object-listing pages with a delimiter."""
     bucket, key, _ = gcs.split_path(path)
-    prefix = f"{key.rstrip('/')}/" if key else ""
+    prefix = _prefix(key)
     out: list[str] = []
     more: dict[str, Any] = {}
     while True:
@@ -37,28 +47,28 @@ async def gcs_dirs(gcs: Any, path: str) -> list[str]:
         )
         out += [p[len(prefix) :].rstrip("/") for p in page.get("prefixes", [])]
         if not page.get("nextPageToken"):
-            return sorted(n for n in out if n and not n.startswith("."))
+            return _visible(out)
         more = {"pageToken": page["nextPageToken"]}
 
 
 async def azure_dirs(azure: Any, path: str) -> list[str]:
     """The sub-directory names under ``path``: a walk with a delimiter."""
     container, key, _ = azure.split_path(path)
-    prefix = f"{key.rstrip('/')}/" if key else ""
+    prefix = _prefix(key)
     client = azure.service_client.get_container_client(container)
     out: list[str] = []
     async for item in client.walk_blobs(name_starts_with=prefix, results_per_page=1000):
         name = item["name"][len(prefix) :]
         if name.endswith("/"):
             out.append(name.rstrip("/"))
-    return sorted(n for n in out if n and not n.startswith("."))
+    return _visible(out)
 
 
 async def gcs_after(gcs: Any, path: str, after: str, limit: int) -> list[str]:
     """Up to ``limit`` file names under ``path`` after ``after``: one GET of the object
     listing with ``startOffset`` (inclusive: one more is asked for) and ``maxResults``."""
     bucket, key, _ = gcs.split_path(path)
-    prefix = f"{key.rstrip('/')}/" if key else ""
+    prefix = _prefix(key)
     extra = 1 if after else 0
     page = await gcs._call_list_objects(
         bucket,
@@ -76,7 +86,7 @@ async def azure_after(azure: Any, path: str, after: str, limit: int) -> list[str
     prefix's start (Azure lists in key order but has no start-after), usually one request:
     ``after`` is empty for a claim's listing of a queue's head."""
     container, key, _ = azure.split_path(path)
-    prefix = f"{key.rstrip('/')}/" if key else ""
+    prefix = _prefix(key)
     client = azure.service_client.get_container_client(container)
     out: list[str] = []
     pages = client.walk_blobs(name_starts_with=prefix, results_per_page=limit).by_page()
@@ -94,7 +104,7 @@ async def s3_after(s3: Any, path: str, after: str, limit: int) -> list[str]:
     """Up to ``limit`` file names under ``path`` that sort after ``after``: one LIST request
     (``StartAfter``), wherever in a large prefix they are."""
     bucket, key, _ = s3.split_path(path)
-    prefix = f"{key.rstrip('/')}/" if key else ""
+    prefix = _prefix(key)
     response = await s3._call_s3(
         "list_objects_v2",
         Bucket=bucket,
