@@ -169,6 +169,79 @@ def test_local_io_thread_mode_and_bad_value(tmp_path: Path) -> None:
         AsyncFileQueue(tmp_path, local_io="async")
 
 
+_TMPFILE = getattr(os, "O_TMPFILE", 0)
+linux_only = pytest.mark.skipif(not _TMPFILE, reason="O_TMPFILE is Linux's")
+
+
+@linux_only
+def test_create_links_an_unnamed_file_into_place(tmp_path: Path, monkeypatch) -> None:
+    """An exclusive create writes an O_TMPFILE inode and links it in: the directory changes
+    once (no temp name made and removed), and the loser of a second create changes nothing."""
+    ops = LocalOps(str(tmp_path))
+    (tmp_path / "q" / "ready").mkdir(parents=True)
+    real_open, opened, unlinked = os.open, [], []
+
+    def watched_open(path, flags, *args, **kwargs):
+        opened.append(flags & _TMPFILE == _TMPFILE)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", watched_open)
+    monkeypatch.setattr(os, "unlink", lambda *a, **k: unlinked.append(a))
+    assert ops.create("q/ready/a.json", b"first") is True
+    assert ops.create("q/ready/a.json", b"second") is False
+    assert opened == [True, True] and unlinked == []
+    assert [p.name for p in (tmp_path / "q" / "ready").iterdir()] == ["a.json"]
+    assert (tmp_path / "q" / "ready" / "a.json").read_bytes() == b"first"
+    assert (tmp_path / "q" / "ready" / "a.json").stat().st_nlink == 1
+
+
+@linux_only
+def test_create_uses_a_named_temp_file_where_o_tmpfile_is_refused(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    ops = LocalOps(str(tmp_path))
+    (tmp_path / "d").mkdir()
+    real_open, refused = os.open, []
+
+    def no_tmpfile(path, flags, *args, **kwargs):
+        if flags & _TMPFILE == _TMPFILE:
+            refused.append(path)
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    caplog.set_level("INFO", logger="omniq.fs")
+    assert ops.create("d/a", b"one") is True
+    assert ops.create("d/b", b"two") is True
+    assert ops.create("d/a", b"three") is False
+    assert len(refused) == 1  # asked once, then never again
+    assert "O_TMPFILE refused" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["a", "b"]  # no temp left
+    assert (tmp_path / "d" / "a").read_bytes() == b"one"
+
+
+@linux_only
+def test_create_remakes_a_directory_removed_before_the_link(tmp_path: Path, monkeypatch) -> None:
+    """The directory holds no name of the new file until the link, so a clean-up may remove
+    it as empty in between; the file is linked into the directory made again."""
+    ops = LocalOps(str(tmp_path))
+    (tmp_path / "d").mkdir()
+    real_link, removed = os.link, []
+
+    def clean_up_first(src, dst, *args, **kwargs):
+        if not removed:
+            removed.append(dst)
+            os.rmdir(tmp_path / "d")
+        return real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", clean_up_first)
+    unlinked: list[object] = []
+    monkeypatch.setattr(os, "unlink", lambda *a, **k: unlinked.append(a))
+    assert ops.create("d/a", b"data") is True
+    assert removed and (tmp_path / "d" / "a").read_bytes() == b"data"
+    assert unlinked == []  # the same inode, linked into the new directory: no named temp file
+
+
 def test_take_reports_gone_and_taken(tmp_path: Path) -> None:
     ops = LocalOps(str(tmp_path))
     (tmp_path / "a").write_bytes(b"x" * 40)

@@ -14,7 +14,8 @@ A child runs ``python -m fault_proc CONFIG_JSON`` where CONFIG says what to do:
 ``os._exit(CRASH_EXIT)`` -- no cleanup, no ``finally``, like SIGKILL -- at the N-th matching
 system call (a path containing SUBSTRING -- ``PREFIX*SUFFIX``: containing PREFIX and ending
 in SUFFIX; for ``write``, optionally only writes of exactly TEXT): ``half`` writes half of the buffer first, ``before``/``after`` die just before or just
-after the call.
+after the call. ``"named_temp": true`` turns ``O_TMPFILE`` off, so that local creates go
+through a named temp file (linked, then unlinked) as on filesystems without it.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def spawn(
 def install_crash(spec: dict[str, Any]) -> None:
     """Die at the ``nth`` system call ``call`` whose path contains ``match``."""
     call, match, nth, how = spec["call"], spec["match"], int(spec["nth"]), spec["how"]
+    if spec.get("named_temp") and hasattr(os, "O_TMPFILE"):
+        del os.O_TMPFILE
     real = {
         name: getattr(os, name) for name in ("open", "write", "close", "link", "replace", "unlink")
     }

@@ -34,14 +34,20 @@ def _n(low: int, high: int) -> int:
 
 _rng = random.Random(SEED)
 
-# phase -> crash points: (call, area under base_dir, how, nth range, written data or None)
-Point = tuple[str, str, str, tuple[int, int], "str | None"]
+# phase -> crash points: (call, area under base_dir, how, nth range, written data or None[,
+# True: local creates through a named temp file, as without O_TMPFILE])
+Point = (
+    tuple[str, str, str, tuple[int, int], "str | None"]
+    | tuple[str, str, str, tuple[int, int], "str | None", bool]
+)
 PHASES: dict[str, list[Point]] = {
     "enqueue": [
         ("write", "queue/default/ready/", "half", (1, 20), None),
         ("link", "queue/default/ready/", "before", (1, 20), None),
         ("link", "queue/default/ready/", "after", (1, 20), None),
-        ("unlink", "queue/default/ready/", "before", (1, 20), None),
+        # without O_TMPFILE a named temp file is written, linked into place, then unlinked
+        ("write", "queue/default/ready/", "half", (1, 20), None, True),
+        ("unlink", "queue/default/ready/", "before", (1, 20), None, True),
         ("replace", "queue/default/sched/", "after", (1, 6), None),
         ("replace", "queue/default/due/", "before", (1, 6), None),
     ],
@@ -146,7 +152,7 @@ async def _drain(base: Path) -> dict[str, Any]:
 def test_crash_mid_operation_loses_and_corrupts_nothing(phase: str, tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.WARNING)
     runs = []
-    for index, (call, area, how, (low, high), data) in enumerate(PHASES[phase]):
+    for index, (call, area, how, (low, high), data, *named_temp) in enumerate(PHASES[phase]):
         root = tmp_path / f"v{index}"
         base = root / "store"
         root.mkdir()
@@ -156,6 +162,7 @@ def test_crash_mid_operation_loses_and_corrupts_nothing(phase: str, tmp_path: Pa
             "how": how,
             "nth": _n(low, high),
             "data": data,
+            "named_temp": bool(named_temp),
         }
         ids = _prefill(base) if phase != "enqueue" else []
         proc = spawn(_config(base, phase, crash), root / "child.log")

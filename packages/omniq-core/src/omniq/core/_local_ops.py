@@ -1,9 +1,11 @@
 """A local directory through os calls: ``LocalOps``, the ``Ops`` (and ``LocalOnlyOps``) of
 ``Store`` for ``file://`` paths.
 
-Exclusive create is a fully written temp file hard-linked into place (``link(2)`` fails with
-EEXIST like ``O_EXCL``; a reader never sees half a file); ``take`` claims an existing file by
-hard link without creating one.
+Exclusive create is a fully written file without a name hard-linked into place: Linux's
+``O_TMPFILE`` then ``linkat(2)`` through ``/proc/self/fd`` (two directory changes fewer than a
+named temp file, and a crash leaves nothing to sweep), else a named temp file linked and
+unlinked. ``link`` fails with EEXIST like ``O_EXCL``, so a reader never sees half a file.
+``take`` claims an existing file by hard link without creating one.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class LocalOps:
         self.fsync = fsync
         self._link_ok = True
         self._xattr_ok = hasattr(os, "setxattr")
+        # Not a constant: the fault suite removes it to test the named-temp-file path.
+        self._tmpfile = getattr(os, "O_TMPFILE", 0) if os.path.isdir("/proc/self/fd") else 0
 
     @property
     def links_work(self) -> bool:
@@ -68,17 +72,20 @@ class LocalOps:
                 # Missing, or an empty directory removed by a concurrent cleanup just now.
                 os.makedirs(directory, exist_ok=True)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if self.fsync:
-                os.fsync(fd)
+            self._write_all(fd, data)
         except BaseException:
             os.close(fd)
             os.unlink(tmp)
             raise
         os.close(fd)
         return tmp
+
+    def _write_all(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if self.fsync:
+            os.fsync(fd)
 
     def read(self, key: str) -> bytes | None:
         # os calls, not open(): three syscalls for a small file instead of about seven.
@@ -113,6 +120,10 @@ class LocalOps:
         path = self._path(key)
         if not self._link_ok:
             return self._create_excl(path, data)
+        if self._tmpfile:
+            made = self._create_unnamed(path, data)
+            if made is not None:
+                return made
         tmp = self._tmp_write(path, data)
         try:
             os.link(tmp, path)
@@ -127,6 +138,55 @@ class LocalOps:
             return self._create_excl(path, data)
         finally:
             os.unlink(tmp)
+
+    def _create_unnamed(self, path: str, data: bytes) -> bool | None:
+        """``create`` through an ``O_TMPFILE`` inode; None where this filesystem (or kernel)
+        refuses one, which is then not tried again."""
+        directory = os.path.dirname(path)
+        tries = 0
+        while True:
+            try:
+                fd = os.open(directory, self._tmpfile | os.O_WRONLY, 0o666)
+                break
+            except FileNotFoundError:
+                tries += 1
+                if tries == 3:
+                    raise
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self._no_tmpfile(exc)
+                return None
+        try:
+            self._write_all(fd, data)
+            tries = 0
+            while True:
+                try:
+                    # An absolute source ignores src_dir_fd; giving one makes Python call
+                    # linkat(AT_SYMLINK_FOLLOW) (plain link(2) would not follow /proc's link).
+                    os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=fd, follow_symlinks=True)
+                    return True
+                except FileExistsError:
+                    return False
+                except FileNotFoundError:
+                    # The directory holds no name of ours until the link, so a clean-up may
+                    # remove it as empty meanwhile; the inode can go into a new one.
+                    tries += 1
+                    if tries == 3:
+                        raise
+                    os.makedirs(directory, exist_ok=True)
+                except OSError as exc:
+                    if exc.errno not in _NO_LINK:
+                        raise
+                    self._no_tmpfile(exc)
+                    return None
+        finally:
+            os.close(fd)
+
+    def _no_tmpfile(self, exc: OSError) -> None:
+        log.info("O_TMPFILE refused under %s (%s); using named temp files", self.root, exc)
+        self._tmpfile = 0
 
     def create_many(self, items: list[tuple[str, bytes]]) -> list[bool]:
         return [self.create(key, data) for key, data in items]
