@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,7 @@ from omniq.core.models import (
     Task,
     TaskEvent,
     TaskResult,
+    id_text,
     new_id,
 )
 from omniq.core.names import MAX_NAME_LENGTH, validate_key, validate_name
@@ -280,6 +282,19 @@ def test_ids_shape_and_uniqueness_tight_loop() -> None:
     tasks = [Task(func="m:f") for _ in range(100)]
     assert [t.id for t in tasks] == sorted(t.id for t in tasks)
     assert tasks[0].id > ids[-1]
+
+
+def test_id_text_is_the_value_in_crockford_base32() -> None:
+    digits = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    assert id_text(0) == "0" * 26
+    assert id_text(2**128 - 1) == "7" + "Z" * 25
+    rng = random.Random(7)
+    for value in [1, 31, 32, 2**80, *(rng.getrandbits(128) for _ in range(2_000))]:
+        text = id_text(value)
+        assert (
+            len(text) == 26
+            and sum(digits.index(c) << 5 * (25 - i) for i, c in enumerate(text)) == value
+        )
 
 
 def test_ids_unique_and_monotonic_across_threads() -> None:

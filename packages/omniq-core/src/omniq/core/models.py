@@ -33,6 +33,8 @@ def ensure_utc(value: datetime | None, name: str = "timestamp") -> datetime | No
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_CROCKFORD_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits a look-up
+_PAIR_SHIFTS = tuple(range(120, -1, -10))  # 13 pairs: 130 bits, the top two always 0
 _id_lock = threading.Lock()
 _last_id: list[int] = [0, 0]  # [millis, random part]
 
@@ -47,8 +49,13 @@ def new_id() -> str:
         else:
             rand = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for increments
         _last_id[0], _last_id[1] = ms, rand
-    value = (ms << 80) | rand
-    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+    return id_text((ms << 80) | rand)
+
+
+def id_text(value: int) -> str:
+    """The 26 Crockford base-32 characters of a 128-bit id (ULID text: 48 bits of
+    milliseconds, then 80 more)."""
+    return "".join([_CROCKFORD_PAIRS[(value >> shift) & 1023] for shift in _PAIR_SHIFTS])
 
 
 def _reset_ids_after_fork() -> None:

@@ -28,7 +28,16 @@ from omniq.core.errors import (
     OmniQError,
     SerializationError,
 )
-from omniq.core.models import MAX_PRIORITY, MIN_PRIORITY, UTC, EventType, Task, TaskEvent, new_id
+from omniq.core.models import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    UTC,
+    EventType,
+    Task,
+    TaskEvent,
+    id_text,
+    new_id,
+)
 from omniq.core.names import validate_name
 
 from ._functions import func_path
@@ -43,7 +52,6 @@ CATCH_UP_LIMIT = 100
 """``misfire="all"`` fires at most this many missed ticks of a schedule (the newest)."""
 ROUND_LIMIT = 1000
 """At most this many on-time ticks of one schedule are fired per round."""
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -141,8 +149,7 @@ def _derived_id(time_ms: int, key: str) -> str:
     """A 26-character id like every OmniQ id (ULID): its time part ``time_ms``, the rest
     derived from ``key``."""
     digest = hashlib.blake2b(key.encode(), digest_size=10).digest()
-    value = (max(0, time_ms) << 80) | int.from_bytes(digest, "big")
-    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+    return id_text((max(0, time_ms) << 80) | int.from_bytes(digest, "big"))
 
 
 def tick_task_id(schedule: Schedule, tick_ms: int) -> str:
