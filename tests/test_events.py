@@ -174,7 +174,7 @@ async def check_queries(s: AsyncFileEventStorage, events: list[TaskEvent]) -> No
 
 
 @pytest.mark.anyio
-async def test_layout_is_plain_json_by_hour_and_by_task(storage, anyio_backend):
+async def test_layout_is_plain_json_by_hour_and_by_task(storage, anyio_backend, monkeypatch):
     event = TaskEvent(task_id="job-1", type=EventType.STARTED, time=T0, worker_id="w1")
     async with make(storage) as s:
         await s.log(event)
@@ -195,6 +195,10 @@ async def test_layout_is_plain_json_by_hour_and_by_task(storage, anyio_backend):
     if storage.kind == "local":  # the index entry is a second name for the file, not a copy
         assert os.stat(primary[0]).st_ino == os.stat(index[0]).st_ino
         async with make(storage) as s:
+            spy = OpSpy(s, monkeypatch)
+            await s.log(event)  # logged again: one create (refused) and one link, no rewrite
+            assert [name for name, _ in spy.ops] == ["create", "link"]
+            assert os.stat(primary[0]).st_ino == os.stat(index[0]).st_ino
             s.store._sync_ops._link_ok = False  # a mount that refuses hard links: two files
             again = TaskEvent(task_id="job-1", type=EventType.SUCCEEDED, time=T0)
             await s.log(again)

@@ -26,6 +26,7 @@ from omniq.core.errors import SerializationError
 from omniq.core.fs import (
     Program,
     Store,
+    create,
     delete_many,
     link,
     listafter,
@@ -328,11 +329,16 @@ class AsyncFileEventStorage(AsyncEventStorage):
         # The primary copy first: an index entry never exists without it, so cleanup (which
         # walks the primary copies) also removes every index entry.
         primary, entry = layout.time_key(name), layout.task_key(name)
-        yield write_op(primary, data)
-        # Locally the entry is a second name for the file (no new file): made, or there
-        # already (the same event logged again); None where links are refused.
-        if self.store.can_take and (yield link(primary, entry)) is not None:
-            return
+        if self.store.can_take:
+            # Locally the file is created (a nameless inode linked in: one directory change,
+            # not a temp name renamed; False is the same event logged again) and the entry
+            # is a second name for it (no new file): made, or there already; None where
+            # links are refused.
+            yield create(primary, data)
+            if (yield link(primary, entry)) is not None:
+                return
+        else:
+            yield write_op(primary, data)
         yield write_op(entry, data)
 
     # -- reading -----------------------------------------------------------------------------
