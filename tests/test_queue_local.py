@@ -6,11 +6,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
-from omniq.core import ConfigurationError, LeaseLostError, Task, TaskStatus, codec
+from omniq.core import ConfigurationError, LeaseLostError, Task, TaskStatus, _local_ops, codec
 from omniq.core._local_ops import LocalOps
 from omniq.core.fs import TakeResult, TakeStatus
 from omniq.core.models import Claimed
@@ -173,8 +174,14 @@ _TMPFILE = getattr(os, "O_TMPFILE", 0)
 linux_only = pytest.mark.skipif(not _TMPFILE, reason="O_TMPFILE is Linux's")
 
 
+@pytest.fixture
+def nameless(monkeypatch) -> None:
+    """New files nameless from the first one (no timed trial of the two ways)."""
+    monkeypatch.setattr(_local_ops, "TRIAL_FILES", 0)
+
+
 @linux_only
-def test_create_links_an_unnamed_file_into_place(tmp_path: Path, monkeypatch) -> None:
+def test_create_links_an_unnamed_file_into_place(tmp_path: Path, monkeypatch, nameless) -> None:
     """An exclusive create writes an O_TMPFILE inode and links it in: the directory changes
     once (no temp name made and removed), and the loser of a second create changes nothing."""
     ops = LocalOps(str(tmp_path))
@@ -196,8 +203,74 @@ def test_create_links_an_unnamed_file_into_place(tmp_path: Path, monkeypatch) ->
 
 
 @linux_only
+def test_write_links_a_new_name_and_replaces_an_existing_one_whole(
+    tmp_path: Path, monkeypatch, nameless
+) -> None:
+    ops = LocalOps(str(tmp_path))
+    (tmp_path / "r").mkdir()
+    real_replace, replaced, unlinked = os.replace, [], []
+
+    def watched_replace(src, dst, *args, **kwargs):
+        replaced.append(os.path.basename(src))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", watched_replace)
+    monkeypatch.setattr(os, "unlink", lambda *a, **k: unlinked.append(a))
+    ops.write("r/k.json", b"first")  # new: linked in, nothing renamed or removed
+    assert replaced == [] and unlinked == []
+    first = (tmp_path / "r" / "k.json").stat().st_ino
+    ops.write("r/k.json", b"second, longer")  # existing: a temp name renamed over it
+    assert len(replaced) == 1 and replaced[0].startswith(".tmp-") and unlinked == []
+    assert (tmp_path / "r" / "k.json").read_bytes() == b"second, longer"
+    assert (tmp_path / "r" / "k.json").stat().st_ino != first  # never rewritten in place
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["k.json"]
+
+
+def _slowed(monkeypatch, nameless_slow: bool) -> None:
+    """Every new file of one way takes 20 ms longer (the other way: the disk's own time)."""
+    real_open = os.open
+
+    def slow_open(path, flags, *args, **kwargs):
+        if (flags & _TMPFILE == _TMPFILE) == nameless_slow and flags & (os.O_CREAT | _TMPFILE):
+            time.sleep(0.02)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", slow_open)
+
+
+@linux_only
+@pytest.mark.parametrize("nameless_slow", [True, False])
+def test_new_files_are_made_the_way_that_was_faster_here(
+    tmp_path: Path, monkeypatch, nameless_slow: bool
+) -> None:
+    """The first new files alternate between the two ways and are timed; the faster is kept
+    (which one depends on the kernel and filesystem: measured, not assumed)."""
+    ops = LocalOps(str(tmp_path))
+    _slowed(monkeypatch, nameless_slow)
+    trial = 2 * _local_ops.TRIAL_FILES
+    for i in range(trial):
+        if i % 2:
+            ops.write(f"d/w{i}", b"w")
+        else:
+            assert ops.create(f"d/c{i}", b"c") is True
+    opened: list[bool] = []
+    timed_open = os.open
+
+    def watched(path, flags, *args, **kwargs):
+        opened.append(flags & _TMPFILE == _TMPFILE)
+        return timed_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", watched)
+    for i in range(4):
+        assert ops.create(f"d/after{i}", b"x") is True
+    assert opened == [not nameless_slow] * 4
+    names = sorted(p.name for p in (tmp_path / "d").iterdir())
+    assert len(names) == trial + 4 and not [n for n in names if n.startswith(".tmp-")]
+
+
+@linux_only
 def test_create_uses_a_named_temp_file_where_o_tmpfile_is_refused(
-    tmp_path: Path, monkeypatch, caplog
+    tmp_path: Path, monkeypatch, caplog, nameless
 ) -> None:
     ops = LocalOps(str(tmp_path))
     (tmp_path / "d").mkdir()
@@ -214,6 +287,8 @@ def test_create_uses_a_named_temp_file_where_o_tmpfile_is_refused(
     assert ops.create("d/a", b"one") is True
     assert ops.create("d/b", b"two") is True
     assert ops.create("d/a", b"three") is False
+    ops.write("d/b", b"four")
+    assert (tmp_path / "d" / "b").read_bytes() == b"four"
     assert len(refused) == 1  # asked once, then never again
     assert "O_TMPFILE refused" in caplog.text
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["a", "b"]  # no temp left
@@ -221,7 +296,9 @@ def test_create_uses_a_named_temp_file_where_o_tmpfile_is_refused(
 
 
 @linux_only
-def test_create_remakes_a_directory_removed_before_the_link(tmp_path: Path, monkeypatch) -> None:
+def test_create_remakes_a_directory_removed_before_the_link(
+    tmp_path: Path, monkeypatch, nameless
+) -> None:
     """The directory holds no name of the new file until the link, so a clean-up may remove
     it as empty in between; the file is linked into the directory made again."""
     ops = LocalOps(str(tmp_path))

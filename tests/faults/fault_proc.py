@@ -14,8 +14,9 @@ A child runs ``python -m fault_proc CONFIG_JSON`` where CONFIG says what to do:
 ``os._exit(CRASH_EXIT)`` -- no cleanup, no ``finally``, like SIGKILL -- at the N-th matching
 system call (a path containing SUBSTRING -- ``PREFIX*SUFFIX``: containing PREFIX and ending
 in SUFFIX; for ``write``, optionally only writes of exactly TEXT): ``half`` writes half of the buffer first, ``before``/``after`` die just before or just
-after the call. ``"named_temp": true`` turns ``O_TMPFILE`` off, so that local creates go
-through a named temp file (linked, then unlinked) as on filesystems without it.
+after the call. New local files are made nameless (``O_TMPFILE``) where the filesystem allows,
+without the timed trial of ``LocalOps``; ``"named_temp": true`` turns ``O_TMPFILE`` off, so
+that they go through a named temp file (linked or renamed into place) instead.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def install_crash(spec: dict[str, Any]) -> None:
     call, match, nth, how = spec["call"], spec["match"], int(spec["nth"]), spec["how"]
     if spec.get("named_temp") and hasattr(os, "O_TMPFILE"):
         del os.O_TMPFILE
+    else:  # no timed trial of the two ways: the crash points must be reached in every run
+        from omniq.core import _local_ops
+
+        _local_ops.TRIAL_FILES = 0
     real = {
         name: getattr(os, name) for name in ("open", "write", "close", "link", "replace", "unlink")
     }

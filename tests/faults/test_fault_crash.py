@@ -48,8 +48,12 @@ PHASES: dict[str, list[Point]] = {
         # without O_TMPFILE a named temp file is written, linked into place, then unlinked
         ("write", "queue/default/ready/", "half", (1, 20), None, True),
         ("unlink", "queue/default/ready/", "before", (1, 20), None, True),
-        ("replace", "queue/default/sched/", "after", (1, 6), None),
-        ("replace", "queue/default/due/", "before", (1, 6), None),
+        # a delayed task: its body, then its due marker, each linked in (renamed without
+        # O_TMPFILE)
+        ("link", "queue/default/sched/", "after", (1, 6), None),
+        ("link", "queue/default/due/", "before", (1, 6), None),
+        ("replace", "queue/default/sched/", "after", (1, 6), None, True),
+        ("replace", "queue/default/due/", "before", (1, 6), None, True),
     ],
     # a local claim links the ready file to run/{id}.{n}.json, then unlinks the ready name
     "claim": [
@@ -62,14 +66,21 @@ PHASES: dict[str, list[Point]] = {
         ("link", "queue/default/run/*.x", "before", (1, 20), None),
         ("link", "queue/default/run/*.x", "after", (1, 20), None),
     ],
+    # a result is a nameless (O_TMPFILE) inode written in its directory, then linked in
     "result": [
-        ("write", "results/results/.tmp-", "half", (1, 20), None),
-        ("replace", "results/results/k", "before", (1, 20), None),
-        ("replace", "results/results/k", "after", (1, 20), None),
+        ("write", "results/results*/results", "half", (1, 20), None),
+        ("link", "results/results/k", "before", (1, 20), None),
+        ("link", "results/results/k", "after", (1, 20), None),
         # Expiry markers are batched: the first flush (by time, or at close) is the crash
         # point; the results it would have marked are left for the sweep.
-        ("replace", "results/results/_expiry/", "before", (1, 1), None),
-        ("write", "results/results/_expiry/", "half", (1, 1), None),
+        ("link", "results/results/_expiry/", "before", (1, 1), None),
+        ("write", "results/results/_expiry", "half", (1, 1), None),
+        # without O_TMPFILE: a named temp file renamed into place
+        ("write", "results/results/.tmp-", "half", (1, 20), None, True),
+        ("replace", "results/results/k", "before", (1, 20), None, True),
+        ("replace", "results/results/k", "after", (1, 20), None, True),
+        ("replace", "results/results/_expiry/", "before", (1, 1), None, True),
+        ("write", "results/results/_expiry/", "half", (1, 1), None, True),
     ],
     "event": [
         ("write", "events/events/by-time/", "half", (1, 20), None),
