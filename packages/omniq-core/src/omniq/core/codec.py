@@ -26,6 +26,7 @@ MAX_DOCUMENT_BYTES = 8 * 1024 * 1024
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 _SCALARS = (str, bool, type(None))
+_EMPTY_OK = (dict, list, tuple, str, bool, type(None), int, float)  # an empty/zero one is valid
 
 _encoder = msgspec.json.Encoder()
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
@@ -33,6 +34,8 @@ _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
 def check_json_value(value: Any, where: str = "value") -> None:
     """Raise :class:`SerializationError` unless ``value`` round-trips through JSON exactly."""
+    if not value and type(value) in _EMPTY_OK:  # most kwargs and metadata: nothing to walk
+        return
     stack: list[tuple[Any, str, int]] = [(value, where, 0)]
     while stack:
         item, path, depth = stack.pop()
