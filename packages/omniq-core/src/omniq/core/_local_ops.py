@@ -1,11 +1,11 @@
 """A local directory through os calls: ``LocalOps``, the ``Ops`` (and ``LocalOnlyOps``) of
 ``Store`` for ``file://`` paths.
 
-Exclusive create is a fully written file without a name hard-linked into place: Linux's
-``O_TMPFILE`` then ``linkat(2)`` through ``/proc/self/fd`` (two directory changes fewer than a
-named temp file, and a crash leaves nothing to sweep), else a named temp file linked and
-unlinked. ``link`` fails with EEXIST like ``O_EXCL``, so a reader never sees half a file.
-``take`` claims an existing file by hard link without creating one.
+Exclusive create is a fully written file hard-linked into place (``link`` fails with EEXIST
+like ``O_EXCL``, so a reader never sees half a file): a nameless ``O_TMPFILE`` inode linked
+with ``linkat(2)`` through ``/proc/self/fd`` (one directory change, and a crash leaves nothing
+to sweep), or a named temp file linked and unlinked, whichever was faster here
+(``_NewFileWay``). ``take`` claims an existing file by hard link without creating one.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ nameless wherever the filesystem allows (read when a ``LocalOps`` is made)."""
 
 class _NewFileWay:
     """How a ``LocalOps`` makes a new file: a nameless ``O_TMPFILE`` inode linked into place
-    (one directory change), or a named temp file linked or renamed into place (three).
+    (one directory change), or a named temp file linked or renamed into place (three or two).
 
     Which is faster depends on the kernel and the filesystem, by a wide margin: on one host's
     ext4 nameless files were 4-7x slower (each one goes on the filesystem's orphan list and
