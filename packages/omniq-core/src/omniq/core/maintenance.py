@@ -1,7 +1,9 @@
 """Housekeeping shared by the file storages' ``maintain``: the sweep of stale temporary files.
 
 A local directory's writes go through a temporary file (``.tmp-*``) renamed or linked into
-place milliseconds later; a process killed in between leaves one behind (never read as data).
+place milliseconds later, unless the file is made nameless (``O_TMPFILE``, where that is the
+faster way: see ``_local_ops``); a process killed in between leaves one behind (never read as
+data).
 Each file storage's ``maintain(sweep=True)`` removes those under its own directory.
 """
 
