@@ -19,7 +19,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from omniq.backend.file import FileBackend
-from omniq.backend.file._metrics import REQUESTS, QueueCollector, WorkerMetrics, exposition
+from omniq.backend.file._metrics import (
+    REQUESTS,
+    QueueCollector,
+    WorkerMetrics,
+    count_storage_requests,
+    exposition,
+)
 from omniq.core import fs
 from omniq.core.errors import ConfigurationError
 from omniq.core.sync import run_sync
@@ -93,6 +99,9 @@ def test_queue_depth_is_listed_at_most_once_per_interval():
 
 def test_exposition_for_a_dashboard_has_depth_and_storage_requests():
     with FileBackend("memory://metrics-expo") as backend:
+        # Counting starts with a worker's metrics or a dashboard's first scrape; started here,
+        # the figure does not depend on which test of this process ran first.
+        count_storage_requests()
         backend.enqueue("worker_tasks:add", [1, 2], queue="q1")
         body, content_type = exposition(backend)
     assert content_type.startswith("text/plain") and "version=" in content_type
