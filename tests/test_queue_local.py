@@ -269,6 +269,18 @@ def test_new_files_are_made_the_way_that_was_faster_here(
 
 
 @linux_only
+def test_writes_where_links_are_refused_keep_the_trial_bounded(tmp_path: Path) -> None:
+    """Without hard links every write is named: the trial never ends, but what it keeps
+    stays bounded (before, it grew by one timing per write for the life of the store)."""
+    ops = LocalOps(str(tmp_path))
+    ops._link_ok = False
+    for i in range(3 * _local_ops.TRIAL_FILES):
+        ops.write(f"d/w{i}", b"w")
+    assert ops._way.times is not None and len(ops._way.times[1]) == _local_ops.TRIAL_FILES
+    assert len(list((tmp_path / "d").iterdir())) == 3 * _local_ops.TRIAL_FILES
+
+
+@linux_only
 def test_create_uses_a_named_temp_file_where_o_tmpfile_is_refused(
     tmp_path: Path, monkeypatch, caplog, nameless
 ) -> None:

@@ -75,7 +75,9 @@ class _NewFileWay:
         times = self.times
         if times is None:
             return
-        times[0 if unnamed else 1].append(seconds)
+        side = times[0 if unnamed else 1]
+        if len(side) < TRIAL_FILES:  # bounded while the other way waits for its files
+            side.append(seconds)
         if min(len(times[0]), len(times[1])) >= TRIAL_FILES:
             self.times = None
             nameless, named = statistics.median(times[0]), statistics.median(times[1])
@@ -233,6 +235,7 @@ class LocalOps:
                 raise
             log.info("hard links unsupported under %s; using O_EXCL create", self.root)
             self._link_ok = False
+            self._way.refused()  # a nameless file could not be linked in either
             return self._create_excl(path, data)
         finally:
             os.unlink(tmp)
