@@ -100,6 +100,26 @@ async def test_spread_consumers_keep_priority_order_and_claim_each_once(storage:
             await q.close()
 
 
+async def test_consumers_spread_over_the_whole_head_one_listing_returns(
+    storage: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an object store the head a claim lists is what one request returns (1,000 names)
+    and consumers start anywhere in it (a local directory and memory: among the first 256):
+    with the random start at its last place, the first claim is that window's last task."""
+    head = 256 if storage.kind in ("memory", "local") else 1000
+    q = make_queue(storage)
+    try:
+        ids = await q.enqueue_many([Task(func="m:f", args=[i]) for i in range(head + 5)])
+        monkeypatch.setattr(random, "randrange", lambda n: n - 1)
+        claimed = await q.dequeue()
+        assert claimed is not None
+        assert claimed.id == sorted(ids)[head - 1]
+        rest = await q.dequeue()  # walks on from there: the head's first task
+        assert rest is not None and rest.id == sorted(ids)[0]
+    finally:
+        await q.close()
+
+
 async def test_an_idle_poller_keeps_its_pace_across_calls(storage: Any) -> None:
     q = make_queue(storage, poll_interval=30.0, max_poll_interval=60.0, watch=False)
     looks = []

@@ -92,6 +92,12 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
             ``clock_skew`` seconds after it expired by the taker's clock.
         tombstone_ttl: how long finished attempts stay visible to ``get_task`` (and fence
             stale workers) before they are cleaned up.
+        batch: claim candidates kept from one listing of a queue's head (default 1,000 on
+            object stores, what one LIST returns; 2,048 on a local directory; 256 in memory).
+        spread: consumers start claiming at a random place among the first ``spread``
+            candidates of the top priority, so that many rarely race for the same task
+            (default 256; on object stores the whole listed head); ``1``: strictly oldest
+            first.
         fsync: fsync local files before they become visible (slower; survives power loss).
         local_io: ``"inline"`` (default without ``fsync``) runs a local directory's short
             operations on the event loop (a few syscalls, cheaper than a thread hop);
@@ -114,7 +120,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         tombstone_ttl: float = 300.0,
         refresh_interval: float = 1.0,
         batch: int | None = None,
-        spread: int = 256,
+        spread: int | None = None,
         fsync: bool = False,
         local_io: str | None = None,
         watch: bool = True,
@@ -138,7 +144,6 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         self.tombstone_ttl = tombstone_ttl
         self.refresh_interval = refresh_interval
         self.reap_interval = max(0.2, self.lease / 4)
-        self.spread = max(1, spread)
         self.on_event = on_event
         self.worker_id = default_worker_id()
         self._checked = False
@@ -160,6 +165,9 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         strategy = {"local": LinkClaims, "s3": S3Claims}.get(self.store.kind, DocumentClaims)
         self.claims: DocumentClaims = strategy(self.store, batch)
         self.batch = self.claims.batch
+        if spread is None:  # object stores: the whole head (a lost race there costs requests)
+            spread = 256 if self.store.kind in ("local", "memory") else self.batch
+        self.spread = max(1, spread)
 
     def __repr__(self) -> str:
         return f"AsyncFileQueue({self.store.url!r})"
