@@ -62,7 +62,7 @@ class DocumentClaims:
     name = "document"
     batch = 256  # claim candidates kept from one listing in memory (local: _claim_link)
     # On object stores one LIST returns up to 1,000 names for the price of a few: K consumers
-    # then spread over four times as many candidates and meet a quarter as often (16 workers
+    # then spread over four times as many candidates and lose fewer claim races (16 workers
     # on S3: 7.0 -> 5.9 requests a task, benchmarks/README.md).
     remote_batch = 1000
     # Listings come in key order (a claim before its outcome): the reaper scans run/ once.
