@@ -11,14 +11,17 @@ are flushed inside each timed window (enqueue, drain), so its deferred writes ar
 Issue 13 target 2 (id 14): events on cost at most 25 % of the drain tasks/s and enqueue
 keeps >= 0.8x (ratios of the same repetition), and event queries are as fast as with the
 one-file-per-event layout. The queries are timed in one more child: N tasks' events (enqueued,
-started, succeeded) written as single files with ``log`` (the layout before batching) in one
-directory and through ``submit`` (what the backend and worker do) in another; then the median
+started, succeeded) written as single files with ``log`` and task ids of our own (a directory
+per task: the layout when the issue was filed), through ``submit`` (batches), and with ``log``
+and ULID ids, each made as its task's first event is written, as ``backend.enqueue`` makes
+them (what the backend and worker write: the index grouped by 4 ms of ids); then the median
 of ``query(task_id=...)`` over 200 tasks, and ``query(since, until)`` over a 10 % window and
 over everything.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import time
@@ -31,6 +34,7 @@ NAME = "e2e"
 SIZES = {"smoke": {"n": 30}, "quick": {"n": 500}, "full": {"n": 2000}}
 CONCURRENCY = (1, 8, 32)
 FUNC = "benchmarks.tasks:noop"
+LAYOUTS = ("files", "batches", "grouped")  # see query_child
 
 
 def child(path: str, n: int, concurrency: int, events: bool, *, ready: Any) -> dict[str, Any]:
@@ -79,34 +83,44 @@ def child(path: str, n: int, concurrency: int, events: bool, *, ready: Any) -> d
     return anyio.run(main)
 
 
+async def _write_event(s: Any, event: Any, *, batches: bool) -> None:
+    if batches:
+        await s.submit(event)
+        if s.pending % 64 == 0:
+            await asyncio.sleep(0)  # let the timer writer run as in a worker
+    else:
+        await s.log(event)
+
+
 def query_child(path: str, n: int, *, ready: Any) -> dict[str, Any]:
-    """Event queries over the two layouts (see the module docstring)."""
-    import asyncio
+    """Event queries over the three layouts (see the module docstring)."""
     from datetime import timedelta
 
-    from omniq.core.models import EventType, TaskEvent
+    from omniq.core.models import EventType, TaskEvent, new_id
     from omniq.storage.file.events import AsyncFileEventStorage
 
-    kinds = (EventType.ENQUEUED, EventType.STARTED, EventType.SUCCEEDED)
-    tasks = [f"task{i:06d}" for i in range(n)]
+    kinds = (EventType.STARTED, EventType.SUCCEEDED)
 
     async def main() -> dict[str, Any]:
         out: dict[str, Any] = {}
         ready()
-        for layout in ("files", "batches"):
+        for layout in LAYOUTS:
             s = AsyncFileEventStorage(os.path.join(path, layout))
+            batches = layout == "batches"
             # Producer, then worker order: enqueued events first, started/succeeded after.
-            events = [TaskEvent(task_id=t, type=EventType.ENQUEUED) for t in tasks]
-            for t in tasks:
-                events += [TaskEvent(task_id=t, type=k) for k in kinds[1:]]
-            first, last = events[0].time, events[-1].time
+            tasks, events = [], []
             t0 = time.perf_counter()
-            for event in events:
-                await (s.log(event) if layout == "files" else s.submit(event))
-                if layout == "batches" and s.pending % 64 == 0:
-                    await asyncio.sleep(0)  # let the timer writer run as in a worker
+            for i in range(n):
+                tasks.append(new_id() if layout == "grouped" else f"task{i:06d}")
+                events.append(TaskEvent(task_id=tasks[-1], type=EventType.ENQUEUED))
+                await _write_event(s, events[-1], batches=batches)
+            for t in tasks:
+                for kind in kinds:
+                    events.append(TaskEvent(task_id=t, type=kind))
+                    await _write_event(s, events[-1], batches=batches)
             await s.flush()
             write_s = time.perf_counter() - t0
+            first, last = events[0].time, events[-1].time
             picks = random.Random(1).sample(tasks, min(200, n))
             by_task = []
             for t in picks:
@@ -164,9 +178,11 @@ def run(ctx: Context) -> dict[str, Any]:
         with ctx.scratch(ctx.disk_base, "e2e-queries") as path:
             (got,) = run_children(query_child, [(path, n)])
         ctx.log(
-            f"e2e queries rep {rep + 1}/{ctx.repeat}: by task "
-            f"{got['files']['by_task_ms']:.2f} -> {got['batches']['by_task_ms']:.2f} ms, "
-            f"all {got['files']['all_ms']:.0f} -> {got['batches']['all_ms']:.0f} ms"
+            f"e2e queries rep {rep + 1}/{ctx.repeat}: by task (files, batches, grouped) "
+            + ", ".join(f"{got[layout]['by_task_ms']:.3f}" for layout in LAYOUTS)
+            + " ms; all "
+            + ", ".join(f"{got[layout]['all_ms']:.0f}" for layout in LAYOUTS)
+            + " ms"
         )
         queries.append(got)
     table = {}
@@ -202,7 +218,7 @@ def run(ctx: Context) -> dict[str, Any]:
             field: summary([q[layout][field] for q in queries])
             for field in ("write_per_s", "by_task_ms", "window_ms", "all_ms", "files")
         }
-        for layout in ("files", "batches")
+        for layout in LAYOUTS
     }
     return {
         "n": n,
@@ -225,8 +241,10 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     ratios, q = data["events_ratio"], data["queries"]
     drain = {c: ratios[c]["drain_per_s"]["median"] for c in ratios}
     enqueue = {c: ratios[c]["enqueue_per_s"]["median"] for c in ratios}
+    # What the backend and worker write (``log``, OmniQ's ids) against the layout when the
+    # issue was filed; batches (``submit``) are reported beside it.
     slower = {
-        what: ratio(q["batches"][what]["median"], q["files"][what]["median"])
+        what: ratio(q["grouped"][what]["median"], q["files"][what]["median"])
         for what in ("by_task_ms", "window_ms", "all_ms")
     }
     # Queries "as fast as today": within 1.25x of the one-file-per-event layout (noise).
@@ -246,7 +264,7 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
             + " ".join(f"{c} {fmt(v, 2)}x" for c, v in drain.items())
             + "; enqueue on/off "
             + " ".join(f"{c} {fmt(v, 2)}x" for c, v in enqueue.items())
-            + "; query time batches/files: by task "
+            + "; query time, as the backend writes / a directory per task: by task "
             + f"{fmt(slower['by_task_ms'], 2)}x, 10 % window {fmt(slower['window_ms'], 2)}x, "
             + f"all {fmt(slower['all_ms'], 2)}x",
             "met": events_met,
@@ -308,8 +326,10 @@ def _queries_markdown(data: dict[str, Any]) -> str:
         ("all_ms", "query() everything ms"),
         ("files", "files on disk"),
     ):
-        a, b = q["files"][field]["median"], q["batches"][field]["median"]
-        rows.append([label, fmt(a, 2), fmt(b, 2), fmt(ratio(b, a), 2)])
+        a, b, c = (q[layout][field]["median"] for layout in LAYOUTS)
+        rows.append(
+            [label, fmt(a, 2), fmt(b, 2), fmt(c, 2), fmt(ratio(b, a), 2), fmt(ratio(c, a), 2)]
+        )
     r = data["events_ratio"]
     ratio_rows = [
         [c, fmt(r[c]["drain_per_s"]["median"], 2), fmt(r[c]["enqueue_per_s"]["median"], 2)]
@@ -318,9 +338,12 @@ def _queries_markdown(data: dict[str, Any]) -> str:
     return (
         "\n\nEvents on / off, median of per-repetition ratios:\n\n"
         + md_table(["concurrency", "drain on/off", "enqueue on/off"], ratio_rows)
-        + f"\n\nEvent queries over {data['n']:,} tasks x 3 events, one file per event "
-        "(`log`, the layout before batches) vs batches (`submit`):\n\n"
-        + md_table(["", "one file per event", "batches", "batches / files"], rows)
+        + f"\n\nEvent queries over {data['n']:,} tasks x 3 events: one file per event with a "
+        "directory per task (`log`, ids of our own: the layout when issue 13 was filed), batches "
+        "(`submit`), and one file per event with OmniQ's ULID ids, each made as its task's "
+        "first event is written (`log`: what the backend and worker write; the index grouped "
+        "by 4 ms of ids):\n\n"
+        + md_table(["", "files", "batches", "grouped", "batches / files", "grouped / files"], rows)
     )
 
 

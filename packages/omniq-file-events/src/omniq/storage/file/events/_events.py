@@ -156,6 +156,8 @@ class AsyncFileEventStorage(AsyncEventStorage):
             base_dir, storage_options, package="omniq-file-events", fsync=fsync, clock=clock
         )
         self.batch = max(1, batch)
+        # Locally a directory is an inode: the per-task index goes by the task id's time.
+        self._grouped = self.store.is_local
         self.written = 0
         """Events recorded by this instance."""
         self.failed_writes = 0
@@ -318,7 +320,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
             # The batch first: an index entry never exists without it (as in _log_program).
             yield write_op(key, b"\n".join([data for _, data in group]) + b"\n")
             for task_id in dict.fromkeys(name.task_id for name, _ in group):
-                entry = layout.batch_task_key(task_id, batch)
+                entry = layout.batch_task_key(task_id, batch, self._grouped)
                 # A second name for the batch, no new file (its directory is made); no stamp:
                 # event clean-up goes by the times in the names.
                 if can_link and (yield link(key, entry)) is not None:
@@ -328,7 +330,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
     def _log_program(self, name: layout.Name, data: bytes) -> Program[None]:
         # The primary copy first: an index entry never exists without it, so cleanup (which
         # walks the primary copies) also removes every index entry.
-        primary, entry = layout.time_key(name), layout.task_key(name)
+        primary, entry = layout.time_key(name), layout.task_key(name, self._grouped)
         if self.store.can_take:
             # Locally the file is created (a nameless inode linked in: one directory change,
             # not a temp name renamed; False is the same event logged again) and the entry
@@ -368,12 +370,21 @@ class AsyncFileEventStorage(AsyncEventStorage):
 
     @staticmethod
     def _sources(
-        prefix: str, names: Iterable[str], task_id: str | None, kind: str | None, window: _Window
+        prefix: str,
+        names: Iterable[str],
+        task_id: str | None,
+        kind: str | None,
+        window: _Window,
+        lead: str = "",
     ) -> list[_Source]:
         """The listed files that may hold matching events (names only, no reads): single
-        events by their name, batches by their time span."""
+        events by their name, batches by their time span. With ``lead``, only the names
+        starting with it, which it is taken off before parsing (a group of the index)."""
         out = []
-        for name in names:
+        for listed in names:
+            if not listed.startswith(lead):
+                continue
+            name = listed[len(lead) :]
             single = (
                 layout.parse_time_name(name)
                 if task_id is None
@@ -381,20 +392,21 @@ class AsyncFileEventStorage(AsyncEventStorage):
             )
             if single is not None:
                 if (kind is None or single.type == kind) and window.may_hold(single.time_ms):
-                    out.append(_Source(single.time_ms, f"{prefix}/{name}", False))
+                    out.append(_Source(single.time_ms, f"{prefix}/{listed}", False))
                 continue
             batch = layout.parse_batch_name(name)
             if batch is not None and window.may_overlap(batch.min_ms, batch.max_ms):
-                key = f"{prefix}/{name}" if task_id is None else layout.batch_time_key(batch)
+                key = f"{prefix}/{listed}" if task_id is None else layout.batch_time_key(batch)
                 out.append(_Source(batch.min_ms, key, True))
         return out
 
     def _task_program(
         self, task_id: str, kind: str | None, window: _Window, limit: int | None
     ) -> Program[list[TaskEvent]]:
-        prefix = f"{layout.BY_TASK}/{task_id}"
-        listing = yield listdir(prefix)
-        sources = self._sources(prefix, listing, task_id, kind, window)
+        sources: list[_Source] = []
+        for prefix, lead in layout.task_dirs(task_id, self._grouped):
+            listing = yield listdir(prefix)
+            sources += self._sources(prefix, listing, task_id, kind, window, lead)
         out: list[TaskEvent] = []
         yield from self._read(sources, task_id, kind, window, out, limit)
         return out
@@ -556,7 +568,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
 
     def _cleanup_program(self, cutoff: float) -> Program[int]:
         cutoff_ms = int(cutoff * 1000)
-        local = self.store.is_local
+        local, grouped = self.store.is_local, self._grouped
         removed = 0
         tasks: set[str] = set()
         for day in (yield listdirs(layout.BY_TIME)):
@@ -570,6 +582,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
                 whole = start + layout.HOUR <= cutoff
                 prefix = f"{layout.BY_TIME}/{day}/{hour}"
                 doomed, index, batches = [], [], []
+                count = 0
                 for name in (yield listdir(prefix)):
                     parsed = layout.parse_time_name(name)
                     if parsed is None:
@@ -581,9 +594,11 @@ class AsyncFileEventStorage(AsyncEventStorage):
                         continue
                     if whole or parsed.time_ms < cutoff_ms:
                         doomed.append(f"{prefix}/{name}")
-                        index.append(layout.task_key(parsed))
+                        count += 1
+                        index += layout.index_keys(
+                            parsed.task_id, layout.entry_name(parsed), grouped
+                        )
                         tasks.add(parsed.task_id)
-                count = len(index)
                 # A batch names its tasks only inside: read it to find its index entries.
                 bodies = (yield read_many(key for key, _ in batches)) if batches else {}
                 for key, batch in batches:
@@ -593,7 +608,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
                     )
                     count += len(events)
                     for task_id in dict.fromkeys(event.task_id for event in events):
-                        index.append(layout.batch_task_key(task_id, batch))
+                        index += layout.index_keys(task_id, batch.name, grouped)
                         tasks.add(task_id)
                 # The index entries first: if this fails half-way, the primary copies are
                 # still there and the next cleanup removes the rest.
@@ -607,8 +622,9 @@ class AsyncFileEventStorage(AsyncEventStorage):
             if local:
                 yield remove_dir(f"{layout.BY_TIME}/{day}")
         if local:
-            for task_id in sorted(tasks):
-                yield remove_dir(f"{layout.BY_TASK}/{task_id}")
+            emptied = {d for task_id in tasks for d, _ in layout.task_dirs(task_id, grouped)}
+            for directory in sorted(emptied):
+                yield remove_dir(directory)
         if removed:
             log.info(
                 "deleted %d events older than %s from %s",

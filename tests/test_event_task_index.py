@@ -1,0 +1,121 @@
+"""The per-task index of the event storage for task ids that are ULIDs (OmniQ's own ids).
+
+On a local directory each new directory is an inode, as costly as the event's own file, so
+ULID task ids are indexed by the 4 ms in which the id was made (``events/by-task-time/``)
+instead of one directory per task; object stores and memory have no directories to make and
+keep ``events/by-task/{task_id}/``. Entries of the older layout are still read and cleaned.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from omniq.core.models import EventType, TaskEvent, id_text
+from omniq.storage.file.events import _layout as layout
+from storage_helpers import path
+from test_events import OpSpy, find, make
+
+UTC = timezone.utc
+T0 = datetime(2024, 5, 1, 22, 30, tzinfo=UTC)
+MS = 1_714_600_000_000  # a multiple of 4: ids made at MS + 0..3 share a 4 ms group
+
+
+def ulid(ms: int, n: int) -> str:
+    return id_text((ms << 80) | n)
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    return request.param
+
+
+def events_of(task_ids: list[str]) -> list[TaskEvent]:
+    kinds = [EventType.ENQUEUED, EventType.STARTED, EventType.SUCCEEDED]
+    return [
+        TaskEvent(task_id=t, type=k, time=T0 + timedelta(seconds=i * 3 + j))
+        for i, t in enumerate(task_ids)
+        for j, k in enumerate(kinds)
+    ]
+
+
+def test_task_group_is_the_ids_8_ms():
+    assert layout.task_group(ulid(MS, 1)) == layout.task_group(ulid(MS + 3, 99))
+    assert layout.task_group(ulid(MS + 4, 1)) != layout.task_group(ulid(MS + 3, 1))
+    assert len({layout.task_group(ulid(MS + i, 1)) for i in range(64)}) == 16
+    assert layout.task_group(ulid(MS - 1, 1)) != layout.task_group(ulid(MS, 1))
+    for other in ("job-1", "k00001", ulid(MS, 1).lower(), ulid(MS, 1) + "0", "I" * 26):
+        assert layout.task_group(other) is None
+
+
+@pytest.mark.anyio
+async def test_ulid_tasks_share_an_index_directory_locally(storage, anyio_backend, monkeypatch):
+    a, b, c = ulid(MS + 1, 5), ulid(MS + 3, 2), ulid(MS + 5, 7)  # a, b: one 4 ms; c the next
+    events = events_of([a, b, c])
+    async with make(storage) as s:
+        for event in events[0::3]:
+            await s.log(event)  # one file per event
+        await s.log_many([e for e in events if e.type is not EventType.ENQUEUED])  # a batch
+        for task in (a, b, c):
+            got = await s.query(task_id=task)
+            assert [e.id for e in got] == [e.id for e in events if e.task_id == task]
+        assert [e.id for e in await s.query(task_id=b, event_type="started")] == [events[4].id]
+
+        spy = OpSpy(s, monkeypatch)
+        await s.query(task_id=a)
+        if storage.kind == "local":
+            group = f"events/by-task-time/{layout.task_group(a)}"
+            assert spy.listed() == [group, f"events/by-task/{a}"]  # the older layout too
+            root = path(storage, "events")
+            assert sorted(os.listdir(f"{root}/by-task-time")) == sorted(
+                {layout.task_group(a), layout.task_group(c)}
+            )
+            assert find(storage, "events/by-task") == []  # no directory per task
+            assert len(os.listdir(f"{root}/by-task-time/{layout.task_group(a)}")) == 4
+        else:
+            assert spy.listed() == [f"events/by-task/{a}"]
+            assert find(storage, "events/by-task-time") == []
+            assert len(find(storage, f"events/by-task/{a}")) == 2
+
+        assert await s.cleanup(T0 + timedelta(hours=2)) == len(events)
+        for task in (a, b, c):
+            assert await s.query(task_id=task) == []
+        assert find(storage, "events") == []
+    if storage.kind == "local":  # no empty group directory is left behind
+        assert os.listdir(f"{path(storage, 'events')}/by-task-time") == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("storage", ["local"], indirect=True)
+async def test_entries_of_the_older_layout_are_read_and_cleaned(storage, anyio_backend):
+    task = ulid(MS + 3, 1)
+    first, second, third = events_of([task])
+    async with make(storage) as old:
+        old._grouped = False  # as 0.1.0 wrote them: one directory per task
+        await old.log(first)
+        await old.log_many([second])
+    assert len(find(storage, f"events/by-task/{task}")) == 2
+    async with make(storage) as s:
+        await s.log(third)
+        assert [e.id for e in await s.query(task_id=task)] == [first.id, second.id, third.id]
+        assert await s.cleanup(T0 + timedelta(hours=1)) == 3
+        assert await s.query(task_id=task) == []
+        assert find(storage, "events") == []
+    root = path(storage, "events")
+    assert os.listdir(f"{root}/by-task") == [] and os.listdir(f"{root}/by-task-time") == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("storage", ["local"], indirect=True)
+async def test_a_removed_group_directory_is_made_again(storage, anyio_backend):
+    """A group outlives its cleanup: a task retried after its events were cleaned up."""
+    task = ulid(MS, 3)
+    first, second, _ = events_of([task])
+    async with make(storage) as s:
+        await s.log(first)
+        assert await s.cleanup(T0 + timedelta(seconds=1)) == 1
+        assert os.listdir(f"{path(storage, 'events')}/by-task-time") == []
+        await s.log_many([second])
+        assert [e.id for e in await s.query(task_id=task)] == [second.id]
