@@ -126,6 +126,23 @@ async def test_one_batch_marker_per_bucket_per_flush(storage, anyio_backend):
 
 @QUICK
 @pytest.mark.anyio
+async def test_a_worker_finishing_a_task_a_second_writes_a_marker_per_ten_seconds(
+    storage, anyio_backend
+):
+    """The default interval: on an object store each marker is a billed request."""
+    clock = Clock()
+    async with make(storage, clock=clock, default_ttl=600) as s:
+        for i in range(10):
+            await s.set(result(f"t{i}", finished_at=clock.at(0)))
+            clock.advance(1)
+        assert markers(storage) == {}  # the oldest pair has waited 9 s
+        await s.set(result("t10", finished_at=clock.at(0)))
+        (batch,) = markers(storage).values()
+        assert len(pairs_of(batch)) == 11
+
+
+@QUICK
+@pytest.mark.anyio
 async def test_flush_at_marker_batch_and_after_the_interval(storage, anyio_backend):
     clock = Clock()
     async with make(

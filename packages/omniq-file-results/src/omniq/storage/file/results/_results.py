@@ -112,7 +112,9 @@ class AsyncFileResultStorage(AsyncResultStorage):
             ``flush``, ``close``). ``1`` writes each result's own marker before the result
             instead (one more request per result, nothing to lose in a crash).
         marker_flush_interval: seconds after which buffered markers are written, checked at
-            the next ``set`` or ``cleanup_expired`` (no background task).
+            the next ``set`` or ``cleanup_expired`` (no background task). Each write is a
+            request on an object store: 10 s makes a worker finishing a task a second pay one
+            marker per ten results.
         fsync: fsync local files before they are renamed into place.
         clock: epoch-seconds clock, for tests (expiry and the marker flush interval use it).
 
@@ -130,7 +132,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
         max_poll_interval: float = 0.5,
         batch: int = 256,
         marker_batch: int = 256,
-        marker_flush_interval: float = 1.0,
+        marker_flush_interval: float = 10.0,
         fsync: bool = False,
         clock: Callable[[], float] | None = None,
     ) -> None:
