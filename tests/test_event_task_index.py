@@ -41,7 +41,7 @@ def events_of(task_ids: list[str]) -> list[TaskEvent]:
     ]
 
 
-def test_task_group_is_the_ids_8_ms():
+def test_task_group_is_the_4_ms_the_id_was_made_in():
     assert layout.task_group(ulid(MS, 1)) == layout.task_group(ulid(MS + 3, 99))
     assert layout.task_group(ulid(MS + 4, 1)) != layout.task_group(ulid(MS + 3, 1))
     assert len({layout.task_group(ulid(MS + i, 1)) for i in range(64)}) == 16
