@@ -129,12 +129,42 @@ def test_with_the_api_but_no_sdk_the_metadata_stays_clean(tmp_path):
         import sys
         sys.path.insert(0, {str(TESTS)!r})
         from omniq.backend.file import FileBackend, _tracing
-        assert _tracing.ENABLED
+        assert _tracing.ENABLED and not _tracing.recording()
+        calls = []
+        _tracing.TracingHooks.before_task = lambda self, ctx: calls.append(ctx.task_id)
         with FileBackend({str(tmp_path / "q")!r}) as backend:
             task_id = backend.enqueue("worker_tasks:add", [1, 2])
-            assert backend.get_task(task_id).task.metadata == {{}}  # no-op spans: no context
-            assert backend.worker(burst=True, idle_timeout=0.1).run()["succeeded"] == 1
+            assert backend.get_task(task_id).task.metadata == {{}}  # no span: no context
+            worker = backend.worker(burst=True, idle_timeout=0.1)
+            assert isinstance(worker._async.hooks.hooks[0], _tracing.TracingHooks)
+            assert worker.run()["succeeded"] == 1
+        assert calls == [], calls  # left out of the run: no SDK when it started
         print("ok")
         """
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_an_sdk_configured_after_the_worker_is_made_is_used_when_it_runs(tmp_path):
+    proc = _run(
+        f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from omniq.backend.file import FileBackend
+        with FileBackend({str(tmp_path / "q")!r}) as backend:
+            backend.enqueue("worker_tasks:add", [1, 2])
+            worker = backend.worker(burst=True, idle_timeout=0.1)
+            exporter = InMemorySpanExporter()
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(exporter))
+            trace.set_tracer_provider(provider)
+            assert worker.run()["succeeded"] == 1
+        print([s.name for s in exporter.get_finished_spans()])
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['run worker_tasks:add']", proc.stdout

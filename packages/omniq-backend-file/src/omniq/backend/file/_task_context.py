@@ -299,6 +299,11 @@ class Hooks:
     def __bool__(self) -> bool:
         return bool(self.hooks)
 
+    def live(self) -> Hooks:
+        """The hooks without those whose ``active`` attribute, if they have one, is false
+        now (the worker asks when it starts: a tracing hook without an SDK)."""
+        return Hooks([hook for hook in self.hooks if getattr(hook, "active", True)])
+
     async def call(self, name: str, ctx: TaskContext, *args: Any, timeout: float) -> None:
         """Call ``name`` of every hook; an async hook still running after ``timeout`` seconds
         (all of them together) is cancelled and logged, and the hooks after it are not

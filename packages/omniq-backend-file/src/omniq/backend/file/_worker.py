@@ -100,6 +100,7 @@ class AsyncWorker:
         hooks: objects with any of ``before_task(ctx)``, ``after_task(ctx, result)``,
             ``on_failure(ctx, error)`` (sync or async), called in order around each task
             (docs/worker.md, "Hooks"); a hook that raises is logged, the task unaffected.
+            One whose ``active`` attribute is false when ``run`` starts is left out.
         hook_timeout: seconds an async hook may take (default 10; ``before_task`` at most a
             third of the lease, as it runs before the first heartbeat); then it is cancelled.
         progress_interval: seconds; a task's progress and metadata (``TaskContext``) are
@@ -171,6 +172,7 @@ class AsyncWorker:
         self.schedules = schedules
         self.schedule_refresh = schedule_refresh
         self.hooks = Hooks(hooks)
+        self._live_hooks = self.hooks  # those active when run() starts (Hooks.live)
         if not hook_timeout > 0:
             raise ValueError("hook_timeout must be > 0 seconds")
         self.hook_timeout = hook_timeout
@@ -249,6 +251,7 @@ class AsyncWorker:
             self.concurrency,
         )
         slots = anyio.Semaphore(self.concurrency)
+        self._live_hooks = self.hooks.live()
         self._process_limiter = anyio.CapacityLimiter(self.processes or 1)
         on_asyncio = sniffio.current_async_library() == "asyncio"
         self._threads = TaskThreads() if on_asyncio else None
@@ -412,7 +415,7 @@ class AsyncWorker:
     # -- one task ----------------------------------------------------------------------------
     async def _run_one(self, claimed: Claimed, slots: anyio.Semaphore) -> None:
         ctx = make_context(claimed, self.worker_id)
-        hooks = self.hooks
+        hooks = self._live_hooks
         try:
             if hooks:
                 limit = min(self.hook_timeout, self.lease / 3)
