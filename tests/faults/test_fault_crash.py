@@ -22,6 +22,7 @@ from fault_proc import CRASH_EXIT, spawn
 
 from omniq.backend.file import AsyncFileBackend
 from omniq.core import ResultStatus
+from omniq.core.models import new_id
 
 SEED = random.randrange(1_000_000)
 COUNT = 30  # tasks per store in the worker phases
@@ -84,9 +85,13 @@ PHASES: dict[str, list[Point]] = {
     ],
     "event": [
         ("write", "events/events/by-time/", "half", (1, 20), None),
-        # locally the per-task index entry is a hard link to the event's file
+        # locally the per-task index entry is a hard link to the event's file: in a directory
+        # of its own for an id of ours, in the group of its 4 ms for an id OmniQ made (half
+        # of this phase's tasks, see _prefill)
         ("link", "events/events/by-task/", "before", (1, 20), None),
         ("link", "events/events/by-task/", "after", (1, 20), None),
+        ("link", "events/events/by-task-time/", "before", (1, 20), None),
+        ("link", "events/events/by-task-time/", "after", (1, 20), None),
     ],
 }
 
@@ -119,8 +124,9 @@ def _config(base: Path, mode: str, crash: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _prefill(base: Path) -> list[str]:
-    ids = [f"k{i:05d}" for i in range(COUNT)]
+def _prefill(base: Path, ulids: bool = False) -> list[str]:
+    """COUNT tasks queued; with ``ulids`` every other one has an id OmniQ makes (a ULID)."""
+    ids = [new_id() if ulids and i % 2 else f"k{i:05d}" for i in range(COUNT)]
 
     async def go() -> None:
         async with AsyncFileBackend(
@@ -175,7 +181,7 @@ def test_crash_mid_operation_loses_and_corrupts_nothing(phase: str, tmp_path: Pa
             "data": data,
             "named_temp": bool(named_temp),
         }
-        ids = _prefill(base) if phase != "enqueue" else []
+        ids = _prefill(base, ulids=phase == "event") if phase != "enqueue" else []
         proc = spawn(_config(base, phase, crash), root / "child.log")
         runs.append((root, base, crash, ids, proc))
     for root, _, crash, _, proc in runs:
