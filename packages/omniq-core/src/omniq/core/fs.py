@@ -297,6 +297,12 @@ class Store:
         return self.kind == "local"
 
     @property
+    def is_remote(self) -> bool:
+        """An object store (S3, GCS, Azure): every op is a request, with its latency and price
+        (not a local directory or memory)."""
+        return self.kind not in ("local", "memory")
+
+    @property
     def can_take(self) -> bool:
         """Whether the ``LocalOnlyOps`` (``take``, ``link``, ``stat``, ``owner``, ``touch``) are
         available: a local directory whose filesystem has not refused a hard link

@@ -111,8 +111,7 @@ class ClaimFailures:
 def default_claimers(queue: Any) -> int:
     """Claim loops per worker: 1 where a claim is a few local syscalls (memory, a local
     directory: nothing to overlap), 4 on an object store."""
-    kind = getattr(getattr(queue, "store", None), "kind", "local")
-    return 1 if kind in ("memory", "local") else 4
+    return 4 if getattr(getattr(queue, "store", None), "is_remote", False) else 1
 
 
 class ClaimHelpers:

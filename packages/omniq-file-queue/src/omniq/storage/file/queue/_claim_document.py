@@ -70,8 +70,7 @@ class DocumentClaims:
 
     def __init__(self, store: Store, batch: int | None = None) -> None:
         self.store = store
-        local = store.kind in ("local", "memory")
-        self.batch = batch or (self.batch if local else self.remote_batch)
+        self.batch = batch or (self.remote_batch if store.is_remote else self.batch)
         self.unsettled: list[Unsettled] = []
 
     def suspect_after(self, lease: float, clock_skew: float) -> float:

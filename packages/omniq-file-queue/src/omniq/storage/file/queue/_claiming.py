@@ -230,7 +230,7 @@ class ClaimHandling(Reaping):
         """Claim attempts on ``picks``, in their order. On an object store they run
         concurrently: each is a read and a create, so a batch of n costs two request
         latencies, not 2n. Locally one program runs them (no request latency to overlap)."""
-        if len(picks) == 1 or self.store.kind in ("memory", "local"):
+        if len(picks) == 1 or not self.store.is_remote:
             return await self.store.run(self._claim_many_program(queue, picks, lease, worker))
         out: list[Claimed | Task | BaseException | None] = [None] * len(picks)
 

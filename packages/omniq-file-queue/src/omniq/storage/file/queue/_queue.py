@@ -166,7 +166,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         self.claims: DocumentClaims = strategy(self.store, batch)
         self.batch = self.claims.batch
         if spread is None:  # object stores: the whole head (a lost race there costs requests)
-            spread = 256 if self.store.kind in ("local", "memory") else self.batch
+            spread = self.batch if self.store.is_remote else 256
         self.spread = max(1, spread)
 
     def __repr__(self) -> str:
