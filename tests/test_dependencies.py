@@ -7,6 +7,7 @@ and cycles are refused, storing nothing."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -251,6 +252,56 @@ async def test_a_heartbeat_settles_what_is_owed_while_one_long_task_runs(tmp_pat
         clock.t += queue.lease / 3
         long_task = await queue.extend_lease(long_task)
         assert await status(queue, "T") is TaskStatus.PENDING
+    finally:
+        await queue.close()
+
+
+@pytest.mark.anyio
+async def test_a_busy_queue_without_dependents_looks_for_them_less_often(tmp_path: Path) -> None:
+    """A busy process looked at ``deps/`` once per refresh_interval (1 s) although no task
+    had dependents: a request a second per worker on an object store. While its looks find
+    no link the pace doubles up to QUIET_PACE intervals; a link seen brings back 1 s, and a
+    dependent registered meanwhile is still released (at the next look; a long lease keeps
+    the reaper, which would settle it too, out of the way)."""
+    clock = Clock()
+    queue = AsyncFileQueue(str(tmp_path), clock=clock, lease=3600)
+    looks: list[float] = []
+    program = queue._owed_program
+
+    def counting(owed: Any) -> Any:
+        looks.append(clock.t)
+        return program(owed)
+
+    queue._owed_program = counting  # type: ignore[method-assign]
+    try:
+        await queue.enqueue_many([Task(func="m:f", id=f"t{i:03d}") for i in range(120)])
+        busy_until = clock.t + 40
+        while clock.t < busy_until:  # a task acked every 0.5 s, never idle
+            claimed = await queue.dequeue()
+            assert claimed is not None
+            await queue.ack(claimed)
+            clock.t += 0.5
+        gaps = [round(b - a, 1) for a, b in itertools.pairwise(looks)]
+        assert gaps[:3] == [2.0, 4.0, 8.0], gaps
+        assert max(gaps) == 8.0 and len(looks) <= 8, looks
+        running = await queue.dequeue()  # D: a dependency of T registered while D runs
+        assert running is not None
+        await queue.enqueue(Task(func="m:f", id="T", depends_on=[running.id]))
+        await queue.ack(running)
+        before = len(looks)
+        while await status(queue, "T") is TaskStatus.WAITING:
+            claimed = await queue.dequeue()
+            assert claimed is not None
+            await queue.ack(claimed)
+            clock.t += 0.5
+        assert len(looks) == before + 1 and looks[-1] - looks[before - 1] <= 8.0, looks
+        for _ in range(6):  # that look saw T's link: the next is 1 s later, then quiet again
+            claimed = await queue.dequeue()
+            assert claimed is not None
+            await queue.ack(claimed)
+            clock.t += 0.5
+        gaps = [round(b - a, 1) for a, b in itertools.pairwise(looks[before:])]
+        assert gaps[:2] == [1.0, 2.0], looks
     finally:
         await queue.close()
 

@@ -26,7 +26,12 @@ list the markers: the later lister sees both.
 At least once, and cost. The look is deferred and batched: a process that decided outcomes
 notes them in memory and settles them at its next ``dequeue`` when idle, at most
 ``refresh_interval`` later when busy, or at ``close``; it then lists ``{dq}/deps/`` once (one
-LIST per flush, whatever the number of acks) and each ``deps/{D}/`` that is there. A process
+LIST per flush, whatever the number of acks) and each ``deps/{D}/`` that is there. While its
+looks find no link at all (a queue that does not use dependencies), the busy pace doubles up
+to ``QUIET_PACE`` refresh intervals: a look costs a request on an object store, and a busy
+worker's cost should follow its work, not the clock. Only latency depends on the pace (a
+dependent registered meanwhile waits for the next look, or the reaper's); a link seen brings
+the pace back. A process
 that dies with settles owed leaves links behind: each reaper pass lists ``deps/`` once, notes
 (while scanning ``run/``, which it does anyway) which linked dependencies have an outcome or
 an unclaimed end, and settles those; their records are not cleaned up while links remain.
@@ -87,6 +92,7 @@ _FINAL_STATES = frozenset(ENDED.values())
 GONE = "gone"  # ended, and nothing left to read how: a failure unless its result says success
 DEPENDENCY_FAILED = "omniq.DependencyFailed"
 MAX_DEPENDENCIES = 1000
+QUIET_PACE = 8  # busy settles at most this many refresh_intervals apart while no link is seen
 """The most dependencies one task may have (its enqueue locates each one)."""
 
 
@@ -150,6 +156,7 @@ class DependencyHandling:
     claims: DocumentClaims
     _owed: dict[str, dict[str, str]]  # queue -> {task id: state}: ended here, not settled yet
     _owed_at: float
+    _settle_pace: float  # seconds between busy settles: refresh_interval, longer while quiet
     _unreported: list[Settled]
     _gone: list[Gone]  # dependencies whose end is unknowable here: settled by their result
     _unfinished: dict[tuple[str, str], int]  # (queue, id) -> newest attempt, found not ended
@@ -402,20 +409,27 @@ class DependencyHandling:
         owed, self._owed = self._owed, {}
         self._owed_at = self._now()
         try:
-            await self.store.run(self._owed_program(owed))
+            linked = await self.store.run(self._owed_program(owed))
         except BaseException:
             for queue, ids in owed.items():  # kept for the next try (the reaper's otherwise)
                 self._owed[queue] = {**ids, **self._owed.get(queue, {})}
             raise
         finally:
             await self._report_settled()
+        # Quiet (no dependent linked to anything): the next busy look may wait longer, up to
+        # QUIET_PACE looks' worth; any link seen brings back one look per refresh_interval.
+        quiet = min(self._settle_pace * 2, self.refresh_interval * QUIET_PACE)
+        self._settle_pace = self.refresh_interval if linked else quiet
+
+    def _settle_is_due(self) -> bool:
+        """Something is owed and the last settle is ``_settle_pace`` old (busy settles)."""
+        return bool(self._owed) and self._now() - self._owed_at >= self._settle_pace
 
     async def _settle_due(self) -> None:
-        """Settle what is owed if the last settle is ``refresh_interval`` old: called by the
-        public calls a process may make alone (a heartbeat while a long task runs, a
-        producer's enqueue). A failure is logged: the links stay for the next call or the
-        reaper."""
-        if self._owed and self._now() - self._owed_at >= self.refresh_interval:
+        """Settle what is owed if a busy settle is due: called by the public calls a process
+        may make alone (a heartbeat while a long task runs, a producer's enqueue). A failure
+        is logged: the links stay for the next call or the reaper."""
+        if self._settle_is_due():
             await self._settle_now()
 
     async def _settle_now(self) -> None:
@@ -425,10 +439,13 @@ class DependencyHandling:
         except Exception as exc:
             log.warning("could not settle the dependents of finished tasks: %s", exc)
 
-    def _owed_program(self, owed: dict[str, dict[str, str]]) -> Program[None]:
+    def _owed_program(self, owed: dict[str, dict[str, str]]) -> Program[bool]:
+        """Settle the dependents of ``owed``; returns whether any ``deps/`` listed had links."""
         ended: list[tuple[str, str, str]] = []
+        any_linked = False
         for queue, ids in owed.items():
             linked = set((yield listdirs(f"{queue}/deps")))  # one LIST for any number of acks
+            any_linked = any_linked or bool(linked)
             for task_id, state in ids.items():
                 if task_id not in linked:
                     continue
@@ -443,6 +460,7 @@ class DependencyHandling:
                 ended.append((queue, task_id, state))
         if ended:
             yield from self._settle_program(ended)
+        return any_linked
 
     # -- the reaper's part -------------------------------------------------------------------
     @staticmethod

@@ -155,6 +155,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         self._spawning: set[tuple[str, str, int]] = set()
         self._owed: dict[str, dict[str, str]] = {}  # ended here; dependents not settled yet
         self._owed_at = 0.0
+        self._settle_pace = refresh_interval
         self._unreported = []  # waits decided here, events not sent yet
         self._gone = []  # dependencies ended with nothing left to read how
         self._unfinished = {}  # linked tasks the reaper found running: not looked at again
@@ -314,7 +315,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         # apart while the queues stay empty, however short each call's wait.
         idle = self._idle.setdefault(tuple(names), _Idle()) if wait > 0 and watch is None else None
         claimed: list[Claimed] = []
-        if self._owed and self._now() - self._owed_at >= self.refresh_interval:
+        if self._settle_is_due():
             await self._settle_owed()  # busy: the dependents of what ended, once per interval
         while True:
             early = 0.0 if idle is None else idle.next - time.monotonic()
