@@ -36,9 +36,7 @@ from omniq.core.fs import Program
 from omniq.core.models import UTC, Claimed, Task, TaskStatus
 from omniq.storage.file.queue import AsyncFileQueue
 from omniq.storage.file.queue import _layout as layout
-from omniq.storage.file.queue._claim_document import DocumentClaims
-from omniq.storage.file.queue._claim_link import LinkClaims
-from omniq.storage.file.queue._claim_s3 import S3Claims
+from omniq.storage.file.queue._queue import claim_strategy
 
 LEASE, SKEW, TTL = 10.0, 2.0, 60.0
 Q = "default"
@@ -51,8 +49,7 @@ class Scene:
     def __init__(self, world: World) -> None:
         q = AsyncFileQueue("memory://unused", lease=LEASE, clock_skew=SKEW, tombstone_ttl=TTL)
         q.store = world.store
-        strategy = {"local": LinkClaims, "s3": S3Claims}.get(world.kind, DocumentClaims)
-        q.claims = strategy(world.store, q.batch)
+        q.claims = claim_strategy(world.kind)(world.store, q.batch)
         self.q = q
         self.world = world
         self.tasks: list[str] = []

@@ -265,6 +265,35 @@ async def test_s3_defers_and_batches_the_ready_copy_deletes(storage) -> None:
     assert await q3.store.listdir(ready) == []  # close() sent the pending delete
 
 
+@pytest.mark.parametrize("storage", ["gcs", "azure"], indirect=True)
+async def test_gcs_and_azure_delete_the_ready_copy_beside_the_next_claims(storage) -> None:
+    """On GCS and Azure a claim used to DELETE the ready copy before handing the task out: a
+    request in a row with the claim's read and create, on every task's path. Now the copy
+    waits for the claimer's next claim call, which deletes it beside its own claims; until
+    then it does not count as ready, and a claimer that picks it loses to the claim."""
+    ready = "default/ready/p0999"
+    async with make_queue(storage) as q1, make_queue(storage) as q2:
+        await q1.enqueue_many([Task(func="m:f", args=[i]) for i in range(4)])
+        first = await q1.dequeue()
+        assert first is not None
+        assert len(await q1.store.listdir(ready)) == 4  # the copy waits for the next claims
+        assert (await q2.size()).ready == 3  # it does not count: its attempt has a claim
+        second = await q1.dequeue()
+        assert second is not None and second.id != first.id
+        names = await q1.store.listdir(ready)
+        assert f"{first.id}.1.json" not in names and f"{second.id}.1.json" in names
+        assert len(names) == 3
+        q2.spread = 1  # q2 tries q1's spent copy first (the head of its listing)
+        third = await q2.dequeue()
+        assert third is not None and third.id not in {first.id, second.id}
+        await q1.ack_many([first, second])
+        await q2.ack(third)
+    # close() sent the pending deletes; q2's lost race removed the copy it met.
+    assert [n for n in await q1.store.listdir(ready)] == [
+        n for n in names if n.split(".")[0] not in {first.id, second.id, third.id}
+    ]
+
+
 async def test_extend_lease_keeps_the_task(storage) -> None:
     clock = FakeClock()
     async with make_queue(storage, clock=clock, lease=10, clock_skew=1) as q:

@@ -67,6 +67,7 @@ class DocumentClaims:
     remote_batch = 1000
     # Listings come in key order (a claim before its outcome): the reaper scans run/ once.
     scan_outcomes_first = False
+    flush_early = False  # deferred deletes of spent copies go beside the next claims
 
     def __init__(self, store: Store, batch: int | None = None) -> None:
         self.store = store
@@ -134,15 +135,23 @@ class DocumentClaims:
         yield from self.spend(cand)
 
     def spend(self, cand: layout.Candidate) -> Program[None]:
-        """Remove a copy (and its due marker) whose attempt is claimed or over. Best effort:
-        a copy left behind is harmless (see the module docstring)."""
+        """Remove a copy (and its due marker) whose attempt is claimed or over."""
         for key in (cand.key, cand.marker):
-            if key is None:
-                continue
-            try:
-                yield delete(key)
-            except Exception as exc:
-                log.warning("could not remove %s (removed later): %s", key, exc)
+            if key is not None:
+                yield from self.delete_spent(key)
+
+    def delete_spent(self, key: str) -> Program[None]:
+        """Delete one spent copy. Best effort: a copy left behind is harmless (see the
+        module docstring)."""
+        try:
+            yield delete(key)
+        except Exception as exc:
+            log.warning("could not remove %s (removed later): %s", key, exc)
+
+    def take_spent(self) -> list[str]:
+        """Spent copies whose delete was deferred, handed to the caller to delete beside its
+        next claims (``flush_early``); none here."""
+        return []
 
     def decide(
         self, queue: str, task_id: str, attempt: int, record: layout.Record, current: float

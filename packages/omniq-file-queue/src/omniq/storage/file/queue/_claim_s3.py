@@ -1,4 +1,5 @@
-"""Claims on S3: documents, with the ready copy's delete deferred and batched.
+"""Claims on S3: documents, with the ready copy's delete deferred (``_claim_deferred``) and
+batched.
 
 Correctness argument. The claim is the exclusive create of ``run/{id}.{n}.json`` by a PUT
 with ``If-None-Match: *`` (S3 refuses it with 412 when the key exists), as in
@@ -14,33 +15,18 @@ its claim.
 
 from __future__ import annotations
 
-import logging
-
-from omniq.core.fs import Program, Store, delete_many, listafter
+from omniq.core.fs import Program, delete_many, listafter
 
 from . import _layout as layout
-from ._claim_document import DocumentClaims
-
-log = logging.getLogger("omniq.queue")
+from ._claim_deferred import DeferredClaims
 
 
-class S3Claims(DocumentClaims):
+class S3Claims(DeferredClaims):
     name = "s3"
-
-    def __init__(self, store: Store, batch: int | None = None) -> None:
-        super().__init__(store, batch)
-        self._spent: list[str] = []
-
-    def spend(self, cand: layout.Candidate) -> Program[None]:
-        self._spent += [cand.key, cand.marker] if cand.marker else [cand.key]
-        if len(self._spent) >= self.batch:
-            try:
-                yield from self.flush()
-            except Exception as exc:  # kept for the next try; the claim stands
-                log.warning("could not delete %d spent ready copies: %s", len(self._spent), exc)
+    flush_early = False  # one DeleteObjects at the next listing: a request for up to 1,000
 
     def flush(self) -> Program[None]:
-        spent, self._spent = self._spent, []
+        spent = self.take_spent()
         if not spent:
             return
         try:
@@ -48,10 +34,6 @@ class S3Claims(DocumentClaims):
         except BaseException:
             self._spent = spent + self._spent
             raise
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._spent)
 
     def filter(self, queue: str, found: list[layout.Candidate]) -> Program[list[layout.Candidate]]:
         """Drop (and delete) candidates whose attempt is already claimed or finished: copies

@@ -229,8 +229,11 @@ class ClaimHandling(Reaping):
     ) -> list[Claimed | Task | None]:
         """Claim attempts on ``picks``, in their order. On an object store they run
         concurrently: each is a read and a create, so a batch of n costs two request
-        latencies, not 2n. Locally one program runs them (no request latency to overlap)."""
-        if len(picks) == 1 or not self.store.is_remote:
+        latencies, not 2n. Locally one program runs them (no request latency to overlap).
+        Copies spent by earlier claims whose delete was deferred (``flush_early``) are
+        deleted beside them, off the path of the tasks claimed then."""
+        spent = self.claims.take_spent() if self.claims.flush_early else []
+        if (len(picks) == 1 and not spent) or not self.store.is_remote:
             return await self.store.run(self._claim_many_program(queue, picks, lease, worker))
         out: list[Claimed | Task | BaseException | None] = [None] * len(picks)
 
@@ -241,6 +244,8 @@ class ClaimHandling(Reaping):
                 out[i] = exc
 
         async with anyio.create_task_group() as tg:
+            for key in spent:
+                tg.start_soon(self.store.run, self.claims.delete_spent(key))
             for i, cand in enumerate(picks):
                 tg.start_soon(attempt, i, cand)
         got = [item for item in out if not isinstance(item, BaseException)]

@@ -39,6 +39,7 @@ from omniq.core.models import (
 from omniq.core.names import validate_name
 
 from . import _layout as layout
+from ._claim_deferred import DeferredClaims
 from ._claim_document import DocumentClaims
 from ._claim_link import LinkClaims
 from ._claim_s3 import S3Claims
@@ -72,6 +73,18 @@ class _Idle:
             return
         self.pause = first if self.pause == 0.0 else min(self.pause * 1.5, most)
         self.next = time.monotonic() + random.uniform(self.pause / 2, self.pause)
+
+
+def claim_strategy(kind: str) -> type[DocumentClaims]:
+    """The claim strategy of a store kind; each module carries its store's correctness
+    argument (memory and other filesystems: ``DocumentClaims``)."""
+    strategies: dict[str, type[DocumentClaims]] = {
+        "local": LinkClaims,
+        "s3": S3Claims,
+        "gcs": DeferredClaims,
+        "azure": DeferredClaims,
+    }
+    return strategies.get(kind, DocumentClaims)
 
 
 class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueListing, AsyncQueue):
@@ -163,8 +176,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         self.watch = watch
         self._watches: dict[tuple[str, ...], DirWatch | None] = {}
         # One claim strategy per store; each module carries its store's correctness argument.
-        strategy = {"local": LinkClaims, "s3": S3Claims}.get(self.store.kind, DocumentClaims)
-        self.claims: DocumentClaims = strategy(self.store, batch)
+        self.claims: DocumentClaims = claim_strategy(self.store.kind)(self.store, batch)
         self.batch = self.claims.batch
         if spread is None:  # object stores: the whole head (a lost race there costs requests)
             spread = self.batch if self.store.is_remote else 256

@@ -1,0 +1,58 @@
+"""Claims on GCS and Azure: documents, with the ready copy's delete deferred off the task's
+path. (S3 defers it too, and batches it: ``_claim_s3``.)
+
+Correctness argument. The claim is the exclusive create of ``run/{id}.{n}.json`` (GCS:
+``ifGenerationMatch=0``; Azure: ``overwrite=False``), as in ``DocumentClaims``. What differs is
+the clean-up: the winner does not DELETE the ready copy (and due marker) before handing the
+task out; the keys wait in memory and are deleted at this consumer's next claim call, beside
+its claims (one request each: GCS bills every call of a batch, and neither store saves a
+request by batching), or at its next listing, ``size`` or ``close``. Until then the copy is
+still listed: a consumer that picks it loses the exclusive create to the claim and deletes
+the copy (``lost``), so it costs requests, never a second run. A consumer that dies with
+deletes pending leaves the copies to those claimers and to the reaper's clean-up, which
+deletes every copy of an attempt before its claim. What it buys: a task's life has one
+request fewer in a row (read, create; then the result and the outcome), so under request
+latency a worker reaches more of ``concurrency / (requests per task x latency)``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from omniq.core.fs import Program, Store
+
+from . import _layout as layout
+from ._claim_document import DocumentClaims
+
+log = logging.getLogger("omniq.queue")
+
+
+class DeferredClaims(DocumentClaims):
+    """Claim documents whose spent copies are deleted later (see the module docstring)."""
+
+    name = "deferred"
+    flush_early = True  # delete spent copies beside the next claims (S3: at the next listing)
+
+    def __init__(self, store: Store, batch: int | None = None) -> None:
+        super().__init__(store, batch)
+        self._spent: list[str] = []
+
+    def spend(self, cand: layout.Candidate) -> Program[None]:
+        self._spent += [cand.key, cand.marker] if cand.marker else [cand.key]
+        if len(self._spent) >= self.batch:
+            try:
+                yield from self.flush()
+            except Exception as exc:  # kept for the next try; the claim stands
+                log.warning("could not delete %d spent ready copies: %s", len(self._spent), exc)
+
+    def take_spent(self) -> list[str]:
+        spent, self._spent = self._spent, []
+        return spent
+
+    def flush(self) -> Program[None]:
+        for key in self.take_spent():
+            yield from self.delete_spent(key)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._spent)
