@@ -31,10 +31,10 @@ looks find no link at all (a queue that does not use dependencies), the busy pac
 to ``QUIET_PACE`` refresh intervals: a look costs a request on an object store, and a busy
 worker's cost should follow its work, not the clock. Only latency depends on the pace (a
 dependent registered meanwhile waits for the next look, or the reaper's); a link seen brings
-the pace back. A process
-that dies with settles owed leaves links behind: each reaper pass lists ``deps/`` once, notes
-(while scanning ``run/``, which it does anyway) which linked dependencies have an outcome or
-an unclaimed end, and settles those; their records are not cleaned up while links remain.
+the pace back. A process that dies with settles owed leaves links behind: each reaper pass
+lists ``deps/`` once, notes (while scanning ``run/``, which it does anyway) which linked
+dependencies have an outcome or an unclaimed end, and settles those; their records are not
+cleaned up while links remain.
 No worker ever scans the waiting tasks.
 """
 
@@ -92,8 +92,8 @@ _FINAL_STATES = frozenset(ENDED.values())
 GONE = "gone"  # ended, and nothing left to read how: a failure unless its result says success
 DEPENDENCY_FAILED = "omniq.DependencyFailed"
 MAX_DEPENDENCIES = 1000
-QUIET_PACE = 8  # busy settles at most this many refresh_intervals apart while no link is seen
 """The most dependencies one task may have (its enqueue locates each one)."""
+QUIET_PACE = 8  # busy settles at most this many refresh_intervals apart while no link is seen
 
 
 def check_dependencies(task_id: str, depends_on: list[str]) -> None:
