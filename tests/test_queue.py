@@ -20,6 +20,7 @@ from omniq.core import (
 )
 from omniq.core.models import EventType, utcnow
 from omniq.storage.file.queue import FileQueue
+from omniq.storage.file.queue import _layout as layout
 from queue_helpers import FakeClock, make_queue
 
 pytestmark = pytest.mark.anyio
@@ -286,12 +287,22 @@ async def test_gcs_and_azure_delete_the_ready_copy_beside_the_next_claims(storag
         q2.spread = 1  # q2 tries q1's spent copy first (the head of its listing)
         third = await q2.dequeue()
         assert third is not None and third.id not in {first.id, second.id}
+        # q2 lost a race on it: that deletes the copy at once, before the next claimer meets it.
+        assert f"{second.id}.1.json" not in await q1.store.listdir(ready)
         await q1.ack_many([first, second])
         await q2.ack(third)
-    # close() sent the pending deletes; q2's lost race removed the copy it met.
+    # close() sent the pending deletes.
     assert [n for n in await q1.store.listdir(ready)] == [
         n for n in names if n.split(".")[0] not in {first.id, second.id, third.id}
     ]
+    async with make_queue(storage) as q3:  # a claim that lost deletes the copy it met at once
+        await q3.enqueue(Task(func="m:f", id="met"))
+        (name,) = [n for n in await q3.store.listdir(ready) if n.startswith("met.")]
+        cand = layout.ready_candidate("default", "p0999", name)
+        assert cand is not None
+        await q3.store.run(q3.claims.lost(cand, layout.run_key("default", "met", 1)))
+        assert not q3.claims.pending
+        assert name not in await q3.store.listdir(ready)
 
 
 async def test_extend_lease_keeps_the_task(storage) -> None:

@@ -8,7 +8,7 @@ task out; the keys wait in memory and are deleted at this consumer's next claim 
 its claims (one request each: GCS bills every call of a batch, and neither store saves a
 request by batching), or at its next listing, ``size`` or ``close``. Until then the copy is
 still listed: a consumer that picks it loses the exclusive create to the claim and deletes
-the copy (``lost``), so it costs requests, never a second run. A consumer that dies with
+the copy at once (``lost``), so it costs requests, never a second run. A consumer that dies with
 deletes pending leaves the copies to those claimers and to the reaper's clean-up, which
 deletes every copy of an attempt before its claim. What it buys: a task's life has one
 request fewer in a row (read, create; then the result and the outcome), so under request
@@ -44,6 +44,12 @@ class DeferredClaims(DocumentClaims):
                 yield from self.flush()
             except Exception as exc:  # kept for the next try; the claim stands
                 log.warning("could not delete %d spent ready copies: %s", len(self._spent), exc)
+
+    def lost(self, cand: layout.Candidate, run: str) -> Program[None]:
+        """A copy met by a claim that lost is deleted at once (no task waits for this call
+        to end): it may be another consumer's spent copy, and every claimer that picks it
+        before its delete pays a read and a failed create."""
+        yield from DocumentClaims.spend(self, cand)
 
     def take_spent(self) -> list[str]:
         spent, self._spent = self._spent, []
