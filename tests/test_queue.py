@@ -264,6 +264,14 @@ async def test_s3_defers_and_batches_the_ready_copy_deletes(storage) -> None:
         got = await q3.dequeue()
         assert got is not None
     assert await q3.store.listdir(ready) == []  # close() sent the pending delete
+    async with make_queue(storage) as q4:  # a copy met by a lost claim joins the batch too
+        await q4.enqueue(Task(func="m:f", id="met"))
+        (name,) = await q4.store.listdir(ready)
+        cand = layout.ready_candidate("default", "p0999", name)
+        assert cand is not None
+        await q4.store.run(q4.claims.lost(cand, layout.run_key("default", "met", 1)))
+        assert q4.claims.pending and await q4.store.listdir(ready) == [name]
+    assert await q4.store.listdir(ready) == []
 
 
 @pytest.mark.parametrize("storage", ["gcs", "azure"], indirect=True)

@@ -25,6 +25,10 @@ class S3Claims(DeferredClaims):
     name = "s3"
     flush_early = False  # one DeleteObjects at the next listing: a request for up to 1,000
 
+    def lost(self, cand: layout.Candidate, run: str) -> Program[None]:
+        """The copy a lost claim met goes into the batch too: listings skip such copies."""
+        yield from self.spend(cand)
+
     def flush(self) -> Program[None]:
         spent = self.take_spent()
         if not spent:
