@@ -27,8 +27,9 @@ queue, flat in depth, per-worker throughput under request latency, idle polling 
 
 Every measurement starts a fresh emulator (all three keep their objects in memory): with
 10,000 objects of earlier measurements in its bucket, fake-gcs-server served a one-worker
-drain at 18 tasks/s instead of 410 (every listing there walks the whole bucket), which made
-GCS's ceiling and latency rows of the 2026-12-03 run measure the leftovers. Workers are in one
+drain at 18 tasks/s instead of 410 (why, inside the emulator, is not known; a real bucket
+lists by prefix), which made GCS's ceiling and latency rows of the 2026-12-03 run measure the
+leftovers. Workers are in one
 process with the emulator in another (2 cores): tasks/s say little about a real fleet; the
 request counts are the design's.
 """

@@ -8,8 +8,8 @@ task out; the keys wait in memory and are deleted at this consumer's next claim 
 its claims (one request each: GCS bills every call of a batch, and neither store saves a
 request by batching), or at its next listing, ``size`` or ``close``. Until then the copy is
 still listed: a consumer that picks it loses the exclusive create to the claim and deletes
-the copy at once (``lost``), so it costs requests, never a second run. A consumer that dies with
-deletes pending leaves the copies to those claimers and to the reaper's clean-up, which
+the copy at once (``lost``), so it costs requests, never a second run. A consumer that dies
+with deletes pending leaves the copies to those claimers and to the reaper's clean-up, which
 deletes every copy of an attempt before its claim. What it buys: a task's life has one
 request fewer in a row (read, create; then the result and the outcome), so under request
 latency a worker reaches more of ``concurrency / (requests per task x latency)``.
