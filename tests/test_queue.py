@@ -282,6 +282,7 @@ async def test_gcs_and_azure_delete_the_ready_copy_beside_the_next_claims(storag
     then it does not count as ready, and a claimer that picks it loses to the claim."""
     ready = "default/ready/p0999"
     async with make_queue(storage) as q1, make_queue(storage) as q2:
+        q1.spread = q2.spread = 1  # claims in listing order (no random start): q2 meets q1's copy
         await q1.enqueue_many([Task(func="m:f", args=[i]) for i in range(4)])
         first = await q1.dequeue()
         assert first is not None
@@ -292,7 +293,6 @@ async def test_gcs_and_azure_delete_the_ready_copy_beside_the_next_claims(storag
         names = await q1.store.listdir(ready)
         assert f"{first.id}.1.json" not in names and f"{second.id}.1.json" in names
         assert len(names) == 3
-        q2.spread = 1  # q2 tries q1's spent copy first (the head of its listing)
         third = await q2.dequeue()
         assert third is not None and third.id not in {first.id, second.id}
         # q2 lost a race on it: that deletes the copy at once, before the next claimer meets it.
