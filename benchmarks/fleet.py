@@ -29,9 +29,8 @@ Every measurement starts a fresh emulator (all three keep their objects in memor
 10,000 objects of earlier measurements in its bucket, fake-gcs-server served a one-worker
 drain at 18 tasks/s instead of 410 (why, inside the emulator, is not known; a real bucket
 lists by prefix), which made GCS's ceiling and latency rows of the 2026-12-03 run measure the
-leftovers. Workers are in one
-process with the emulator in another (2 cores): tasks/s say little about a real fleet; the
-request counts are the design's.
+leftovers. Workers are in one process with the emulator in another (2 cores): tasks/s say
+little about a real fleet; the request counts are the design's.
 """
 
 from __future__ import annotations

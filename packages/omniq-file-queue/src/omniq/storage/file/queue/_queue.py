@@ -75,16 +75,18 @@ class _Idle:
         self.next = time.monotonic() + random.uniform(self.pause / 2, self.pause)
 
 
+_STRATEGIES: dict[str, type[DocumentClaims]] = {
+    "local": LinkClaims,
+    "s3": S3Claims,
+    "gcs": DeferredClaims,
+    "azure": DeferredClaims,
+}
+
+
 def claim_strategy(kind: str) -> type[DocumentClaims]:
     """The claim strategy of a store kind; each module carries its store's correctness
     argument (memory and other filesystems: ``DocumentClaims``)."""
-    strategies: dict[str, type[DocumentClaims]] = {
-        "local": LinkClaims,
-        "s3": S3Claims,
-        "gcs": DeferredClaims,
-        "azure": DeferredClaims,
-    }
-    return strategies.get(kind, DocumentClaims)
+    return _STRATEGIES.get(kind, DocumentClaims)
 
 
 class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueListing, AsyncQueue):
@@ -175,7 +177,6 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         self.dependency_succeeded = None  # the backend's result look-up
         self.watch = watch
         self._watches: dict[tuple[str, ...], DirWatch | None] = {}
-        # One claim strategy per store; each module carries its store's correctness argument.
         self.claims: DocumentClaims = claim_strategy(self.store.kind)(self.store, batch)
         self.batch = self.claims.batch
         if spread is None:  # object stores: the whole head (a lost race there costs requests)
@@ -328,7 +329,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         idle = self._idle.setdefault(tuple(names), _Idle()) if wait > 0 and watch is None else None
         claimed: list[Claimed] = []
         if self._settle_is_due():
-            await self._settle_owed()  # busy: the dependents of what ended, once per interval
+            await self._settle_owed()  # busy: the dependents of what ended, at its pace
         while True:
             early = 0.0 if idle is None else idle.next - time.monotonic()
             if early > 0:
