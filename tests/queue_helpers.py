@@ -20,6 +20,12 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         self.t += seconds
 
+    def catch_up(self) -> None:
+        """Move to the real time if behind it: what a store stamps with its own clock (a
+        document claim's mtime) is then no later than this clock, however slow the calls
+        before it were."""
+        self.t = max(self.t, time.time())
+
 
 def make_queue(storage: Any, **kwargs: Any) -> AsyncFileQueue:
     return AsyncFileQueue(storage.base_dir, storage.storage_options, **kwargs)

@@ -176,10 +176,11 @@ async def test_lease_takeover_fences_the_old_holder(storage) -> None:
         assert old is not None
         clock.advance(11)  # expired, but inside the skew tolerance
         assert await q.dequeue(worker_id="new") is None
-        # Past the skew and the reap interval (lease / 4), with a wide margin: a document
+        # Past the skew and the reap interval (lease / 4), and past the real time: a document
         # claim's mtime is the store's real time, and the reaper reads only claims older than
-        # one lease by the fake clock, so slow store calls before the claim (over 3 s once,
-        # in a CI run sharing its two cores) must not hide it.
+        # one lease by the fake clock, so slow store calls before the claim must not hide it
+        # (a 3 s margin, then a 20 s one, each failed once in CI runs sharing two cores).
+        clock.catch_up()
         clock.advance(20)
         new = await q.dequeue(worker_id="new")
         assert new is not None and new.id == task.id and new.attempt == 2
@@ -204,6 +205,7 @@ async def test_dequeue_many_and_ack_many(storage) -> None:
     async with make_queue(storage, clock=clock, lease=10, clock_skew=1) as q:
         tasks = [Task(func="m:f", priority=p) for p in (1, 5, 3, 4, 2)]
         await q.enqueue_many(tasks)
+        clock.catch_up()  # the claims' mtimes are real times (see below)
         first = await q.dequeue_many(3)
         assert [c.task.priority for c in first] == [5, 4, 3]
         rest = await q.dequeue_many(10, worker_id="w2")
@@ -216,8 +218,8 @@ async def test_dequeue_many_and_ack_many(storage) -> None:
         rest[1] = await q.extend_lease(rest[1], 30)
         # rest[0]'s lease ended (+ skew): the reaper requeues it. The margin is wide because
         # a document claim's mtime is the store's real time, and the reaper lists only claims
-        # older than one lease by the fake clock: slow store calls before the claim (seconds on
-        # a busy CI machine) must not hide it.
+        # older than one lease by the fake clock: slow claim calls (seconds on a busy CI
+        # machine) must not hide it.
         clock.advance(20)
         taken = await q.reap()
         assert [c.id for c in taken] == [rest[0].id]
