@@ -635,6 +635,31 @@ def test_an_inline_call_does_not_look_at_the_selector(tmp_path, monkeypatch):
         assert q.size().ready == 19
 
 
+@pytest.mark.parametrize("library", ["asyncio", "trio"])
+def test_an_inline_call_is_refused_inside_a_running_loop(tmp_path, library):
+    """The inline path's own check (no loop of this thread runs, none says so) must still
+    refuse a call made inside a running loop, and store nothing."""
+    from omniq.core import Task
+    from omniq.storage.file.queue import FileQueue
+
+    with FileQueue(tmp_path / "q") as q:
+        q.size()
+
+        async def main() -> None:
+            q.enqueue(Task(func="m:f"))
+
+        with pytest.raises(AsyncContextError, match=library):
+            if library == "trio":
+                import trio
+
+                trio.run(main)
+            else:
+                asyncio.run(main())
+        assert q.size().ready == 0
+        q.enqueue(Task(func="m:f"))  # outside the loop it runs
+        assert q.size().ready == 1
+
+
 def test_a_queue_with_an_event_hook_keeps_to_the_loop_thread(tmp_path):
     from omniq.core import Task
     from omniq.storage.file.queue import AsyncFileQueue, FileQueue
