@@ -63,6 +63,22 @@ def test_the_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     _request_counts(smoke)
     _latency_sync_rss_e2e(smoke)
     _drain_against_every_peer(smoke)
+    _fleet_drains(smoke)
+
+
+def _fleet_drains(smoke: dict) -> None:
+    """A shallow queue is drained once and then kept at its depth by a producer."""
+    block = smoke["figures"]["fleet"]["stores"]["s3"]
+    if "skipped" in block:
+        if os.environ.get("OMNIQ_REQUIRE_EMULATORS", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"fleet was skipped: {block['skipped']}")
+        return
+    modes = {d["mode"]: d for d in block["drain"]}
+    assert set(modes) == {"one-shot", "kept"}
+    for d in modes.values():
+        # At least a claim's read and create, and the ack's outcome, per task finished.
+        assert d["tasks"] > 0 and d["requests_per_task"] >= 3, d
+    assert modes["kept"]["whole_tasks"] > modes["kept"]["depth"]  # the producer added tasks
 
 
 def _every_figure_reports(smoke: dict) -> None:
