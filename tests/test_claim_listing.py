@@ -168,3 +168,40 @@ def test_idle_looks_are_drawn_between_half_the_pause_and_the_pause(
     assert min(steady) < 1.2 and max(steady) > 1.8  # spread over the band, not one period
     idle.looked(True, 0.2, 2.0)
     assert (idle.next, idle.pause) == (0.0, 0.0)  # work found: look again at once
+
+
+async def test_a_shallow_listing_on_an_object_store_is_listed_again_after_one_miss(
+    storage: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consumers of a shallow queue all list the same few tasks, so a listing goes stale
+    fast: on an object store, where each miss costs a read (a lost race two requests more),
+    one miss makes the claim list again; a local directory and memory keep trying three."""
+    monkeypatch.setattr(random, "randrange", lambda n: 0)  # claims in listing order
+    q = make_queue(storage)
+    tried: list[list[str]] = []
+    claim_picks = q._claim_picks
+
+    async def recording(queue: str, picks: list[Any], *args: Any) -> Any:
+        tried.append([c.task_id for c in picks])
+        return await claim_picks(queue, picks, *args)
+
+    try:
+        ids = sorted(await q.enqueue_many([Task(func="m:f", args=[i]) for i in range(6)]))
+        first = await q.dequeue()  # lists all six, claims the first
+        assert first is not None and first.id == ids[0]
+        async with make_queue(storage) as other:  # takes the other five (close: no copies left)
+            taken = [c async for c in _drain(other)]
+            assert sorted(c.id for c in taken) == ids[1:]
+            late = await other.enqueue(Task(func="m:f", args=[6]))
+        monkeypatch.setattr(q, "_claim_picks", recording)
+        got = await q.dequeue()  # from its listing: five tasks others took meanwhile
+        assert got is not None and got.id == late
+        misses = 1 if storage.kind not in ("memory", "local") else 3
+        assert tried == [[i] for i in ids[1 : 1 + misses]] + [[late]]
+    finally:
+        await q.close()
+
+
+async def _drain(q: Any) -> Any:
+    while (claimed := await q.dequeue()) is not None:
+        yield claimed

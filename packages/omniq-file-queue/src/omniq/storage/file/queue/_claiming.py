@@ -28,22 +28,23 @@ log = logging.getLogger("omniq.queue")
 class ListingCache:
     """Claim candidates from the last listing of one queue, shared by this instance's callers."""
 
-    __slots__ = ("at", "items", "misses", "taken")
+    __slots__ = ("at", "items", "misses", "taken", "tolerated")
 
-    def __init__(self, at: float, items: list[layout.Candidate]) -> None:
+    def __init__(self, at: float, items: list[layout.Candidate], tolerated: int = 3) -> None:
         self.at = at
         self.items = items
         self.taken = 0  # claims made from it
         self.misses = 0  # candidates in a row found claimed by others
+        self.tolerated = tolerated  # misses in a row before listing again
 
     def stale(self, current: float, interval: float) -> bool:
-        """Whether to list again: the candidates are used up, or three in a row were taken
-        by others, or the listing is ``interval`` old and 32 claims were made from it (a
-        busy consumer sees new higher priorities within ``interval``) or ten times as old
+        """Whether to list again: the candidates are used up, or ``tolerated`` in a row were
+        taken by others, or the listing is ``interval`` old and 32 claims were made from it
+        (a busy consumer sees new higher priorities within ``interval``) or ten times as old
         (a slow one lists at most every ``10 x interval``: with many consumers a claim
         would otherwise pay for a listing of its own; see docs/design.md)."""
         age = current - self.at
-        if not self.items or self.misses >= 3:
+        if not self.items or self.misses >= self.tolerated:
             return True
         return age > interval and (self.taken >= 32 or age > 10 * interval)
 
@@ -174,9 +175,13 @@ class ClaimHandling(Reaping):
                     self._listing.discard(queue)
                 # Stamped when the listing ended: a slow listing must not make the next
                 # dequeue list again at once.
-                cache = self._cache[queue] = ListingCache(self._now(), self._spread(items))
+                cache = self._cache[queue] = ListingCache(
+                    self._now(), self._spread(items), self._tolerated(items)
+                )
                 refreshed = True
-            while cache.items and cache.misses < 3:
+            # A listing made by this call is trusted for three misses (they are races under
+            # way); one kept from an earlier call for what ``_tolerated`` says.
+            while cache.items and cache.misses < (3 if refreshed else cache.tolerated):
                 if self._held_too_long(lease, held, claimed):
                     return  # slow requests: start what is in hand, claim more later
                 picks = [
@@ -197,6 +202,15 @@ class ClaimHandling(Reaping):
             if refreshed or queue in self._listing:
                 return
             cache = None
+
+    def _tolerated(self, items: list[layout.Candidate]) -> int:
+        """Misses in a row a listing is trusted for by later calls. On an object store a
+        listing of a shallow queue (under half of ``spread`` candidates: every consumer's
+        listing shows the same few) goes stale fast; each miss costs a read (and a refused
+        create and a read more when the race was lost), a new listing one request: one miss
+        and the next call lists again. Over a deep head misses are rare and scattered:
+        three."""
+        return 1 if self.store.is_remote and len(items) < self.spread // 2 else 3
 
     def _drop_cache_below(self, tasks: list[tuple[Task, bytes]]) -> None:
         """Forget a listing whose candidates rank below a task just enqueued here: this
