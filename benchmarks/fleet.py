@@ -7,10 +7,11 @@ queue, flat in depth, per-worker throughput under request latency, idle polling 
   backend, so its own client and claim cache, as K processes would have) drain it. At depth
   100 they drain everything once ("one-shot"), then, on a fresh queue, drain while a producer
   keeps 100 tasks unclaimed ("kept"; its requests are not counted); at depth 5,000 they stop
-  after ``sample`` tasks ("steady": the cost of the head of a deep queue). Every HTTP request the clients send during the drain is counted by
-  operation (S3: aiobotocore's ``_make_api_call``; GCS: gcsfs' ``_request``; Azure: the
-  azure-core aiohttp transport's ``send``) and divided by the tasks finished: claim + result
-  + ack + listings + reaper, amortized. Kept and steady, the figure is a steady drain's: the
+  after ``sample`` tasks ("steady": the cost of the head of a deep queue). Every HTTP request
+  the clients send during the drain is counted by operation (S3: aiobotocore's
+  ``_make_api_call``; GCS: gcsfs' ``_request``; Azure: the azure-core aiohttp transport's
+  ``send``) and divided by the tasks finished: claim + result + ack + listings + reaper,
+  amortized. Kept and steady, the figure is a steady drain's: the
   requests sent between the ``sample // 2``-th finished task and ``sample`` more, over those
   ``sample`` tasks (claims in flight at the two ends balance). The whole drain, with each
   worker's first listings and the claims it holds when stopped (released: 4 requests each),
