@@ -24,13 +24,15 @@ from ._reaper import Reaping
 
 log = logging.getLogger("omniq.queue")
 
+MISSES = 3  # candidates in a row found taken before a listing is made again (see _tolerated)
+
 
 class ListingCache:
     """Claim candidates from the last listing of one queue, shared by this instance's callers."""
 
     __slots__ = ("at", "items", "misses", "taken", "tolerated")
 
-    def __init__(self, at: float, items: list[layout.Candidate], tolerated: int = 3) -> None:
+    def __init__(self, at: float, items: list[layout.Candidate], tolerated: int = MISSES) -> None:
         self.at = at
         self.items = items
         self.taken = 0  # claims made from it
@@ -179,9 +181,9 @@ class ClaimHandling(Reaping):
                     self._now(), self._spread(items), self._tolerated(items)
                 )
                 refreshed = True
-            # A listing made by this call is trusted for three misses (they are races under
-            # way); one kept from an earlier call for what ``_tolerated`` says.
-            while cache.items and cache.misses < (3 if refreshed else cache.tolerated):
+            # A listing made by this call is trusted for MISSES (they are races under way);
+            # one kept from an earlier call for what ``_tolerated`` says.
+            while cache.items and cache.misses < (MISSES if refreshed else cache.tolerated):
                 if self._held_too_long(lease, held, claimed):
                     return  # slow requests: start what is in hand, claim more later
                 picks = [
@@ -209,8 +211,8 @@ class ClaimHandling(Reaping):
         listing shows the same few) goes stale fast; each miss costs a read (and a refused
         create and a read more when the race was lost), a new listing one request: one miss
         and the next call lists again. Over a deep head misses are rare and scattered:
-        three."""
-        return 1 if self.store.is_remote and len(items) < self.spread // 2 else 3
+        ``MISSES``."""
+        return 1 if self.store.is_remote and len(items) < self.spread // 2 else MISSES
 
     def _drop_cache_below(self, tasks: list[tuple[Task, bytes]]) -> None:
         """Forget a listing whose candidates rank below a task just enqueued here: this
