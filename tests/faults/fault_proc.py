@@ -27,10 +27,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 CRASH_EXIT = 86
+# Written to the log (stderr) once SIGTERM means a clean exit; a SIGTERM sent before it (while
+# Python is still starting) kills the child with -15 instead.
+READY = "fault_proc: SIGTERM handled"
 FAULTS_DIR = Path(__file__).resolve().parent
 TESTS_DIR = FAULTS_DIR.parent
 TOOLS_DIR = TESTS_DIR.parent / "tools"
@@ -69,6 +73,15 @@ def spawn(
     finally:
         out.close()
         err.close()
+
+
+def wait_ready(proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0) -> None:
+    """Wait until the child wrote ``READY`` (or exited), so that a SIGTERM stops it cleanly."""
+    end = time.monotonic() + timeout
+    while proc.poll() is None and READY not in log_path.read_text(errors="replace"):
+        if time.monotonic() > end:
+            raise AssertionError(f"{log_path.name}: not started after {timeout} s")
+        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- crash points
@@ -268,6 +281,7 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    print(READY, file=sys.stderr, flush=True)
     config = json.loads(argv[1])
     if config.get("umask") is not None:
         os.umask(int(config["umask"]))

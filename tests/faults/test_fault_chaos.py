@@ -17,7 +17,7 @@ from typing import Any
 
 import fault_stats
 import pytest
-from fault_proc import spawn
+from fault_proc import spawn, wait_ready
 
 from omniq.backend.file import FileBackend
 from omniq.core import EventType, ResultStatus
@@ -68,15 +68,16 @@ def _chaos(
             run_sync(lambda batch=batch: queue.enqueue_many(batch))
 
         procs: dict[int, subprocess.Popen[bytes]] = {}
+        log_of: dict[int, Path] = {}
         started = 0
 
         def start_worker() -> None:
             nonlocal started
             started += 1
-            proc = spawn(
-                config, logs / f"worker-{started}.log", env={"OMNIQ_FAULT_RECORDS": str(records)}
-            )
+            log = logs / f"worker-{started}.log"
+            proc = spawn(config, log, env={"OMNIQ_FAULT_RECORDS": str(records)})
             procs[proc.pid] = proc
+            log_of[proc.pid] = log
 
         killed: list[int] = []
         killed_busy = 0
@@ -116,6 +117,10 @@ def _chaos(
                 for pid, proc in procs.items():
                     assert proc.poll() is None, f"worker {pid} exited by itself: {proc.returncode}"
         finally:
+            # A replacement started just before the end may still be starting Python (CI saw
+            # one die of the SIGTERM with -15); the survivors are stopped once they can be.
+            for pid, proc in procs.items():
+                wait_ready(proc, log_of[pid])
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)
             for proc in procs.values():
