@@ -4,7 +4,8 @@
     python benchmarks/run.py smoke [--out DIR]          # tiny sizes, seconds; checks the harness
     python benchmarks/run.py NAME  [--repeat K] ...     # one figure group: peers, requests,
                                                          # latency, sync_overhead, rss, e2e,
-                                                         # pickup, drain
+                                                         # pickup, drain, fleet,
+                                                         # remote_events
 
 Writes ``results.json``, ``results.md`` and PNG charts to ``--out`` (default
 ``benchmarks/results/`` for a full run, ``benchmarks/results/quick|smoke/`` otherwise).
@@ -34,7 +35,8 @@ if __package__ in (None, ""):
 from benchmarks.common import REPO, Context, machine_info, md_table, write_json
 
 FIGURES = (
-    "peers", "requests", "latency", "sync_overhead", "rss", "e2e", "pickup", "drain", "fleet"
+    "peers", "requests", "latency", "sync_overhead", "rss", "e2e", "pickup", "drain", "fleet",
+    "remote_events",
 )  # fmt: skip
 # Registered groups that run only when named (``run.py NAME``, ``--only NAME``), not in
 # ``all`` / ``smoke``: tests/test_bench_smoke.py checks that smoke reports exactly FIGURES.

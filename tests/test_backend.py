@@ -379,3 +379,88 @@ def test_repr_shows_no_secrets():
     assert "bucket/app" in repr(inner) and "elsewhere" in repr(inner)
     assert isinstance(inner.config, BackendConfig)
     assert "lease=60.0" in repr(inner.config)  # still a useful repr
+
+
+# -- batched events (event_flush_interval) ------------------------------------------------------
+async def _event_files(events_dir: str, options: dict) -> list[str]:
+    """Names of the files under ``events/by-time`` (a reader of its own, which writes nothing)."""
+    from omniq.storage.file.events import AsyncFileEventStorage
+
+    async with AsyncFileEventStorage(events_dir, options) as reader:
+        store, names = reader.store, []
+        for day in await store.listdirs("events/by-time"):
+            for hour in await store.listdirs(f"events/by-time/{day}"):
+                names += await store.listdir(f"events/by-time/{day}/{hour}")
+        return names
+
+
+async def _history(events_dir: str, options: dict, task_id: str) -> list[EventType]:
+    from omniq.storage.file.events import AsyncFileEventStorage
+
+    async with AsyncFileEventStorage(events_dir, options) as reader:
+        return [e.type for e in await reader.query(task_id)]
+
+
+@pytest.mark.anyio
+async def test_batched_events_are_written_as_batches_by_close(storage, anyio_backend):
+    """With ``event_flush_interval`` the producer's and the worker's events go through the
+    background writer: batch files (no single-event files), every event there once the
+    backend is closed, read back by another instance."""
+    base, options = storage.base_dir, storage.storage_options
+    async with AsyncFileBackend(base, options, events=True, event_flush_interval=0.05) as backend:
+        ids = [await backend.enqueue(worker_tasks.add, (i, 1)) for i in range(3)]
+        assert (await backend.worker(**BURST).run())["succeeded"] == 3
+    events_dir = f"{base.rstrip('/')}/events"
+    names = await _event_files(events_dir, options)
+    assert names and all(name.endswith(".jsonl") for name in names), names
+    for task_id in ids:
+        assert await _history(events_dir, options, task_id) == [
+            EventType.ENQUEUED,
+            EventType.STARTED,
+            EventType.SUCCEEDED,
+        ]
+
+
+@ASYNCIO_ONLY
+@pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
+@pytest.mark.anyio
+async def test_batched_events_wait_for_their_interval(storage, anyio_backend):
+    """An event waits in the writer until its interval passes (here: an hour, so never
+    during the test) or ``flush``; with a short interval the writer writes it unasked."""
+    base = storage.base_dir
+    events_dir = f"{base.rstrip('/')}/events"
+    async with AsyncFileBackend(base, events=True, event_flush_interval=3600) as backend:
+        held = await backend.enqueue(worker_tasks.add, (1, 1))
+        assert backend.events.pending == 1
+        assert await _history(events_dir, {}, held) == []
+        await backend.events.flush()
+        assert await _history(events_dir, {}, held) == [EventType.ENQUEUED]
+    async with AsyncFileBackend(base, events=True, event_flush_interval=0.01) as backend:
+        soon = await backend.enqueue(worker_tasks.add, (2, 2))
+        with anyio.fail_after(10):
+            while await _history(events_dir, {}, soon) != [EventType.ENQUEUED]:
+                await anyio.sleep(0.01)
+        assert backend.events.pending == 0
+
+
+def test_blocking_backend_writes_batched_events_at_close(tmp_path):
+    with FileBackend(tmp_path, events=True, event_flush_interval=3600) as backend:
+        task_id = backend.enqueue(worker_tasks.add, (1, 2))
+        assert backend.worker(**BURST).run()["succeeded"] == 1
+    assert run_sync(lambda: _history(str(tmp_path / "events"), {}, task_id)) == [
+        EventType.ENQUEUED,
+        EventType.STARTED,
+        EventType.SUCCEEDED,
+    ]
+
+
+def test_event_flush_interval_is_checked(tmp_path):
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ConfigurationError, match="event_flush_interval"):
+            AsyncFileBackend(tmp_path, events=True, event_flush_interval=bad)
+    with pytest.raises(ConfigurationError, match="OMNIQ_EVENT_FLUSH_INTERVAL"):
+        AsyncFileBackend(tmp_path, environ={"OMNIQ_EVENT_FLUSH_INTERVAL": "soon"})
+    backend = AsyncFileBackend(tmp_path, events=True, environ={"OMNIQ_EVENT_FLUSH_INTERVAL": "0.5"})
+    assert backend.config.event_flush_interval == 0.5
+    assert backend.events is not None and backend.events.flush_interval == 0.5
+    assert list(tmp_path.iterdir()) == []  # nothing made by a refused or unused backend

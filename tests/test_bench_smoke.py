@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 # worker that gets one of its tests.
 pytestmark = pytest.mark.timeout(900)
 FIGURES = (
-    "peers", "requests", "latency", "sync_overhead", "rss", "e2e", "pickup", "drain", "fleet"
+    "peers", "requests", "latency", "sync_overhead", "rss", "e2e", "pickup", "drain", "fleet",
+    "remote_events",
 )  # fmt: skip
 OMNIQ_QUEUES = ("omniq", "omniq-sync", "omniq-batch")
 
@@ -64,6 +65,25 @@ def test_the_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     _latency_sync_rss_e2e(smoke)
     _drain_against_every_peer(smoke)
     _fleet_drains(smoke)
+    _remote_events(smoke)
+
+
+def _remote_events(smoke: dict) -> None:
+    """Events off, on and batched on S3: every task ran, and the events of each mode that
+    has them were all written (enqueued, started, succeeded a task)."""
+    data = smoke["figures"]["remote_events"]
+    results = data["stores"]["s3"]["results"]
+    assert set(results) == {"off", "on", "batched"}
+    for mode, got in results.items():
+        assert got["succeeded"] == [data["n"]]
+        assert got["events_written"] == [0 if mode == "off" else 3 * data["n"]]
+        assert _number(got["enqueue_requests_per_task"]["median"])
+    # Each event awaited is two requests (the event and its index entry); batched ones
+    # share batch files, so the producer sends fewer requests than with events on.
+    on, batched = results["on"], results["batched"]
+    assert (
+        batched["enqueue_requests_per_task"]["median"] < on["enqueue_requests_per_task"]["median"]
+    )
 
 
 def _fleet_drains(smoke: dict) -> None:
@@ -87,7 +107,7 @@ def _every_figure_reports(smoke: dict) -> None:
     meta = smoke["meta"]
     assert meta["cpu_count"] >= 1 and meta["python"] and meta["date"]
     assert meta["filesystems"]["disk"]["type"]
-    expected = {1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17} | (
+    expected = {1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18} | (
         {2} if "tmpfs" in meta["filesystems"] else set()
     )
     assert {t["id"] for t in smoke["targets"]} == expected
@@ -146,7 +166,11 @@ def _latency_sync_rss_e2e(smoke: dict) -> None:
     assert rss["large_run"]["stats"]["succeeded"] == rss["large"]
     assert _number(rss["small_peak_mib"]) and _number(rss["large_peak_mib"])
     e2e = figures["e2e"]
-    assert len(e2e["results"]) == 6
+    # concurrency 1, 8, 32 x events off, on (each written at once), batched (background writer)
+    assert sorted(e2e["results"]) == sorted(
+        f"c{c}-events-{m}" for c in (1, 8, 32) for m in ("off", "on", "batched")
+    )
+    assert set(e2e["events_ratio"]) == {"on", "batched"}
     for got in e2e["results"].values():
         assert got["succeeded"] == [e2e["n"]] * len(got["succeeded"])
         assert _number(got["drain_per_s"]["median"]) and got["drain_per_s"]["median"] > 0

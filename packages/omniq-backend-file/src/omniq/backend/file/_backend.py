@@ -87,6 +87,11 @@ class AsyncFileBackend(AsyncResource):
             environ,
         )
         cfg = self.config
+        flush = cfg.event_flush_interval
+        if flush is not None and not (0 <= flush < float("inf")):
+            raise ConfigurationError(
+                f"event_flush_interval must be None or seconds >= 0, not {flush!r}"
+            )
         queue_part = cfg.part("queue")
         self.queue = AsyncFileQueue(
             queue_part.base_dir,
@@ -109,6 +114,8 @@ class AsyncFileBackend(AsyncResource):
         if cfg.events:
             part = cfg.part("events")
             self.events = AsyncFileEventStorage(part.base_dir, part.storage_options, clock=clock)
+            if flush is not None:
+                self.events.flush_interval = flush
         self.queue.dependency_succeeded = self._succeeded  # a dependency the queue forgot
         self.schedules = AsyncSchedules(self, clock)
         """The schedules under ``base_dir/schedules`` (list, get, pause, resume, delete)."""
@@ -131,12 +138,16 @@ class AsyncFileBackend(AsyncResource):
                 await part.close()
 
     async def emit(self, event: TaskEvent) -> None:
-        """Record an event if event storage is on (never raises for storage trouble), before
-        returning: a worker killed right after still leaves it. (The events' background
-        writer, ``events.submit``, is cheaper but loses what is pending when a process dies;
-        the fault and schedule tests found that, so it is not the default yet.)"""
-        if self.events is not None:
+        """Record an event if event storage is on (never raises for storage trouble): by
+        default before returning, so that a worker killed right after still leaves it; with
+        ``event_flush_interval`` set, through the events' background writer (batch files
+        within that many seconds; what is pending when a process is killed is lost)."""
+        if self.events is None:
+            return
+        if self.config.event_flush_interval is None:
             await self.events.log(event)
+        else:
+            await self.events.submit(event)
 
     async def _queue_event(self, event: TaskEvent) -> None:
         await self.emit(event)

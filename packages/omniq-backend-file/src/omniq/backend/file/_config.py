@@ -39,6 +39,9 @@ class BackendConfig:
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
     results: bool = True
     events: bool = False
+    # None: each event is written before the call that made it returns. Seconds: events go
+    # to the events' background writer, in batch files, within that long.
+    event_flush_interval: float | None = None
     queue_dir: str | None = None
     queue_options: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
     results_dir: str | None = None
