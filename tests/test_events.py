@@ -541,3 +541,27 @@ async def test_batch_failures_are_counted_and_bad_lines_skipped(
         assert ids(await s.query()) == ids(events)
         assert ids(await s.query(task_id="t1")) == ids(events[:1])
         assert any("unreadable event" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
+def test_background_writer_outlives_an_event_loop(storage):
+    """One storage used from two ``asyncio.run`` calls: the first loop's timer never fires
+    once that loop is closed, so the second loop's submit sets a timer of its own (without
+    it both events waited for flush_every, flush or close)."""
+    import asyncio
+
+    s = make(storage, flush_interval=0.05)
+    first, second = sample()[:2]
+    asyncio.run(s.submit(first))  # ends before its timer fires: the event stays pending
+    assert (s.written, s.pending) == (0, 1)
+
+    async def submit_and_wait() -> None:
+        await s.submit(second)
+        for _ in range(1000):  # no timing assertion: waits until a timer has fired
+            if s.written == 2:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(submit_and_wait())
+    assert (s.written, s.pending) == (2, 0)
+    asyncio.run(s.close())

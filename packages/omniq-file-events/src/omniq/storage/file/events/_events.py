@@ -166,6 +166,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
         self.flush_every = max(1, flush_every)
         self._pending: list[tuple[layout.Name, bytes]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._flushing: set[asyncio.Task[None]] = set()
         self._at_exit = False
 
@@ -253,6 +254,11 @@ class AsyncFileEventStorage(AsyncEventStorage):
         if sniffio.current_async_library() != "asyncio":
             await self._write_batch([item])
             return
+        loop = asyncio.get_running_loop()
+        if self._timer_loop is not None and self._timer_loop is not loop:
+            if self._timer_loop.is_closed():  # e.g. two asyncio.run calls: it would never fire
+                self._timer = None
+            self._flushing = {t for t in self._flushing if not t.get_loop().is_closed()}
         self._pending.append(item)
         if len(self._pending) >= self.flush_every:
             if len(self._flushing) >= _IN_FLIGHT:  # the writer is behind: wait for it
@@ -261,7 +267,8 @@ class AsyncFileEventStorage(AsyncEventStorage):
                 self._on_timer()
                 await asyncio.sleep(0)  # let the write start (in a thread, locally)
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._on_timer)
+            self._timer = loop.call_later(self.flush_interval, self._on_timer)
+            self._timer_loop = loop
             if not self._at_exit and in_shared_loop():  # a blocking twin's: flush at exit
                 self._at_exit = True
                 flush_at_exit(self)
