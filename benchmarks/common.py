@@ -71,6 +71,20 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def paired_ratios(
+    runs: Sequence[dict[str, Any]], against: Sequence[dict[str, Any]], what: str
+) -> dict[str, Any]:
+    """``summary`` of ``run[what] / other[what]`` over runs paired by repetition (their
+    children ran close together)."""
+    return summary(
+        [
+            r
+            for a, b in zip(runs, against, strict=False)
+            if (r := ratio(a[what], b[what])) is not None
+        ]
+    )
+
+
 def fmt(value: float | None, digits: int = 0, unit: str = "") -> str:
     if value is None:
         return "n/a"

@@ -11,7 +11,8 @@ order; medians. With events on or batched, the event writer's pending events are
 inside each timed window (enqueue, drain), so its deferred writes are counted.
 
 Issue 13 target 2 (id 14): events on cost at most 25 % of the drain tasks/s and enqueue
-keeps >= 0.8x (ratios of the same repetition; judged on each of the two ways to write), and event queries are as fast as with the
+keeps >= 0.8x (ratios of the same repetition; met if one way to write meets both), and
+event queries are as fast as with the
 one-file-per-event layout. The queries are timed in one more child: N tasks' events (enqueued,
 started, succeeded) written as single files with ``log`` and task ids of our own (a directory
 per task: the layout when the issue was filed), through ``submit`` (batches), and with ``log``
@@ -29,7 +30,17 @@ import random
 import time
 from typing import Any
 
-from .common import Context, fmt, md_table, median, plt, ratio, run_children, summary
+from .common import (
+    Context,
+    fmt,
+    md_table,
+    median,
+    paired_ratios,
+    plt,
+    ratio,
+    run_children,
+    summary,
+)
 
 NAME = "e2e"
 
@@ -202,19 +213,11 @@ def run(ctx: Context) -> dict[str, Any]:
             "succeeded": [r["stats"]["succeeded"] for r in runs],
             "rss_mib": median(r["maxrss_kb"] / 1024 for r in runs),
         }
-    # Events on (or batched) / off of the same repetition (their children ran close together).
+    # Events on (or batched) / off of the same repetition.
     ratios = {
         mode: {
             f"c{c}": {
-                what: summary(
-                    [
-                        r
-                        for on, off in zip(
-                            raw[f"c{c}-events-{mode}"], raw[f"c{c}-events-off"], strict=False
-                        )
-                        if (r := ratio(on[what], off[what])) is not None
-                    ]
-                )
+                what: paired_ratios(raw[f"c{c}-events-{mode}"], raw[f"c{c}-events-off"], what)
                 for what in ("drain_per_s", "enqueue_per_s")
             }
             for c in CONCURRENCY
@@ -280,8 +283,9 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
             "id": 14,
             "figure": NAME,
             "title": "events that cost little (issue 13 target 2)",
-            "goal": "events on: drain >= 0.75x and enqueue >= 0.8x of events off; event "
-            "queries by task / by time no slower than one file per event",
+            "goal": "events on, written at once (the default) or batched "
+            "(event_flush_interval): drain >= 0.75x and enqueue >= 0.8x of events off; "
+            "event queries by task / by time no slower than one file per event",
             "measured": f"of events off: {ratio_text}"
             + f" (met by: {', '.join(met_by) or 'neither'})"
             + "; query time, as the backend writes / a directory per task: by task "
@@ -293,7 +297,8 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
             "id": 7,
             "figure": NAME,
             "title": "end to end through the worker (local disk)",
-            "goal": "report tasks/s at concurrency 1, 8, 32, events on and off (no threshold)",
+            "goal": "report tasks/s at concurrency 1, 8, 32, events off, on and batched "
+            "(no threshold)",
             "measured": "; ".join(bits) + ("" if ok else "; SOME TASKS DID NOT SUCCEED"),
             "met": ok,
         },

@@ -131,7 +131,7 @@ def count_requests() -> Iterator[None]:
             setattr(owner, name, fn)
 
 
-def _emulator(store: str) -> Any:
+def emulator_for(store: str) -> Any:
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     if TOOLS not in sys.path:
         sys.path.insert(0, TOOLS)
@@ -142,7 +142,7 @@ def _emulator(store: str) -> Any:
     )()
 
 
-def _options(emulator: Any, endpoint: str) -> dict[str, Any]:
+def options_via(emulator: Any, endpoint: str) -> dict[str, Any]:
     options = dict(emulator.storage_options)
     if "connection_string" in options:
         options["connection_string"] = options["connection_string"].replace(
@@ -307,7 +307,7 @@ def _drains(size: dict[str, Any]) -> list[tuple[int, int, bool]]:
 
 
 def _store(ctx: Context, store: str, size: dict[str, Any]) -> dict[str, Any]:
-    emulator = _emulator(store)
+    emulator = emulator_for(store)
     try:
         emulator.start()
     except Exception as exc:
@@ -317,7 +317,7 @@ def _store(ctx: Context, store: str, size: dict[str, Any]) -> dict[str, Any]:
     try:
         with count_requests():
             for depth, k, top_up in _drains(size):
-                url = _fresh(emulator).url(f"fleet-{os.getpid()}-{time.time_ns()}")
+                url = fresh(emulator).url(f"fleet-{os.getpid()}-{time.time_ns()}")
                 # A deep or topped-up queue: a steady stretch (see the module docstring).
                 warm = size["sample"] // 2 if top_up or depth >= 4 * size["sample"] else 0
                 got = asyncio.run(
@@ -333,7 +333,7 @@ def _store(ctx: Context, store: str, size: dict[str, Any]) -> dict[str, Any]:
                 out["drain"].append(got)
             if size["latency"]:
                 out["latency"] = _latency(ctx, store, emulator, size)
-            url = _fresh(emulator).url(f"fleet-idle-{os.getpid()}-{time.time_ns()}")
+            url = fresh(emulator).url(f"fleet-idle-{os.getpid()}-{time.time_ns()}")
             out["idle"] = asyncio.run(
                 _idle(url, emulator.storage_options, size["idle_s"], size["pickups"])
             )
@@ -344,22 +344,16 @@ def _store(ctx: Context, store: str, size: dict[str, Any]) -> dict[str, Any]:
 
 
 def _latency(ctx: Context, store: str, emulator: Any, size: dict[str, Any]) -> list[Any]:
-    import fault_proxy
-
     rows = []
     for k in size["workers"][:2]:
-        url = _fresh(emulator).url(f"fleet-ceiling-{os.getpid()}-{time.time_ns()}")
+        url = fresh(emulator).url(f"fleet-ceiling-{os.getpid()}-{time.time_ns()}")
         got = asyncio.run(_drain(url, emulator.storage_options, k, 100 * k, 100 * k))
         got["latency_ms"], got["bound_tasks_per_s"], got["ratio_to_bound"] = 0, None, None
         ctx.log(f"fleet: {store} ceiling K={k}: {got['tasks_per_s_per_worker']:.1f} tasks/s")
         rows.append(got)
     for latency in LATENCIES:
         for k in size["workers"][:2]:
-            port = int(_fresh(emulator).endpoint.rsplit(":", 1)[1])
-            delay = (latency, latency)
-            with fault_proxy.FaultProxy(("127.0.0.1", port), delay_range=delay) as proxy:
-                proxy.set_mode("delay", p=1.0)
-                options = _options(emulator, proxy.endpoint)
+            with behind_proxy(emulator, latency) as options:
                 url = emulator.url(f"fleet-lat-{os.getpid()}-{time.time_ns()}")
                 got = asyncio.run(_drain(url, options, k, 100 * k, 100 * k))
             bound = CONCURRENCY / (got["requests_per_task"] * latency)
@@ -374,7 +368,19 @@ def _latency(ctx: Context, store: str, emulator: Any, size: dict[str, Any]) -> l
     return rows
 
 
-def _fresh(emulator: Any) -> Any:
+@contextlib.contextmanager
+def behind_proxy(emulator: Any, latency: float) -> Iterator[dict[str, Any]]:
+    """The emulator restarted empty, behind ``tools/fault_proxy.py`` holding every response
+    ``latency`` seconds; yields the storage options that go through the proxy."""
+    import fault_proxy  # tools/ is on sys.path once emulator_for() ran
+
+    port = int(fresh(emulator).endpoint.rsplit(":", 1)[1])
+    with fault_proxy.FaultProxy(("127.0.0.1", port), delay_range=(latency, latency)) as proxy:
+        proxy.set_mode("delay", p=1.0)
+        yield options_via(emulator, proxy.endpoint)
+
+
+def fresh(emulator: Any) -> Any:
     """The emulator restarted, empty (see the module docstring: objects left by earlier
     measurements slow the next one's listings on fake-gcs-server)."""
     emulator.stop()

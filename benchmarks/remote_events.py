@@ -8,11 +8,15 @@ two PUTs, the event and its task's index entry, awaited before the call returns:
 or batched (``event_flush_interval=0.05``: the events' background writer puts a batch file of
 up to 64 events and an index entry per task, and the enqueue or the task does not wait for
 it). The writer's pending events are flushed inside each timed window, so its writes are
-counted. Modes are interleaved and rotate their order each repetition; tasks/s are medians and
+counted; the drain's window ends when the worker has counted N successes (and the events are
+flushed), not when the burst worker has seen the queue empty for its ``idle_timeout``. Modes are interleaved and rotate their order each repetition; tasks/s are medians and
 the on / off and batched / off ratios are medians of same-repetition ratios. Requests are
 counted by operation as in ``fleet``.
 
-Target 2: events on cost at most 25 % of the drain (>= 0.75x) and enqueue keeps >= 0.8x.
+Target 2: events on cost at most 25 % of the drain (>= 0.75x) and enqueue keeps >= 0.8x;
+met if one way to write (at once or batched) meets both on all three stores. The emulators
+run on the same two cores: with events on they serve more requests, so part of a ratio is
+their CPU, not the latency.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import os
 import time
 from typing import Any
 
-from .common import Context, fmt, md_table, median, ratio, summary
-from .fleet import COUNTS, FUNC, _emulator, _fresh, _options, count_requests
+from .common import Context, fmt, md_table, median, paired_ratios, summary
+from .fleet import COUNTS, FUNC, behind_proxy, count_requests, emulator_for
 
 NAME = "remote_events"
 
@@ -39,6 +43,8 @@ CONCURRENCY = 8
 
 
 async def _measure(url: str, options: dict[str, Any], mode: str, n: int) -> dict[str, Any]:
+    import anyio
+
     from omniq.backend.file import AsyncFileBackend
 
     batched = {"event_flush_interval": FLUSH_INTERVAL} if mode == "batched" else {}
@@ -61,11 +67,20 @@ async def _measure(url: str, options: dict[str, Any], mode: str, n: int) -> dict
             handle_signals=False,
             schedules=False,
         )
-        stats = await worker.run()
-        if backend.events is not None:
-            await backend.events.flush()
-        t2 = time.perf_counter()
-        drain_requests = sum(COUNTS.values())
+        finished: dict[str, float] = {}
+
+        async def watch() -> None:
+            while worker.stats["succeeded"] + worker.stats["failed"] < n:
+                await anyio.sleep(0.002)
+            if backend.events is not None:
+                await backend.events.flush()
+            finished["at"] = time.perf_counter()
+            finished["requests"] = sum(COUNTS.values())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            stats = await worker.run()
+        t2, drain_requests = finished["at"], finished["requests"]
         written = backend.events.written if backend.events is not None else 0
     return {
         "mode": mode,
@@ -79,9 +94,7 @@ async def _measure(url: str, options: dict[str, Any], mode: str, n: int) -> dict
 
 
 def _store(ctx: Context, store: str, n: int) -> dict[str, Any]:
-    emulator = _emulator(store)  # puts tools/ on sys.path
-    import fault_proxy
-
+    emulator = emulator_for(store)
     try:
         emulator.start()
     except Exception as exc:
@@ -92,14 +105,9 @@ def _store(ctx: Context, store: str, n: int) -> dict[str, Any]:
         with count_requests():
             for rep in range(ctx.repeat):
                 for mode in MODES[rep % len(MODES) :] + MODES[: rep % len(MODES)]:
-                    port = int(_fresh(emulator).endpoint.rsplit(":", 1)[1])
-                    delay = (LATENCY, LATENCY)
-                    with fault_proxy.FaultProxy(("127.0.0.1", port), delay_range=delay) as proxy:
-                        proxy.set_mode("delay", p=1.0)
+                    with behind_proxy(emulator, LATENCY) as options:
                         url = emulator.url(f"events-{mode}-{os.getpid()}-{time.time_ns()}")
-                        got = asyncio.run(
-                            _measure(url, _options(emulator, proxy.endpoint), mode, n)
-                        )
+                        got = asyncio.run(_measure(url, options, mode, n))
                     ctx.log(
                         f"remote_events: {store} rep {rep + 1}/{ctx.repeat} {mode:8} enqueue "
                         f"{got['enqueue_per_s']:5.1f}/s ({got['enqueue_requests_per_task']:.2f} "
@@ -125,13 +133,7 @@ def _store(ctx: Context, store: str, n: int) -> dict[str, Any]:
     }
     ratios = {
         mode: {
-            what: summary(
-                [
-                    r
-                    for on, off in zip(raw[mode], raw["off"], strict=False)
-                    if (r := ratio(on[what], off[what])) is not None
-                ]
-            )
+            what: paired_ratios(raw[mode], raw["off"], what)
             for what in ("enqueue_per_s", "drain_per_s")
         }
         for mode in MODES[1:]
@@ -175,8 +177,9 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
             "id": 18,
             "figure": NAME,
             "title": "events on object stores, 20 ms a request (issue 13 target 2)",
-            "goal": "events on: drain >= 0.75x and enqueue >= 0.8x of events off, on S3, GCS "
-            "and Azure",
+            "goal": "events on, written at once (the default) or batched "
+            "(event_flush_interval): drain >= 0.75x and enqueue >= 0.8x of events off, on S3, "
+            "GCS and Azure",
             "measured": "; ".join(bits)
             + f" (met by: {', '.join(m for m, v in met.items() if v and ok) or 'neither'})"
             + ("" if ok else "; A STORE WAS SKIPPED OR TASKS DID NOT SUCCEED"),

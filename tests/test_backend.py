@@ -401,6 +401,7 @@ async def _history(events_dir: str, options: dict, task_id: str) -> list[EventTy
         return [e.type for e in await reader.query(task_id)]
 
 
+@ASYNCIO_ONLY
 @pytest.mark.anyio
 async def test_batched_events_are_written_as_batches_by_close(storage, anyio_backend):
     """With ``event_flush_interval`` the producer's and the worker's events go through the
@@ -443,10 +444,23 @@ async def test_batched_events_wait_for_their_interval(storage, anyio_backend):
         assert backend.events.pending == 0
 
 
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+@pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
+@pytest.mark.anyio
+async def test_under_trio_events_are_written_at_once_whatever_the_interval(storage, anyio_backend):
+    """trio has no background writer: each event is written before the call returns."""
+    base = storage.base_dir
+    async with AsyncFileBackend(base, events=True, event_flush_interval=3600) as backend:
+        task_id = await backend.enqueue(worker_tasks.add, (1, 1))
+        assert backend.events.pending == 0
+        assert await _history(f"{base.rstrip('/')}/events", {}, task_id) == [EventType.ENQUEUED]
+
+
 def test_blocking_backend_writes_batched_events_at_close(tmp_path):
     with FileBackend(tmp_path, events=True, event_flush_interval=3600) as backend:
         task_id = backend.enqueue(worker_tasks.add, (1, 2))
         assert backend.worker(**BURST).run()["succeeded"] == 1
+        assert backend.async_api.events.pending == 3  # enqueued, started, succeeded: held
     assert run_sync(lambda: _history(str(tmp_path / "events"), {}, task_id)) == [
         EventType.ENQUEUED,
         EventType.STARTED,
@@ -455,9 +469,11 @@ def test_blocking_backend_writes_batched_events_at_close(tmp_path):
 
 
 def test_event_flush_interval_is_checked(tmp_path):
-    for bad in (-1, float("nan"), float("inf")):
+    for bad in (-1, float("nan"), float("inf"), True, [1], "soon"):
         with pytest.raises(ConfigurationError, match="event_flush_interval"):
             AsyncFileBackend(tmp_path, events=True, event_flush_interval=bad)
+    with pytest.raises(ConfigurationError, match="event_flush_interval"):
+        AsyncFileBackend(tmp_path, events=True, config={"event_flush_interval": {"s": 1}})
     with pytest.raises(ConfigurationError, match="OMNIQ_EVENT_FLUSH_INTERVAL"):
         AsyncFileBackend(tmp_path, environ={"OMNIQ_EVENT_FLUSH_INTERVAL": "soon"})
     backend = AsyncFileBackend(tmp_path, events=True, environ={"OMNIQ_EVENT_FLUSH_INTERVAL": "0.5"})

@@ -118,9 +118,11 @@ def _chaos(
                     assert proc.poll() is None, f"worker {pid} exited by itself: {proc.returncode}"
         finally:
             # A replacement started just before the end may still be starting Python (CI saw
-            # one die of the SIGTERM with -15); the survivors are stopped once they can be.
+            # one die of the SIGTERM with -15); the survivors are stopped once they can be (one
+            # still not started after a minute in all gets the SIGTERM anyway, and fails below).
+            ready_by = time.monotonic() + 60
             for pid, proc in procs.items():
-                wait_ready(proc, log_of[pid])
+                wait_ready(proc, log_of[pid], timeout=max(0.0, ready_by - time.monotonic()))
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)
             for proc in procs.values():

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import msgspec
+import sniffio
 from typing_extensions import ParamSpec, Self
 
 from omniq.core.errors import (
@@ -88,9 +89,14 @@ class AsyncFileBackend(AsyncResource):
         )
         cfg = self.config
         flush = cfg.event_flush_interval
-        if flush is not None and not (0 <= flush < float("inf")):
+        if flush is not None and (
+            isinstance(flush, bool)
+            or not isinstance(flush, (int, float))
+            or not 0 <= flush < float("inf")
+        ):
             raise ConfigurationError(
-                f"event_flush_interval must be None or seconds >= 0, not {flush!r}"
+                "event_flush_interval (OMNIQ_EVENT_FLUSH_INTERVAL) must be None or seconds "
+                f">= 0, not {flush!r}"
             )
         queue_part = cfg.part("queue")
         self.queue = AsyncFileQueue(
@@ -133,18 +139,26 @@ class AsyncFileBackend(AsyncResource):
         return f"{type(self).__name__}({', '.join(parts)})"
 
     async def close(self) -> None:
+        """Close every part (pending events are written), then raise the first error."""
+        error: BaseException | None = None
         for part in (self.queue, self.results, self.events, self.schedules):
             if part is not None:
-                await part.close()
+                try:
+                    await part.close()
+                except Exception as exc:
+                    error = error or exc
+        if error is not None:
+            raise error
 
     async def emit(self, event: TaskEvent) -> None:
         """Record an event if event storage is on (never raises for storage trouble): by
         default before returning, so that a worker killed right after still leaves it; with
         ``event_flush_interval`` set, through the events' background writer (batch files
-        within that many seconds; what is pending when a process is killed is lost)."""
+        within that many seconds; what is pending when a process is killed is lost). Under
+        trio, which has no background writer, each event is written at once either way."""
         if self.events is None:
             return
-        if self.config.event_flush_interval is None:
+        if self.config.event_flush_interval is None or sniffio.current_async_library() != "asyncio":
             await self.events.log(event)
         else:
             await self.events.submit(event)
