@@ -71,6 +71,27 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+async def drain_timed(
+    backend: Any, worker: Any, n: int, at_end: Callable[[], None]
+) -> dict[str, int]:
+    """Run the burst ``worker`` to its end; ``at_end`` is called once it has counted ``n``
+    outcomes and the backend's pending events are written (the end of a timed drain: not
+    when the worker has seen the queue empty for its ``idle_timeout``). Returns its stats."""
+    import anyio
+
+    async def watch() -> None:
+        while worker.stats["succeeded"] + worker.stats["failed"] < n:
+            await anyio.sleep(0.002)
+        if backend.events is not None:
+            await backend.events.flush()
+        at_end()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        stats: dict[str, int] = await worker.run()
+    return stats
+
+
 def paired_ratios(
     runs: Sequence[dict[str, Any]], against: Sequence[dict[str, Any]], what: str
 ) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import Any
 
 from .common import (
     Context,
+    drain_timed,
     fmt,
     md_table,
     median,
@@ -76,18 +77,8 @@ def child(path: str, n: int, concurrency: int, events: str, *, ready: Any) -> di
             handle_signals=False,
         )
         finished: dict[str, float] = {}
-
-        async def watch() -> None:
-            while worker.stats["succeeded"] + worker.stats["failed"] < n:
-                await anyio.sleep(0.002)
-            if backend.events is not None:
-                await backend.events.flush()
-            finished["at"] = time.monotonic()
-
         t2 = time.monotonic()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch)
-            stats = await worker.run()
+        stats = await drain_timed(backend, worker, n, lambda: finished.update(at=time.monotonic()))
         await backend.close()
         return {
             "enqueue_s": t1 - t0,

@@ -26,7 +26,7 @@ import os
 import time
 from typing import Any
 
-from .common import Context, fmt, md_table, median, paired_ratios, summary
+from .common import Context, drain_timed, fmt, md_table, median, paired_ratios, summary
 from .fleet import COUNTS, FUNC, behind_proxy, count_requests, emulator_for
 
 NAME = "remote_events"
@@ -43,8 +43,6 @@ CONCURRENCY = 8
 
 
 async def _measure(url: str, options: dict[str, Any], mode: str, n: int) -> dict[str, Any]:
-    import anyio
-
     from omniq.backend.file import AsyncFileBackend
 
     batched = {"event_flush_interval": FLUSH_INTERVAL} if mode == "batched" else {}
@@ -67,20 +65,14 @@ async def _measure(url: str, options: dict[str, Any], mode: str, n: int) -> dict
             handle_signals=False,
             schedules=False,
         )
-        finished: dict[str, float] = {}
-
-        async def watch() -> None:
-            while worker.stats["succeeded"] + worker.stats["failed"] < n:
-                await anyio.sleep(0.002)
-            if backend.events is not None:
-                await backend.events.flush()
-            finished["at"] = time.perf_counter()
-            finished["requests"] = sum(COUNTS.values())
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch)
-            stats = await worker.run()
-        t2, drain_requests = finished["at"], finished["requests"]
+        end: dict[str, float] = {}
+        stats = await drain_timed(
+            backend,
+            worker,
+            n,
+            lambda: end.update(at=time.perf_counter(), requests=sum(COUNTS.values())),
+        )
+        t2, drain_requests = end["at"], end["requests"]
         written = backend.events.written if backend.events is not None else 0
     return {
         "mode": mode,
