@@ -53,14 +53,19 @@ EVENTS = ("off", "on", "batched")
 FLUSH_INTERVAL = 0.05  # event_flush_interval of the batched mode
 
 
+def event_settings(mode: str) -> dict[str, Any]:
+    """``AsyncFileBackend`` settings of an events mode (one of ``EVENTS``)."""
+    batched = {"event_flush_interval": FLUSH_INTERVAL} if mode == "batched" else {}
+    return {"events": mode != "off", **batched}
+
+
 def child(path: str, n: int, concurrency: int, events: str, *, ready: Any) -> dict[str, Any]:
     import anyio
 
     from omniq.backend.file import AsyncFileBackend
 
     async def main() -> dict[str, Any]:
-        batched = {"event_flush_interval": FLUSH_INTERVAL} if events == "batched" else {}
-        backend = AsyncFileBackend(path, events=events != "off", **batched)
+        backend = AsyncFileBackend(path, **event_settings(events))
         ready()
         t0 = time.monotonic()
         for i in range(n):

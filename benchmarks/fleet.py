@@ -297,11 +297,10 @@ async def _idle(url: str, options: dict[str, Any], idle_s: float, pickups: int) 
 def _drains(size: dict[str, Any]) -> list[tuple[int, int, bool]]:
     """(depth, workers, top_up) of each drain: a shallow queue drained once, then kept at
     its depth by a producer; a deep one drained for a steady stretch."""
-    shallow = [d for d in size["depths"] if d < 4 * size["sample"]]
     return [
         (depth, k, top_up)
         for depth in size["depths"]
-        for top_up in ((False, True) if depth in shallow else (False,))
+        for top_up in ((False, True) if depth < 4 * size["sample"] else (False,))
         for k in size["workers"]
     ]
 

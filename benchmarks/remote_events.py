@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from .common import Context, drain_timed, fmt, md_table, median, paired_ratios, summary
+from .e2e import EVENTS, FLUSH_INTERVAL, event_settings
 from .fleet import COUNTS, FUNC, behind_proxy, count_requests, emulator_for
 
 NAME = "remote_events"
@@ -37,16 +38,13 @@ SIZES = {
     "full": {"stores": ["s3", "gcs", "azure"], "n": 200},
 }
 LATENCY = 0.02
-MODES = ("off", "on", "batched")
-FLUSH_INTERVAL = 0.05  # event_flush_interval of the batched mode
 CONCURRENCY = 8
 
 
 async def _measure(url: str, options: dict[str, Any], mode: str, n: int) -> dict[str, Any]:
     from omniq.backend.file import AsyncFileBackend
 
-    batched = {"event_flush_interval": FLUSH_INTERVAL} if mode == "batched" else {}
-    async with AsyncFileBackend(url, options, events=mode != "off", **batched) as backend:
+    async with AsyncFileBackend(url, options, **event_settings(mode)) as backend:
         COUNTS.clear()
         t0 = time.perf_counter()
         for i in range(n):
@@ -92,11 +90,11 @@ def _store(ctx: Context, store: str, n: int) -> dict[str, Any]:
     except Exception as exc:
         ctx.note(f"remote_events: {store} skipped: {exc}")
         return {"skipped": str(exc)}
-    raw: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    raw: dict[str, list[dict[str, Any]]] = {m: [] for m in EVENTS}
     try:
         with count_requests():
             for rep in range(ctx.repeat):
-                for mode in MODES[rep % len(MODES) :] + MODES[: rep % len(MODES)]:
+                for mode in EVENTS[rep % len(EVENTS) :] + EVENTS[: rep % len(EVENTS)]:
                     with behind_proxy(emulator, LATENCY) as options:
                         url = emulator.url(f"events-{mode}-{os.getpid()}-{time.time_ns()}")
                         got = asyncio.run(_measure(url, options, mode, n))
@@ -128,7 +126,7 @@ def _store(ctx: Context, store: str, n: int) -> dict[str, Any]:
             what: paired_ratios(raw[mode], raw["off"], what)
             for what in ("enqueue_per_s", "drain_per_s")
         }
-        for mode in MODES[1:]
+        for mode in EVENTS[1:]
     }
     return {"results": table, "ratios": ratios}
 
@@ -150,14 +148,14 @@ def _met(block: dict[str, Any], mode: str) -> bool:
 
 
 def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
-    bits, ok, met = [], True, {m: True for m in MODES[1:]}
+    bits, ok, met = [], True, {m: True for m in EVENTS[1:]}
     for store, block in data["stores"].items():
         if "skipped" in block:
             ok = False
             bits.append(f"{store} skipped")
             continue
         ok = ok and all(s == data["n"] for v in block["results"].values() for s in v["succeeded"])
-        for mode in MODES[1:]:
+        for mode in EVENTS[1:]:
             met[mode] = met[mode] and _met(block, mode)
             r = block["ratios"][mode]
             bits.append(
