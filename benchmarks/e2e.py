@@ -11,13 +11,14 @@ order; medians. With events on or batched, the event writer's pending events are
 inside each timed window (enqueue, drain), so its deferred writes are counted.
 
 Issue 13 target 2 (id 14): events on cost at most 25 % of the drain tasks/s and enqueue
-keeps >= 0.8x (ratios of the same repetition; met if one way to write meets both), and
-event queries are as fast as with the
-one-file-per-event layout. The queries are timed in one more child: N tasks' events (enqueued,
-started, succeeded) written as single files with ``log`` and task ids of our own (a directory
-per task: the layout when the issue was filed), through ``submit`` (batches), and with ``log``
-and ULID ids, each made as its task's first event is written, as ``backend.enqueue`` makes
-them (what the backend and worker write: the index grouped by 4 ms of ids); then the median
+keeps >= 0.8x (ratios of the same repetition), and event queries of the layout that way
+writes are as fast as with the one-file-per-event layout (met if one way to write meets all
+three). The queries are timed in one more child: N tasks' events (enqueued, started,
+succeeded) written as single files with ``log`` and task ids of our own (a directory per
+task: the layout when the issue was filed), and with ULID ids, each made as its task's first
+event is written, as ``backend.enqueue`` makes them, through ``submit`` (batches: what the
+backend and worker write with ``event_flush_interval``) and with ``log`` (events on: the
+index grouped by 4 ms of ids); then the median
 of ``query(task_id=...)`` over 200 tasks, and ``query(since, until)`` over a 10 % window and
 over everything.
 """
@@ -123,7 +124,7 @@ def query_child(path: str, n: int, *, ready: Any) -> dict[str, Any]:
             tasks, events = [], []
             t0 = time.perf_counter()
             for i in range(n):
-                tasks.append(new_id() if layout == "grouped" else f"task{i:06d}")
+                tasks.append(f"task{i:06d}" if layout == "files" else new_id())
                 events.append(TaskEvent(task_id=tasks[-1], type=EventType.ENQUEUED))
                 await _write_event(s, events[-1], batches=batches)
             for t in tasks:
@@ -253,11 +254,15 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         m: {c: r["enqueue_per_s"]["median"] for c, r in data["events_ratio"][m].items()}
         for m in EVENTS[1:]
     }
-    # What the backend and worker write (``log``, OmniQ's ids) against the layout when the
-    # issue was filed; batches (``submit``) are reported beside it.
+    # What each mode writes (OmniQ's ids: ``log`` when on, ``submit`` when batched) against
+    # the layout when the issue was filed.
+    written_as = {"on": "grouped", "batched": "batches"}
     slower = {
-        what: ratio(q["grouped"][what]["median"], q["files"][what]["median"])
-        for what in ("by_task_ms", "window_ms", "all_ms")
+        m: {
+            what: ratio(q[written_as[m]][what]["median"], q["files"][what]["median"])
+            for what in ("by_task_ms", "window_ms", "all_ms")
+        }
+        for m in EVENTS[1:]
     }
     # Queries "as fast as today": within 1.25x of the one-file-per-event layout (noise).
     met_by = [
@@ -265,13 +270,16 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         for m in EVENTS[1:]
         if all(v is not None and v >= 0.75 for v in drain[m].values())
         and all(v is not None and v >= 0.8 for v in enqueue[m].values())
+        and all(v is not None and v <= 1.25 for v in slower[m].values())
     ]
-    queries_met = all(v is not None and v <= 1.25 for v in slower.values())
     ratio_text = "; ".join(
         f"{m}: drain "
         + " ".join(f"{c} {fmt(v, 2)}x" for c, v in drain[m].items())
         + ", enqueue "
         + " ".join(f"{c} {fmt(v, 2)}x" for c, v in enqueue[m].items())
+        + ", query time / a directory per task: by task "
+        + f"{fmt(slower[m]['by_task_ms'], 2)}x, 10 % window {fmt(slower[m]['window_ms'], 2)}x, "
+        + f"all {fmt(slower[m]['all_ms'], 2)}x"
         for m in EVENTS[1:]
     )
     return [
@@ -283,11 +291,8 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
             "(event_flush_interval): drain >= 0.75x and enqueue >= 0.8x of events off; "
             "event queries by task / by time no slower than one file per event",
             "measured": f"of events off: {ratio_text}"
-            + f" (met by: {', '.join(met_by) or 'neither'})"
-            + "; query time, as the backend writes / a directory per task: by task "
-            + f"{fmt(slower['by_task_ms'], 2)}x, 10 % window {fmt(slower['window_ms'], 2)}x, "
-            + f"all {fmt(slower['all_ms'], 2)}x",
-            "met": bool(met_by) and queries_met,
+            + f" (met by: {', '.join(met_by) or 'neither'})",
+            "met": bool(met_by),
         },
         {
             "id": 7,
@@ -362,10 +367,10 @@ def _queries_markdown(data: dict[str, Any]) -> str:
         f"{FLUSH_INTERVAL} s), median of per-repetition ratios:\n\n"
         + md_table(["concurrency", "events", "drain / off", "enqueue / off"], ratio_rows)
         + f"\n\nEvent queries over {data['n']:,} tasks x 3 events: one file per event with a "
-        "directory per task (`log`, ids of our own: the layout when issue 13 was filed), batches "
-        "(`submit`), and one file per event with OmniQ's ULID ids, each made as its task's "
-        "first event is written (`log`: what the backend and worker write; the index grouped "
-        "by 4 ms of ids):\n\n"
+        "directory per task (`log`, ids of our own: the layout when issue 13 was filed), and "
+        "with OmniQ's ULID ids, each made as its task's first event is written, in batches "
+        "(`submit`: what the backend and worker write with `event_flush_interval`) and one "
+        "file per event (`log`: events on; the index grouped by 4 ms of ids):\n\n"
         + md_table(["", "files", "batches", "grouped", "batches / files", "grouped / files"], rows)
     )
 

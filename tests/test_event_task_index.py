@@ -73,7 +73,8 @@ async def test_ulid_tasks_share_an_index_directory_locally(storage, anyio_backen
                 {layout.task_group(a), layout.task_group(c)}
             )
             assert find(storage, "events/by-task") == []  # no directory per task
-            assert len(os.listdir(f"{root}/by-task-time/{layout.task_group(a)}")) == 4
+            # a's and b's single files, and one entry for the batch of both (not one each)
+            assert len(os.listdir(f"{root}/by-task-time/{layout.task_group(a)}")) == 3
         else:
             assert spy.listed() == [f"events/by-task/{a}"]
             assert find(storage, "events/by-task-time") == []
@@ -119,3 +120,31 @@ async def test_a_removed_group_directory_is_made_again(storage, anyio_backend):
         assert os.listdir(f"{path(storage, 'events')}/by-task-time") == []
         await s.log_many([second])
         assert [e.id for e in await s.query(task_id=task)] == [second.id]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("storage", ["local"], indirect=True)
+async def test_a_batch_links_once_per_4_ms_group_of_tasks(storage, anyio_backend):
+    """A batch's index entry is a link per group of ULID tasks, not per task: a query by
+    task reads the group's batches and keeps the task's own lines."""
+    same = [ulid(MS, n) for n in range(1, 31)]  # 30 tasks made in one 4 ms
+    later = ulid(MS + 4, 1)
+    events = events_of([*same, later])
+    enqueued = events[0::3]
+    ran = [e for e in events[3:9] if e.type is not EventType.ENQUEUED]  # tasks 1 and 2
+    written = sorted(enqueued + ran, key=lambda e: e.time)
+    async with make(storage) as s:
+        await s.log_many(enqueued)  # one batch: the two groups' enqueued events
+        await s.log_many(ran)  # a second batch, of the first group only
+        root = path(storage, "events")
+        (first,) = [p for p in find(storage, "events/by-time") if p.endswith(".jsonl")][:1]
+        assert os.stat(first).st_nlink == 3  # the batch, one entry for each group
+        group = os.listdir(f"{root}/by-task-time/{layout.task_group(same[0])}")
+        assert len(group) == 2 and all(layout.parse_batch_name(n) for n in group)
+        assert len(os.listdir(f"{root}/by-task-time/{layout.task_group(later)}")) == 1
+        for task in (same[0], same[1], same[2], same[29], later):
+            got = await s.query(task_id=task)
+            assert [e.id for e in got] == [e.id for e in written if e.task_id == task]
+        assert await s.cleanup(T0 + timedelta(hours=2)) == len(written)
+        assert find(storage, "events") == []
+    assert os.listdir(f"{path(storage, 'events')}/by-task-time") == []

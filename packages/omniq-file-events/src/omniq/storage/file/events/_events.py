@@ -326,8 +326,8 @@ class AsyncFileEventStorage(AsyncEventStorage):
             key = layout.batch_time_key(batch)
             # The batch first: an index entry never exists without it (as in _log_program).
             yield write_op(key, b"\n".join([data for _, data in group]) + b"\n")
-            for task_id in dict.fromkeys(name.task_id for name, _ in group):
-                entry = layout.batch_task_key(task_id, batch, self._grouped)
+            tasks = (name.task_id for name, _ in group)
+            for entry in layout.batch_index_keys(tasks, batch, self._grouped):
                 # A second name for the batch, no new file (its directory is made); no stamp:
                 # event clean-up goes by the times in the names.
                 if can_link and (yield link(key, entry)) is not None:
@@ -385,11 +385,15 @@ class AsyncFileEventStorage(AsyncEventStorage):
         lead: str = "",
     ) -> list[_Source]:
         """The listed files that may hold matching events (names only, no reads): single
-        events by their name, batches by their time span. With ``lead``, only the names
-        starting with it, which it is taken off before parsing (a group of the index)."""
+        events by their name, batches by their time span. With ``lead`` (a group of the
+        index), the names starting with it, which it is taken off before parsing, and the
+        group's own batch entries (no lead: they may hold the task's events)."""
         out = []
         for listed in names:
             if not listed.startswith(lead):
+                batch = layout.parse_batch_name(listed)
+                if batch is not None and window.may_overlap(batch.min_ms, batch.max_ms):
+                    out.append(_Source(batch.min_ms, layout.batch_time_key(batch), True))
                 continue
             name = listed[len(lead) :]
             single = (
@@ -620,7 +624,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
                 # The index entries first: if this fails half-way, the primary copies are
                 # still there and the next cleanup removes the rest.
                 if index:
-                    yield delete_many(index)
+                    yield delete_many(list(dict.fromkeys(index)))
                 if doomed:
                     yield delete_many(doomed)
                     removed += count

@@ -19,10 +19,15 @@ backend and the worker use ``log``) share files instead::
     events/by-time/{YYYY-MM-DD}/{HH}/{min_ms:013d}~{max_ms:013d}~{batch_id}.jsonl
         the batch: one JSON document per line, all of one hour, times min_ms..max_ms
     events/by-task/{task_id}/{min_ms:013d}~{max_ms:013d}~{batch_id}.jsonl
-        an index entry per task with events in the batch: a hard link to the batch file on
-        a local directory (no new file), an empty object elsewhere; readers read the batch
-        under ``by-time`` (its key follows from the name) and keep that task's lines
-        (locally under ``by-task-time/{group}/{task_id}~...``, as above)
+        an index entry per task with events in the batch: an empty object (a hard link to
+        the batch file on a local directory: no new file); readers read the batch under
+        ``by-time`` (its key follows from the name) and keep that task's lines
+    events/by-task-time/{group}/{min_ms:013d}~{max_ms:013d}~{batch_id}.jsonl
+        on a local directory, for ULID task ids: one index entry per 4 ms group with tasks
+        in the batch (a hard link to the batch file), not one per task: a link costs about
+        what the batch's share of an event costs, and tasks made in the same 4 ms mostly
+        have their events in the same batches. A query by task reads the group's batches
+        and keeps that task's lines.
 
 ``~`` separates the fields because no task id, event id or event type can contain it
 (``validate_name`` allows only ``[A-Za-z0-9_.-]``). A file name alone therefore tells the
@@ -33,6 +38,7 @@ time, id, type and task of an event: queries filter on names before reading anyt
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -181,15 +187,26 @@ def batch_time_key(b: Batch) -> str:
     return f"{BY_TIME}/{day_of(b.min_ms)}/{hour_of(b.min_ms)}/{b.name}"
 
 
-def batch_task_key(task_id: str, b: Batch, grouped: bool = False) -> str:
-    """The index entry of ``task_id`` for batch ``b`` (see ``task_dirs`` for ``grouped``)."""
-    return _entry(task_id, b.name, grouped)
+def batch_index_keys(task_ids: Iterable[str], b: Batch, grouped: bool = False) -> list[str]:
+    """The index entries of batch ``b`` holding events of ``task_ids``: one per task, but
+    with ``grouped`` (a local directory) one per 4 ms group of ULID task ids."""
+    keys: dict[str, None] = {}
+    for task_id in task_ids:
+        group = task_group(task_id) if grouped else None
+        if group is None:
+            keys[f"{BY_TASK}/{task_id}/{b.name}"] = None
+        else:
+            keys[f"{BY_TASK_TIME}/{group}/{b.name}"] = None
+    return list(keys)
 
 
 def index_keys(task_id: str, name: str, grouped: bool) -> list[str]:
     """Every place the index entry ``name`` (``entry_name`` or a batch's name) of
     ``task_id`` may be: ``cleanup`` removes them all."""
-    return [f"{directory}/{lead}{name}" for directory, lead in task_dirs(task_id, grouped)]
+    (directory, lead), *older = task_dirs(task_id, grouped)
+    if lead and name.endswith(BATCH_SUFFIX):
+        lead = ""  # a batch's entry is the group's, not the task's
+    return [f"{directory}/{lead}{name}", *(f"{d}/{lead_}{name}" for d, lead_ in older)]
 
 
 def parse_batch_name(name: str) -> Batch | None:
