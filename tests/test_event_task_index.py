@@ -124,9 +124,10 @@ async def test_a_removed_group_directory_is_made_again(storage, anyio_backend):
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("storage", ["local"], indirect=True)
-async def test_a_batch_links_once_per_4_ms_group_of_tasks(storage, anyio_backend):
-    """A batch's index entry is a link per group of ULID tasks, not per task: a query by
-    task reads the group's batches and keeps the task's own lines."""
+async def test_a_batch_links_once_per_4_ms_group_of_tasks(storage, anyio_backend, monkeypatch):
+    """A batch's index entry is a link per group of ULID tasks, not per task, named by the
+    range of the group's ids in it: a query by task reads the batches whose range holds the
+    task and keeps the task's own lines."""
     same = [ulid(MS, n) for n in range(1, 31)]  # 30 tasks made in one 4 ms
     later = ulid(MS + 4, 1)
     events = events_of([*same, later])
@@ -140,11 +141,15 @@ async def test_a_batch_links_once_per_4_ms_group_of_tasks(storage, anyio_backend
         (first,) = [p for p in find(storage, "events/by-time") if p.endswith(".jsonl")][:1]
         assert os.stat(first).st_nlink == 3  # the batch, one entry for each group
         group = os.listdir(f"{root}/by-task-time/{layout.task_group(same[0])}")
-        assert len(group) == 2 and all(layout.parse_batch_name(n) for n in group)
+        ranges = sorted(layout.parse_range_name(n)[:2] for n in group)  # type: ignore[index]
+        assert ranges == [(same[0], same[29]), (same[1], same[2])]  # the group's ids in each
         assert len(os.listdir(f"{root}/by-task-time/{layout.task_group(later)}")) == 1
         for task in (same[0], same[1], same[2], same[29], later):
             got = await s.query(task_id=task)
             assert [e.id for e in got] == [e.id for e in written if e.task_id == task]
+        spy = OpSpy(s, monkeypatch)
+        await s.query(task_id=same[3])  # outside the second batch's range: one batch read
+        assert len(spy.read()) == 1
         assert await s.cleanup(T0 + timedelta(hours=2)) == len(written)
         assert find(storage, "events") == []
     assert os.listdir(f"{path(storage, 'events')}/by-task-time") == []

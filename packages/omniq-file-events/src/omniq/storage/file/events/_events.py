@@ -387,13 +387,19 @@ class AsyncFileEventStorage(AsyncEventStorage):
         """The listed files that may hold matching events (names only, no reads): single
         events by their name, batches by their time span. With ``lead`` (a group of the
         index), the names starting with it, which it is taken off before parsing, and the
-        group's own batch entries (no lead: they may hold the task's events)."""
+        group's batch entries whose range of task ids holds ``task_id``."""
         out = []
         for listed in names:
+            if lead:
+                ranged = layout.parse_range_name(listed)
+                if ranged is not None:
+                    first, last, holder = ranged
+                    if first <= (task_id or "") <= last and window.may_overlap(
+                        holder.min_ms, holder.max_ms
+                    ):
+                        out.append(_Source(holder.min_ms, layout.batch_time_key(holder), True))
+                    continue
             if not listed.startswith(lead):
-                batch = layout.parse_batch_name(listed)
-                if batch is not None and window.may_overlap(batch.min_ms, batch.max_ms):
-                    out.append(_Source(batch.min_ms, layout.batch_time_key(batch), True))
                 continue
             name = listed[len(lead) :]
             single = (
@@ -618,13 +624,16 @@ class AsyncFileEventStorage(AsyncEventStorage):
                         _Source(batch.min_ms, key, True), bodies.get(key) or b"", None
                     )
                     count += len(events)
-                    for task_id in dict.fromkeys(event.task_id for event in events):
-                        index += layout.index_keys(task_id, batch.name, grouped)
+                    in_batch = list(dict.fromkeys(event.task_id for event in events))
+                    index += layout.batch_index_keys(in_batch, batch, grouped)
+                    for task_id in in_batch:
+                        if grouped:  # where 0.1.0 put a batch's entries
+                            index.append(f"{layout.BY_TASK}/{task_id}/{batch.name}")
                         tasks.add(task_id)
                 # The index entries first: if this fails half-way, the primary copies are
                 # still there and the next cleanup removes the rest.
                 if index:
-                    yield delete_many(list(dict.fromkeys(index)))
+                    yield delete_many(index)
                 if doomed:
                     yield delete_many(doomed)
                     removed += count

@@ -22,12 +22,14 @@ backend and the worker use ``log``) share files instead::
         an index entry per task with events in the batch: an empty object (a hard link to
         the batch file on a local directory: no new file); readers read the batch under
         ``by-time`` (its key follows from the name) and keep that task's lines
-    events/by-task-time/{group}/{min_ms:013d}~{max_ms:013d}~{batch_id}.jsonl
+    events/by-task-time/{group}/{first_id}~{last_id}~{min_ms:013d}~{max_ms:013d}~{batch_id}.jsonl
         on a local directory, for ULID task ids: one index entry per 4 ms group with tasks
-        in the batch (a hard link to the batch file), not one per task: a link costs about
-        what the batch's share of an event costs, and tasks made in the same 4 ms mostly
-        have their events in the same batches. A query by task reads the group's batches
-        and keeps that task's lines.
+        in the batch (a hard link to the batch file), not one per task (a link costs about
+        what the batch's share of an event costs), named by the first and last of the
+        group's task ids in the batch. A query by task reads the group's batches whose id
+        range holds the task and keeps that task's lines: tasks made one after another have
+        their events in the same few batches, so the ranges of a group's batches overlap
+        little.
 
 ``~`` separates the fields because no task id, event id or event type can contain it
 (``validate_name`` allows only ``[A-Za-z0-9_.-]``). A file name alone therefore tells the
@@ -189,24 +191,39 @@ def batch_time_key(b: Batch) -> str:
 
 def batch_index_keys(task_ids: Iterable[str], b: Batch, grouped: bool = False) -> list[str]:
     """The index entries of batch ``b`` holding events of ``task_ids``: one per task, but
-    with ``grouped`` (a local directory) one per 4 ms group of ULID task ids."""
-    keys: dict[str, None] = {}
-    for task_id in task_ids:
+    with ``grouped`` (a local directory) one per 4 ms group of ULID task ids, named by the
+    range of the group's ids in the batch. The same ids give the same keys (``cleanup``
+    finds them from the batch's contents)."""
+    keys: list[str] = []
+    ranges: dict[str, tuple[str, str]] = {}
+    for task_id in dict.fromkeys(task_ids):
         group = task_group(task_id) if grouped else None
         if group is None:
-            keys[f"{BY_TASK}/{task_id}/{b.name}"] = None
+            keys.append(f"{BY_TASK}/{task_id}/{b.name}")
+        elif group in ranges:
+            first, last = ranges[group]
+            ranges[group] = min(first, task_id), max(last, task_id)
         else:
-            keys[f"{BY_TASK_TIME}/{group}/{b.name}"] = None
-    return list(keys)
+            ranges[group] = task_id, task_id
+    for group, (first, last) in ranges.items():
+        keys.append(f"{BY_TASK_TIME}/{group}/{first}{SEP}{last}{SEP}{b.name}")
+    return keys
+
+
+def parse_range_name(name: str) -> tuple[str, str, Batch] | None:
+    """Parse a group's batch entry (``{first_id}~{last_id}~`` and a batch's name); None if
+    it is not one."""
+    if not name.endswith(BATCH_SUFFIX) or name.count(SEP) != 4:
+        return None
+    first, last, rest = name.split(SEP, 2)
+    batch = parse_batch_name(rest)
+    return None if batch is None else (first, last, batch)
 
 
 def index_keys(task_id: str, name: str, grouped: bool) -> list[str]:
     """Every place the index entry ``name`` (``entry_name`` or a batch's name) of
     ``task_id`` may be: ``cleanup`` removes them all."""
-    (directory, lead), *older = task_dirs(task_id, grouped)
-    if lead and name.endswith(BATCH_SUFFIX):
-        lead = ""  # a batch's entry is the group's, not the task's
-    return [f"{directory}/{lead}{name}", *(f"{d}/{lead_}{name}" for d, lead_ in older)]
+    return [f"{directory}/{lead}{name}" for directory, lead in task_dirs(task_id, grouped)]
 
 
 def parse_batch_name(name: str) -> Batch | None:
