@@ -141,7 +141,7 @@ async def test_a_batch_links_once_per_4_ms_group_of_tasks(storage, anyio_backend
         (first,) = [p for p in find(storage, "events/by-time") if p.endswith(".jsonl")][:1]
         assert os.stat(first).st_nlink == 3  # the batch, one entry for each group
         group = os.listdir(f"{root}/by-task-time/{layout.task_group(same[0])}")
-        ranges = sorted(layout.parse_range_name(n)[:2] for n in group)  # type: ignore[index]
+        ranges = sorted(layout.split_range_name(n)[:2] for n in group)  # type: ignore[index]
         assert ranges == [(same[0], same[29]), (same[1], same[2])]  # the group's ids in each
         assert len(os.listdir(f"{root}/by-task-time/{layout.task_group(later)}")) == 1
         for task in (same[0], same[1], same[2], same[29], later):

@@ -396,15 +396,14 @@ class AsyncFileEventStorage(AsyncEventStorage):
         group's batch entries whose range of task ids holds ``task_id``."""
         out = []
         for listed in names:
-            if lead:
-                ranged = layout.parse_range_name(listed)
-                if ranged is not None:
-                    first, last, holder = ranged
-                    if first <= (task_id or "") <= last and window.may_overlap(
-                        holder.min_ms, holder.max_ms
-                    ):
+            ranged = layout.split_range_name(listed) if lead else None
+            if ranged is not None:
+                first, last, batch_name = ranged
+                if first <= (task_id or "") <= last:  # most of a group's: skipped unparsed
+                    holder = layout.parse_batch_name(batch_name)
+                    if holder is not None and window.may_overlap(holder.min_ms, holder.max_ms):
                         out.append(_Source(holder.min_ms, layout.batch_time_key(holder), True))
-                    continue
+                continue
             if not listed.startswith(lead):
                 continue
             name = listed[len(lead) :]

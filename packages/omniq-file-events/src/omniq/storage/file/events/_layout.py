@@ -210,14 +210,13 @@ def batch_index_keys(task_ids: Iterable[str], b: Batch, grouped: bool = False) -
     return keys
 
 
-def parse_range_name(name: str) -> tuple[str, str, Batch] | None:
-    """Parse a group's batch entry (``{first_id}~{last_id}~`` and a batch's name); None if
-    it is not one."""
-    if not name.endswith(BATCH_SUFFIX) or name.count(SEP) != 4:
+def split_range_name(name: str) -> tuple[str, str, str] | None:
+    """Split a group's batch entry into its first and last task ids and the batch's name
+    (``parse_batch_name`` it once the range is known to matter); None if it is not one."""
+    if name.count(SEP) != 4 or not name.endswith(BATCH_SUFFIX):
         return None
-    first, last, rest = name.split(SEP, 2)
-    batch = parse_batch_name(rest)
-    return None if batch is None else (first, last, batch)
+    first, last, batch_name = name.split(SEP, 2)
+    return first, last, batch_name
 
 
 def index_keys(task_id: str, name: str, grouped: bool) -> list[str]:
