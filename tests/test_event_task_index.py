@@ -9,6 +9,7 @@ keep ``events/by-task/{task_id}/``. Entries of the older layout are still read a
 from __future__ import annotations
 
 import os
+import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -153,3 +154,32 @@ async def test_a_batch_links_once_per_4_ms_group_of_tasks(storage, anyio_backend
         assert await s.cleanup(T0 + timedelta(hours=2)) == len(written)
         assert find(storage, "events") == []
     assert os.listdir(f"{path(storage, 'events')}/by-task-time") == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("storage", ["local"], indirect=True)
+@pytest.mark.parametrize("local_io", [None, "thread"])
+async def test_small_batches_are_written_on_the_loop_and_big_ones_in_a_thread(
+    storage, anyio_backend, local_io, monkeypatch
+):
+    """A batch of a few index links costs less than a thread's hand-offs; many links (tasks
+    made far apart) would hold the event loop for milliseconds, and ``local_io="thread"``
+    asks for a thread always."""
+    async with make(storage, local_io=local_io) as s:
+        ops = s.store._sync_ops
+        real_write, where = ops.write, []
+
+        def write(key, data):
+            where.append(threading.get_ident())
+            return real_write(key, data)
+
+        monkeypatch.setattr(ops, "write", write)
+        here = threading.get_ident()
+        await s.log_many(events_of([ulid(MS, n) for n in range(1, 4)]))  # one group: one link
+        small = set(where)
+        where.clear()
+        await s.log_many(events_of([ulid(MS + 4 * n, 1) for n in range(20)]))  # 20 links
+        assert small and where
+        assert (here in small) is (local_io is None)
+        assert here not in where
+        assert len(await s.query()) == 69

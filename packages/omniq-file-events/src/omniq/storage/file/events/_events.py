@@ -1,10 +1,11 @@
 """AsyncFileEventStorage: task events as JSON documents on any fsspec filesystem.
 
 ``log`` writes one event as two small files; ``log_many`` and the background writer behind
-``submit`` write many events as one batch file per hour plus one index entry per task (see
-``_layout``). Multi-step operations are *programs* (generators of storage ops, see
-``omniq.core.fs``): one thread hop per call for a local directory, natively async on S3, GCS
-and Azure.
+``submit`` write many events as one batch file per hour plus index entries (one per task;
+locally one per 4 ms group of OmniQ's task ids: see ``_layout``). Multi-step operations are
+*programs* (generators of storage ops, see ``omniq.core.fs``): run on the event loop for a
+local directory (in a worker thread with ``local_io="thread"`` or ``fsync``, and for big
+writes and scans), natively async on S3, GCS and Azure.
 """
 
 from __future__ import annotations
@@ -48,12 +49,23 @@ log = logging.getLogger("omniq.events")
 _HOUR_MS = 3_600_000
 _PER_FILE = 64  # events per batch file: a by-task query reads whole batches
 _IN_FLIGHT = 2  # background writes under way before ``submit`` waits for them
-# A batch write of up to this many events (8 files) runs on the event loop, as the queue's
-# writes do: its syscalls take ~0.2 ms, and from a worker thread the hand-offs cost more than
-# that (enqueue with batched events on tmpfs: 47 us inline against 55-58 us a task with
-# the writes in a thread, 35 us without events). Bigger writes (a large ``log_many``) move
-# to a thread.
+# A local batch write of up to this many events (8 files) and index links runs on the event
+# loop, as the queue's writes do: from a worker thread the hand-offs cost more than the
+# writes (enqueue with batched events on tmpfs: 47 us inline against 55-58 us a task with
+# the writes in a thread, 35 us without events). Bigger writes, e.g. a worker's events of
+# tasks made far apart (a link each, ~15 us on ext4), or a large ``log_many``, would hold
+# the loop for milliseconds: they go to a thread. 512 events with 8 links held the loop
+# 0.7-1.6 ms on ext4, 0.3-1 ms on tmpfs.
 _INLINE_EVENTS = 512
+_INLINE_LINKS = 16
+
+
+class _BatchFile(NamedTuple):
+    """One batch file to write: its key, its lines, and its index entries."""
+
+    key: str
+    data: bytes
+    entries: list[str]
 
 
 class _Source(NamedTuple):
@@ -143,8 +155,11 @@ class AsyncFileEventStorage(AsyncEventStorage):
         fsync: fsync local files before they are renamed into place.
         clock: epoch-seconds clock, for tests (``cleanup`` with a timedelta uses it).
         flush_interval: seconds ``submit`` keeps events before the background writer
-            writes them (one batch file per hour of event time, one index entry per task).
+            writes them (one batch file per hour of event time, and index entries).
         flush_every: pending events at which ``submit`` writes them at once (and waits).
+        local_io: ``"inline"`` (default without ``fsync``) runs a local directory's writes
+            and reads on the event loop (big ones in a worker thread); ``"thread"`` runs
+            them all in a worker thread, for slow network mounts.
     """
 
     def __init__(
@@ -157,9 +172,15 @@ class AsyncFileEventStorage(AsyncEventStorage):
         clock: Callable[[], float] | None = None,
         flush_interval: float = 0.05,
         flush_every: int = 512,
+        local_io: str | None = None,
     ) -> None:
         self.store = Store(
-            base_dir, storage_options, package="omniq-file-events", fsync=fsync, clock=clock
+            base_dir,
+            storage_options,
+            package="omniq-file-events",
+            fsync=fsync,
+            clock=clock,
+            local_io=local_io,
         )
         self.batch = max(1, batch)
         # Locally a directory is an inode: the per-task index goes by the task id's time.
@@ -243,8 +264,8 @@ class AsyncFileEventStorage(AsyncEventStorage):
         return name, data
 
     async def log_many(self, events: Iterable[TaskEvent]) -> None:
-        """Record ``events`` now, as one batch file per hour of event time plus one index
-        entry per task (a hard link locally). Never raises for storage trouble (counted in
+        """Record ``events`` now, as one batch file per hour of event time plus an index
+        entry per task (locally a hard link per 4 ms group of OmniQ's task ids). Never raises for storage trouble (counted in
         ``failed_writes``, like ``log``); an invalid name raises before anything is written."""
         items = [self._encode(event) for event in events]
         if items:
@@ -305,8 +326,10 @@ class AsyncFileEventStorage(AsyncEventStorage):
 
     async def _write_batch(self, items: list[tuple[layout.Name, bytes]]) -> None:
         try:
-            heavy = len(items) > _INLINE_EVENTS  # locally: in a worker thread (see above)
-            await self.store.run(self._batch_program(items), heavy=heavy)
+            plan = self._batch_plan(items)
+            links = sum(len(entries) for _, _, entries in plan)
+            heavy = len(items) > _INLINE_EVENTS or links > _INLINE_LINKS  # see above
+            await self.store.run(self._batch_program(plan), heavy=heavy)
         except Exception as exc:  # storage trouble must not break the caller
             self.failed_writes += len(items)
             log.warning(
@@ -320,20 +343,29 @@ class AsyncFileEventStorage(AsyncEventStorage):
             return
         self.written += len(items)
 
-    def _batch_program(self, items: list[tuple[layout.Name, bytes]]) -> Program[None]:
+    def _batch_plan(self, items: list[tuple[layout.Name, bytes]]) -> list[_BatchFile]:
+        """The batch files of ``items`` (up to ``_PER_FILE`` events of one hour each): key,
+        contents and index entries."""
         hours: dict[int, list[tuple[layout.Name, bytes]]] = {}
         for item in items:
             hours.setdefault(item[0].time_ms // _HOUR_MS, []).append(item)
-        can_link = self.store.can_take
         groups = [g[i : i + _PER_FILE] for g in hours.values() for i in range(0, len(g), _PER_FILE)]
+        plan = []
         for group in groups:
             times = [name.time_ms for name, _ in group]
             batch = layout.Batch(min(times), max(times), uuid.uuid4().hex)
-            key = layout.batch_time_key(batch)
-            # The batch first: an index entry never exists without it (as in _log_program).
-            yield write_op(key, b"\n".join([data for _, data in group]) + b"\n")
+            data = b"\n".join([data for _, data in group]) + b"\n"
             tasks = (name.task_id for name, _ in group)
-            for entry in layout.batch_index_keys(tasks, batch, self._grouped):
+            entries = layout.batch_index_keys(tasks, batch, self._grouped)
+            plan.append(_BatchFile(layout.batch_time_key(batch), data, entries))
+        return plan
+
+    def _batch_program(self, plan: list[_BatchFile]) -> Program[None]:
+        can_link = self.store.can_take
+        for key, data, entries in plan:
+            # The batch first: an index entry never exists without it (as in _log_program).
+            yield write_op(key, data)
+            for entry in entries:
                 # A second name for the batch, no new file (its directory is made); no stamp:
                 # event clean-up goes by the times in the names.
                 if can_link and (yield link(key, entry)) is not None:

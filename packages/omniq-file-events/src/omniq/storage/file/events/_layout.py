@@ -1,4 +1,4 @@
-"""Key layout of the event storage under ``base_dir`` (see ``docs/results-events.md``).
+"""Key layout of the event storage under ``base_dir`` (see ``docs/events.md``).
 
 ::
 
@@ -19,17 +19,18 @@ backend and the worker use ``log``) share files instead::
     events/by-time/{YYYY-MM-DD}/{HH}/{min_ms:013d}~{max_ms:013d}~{batch_id}.jsonl
         the batch: one JSON document per line, all of one hour, times min_ms..max_ms
     events/by-task/{task_id}/{min_ms:013d}~{max_ms:013d}~{batch_id}.jsonl
-        an index entry per task with events in the batch: an empty object (a hard link to
-        the batch file on a local directory: no new file); readers read the batch under
-        ``by-time`` (its key follows from the name) and keep that task's lines
+        an index entry per task with events in the batch: an empty object (locally, for
+        task ids that are not ULIDs, a hard link to the batch file: no new file); readers
+        read the batch under ``by-time`` (its key follows from the name) and keep that
+        task's lines
     events/by-task-time/{group}/{first_id}~{last_id}~{min_ms:013d}~{max_ms:013d}~{batch_id}.jsonl
         on a local directory, for ULID task ids: one index entry per 4 ms group with tasks
         in the batch (a hard link to the batch file), not one per task (a link costs about
         what the batch's share of an event costs), named by the first and last of the
         group's task ids in the batch. A query by task reads the group's batches whose id
-        range holds the task and keeps that task's lines: tasks made one after another have
-        their events in the same few batches, so the ranges of a group's batches overlap
-        little.
+        range holds the task and keeps that task's lines: tasks made one after another and
+        run in about that order have their events in the same few batches, so the ranges
+        of a group's batches overlap little (run out of order, more batches are read).
 
 ``~`` separates the fields because no task id, event id or event type can contain it
 (``validate_name`` allows only ``[A-Za-z0-9_.-]``). A file name alone therefore tells the
@@ -220,7 +221,7 @@ def split_range_name(name: str) -> tuple[str, str, str] | None:
 
 
 def index_keys(task_id: str, name: str, grouped: bool) -> list[str]:
-    """Every place the index entry ``name`` (``entry_name`` or a batch's name) of
+    """Every place the index entry ``name`` (``entry_name``) of a single event of
     ``task_id`` may be: ``cleanup`` removes them all."""
     return [f"{directory}/{lead}{name}" for directory, lead in task_dirs(task_id, grouped)]
 
