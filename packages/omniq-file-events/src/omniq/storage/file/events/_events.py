@@ -265,8 +265,9 @@ class AsyncFileEventStorage(AsyncEventStorage):
 
     async def log_many(self, events: Iterable[TaskEvent]) -> None:
         """Record ``events`` now, as one batch file per hour of event time plus an index
-        entry per task (locally a hard link per 4 ms group of OmniQ's task ids). Never raises for storage trouble (counted in
-        ``failed_writes``, like ``log``); an invalid name raises before anything is written."""
+        entry per task (locally a hard link per 4 ms group of OmniQ's task ids). Never
+        raises for storage trouble (counted in ``failed_writes``, like ``log``); an invalid
+        name raises before anything is written."""
         items = [self._encode(event) for event in events]
         if items:
             await self._write_batch(items)
