@@ -134,3 +134,36 @@ def test_claimers_must_be_positive(storage):
     backend = make(storage)
     with pytest.raises(ValueError, match="claimers"):
         backend.worker(claimers=0)
+
+
+@MEMORY
+@pytest.mark.anyio
+async def test_a_burst_worker_runs_what_a_helper_claims_while_it_decides_to_stop(storage):
+    """A helper's claim in flight when the main loop's last look found nothing: the task is
+    run (and the worker goes on), not given back as the worker exits with it ready (seen in
+    CI: three burst workers on S3 left a chain's next task behind)."""
+    async with make(storage) as backend:
+        first = await backend.enqueue(worker_tasks.add, (1, 1))
+        second = await backend.enqueue(worker_tasks.add, (2, 1))
+        real, last_look = backend.queue.dequeue_many, anyio.Event()
+        main_calls = 0
+
+        async def dequeue_many(count, queues, *, wait=None, **kwargs):
+            nonlocal main_calls
+            if wait is None:  # a helper: its claim lands after the main loop's last look
+                await last_look.wait()
+                await anyio.sleep(0.05)
+                return await real(count, queues, **kwargs)
+            main_calls += 1
+            if main_calls == 1:
+                return await real(1, queues, wait=wait, **kwargs)  # the first task only
+            if wait == 0.0:
+                last_look.set()
+            return []  # the main loop never sees the second task
+
+        backend.queue.dequeue_many = dequeue_many
+        worker = backend.worker(concurrency=2, claimers=2, burst=True, idle_timeout=0.1)
+        stats = await worker.run()
+        assert (stats["succeeded"], stats["released"]) == (2, 0)
+        assert (await backend.result(first)).value == 2
+        assert (await backend.result(second)).value == 3

@@ -139,7 +139,8 @@ class ClaimHelpers:
         work.set()
 
     async def close(self) -> None:
-        """Stop the helpers after the claims in flight; returns when all have exited."""
+        """Stop the helpers after the claims in flight (what they claim is given back if the
+        worker is stopping, else started); returns when all have exited. Idempotent."""
         self._open = False
         self.found_work()
         for scope in self._waiting:
@@ -176,7 +177,9 @@ class ClaimHelpers:
                 except BaseException:
                     release(self.slots, free)
                     raise
-                stopping = not self._open or worker._stop_requested()
+                # Closed for a burst end, a helper starts what it got (the main loop then
+                # goes on); only a worker that was asked to stop gives it back.
+                stopping = worker._stop_requested()
                 if not await hand_out(worker, self.slots, free, batch, start_task, stopping):
                     await self._park()
         finally:

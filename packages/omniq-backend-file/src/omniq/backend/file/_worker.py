@@ -326,7 +326,12 @@ class AsyncWorker:
                     idle_since = idle_since or time.monotonic()
                     if final_look:
                         if not await self._due_soon():
-                            break
+                            # A helper's claim in flight may still land: closed for a burst
+                            # end (not a stop), helpers start what they got, and then the
+                            # worker goes on without them instead of leaving it behind.
+                            await helpers.close()
+                            if not self.running:
+                                break
                         idle_since = None
             await helpers.close()
             await self._drain()
