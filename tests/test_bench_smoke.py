@@ -176,6 +176,10 @@ def _latency_sync_rss_e2e(smoke: dict) -> None:
         f"c{c}-events-{m}" for c in (1, 8, 32) for m in ("off", "on", "batched")
     )
     assert set(e2e["events_ratio"]) == {"on", "batched"}
+    interleaved = e2e["enqueue_interleaved"]  # three backends taking turns: target 14's enqueue
+    assert set(interleaved["per_s"]) == {"off", "on", "batched"}
+    assert set(interleaved["ratio"]) == {"on", "batched"}
+    assert all(_number(v["median"]) and v["median"] > 0 for v in interleaved["per_s"].values())
     for got in e2e["results"].values():
         assert got["succeeded"] == [e2e["n"]] * len(got["succeeded"])
         assert _number(got["drain_per_s"]["median"]) and got["drain_per_s"]["median"] > 0
