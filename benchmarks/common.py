@@ -71,6 +71,35 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def burst_worker(
+    backend: Any,
+    concurrency: int,
+    *,
+    idle_timeout: float = 0.2,
+    poll: float = 0.2,
+    schedules: bool = False,
+) -> Any:
+    """The benchmarks' worker: queue "default", burst mode, no signal handlers."""
+    return backend.worker(
+        "default",
+        concurrency=concurrency,
+        burst=True,
+        idle_timeout=idle_timeout,
+        poll=poll,
+        handle_signals=False,
+        schedules=schedules,
+    )
+
+
+async def enqueue_range(backend: Any, func: str, start: int, stop: int) -> None:
+    """``backend.enqueue(func, args=[i])`` for ``start <= i < stop``, then the backend's
+    pending events written: a timed enqueue counts its deferred writes."""
+    for i in range(start, stop):
+        await backend.enqueue(func, args=[i])
+    if backend.events is not None:
+        await backend.events.flush()
+
+
 async def drain_timed(
     backend: Any, worker: Any, n: int, at_end: Callable[[], None]
 ) -> dict[str, int]:

@@ -36,7 +36,17 @@ import time
 import uuid
 from typing import Any
 
-from .common import Context, fmt, md_table, median, peers_available, ratio, run_children, summary
+from .common import (
+    Context,
+    burst_worker,
+    fmt,
+    md_table,
+    median,
+    peers_available,
+    ratio,
+    run_children,
+    summary,
+)
 
 NAME = "drain"
 
@@ -84,15 +94,7 @@ def _omniq(system: str, path: str, n: int, ready: Any) -> dict[str, Any]:
         backend = AsyncFileBackend(path, events=system == "omniq-events")
         for i in range(n):
             await backend.enqueue(func, args=[i])
-        worker = backend.worker(
-            "default",
-            concurrency=CONCURRENCY,
-            burst=True,
-            idle_timeout=0.2,
-            poll=0.2,
-            handle_signals=False,
-            schedules=False,
-        )
+        worker = burst_worker(backend, CONCURRENCY)
         ready()
         finished: dict[str, float] = {}
 

@@ -40,7 +40,9 @@ from typing import Any
 
 from .common import (
     Context,
+    burst_worker,
     drain_timed,
+    enqueue_range,
     fmt,
     md_table,
     median,
@@ -77,19 +79,9 @@ def child(path: str, n: int, concurrency: int, events: str, *, ready: Any) -> di
         backend = AsyncFileBackend(path, **event_settings(events))
         ready()
         t0 = time.monotonic()
-        for i in range(n):
-            await backend.enqueue(FUNC, args=[i])
-        if backend.events is not None:
-            await backend.events.flush()
+        await enqueue_range(backend, FUNC, 0, n)
         t1 = time.monotonic()
-        worker = backend.worker(
-            "default",
-            concurrency=concurrency,
-            burst=True,
-            idle_timeout=0.2,
-            poll=0.2,
-            handle_signals=False,
-        )
+        worker = burst_worker(backend, concurrency, schedules=True)
         finished: dict[str, float] = {}
         t2 = time.monotonic()
         stats = await drain_timed(backend, worker, n, lambda: finished.update(at=time.monotonic()))
@@ -118,10 +110,7 @@ def enqueue_child(path: str, n: int, *, ready: Any) -> dict[str, Any]:
             for m in EVENTS[turn % len(EVENTS) :] + EVENTS[: turn % len(EVENTS)]:
                 backend = backends[m]
                 t0 = time.monotonic()
-                for i in range(start, min(n, start + CHUNK)):
-                    await backend.enqueue(FUNC, args=[i])
-                if backend.events is not None:
-                    await backend.events.flush()
+                await enqueue_range(backend, FUNC, start, min(n, start + CHUNK))
                 spent[m] += time.monotonic() - t0
         for backend in backends.values():
             await backend.close()

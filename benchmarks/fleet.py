@@ -48,7 +48,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .common import TOOLS, Context, fmt, md_table, median
+from .common import TOOLS, Context, burst_worker, fmt, md_table, median
 
 NAME = "fleet"
 
@@ -180,15 +180,7 @@ async def _drain(
     want = sample if top_up else min(depth - warm, sample)
     backends = [AsyncFileBackend(url, options, events=False) for _ in range(workers)]
     fleet = [
-        b.worker(
-            "default",
-            concurrency=CONCURRENCY,
-            burst=True,
-            idle_timeout=0.5,
-            poll=0.5,
-            handle_signals=False,
-            schedules=SCHEDULES,
-        )
+        burst_worker(b, CONCURRENCY, idle_timeout=0.5, poll=0.5, schedules=SCHEDULES)
         for b in backends
     ]
 

@@ -26,7 +26,17 @@ import os
 import time
 from typing import Any
 
-from .common import Context, drain_timed, fmt, md_table, median, paired_ratios, summary
+from .common import (
+    Context,
+    burst_worker,
+    drain_timed,
+    enqueue_range,
+    fmt,
+    md_table,
+    median,
+    paired_ratios,
+    summary,
+)
 from .e2e import EVENTS, FLUSH_INTERVAL, event_settings
 from .fleet import COUNTS, FUNC, behind_proxy, count_requests, emulator_for
 
@@ -47,22 +57,11 @@ async def _measure(url: str, options: dict[str, Any], mode: str, n: int) -> dict
     async with AsyncFileBackend(url, options, **event_settings(mode)) as backend:
         COUNTS.clear()
         t0 = time.perf_counter()
-        for i in range(n):
-            await backend.enqueue(FUNC, args=[i])
-        if backend.events is not None:
-            await backend.events.flush()
+        await enqueue_range(backend, FUNC, 0, n)
         t1 = time.perf_counter()
         enqueue_requests = sum(COUNTS.values())
         COUNTS.clear()
-        worker = backend.worker(
-            "default",
-            concurrency=CONCURRENCY,
-            burst=True,
-            idle_timeout=0.3,
-            poll=0.2,
-            handle_signals=False,
-            schedules=False,
-        )
+        worker = burst_worker(backend, CONCURRENCY, idle_timeout=0.3)
         end: dict[str, float] = {}
         stats = await drain_timed(
             backend,

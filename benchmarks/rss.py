@@ -17,7 +17,7 @@ import os
 import time
 from typing import Any
 
-from .common import Context, RssSampler, fmt, md_table, median, run_children
+from .common import Context, RssSampler, burst_worker, fmt, md_table, median, run_children
 
 NAME = "rss"
 
@@ -42,9 +42,7 @@ def child(path: str, n: int, *, ready: Any) -> dict[str, Any]:
 
     async def main() -> dict[str, Any]:
         backend = AsyncFileBackend(path, events=False)
-        worker = backend.worker(
-            "default", concurrency=8, burst=True, idle_timeout=0.3, poll=0.2, handle_signals=False
-        )
+        worker = burst_worker(backend, 8, idle_timeout=0.3, schedules=True)
         await backend.queue.size("default")
         baseline = _current_rss_kb()
         ready()

@@ -355,10 +355,10 @@ class AsyncFileEventStorage(AsyncEventStorage):
         for group in groups:
             times = [name.time_ms for name, _ in group]
             batch = layout.Batch(min(times), max(times), uuid.uuid4().hex)
-            data = b"\n".join([data for _, data in group]) + b"\n"
+            lines = b"\n".join([data for _, data in group]) + b"\n"
             tasks = (name.task_id for name, _ in group)
             entries = layout.batch_index_keys(tasks, batch, self._grouped)
-            plan.append(_BatchFile(layout.batch_time_key(batch), data, entries))
+            plan.append(_BatchFile(layout.batch_time_key(batch), lines, entries))
         return plan
 
     def _batch_program(self, plan: list[_BatchFile]) -> Program[None]:
