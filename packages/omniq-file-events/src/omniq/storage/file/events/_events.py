@@ -664,10 +664,9 @@ class AsyncFileEventStorage(AsyncEventStorage):
                     count += len(events)
                     in_batch = list(dict.fromkeys(event.task_id for event in events))
                     index += layout.batch_index_keys(in_batch, batch, grouped)
-                    for task_id in in_batch:
-                        if grouped:  # where 0.1.0 put a batch's entries
-                            index.append(f"{layout.BY_TASK}/{task_id}/{batch.name}")
-                        tasks.add(task_id)
+                    if grouped:  # where 0.1.0 put a batch's entries: one per task
+                        index += layout.batch_index_keys(in_batch, batch)
+                    tasks.update(in_batch)
                 # The index entries first: if this fails half-way, the primary copies are
                 # still there and the next cleanup removes the rest.
                 if index:
