@@ -5,20 +5,22 @@ Async tests run on asyncio and trio (the ``anyio_backend`` fixture below).
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
 import threading
 import time
+import types
 from datetime import datetime, timedelta, timezone
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from omniq.core.errors import InvalidNameError, ResultTimeoutError, SerializationError
 from omniq.core.models import ErrorInfo, ResultStatus, TaskResult
 from omniq.storage.file.results import AsyncFileResultStorage, FileResultStorage
+from omniq.storage.file.results import _results as results_module
 from storage_helpers import exists, path, put
 
 UTC = timezone.utc
@@ -211,22 +213,41 @@ def test_sync_wait_times_out(storage):
 
 @pytest.mark.parametrize("storage", ["memory"], indirect=True)
 @pytest.mark.anyio
-async def test_wait_backs_off_instead_of_spinning(storage, anyio_backend):
+async def test_wait_backs_off_instead_of_spinning(storage, anyio_backend, monkeypatch):
+    # A virtual clock: the pauses asked for are checked, not how long a loaded machine slept
+    # (a wall-clock version of this test failed in CI with a 0.18 s first gap under load).
+    now = [1000.0]
+    pauses: list[float] = []
+
+    async def virtual_sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        now[0] += seconds
+        await anyio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(
+        results_module,
+        "time",
+        types.SimpleNamespace(monotonic=lambda: now[0], time_ns=time.time_ns),
+    )
+    monkeypatch.setattr(results_module.anyio, "sleep", virtual_sleep)
     async with make(storage, poll_interval=0.02, max_poll_interval=0.5) as s:
-        polls = []
+        polls = 0
         real_get = s.get
 
         async def counting_get(task_id):
-            polls.append(time.monotonic())
+            nonlocal polls
+            polls += 1
             return await real_get(task_id)
 
         s.get = counting_get  # type: ignore[method-assign]
         with pytest.raises(ResultTimeoutError):
             await s.wait("missing", timeout=1.5)
-    # 20 ms growing 1.5x to 0.5 s: about a dozen reads in 1.5 s, not thousands.
-    assert 6 <= len(polls) <= 16, len(polls)
-    gaps = [b - a for a, b in itertools.pairwise(polls)]
-    assert gaps[0] < 0.1 and max(gaps) > 0.3
+    # 20 ms growing 1.5x to the 0.5 s cap, the last pause cut to the deadline: eleven reads in
+    # 1.5 s, not thousands.
+    expected = [0.02, 0.03, 0.045, 0.0675, 0.10125, 0.151875, 0.2278125, 0.34171875, 0.5]
+    assert pauses[:-1] == pytest.approx(expected)
+    assert pauses[-1] == pytest.approx(1.5 - sum(expected))
+    assert polls == len(pauses) + 1 == 11
 
 
 # --------------------------------------------------------------------------- expiry
