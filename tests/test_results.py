@@ -201,7 +201,8 @@ async def test_wait_times_out(storage, anyio_backend):
         start = time.monotonic()
         with pytest.raises(ResultTimeoutError, match=r"no result for task 'missing' after"):
             await s.wait("missing", timeout=0.3)
-        assert 0.29 <= time.monotonic() - start < 2.0
+        # Upper bound loose: it returns instead of waiting for ever, on a loaded machine too.
+        assert 0.29 <= time.monotonic() - start < 10.0
 
 
 @pytest.mark.parametrize("storage", ["memory"], indirect=True)

@@ -209,7 +209,7 @@ def test_refused_inside_running_asyncio_loop() -> None:
 
     elapsed, error, ticked = asyncio.run(main())
     assert error is not None, "no AsyncContextError inside a running asyncio loop"
-    assert elapsed < 1
+    assert elapsed < 4  # refused at once: well short of the 5 s a blocking call takes
     assert ticked >= 3, "the caller's loop was frozen"
     message = str(error)
     assert "asyncio" in message and "Thing.sleep" in message
@@ -249,7 +249,7 @@ def test_refused_inside_running_trio_loop() -> None:
 
     elapsed, error, ticked = trio.run(main)
     assert error is not None, "no AsyncContextError inside a running trio loop"
-    assert elapsed < 1
+    assert elapsed < 4  # refused at once: well short of the 5 s a blocking call takes
     assert ticked >= 3
     assert "trio" in str(error) and "AsyncThing" in str(error) and "await" in str(error)
 
@@ -263,7 +263,7 @@ def test_refused_on_the_shared_loop_itself() -> None:
     start = time.monotonic()
     with pytest.raises(AsyncContextError):
         run_sync(nested)
-    assert time.monotonic() - start < 1
+    assert time.monotonic() - start < 4  # refused, not deadlocked on its own loop
     assert thing.add(1, 2) == 3  # the loop is still serving
 
 

@@ -575,14 +575,14 @@ def test_fault_proxy_modes() -> None:
             proxy.set_mode("delay")
             began = time.monotonic()
             assert _request(port) == b"ok"
-            assert 0.2 <= time.monotonic() - began < 2.0
+            assert 0.2 <= time.monotonic() - began < 5.0
 
             # blackhole: the connect works, nothing answers; reset when it ends; then pass
             proxy.set_mode("blackhole", seconds=1.0)
             began = time.monotonic()
             with pytest.raises((http.client.HTTPException, OSError)):
                 _request(port, timeout=10)
-            assert 0.8 <= time.monotonic() - began < 5.0
+            assert 0.8 <= time.monotonic() - began < 8.0  # ended by the proxy, not the 10 s timeout
             assert proxy.counters()["blackholed"] >= 1
             assert _request(port) == b"ok"
 
