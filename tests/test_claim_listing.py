@@ -56,13 +56,13 @@ async def test_one_reaper_pass_per_interval_whatever_the_consumers(storage: Any)
     consumers = [make_queue(storage, clock=clock, lease=40) for _ in range(4)]
     passes = []
     for q in consumers:
-        original = q.reap
+        original = q._reap_queue  # the pass over one storage queue that dequeue makes
 
-        async def counted(queue: str = "default", _original: Any = original) -> Any:
+        async def counted(queue: str, _original: Any = original) -> Any:
             passes.append(queue)
             return await _original(queue)
 
-        q.reap = counted  # type: ignore[method-assign]
+        q._reap_queue = counted  # type: ignore[method-assign]
     try:
         for _ in range(3):
             for q in consumers:

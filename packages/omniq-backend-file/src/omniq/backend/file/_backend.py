@@ -105,6 +105,7 @@ class AsyncFileBackend(AsyncResource):
             lease=cfg.lease,
             clock_skew=cfg.clock_skew,
             on_event=self._queue_event,
+            shards=cfg.queue_shards,
             clock=clock,
         )
         self.results: AsyncFileResultStorage | None = None

@@ -42,6 +42,8 @@ class BackendConfig:
     # None: each event is written before the call that made it returns. Seconds: events go
     # to the events' background writer, in batch files, within that long.
     event_flush_interval: float | None = None
+    # {queue: n}: that queue's tasks are stored in n shards (docs/queue.md, "Sharded queues").
+    queue_shards: dict[str, int] | None = None
     queue_dir: str | None = None
     queue_options: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
     results_dir: str | None = None

@@ -153,7 +153,11 @@ class ClaimHandling(Reaping):
         cache = self._cache.get(queue)
         refreshed = False
         due = current - self._reaped.get(queue, 0.0) >= self.reap_interval
-        if due and await self.store.run(self._reap_turn(queue, current)) and await self.reap(queue):
+        if (
+            due
+            and await self.store.run(self._reap_turn(queue, current))
+            and await self._reap_queue(queue)
+        ):
             cache = None  # requeued tasks: list again to see them
         if self.claims.unsettled:
             claimed += await self.store.run(self.claims.settle(queue, want, self.tombstone_ttl))

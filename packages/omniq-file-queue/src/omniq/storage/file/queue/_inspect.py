@@ -37,6 +37,7 @@ from ._leases import group_run, quietly
 if TYPE_CHECKING:
     from ._claim_document import DocumentClaims
     from ._dependencies import Settled
+    from ._shards import Shards
 
 _OUTCOME_STATUS = {
     State.DONE: TaskStatus.DONE,
@@ -50,6 +51,7 @@ class QueueInspection:
 
     store: Store
     _cache: dict[str, Any]
+    shards: Shards
 
     claims: DocumentClaims
 
@@ -66,15 +68,17 @@ class QueueInspection:
         ) -> Program[list[Settled]]: ...
 
     # -- inspection --------------------------------------------------------------------------
-    async def _queues_for(self, queue: str | None) -> list[str]:
+    async def _queues_for(self, queue: str | None, task_id: str | None = None) -> list[str]:
+        """The storage queues to look in: ``queue``'s (its shards, the one ``task_id`` falls
+        in first, then itself), or every queue stored."""
         if queue is not None:
-            return [validate_name(queue, "queue name")]
-        return await self.list_queues()
+            return self.shards.queues(validate_name(queue, "queue name"), task_id)
+        return await self._stored_queues()
 
     async def get_task(self, task_id: str, queue: str | None = None) -> TaskInfo:
         """Where the task stands (searches every queue when ``queue`` is None)."""
         validate_name(task_id, "task id")
-        for name in await self._queues_for(queue):
+        for name in await self._queues_for(queue, task_id):
             found = await self.store.run(self._locate_program(name, task_id), heavy=True)
             if found is not None:
                 return found[0]
@@ -199,7 +203,7 @@ class QueueInspection:
         """A pending or scheduled task is withdrawn; a running one is asked to stop (its
         next ``extend_lease`` raises TaskCancelledError). False if it already finished."""
         validate_name(task_id, "task id")
-        for name in await self._queues_for(queue):
+        for name in await self._queues_for(queue, task_id):
             result = await self.store.run(self._cancel_program(name, task_id), heavy=True)
             await self._report_settled()  # dependents cancelled with it
             if result is not None:
@@ -258,10 +262,16 @@ class QueueInspection:
     async def size(self, queue: str = "default") -> QueueSize:
         """Counts of ready, scheduled, running and dead tasks (lists the queue). A copy left
         by a claimer that died before removing it does not count: its attempt has a claim."""
-        validate_name(queue, "queue name")
+        names = await self._queues_for(queue)
         if self.claims.pending:  # this instance's spent copies go first (one request on S3)
             await self.store.run(self.claims.flush())
-        return await self.store.run(self._size_program(queue), heavy=True)
+        sizes = [await self.store.run(self._size_program(name), heavy=True) for name in names]
+        return QueueSize(
+            ready=sum(s.ready for s in sizes),
+            scheduled=sum(s.scheduled for s in sizes),
+            running=sum(s.running for s in sizes),
+            dead=sum(s.dead for s in sizes),
+        )
 
     def _size_program(self, queue: str) -> Program[QueueSize]:
         # run/ first: a ready or scheduled copy whose attempt has a claim there is stale (its
@@ -287,7 +297,10 @@ class QueueInspection:
     ) -> datetime | None:
         """When the earliest delayed or retrying task of ``queue`` (due after ``after``, if
         given) comes due; None if there is none (among the next 256)."""
-        validate_name(queue, "queue name")
+        found = [await self._next_due(name, after) for name in await self._queues_for(queue)]
+        return min((due for due in found if due is not None), default=None)
+
+    async def _next_due(self, queue: str, after: datetime | None) -> datetime | None:
         for name in await self.store.run(_head(f"{queue}/due", 256)):
             candidate = layout.due_candidate(queue, name)
             if candidate is None:
@@ -298,9 +311,12 @@ class QueueInspection:
         return None
 
     async def list_queues(self) -> list[str]:
-        names = await self.store.listdirs("")
+        """The queues stored (the shards of a sharded queue shown as that queue)."""
+        return self.shards.collapse(await self._stored_queues())
+
+    async def _stored_queues(self) -> list[str]:
         valid = []
-        for name in names:
+        for name in await self.store.listdirs(""):
             try:
                 valid.append(validate_name(name, "queue name"))
             except ValueError:
@@ -309,9 +325,11 @@ class QueueInspection:
 
     async def purge(self, queue: str = "default") -> int:
         """Delete every ready and scheduled task of ``queue``; returns how many."""
-        validate_name(queue, "queue name")
-        self._cache.pop(queue, None)
-        return await self.store.run(self._purge_program(queue), heavy=True)
+        purged = 0
+        for name in await self._queues_for(queue):
+            self._cache.pop(name, None)
+            purged += await self.store.run(self._purge_program(name), heavy=True)
+        return purged
 
     def _purge_program(self, queue: str) -> Program[int]:
         keys = []
@@ -327,8 +345,13 @@ class QueueInspection:
 
     async def list_dead(self, queue: str = "default", limit: int | None = 100) -> list[TaskInfo]:
         """Dead-lettered tasks, oldest first, with their last error."""
-        validate_name(queue, "queue name")
-        return await self.store.run(self._list_dead_program(queue, limit), heavy=True)
+        found: list[TaskInfo] = []
+        for name in await self._queues_for(queue):
+            left = None if limit is None else limit - len(found)
+            if left is not None and left <= 0:
+                break
+            found += await self.store.run(self._list_dead_program(name, left), heavy=True)
+        return found
 
     def _list_dead_program(self, queue: str, limit: int | None) -> Program[list[TaskInfo]]:
         names = (yield listdir(f"{queue}/dead"))[:limit]
@@ -339,10 +362,14 @@ class QueueInspection:
 
     async def requeue_dead(self, queue: str = "default", task_id: str | None = None) -> int:
         """Put dead-lettered tasks (one, or all) back as ready, with their failures reset."""
-        validate_name(queue, "queue name")
         if task_id is not None:
             validate_name(task_id, "task id")
-        return await self.store.run(self._requeue_dead_program(queue, task_id), heavy=True)
+        requeued = 0
+        for name in await self._queues_for(queue, task_id):
+            requeued += await self.store.run(self._requeue_dead_program(name, task_id), heavy=True)
+            if task_id is not None and requeued:
+                break
+        return requeued
 
     def _requeue_dead_program(self, queue: str, task_id: str | None) -> Program[int]:
         names = [f"{task_id}.json"] if task_id else (yield listdir(f"{queue}/dead"))
@@ -375,9 +402,11 @@ class QueueInspection:
     async def delete_dead(self, queue: str, task_id: str) -> bool:
         """Discard one dead-lettered task; False if it is not (or no longer) dead-lettered.
         A ``requeue_dead`` racing it may still requeue the task (it read the letter first)."""
-        validate_name(queue, "queue name")
         validate_name(task_id, "task id")
-        return await self.store.run(self._delete_dead_program(queue, task_id))
+        for name in await self._queues_for(queue, task_id):
+            if await self.store.run(self._delete_dead_program(name, task_id)):
+                return True
+        return False
 
     def _delete_dead_program(self, queue: str, task_id: str) -> Program[bool]:
         key = layout.dead_key(queue, task_id)

@@ -126,7 +126,7 @@ class QueueListing:
 
     if TYPE_CHECKING:
 
-        async def _queues_for(self, queue: str | None) -> list[str]: ...
+        async def _queues_for(self, queue: str | None, task_id: str | None = None) -> list[str]: ...
 
         @staticmethod
         def _info(body: bytes, status: TaskStatus, attempt: int | None) -> TaskInfo: ...
@@ -147,14 +147,12 @@ class QueueListing:
         queue's depth (docs/queue.md, "Listing tasks")."""
         statuses = list(LISTED) if status is None else [parse_status(status)]
         check_limit(limit)
-        if queue is not None:
-            validate_name(queue, "queue name")
+        names = sorted(await self._queues_for(queue))  # a sharded queue: its shards
         cursor = None if after is None else Cursor.decode(after)
         if cursor is not None and (
-            (queue is not None and cursor.queue != queue) or cursor.status not in statuses
+            (queue is not None and cursor.queue not in names) or cursor.status not in statuses
         ):
             raise ValueError("after: this cursor belongs to a listing of another queue or status")
-        names = sorted(await self._queues_for(queue))
         if cursor is not None:
             names = [n for n in names if n >= cursor.queue]
         return await self.store.run(self._page_program(names, statuses, limit, cursor), heavy=True)

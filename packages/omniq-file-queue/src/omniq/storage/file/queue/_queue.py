@@ -11,7 +11,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -47,6 +47,7 @@ from ._claiming import ClaimHandling, ListingCache, hand_over_or_raise
 from ._dependencies import DependencyHandling, check_dependencies
 from ._inspect import QueueInspection
 from ._listing import QueueListing
+from ._shards import Shards
 
 log = logging.getLogger("omniq.queue")
 
@@ -120,6 +121,11 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
             network mounts. Scans of large directories (reaper, inspection) always use a thread.
         on_event: async callback for events the queue itself observes (expired tasks, lease
             take-overs); the worker reports the rest.
+        shards: ``{queue: n}``: each task of that queue is stored in one of ``n`` shards
+            (queues named ``{queue}.shard000`` ...) chosen by its id, so that one queue's
+            writes spread over ``n`` key ranges of the store; every call that names the queue
+            reads all of them. Producers, workers and tools must use the same counts
+            (docs/queue.md, "Sharded queues").
         clock: epoch-seconds clock, for tests.
     """
 
@@ -140,10 +146,12 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         local_io: str | None = None,
         watch: bool = True,
         on_event: EventHook | None = None,
+        shards: Mapping[str, int] | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         if lease <= 0:
             raise ValueError("lease must be positive")
+        self.shards = Shards(shards)
         self.store = Store(
             base_dir,
             storage_options,
@@ -243,6 +251,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         """Store many tasks in one batch (one thread hop locally, concurrent PUTs remotely)."""
         for task in tasks:
             self._check_task(task)
+        tasks = [self.shards.route(task) for task in tasks]
         encoded = [(task, codec.encode(task)) for task in tasks]  # errors before any write
         await self._check()
         ready = [(task, data) for task, data in encoded if not task.depends_on]
@@ -318,12 +327,13 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         given: Any = queues
         single = isinstance(given, (str, bytes)) or not isinstance(given, Iterable)
         names = [validate_name(name, "queue name") for name in ([given] if single else given)]
+        order = self.shards.claim_order(names)  # each call starts at another shard
         await self._check()
         seconds = self.lease if lease is None else float(lease)
         worker = worker_id or self.worker_id
         deadline = time.monotonic() + max(0.0, wait)
         pause = self.poll_interval
-        watch = self._watch(names) if wait > 0 else None  # before the first look: no gap
+        watch = self._watch(names, order) if wait > 0 else None  # before the first look: no gap
         # A poller (waiting, no watch) keeps its pace across calls: looks stay max_poll_interval
         # apart while the queues stay empty, however short each call's wait.
         idle = self._idle.setdefault(tuple(names), _Idle()) if wait > 0 and watch is None else None
@@ -338,7 +348,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
                     return []
                 await anyio.sleep(min(early, left))
                 continue
-            for name in names:
+            for name in order:
                 try:
                     got = await self._claim_from(
                         name, seconds, worker, count - len(claimed), claimed
@@ -366,12 +376,15 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
                 await anyio.sleep(min(pause, left))
             pause = min(pause * 1.5, self.max_poll_interval)
 
-    def _watch(self, names: list[str]) -> DirWatch | None:
-        """A wake-up on new ready tasks and due markers of ``names`` (a local directory on
-        Linux: inotify), else None: the caller polls. Kept for the queue's lifetime."""
+    def _watch(self, names: list[str], queues: list[str]) -> DirWatch | None:
+        """A wake-up on new ready tasks and due markers of ``queues``, the storage queues of
+        ``names`` (a local directory on Linux: inotify), else None: the caller polls. Kept
+        for the queue's lifetime."""
         key = tuple(names)
         if key not in self._watches:
-            dirs = [f"{self.store.root}/{n}/{area}" for n in names for area in ("ready", "due")]
+            dirs = [
+                f"{self.store.root}/{n}/{area}" for n in sorted(queues) for area in ("ready", "due")
+            ]
             local = self.watch and self.store.kind == "local"
             self._watches[key] = DirWatch.open(dirs) if local else None
         return self._watches[key]

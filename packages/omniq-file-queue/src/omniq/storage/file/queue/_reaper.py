@@ -36,6 +36,9 @@ from . import _layout as layout
 from ._layout import State
 from ._leases import Attempt, LeaseHandling, group_run
 
+if TYPE_CHECKING:
+    from ._shards import Shards
+
 log = logging.getLogger("omniq.queue")
 
 
@@ -43,6 +46,7 @@ class Reaping(LeaseHandling):
     """reap, repair."""
 
     _reaped: dict[str, float]
+    shards: Shards
     takeovers: dict[str, int]
     _spawning: set[tuple[str, str, int]]
 
@@ -62,7 +66,13 @@ class Reaping(LeaseHandling):
         """Requeue tasks whose lease expired (their worker died) as their next attempt, and
         clean up attempts decided over ``tombstone_ttl`` ago. Runs by itself inside
         ``dequeue``; returns the expired claims."""
-        validate_name(queue, "queue name")
+        taken: list[Claimed] = []
+        for name in self.shards.queues(validate_name(queue, "queue name")):
+            taken += await self._reap_queue(name)
+        return taken
+
+    async def _reap_queue(self, queue: str) -> list[Claimed]:
+        """``reap`` of one storage queue."""
         self._reaped[queue] = self._now()  # an explicit pass counts: dequeue waits reap_interval
         taken = await self.store.run(self._reap_program(queue), heavy=True)
         await self._report_settled()  # waits its dependency settling decided
@@ -263,8 +273,10 @@ class Reaping(LeaseHandling):
         dead letter) of a decided attempt whose writer died before creating it, and the due
         marker of a delayed task whose marker was never written. Lists ``run/``, ``sched/``
         and ``due/``; the worker runs it every ``sweep_interval``. Returns how many it redid."""
-        validate_name(queue, "queue name")
-        return await self.store.run(self._repair_program(queue), heavy=True)
+        redone = 0
+        for name in self.shards.queues(validate_name(queue, "queue name")):
+            redone += await self.store.run(self._repair_program(name), heavy=True)
+        return redone
 
     def _repair_program(self, queue: str) -> Program[int]:
         current = yield now()

@@ -1,0 +1,113 @@
+"""Sharded queues: one queue name spread over several storage queues.
+
+A store limits the write rate of one key range (S3 about 3,500 writes a second a prefix until
+it splits it; GCS about 1,000 a bucket until it scales), and a queue writes its new keys at
+the end of its own range (ids are time-ordered): one queue is bounded by one range's rate
+(docs/costs.md). A queue configured with ``n`` shards stores each task in the queue
+``{queue}.shard{k:03d}`` with ``k`` a hash of the task id, so its writes land in ``n`` ranges.
+
+Each shard is a complete queue with its own claims, leases and outcomes: the attempt
+protocol and its correctness argument are those of one queue, unchanged. What sharding
+decides is only where a task is stored (by its id, so two enqueues of one id -- a schedule's
+tick, a retried call -- meet in the same shard and the second one is refused there as
+before) and which queues a name stands for when read (every shard, then the name itself,
+which holds what was enqueued before the queue was sharded).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+import zlib
+from collections.abc import Mapping
+
+import msgspec
+
+from omniq.core.errors import ConfigurationError
+from omniq.core.models import Task
+from omniq.core.names import MAX_NAME_LENGTH, validate_name
+
+MAX_SHARDS = 256
+_SUFFIX = ".shard"
+_SHARD = re.compile(r"(.+)\.shard(\d{3})")
+
+
+def shard_name(queue: str, k: int) -> str:
+    """The storage queue of shard ``k`` of ``queue``."""
+    return f"{queue}{_SUFFIX}{k:03d}"
+
+
+def shard_of(task_id: str, n: int) -> int:
+    """The shard of ``task_id`` among ``n`` (CRC-32: the same in every process and version)."""
+    return zlib.crc32(task_id.encode()) % n
+
+
+class Shards:
+    """The shard counts of the queues that have them; every other queue is one queue."""
+
+    def __init__(self, counts: Mapping[str, int] | None = None) -> None:
+        self.counts: dict[str, int] = {}
+        for queue, n in (counts or {}).items():
+            validate_name(queue, "queue name")
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SHARDS:
+                raise ConfigurationError(
+                    f"shards of queue {queue!r} must be an integer from 1 to {MAX_SHARDS}, "
+                    f"not {n!r}"
+                )
+            if len(shard_name(queue, 0)) > MAX_NAME_LENGTH:
+                raise ConfigurationError(
+                    f"queue name {queue!r} is too long to be sharded (its shards' names would "
+                    f"pass the {MAX_NAME_LENGTH}-character limit)"
+                )
+            if _SHARD.fullmatch(queue):
+                raise ConfigurationError(f"{queue!r} is a shard's name; shard its queue instead")
+            if n > 1:
+                self.counts[queue] = n
+        self._turn = itertools.count(random.randrange(MAX_SHARDS))  # where claims start
+
+    def __bool__(self) -> bool:
+        return bool(self.counts)
+
+    def route(self, task: Task) -> Task:
+        """``task`` in the shard its id falls in (unchanged if its queue has no shards)."""
+        n = self.counts.get(task.queue)
+        if n is None:
+            return task
+        return msgspec.structs.replace(task, queue=shard_name(task.queue, shard_of(task.id, n)))
+
+    def queues(self, queue: str, task_id: str | None = None) -> list[str]:
+        """The storage queues ``queue`` stands for: its shards (the one ``task_id`` falls in
+        first), then the queue itself."""
+        n = self.counts.get(queue)
+        if n is None:
+            return [queue]
+        first = 0 if task_id is None else shard_of(task_id, n)
+        return [shard_name(queue, (first + i) % n) for i in range(n)] + [queue]
+
+    def claim_order(self, queues: list[str]) -> list[str]:
+        """``queues`` with each sharded one replaced by its shards, starting at a shard that
+        moves on with every call (two consumers rarely start at the same one, and no shard
+        waits behind the others), then the queue itself."""
+        if not self.counts:
+            return queues
+        order: list[str] = []
+        for queue in queues:
+            n = self.counts.get(queue)
+            if n is None:
+                order.append(queue)
+            else:
+                start = next(self._turn)
+                order += [shard_name(queue, (start + i) % n) for i in range(n)] + [queue]
+        return order
+
+    def collapse(self, names: list[str]) -> list[str]:
+        """Storage queue names with the shards of a sharded queue shown as that queue."""
+        shown: list[str] = []
+        for name in names:
+            match = _SHARD.fullmatch(name)
+            if match is not None and int(match[2]) < self.counts.get(match[1], 0):
+                name = match[1]
+            if name not in shown:
+                shown.append(name)
+        return shown

@@ -1,0 +1,172 @@
+"""Sharded queues (docs/queue.md, "Sharded queues"): a queue's tasks stored in ``n`` storage
+queues chosen by task id, and every call that names the queue reading all of them.
+
+Where a task is stored is checked through a second queue instance configured without shards,
+which sees each shard as a queue of its own."""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+
+from omniq.backend.file import AsyncFileBackend
+from omniq.core import ConfigurationError, InvalidNameError, Task, TaskStatus
+from omniq.core.models import ResultStatus, utcnow
+from omniq.storage.file.queue import AsyncFileQueue
+from queue_helpers import make_queue
+
+pytestmark = pytest.mark.anyio
+
+QUICK = pytest.mark.parametrize("storage", ["memory", "local"], indirect=True)
+SHARDS = {"orders": 4}
+NAMES = [f"orders.shard{k:03d}" for k in range(4)]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def shard_of(task_id: str, n: int = 4) -> str:
+    return f"orders.shard{zlib.crc32(task_id.encode()) % n:03d}"
+
+
+async def test_tasks_are_stored_by_id_and_the_queue_name_reads_every_shard(storage) -> None:
+    tasks = [Task(func="m:f", args=[i], queue="orders") for i in range(40)]
+    async with make_queue(storage, shards=SHARDS) as q, make_queue(storage) as plain:
+        assert await q.enqueue_many(tasks[:20]) == [t.id for t in tasks[:20]]
+        for task in tasks[20:]:
+            await q.enqueue(task)
+
+        # Stored where the id says, seen as four queues by an instance without the setting.
+        assert sorted(await plain.list_queues()) == NAMES
+        for task in tasks:
+            assert (await plain.get_task(task.id, shard_of(task.id))).status is TaskStatus.PENDING
+        per_shard = {name: (await plain.size(name)).ready for name in NAMES}
+        assert per_shard == Counter(shard_of(t.id) for t in tasks)
+        assert all(per_shard.values())  # 40 ids over 4 shards: none empty
+
+        # Every call naming the queue spans its shards.
+        assert await q.list_queues() == ["orders"]
+        assert (await q.size("orders")).ready == 40
+        info = await q.get_task(tasks[0].id, "orders")
+        assert info.status is TaskStatus.PENDING and info.task.queue == shard_of(tasks[0].id)
+        listed, after = [], None
+        while True:
+            page = await q.list_tasks("orders", "pending", limit=15, after=after)
+            listed += [i.task.id for i in page.items]
+            if (after := page.next) is None:
+                break
+        assert sorted(listed) == sorted(t.id for t in tasks)
+
+        claimed = []
+        while (c := await q.dequeue("orders")) is not None:
+            claimed.append(c)
+            await q.ack(c)
+        assert sorted(c.id for c in claimed) == sorted(t.id for t in tasks)  # each once
+        assert all(c.queue == shard_of(c.id) for c in claimed)
+        assert (await q.size("orders")).total == 0
+        assert (await q.get_task(tasks[5].id)).status is TaskStatus.DONE
+
+
+@QUICK
+async def test_successive_claims_start_at_successive_shards(storage) -> None:
+    async with make_queue(storage, shards=SHARDS) as q:
+        await q.enqueue_many([Task(func="m:f", args=[i], queue="orders") for i in range(40)])
+        first = [await q.dequeue("orders") for _ in range(4)]
+        # Each call starts one shard further on: four calls, four shards (a consumer that
+        # always began with shard 0 would take all four from it).
+        assert sorted(c.queue for c in first if c is not None) == NAMES
+
+
+async def test_one_id_enqueued_twice_is_stored_once(storage) -> None:
+    async with make_queue(storage, shards=SHARDS) as q, make_queue(storage) as plain:
+        for _ in range(2):  # e.g. two workers firing one schedule tick
+            await q.enqueue(Task(func="m:f", id="tick-2026-12-03T12-00", queue="orders"))
+        assert (await q.size("orders")).ready == 1
+        assert sum([(await plain.size(name)).ready for name in NAMES]) == 1
+
+
+@QUICK
+async def test_tasks_stored_before_the_queue_was_sharded_are_served(storage) -> None:
+    async with make_queue(storage) as plain:
+        old = Task(func="m:f", queue="orders")
+        await plain.enqueue(old)
+    async with make_queue(storage, shards=SHARDS) as q:
+        await q.enqueue(Task(func="m:f", queue="orders"))
+        assert (await q.get_task(old.id, "orders")).task.queue == "orders"
+        assert (await q.size("orders")).ready == 2
+        got = [await q.dequeue("orders"), await q.dequeue("orders")]
+        assert old.id in {c.id for c in got if c is not None}
+
+
+async def test_dead_letters_delays_cancel_and_purge_span_the_shards(storage) -> None:
+    async with make_queue(storage, shards=SHARDS) as q:
+        doomed = [Task(func="m:f", args=[i], queue="orders") for i in range(6)]
+        await q.enqueue_many(doomed)
+        while (c := await q.dequeue("orders")) is not None:
+            assert await q.nack(c, error="boom", retry=False) is TaskStatus.DEAD
+        assert (await q.size("orders")).dead == 6
+        dead = await q.list_dead("orders")
+        assert sorted(i.task.id for i in dead) == sorted(t.id for t in doomed)
+        assert len(await q.list_dead("orders", limit=4)) == 4
+        assert await q.delete_dead("orders", doomed[0].id)
+        assert not await q.delete_dead("orders", doomed[0].id)
+        assert await q.requeue_dead("orders", doomed[1].id) == 1
+        assert await q.requeue_dead("orders") == 4
+        assert (await q.size("orders")).ready == 5
+
+        later = [
+            Task(func="m:f", queue="orders", eta=utcnow() + timedelta(minutes=m))
+            for m in (30, 10, 20)
+        ]
+        await q.enqueue_many(later)
+        due = await q.next_due("orders")
+        assert due is not None and abs(due - later[1].eta) < timedelta(milliseconds=1)
+        assert await q.cancel(later[0].id, "orders")
+        assert (await q.get_task(later[0].id)).status is TaskStatus.CANCELLED
+        assert await q.purge("orders") == 5 + 2
+        assert (await q.size("orders")).total == 0
+
+
+@QUICK
+async def test_bad_shard_settings_are_refused_before_any_write(storage) -> None:
+    bad = [
+        {"orders": 0},
+        {"orders": 257},
+        {"orders": True},
+        {"orders": "4"},
+        {"orders": 2.0},
+        {"o" * 125: 2},  # its shards' names would be longer than 128 characters
+        {"orders.shard001": 2},  # a shard's name
+    ]
+    for shards in bad:
+        with pytest.raises(ConfigurationError):
+            AsyncFileQueue(storage.base_dir, storage.storage_options, shards=shards)
+    for name in ("../up", "a/b", ""):
+        with pytest.raises(InvalidNameError):
+            AsyncFileQueue(storage.base_dir, storage.storage_options, shards={name: 2})
+    async with make_queue(storage) as q:
+        assert await q.list_queues() == []
+    with pytest.raises(ConfigurationError, match="OMNIQ_QUEUE_SHARDS"):
+        AsyncFileBackend(storage.base_dir, environ={"OMNIQ_QUEUE_SHARDS": "orders=4"})
+
+
+async def test_a_worker_drains_a_sharded_queue(storage) -> None:
+    environ = {"OMNIQ_QUEUE_SHARDS": '{"orders": 3}'}  # as a deployment sets it
+    async with AsyncFileBackend(storage.base_dir, storage.storage_options, environ=environ) as b:
+        assert b.config.queue_shards == {"orders": 3}
+        ids = [await b.enqueue("worker_tasks:add", (i, 1), queue="orders") for i in range(12)]
+        assert {(await b.get_task(i)).task.queue for i in ids} <= {
+            f"orders.shard{k:03d}" for k in range(3)
+        }
+        stats = await b.worker("orders", burst=True, idle_timeout=0.2, poll=0.05).run()
+        assert stats["succeeded"] == 12
+        for n, task_id in enumerate(ids):
+            result = await b.result(task_id)
+            assert result is not None and result.status is ResultStatus.SUCCESS
+            assert result.value == n + 1
+        assert (await b.queue.size("orders")).total == 0
