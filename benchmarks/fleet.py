@@ -161,24 +161,29 @@ async def _drain(
     sample: int,
     warm: int = 0,
     top_up: bool = False,
+    shards: int = 1,
 ) -> dict[str, Any]:
     """K workers drain a queue of ``depth``; requests counted over the ``sample`` tasks
     finished after the first ``warm`` (see the module docstring), and over the whole drain.
-    With ``top_up`` a producer (not counted) keeps ``depth`` tasks unclaimed meanwhile."""
+    With ``top_up`` a producer (not counted) keeps ``depth`` tasks unclaimed meanwhile. With
+    ``shards`` > 1 the queue is sharded (benchmarks/shards.py)."""
     import anyio
 
     from omniq.backend.file import AsyncFileBackend
     from omniq.core import Task
     from omniq.storage.file.queue import AsyncFileQueue
 
-    filler = AsyncFileQueue(f"{url}/queue", options)
+    sharded = {"default": shards} if shards > 1 else None
+    filler = AsyncFileQueue(f"{url}/queue", options, shards=sharded)
     for lo in range(0, depth, 500):
         await filler.enqueue_many(
             [Task(func=FUNC, args=[i]) for i in range(lo, min(depth, lo + 500))]
         )
     await filler.close()
     want = sample if top_up else min(depth - warm, sample)
-    backends = [AsyncFileBackend(url, options, events=False) for _ in range(workers)]
+    backends = [
+        AsyncFileBackend(url, options, events=False, queue_shards=sharded) for _ in range(workers)
+    ]
     fleet = [
         burst_worker(b, CONCURRENCY, idle_timeout=0.5, poll=0.5, schedules=SCHEDULES)
         for b in backends
@@ -189,7 +194,7 @@ async def _drain(
 
     async def keep_depth() -> None:
         UNCOUNTED.set(True)  # this task's context only
-        producer, made = AsyncFileQueue(f"{url}/queue", options), depth
+        producer, made = AsyncFileQueue(f"{url}/queue", options, shards=sharded), depth
         try:
             while "to" not in window:
                 need = depth - (made - sum(w.stats["claimed"] for w in fleet))
@@ -249,13 +254,16 @@ async def _drain(
     }
 
 
-async def _idle(url: str, options: dict[str, Any], idle_s: float, pickups: int) -> dict[str, Any]:
+async def _idle(
+    url: str, options: dict[str, Any], idle_s: float, pickups: int, shards: int = 1
+) -> dict[str, Any]:
     import anyio
 
     from omniq.backend.file import AsyncFileBackend
 
-    backend = AsyncFileBackend(url, options, events=False)
-    producer = AsyncFileBackend(url, options, events=False)
+    sharded = {"default": shards} if shards > 1 else None
+    backend = AsyncFileBackend(url, options, events=False, queue_shards=sharded)
+    producer = AsyncFileBackend(url, options, events=False, queue_shards=sharded)
     await producer.enqueue(FUNC, args=[0])  # the queue exists; the worker takes this one
     worker = backend.worker(
         "default", concurrency=CONCURRENCY, poll=0.5, handle_signals=False, schedules=SCHEDULES

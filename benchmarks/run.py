@@ -5,7 +5,7 @@
     python benchmarks/run.py NAME  [--repeat K] ...     # one figure group: peers, requests,
                                                          # latency, sync_overhead, rss, e2e,
                                                          # pickup, drain, fleet,
-                                                         # remote_events
+                                                         # remote_events, shards
 
 Writes ``results.json``, ``results.md`` and PNG charts to ``--out`` (default
 ``benchmarks/results/`` for a full run, ``benchmarks/results/quick|smoke/`` otherwise).
@@ -36,7 +36,7 @@ from benchmarks.common import REPO, Context, machine_info, md_table, write_json
 
 FIGURES = (
     "peers", "requests", "latency", "sync_overhead", "rss", "e2e", "pickup", "drain", "fleet",
-    "remote_events",
+    "remote_events", "shards",
 )  # fmt: skip
 # Registered groups that run only when named (``run.py NAME``, ``--only NAME``), not in
 # ``all`` / ``smoke``: tests/test_bench_smoke.py checks that smoke reports exactly FIGURES.

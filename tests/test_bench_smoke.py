@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(900)
 FIGURES = (
     "peers", "requests", "latency", "sync_overhead", "rss", "e2e", "pickup", "drain", "fleet",
-    "remote_events",
+    "remote_events", "shards",
 )  # fmt: skip
 OMNIQ_QUEUES = ("omniq", "omniq-sync", "omniq-batch")
 
@@ -66,6 +66,7 @@ def test_the_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     _drain_against_every_peer(smoke)
     _fleet_drains(smoke)
     _remote_events(smoke)
+    _shards_spread(smoke)
 
 
 def _remote_events(smoke: dict) -> None:
@@ -89,6 +90,24 @@ def _remote_events(smoke: dict) -> None:
     assert (
         batched["enqueue_requests_per_task"]["median"] < on["enqueue_requests_per_task"]["median"]
     )
+
+
+def _shards_spread(smoke: dict) -> None:
+    """Unsharded, every queue write goes to the one queue; in four shards, to several (40
+    tasks all in one of four shards by the hash of their random ids: odds of 4 x 4**-40)."""
+    data = smoke["figures"]["shards"]
+    if "skipped" in data:
+        if os.environ.get("OMNIQ_REQUIRE_EMULATORS", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"shards was skipped: {data['skipped']}")
+        return
+    rows = {r["shards"]: r for r in data["rows"]}
+    assert set(rows) == {1, 4}
+    assert list(rows[1]["writes_by_queue"]) == ["default"] and rows[1]["busiest_share"] == 1.0
+    shards = [q for q in rows[4]["writes_by_queue"] if q.startswith("default.shard")]
+    assert len(shards) >= 2 and rows[4]["busiest_share"] < 1.0, rows[4]["writes_by_queue"]
+    for r in rows.values():
+        assert r["tasks"] > 0 and r["requests_per_task"] >= 3, r
+        assert _number(r["idle"]["requests_per_idle_minute"])
 
 
 def _fleet_drains(smoke: dict) -> None:

@@ -10,6 +10,7 @@ import zlib
 from collections import Counter
 from datetime import timedelta
 
+import anyio
 import pytest
 
 from omniq.backend.file import AsyncFileBackend
@@ -170,3 +171,30 @@ async def test_a_worker_drains_a_sharded_queue(storage) -> None:
             assert result is not None and result.status is ResultStatus.SUCCESS
             assert result.value == n + 1
         assert (await b.queue.size("orders")).total == 0
+
+
+@QUICK
+async def test_consumers_racing_on_a_sharded_queue_claim_each_task_once(storage) -> None:
+    tasks = [Task(func="m:f", args=[i], queue="orders") for i in range(120)]
+    consumers = [make_queue(storage, shards=SHARDS) for _ in range(4)]
+    claimed: list[str] = []
+
+    async def consume(q: AsyncFileQueue) -> None:
+        misses = 0
+        while misses < 3:  # a few empty looks: the others may still hold the last ones
+            batch = await q.dequeue_many(5, "orders")
+            misses = 0 if batch else misses + 1
+            claimed.extend(c.id for c in batch)
+            await q.ack_many(batch)
+            await anyio.sleep(0)
+
+    try:
+        await consumers[0].enqueue_many(tasks)
+        async with anyio.create_task_group() as tg:
+            for q in consumers:
+                tg.start_soon(consume, q)
+        assert sorted(claimed) == sorted(t.id for t in tasks)  # none twice, none left
+        assert (await consumers[0].size("orders")).total == 0
+    finally:
+        for q in consumers:
+            await q.close()
