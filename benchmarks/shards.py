@@ -156,6 +156,7 @@ def markdown(data: dict[str, Any]) -> str:
             ", ".join(f"{q} {c}" for q, c in r["writes_by_queue"].items()),
             f"{r['idle']['requests_per_idle_minute']:.0f}",
             f"{r['idle']['pickup_p50_ms']:.0f}",
+            ", ".join(f"{op.split(' ', 1)[1]} {n:.2f}" for op, n in r["by_operation"].items()),
         ]
         for r in data["rows"]
     ]
@@ -173,6 +174,7 @@ def markdown(data: dict[str, Any]) -> str:
                 "writes by queue",
                 "idle requests/min",
                 "pick-up p50 ms",
+                "requests/task by operation",
             ],
             rows,
         )

@@ -6,6 +6,7 @@ which sees each shard as a queue of its own."""
 
 from __future__ import annotations
 
+import types
 import zlib
 from collections import Counter
 from datetime import timedelta
@@ -17,6 +18,7 @@ from omniq.backend.file import AsyncFileBackend
 from omniq.core import ConfigurationError, InvalidNameError, Task, TaskStatus
 from omniq.core.models import ResultStatus, utcnow
 from omniq.storage.file.queue import AsyncFileQueue
+from omniq.storage.file.queue import _shards as shards_module
 from queue_helpers import make_queue
 
 pytestmark = pytest.mark.anyio
@@ -74,13 +76,22 @@ async def test_tasks_are_stored_by_id_and_the_queue_name_reads_every_shard(stora
 
 
 @QUICK
-async def test_successive_claims_start_at_successive_shards(storage) -> None:
-    async with make_queue(storage, shards=SHARDS) as q:
-        await q.enqueue_many([Task(func="m:f", args=[i], queue="orders") for i in range(40)])
-        first = [await q.dequeue("orders") for _ in range(4)]
-        # Each call starts one shard further on: four calls, four shards (a consumer that
-        # always began with shard 0 would take all four from it).
-        assert sorted(c.queue for c in first if c is not None) == NAMES
+async def test_claims_begin_at_one_shard_a_period_then_at_the_next(storage, monkeypatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(shards_module, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    async with make_queue(storage, shards=SHARDS, refresh_interval=1.0) as q:
+        await q.enqueue_many([Task(func="m:f", args=[i], queue="orders") for i in range(80)])
+        seen = []
+        for _ in range(4):
+            within = [await q.dequeue("orders") for _ in range(3)]
+            # The same shard for a period: a busy consumer lists one shard a period ...
+            assert len({c.queue for c in within if c is not None}) == 1, within
+            seen.append(within[0].queue if within[0] else None)
+            now[0] += 1.0
+        # ... and the next one in the next period: four periods, four shards.
+        assert sorted(seen) == NAMES  # type: ignore[type-var]
+        first = NAMES.index(seen[0])  # type: ignore[arg-type]
+        assert seen == [NAMES[(first + i) % 4] for i in range(4)]
 
 
 async def test_one_id_enqueued_twice_is_stored_once(storage) -> None:

@@ -151,7 +151,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
     ) -> None:
         if lease <= 0:
             raise ValueError("lease must be positive")
-        self.shards = Shards(shards)
+        self.shards = Shards(shards, period=refresh_interval)
         self.store = Store(
             base_dir,
             storage_options,
@@ -327,7 +327,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         given: Any = queues
         single = isinstance(given, (str, bytes)) or not isinstance(given, Iterable)
         names = [validate_name(name, "queue name") for name in ([given] if single else given)]
-        order = self.shards.claim_order(names)  # each call starts at another shard
+        order = self.shards.claim_order(names)  # sharded: a shard a period first
         await self._check()
         seconds = self.lease if lease is None else float(lease)
         worker = worker_id or self.worker_id
