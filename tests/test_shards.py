@@ -79,7 +79,8 @@ async def test_tasks_are_stored_by_id_and_the_queue_name_reads_every_shard(stora
 async def test_claims_begin_at_one_shard_a_period_then_at_the_next(storage, monkeypatch) -> None:
     now = [1000.0]
     monkeypatch.setattr(shards_module, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
-    async with make_queue(storage, shards=SHARDS, refresh_interval=1.0) as q:
+    async with make_queue(storage, shards=SHARDS, refresh_interval=0.5) as q:
+        assert q.shards.period == 5.0  # ten listing lives
         await q.enqueue_many([Task(func="m:f", args=[i], queue="orders") for i in range(80)])
         seen = []
         for _ in range(4):
@@ -87,7 +88,7 @@ async def test_claims_begin_at_one_shard_a_period_then_at_the_next(storage, monk
             # The same shard for a period: a busy consumer lists one shard a period ...
             assert len({c.queue for c in within if c is not None}) == 1, within
             seen.append(within[0].queue if within[0] else None)
-            now[0] += 1.0
+            now[0] += 5.0
         # ... and the next one in the next period: four periods, four shards.
         assert sorted(seen) == NAMES  # type: ignore[type-var]
         first = NAMES.index(seen[0])  # type: ignore[arg-type]

@@ -151,7 +151,8 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
     ) -> None:
         if lease <= 0:
             raise ValueError("lease must be positive")
-        self.shards = Shards(shards, period=refresh_interval)
+        # A consumer begins its claims at one shard for ten listing lives (see _shards).
+        self.shards = Shards(shards, period=10 * refresh_interval)
         self.store = Store(
             base_dir,
             storage_options,
