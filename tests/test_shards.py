@@ -101,6 +101,11 @@ async def test_one_id_enqueued_twice_is_stored_once(storage) -> None:
             await q.enqueue(Task(func="m:f", id="tick-2026-12-03T12-00", queue="orders"))
         assert (await q.size("orders")).ready == 1
         assert sum([(await plain.size(name)).ready for name in NAMES]) == 1
+        # Pinned: a version that routed an id elsewhere would store a tick twice meanwhile.
+        assert (await plain.size("orders.shard001")).ready == 1
+        # A task re-enqueued to the shard it ran from (its ctx.queue) is routed by its id.
+        again = await q.enqueue(Task(func="m:f", id="follow-up-7", queue="orders.shard000"))
+        assert (await q.get_task(again)).task.queue == shard_of("follow-up-7")
 
 
 @QUICK
@@ -110,10 +115,12 @@ async def test_tasks_stored_before_the_queue_was_sharded_are_served(storage) -> 
         await plain.enqueue(old)
     async with make_queue(storage, shards=SHARDS) as q:
         await q.enqueue(Task(func="m:f", queue="orders"))
+        await q.enqueue_many([Task(func="m:f", queue="orders") for _ in range(20)])
         assert (await q.get_task(old.id, "orders")).task.queue == "orders"
-        assert (await q.size("orders")).ready == 2
-        got = [await q.dequeue("orders"), await q.dequeue("orders")]
-        assert old.id in {c.id for c in got if c is not None}
+        assert (await q.size("orders")).ready == 22
+        # The queue itself comes first in a period's first call: busy shards cannot starve it.
+        first = await q.dequeue("orders")
+        assert first is not None and first.id == old.id
 
 
 async def test_dead_letters_delays_cancel_and_purge_span_the_shards(storage) -> None:
@@ -125,7 +132,8 @@ async def test_dead_letters_delays_cancel_and_purge_span_the_shards(storage) -> 
         assert (await q.size("orders")).dead == 6
         dead = await q.list_dead("orders")
         assert sorted(i.task.id for i in dead) == sorted(t.id for t in doomed)
-        assert len(await q.list_dead("orders", limit=4)) == 4
+        oldest = sorted(t.id for t in doomed)[:4]  # ids are time-ordered: the oldest first
+        assert [i.task.id for i in await q.list_dead("orders", limit=4)] == oldest
         assert await q.delete_dead("orders", doomed[0].id)
         assert not await q.delete_dead("orders", doomed[0].id)
         assert await q.requeue_dead("orders", doomed[1].id) == 1
@@ -156,6 +164,7 @@ async def test_bad_shard_settings_are_refused_before_any_write(storage) -> None:
         {"o" * 125: 2},  # its shards' names would be longer than 128 characters
         {"orders.shard001": 2},  # a shard's name
     ]
+    bad.append("orders")  # type: ignore[arg-type]  # not a mapping
     for shards in bad:
         with pytest.raises(ConfigurationError):
             AsyncFileQueue(storage.base_dir, storage.storage_options, shards=shards)
@@ -166,6 +175,21 @@ async def test_bad_shard_settings_are_refused_before_any_write(storage) -> None:
         assert await q.list_queues() == []
     with pytest.raises(ConfigurationError, match="OMNIQ_QUEUE_SHARDS"):
         AsyncFileBackend(storage.base_dir, environ={"OMNIQ_QUEUE_SHARDS": "orders=4"})
+
+
+@QUICK
+async def test_testing_mode_runs_tasks_of_a_sharded_queue(storage) -> None:
+    async with AsyncFileBackend(
+        storage.base_dir,
+        storage.storage_options,
+        environ={},
+        queue_shards={"orders": 4},
+        immediate=True,
+    ) as b:
+        task_id = await b.enqueue("worker_tasks:add", (2, 3), queue="orders")
+        result = await b.result(task_id)
+        assert result is not None and result.value == 5
+        assert (await b.queue.size("orders")).total == 0
 
 
 async def test_a_worker_drains_a_sharded_queue(storage) -> None:

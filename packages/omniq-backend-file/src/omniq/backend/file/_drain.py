@@ -106,6 +106,7 @@ async def drain(
             lease=cfg.lease,
             clock_skew=cfg.clock_skew,
             on_event=backend.emit,
+            shards=cfg.queue_shards,
             clock=clock,
         )
         # It only claims: by its clock every lease held elsewhere (another worker, the task

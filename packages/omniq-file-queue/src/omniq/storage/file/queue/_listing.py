@@ -127,6 +127,7 @@ class QueueListing:
     if TYPE_CHECKING:
 
         async def _queues_for(self, queue: str | None, task_id: str | None = None) -> list[str]: ...
+        def _named(self, queue: str, task_id: str | None = None) -> list[str]: ...
 
         @staticmethod
         def _info(body: bytes, status: TaskStatus, attempt: int | None) -> TaskInfo: ...
@@ -147,12 +148,13 @@ class QueueListing:
         queue's depth (docs/queue.md, "Listing tasks")."""
         statuses = list(LISTED) if status is None else [parse_status(status)]
         check_limit(limit)
-        names = sorted(await self._queues_for(queue))  # a sharded queue: its shards
+        own = None if queue is None else self._named(queue)  # a sharded queue: its shards
         cursor = None if after is None else Cursor.decode(after)
         if cursor is not None and (
-            (queue is not None and cursor.queue not in names) or cursor.status not in statuses
+            (own is not None and cursor.queue not in own) or cursor.status not in statuses
         ):
             raise ValueError("after: this cursor belongs to a listing of another queue or status")
+        names = sorted(own if own is not None else await self._queues_for(None))
         if cursor is not None:
             names = [n for n in names if n >= cursor.queue]
         return await self.store.run(self._page_program(names, statuses, limit, cursor), heavy=True)

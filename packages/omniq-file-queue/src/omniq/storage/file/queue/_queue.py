@@ -358,6 +358,8 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
                     hand_over_or_raise(name, claimed, exc)
                     break
                 claimed += got
+                if got:
+                    self.shards.claimed_from(name)
                 if len(claimed) >= count:
                     break
             if not claimed and self._owed:

@@ -52,6 +52,10 @@ class Shards:
 
     def __init__(self, counts: Mapping[str, int] | None = None, period: float = 1.0) -> None:
         self.counts: dict[str, int] = {}
+        if counts is not None and not isinstance(counts, Mapping):
+            raise ConfigurationError(
+                f"shards must be a mapping of queue names to counts, not {counts!r}"
+            )
         for queue, n in (counts or {}).items():
             validate_name(queue, "queue name")
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SHARDS:
@@ -71,16 +75,21 @@ class Shards:
         self.period = period
         self._offset = random.randrange(MAX_SHARDS)  # consumers start at different shards
         self._calls = itertools.count()  # period 0: the next shard at every call
+        self._turn = 0
+        self._base_looked: dict[str, int] = {}  # the turn whose first call began with it
+        self._base_busy: dict[str, int] = {}  # the turn in which it gave a claim
 
     def __bool__(self) -> bool:
         return bool(self.counts)
 
     def route(self, task: Task) -> Task:
-        """``task`` in the shard its id falls in (unchanged if its queue has no shards)."""
-        n = self.counts.get(task.queue)
+        """``task`` in the shard its id falls in (unchanged if its queue has no shards). A
+        shard's name counts as its queue's (a task re-enqueued to its own ``ctx.queue``)."""
+        queue = self.collapse([task.queue])[0]
+        n = self.counts.get(queue)
         if n is None:
             return task
-        return msgspec.structs.replace(task, queue=shard_name(task.queue, shard_of(task.id, n)))
+        return msgspec.structs.replace(task, queue=shard_name(queue, shard_of(task.id, n)))
 
     def queues(self, queue: str, task_id: str | None = None) -> list[str]:
         """The storage queues ``queue`` stands for: its shards (the one ``task_id`` falls in
@@ -94,6 +103,11 @@ class Shards:
     def claim_order(self, queues: list[str]) -> list[str]:
         """``queues`` with each sharded one replaced by its shards, then the queue itself.
 
+        The queue itself (tasks stored before it was sharded, or by a process without the
+        setting) comes first in the first call of each period, and in every call of a period
+        in which it gave a claim; last otherwise: a busy consumer lists it once a period, and
+        what it holds is never starved by busy shards.
+
         The first shard stays the same for ``period`` seconds, then moves to the next: a busy
         consumer keeps using its listing of one shard, as it does an unsharded queue's (16
         workers on 4 shards of one S3 queue sent 6.9 requests a task when every call began
@@ -103,7 +117,7 @@ class Shards:
         ``n`` periods; the shards after the first are tried when it has nothing."""
         if not self.counts:
             return queues
-        turn = self._offset + (
+        turn = self._turn = self._offset + (
             int(time.monotonic() / self.period) if self.period > 0 else next(self._calls)
         )
         order: list[str] = []
@@ -111,9 +125,20 @@ class Shards:
             n = self.counts.get(queue)
             if n is None:
                 order.append(queue)
+                continue
+            shards = [shard_name(queue, (turn + i) % n) for i in range(n)]
+            if self._base_looked.get(queue) != turn or self._base_busy.get(queue) == turn:
+                self._base_looked[queue] = turn
+                order += [queue, *shards]
             else:
-                order += [shard_name(queue, (turn + i) % n) for i in range(n)] + [queue]
+                order += [*shards, queue]
         return order
+
+    def claimed_from(self, queue: str) -> None:
+        """A claim came from storage queue ``queue``: if it is a sharded queue itself, it
+        stays first for the rest of the period."""
+        if queue in self.counts:
+            self._base_busy[queue] = self._turn
 
     def collapse(self, names: list[str]) -> list[str]:
         """Storage queue names with the shards of a sharded queue shown as that queue."""
