@@ -131,7 +131,7 @@ def _every_figure_reports(smoke: dict) -> None:
     meta = smoke["meta"]
     assert meta["cpu_count"] >= 1 and meta["python"] and meta["date"]
     assert meta["filesystems"]["disk"]["type"]
-    expected = {1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18} | (
+    expected = {1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18, 19} | (
         {2} if "tmpfs" in meta["filesystems"] else set()
     )
     assert {t["id"] for t in smoke["targets"]} == expected
