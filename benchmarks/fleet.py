@@ -153,6 +153,11 @@ def options_via(emulator: Any, endpoint: str) -> dict[str, Any]:
     return options
 
 
+def _sharding(shards: int) -> dict[str, int] | None:
+    """The ``queue_shards`` of a queue ``default`` in ``shards`` shards (None: unsharded)."""
+    return {"default": shards} if shards > 1 else None
+
+
 async def _drain(
     url: str,
     options: dict[str, Any],
@@ -173,7 +178,7 @@ async def _drain(
     from omniq.core import Task
     from omniq.storage.file.queue import AsyncFileQueue
 
-    sharded = {"default": shards} if shards > 1 else None
+    sharded = _sharding(shards)
     filler = AsyncFileQueue(f"{url}/queue", options, shards=sharded)
     for lo in range(0, depth, 500):
         await filler.enqueue_many(
@@ -261,7 +266,7 @@ async def _idle(
 
     from omniq.backend.file import AsyncFileBackend
 
-    sharded = {"default": shards} if shards > 1 else None
+    sharded = _sharding(shards)
     backend = AsyncFileBackend(url, options, events=False, queue_shards=sharded)
     producer = AsyncFileBackend(url, options, events=False, queue_shards=sharded)
     await producer.enqueue(FUNC, args=[0])  # the queue exists; the worker takes this one

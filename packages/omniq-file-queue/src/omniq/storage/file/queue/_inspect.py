@@ -72,12 +72,8 @@ class QueueInspection:
         """The storage queues to look in: ``queue``'s (its shards, the one ``task_id`` falls
         in first, then itself), or every queue stored."""
         if queue is not None:
-            return self._named(queue, task_id)
+            return self.shards.queues(queue, task_id)
         return await self._stored_queues()
-
-    def _named(self, queue: str, task_id: str | None = None) -> list[str]:
-        """The storage queues of ``queue``, a name that is required (None is refused)."""
-        return self.shards.queues(validate_name(queue, "queue name"), task_id)
 
     async def get_task(self, task_id: str, queue: str | None = None) -> TaskInfo:
         """Where the task stands (searches every queue when ``queue`` is None)."""
@@ -266,7 +262,7 @@ class QueueInspection:
     async def size(self, queue: str = "default") -> QueueSize:
         """Counts of ready, scheduled, running and dead tasks (lists the queue). A copy left
         by a claimer that died before removing it does not count: its attempt has a claim."""
-        names = self._named(queue)
+        names = self.shards.queues(queue)
         if self.claims.pending:  # this instance's spent copies go first (one request on S3)
             await self.store.run(self.claims.flush())
         sizes = [await self.store.run(self._size_program(name), heavy=True) for name in names]
@@ -301,7 +297,7 @@ class QueueInspection:
     ) -> datetime | None:
         """When the earliest delayed or retrying task of ``queue`` (due after ``after``, if
         given) comes due; None if there is none (among the next 256)."""
-        found = [await self._next_due(name, after) for name in self._named(queue)]
+        found = [await self._next_due(name, after) for name in self.shards.queues(queue)]
         return min((due for due in found if due is not None), default=None)
 
     async def _next_due(self, queue: str, after: datetime | None) -> datetime | None:
@@ -330,7 +326,7 @@ class QueueInspection:
     async def purge(self, queue: str = "default") -> int:
         """Delete every ready and scheduled task of ``queue``; returns how many."""
         purged = 0
-        for name in self._named(queue):
+        for name in self.shards.queues(queue):
             self._cache.pop(name, None)
             purged += await self.store.run(self._purge_program(name), heavy=True)
         return purged
@@ -349,10 +345,10 @@ class QueueInspection:
 
     async def list_dead(self, queue: str = "default", limit: int | None = 100) -> list[TaskInfo]:
         """Dead-lettered tasks, oldest first, with their last error."""
-        found: list[TaskInfo] = []
-        for name in self._named(queue):  # each shard's oldest, merged by id (time-ordered)
+        names, found = self.shards.queues(queue), list[TaskInfo]()
+        for name in names:  # each shard's oldest, merged by id (time-ordered)
             found += await self.store.run(self._list_dead_program(name, limit), heavy=True)
-        if len(self._named(queue)) > 1:
+        if len(names) > 1:
             found.sort(key=lambda info: info.task.id if info.task is not None else "")
         return found[:limit]
 
@@ -368,7 +364,7 @@ class QueueInspection:
         if task_id is not None:
             validate_name(task_id, "task id")
         requeued = 0
-        for name in self._named(queue, task_id):
+        for name in self.shards.queues(queue, task_id):
             requeued += await self.store.run(self._requeue_dead_program(name, task_id), heavy=True)
             if task_id is not None and requeued:
                 break
@@ -406,7 +402,7 @@ class QueueInspection:
         """Discard one dead-lettered task; False if it is not (or no longer) dead-lettered.
         A ``requeue_dead`` racing it may still requeue the task (it read the letter first)."""
         validate_name(task_id, "task id")
-        for name in self._named(queue, task_id):
+        for name in self.shards.queues(queue, task_id):
             if await self.store.run(self._delete_dead_program(name, task_id)):
                 return True
         return False

@@ -35,6 +35,7 @@ from . import _layout as layout
 
 if TYPE_CHECKING:
     from ._claim_document import DocumentClaims
+    from ._shards import Shards
 
 LISTED = (
     TaskStatus.PENDING,
@@ -123,11 +124,11 @@ class QueueListing:
 
     store: Store
     claims: DocumentClaims
+    shards: Shards
 
     if TYPE_CHECKING:
 
         async def _queues_for(self, queue: str | None, task_id: str | None = None) -> list[str]: ...
-        def _named(self, queue: str, task_id: str | None = None) -> list[str]: ...
 
         @staticmethod
         def _info(body: bytes, status: TaskStatus, attempt: int | None) -> TaskInfo: ...
@@ -148,7 +149,7 @@ class QueueListing:
         queue's depth (docs/queue.md, "Listing tasks")."""
         statuses = list(LISTED) if status is None else [parse_status(status)]
         check_limit(limit)
-        own = None if queue is None else self._named(queue)  # a sharded queue: its shards
+        own = None if queue is None else self.shards.queues(queue)  # a sharded queue: its shards
         cursor = None if after is None else Cursor.decode(after)
         if cursor is not None and (
             (own is not None and cursor.queue not in own) or cursor.status not in statuses

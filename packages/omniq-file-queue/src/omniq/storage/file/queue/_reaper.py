@@ -30,7 +30,6 @@ from omniq.core.fs import (
     write,
 )
 from omniq.core.models import Claimed, EventType, Task
-from omniq.core.names import validate_name
 
 from . import _layout as layout
 from ._layout import State
@@ -67,7 +66,7 @@ class Reaping(LeaseHandling):
         clean up attempts decided over ``tombstone_ttl`` ago. Runs by itself inside
         ``dequeue``; returns the expired claims."""
         taken: list[Claimed] = []
-        for name in self.shards.queues(validate_name(queue, "queue name")):
+        for name in self.shards.queues(queue):
             taken += await self._reap_queue(name)
         return taken
 
@@ -274,7 +273,7 @@ class Reaping(LeaseHandling):
         marker of a delayed task whose marker was never written. Lists ``run/``, ``sched/``
         and ``due/``; the worker runs it every ``sweep_interval``. Returns how many it redid."""
         redone = 0
-        for name in self.shards.queues(validate_name(queue, "queue name")):
+        for name in self.shards.queues(queue):
             redone += await self.store.run(self._repair_program(name), heavy=True)
         return redone
 

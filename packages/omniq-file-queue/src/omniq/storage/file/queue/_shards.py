@@ -79,9 +79,6 @@ class Shards:
         self._base_looked: dict[str, int] = {}  # the turn whose first call began with it
         self._base_busy: dict[str, int] = {}  # the turn in which it gave a claim
 
-    def __bool__(self) -> bool:
-        return bool(self.counts)
-
     def route(self, task: Task) -> Task:
         """``task`` in the shard its id falls in (unchanged if its queue has no shards). A
         shard's name counts as its queue's (a task re-enqueued to its own ``ctx.queue``)."""
@@ -92,13 +89,12 @@ class Shards:
         return msgspec.structs.replace(task, queue=shard_name(queue, shard_of(task.id, n)))
 
     def queues(self, queue: str, task_id: str | None = None) -> list[str]:
-        """The storage queues ``queue`` stands for: its shards (the one ``task_id`` falls in
-        first), then the queue itself."""
-        n = self.counts.get(queue)
+        """The storage queues ``queue`` (validated; None is refused) stands for: its shards
+        (the one ``task_id`` falls in first), then the queue itself."""
+        n = self.counts.get(validate_name(queue, "queue name"))
         if n is None:
             return [queue]
-        first = 0 if task_id is None else shard_of(task_id, n)
-        return [shard_name(queue, (first + i) % n) for i in range(n)] + [queue]
+        return [*_ring(queue, n, 0 if task_id is None else shard_of(task_id, n)), queue]
 
     def claim_order(self, queues: list[str]) -> list[str]:
         """``queues`` with each sharded one replaced by its shards, then the queue itself.
@@ -126,7 +122,7 @@ class Shards:
             if n is None:
                 order.append(queue)
                 continue
-            shards = [shard_name(queue, (turn + i) % n) for i in range(n)]
+            shards = _ring(queue, n, turn)
             if self._base_looked.get(queue) != turn or self._base_busy.get(queue) == turn:
                 self._base_looked[queue] = turn
                 order += [queue, *shards]
@@ -150,3 +146,8 @@ class Shards:
             if name not in shown:
                 shown.append(name)
         return shown
+
+
+def _ring(queue: str, n: int, start: int) -> list[str]:
+    """The ``n`` shards of ``queue``, from shard ``start % n`` on."""
+    return [shard_name(queue, (start + i) % n) for i in range(n)]
