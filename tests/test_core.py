@@ -297,6 +297,29 @@ def test_id_text_is_the_value_in_crockford_base32() -> None:
         )
 
 
+def test_new_id_is_the_millis_then_a_counter_in_crockford_base32(monkeypatch) -> None:
+    """new_id's text is id_text of (millis << 80 | random part), the random part counting
+    up within a millisecond, and the time part changes with the clock (it is cached)."""
+    digits = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+    def value(text: str) -> int:
+        return sum(digits.index(c) << 5 * (25 - i) for i, c in enumerate(text))
+
+    monkeypatch.setattr(models, "_last_id", [0, 0, ""])  # this test's sequence only
+    now = [1_764_800_000_123_456_789]
+    monkeypatch.setattr(models.time, "time_ns", lambda: now[0])
+    first = [new_id() for _ in range(3)]
+    ms = now[0] // 1_000_000
+    values = [value(text) for text in first]
+    assert [v >> 80 for v in values] == [ms] * 3
+    assert values[1] == values[0] + 1 and values[2] == values[0] + 2
+    assert [id_text(v) for v in values] == first
+    now[0] += 1_000_000  # the next millisecond: a new time part and a new random part
+    later = new_id()
+    assert value(later) >> 80 == ms + 1 and later[:10] == id_text((ms + 1) << 80)[:10]
+    assert later > first[-1]
+
+
 def test_ids_unique_and_monotonic_across_threads() -> None:
     per_thread: dict[int, list[str]] = {}
     barrier = threading.Barrier(8)

@@ -32,9 +32,36 @@ _encoder = msgspec.json.Encoder()
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
 
+def _plain(value: Any, depth: int) -> bool:
+    """Whether ``value`` round-trips (a quick walk with no paths: the usual case; when this
+    says no, ``check_json_value`` walks again to say where)."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(_INT_MIN <= value <= _INT_MAX)
+    if kind is float:
+        return math.isfinite(value)
+    if depth >= MAX_DEPTH:
+        return False
+    if kind is dict:
+        for key, sub in value.items():
+            if type(key) is not str or not _plain(sub, depth + 1):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        for sub in value:  # noqa: SIM110 (a loop: all() and its generator cost more here)
+            if not _plain(sub, depth + 1):
+                return False
+        return True
+    return False  # a str subclass, say: the full walk decides
+
+
 def check_json_value(value: Any, where: str = "value") -> None:
     """Raise :class:`SerializationError` unless ``value`` round-trips through JSON exactly."""
     if not value and type(value) in _EMPTY_OK:  # most kwargs and metadata: nothing to walk
+        return
+    if _plain(value, 0):
         return
     stack: list[tuple[Any, str, int]] = [(value, where, 0)]
     while stack:

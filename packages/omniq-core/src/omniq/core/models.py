@@ -27,6 +27,8 @@ def ensure_utc(value: datetime | None, name: str = "timestamp") -> datetime | No
     """Return ``value`` in UTC; naive datetimes are refused (their zone is unknown)."""
     if value is None:
         return None
+    if value.tzinfo is UTC:  # what utcnow and the decoder give: nothing to convert
+        return value
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware, got naive {value!r}")
     return value.astimezone(UTC)
@@ -36,20 +38,36 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _CROCKFORD_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits a look-up
 _PAIR_SHIFTS = tuple(range(120, -1, -10))  # 13 pairs: 130 bits, the top two always 0
 _id_lock = threading.Lock()
-_last_id: list[int] = [0, 0]  # [millis, random part]
+# [millis, random part, the text of the millis]: the first 10 characters encode 50 bits (two
+# zero bits and the 48 of the millis), so one millisecond's ids share them.
+_last_id: list[Any] = [0, 0, ""]
 
 
 def new_id() -> str:
     """A 26-character ULID-style id: sortable by creation time, unique, monotonic per process."""
     ms = time.time_ns() // 1_000_000
+    head: str
+    rand: int
     with _id_lock:
         if ms <= _last_id[0]:
-            ms = _last_id[0]
-            rand = _last_id[1] + 1
+            ms, rand, head = _last_id[0], _last_id[1] + 1, _last_id[2]
         else:
             rand = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for increments
-        _last_id[0], _last_id[1] = ms, rand
-    return id_text((ms << 80) | rand)
+            head = id_text(ms << 80)[:10]
+        _last_id[0], _last_id[1], _last_id[2] = ms, rand, head
+    pairs = _CROCKFORD_PAIRS
+    hi, lo = rand >> 40, rand & 0xFF_FFFF_FFFF  # 40 bits (four pairs) each
+    return (
+        head
+        + pairs[hi >> 30]
+        + pairs[(hi >> 20) & 1023]
+        + pairs[(hi >> 10) & 1023]
+        + pairs[hi & 1023]
+        + pairs[lo >> 30]
+        + pairs[(lo >> 20) & 1023]
+        + pairs[(lo >> 10) & 1023]
+        + pairs[lo & 1023]
+    )
 
 
 def id_text(value: int) -> str:
@@ -63,7 +81,7 @@ def _reset_ids_after_fork() -> None:
     # would hand out the same "last + 1" ids.
     global _id_lock
     _id_lock = threading.Lock()
-    _last_id[0] = _last_id[1] = 0
+    _last_id[:] = [0, 0, ""]
 
 
 if hasattr(os, "register_at_fork"):
