@@ -1,13 +1,14 @@
 """The per-task index of the event storage for task ids that are ULIDs (OmniQ's own ids).
 
 On a local directory each new directory is an inode, as costly as the event's own file, so
-ULID task ids are indexed by the 4 ms in which the id was made (``events/by-task-time/``)
-instead of one directory per task; object stores and memory have no directories to make and
+ULID task ids are indexed by the 4 ms in which the id was made (``events/by-task-time/``;
+batches by the 32 ms) instead of one directory per task; object stores and memory have no directories to make and
 keep ``events/by-task/{task_id}/``. Entries of the older layout are still read and cleaned.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from datetime import datetime, timedelta, timezone
@@ -67,15 +68,21 @@ async def test_ulid_tasks_share_an_index_directory_locally(storage, anyio_backen
         spy = OpSpy(s, monkeypatch)
         await s.query(task_id=a)
         if storage.kind == "local":
-            group = f"events/by-task-time/{layout.task_group(a)}"
-            assert spy.listed() == [group, f"events/by-task/{a}"]  # the older layout too
+            group, span = layout.task_group(a), layout.batch_group(a)
+            assert span == layout.batch_group(c) and group != layout.task_group(c)
+            assert spy.listed() == [
+                f"events/by-task-time/{group}",
+                f"events/by-task-time/{span}",
+                f"events/by-task/{a}",  # the older layout too
+            ]
             root = path(storage, "events")
             assert sorted(os.listdir(f"{root}/by-task-time")) == sorted(
-                {layout.task_group(a), layout.task_group(c)}
+                {group, layout.task_group(c), span}
             )
             assert find(storage, "events/by-task") == []  # no directory per task
-            # a's and b's single files, and one entry for the batch of both (not one each)
-            assert len(os.listdir(f"{root}/by-task-time/{layout.task_group(a)}")) == 3
+            # a's and b's single files; one entry for the batch of all three (not one each)
+            assert len(os.listdir(f"{root}/by-task-time/{group}")) == 2
+            assert len(os.listdir(f"{root}/by-task-time/{span}")) == 1
         else:
             assert spy.listed() == [f"events/by-task/{a}"]
             assert find(storage, "events/by-task-time") == []
@@ -111,6 +118,32 @@ async def test_entries_of_the_older_layout_are_read_and_cleaned(storage, anyio_b
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("storage", ["local"], indirect=True)
+async def test_batches_indexed_by_4_ms_groups_are_read_and_cleaned(
+    storage, anyio_backend, monkeypatch
+):
+    """Batches written before their entries went to 32 ms spans have them in the 4 ms
+    groups of single events: queries by task find them, cleanup removes them."""
+    tasks = [ulid(MS + 1, 1), ulid(MS + 9, 1)]  # two 4 ms groups, one 32 ms span
+    events = events_of(tasks)
+    earlier = functools.partial(layout.batch_index_keys, group_of=layout.task_group)
+    async with make(storage) as s:
+        with monkeypatch.context() as m:
+            m.setattr(layout, "batch_index_keys", earlier)
+            await s.log_many(events[:3])  # the first task's, the earlier way
+        await s.log_many(events[3:])
+        root = path(storage, "events")
+        assert len(os.listdir(f"{root}/by-task-time/{layout.task_group(tasks[0])}")) == 1
+        assert len(os.listdir(f"{root}/by-task-time/{layout.batch_group(tasks[1])}")) == 1
+        for task in tasks:
+            got = await s.query(task_id=task)
+            assert [e.id for e in got] == [e.id for e in events if e.task_id == task]
+        assert await s.cleanup(T0 + timedelta(hours=2)) == len(events)
+        assert find(storage, "events") == []
+    assert os.listdir(f"{path(storage, 'events')}/by-task-time") == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("storage", ["local"], indirect=True)
 async def test_a_removed_group_directory_is_made_again(storage, anyio_backend):
     """A group outlives its cleanup: a task retried after its events were cleaned up."""
     task = ulid(MS, 3)
@@ -125,12 +158,12 @@ async def test_a_removed_group_directory_is_made_again(storage, anyio_backend):
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("storage", ["local"], indirect=True)
-async def test_a_batch_links_once_per_4_ms_group_of_tasks(storage, anyio_backend, monkeypatch):
-    """A batch's index entry is a link per group of ULID tasks, not per task, named by the
-    range of the group's ids in it: a query by task reads the batches whose range holds the
-    task and keeps the task's own lines."""
-    same = [ulid(MS, n) for n in range(1, 31)]  # 30 tasks made in one 4 ms
-    later = ulid(MS + 4, 1)
+async def test_a_batch_links_once_per_32_ms_span_of_tasks(storage, anyio_backend, monkeypatch):
+    """A batch's index entry is a link per 32 ms span of ULID tasks, not per task, named by
+    the range of the span's ids in it: a query by task reads the batches whose range holds
+    the task and keeps the task's own lines."""
+    same = [ulid(MS + n, n) for n in range(1, 31)]  # 30 tasks made in one 32 ms
+    later = ulid(MS + 32, 1)
     events = events_of([*same, later])
     enqueued = events[0::3]
     ran = [e for e in events[3:9] if e.type is not EventType.ENQUEUED]  # tasks 1 and 2
@@ -141,10 +174,10 @@ async def test_a_batch_links_once_per_4_ms_group_of_tasks(storage, anyio_backend
         root = path(storage, "events")
         (first,) = [p for p in find(storage, "events/by-time") if p.endswith(".jsonl")][:1]
         assert os.stat(first).st_nlink == 3  # the batch, one entry for each group
-        group = os.listdir(f"{root}/by-task-time/{layout.task_group(same[0])}")
+        group = os.listdir(f"{root}/by-task-time/{layout.batch_group(same[0])}")
         ranges = sorted(layout.split_range_name(n)[:2] for n in group)  # type: ignore[index]
         assert ranges == [(same[0], same[29]), (same[1], same[2])]  # the group's ids in each
-        assert len(os.listdir(f"{root}/by-task-time/{layout.task_group(later)}")) == 1
+        assert len(os.listdir(f"{root}/by-task-time/{layout.batch_group(later)}")) == 1
         for task in (same[0], same[1], same[2], same[29], later):
             got = await s.query(task_id=task)
             assert [e.id for e in got] == [e.id for e in written if e.task_id == task]
@@ -178,7 +211,7 @@ async def test_small_batches_are_written_on_the_loop_and_big_ones_in_a_thread(
         await s.log_many(events_of([ulid(MS, n) for n in range(1, 4)]))  # one group: one link
         small = set(where)
         where.clear()
-        await s.log_many(events_of([ulid(MS + 4 * n, 1) for n in range(20)]))  # 20 links
+        await s.log_many(events_of([ulid(MS + 32 * n, 1) for n in range(20)]))  # 20 links
         assert small and where
         assert (here in small) is (local_io is None)
         assert here not in where

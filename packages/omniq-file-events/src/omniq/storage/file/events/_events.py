@@ -664,8 +664,9 @@ class AsyncFileEventStorage(AsyncEventStorage):
                     count += len(events)
                     in_batch = list(dict.fromkeys(event.task_id for event in events))
                     index += layout.batch_index_keys(in_batch, batch, grouped)
-                    if grouped:  # where 0.1.0 put a batch's entries: one per task
-                        index += layout.batch_index_keys(in_batch, batch)
+                    if grouped:  # where earlier batches' entries went: 4 ms groups; 0.1.0's
+                        index += layout.batch_index_keys(in_batch, batch, True, layout.task_group)
+                        index += layout.batch_index_keys(in_batch, batch)  # one per task
                     tasks.update(in_batch)
                 # The index entries first: if this fails half-way, the primary copies are
                 # still there and the next cleanup removes the rest.
