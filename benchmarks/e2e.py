@@ -12,7 +12,8 @@ inside each timed window (enqueue, drain), so its deferred writes are counted.
 
 Enqueue is also timed interleaved, in two more children per repetition: two backends in
 sibling directories, events off and on (then off and batched), take turns enqueuing ``CHUNK``
-tasks each, the first of the two alternating, until each has N; the batched one flushes its
+tasks each, the first of the two alternating (and the pairs' order changing every
+repetition), until each has N; the batched one flushes its
 writer at the end of each of its turns (inside its time: batches of ``CHUNK`` events, no
 bigger than its 50 ms would make). A disk whose create rate swings 4-7x within a minute
 (``/tmp`` here) then slows both alike, where the drain children's enqueue figures, minutes
@@ -101,7 +102,7 @@ def child(path: str, n: int, concurrency: int, events: str, *, ready: Any) -> di
     return anyio.run(main)
 
 
-def enqueue_child(path: str, n: int, mode: str, *, ready: Any) -> dict[str, Any]:
+def enqueue_child(path: str, n: int, mode: str, off_first: bool, *, ready: Any) -> dict[str, Any]:
     """Enqueue/s of events off and ``mode``, interleaved (see the module docstring)."""
     import anyio
 
@@ -113,7 +114,7 @@ def enqueue_child(path: str, n: int, mode: str, *, ready: Any) -> dict[str, Any]
         spent = dict.fromkeys(pair, 0.0)
         ready()
         for turn, start in enumerate(range(0, n, CHUNK)):
-            for m in pair if turn % 2 == 0 else pair[::-1]:
+            for m in pair if (turn % 2 == 0) == off_first else pair[::-1]:
                 backend = backends[m]
                 t0 = time.monotonic()
                 await enqueue_range(backend, FUNC, start, min(n, start + CHUNK))
@@ -217,9 +218,10 @@ def run(ctx: Context) -> dict[str, Any]:
             raw.setdefault(key, []).append(got)
     interleaved: dict[str, list[dict[str, float]]] = {m: [] for m in EVENTS[1:]}
     for rep in range(ctx.repeat):
-        for mode in EVENTS[1:]:
+        # Which pair runs first, and which of a pair goes first, change every repetition.
+        for mode in EVENTS[1:] if rep % 2 == 0 else EVENTS[:0:-1]:
             with ctx.scratch(ctx.disk_base, f"e2e-enqueue-{mode}") as path:
-                (got,) = run_children(enqueue_child, [(path, n, mode)])
+                (got,) = run_children(enqueue_child, [(path, n, mode, rep % 2 == 0)])
             per_s = got["enqueue_per_s"]
             ctx.log(
                 f"e2e interleaved enqueue rep {rep + 1}/{ctx.repeat}: "
@@ -413,7 +415,8 @@ def _queries_markdown(data: dict[str, Any]) -> str:
         + md_table(["concurrency", "events", "drain / off", "enqueue / off"], ratio_rows)
         + f"\n\nEnqueue interleaved (events off and one other mode taking turns of {CHUNK} "
         "tasks; the batched one flushes at the end of each turn), median of "
-        f"{data['repeat']} repetitions:\n\n"
+        f"{data['repeat']} repetitions (events off: of both pairs' runs; each ratio is to the "
+        "off of its own pair):\n\n"
         + md_table(
             ["events", "enqueue/s", "/ off (median of per-repetition ratios)"],
             [

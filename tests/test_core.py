@@ -305,7 +305,7 @@ def test_new_id_is_the_millis_then_a_counter_in_crockford_base32(monkeypatch) ->
     def value(text: str) -> int:
         return sum(digits.index(c) << 5 * (25 - i) for i, c in enumerate(text))
 
-    monkeypatch.setattr(models, "_last_id", [0, 0, ""])  # this test's sequence only
+    monkeypatch.setattr(models, "_last_id", [-1, 0, ""])  # this test's sequence only
     now = [1_764_800_000_123_456_789]
     monkeypatch.setattr(models.time, "time_ns", lambda: now[0])
     first = [new_id() for _ in range(3)]
@@ -318,6 +318,9 @@ def test_new_id_is_the_millis_then_a_counter_in_crockford_base32(monkeypatch) ->
     later = new_id()
     assert value(later) >> 80 == ms + 1 and later[:10] == id_text((ms + 1) << 80)[:10]
     assert later > first[-1]
+    monkeypatch.setattr(models, "_last_id", [-1, 0, ""])
+    monkeypatch.setattr(models.time, "time_ns", lambda: 0)  # millisecond 0: a full id too
+    assert len(new_id()) == 26 and value(new_id()) >> 80 == 0
 
 
 def test_ids_unique_and_monotonic_across_threads() -> None:

@@ -2,13 +2,12 @@
 
 On a local directory each new directory is an inode, as costly as the event's own file, so
 ULID task ids are indexed by the 4 ms in which the id was made (``events/by-task-time/``;
-batches by the 32 ms) instead of one directory per task; object stores and memory have no directories to make and
-keep ``events/by-task/{task_id}/``. Entries of the older layout are still read and cleaned.
+batches by the 32 ms) instead of one directory per task; object stores and memory have no
+directories to make and keep ``events/by-task/{task_id}/``. Entries of the older layout are still read and cleaned.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from datetime import datetime, timedelta, timezone
@@ -114,32 +113,6 @@ async def test_entries_of_the_older_layout_are_read_and_cleaned(storage, anyio_b
         assert find(storage, "events") == []
     root = path(storage, "events")
     assert os.listdir(f"{root}/by-task") == [] and os.listdir(f"{root}/by-task-time") == []
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize("storage", ["local"], indirect=True)
-async def test_batches_indexed_by_4_ms_groups_are_read_and_cleaned(
-    storage, anyio_backend, monkeypatch
-):
-    """Batches written before their entries went to 32 ms spans have them in the 4 ms
-    groups of single events: queries by task find them, cleanup removes them."""
-    tasks = [ulid(MS + 1, 1), ulid(MS + 9, 1)]  # two 4 ms groups, one 32 ms span
-    events = events_of(tasks)
-    earlier = functools.partial(layout.batch_index_keys, group_of=layout.task_group)
-    async with make(storage) as s:
-        with monkeypatch.context() as m:
-            m.setattr(layout, "batch_index_keys", earlier)
-            await s.log_many(events[:3])  # the first task's, the earlier way
-        await s.log_many(events[3:])
-        root = path(storage, "events")
-        assert len(os.listdir(f"{root}/by-task-time/{layout.task_group(tasks[0])}")) == 1
-        assert len(os.listdir(f"{root}/by-task-time/{layout.batch_group(tasks[1])}")) == 1
-        for task in tasks:
-            got = await s.query(task_id=task)
-            assert [e.id for e in got] == [e.id for e in events if e.task_id == task]
-        assert await s.cleanup(T0 + timedelta(hours=2)) == len(events)
-        assert find(storage, "events") == []
-    assert os.listdir(f"{path(storage, 'events')}/by-task-time") == []
 
 
 @pytest.mark.anyio

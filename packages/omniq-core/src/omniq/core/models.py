@@ -40,7 +40,7 @@ _PAIR_SHIFTS = tuple(range(120, -1, -10))  # 13 pairs: 130 bits, the top two alw
 _id_lock = threading.Lock()
 # [millis, random part, the text of the millis]: the first 10 characters encode 50 bits (two
 # zero bits and the 48 of the millis), so one millisecond's ids share them.
-_last_id: list[Any] = [0, 0, ""]
+_last_id: list[Any] = [-1, 0, ""]  # -1: the first call, even at millisecond 0, starts afresh
 
 
 def new_id() -> str:
@@ -81,7 +81,7 @@ def _reset_ids_after_fork() -> None:
     # would hand out the same "last + 1" ids.
     global _id_lock
     _id_lock = threading.Lock()
-    _last_id[:] = [0, 0, ""]
+    _last_id[:] = [-1, 0, ""]
 
 
 if hasattr(os, "register_at_fork"):

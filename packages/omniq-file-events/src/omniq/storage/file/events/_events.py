@@ -2,7 +2,7 @@
 
 ``log`` writes one event as two small files; ``log_many`` and the background writer behind
 ``submit`` write many events as one batch file per hour plus index entries (one per task;
-locally one per 4 ms group of OmniQ's task ids: see ``_layout``). Multi-step operations are
+locally one per 32 ms span of OmniQ's task ids: see ``_layout``). Multi-step operations are
 *programs* (generators of storage ops, see ``omniq.core.fs``): run on the event loop for a
 local directory (in a worker thread with ``local_io="thread"`` or ``fsync``, and for big
 writes and scans), natively async on S3, GCS and Azure.
@@ -265,7 +265,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
 
     async def log_many(self, events: Iterable[TaskEvent]) -> None:
         """Record ``events`` now, as one batch file per hour of event time plus an index
-        entry per task (locally a hard link per 4 ms group of OmniQ's task ids). Never
+        entry per task (locally a hard link per 32 ms span of OmniQ's task ids). Never
         raises for storage trouble (counted in ``failed_writes``, like ``log``); an invalid
         name raises before anything is written."""
         items = [self._encode(event) for event in events]
@@ -664,9 +664,8 @@ class AsyncFileEventStorage(AsyncEventStorage):
                     count += len(events)
                     in_batch = list(dict.fromkeys(event.task_id for event in events))
                     index += layout.batch_index_keys(in_batch, batch, grouped)
-                    if grouped:  # where earlier batches' entries went: 4 ms groups; 0.1.0's
-                        index += layout.batch_index_keys(in_batch, batch, True, layout.task_group)
-                        index += layout.batch_index_keys(in_batch, batch)  # one per task
+                    if grouped:  # where 0.1.0 put a batch's entries: one per task
+                        index += layout.batch_index_keys(in_batch, batch)
                     tasks.update(in_batch)
                 # The index entries first: if this fails half-way, the primary copies are
                 # still there and the next cleanup removes the rest.

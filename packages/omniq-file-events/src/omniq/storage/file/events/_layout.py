@@ -31,8 +31,7 @@ backend and the worker use ``log``) share files instead::
         task reads the span's batches whose id range holds the task and keeps that task's
         lines: tasks made one after another and run in about that order have their events
         in the same few batches, so the ranges of a span's batches overlap little (run out
-        of order, more batches are read). Batches written before used the 4 ms groups of
-        single events; those entries are still read and cleaned.
+        of order, more batches are read: a range covers up to 32 ms of ids).
 
 ``~`` separates the fields because no task id, event id or event type can contain it
 (``validate_name`` allows only ``[A-Za-z0-9_.-]``). A file name alone therefore tells the
@@ -43,7 +42,7 @@ time, id, type and task of an event: queries filter on names before reading anyt
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -116,10 +115,11 @@ def task_group(task_id: str) -> str | None:
 
 def batch_group(task_id: str) -> str | None:
     """The 32 ms in which a ULID task id was made (its first nine characters), where a
-    batch's index entries go; None for other ids. Coarser than ``task_group``: a batch's
-    entry lists no task, so a query reads no more batches for it, and a local disk makes 8x
-    fewer directories and links (a producer of 1,400 tasks a second wrote about one link
-    and one directory per five events with 4 ms)."""
+    batch's index entries go; None for other ids. Coarser than ``task_group``: a local disk
+    makes up to 8x fewer directories and links (with 4 ms, a producer of 1,400 tasks a
+    second wrote about one link and one directory per five events); the price is a longer
+    listing per query by task, and for tasks run out of order wider id ranges, so more
+    batches read."""
     return task_id[:9] if task_group(task_id) is not None else None
 
 
@@ -202,21 +202,15 @@ def batch_time_key(b: Batch) -> str:
     return f"{BY_TIME}/{day_of(b.min_ms)}/{hour_of(b.min_ms)}/{b.name}"
 
 
-def batch_index_keys(
-    task_ids: Iterable[str],
-    b: Batch,
-    grouped: bool = False,
-    group_of: Callable[[str], str | None] = batch_group,
-) -> list[str]:
+def batch_index_keys(task_ids: Iterable[str], b: Batch, grouped: bool = False) -> list[str]:
     """The index entries of batch ``b`` holding events of ``task_ids``: one per task, but
-    with ``grouped`` (a local directory) one per ``group_of`` (``batch_group``; earlier
-    batches: ``task_group``) of ULID task ids, named by the range of the group's ids in the
-    batch. The same ids give the same keys (``cleanup`` finds them from the batch's
-    contents)."""
+    with ``grouped`` (a local directory) one per 32 ms span of ULID task ids, named by the
+    range of the span's ids in the batch. The same ids give the same keys (``cleanup`` finds
+    them from the batch's contents)."""
     keys: list[str] = []
     ranges: dict[str, tuple[str, str]] = {}
     for task_id in dict.fromkeys(task_ids):
-        group = group_of(task_id) if grouped else None
+        group = batch_group(task_id) if grouped else None
         if group is None:
             keys.append(f"{BY_TASK}/{task_id}/{b.name}")
         elif group in ranges:
