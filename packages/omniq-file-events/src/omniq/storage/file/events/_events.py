@@ -428,11 +428,19 @@ class AsyncFileEventStorage(AsyncEventStorage):
         index), the names starting with it, which it is taken off before parsing, and the
         group's batch entries whose range of task ids holds ``task_id``."""
         out = []
+        wanted = task_id or ""
         for listed in names:
+            if (
+                lead
+                and listed[26:27] == listed[53:54] == layout.SEP
+                and listed.endswith(layout.BATCH_SUFFIX)
+                and not listed[:26] <= wanted <= listed[27:53]
+            ):  # a batch entry of ULID ids (most of a span's) out of range: skipped unparsed
+                continue
             ranged = layout.split_range_name(listed) if lead else None
             if ranged is not None:
                 first, last, batch_name = ranged
-                if first <= (task_id or "") <= last:  # most of a group's: skipped unparsed
+                if first <= wanted <= last:
                     holder = layout.parse_batch_name(batch_name)
                     if holder is not None and window.may_overlap(holder.min_ms, holder.max_ms):
                         out.append(_Source(holder.min_ms, layout.batch_time_key(holder), True))
