@@ -13,9 +13,8 @@ inside each timed window (enqueue, drain), so its deferred writes are counted.
 Enqueue is also timed interleaved, in two more children per repetition: two backends in
 sibling directories, events off and on (then off and batched), take turns enqueuing ``CHUNK``
 tasks each, the first of the two alternating (and the pairs' order changing every
-repetition), until each has N; the batched one flushes its
-writer at the end of each of its turns (inside its time: batches of ``CHUNK`` events, no
-bigger than its 50 ms would make). A disk whose create rate swings 4-7x within a minute
+repetition), until each has N; the batched one flushes its writer at the end of each of its
+turns (inside its time: batches of ``CHUNK`` events, no bigger than its 50 ms would make). A disk whose create rate swings 4-7x within a minute
 (``/tmp`` here) then slows both alike, where the drain children's enqueue figures, minutes
 apart, swing with it. The pairs are timed apart because a third backend writing a file and a
 link per event slowed the disk for whoever came after it: with the three modes in one child

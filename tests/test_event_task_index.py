@@ -3,7 +3,8 @@
 On a local directory each new directory is an inode, as costly as the event's own file, so
 ULID task ids are indexed by the 4 ms in which the id was made (``events/by-task-time/``;
 batches by the 32 ms) instead of one directory per task; object stores and memory have no
-directories to make and keep ``events/by-task/{task_id}/``. Entries of the older layout are still read and cleaned.
+directories to make and keep ``events/by-task/{task_id}/``. Entries of the older layout are
+still read and cleaned.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ async def test_a_batch_links_once_per_32_ms_span_of_tasks(storage, anyio_backend
         await s.log_many(ran)  # a second batch, of the first group only
         root = path(storage, "events")
         (first,) = [p for p in find(storage, "events/by-time") if p.endswith(".jsonl")][:1]
-        assert os.stat(first).st_nlink == 3  # the batch, one entry for each group
+        assert os.stat(first).st_nlink == 3  # the batch, one entry for each span
         group = os.listdir(f"{root}/by-task-time/{layout.batch_group(same[0])}")
         ranges = sorted(layout.split_range_name(n)[:2] for n in group)  # type: ignore[index]
         assert ranges == [(same[0], same[29]), (same[1], same[2])]  # the group's ids in each

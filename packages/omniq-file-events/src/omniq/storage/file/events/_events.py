@@ -429,12 +429,14 @@ class AsyncFileEventStorage(AsyncEventStorage):
         group's batch entries whose range of task ids holds ``task_id``."""
         out = []
         wanted = task_id or ""
+        first_sep = slice(layout.RANGE_FIRST.stop, layout.RANGE_FIRST.stop + 1)
+        last_sep = slice(layout.RANGE_LAST.stop, layout.RANGE_LAST.stop + 1)
         for listed in names:
             if (
                 lead
-                and listed[26:27] == listed[53:54] == layout.SEP
+                and listed[first_sep] == listed[last_sep] == layout.SEP
                 and listed.endswith(layout.BATCH_SUFFIX)
-                and not listed[:26] <= wanted <= listed[27:53]
+                and not listed[layout.RANGE_FIRST] <= wanted <= listed[layout.RANGE_LAST]
             ):  # a batch entry of ULID ids (most of a span's) out of range: skipped unparsed
                 continue
             ranged = layout.split_range_name(listed) if lead else None

@@ -99,6 +99,10 @@ def time_key(n: Name) -> str:
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _ULID_CHARS = frozenset(_CROCKFORD)
+ULID_LENGTH = 26
+# A batch entry of ULID ids starts with its range: the first id, ``~``, the last id, ``~``.
+RANGE_FIRST = slice(0, ULID_LENGTH)
+RANGE_LAST = slice(ULID_LENGTH + 1, 2 * ULID_LENGTH + 1)
 # The tenth character of a ULID is its millisecond's lowest five bits: rounded down to a
 # multiple of 4, nine characters and it name the 4 ms in which the id was made. A by-task
 # query lists the group (~0.5 us an entry on ext4): 4 ms bound it to the tasks a producer
@@ -108,7 +112,7 @@ _FOUR_MS = {c: _CROCKFORD[i & ~3] for i, c in enumerate(_CROCKFORD)}
 
 def task_group(task_id: str) -> str | None:
     """The 4 ms in which a ULID task id was made, as ten characters; None for other ids."""
-    if len(task_id) != 26 or not _ULID_CHARS.issuperset(task_id):
+    if len(task_id) != ULID_LENGTH or not _ULID_CHARS.issuperset(task_id):
         return None
     return task_id[:9] + _FOUR_MS[task_id[9]]
 
@@ -133,7 +137,11 @@ def task_dirs(task_id: str, grouped: bool) -> list[tuple[str, str]]:
     if group is None:
         return [own]
     lead = f"{task_id}{SEP}"
-    return [(f"{BY_TASK_TIME}/{group}", lead), (f"{BY_TASK_TIME}/{group[:9]}", lead), own]
+    return [
+        (f"{BY_TASK_TIME}/{group}", lead),
+        (f"{BY_TASK_TIME}/{batch_group(task_id)}", lead),
+        own,
+    ]
 
 
 def _entry(task_id: str, name: str, grouped: bool) -> str:
