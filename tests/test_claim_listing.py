@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from omniq.core import Task
-from omniq.core.fs import listafter, listdirs, listhead, write
+from omniq.core import Task, codec
+from omniq.core.fs import exists, listafter, listdirs, listhead, write
+from omniq.storage.file.queue import _layout as layout
 from omniq.storage.file.queue import _queue as queue_module
 from queue_helpers import FakeClock, make_queue
 
@@ -205,3 +206,50 @@ async def test_a_shallow_listing_on_an_object_store_is_listed_again_after_one_mi
 async def _drain(q: Any) -> Any:
     while (claimed := await q.dequeue()) is not None:
         yield claimed
+
+
+async def test_a_queue_object_does_not_try_a_task_again_soon_after_its_own_try(
+    storage: Any,
+) -> None:
+    """A listing made while another call of the same object has claims in flight (or before
+    their ready copies are deleted) shows those tasks again: they are left out for two
+    ``refresh_interval``s. Here the copy of a claimed task is put back by hand."""
+    clock = FakeClock()
+    q = make_queue(storage, clock=clock, lanes=False)
+    tried: list[str] = []
+    claim_program = q._claim_program
+
+    def spy(queue: str, cand: Any, *args: Any) -> Any:
+        tried.append(cand.task_id)
+        return claim_program(queue, cand, *args)
+
+    try:
+        await q.enqueue_many([Task(func="m:f", args=[i]) for i in range(3)])
+        first = await q.dequeue()
+        assert first is not None
+        copy = layout.ready_key(first.queue, first.task.priority, first.id, first.attempt)
+
+        def put_back() -> Any:
+            yield write(copy, codec.encode(first.task))
+
+        await q.store.run(put_back())
+        q._claim_program = spy  # type: ignore[method-assign]
+        q._cache.clear()  # a new listing, which shows the copy again
+        got = await q.dequeue_many(3)
+        assert len(got) == 2 and first.id not in tried
+        for claimed in [first, *got]:
+            await q.ack(claimed)
+
+        clock.advance(2.5)
+        await q.store.run(put_back())  # (GCS, Azure: the deferred delete removed it meanwhile)
+        q._cache.clear()
+        assert await q.dequeue() is None  # tried now, lost to the claim (S3: dropped by the
+        if storage.kind != "s3":  # listing's claim check before any try)
+            assert first.id in tried
+
+        def left() -> Any:
+            return (yield exists(copy))
+
+        assert not await q.store.run(left())  # and removed
+    finally:
+        await q.close()

@@ -9,6 +9,7 @@ import pytest
 
 import worker_tasks
 from omniq.backend.file import AsyncFileBackend
+from omniq.backend.file._claimers import HELPER_WAIT
 from omniq.core.models import ResultStatus
 
 MEMORY = pytest.mark.parametrize("storage", ["memory"], indirect=True)
@@ -150,10 +151,10 @@ async def test_a_burst_worker_runs_what_a_helper_claims_while_it_decides_to_stop
 
         async def dequeue_many(count, queues, *, wait=None, **kwargs):
             nonlocal main_calls
-            if wait is None:  # a helper: its claim lands after the main loop's last look
+            if wait == HELPER_WAIT:  # a helper: its claim lands after the main loop's last look
                 await last_look.wait()
                 await anyio.sleep(0.05)
-                return await real(count, queues, **kwargs)
+                return await real(count, queues, wait=wait, **kwargs)
             main_calls += 1
             if main_calls == 1:
                 return await real(1, queues, wait=wait, **kwargs)  # the first task only

@@ -28,6 +28,8 @@ from omniq.core.models import Claimed
 
 log = logging.getLogger("omniq.worker")
 
+HELPER_WAIT = 0.001  # seconds: a helper does not wait for tasks, it parks (see _loop)
+
 
 def take_free(slots: anyio.Semaphore) -> int:
     """Acquire every slot that is free now, without waiting; returns how many."""
@@ -166,8 +168,14 @@ class ClaimHelpers:
                     return
                 free = 1 + take_free(self.slots)
                 try:
+                    # A waiting call (however briefly), as the main loop's: with claim
+                    # lanes it leaves other consumers' new tasks to them (docs/queue.md).
                     batch = await worker.queue.dequeue_many(
-                        free, worker.queues, lease=worker.lease, worker_id=worker.worker_id
+                        free,
+                        worker.queues,
+                        lease=worker.lease,
+                        wait=HELPER_WAIT,
+                        worker_id=worker.worker_id,
                     )
                 except (StorageError, OSError) as exc:
                     release(self.slots, free)  # the main loop backs off and retries

@@ -15,11 +15,17 @@ from typing import Any
 import anyio
 
 from omniq.core import codec
-from omniq.core.errors import LeaseLostError, SerializationError, TaskCancelledError
+from omniq.core.errors import (
+    LeaseLostError,
+    SerializationError,
+    StorageError,
+    TaskCancelledError,
+)
 from omniq.core.fs import Program, create, delete, exists, listdirs, listhead, now, read, write
 from omniq.core.models import UTC, Claimed, EventType, Task
 
 from . import _layout as layout
+from ._lanes import Lanes
 from ._reaper import Reaping
 
 log = logging.getLogger("omniq.queue")
@@ -30,11 +36,18 @@ MISSES = 3  # candidates in a row found taken before a listing is made again (se
 class ListingCache:
     """Claim candidates from the last listing of one queue, shared by this instance's callers."""
 
-    __slots__ = ("at", "items", "misses", "taken", "tolerated")
+    __slots__ = ("at", "items", "misses", "patient", "taken", "tolerated")
 
-    def __init__(self, at: float, items: list[layout.Candidate], tolerated: int = MISSES) -> None:
+    def __init__(
+        self,
+        at: float,
+        items: list[layout.Candidate],
+        tolerated: int = MISSES,
+        patient: bool = False,
+    ) -> None:
         self.at = at
         self.items = items
+        self.patient = patient  # ordered for a waiting call (see _spread)
         self.taken = 0  # claims made from it
         self.misses = 0  # candidates in a row found claimed by others
         self.tolerated = tolerated  # misses in a row before listing again
@@ -58,8 +71,10 @@ class ClaimHandling(Reaping):
     spread: int
     refresh_interval: float
     reap_interval: float
+    lanes: Lanes | None
     _cache: dict[str, ListingCache]
     _listing: set[str]
+    _picked: dict[str, float]
 
     async def _fresh(self, claims: list[Claimed], lease: float) -> list[Claimed]:
         """The claims to hand out. A claim whose requests took long (retried or slowed through
@@ -124,17 +139,32 @@ class ClaimHandling(Reaping):
         return any(c.lease_until.timestamp() < limit for group in groups for c in group)
 
     async def _claim_from(
-        self, queue: str, lease: float, worker: str, want: int, held: list[Claimed]
+        self,
+        queue: str,
+        lease: float,
+        worker: str,
+        want: int,
+        held: list[Claimed],
+        patient: bool = False,
     ) -> list[Claimed]:
         """Up to ``want`` claims from ``queue``; ``held`` are the claims the caller already
-        has (from other queues). A storage error after some claims were made is logged and
-        what was claimed is returned: raising would strand those claims until their lease
-        ends."""
+        has (from other queues); a ``patient`` caller (one that waits) leaves other lanes'
+        new tasks to their owners (``_spread``). A storage error after some claims were made
+        is logged and what was claimed is returned: raising would strand those claims until
+        their lease ends."""
         claimed: list[Claimed] = []
+        lanes = self.lanes
+        if lanes is not None and lanes.due(queue, self._now()):
+            try:
+                await self.store.run(lanes.look(queue, self._now()))
+            except StorageError as exc:  # lanes only order claims: claim without them
+                log.debug("could not look at the lanes of %s: %s", queue, exc)
         try:
-            await self._claim_rounds(queue, lease, worker, want, held, claimed)
+            await self._claim_rounds(queue, lease, worker, want, held, claimed, patient)
         except Exception as exc:
             hand_over_or_raise(queue, claimed, exc)
+        if claimed and lanes is not None:
+            lanes.claimed(queue, self._now())
         return claimed
 
     async def _claim_rounds(
@@ -145,6 +175,7 @@ class ClaimHandling(Reaping):
         want: int,
         held: list[Claimed],
         claimed: list[Claimed],
+        patient: bool,
     ) -> None:
         # Claims made are appended to ``claimed`` as they come (kept if a later step fails).
         if self._held_too_long(lease, held):
@@ -181,10 +212,14 @@ class ClaimHandling(Reaping):
                     self._listing.discard(queue)
                 # Stamped when the listing ended: a slow listing must not make the next
                 # dequeue list again at once.
+                order = self._spread(queue, self._unpicked(items), patient)
                 cache = self._cache[queue] = ListingCache(
-                    self._now(), self._spread(items), self._tolerated(items)
+                    self._now(), order, self._tolerated(items), patient
                 )
                 refreshed = True
+            elif patient and not cache.patient and self.lanes is not None:
+                # Ordered for a call that did not wait: what lanes leave to others goes.
+                cache.items, cache.patient = self._spread(queue, cache.items, True), True
             # A listing made by this call is trusted for MISSES (they are races under way);
             # one kept from an earlier call for what ``_tolerated`` says.
             while cache.items and cache.misses < (MISSES if refreshed else cache.tolerated):
@@ -193,7 +228,18 @@ class ClaimHandling(Reaping):
                 picks = [
                     cache.items.pop(0) for _ in range(min(want - len(claimed), len(cache.items)))
                 ]
-                for got in await self._claim_picks(queue, picks, lease, worker):
+                # Noted before the tries: a listing made by another call meanwhile leaves
+                # them out (see _unpicked).
+                self._picked.update((c.key, current) for c in picks)
+                try:
+                    results = await self._claim_picks(queue, picks, lease, worker)
+                except BaseException:
+                    for c in picks:
+                        self._picked.pop(c.key, None)
+                    raise
+                for c in picks[len(results) :]:  # a try that failed ended the batch early
+                    self._picked.pop(c.key, None)
+                for got in results:
                     if isinstance(got, Claimed):
                         claimed.append(got)
                         cache.taken, cache.misses = cache.taken + 1, 0
@@ -201,13 +247,27 @@ class ClaimHandling(Reaping):
                         log.info("task %s expired before it started", got.id)
                         await self._emit(EventType.EXPIRED, got, attempt=got.attempt)
                     else:  # taken by another consumer, who walks on from there: jump away
-                        cache.items = self._spread(cache.items)
+                        cache.items = self._spread(queue, cache.items, patient)
                         cache.misses += 1
+                        if self.lanes is not None:
+                            self.lanes.missed(queue)
                 if len(claimed) >= want:
                     return
             if refreshed or queue in self._listing:
                 return
             cache = None
+
+    def _unpicked(self, items: list[layout.Candidate]) -> list[layout.Candidate]:
+        """``items`` without those this instance tried in the last two ``refresh_interval``s.
+        Its claim calls run side by side (the worker's claim loops) and share one listing:
+        a listing made while another call's claims are in flight, or before their ready
+        copies are deleted (deferred on object stores), shows those tasks again, and each
+        such pick costs a read and a refused create. An attempt's key is never claimable
+        twice; a try that failed on an error is not counted."""
+        if self._picked:
+            horizon = self._now() - 2 * self.refresh_interval
+            self._picked = {k: at for k, at in self._picked.items() if at > horizon}
+        return [c for c in items if c.key not in self._picked]
 
     def _tolerated(self, items: list[layout.Candidate]) -> int:
         """Misses in a row a listing is trusted for by later calls. On an object store a
@@ -268,6 +328,9 @@ class ClaimHandling(Reaping):
                 tg.start_soon(self.store.run, self.claims.delete_spent(key))
             for i, cand in enumerate(picks):
                 tg.start_soon(attempt, i, cand)
+        for c, item in zip(picks, out, strict=True):
+            if isinstance(item, BaseException):
+                self._picked.pop(c.key, None)  # not tried to the end: may be tried again
         got = [item for item in out if not isinstance(item, BaseException)]
         for error in out:
             if isinstance(error, BaseException):
@@ -287,17 +350,34 @@ class ClaimHandling(Reaping):
                 break
         return out
 
-    def _spread(self, items: list[layout.Candidate]) -> list[layout.Candidate]:
+    def _spread(
+        self, queue: str, items: list[layout.Candidate], patient: bool = False
+    ) -> list[layout.Candidate]:
         """``items`` in claim order: the first ``spread`` candidates of the top priority
         rotated by a random offset, so that consumers listing the same head start at
         different places and walk it without meeting (a random pick per claim collides more
-        as the head is used up), then the rest in order."""
+        as the head is used up), then the rest in order. With a claim lane (``_lanes``) the
+        top candidates the lanes give this consumer come first, in the lanes' order; a
+        ``patient`` caller (one that waits) takes only those (none: it waits, and lower
+        priorities wait for a listing where the top one is gone), another the rest after
+        them."""
         if not items:
             return items
         top, window = items[0].rank, min(self.spread, len(items))
         same = next((i for i in range(1, window) if items[i].rank != top), window)
-        start = random.randrange(same)
-        return items[start:same] + items[:start] + items[same:]
+        head, rest = items[:same], items[same:]
+        given = None if self.lanes is None else self.lanes.pick(queue, head, self._now())
+        if given is None:
+            given = []
+        elif patient:
+            return given
+        else:
+            chosen = {c.key for c in given}
+            head = [c for c in head if c.key not in chosen]
+        if head:
+            start = random.randrange(len(head))
+            head = head[start:] + head[:start]
+        return given + head + rest
 
     def _scan_program(self, queue: str) -> Program[list[layout.Candidate]]:
         if self.claims.pending:  # deferred deletes first: the listing then no longer shows them

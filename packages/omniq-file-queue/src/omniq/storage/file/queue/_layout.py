@@ -19,6 +19,7 @@
     {queue}/cancel/{id}.{n}                      cancel request for running attempt n
     {queue}/quarantine/{area}.{name}.{time}      unreadable files, moved aside
     {queue}/reaper/last                          when the last reaper pass began (cadence)
+    {queue}/lanes/{time:010d}.{consumer}         empty: a consumer busy claiming (_lanes)
     {queue}/wait/{id}.json                       task waiting for its dependencies
     {queue}/deps/{dep}/{id}                      link: waiting task {id} (its queue inside)
                                                  depends on {dep} of this queue
@@ -147,6 +148,14 @@ def due_key(queue: str, eta_ms: int, priority: int, task_id: str, attempt: int) 
 
 def reaper_key(queue: str) -> str:
     return f"{queue}/reaper/last"
+
+
+def lanes_dir(queue: str) -> str:
+    return f"{queue}/lanes"
+
+
+def lane_key(queue: str, stamp: int, consumer: str) -> str:
+    return f"{queue}/lanes/{stamp:010d}.{consumer}"
 
 
 def run_key(queue: str, task_id: str, attempt: int) -> str:

@@ -46,6 +46,7 @@ from ._claim_s3 import S3Claims
 from ._claiming import ClaimHandling, ListingCache, hand_over_or_raise
 from ._dependencies import DependencyHandling, check_dependencies
 from ._inspect import QueueInspection
+from ._lanes import Lanes
 from ._listing import QueueListing
 from ._shards import Shards
 
@@ -126,6 +127,11 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
             writes spread over ``n`` key ranges of the store; every call that names the queue
             reads all of them. Producers, workers and tools must use the same counts
             (docs/queue.md, "Sharded queues").
+        lanes: consumers busy claiming from a queue announce themselves there, and each
+            claims the tasks of its own lane (a hash of the id) first and the others' once
+            they are ``refresh_interval`` old, so that many consumers of a shallow queue
+            rarely race for one task (docs/queue.md, "Many consumers of one queue"). None
+            (default): on object stores.
         clock: epoch-seconds clock, for tests.
     """
 
@@ -147,6 +153,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         watch: bool = True,
         on_event: EventHook | None = None,
         shards: Mapping[str, int] | None = None,
+        lanes: bool | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         if lease <= 0:
@@ -173,6 +180,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         self._checked = False
         self._cache: dict[str, ListingCache] = {}
         self._listing: set[str] = set()  # queues a call of this instance is listing now
+        self._picked: dict[str, float] = {}  # candidates' keys this instance tried, and when
         self._reaped: dict[str, float] = {}
         self._idle: dict[tuple[str, ...], _Idle] = {}
         self.takeovers: dict[str, int] = {}  # expired leases this reaper requeued (metrics)
@@ -191,6 +199,11 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         if spread is None:  # object stores: the whole head (a lost race there costs requests)
             spread = self.batch if self.store.is_remote else 256
         self.spread = max(1, spread)
+        if lanes is None:
+            lanes = self.store.is_remote
+        # A busy consumer says so again every ten listing lives; it leaves the others' tasks
+        # to them for one (see _lanes).
+        self.lanes = Lanes(10 * refresh_interval, refresh_interval, clock_skew) if lanes else None
 
     def __repr__(self) -> str:
         return f"AsyncFileQueue({self.store.url!r})"
@@ -209,6 +222,8 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
                 await self.store.run(self.claims.flush())
             except Exception as exc:  # the next listing of any worker removes them
                 log.warning("could not finish deferred clean-up: %s", exc)
+        if self.lanes is not None:
+            await self.store.run(self.lanes.withdraw())
         await self.store.aclose()
 
     async def maintain(self, *, sweep: bool = False) -> None:
@@ -352,7 +367,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
             for name in order:
                 try:
                     got = await self._claim_from(
-                        name, seconds, worker, count - len(claimed), claimed
+                        name, seconds, worker, count - len(claimed), claimed, wait > 0
                     )
                 except Exception as exc:  # claims from earlier queues are handed out, not stranded
                     hand_over_or_raise(name, claimed, exc)

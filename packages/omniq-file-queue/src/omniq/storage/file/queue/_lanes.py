@@ -1,0 +1,180 @@
+"""Claim lanes: busy consumers of one queue claim different tasks.
+
+Many consumers listing one shallow queue see the same few candidates, and most of their
+claim attempts meet a task another consumer has just taken: each such miss costs a read (and
+a refused create and a delete when the race was lost), and soon a listing more. 16 workers
+on a GCS queue kept 100 deep sent ~12 requests a task instead of ~5 (docs/queue.md, "Many
+consumers of one queue").
+
+A consumer that claimed from a queue in the last ``period`` is *busy* there and says so with
+an empty object ``{queue}/lanes/{time}.{consumer}``, written again under a new time every 1,
+2, ... up to ``period`` seconds (the old one deleted), and withdrawn when it has been idle
+for ``period`` or closes. Listing ``lanes/`` gives the busy consumers the same sorted list of
+names; consumer ``i`` of ``k`` owns the tasks whose id hashes to ``i`` modulo ``k``.
+
+What a consumer claims from a listing's top priority (``pick``; the queue's ``_spread``):
+its own lane's tasks, and the others' ``OVERDUE`` x ``ripe`` seconds old (their owner is
+slow or gone); when its lane has none, the others' ``ripe`` seconds old (by the time in the
+id, or the due time), the next lane's first. A call that waits stops there: hungry consumers list again for tasks of
+their own instead of racing the owners for theirs. A call that does not wait goes on with
+the rest of the listing, so it never comes back empty-handed while a task is listed.
+
+Correctness: lanes only choose among the candidates of a listing. A claim is still the
+exclusive create of its attempt (``_claim_*``), so lanes cannot cause a second run. No task
+waits on its owner for more than ``OVERDUE`` x ``ripe`` seconds (at once if its id carries
+no time): a task whose owner died, stalls, or sees another list of consumers (one joined
+since it looked) is claimed by the others then. Entries older than ``LIVE`` periods (plus the
+tolerated clock skew) are not counted, so a dead owner's lane is handed over; any consumer
+deletes entries older than ``FORGOTTEN`` periods. A producer whose clock runs ahead makes its
+tasks ripen later for non-owners only; their owner takes them at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+
+from omniq.core.errors import StorageError
+from omniq.core.fs import Program, delete, listhead, write
+
+from . import _layout as layout
+
+log = logging.getLogger("omniq.queue")
+
+LIVE, FORGOTTEN = 3, 10  # periods after which an entry is not counted, and is deleted
+OVERDUE = 10  # times ``ripe``: another's task this old is claimed even with tasks of one's own
+_MOST = 1000  # entries read from one listing (one LIST on S3)
+
+
+def lane_of(task_id: str, count: int) -> int:
+    """The lane of ``task_id`` among ``count``. Not the shard hash (CRC-32, see ``_shards``):
+    within one shard every id has the same CRC residue, which would leave lanes empty."""
+    digest = hashlib.blake2b(task_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count
+
+
+class Lanes:
+    """This consumer's presence in the lanes of the queues it claims from, and its lane."""
+
+    def __init__(self, period: float, ripe: float, clock_skew: float) -> None:
+        self.id = uuid.uuid4().hex[:16]
+        self.period = period
+        self.ripe = ripe
+        self.clock_skew = clock_skew
+        self._claimed: dict[str, float] = {}  # queue -> when this consumer last claimed
+        self._entry: dict[str, str] = {}  # queue -> this consumer's entry
+        self._looked: dict[str, float] = {}  # queue -> when lanes/ was last listed
+        self._looks: dict[str, int] = {}  # queue -> listings since it became busy
+        self._lane: dict[str, tuple[int, int]] = {}  # queue -> (own lane, lanes)
+        self._missed: set[str] = set()  # queues where a task was found taken since the look
+
+    def claimed(self, queue: str, current: float) -> None:
+        self._claimed[queue] = current
+
+    def missed(self, queue: str) -> None:
+        """A task listed here was found taken by another consumer: maybe one that sees
+        another list of consumers (see ``due``)."""
+        self._missed.add(queue)
+
+    def busy(self, queue: str, current: float) -> bool:
+        return current - self._claimed.get(queue, float("-inf")) < self.period
+
+    def due(self, queue: str, current: float) -> bool:
+        """Whether to look at ``queue``'s lanes now: a busy consumer at once when it has no
+        entry, then every 1, 2, ... up to ``period`` / 10 x 10 seconds, and ``ripe`` seconds
+        after a look when a task was found taken since (consumers started together see each
+        other within a second or two); an idle one to withdraw its entry."""
+        if not self.busy(queue, current):
+            return queue in self._entry
+        since = current - self._looked.get(queue, float("-inf"))
+        if queue not in self._entry or queue in self._missed:
+            return since >= self.ripe  # (after a failed look: not before a second)
+        return since >= self.period * min(10, self._looks.get(queue, 0)) / 10
+
+    def lane(self, queue: str) -> tuple[int, int] | None:
+        """(own lane, lanes) of ``queue``, or None: not busy there, or alone."""
+        return self._lane.get(queue)
+
+    def look(self, queue: str, current: float) -> Program[None]:
+        """Write (or withdraw) this consumer's entry, list the others, take the lane."""
+        busy = self.busy(queue, current)
+        self._missed.discard(queue)
+        self._looked[queue] = current  # before any request: a failed look waits its turn too
+        old = self._entry.get(queue)
+        if not busy:
+            self._entry.pop(queue, None)
+            self._lane.pop(queue, None)
+            self._looks.pop(queue, None)
+            yield from _forget([old] if old else [])
+            return
+        entry = layout.lane_key(queue, int(current), self.id)
+        if entry != old:
+            yield write(entry, b"")  # the new one first: the consumer is never unlisted
+            self._entry[queue] = entry
+            if old is not None:
+                yield from _forget([old])
+        live, gone = {self.id}, []
+        for name in (yield listhead(layout.lanes_dir(queue), _MOST)):
+            stamp, _, consumer = name.partition(".")
+            if not stamp.isdigit() or not consumer:
+                continue
+            age = current - int(stamp)
+            if age <= LIVE * self.period + self.clock_skew:
+                live.add(consumer)
+            elif age > FORGOTTEN * self.period + self.clock_skew:
+                gone.append(f"{layout.lanes_dir(queue)}/{name}")
+        ids = sorted(live)
+        if len(ids) > 1:
+            self._lane[queue] = (ids.index(self.id), len(ids))
+        else:
+            self._lane.pop(queue, None)
+        self._looks[queue] = self._looks.get(queue, 0) + 1
+        yield from _forget(gone)
+
+    def withdraw(self) -> Program[None]:
+        """Delete this consumer's entries (at ``close``)."""
+        entries = list(self._entry.values())
+        self._entry.clear()
+        self._lane.clear()
+        yield from _forget(entries)
+
+    def pick(
+        self, queue: str, items: list[layout.Candidate], current: float
+    ) -> list[layout.Candidate] | None:
+        """The ``items`` worth this consumer's claims, in claim order: those of its own lane
+        and the others' ``OVERDUE`` x ``ripe`` seconds old (in their order); when its lane
+        has none, the others' ``ripe`` seconds old, the next lane's first (consumer ``i``
+        helps ``i + 1`` first: two hungry consumers rarely help the same one). None without
+        a lane."""
+        lane = self._lane.get(queue)
+        if lane is None:
+            return None
+        own, count = lane
+        ripe = (current - self.ripe) * 1000  # ids and due times are in milliseconds
+        overdue = (current - OVERDUE * self.ripe) * 1000
+        mine = False
+        out: list[layout.Candidate] = []
+        others: list[tuple[int, layout.Candidate]] = []
+        for c in items:
+            at = lane_of(c.task_id, count)
+            if at == own:
+                mine = True
+                out.append(c)
+            elif c.time_ms <= ripe:
+                others.append(((at - own) % count, c))
+                if c.time_ms <= overdue:
+                    out.append(c)
+        if mine:
+            return out
+        others.sort(key=lambda pair: pair[0])  # stable: each lane's in their order
+        return [c for _, c in others]
+
+
+def _forget(keys: list[str]) -> Program[None]:
+    """Best effort: an entry left behind stops counting after ``LIVE`` periods."""
+    for key in keys:
+        try:
+            yield delete(key)
+        except StorageError as exc:
+            log.debug("could not remove lane entry %s: %s", key, exc)

@@ -1,0 +1,285 @@
+"""Claim lanes (issue 13, docs/queue.md "Many consumers of one queue"): consumers busy
+claiming from a queue announce themselves under ``{queue}/lanes/``, and each claims the tasks
+whose id hashes to its own lane first. Lanes only choose among listed tasks: a call that does
+not wait takes anything listed, no task waits on another lane's owner for long, and a claim
+is still the storage's exclusive create."""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from omniq.core import Task
+from omniq.core.errors import StorageError
+from omniq.core.fs import delete, listhead, write
+from omniq.core.models import id_text
+from omniq.storage.file.queue import AsyncFileQueue
+from omniq.storage.file.queue import _layout as layout
+from omniq.storage.file.queue._lanes import Lanes, lane_of
+from queue_helpers import FakeClock, make_queue
+
+pytestmark = pytest.mark.anyio
+
+QUEUE = "jobs"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def tasks(n: int, at: float) -> list[Task]:
+    """``n`` tasks whose ids carry the time ``at`` (epoch seconds): their age to the lanes."""
+    ms = int(at * 1000)
+    return [
+        Task(func="m:f", args=[i], id=id_text(ms << 80 | i << 40 | 7), queue=QUEUE)
+        for i in range(n)
+    ]
+
+
+async def entries(q: AsyncFileQueue) -> list[str]:
+    def program() -> Any:
+        return (yield listhead(layout.lanes_dir(QUEUE), 100))
+
+    return await q.store.run(program())
+
+
+async def make_busy(q: AsyncFileQueue, tag: str) -> None:
+    """A claim made by ``q``: it is busy at ``QUEUE`` from now."""
+    await q.enqueue(Task(func="m:f", id=f"warm-{tag}", queue=QUEUE))
+    claimed = await q.dequeue(QUEUE)
+    assert claimed is not None and claimed.id == f"warm-{tag}"
+    await q.ack(claimed)
+
+
+async def test_busy_consumers_take_one_lane_each_and_claim_from_it_first(storage: Any) -> None:
+    clock = FakeClock()
+    consumers = [make_queue(storage, lanes=True, clock=clock) for _ in range(3)]
+    try:
+        for i, q in enumerate(consumers):
+            await make_busy(q, str(i))
+        for q in consumers:  # each writes its entry and lists the others written so far
+            assert await q.dequeue(QUEUE) is None
+        assert len(await entries(consumers[0])) == 3
+        assert consumers[0].lanes is not None and consumers[0].lanes.lane(QUEUE) is None  # alone
+        clock.advance(1.5)  # a newcomer looks again a second later: all see all
+        for q in consumers:
+            assert await q.dequeue(QUEUE) is None
+        lanes = [q.lanes.lane(QUEUE) for q in consumers if q.lanes is not None]
+        assert sorted(lanes) == [(0, 3), (1, 3), (2, 3)]
+
+        batch = tasks(90, clock())
+        per_lane = Counter(lane_of(t.id, 3) for t in batch)
+        assert min(per_lane.values()) >= 6  # every lane holds more than a claim
+        await consumers[0].enqueue_many(batch)
+        for q, (own, _) in zip(consumers, lanes, strict=True):
+            got = await q.dequeue_many(5, QUEUE)  # without waiting: its own lane first
+            assert len(got) == 5
+            assert [lane_of(c.id, 3) for c in got] == [own] * 5
+            for claimed in got:
+                await q.ack(claimed)
+    finally:
+        for q in consumers:
+            await q.close()
+
+
+async def lanes_of_two(storage: Any, clock: FakeClock) -> tuple[AsyncFileQueue, AsyncFileQueue]:
+    a, b = (make_queue(storage, lanes=True, clock=clock) for _ in range(2))
+    await make_busy(a, "a")
+    await make_busy(b, "b")
+    for q in (a, b, a):  # the first to look saw only itself: it looks again
+        clock.advance(1.5)
+        assert await q.dequeue(QUEUE) is None
+    assert a.lanes is not None and b.lanes is not None
+    assert {a.lanes.lane(QUEUE), b.lanes.lane(QUEUE)} == {(0, 2), (1, 2)}
+    return a, b
+
+
+def own_lane(q: AsyncFileQueue) -> int:
+    assert q.lanes is not None
+    lane = q.lanes.lane(QUEUE)
+    assert lane is not None
+    return lane[0]
+
+
+async def test_a_waiting_call_leaves_another_lanes_new_tasks_to_it_for_a_second(
+    storage: Any,
+) -> None:
+    clock = FakeClock()
+    a, b = await lanes_of_two(storage, clock)
+    try:
+        batch = tasks(20, clock())
+        await a.enqueue_many(batch)
+        mine = {t.id for t in batch if lane_of(t.id, 2) == own_lane(b)}
+        assert mine and len(mine) < len(batch)
+        seen = []
+        while (claimed := await b.dequeue(QUEUE, wait=0.01)) is not None:  # its own lane
+            seen.append(claimed.id)
+            await b.ack(claimed)
+        assert sorted(seen) == sorted(mine)
+        claimed = await b.dequeue(QUEUE)  # a call that does not wait takes what is listed
+        assert claimed is not None and claimed.id not in mine
+        seen.append(claimed.id)
+        await b.ack(claimed)
+        assert await b.dequeue(QUEUE, wait=0.01) is None  # a's are less than a second old
+        clock.advance(1.1)  # ripe: b, with none of its own left, takes them
+        # (at its next look: an empty look paces a poller's next one, 0.1-0.2 s later)
+        while (claimed := await b.dequeue(QUEUE, wait=0.5)) is not None:
+            seen.append(claimed.id)
+            await b.ack(claimed)
+        assert sorted(seen) == sorted(t.id for t in batch)  # each once
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_another_lanes_overdue_tasks_go_beside_ones_own(storage: Any) -> None:
+    clock = FakeClock()
+    a, b = await lanes_of_two(storage, clock)
+    try:
+        old, new = tasks(20, clock() - 11), tasks(20, clock())
+        await a.enqueue_many(old + new)
+        got = await b.dequeue_many(40, QUEUE, wait=0.01)
+        expected = old + [t for t in new if lane_of(t.id, 2) == own_lane(b)]
+        assert sorted(c.id for c in got) == sorted(t.id for t in expected)
+        assert any(lane_of(t.id, 2) != own_lane(b) for t in old)
+        for claimed in got:
+            await b.ack(claimed)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_an_idle_consumer_withdraws_and_so_does_a_closed_one(storage: Any) -> None:
+    clock = FakeClock()
+    a = make_queue(storage, lanes=True, clock=clock)
+    b = make_queue(storage, lanes=True, clock=clock)
+    try:
+        await make_busy(a, "a")
+        await make_busy(b, "b")
+        assert await a.dequeue(QUEUE) is None
+        assert await b.dequeue(QUEUE) is None
+        assert len(await entries(a)) == 2
+        clock.advance(5)
+        assert await b.dequeue(QUEUE) is None  # still busy: 5 s since its last claim
+        clock.advance(6)  # 11 s without a claim: idle for a period (10 x refresh_interval)
+        assert await a.dequeue(QUEUE) is None
+        assert len(await entries(a)) == 1  # a withdrew; b's entry is b's to remove
+        await b.close()
+        assert await entries(a) == []
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_entries_of_dead_consumers_stop_counting_then_are_removed(storage: Any) -> None:
+    clock = FakeClock()
+    q = make_queue(storage, lanes=True, clock=clock, clock_skew=5.0)
+    now = int(clock())
+    alive = layout.lane_key(QUEUE, now - 30, "alive")  # within 3 periods + skew: counted
+    stale = layout.lane_key(QUEUE, now - 60, "stale")  # not counted, not yet removed
+    dead = layout.lane_key(QUEUE, now - 200, "dead")  # over 10 periods + skew: removed
+    try:
+
+        def plant() -> Any:
+            for key in (alive, stale, dead):
+                yield write(key, b"")
+
+        await q.store.run(plant())
+        await make_busy(q, "q")
+        assert await q.dequeue(QUEUE) is None
+        assert q.lanes is not None and q.lanes.lane(QUEUE) is not None
+        assert q.lanes.lane(QUEUE)[1] == 2  # alive and q
+        names = await entries(q)
+        assert alive.rsplit("/", 1)[1] in names and stale.rsplit("/", 1)[1] in names
+        assert dead.rsplit("/", 1)[1] not in names
+    finally:
+        await q.close()
+
+        def tidy() -> Any:
+            for key in (alive, stale):
+                yield delete(key)
+
+        await q.store.run(tidy())
+
+
+async def test_a_failed_look_at_the_lanes_does_not_fail_the_claim(storage: Any) -> None:
+    clock = FakeClock()
+    q = make_queue(storage, lanes=True, clock=clock)
+    looks = []
+    try:
+        await make_busy(q, "q")
+        assert q.lanes is not None
+
+        real = q.lanes.look
+
+        def broken(queue: str, current: float) -> Any:
+            """The real look, its first request (the entry's write) failing."""
+            looks.append(current)
+            program = real(queue, current)
+            op = next(program)
+            assert op.name == "write" and "/lanes/" in op.args[0]
+            yield from ()
+            program.throw(StorageError("lanes unreachable"))
+
+        q.lanes.look = broken  # type: ignore[method-assign]
+        batch = tasks(2, q._now())
+        await q.enqueue_many(batch)
+        got = [await q.dequeue(QUEUE), await q.dequeue(QUEUE)]
+        assert sorted(c.id for c in got if c is not None) == sorted(t.id for t in batch)
+        assert len(looks) == 1  # tried once, not again at every call
+        assert await entries(q) == []
+        clock.advance(1.1)
+        assert await q.dequeue(QUEUE) is None
+        assert len(looks) == 2  # a second later
+    finally:
+        await q.close()
+
+
+async def test_lanes_are_on_by_default_on_object_stores_only(storage: Any) -> None:
+    q = make_queue(storage)
+    off = make_queue(storage, lanes=False)
+    try:
+        assert (q.lanes is not None) is q.store.is_remote
+        assert off.lanes is None
+    finally:
+        await q.close()
+        await off.close()
+
+
+def test_lanes_do_not_follow_the_shards() -> None:
+    """Within one shard every id has the same CRC-32 residue: lanes hash ids another way, so
+    the consumers of one shard still get a lane each."""
+    ids = [f"id-{i}" for i in range(4000)]
+    in_shard = [i for i in ids if zlib.crc32(i.encode()) % 4 == 0]
+    lanes = Counter(lane_of(i, 4) for i in in_shard)
+    assert len(in_shard) > 800 and sorted(lanes) == [0, 1, 2, 3]
+    assert min(lanes.values()) > len(in_shard) / 8
+
+
+def test_a_consumer_with_an_empty_lane_helps_the_next_lane_first() -> None:
+    """Consumer ``i`` without tasks of its own takes the ripe ones of lane ``i + 1`` first,
+    then ``i + 2`` ...: hungry consumers spread over the others' lanes instead of all
+    racing for the same oldest task. Young ones (under ``ripe`` seconds) are left."""
+    lanes = Lanes(period=10.0, ripe=1.0, clock_skew=5.0)
+    lanes._lane[QUEUE] = (2, 4)
+    now = 1_800_000_000.0
+    old, young = tasks(40, now - 5), tasks(8, now - 0.5)
+    items = [layout.Candidate(0, int(now * 1000) - 5000, t.id, 1, f"k/{t.id}", None) for t in old]
+    items += [layout.Candidate(0, int(now * 1000) - 500, t.id, 1, f"k/{t.id}", None) for t in young]
+    items = [c for c in items if lane_of(c.task_id, 4) != 2]  # none of its own
+    picked = lanes.pick(QUEUE, items, now)
+    assert picked is not None
+    distances = [(lane_of(c.task_id, 4) - 2) % 4 for c in picked]
+    assert distances == sorted(distances) and set(distances) == {1, 2, 3}
+    assert {c.task_id for c in picked} == {
+        c.task_id for c in items if c.time_ms <= (now - 1) * 1000
+    }
+    assert [c.task_id for c in picked if lane_of(c.task_id, 4) == 3] == [  # each lane in order
+        c.task_id for c in items if lane_of(c.task_id, 4) == 3 and c.time_ms < now * 1000 - 1000
+    ]
+    lanes._lane.clear()
+    assert lanes.pick(QUEUE, items, now) is None  # no lane: the caller's own order
