@@ -175,6 +175,34 @@ async def test_an_idle_consumer_withdraws_and_so_does_a_closed_one(storage: Any)
         await b.close()
 
 
+async def test_a_busy_consumer_rewrites_its_entry_once_a_period(storage: Any) -> None:
+    """Looks (listings of ``lanes/``) come 1, 2, 4, 8, then 10 seconds apart, but the entry
+    is written again only every period (10 x ``refresh_interval``), under a new time, the
+    old one deleted: a busy consumer costs a write and a delete every 10 s."""
+    clock = FakeClock()
+    q = make_queue(storage, lanes=True, clock=clock)
+    try:
+        await make_busy(q, "0")
+        assert await q.dequeue(QUEUE) is None  # the first look writes the entry
+        first = await entries(q)
+        assert len(first) == 1
+        for i in range(3):  # looks 1, 2, 4 s apart, busy all along
+            clock.advance(2**i + 0.1)
+            await make_busy(q, f"look{i}")
+            assert q.lanes is not None and q.lanes._looked[QUEUE] == clock()
+            assert await entries(q) == first
+        clock.advance(3.5)  # 10.8 s after the entry was written; the next look is at 8 s
+        await make_busy(q, "look3")
+        assert q.lanes._looked[QUEUE] < clock() and await entries(q) == first
+        clock.advance(4.6)
+        assert await q.dequeue(QUEUE) is None
+        assert await q.dequeue(QUEUE) is None
+        again = await entries(q)
+        assert len(again) == 1 and again != first
+    finally:
+        await q.close()
+
+
 async def test_entries_of_dead_consumers_stop_counting_then_are_removed(storage: Any) -> None:
     clock = FakeClock()
     q = make_queue(storage, lanes=True, clock=clock, clock_skew=5.0)
@@ -281,5 +309,18 @@ def test_a_consumer_with_an_empty_lane_helps_the_next_lane_first() -> None:
     assert [c.task_id for c in picked if lane_of(c.task_id, 4) == 3] == [  # each lane in order
         c.task_id for c in items if lane_of(c.task_id, 4) == 3 and c.time_ms < now * 1000 - 1000
     ]
+
+    # A backlog: every task overdue. Its own first, then the others lane by lane (all 16
+    # consumers of a deep queue reached for the same oldest ones before).
+    backlog = [
+        layout.Candidate(0, int(now * 1000) - 60_000, t.id, 1, f"k/{t.id}", None) for t in old
+    ]
+    picked = lanes.pick(QUEUE, backlog, now)
+    assert picked is not None and len(picked) == len(backlog)
+    own = [c for c in backlog if lane_of(c.task_id, 4) == 2]
+    assert own and picked[: len(own)] == own
+    distances = [(lane_of(c.task_id, 4) - 2) % 4 for c in picked[len(own) :]]
+    assert distances == sorted(distances) and set(distances) == {1, 2, 3}
+
     lanes._lane.clear()
     assert lanes.pick(QUEUE, items, now) is None  # no lane: the caller's own order

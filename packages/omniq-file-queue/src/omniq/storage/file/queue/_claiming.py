@@ -239,7 +239,9 @@ class ClaimHandling(Reaping):
                     raise
                 for c in picks[len(results) :]:  # a try that failed ended the batch early
                     self._picked.pop(c.key, None)
-                for got in results:
+                # (paired with the picks for the lanes' hint; a batch cut short by an error
+                # may pair a few wrongly)
+                for pick, got in zip(picks, results, strict=False):
                     if isinstance(got, Claimed):
                         claimed.append(got)
                         cache.taken, cache.misses = cache.taken + 1, 0
@@ -250,7 +252,7 @@ class ClaimHandling(Reaping):
                         cache.items = self._spread(queue, cache.items, patient)
                         cache.misses += 1
                         if self.lanes is not None:
-                            self.lanes.missed(queue)
+                            self.lanes.missed(queue, pick)
                 if len(claimed) >= want:
                     return
             if refreshed or queue in self._listing:

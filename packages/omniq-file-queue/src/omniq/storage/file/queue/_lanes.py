@@ -7,15 +7,19 @@ on a GCS queue kept 100 deep sent ~12 requests a task instead of ~5 (docs/queue.
 consumers of one queue").
 
 A consumer that claimed from a queue in the last ``period`` is *busy* there and says so with
-an empty object ``{queue}/lanes/{time}.{consumer}``, written again under a new time every 1,
-2, ... up to ``period`` seconds (the old one deleted), and withdrawn when it has been idle
-for ``period`` or closes. Listing ``lanes/`` gives the busy consumers the same sorted list of
-names; consumer ``i`` of ``k`` owns the tasks whose id hashes to ``i`` modulo ``k``.
+an empty object ``{queue}/lanes/{time}.{consumer}``, written again under a new time every
+``period`` (the old one deleted), and withdrawn when it has been idle for ``period`` or
+closes. It lists ``lanes/`` ``ripe`` x 1, 2, 4, ... seconds apart up to ``period``, and
+``ripe`` seconds after it found a task of its own lane taken by another consumer (one that
+may see another list).
+The busy consumers get the same sorted list of names; consumer ``i`` of ``k`` owns the tasks
+whose id hashes to ``i`` modulo ``k``.
 
 What a consumer claims from a listing's top priority (``pick``; the queue's ``_spread``):
-its own lane's tasks, and the others' ``OVERDUE`` x ``ripe`` seconds old (their owner is
-slow or gone); when its lane has none, the others' ``ripe`` seconds old (by the time in the
-id, or the due time), the next lane's first. A call that waits stops there: hungry consumers list again for tasks of
+its own lane's tasks, then the others' ``OVERDUE`` x ``ripe`` seconds old (their owner is
+slow or gone, or the queue has a backlog); when its lane has none, the others' ``ripe``
+seconds old (by the time in the id, or the due time). The others' come lane by lane, the
+next lane's first, so that hungry consumers rarely reach for the same task. A call that waits stops there: hungry consumers list again for tasks of
 their own instead of racing the owners for theirs. A call that does not wait goes on with
 the rest of the listing, so it never comes back empty-handed while a task is listed.
 
@@ -65,6 +69,7 @@ class Lanes:
         self._claimed: dict[str, float] = {}  # queue -> when this consumer last claimed
         self._entry: dict[str, str] = {}  # queue -> this consumer's entry
         self._looked: dict[str, float] = {}  # queue -> when lanes/ was last listed
+        self._written: dict[str, float] = {}  # queue -> when its entry was written
         self._looks: dict[str, int] = {}  # queue -> listings since it became busy
         self._lane: dict[str, tuple[int, int]] = {}  # queue -> (own lane, lanes)
         self._missed: set[str] = set()  # queues where a task was found taken since the look
@@ -72,32 +77,36 @@ class Lanes:
     def claimed(self, queue: str, current: float) -> None:
         self._claimed[queue] = current
 
-    def missed(self, queue: str) -> None:
-        """A task listed here was found taken by another consumer: maybe one that sees
-        another list of consumers (see ``due``)."""
-        self._missed.add(queue)
+    def missed(self, queue: str, cand: layout.Candidate) -> None:
+        """``cand`` was found taken by another consumer: if it is of this consumer's lane,
+        maybe by one that sees another list of consumers (see ``due``)."""
+        lane = self._lane.get(queue)
+        if lane is not None and lane_of(cand.task_id, lane[1]) == lane[0]:
+            self._missed.add(queue)
 
     def busy(self, queue: str, current: float) -> bool:
         return current - self._claimed.get(queue, float("-inf")) < self.period
 
     def due(self, queue: str, current: float) -> bool:
         """Whether to look at ``queue``'s lanes now: a busy consumer at once when it has no
-        entry, then every 1, 2, ... up to ``period`` / 10 x 10 seconds, and ``ripe`` seconds
-        after a look when a task was found taken since (consumers started together see each
-        other within a second or two); an idle one to withdraw its entry."""
+        entry, then ``ripe`` x 1, 2, 4, ... seconds apart up to ``period``, and ``ripe`` seconds
+        after a look when a task of its lane was found taken since (consumers started
+        together see each other within a second or two); an idle one to withdraw its entry."""
         if not self.busy(queue, current):
             return queue in self._entry
         since = current - self._looked.get(queue, float("-inf"))
         if queue not in self._entry or queue in self._missed:
             return since >= self.ripe  # (after a failed look: not before a second)
-        return since >= self.period * min(10, self._looks.get(queue, 0)) / 10
+        looks = self._looks.get(queue, 0)
+        return since >= (min(self.period, self.ripe * 2 ** (looks - 1)) if looks else 0.0)
 
     def lane(self, queue: str) -> tuple[int, int] | None:
         """(own lane, lanes) of ``queue``, or None: not busy there, or alone."""
         return self._lane.get(queue)
 
     def look(self, queue: str, current: float) -> Program[None]:
-        """Write (or withdraw) this consumer's entry, list the others, take the lane."""
+        """Write this consumer's entry if it has none or it is ``period`` old (withdraw it
+        when idle), list the others, take the lane."""
         busy = self.busy(queue, current)
         self._missed.discard(queue)
         self._looked[queue] = current  # before any request: a failed look waits its turn too
@@ -108,11 +117,11 @@ class Lanes:
             self._looks.pop(queue, None)
             yield from _forget([old] if old else [])
             return
-        entry = layout.lane_key(queue, int(current), self.id)
-        if entry != old:
+        if old is None or current - self._written[queue] >= self.period:
+            entry = layout.lane_key(queue, int(current), self.id)
             yield write(entry, b"")  # the new one first: the consumer is never unlisted
-            self._entry[queue] = entry
-            if old is not None:
+            self._entry[queue], self._written[queue] = entry, current
+            if old is not None and old != entry:
                 yield from _forget([old])
         live, gone = {self.id}, []
         for name in (yield listhead(layout.lanes_dir(queue), _MOST)):
@@ -143,32 +152,29 @@ class Lanes:
         self, queue: str, items: list[layout.Candidate], current: float
     ) -> list[layout.Candidate] | None:
         """The ``items`` worth this consumer's claims, in claim order: those of its own lane
-        and the others' ``OVERDUE`` x ``ripe`` seconds old (in their order); when its lane
-        has none, the others' ``ripe`` seconds old, the next lane's first (consumer ``i``
-        helps ``i + 1`` first: two hungry consumers rarely help the same one). None without
-        a lane."""
+        (in their order), then the others' ``OVERDUE`` x ``ripe`` seconds old; when its lane
+        has none, the others' ``ripe`` seconds old. The others' come by lane, the next one
+        first (consumer ``i`` helps ``i + 1`` first): consumers that run out of their own
+        tasks, or work through a backlog where all are overdue, rarely reach for the same
+        one. None without a lane."""
         lane = self._lane.get(queue)
         if lane is None:
             return None
         own, count = lane
         ripe = (current - self.ripe) * 1000  # ids and due times are in milliseconds
-        overdue = (current - OVERDUE * self.ripe) * 1000
-        mine = False
-        out: list[layout.Candidate] = []
+        mine: list[layout.Candidate] = []
         others: list[tuple[int, layout.Candidate]] = []
         for c in items:
             at = lane_of(c.task_id, count)
             if at == own:
-                mine = True
-                out.append(c)
+                mine.append(c)
             elif c.time_ms <= ripe:
                 others.append(((at - own) % count, c))
-                if c.time_ms <= overdue:
-                    out.append(c)
-        if mine:
-            return out
         others.sort(key=lambda pair: pair[0])  # stable: each lane's in their order
-        return [c for _, c in others]
+        if not mine:
+            return [c for _, c in others]
+        overdue = (current - OVERDUE * self.ripe) * 1000
+        return mine + [c for _, c in others if c.time_ms <= overdue]
 
 
 def _forget(keys: list[str]) -> Program[None]:

@@ -128,10 +128,11 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
             reads all of them. Producers, workers and tools must use the same counts
             (docs/queue.md, "Sharded queues").
         lanes: consumers busy claiming from a queue announce themselves there, and each
-            claims the tasks of its own lane (a hash of the id) first and the others' once
-            they are ``refresh_interval`` old, so that many consumers of a shallow queue
-            rarely race for one task (docs/queue.md, "Many consumers of one queue"). None
-            (default): on object stores.
+            claims the tasks of its own lane (a hash of the id) first; a call that waits
+            takes the others' only once they are ``refresh_interval`` old (its lane empty)
+            or ten times that, so that many consumers of a shallow queue rarely race for
+            one task (docs/queue.md, "Many consumers of one queue"). None (default): on
+            object stores.
         clock: epoch-seconds clock, for tests.
     """
 
