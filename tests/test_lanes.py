@@ -10,6 +10,7 @@ import zlib
 from collections import Counter
 from typing import Any
 
+import msgspec
 import pytest
 
 from omniq.core import Task
@@ -124,7 +125,19 @@ async def test_a_waiting_call_leaves_another_lanes_new_tasks_to_it_for_a_second(
         assert claimed is not None and claimed.id not in mine
         seen.append(claimed.id)
         await b.ack(claimed)
-        assert await b.dequeue(QUEUE, wait=0.01) is None  # a's are less than a second old
+        scans = []
+        scan = b._scan_program
+
+        def counted(queue: str) -> Any:
+            scans.append(queue)
+            return scan(queue)
+
+        b._scan_program = counted  # type: ignore[method-assign]
+        b._idle.clear()  # (the empty look above paced the next one 0.1-0.2 s later)
+        # A waiting call with the impatient call's listing in hand: it leaves what is not
+        # its own and less than a second old, lists again, and finds nothing it may take.
+        assert await b.dequeue(QUEUE, wait=0.01) is None
+        assert scans and set(scans) == {QUEUE}
         clock.advance(1.1)  # ripe: b, with none of its own left, takes them
         # (at its next look: an empty look paces a poller's next one, 0.1-0.2 s later)
         while (claimed := await b.dequeue(QUEUE, wait=0.5)) is not None:
@@ -210,10 +223,11 @@ async def test_entries_of_dead_consumers_stop_counting_then_are_removed(storage:
     alive = layout.lane_key(QUEUE, now - 30, "alive")  # within 3 periods + skew: counted
     stale = layout.lane_key(QUEUE, now - 60, "stale")  # not counted, not yet removed
     dead = layout.lane_key(QUEUE, now - 200, "dead")  # over 10 periods + skew: removed
+    ahead = layout.lane_key(QUEUE, now + 60, "ahead")  # a clock far ahead: not counted
     try:
 
         def plant() -> Any:
-            for key in (alive, stale, dead):
+            for key in (alive, stale, dead, ahead):
                 yield write(key, b"")
 
         await q.store.run(plant())
@@ -228,7 +242,7 @@ async def test_entries_of_dead_consumers_stop_counting_then_are_removed(storage:
         await q.close()
 
         def tidy() -> Any:
-            for key in (alive, stale):
+            for key in (alive, stale, ahead):
                 yield delete(key)
 
         await q.store.run(tidy())
@@ -263,6 +277,25 @@ async def test_a_failed_look_at_the_lanes_does_not_fail_the_claim(storage: Any) 
         clock.advance(1.1)
         assert await q.dequeue(QUEUE) is None
         assert len(looks) == 2  # a second later
+
+        def list_fails(queue: str, current: float) -> Any:
+            """The real look, its entry written if due, its listing of the others failing."""
+            looks.append(current)
+            program = real(queue, current)
+            op = next(program)
+            while op.name != "listafter":
+                op = program.send((yield op))
+            program.throw(StorageError("lanes unreachable"))
+
+        q.lanes.look = list_fails  # type: ignore[method-assign]
+        clock.advance(1.1)
+        assert await q.dequeue(QUEUE) is None
+        assert len(looks) == 3 and len(await entries(q)) == 1
+        assert await q.dequeue(QUEUE) is None  # the same second: not again
+        assert len(looks) == 3
+        clock.advance(1.1)
+        assert await q.dequeue(QUEUE) is None
+        assert len(looks) == 4
     finally:
         await q.close()
 
@@ -273,6 +306,11 @@ async def test_lanes_are_on_by_default_on_object_stores_only(storage: Any) -> No
     try:
         assert (q.lanes is not None) is q.store.is_remote
         assert off.lanes is None
+        strict = make_queue(storage, spread=1)  # strictly oldest first: no lanes
+        assert strict.lanes is None
+        await strict.close()
+        with pytest.raises(ValueError, match="refresh_interval"):
+            make_queue(storage, refresh_interval=0)
     finally:
         await q.close()
         await off.close()
@@ -324,3 +362,39 @@ def test_a_consumer_with_an_empty_lane_helps_the_next_lane_first() -> None:
 
     lanes._lane.clear()
     assert lanes.pick(QUEUE, items, now) is None  # no lane: the caller's own order
+
+
+def test_the_pace_of_looks_stays_bounded_however_long_a_consumer_is_busy() -> None:
+    lanes = Lanes(period=10.0, ripe=1.0, clock_skew=5.0)
+    lanes._claimed[QUEUE] = 1000.0
+    lanes._entry[QUEUE] = "entry"
+    lanes._looked[QUEUE] = 995.0
+    for looks, due in ((1, True), (3, True), (4, False), (2000, False)):  # 1, 4, 8, 10 s
+        lanes._looks[QUEUE] = looks
+        assert lanes.due(QUEUE, 1000.0) is due  # 5 s after the last look
+    assert lanes.due(QUEUE, 1005.0)  # 10 s: the period, after any number of looks
+
+
+async def test_a_waiting_call_takes_no_lower_priority_while_a_higher_is_listed(
+    storage: Any,
+) -> None:
+    clock = FakeClock()
+    a, b = await lanes_of_two(storage, clock)
+    try:
+        ms = int(clock() * 1000)
+        made = [
+            Task(func="m:f", id=id_text(ms << 80 | i << 40 | 9), queue=QUEUE) for i in range(40)
+        ]
+        high = [
+            msgspec.structs.replace(t, priority=5) for t in made if lane_of(t.id, 2) == own_lane(a)
+        ][:3]
+        low = [t for t in made if lane_of(t.id, 2) == own_lane(b)][:3]
+        assert len(high) == len(low) == 3
+        await a.enqueue_many(high + low)
+        assert await b.dequeue(QUEUE, wait=0.01) is None  # a's new high ones go first
+        got = await b.dequeue(QUEUE)  # a call that does not wait: the top priority
+        assert got is not None and got.id in {t.id for t in high}
+        await b.ack(got)
+    finally:
+        await a.close()
+        await b.close()

@@ -7,6 +7,7 @@ one program locally), and what comes back with its lease nearly spent. Mixed int
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from datetime import datetime
@@ -237,11 +238,15 @@ class ClaimHandling(Reaping):
                     for c in picks:
                         self._picked.pop(c.key, None)
                     raise
-                for c in picks[len(results) :]:  # a try that failed ended the batch early
-                    self._picked.pop(c.key, None)
-                # (paired with the picks for the lanes' hint; a batch cut short by an error
-                # may pair a few wrongly)
-                for pick, got in zip(picks, results, strict=False):
+                if len(results) < len(picks):
+                    # A try failed. Locally it ended the batch: the rest were not tried. (On
+                    # an object store the failed ones are dropped from the results and were
+                    # forgotten by _claim_picks.)
+                    if not self.store.is_remote:
+                        for c in picks[len(results) :]:
+                            self._picked.pop(c.key, None)
+                    picks = []  # results no longer pair with picks: no lanes hint
+                for pick, got in itertools.zip_longest(picks, results):
                     if isinstance(got, Claimed):
                         claimed.append(got)
                         cache.taken, cache.misses = cache.taken + 1, 0
@@ -251,7 +256,7 @@ class ClaimHandling(Reaping):
                     else:  # taken by another consumer, who walks on from there: jump away
                         cache.items = self._spread(queue, cache.items, patient)
                         cache.misses += 1
-                        if self.lanes is not None:
+                        if self.lanes is not None and pick is not None:
                             self.lanes.missed(queue, pick)
                 if len(claimed) >= want:
                     return

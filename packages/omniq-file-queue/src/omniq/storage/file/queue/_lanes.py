@@ -8,8 +8,8 @@ consumers of one queue").
 
 A consumer that claimed from a queue in the last ``period`` is *busy* there and says so with
 an empty object ``{queue}/lanes/{time}.{consumer}``, written again under a new time every
-``period`` (the old one deleted), and withdrawn when it has been idle for ``period`` or
-closes. It lists ``lanes/`` ``ripe`` x 1, 2, 4, ... seconds apart up to ``period``, and
+``period`` (the old one deleted), and withdrawn at its first claim call after ``period``
+without a claim there, or when it closes. It lists ``lanes/`` ``ripe`` x 1, 2, 4, ... seconds apart up to ``period``, and
 ``ripe`` seconds after it found a task of its own lane taken by another consumer (one that
 may see another list).
 The busy consumers get the same sorted list of names; consumer ``i`` of ``k`` owns the tasks
@@ -40,7 +40,7 @@ import logging
 import uuid
 
 from omniq.core.errors import StorageError
-from omniq.core.fs import Program, delete, listhead, write
+from omniq.core.fs import Program, delete, listafter, listhead, write
 
 from . import _layout as layout
 
@@ -48,7 +48,8 @@ log = logging.getLogger("omniq.queue")
 
 LIVE, FORGOTTEN = 3, 10  # periods after which an entry is not counted, and is deleted
 OVERDUE = 10  # times ``ripe``: another's task this old is claimed even with tasks of one's own
-_MOST = 1000  # entries read from one listing (one LIST on S3)
+_MOST = 1000  # live entries read from one listing (one LIST on S3)
+_TIDY = 10  # the oldest entries looked at (and removed if forgotten) once a period
 
 
 def lane_of(task_id: str, count: int) -> int:
@@ -95,10 +96,10 @@ class Lanes:
         if not self.busy(queue, current):
             return queue in self._entry
         since = current - self._looked.get(queue, float("-inf"))
-        if queue not in self._entry or queue in self._missed:
-            return since >= self.ripe  # (after a failed look: not before a second)
         looks = self._looks.get(queue, 0)
-        return since >= (min(self.period, self.ripe * 2 ** (looks - 1)) if looks else 0.0)
+        if queue not in self._entry or queue in self._missed or not looks:
+            return since >= self.ripe  # (after a failed look: not before a second)
+        return since >= min(self.period, self.ripe * 2.0 ** min(looks - 1, 16))
 
     def lane(self, queue: str) -> tuple[int, int] | None:
         """(own lane, lanes) of ``queue``, or None: not busy there, or alone."""
@@ -117,29 +118,35 @@ class Lanes:
             self._looks.pop(queue, None)
             yield from _forget([old] if old else [])
             return
-        if old is None or current - self._written[queue] >= self.period:
+        wrote = old is None or current - self._written[queue] >= self.period
+        if wrote:
             entry = layout.lane_key(queue, int(current), self.id)
             yield write(entry, b"")  # the new one first: the consumer is never unlisted
             self._entry[queue], self._written[queue] = entry, current
             if old is not None and old != entry:
                 yield from _forget([old])
-        live, gone = {self.id}, []
-        for name in (yield listhead(layout.lanes_dir(queue), _MOST)):
-            stamp, _, consumer = name.partition(".")
-            if not stamp.isdigit() or not consumer:
-                continue
-            age = current - int(stamp)
-            if age <= LIVE * self.period + self.clock_skew:
-                live.add(consumer)
-            elif age > FORGOTTEN * self.period + self.clock_skew:
-                gone.append(f"{layout.lanes_dir(queue)}/{name}")
+        # From the oldest live time on (names begin with it): entries of the dead are not
+        # listed again and again, however many there are.
+        oldest = current - LIVE * self.period - self.clock_skew
+        live = {self.id}
+        for name in (yield listafter(layout.lanes_dir(queue), layout.lane_key_time(oldest), _MOST)):
+            parsed = layout.parse_lane_entry(name)
+            if parsed is not None and parsed[0] <= current + self.clock_skew:
+                live.add(parsed[1])  # (one further ahead than the tolerated skew: not counted)
         ids = sorted(live)
         if len(ids) > 1:
             self._lane[queue] = (ids.index(self.id), len(ids))
         else:
             self._lane.pop(queue, None)
         self._looks[queue] = self._looks.get(queue, 0) + 1
-        yield from _forget(gone)
+        if wrote:  # once a period: a few of the dead's entries removed (anyone may)
+            forgotten = current - FORGOTTEN * self.period - self.clock_skew
+            gone = []
+            for name in (yield listhead(layout.lanes_dir(queue), _TIDY)):
+                parsed = layout.parse_lane_entry(name)
+                if parsed is not None and parsed[0] < forgotten:
+                    gone.append(f"{layout.lanes_dir(queue)}/{name}")
+            yield from _forget(gone)
 
     def withdraw(self) -> Program[None]:
         """Delete this consumer's entries (at ``close``)."""

@@ -155,7 +155,20 @@ def lanes_dir(queue: str) -> str:
 
 
 def lane_key(queue: str, stamp: int, consumer: str) -> str:
-    return f"{queue}/lanes/{stamp:010d}.{consumer}"
+    return f"{queue}/lanes/{lane_key_time(stamp)}.{consumer}"
+
+
+def lane_key_time(stamp: float) -> str:
+    """The time part of a lane entry's name (whole seconds: names sort by it)."""
+    return f"{max(0, int(stamp)):010d}"
+
+
+def parse_lane_entry(name: str) -> tuple[int, str] | None:
+    """(time, consumer) of a lane entry's name; None if it is not one."""
+    stamp, _, consumer = name.partition(".")
+    if len(stamp) != 10 or not (stamp.isascii() and stamp.isdigit()) or not consumer:
+        return None
+    return int(stamp), consumer
 
 
 def run_key(queue: str, task_id: str, attempt: int) -> str:

@@ -132,7 +132,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
             takes the others' only once they are ``refresh_interval`` old (its lane empty)
             or ten times that, so that many consumers of a shallow queue rarely race for
             one task (docs/queue.md, "Many consumers of one queue"). None (default): on
-            object stores.
+            object stores, unless ``spread=1``.
         clock: epoch-seconds clock, for tests.
     """
 
@@ -159,6 +159,8 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
     ) -> None:
         if lease <= 0:
             raise ValueError("lease must be positive")
+        if not refresh_interval > 0:
+            raise ValueError(f"refresh_interval must be positive seconds, not {refresh_interval!r}")
         # A consumer begins its claims at one shard for ten listing lives (see _shards).
         self.shards = Shards(shards, period=10 * refresh_interval)
         self.store = Store(
@@ -200,10 +202,10 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         if spread is None:  # object stores: the whole head (a lost race there costs requests)
             spread = self.batch if self.store.is_remote else 256
         self.spread = max(1, spread)
-        if lanes is None:
-            lanes = self.store.is_remote
-        # A busy consumer says so again every ten listing lives; it leaves the others' tasks
-        # to them for one (see _lanes).
+        if lanes is None:  # (spread=1 asks for strict order: lanes would bend it)
+            lanes = self.store.is_remote and self.spread > 1
+        # A busy consumer says so every ten listing lives; a waiting call leaves the others'
+        # new tasks to them for one listing life when its own lane is empty, ten otherwise.
         self.lanes = Lanes(10 * refresh_interval, refresh_interval, clock_skew) if lanes else None
 
     def __repr__(self) -> str:
@@ -224,7 +226,10 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
             except Exception as exc:  # the next listing of any worker removes them
                 log.warning("could not finish deferred clean-up: %s", exc)
         if self.lanes is not None:
-            await self.store.run(self.lanes.withdraw())
+            try:
+                await self.store.run(self.lanes.withdraw())
+            except Exception as exc:  # entries of the closed stop counting after 30 s
+                log.warning("could not withdraw from the claim lanes: %s", exc)
         await self.store.aclose()
 
     async def maintain(self, *, sweep: bool = False) -> None:
@@ -368,7 +373,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
             for name in order:
                 try:
                     got = await self._claim_from(
-                        name, seconds, worker, count - len(claimed), claimed, wait > 0
+                        name, seconds, worker, count - len(claimed), claimed, patient=wait > 0
                     )
                 except Exception as exc:  # claims from earlier queues are handed out, not stranded
                     hand_over_or_raise(name, claimed, exc)
