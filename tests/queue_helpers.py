@@ -29,3 +29,16 @@ class FakeClock:
 
 def make_queue(storage: Any, **kwargs: Any) -> AsyncFileQueue:
     return AsyncFileQueue(storage.base_dir, storage.storage_options, **kwargs)
+
+
+def count_scans(q: AsyncFileQueue) -> list[str]:
+    """The queues ``q``'s claims list from now on (one entry per listing of a queue's head)."""
+    scans: list[str] = []
+    scan = q._scan_program
+
+    def counted(queue: str) -> Any:
+        scans.append(queue)
+        return scan(queue)
+
+    q._scan_program = counted  # type: ignore[method-assign]
+    return scans

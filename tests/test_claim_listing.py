@@ -14,7 +14,7 @@ from omniq.core import Task, codec
 from omniq.core.fs import exists, listafter, listdirs, listhead, write
 from omniq.storage.file.queue import _layout as layout
 from omniq.storage.file.queue import _queue as queue_module
-from queue_helpers import FakeClock, make_queue
+from queue_helpers import FakeClock, count_scans, make_queue
 
 pytestmark = pytest.mark.anyio
 
@@ -123,14 +123,7 @@ async def test_consumers_spread_over_the_whole_head_one_listing_returns(
 
 async def test_an_idle_poller_keeps_its_pace_across_calls(storage: Any) -> None:
     q = make_queue(storage, poll_interval=30.0, max_poll_interval=60.0, watch=False)
-    looks = []
-    original = q._scan_program
-
-    def counted(queue: str) -> Any:
-        looks.append(queue)
-        return original(queue)
-
-    q._scan_program = counted  # type: ignore[method-assign]
+    looks = count_scans(q)
     try:
         assert await q.dequeue(wait=0.01) is None
         assert len(looks) == 1

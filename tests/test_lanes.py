@@ -20,7 +20,7 @@ from omniq.core.models import id_text
 from omniq.storage.file.queue import AsyncFileQueue
 from omniq.storage.file.queue import _layout as layout
 from omniq.storage.file.queue._lanes import Lanes, lane_of
-from queue_helpers import FakeClock, make_queue
+from queue_helpers import FakeClock, count_scans, make_queue
 
 pytestmark = pytest.mark.anyio
 
@@ -125,14 +125,7 @@ async def test_a_waiting_call_leaves_another_lanes_new_tasks_to_it_for_a_second(
         assert claimed is not None and claimed.id not in mine
         seen.append(claimed.id)
         await b.ack(claimed)
-        scans = []
-        scan = b._scan_program
-
-        def counted(queue: str) -> Any:
-            scans.append(queue)
-            return scan(queue)
-
-        b._scan_program = counted  # type: ignore[method-assign]
+        scans = count_scans(b)
         b._idle.clear()  # (the empty look above paced the next one 0.1-0.2 s later)
         # A waiting call with the impatient call's listing in hand: it leaves what is not
         # its own and less than a second old, lists again, and finds nothing it may take.
