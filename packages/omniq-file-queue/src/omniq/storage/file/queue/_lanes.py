@@ -9,28 +9,30 @@ consumers of one queue").
 A consumer that claimed from a queue in the last ``period`` is *busy* there and says so with
 an empty object ``{queue}/lanes/{time}.{consumer}``, written again under a new time every
 ``period`` (the old one deleted), and withdrawn at its first claim call after ``period``
-without a claim there, or when it closes. It lists ``lanes/`` ``ripe`` x 1, 2, 4, ... seconds apart up to ``period``, and
-``ripe`` seconds after it found a task of its own lane taken by another consumer (one that
-may see another list).
-The busy consumers get the same sorted list of names; consumer ``i`` of ``k`` owns the tasks
-whose id hashes to ``i`` modulo ``k``.
+without a claim there, or when it closes. It lists ``lanes/`` ``ripe`` x 1, 2, 4, ...
+seconds apart up to ``period``, and ``ripe`` seconds after it found a task of its own lane
+taken by another consumer (one that may see another list). The busy consumers get the same
+sorted list of names; consumer ``i`` of ``k`` owns the tasks whose id hashes to ``i`` modulo
+``k``.
 
 What a consumer claims from a listing's top priority (``pick``; the queue's ``_spread``):
 its own lane's tasks, then the others' ``OVERDUE`` x ``ripe`` seconds old (their owner is
 slow or gone, or the queue has a backlog); when its lane has none, the others' ``ripe``
 seconds old (by the time in the id, or the due time). The others' come lane by lane, the
-next lane's first, so that hungry consumers rarely reach for the same task. A call that waits stops there: hungry consumers list again for tasks of
-their own instead of racing the owners for theirs. A call that does not wait goes on with
-the rest of the listing, so it never comes back empty-handed while a task is listed.
+next lane's first, so that hungry consumers rarely reach for the same task. A call that
+waits stops there: hungry consumers list again for tasks of their own instead of racing the
+owners for theirs. A call that does not wait goes on with the rest of the listing, so it
+never comes back empty-handed while a task is listed.
 
 Correctness: lanes only choose among the candidates of a listing. A claim is still the
 exclusive create of its attempt (``_claim_*``), so lanes cannot cause a second run. No task
 waits on its owner for more than ``OVERDUE`` x ``ripe`` seconds (at once if its id carries
 no time): a task whose owner died, stalls, or sees another list of consumers (one joined
-since it looked) is claimed by the others then. Entries older than ``LIVE`` periods (plus the
-tolerated clock skew) are not counted, so a dead owner's lane is handed over; any consumer
-deletes entries older than ``FORGOTTEN`` periods. A producer whose clock runs ahead makes its
-tasks ripen later for non-owners only; their owner takes them at once.
+since it looked) is claimed by the others then. Entries older than ``LIVE`` periods (plus
+the tolerated clock skew) are not counted, so a dead owner's lane is handed over; any
+consumer removes a few entries older than ``FORGOTTEN`` periods once a period. A producer
+whose clock runs ahead makes its tasks ripen later for non-owners only; their owner takes
+them at once.
 """
 
 from __future__ import annotations
