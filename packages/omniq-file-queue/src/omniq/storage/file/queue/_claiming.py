@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import time
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +27,7 @@ from omniq.core.fs import Program, create, delete, exists, listdirs, listhead, n
 from omniq.core.models import UTC, Claimed, EventType, Task
 
 from . import _layout as layout
+from ._bells import Bells
 from ._lanes import Lanes
 from ._reaper import Reaping
 
@@ -73,6 +75,7 @@ class ClaimHandling(Reaping):
     refresh_interval: float
     reap_interval: float
     lanes: Lanes | None
+    bells: Bells | None
     _cache: dict[str, ListingCache]
     _listing: set[str]
     _picked: dict[str, float]
@@ -184,12 +187,7 @@ class ClaimHandling(Reaping):
         current = self._now()
         cache = self._cache.get(queue)
         refreshed = False
-        due = current - self._reaped.get(queue, 0.0) >= self.reap_interval
-        if (
-            due
-            and await self.store.run(self._reap_turn(queue, current))
-            and await self._reap_queue(queue)
-        ):
+        if await self._reap_if_due(queue, current):
             cache = None  # requeued tasks: list again to see them
         if self.claims.unsettled:
             claimed += await self.store.run(self.claims.settle(queue, want, self.tombstone_ttl))
@@ -207,10 +205,13 @@ class ClaimHandling(Reaping):
                 if self._held_too_long(lease, held, claimed):
                     return  # no listing while the claims in hand age
                 self._listing.add(queue)
+                began = time.monotonic()
                 try:
                     items = await self.store.run(self._scan_program(queue))
                 finally:
                     self._listing.discard(queue)
+                if self.bells is not None:
+                    self.bells.listed(queue, began, not items)
                 # Stamped when the listing ended: a slow listing must not make the next
                 # dequeue list again at once.
                 order = self._spread(queue, self._unpicked(items), patient)
@@ -293,6 +294,14 @@ class ClaimHandling(Reaping):
             rank = int(layout.rank(task.priority)[1:])
             if cache is not None and (not cache.items or rank < cache.items[0].rank):
                 del self._cache[task.queue]
+
+    async def _reap_if_due(self, queue: str, current: float) -> bool:
+        """Reap ``queue`` if its turn has come (``_reap_turn``); True if tasks were requeued."""
+        if current - self._reaped.get(queue, 0.0) < self.reap_interval:
+            return False
+        return bool(await self.store.run(self._reap_turn(queue, current))) and bool(
+            await self._reap_queue(queue)
+        )
 
     def _reap_turn(self, queue: str, current: float) -> Program[bool]:
         """Whether this consumer reaps ``queue`` now: one reaper pass per ``reap_interval``
@@ -398,13 +407,17 @@ class ClaimHandling(Reaping):
             if len(found) >= self.batch:
                 break
         current_ms = (yield now()) * 1000
+        later: float | None = None  # the first marker not due yet
         for name in (yield listhead(f"{queue}/due", self.batch)):
             candidate = layout.due_candidate(queue, name)
             if candidate is None:
                 continue
             if candidate.time_ms > current_ms:
+                later = candidate.time_ms / 1000
                 break
             found.append(candidate)
+        if self.bells is not None:
+            self.bells.due_at(queue, later)
         found.sort()
         return (yield from self.claims.filter(queue, found[: self.batch]))
 

@@ -20,6 +20,7 @@
     {queue}/quarantine/{area}.{name}.{time}      unreadable files, moved aside
     {queue}/reaper/last                          when the last reaper pass began (cadence)
     {queue}/lanes/{time:010d}.{consumer}         empty: a consumer busy claiming (_lanes)
+    {queue}/bell/rung                            a producer's nonce: tasks were added (_bells)
     {queue}/wait/{id}.json                       task waiting for its dependencies
     {queue}/deps/{dep}/{id}                      link: waiting task {id} (its queue inside)
                                                  depends on {dep} of this queue
@@ -148,6 +149,10 @@ def due_key(queue: str, eta_ms: int, priority: int, task_id: str, attempt: int) 
 
 def reaper_key(queue: str) -> str:
     return f"{queue}/reaper/last"
+
+
+def bell_key(queue: str) -> str:
+    return f"{queue}/bell/rung"
 
 
 def lanes_dir(queue: str) -> str:

@@ -39,6 +39,7 @@ from omniq.core.models import (
 from omniq.core.names import validate_name
 
 from . import _layout as layout
+from ._bells import Bells
 from ._claim_deferred import DeferredClaims
 from ._claim_document import DocumentClaims
 from ._claim_link import LinkClaims
@@ -133,6 +134,13 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
             or ten times that, so that many consumers of a shallow queue rarely race for
             one task (docs/queue.md, "Many consumers of one queue"). None (default): on
             object stores, unless ``spread=1``.
+        bells: whatever adds a task to a queue rings its bell (a small object written at
+            most once a second by each queue object), and a waiting call that polls reads
+            the bells of its queues and lists only the queues and shards that may have
+            changed since it found them empty (each at least every 60 ``refresh_interval``s),
+            instead of every one at every look (docs/queue.md, "Bells"). None (default): on
+            object stores. Producers and consumers should agree: tasks of a producer without
+            bells wait up to that minute when the consumers are idle.
         clock: epoch-seconds clock, for tests.
     """
 
@@ -155,6 +163,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         on_event: EventHook | None = None,
         shards: Mapping[str, int] | None = None,
         lanes: bool | None = None,
+        bells: bool | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         if lease <= 0:
@@ -207,6 +216,10 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         # A busy consumer says so every ten listing lives; a waiting call leaves the others'
         # new tasks to them for one listing life when its own lane is empty, ten otherwise.
         self.lanes = Lanes(10 * refresh_interval, refresh_interval, clock_skew) if lanes else None
+        if bells is None:
+            bells = self.store.is_remote
+        # A queue unlisted for sixty listing lives is listed even if its bell is quiet.
+        self.bells = Bells(60 * refresh_interval) if bells else None
 
     def __repr__(self) -> str:
         return f"AsyncFileQueue({self.store.url!r})"
@@ -305,6 +318,8 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
                 )
         if ready:
             yield create_many(ready)
+        if self.bells is not None:  # after the tasks: a consumer that hears it lists them
+            yield from self.bells.ring(self.shards.collapse([task.queue for task, _ in items]))
 
     # -- dequeue -----------------------------------------------------------------------------
     async def dequeue(
@@ -370,7 +385,13 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
                     return []
                 await anyio.sleep(min(early, left))
                 continue
+            quiet: set[str] = set()
+            if idle is not None and idle.pause > 0 and self.bells is not None:
+                # Idle since its last look (a busy one lists as before, no bell read).
+                quiet = await self._quiet(names, order)
             for name in order:
+                if name in quiet:
+                    continue
                 try:
                     got = await self._claim_from(
                         name, seconds, worker, count - len(claimed), claimed, patient=wait > 0
@@ -399,6 +420,24 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
             if watch is None:
                 await anyio.sleep(min(pause, left))
             pause = min(pause * 1.5, self.max_poll_interval)
+
+    async def _quiet(self, names: list[str], queues: list[str]) -> set[str]:
+        """The storage queues among ``queues`` (those of ``names``) that a poll need not list:
+        their bells say nothing was added since they were found empty (``_bells``). A queue
+        whose reaper turn has come is reaped here, and listed if that requeued anything; one
+        whose claim lane is due a look (to withdraw, after a busy spell) is listed."""
+        assert self.bells is not None
+        await self.store.run(self.bells.listen(names))
+        quiet: set[str] = set()
+        for queue in queues:
+            current = self._now()
+            if not self.bells.quiet(self.shards.collapse([queue])[0], queue, current):
+                continue
+            if self.lanes is not None and self.lanes.due(queue, current):
+                continue
+            if not await self._reap_if_due(queue, current):
+                quiet.add(queue)
+        return quiet
 
     def _watch(self, names: list[str], queues: list[str]) -> DirWatch | None:
         """A wake-up on new ready tasks and due markers of ``queues``, the storage queues of

@@ -36,6 +36,7 @@ from ._layout import State
 from ._leases import Attempt, LeaseHandling, group_run
 
 if TYPE_CHECKING:
+    from ._bells import Bells
     from ._shards import Shards
 
 log = logging.getLogger("omniq.queue")
@@ -46,6 +47,7 @@ class Reaping(LeaseHandling):
 
     _reaped: dict[str, float]
     shards: Shards
+    bells: Bells | None
     takeovers: dict[str, int]
     _spawning: set[tuple[str, str, int]]
 
@@ -314,6 +316,8 @@ class Reaping(LeaseHandling):
             eta = task.eta.timestamp() if task.eta else current
             yield write(layout.due_key(queue, int(eta * 1000), task.priority, *parsed), b"")
             redone += 1
+        if redone and self.bells is not None:
+            yield from self.bells.ring(self.shards.collapse([queue]))
         return redone
 
     def _pending(self, task: Task) -> Program[bool]:
