@@ -6,8 +6,9 @@ listing refresh three more, so one claim loop caps a worker at a few batches a s
 however many slots it has. While the worker's main loop finds work, ``ClaimHelpers`` run
 ``count`` more loops that each take the free slots and claim for them (``dequeue_many``
 with a token wait, ``HELPER_WAIT``: a waiting call, which with claim lanes leaves other
-consumers' new tasks to them; it shares the main loop's pace of empty looks). A helper that finds nothing parks until the main loop claims again, so an
-idle worker polls with one loop only: its requests per minute do not grow with helpers.
+consumers' new tasks to them; it shares the main loop's pace of empty looks). A helper that
+finds nothing parks until the main loop claims again, so an idle worker polls with one loop
+only: its requests per minute do not grow with helpers.
 
 A helper never leaves a claim half-done: ``close`` cancels it only while it waits for a
 slot; a claim in flight is finished, what it got started or given back, then the helper

@@ -37,6 +37,7 @@ them at once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import uuid
@@ -57,8 +58,13 @@ _TIDY = 10  # the oldest entries looked at (and removed if forgotten) once a per
 def lane_of(task_id: str, count: int) -> int:
     """The lane of ``task_id`` among ``count``. Not the shard hash (CRC-32, see ``_shards``):
     within one shard every id has the same CRC residue, which would leave lanes empty."""
-    digest = hashlib.blake2b(task_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % count
+    return _hash(task_id) % count
+
+
+@functools.lru_cache(maxsize=4096)
+def _hash(task_id: str) -> int:
+    # Cached: after every miss ``pick`` orders a listing's head again (up to 1,000 ids).
+    return int.from_bytes(hashlib.blake2b(task_id.encode(), digest_size=8).digest(), "big")
 
 
 class Lanes:
