@@ -84,6 +84,23 @@ async def test_an_idle_consumer_lists_again_only_when_the_bell_rings(storage: An
         await q.ack(claimed)
 
 
+async def test_a_consumer_that_found_work_lately_reads_no_bell(storage: Any) -> None:
+    # Looks 10 ms apart at first, growing 1.5x per empty one to 0.5 s (about 1 s from work).
+    async with make_queue(storage, **{**FAST, "max_poll_interval": 0.5}) as q:
+        assert q.bells is not None
+        listens: list[list[str]] = []
+        listen = q.bells.listen
+        q.bells.listen = lambda names: (listens.append(names), listen(names))[1]  # type: ignore[method-assign]
+        await q.enqueue(Task(func="m:f", id="work", queue=QUEUE))
+        claimed = await q.dequeue(QUEUE, wait=1.0)
+        assert claimed is not None
+        await q.ack(claimed)
+        assert await q.dequeue(QUEUE, wait=0.1) is None
+        assert listens == []  # a few empty looks: listed, no bell read
+        assert await q.dequeue(QUEUE, wait=2.0) is None
+        assert listens  # idle: bells
+
+
 async def test_a_queue_without_bells_lists_at_every_look(storage: Any) -> None:
     async with make_queue(storage, **{**FAST, "bells": False}) as q:
         await settle(q)

@@ -386,8 +386,10 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
                 await anyio.sleep(min(early, left))
                 continue
             quiet: set[str] = set()
-            if idle is not None and idle.pause > 0 and self.bells is not None:
-                # Idle since its last look (a busy one lists as before, no bell read).
+            if self.bells is not None and idle is not None and idle.pause >= self.max_poll_interval:
+                # Idle for a few looks: a worker of a busy fleet that finds nothing now and
+                # then lists as before (a bell read there would cost a GET, and save nothing
+                # while producers ring every second).
                 quiet = await self._quiet(names, order)
             for name in order:
                 if name in quiet:
