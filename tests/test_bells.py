@@ -6,6 +6,8 @@ of the protocol (``_bells.THROTTLE``), measured on monotonic clocks."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Generator
 from datetime import timedelta
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 
-from omniq.core import Task
+from omniq.core import Task, encode
 from omniq.core.errors import StorageError
 from omniq.core.fs import Op, read
 from omniq.core.models import utcnow
@@ -49,9 +51,26 @@ async def bell(q: AsyncFileQueue, name: str = QUEUE) -> bytes | None:
     return await q.store.run(program())
 
 
-async def settle(q: AsyncFileQueue, queue: str | list[str] = QUEUE) -> None:
-    """Poll past one ring throttle: the queue is then found empty after its bell was heard."""
-    assert await q.dequeue(queue, wait=_bells.THROTTLE + 0.3) is None
+async def settle(q: AsyncFileQueue, queue: str = QUEUE) -> None:
+    """Poll until a stretch of looks lists nothing: the queue was found empty a throttle after
+    its bell was heard (on a slow store that takes more than one throttle)."""
+    scan, listed = q._scan_program, []
+
+    def counted(name: str) -> Any:
+        listed.append(name)
+        return scan(name)
+
+    q._scan_program = counted  # type: ignore[method-assign]
+    try:
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline:
+            listed.clear()
+            assert await q.dequeue(queue, wait=0.3) is None
+            if not listed:
+                return
+        raise AssertionError(f"{queue} still listed at every look after 15 s")
+    finally:
+        q._scan_program = scan  # type: ignore[method-assign]
 
 
 def failing_bells(program: Generator[Op, Any, Any]) -> Generator[Op, Any, Any]:
@@ -78,7 +97,7 @@ async def test_an_idle_consumer_lists_again_only_when_the_bell_rings(storage: An
         before = await bell(q)
         await producer.enqueue(Task(func="m:f", id="t1", queue=QUEUE))
         assert await bell(q) != before
-        claimed = await q.dequeue(QUEUE, wait=2.0)
+        claimed = await q.dequeue(QUEUE, wait=5.0)
         assert claimed is not None and claimed.id == "t1"
         assert scans  # the ring made it list
         await q.ack(claimed)
@@ -92,49 +111,53 @@ async def test_a_consumer_that_found_work_lately_reads_no_bell(storage: Any) -> 
         listen = q.bells.listen
         q.bells.listen = lambda names: (listens.append(names), listen(names))[1]  # type: ignore[method-assign]
         await q.enqueue(Task(func="m:f", id="work", queue=QUEUE))
-        claimed = await q.dequeue(QUEUE, wait=1.0)
+        claimed = await q.dequeue(QUEUE, wait=5.0)
         assert claimed is not None
         await q.ack(claimed)
         assert await q.dequeue(QUEUE, wait=0.1) is None
         assert listens == []  # a few empty looks: listed, no bell read
-        assert await q.dequeue(QUEUE, wait=2.0) is None
+        assert await q.dequeue(QUEUE, wait=5.0) is None
         assert listens  # idle: bells
 
 
 async def test_a_queue_without_bells_lists_at_every_look(storage: Any) -> None:
     async with make_queue(storage, **{**FAST, "bells": False}) as q:
-        await settle(q)
+        assert await q.dequeue(QUEUE, wait=1.3) is None
         scans = count_scans(q)
         assert await q.dequeue(QUEUE, wait=0.5) is None
         assert len(scans) >= 5  # one listing per refresh_interval at least
         assert await bell(q) is None
 
 
-async def test_a_task_added_within_the_throttle_without_a_ring_is_found(storage: Any) -> None:
+async def test_a_task_added_within_the_throttle_without_a_ring_is_found(
+    storage: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_bells, "THROTTLE", 3.0)  # (both sides) the second enqueue falls in it
     async with make_queue(storage, **NO_FALLBACK) as q, make_queue(storage, bells=True) as producer:
         await settle(q)
         await producer.enqueue(Task(func="m:f", id="first", queue=QUEUE))
         rung = await bell(q)
-        claimed = await q.dequeue(QUEUE, wait=2.0)
+        claimed = await q.dequeue(QUEUE, wait=5.0)
         assert claimed is not None and claimed.id == "first"
         assert await q.dequeue(QUEUE, wait=0.1) is None  # found empty since the ring was heard
         await producer.enqueue(Task(func="m:f", id="second", queue=QUEUE))
         assert await bell(q) == rung  # the producer rang less than THROTTLE ago: not again
         # Listed again once THROTTLE has passed since the ring was heard.
-        claimed = await q.dequeue(QUEUE, wait=2 * _bells.THROTTLE + 1.0)
+        claimed = await q.dequeue(QUEUE, wait=2 * _bells.THROTTLE + 3.0)
         assert claimed is not None and claimed.id == "second"
 
 
 async def test_a_delayed_task_is_claimed_at_its_due_time_without_a_ring(storage: Any) -> None:
     async with make_queue(storage, **NO_FALLBACK) as q, make_queue(storage, bells=True) as producer:
         await settle(q)
-        eta = utcnow() + timedelta(seconds=_bells.THROTTLE + 1.5)
+        eta = utcnow() + timedelta(seconds=5.0)
         await producer.enqueue(Task(func="m:f", id="later", queue=QUEUE, eta=eta))
-        assert await q.dequeue(QUEUE, wait=_bells.THROTTLE + 0.4) is None  # heard; not due
+        await settle(q)  # heard, listed: the marker is not due
+        assert utcnow() < eta
         scans = count_scans(q)
         assert await q.dequeue(QUEUE, wait=0.3) is None
         assert scans == []  # quiet until the due time it noted
-        claimed = await q.dequeue(QUEUE, wait=3.0)
+        claimed = await q.dequeue(QUEUE, wait=10.0)
         assert claimed is not None and claimed.id == "later"
         assert claimed.task.eta is not None and utcnow() >= claimed.task.eta
 
@@ -144,31 +167,33 @@ async def test_a_task_of_a_producer_without_bells_waits_for_the_fallback(storage
         await settle(q)
         await old.enqueue(Task(func="m:f", id="unrung", queue=QUEUE))
         assert await q.dequeue(QUEUE, wait=0.3) is None  # nothing rang
-        claimed = await q.dequeue(QUEUE, wait=4.0)  # listed anyway within 60 x 0.05 s
+        claimed = await q.dequeue(QUEUE, wait=8.0)  # listed anyway within 60 x 0.05 s
         assert claimed is not None and claimed.id == "unrung"
 
 
-async def test_a_listing_that_left_tasks_behind_does_not_count_as_empty(storage: Any) -> None:
-    async with make_queue(storage, **FAST) as q, make_queue(storage, bells=False) as old:
+async def test_a_listing_that_found_something_is_not_taken_for_empty(storage: Any) -> None:
+    async with make_queue(storage, **FAST) as q:
         await settle(q)
-        await old.enqueue_many([Task(func="m:f", id=f"t{i}", queue=QUEUE) for i in range(2)])
-        first = await q.dequeue(QUEUE, wait=4.0)  # the fallback listing shows both
-        assert first is not None
-        second = await q.dequeue(QUEUE, wait=1.0)  # not quiet: its last listing had tasks
-        assert second is not None and {first.id, second.id} == {"t0", "t1"}
+        task = Task(func="m:f", queue=QUEUE)  # written by a newer OmniQ: listed, left alone
+        raw = encode(task).replace(b'"v":1', b'"v":99')
+        await q.store.write(f"{QUEUE}/ready/p0999/{task.id}.1.json", raw)
+        assert await q.dequeue(QUEUE, wait=4.0) is None  # listed by the fallback (60 x 0.05 s)
+        scans = count_scans(q)
+        assert await q.dequeue(QUEUE, wait=1.0) is None  # (the next fallback: 3 s on)
+        assert scans  # listed at every look: its last listing was not empty
 
 
 async def test_an_expired_lease_is_taken_over_while_the_bells_are_quiet(storage: Any) -> None:
     async with (
-        make_queue(storage, **NO_FALLBACK, lease=2.0, clock_skew=0.0) as q,
-        make_queue(storage, bells=True, lease=2.0, clock_skew=0.0) as dead,
+        make_queue(storage, **NO_FALLBACK, lease=4.0, clock_skew=0.0) as q,
+        make_queue(storage, bells=True, lease=4.0, clock_skew=0.0) as dead,
     ):
         await settle(q)
         await dead.enqueue(Task(func="m:f", id="stranded", queue=QUEUE))
         held = await dead.dequeue(QUEUE)
         assert held is not None  # its holder stops here: never acked, never extended
         await settle(q)  # heard the ring, found nothing claimable: quiet
-        claimed = await q.dequeue(QUEUE, wait=3.0)
+        claimed = await q.dequeue(QUEUE, wait=8.0)
         assert claimed is not None and claimed.id == "stranded" and claimed.attempt == 2
 
 
@@ -202,16 +227,23 @@ async def test_a_sharded_queue_idles_on_one_bell(storage: Any) -> None:
         await producer.enqueue_many(tasks)
         got = []
         while len(got) < len(tasks):
-            claimed = await q.dequeue(QUEUE, wait=2.0)
+            claimed = await q.dequeue(QUEUE, wait=5.0)
             assert claimed is not None
             got.append(claimed.id)
         assert sorted(got) == sorted(t.id for t in tasks)
         assert await bell(q, f"{QUEUE}.shard000") is None  # one bell, under the queue's name
+        async with make_queue(storage, bells=True) as plain:  # without the shard setting
+            before = await bell(q)
+            await plain.enqueue(Task(func="m:f", id="direct", queue=f"{QUEUE}.shard001"))
+            assert await bell(q) != before  # rings the queue's bell all the same
+        claimed = await q.dequeue(QUEUE, wait=5.0)
+        assert claimed is not None and claimed.id == "direct"
 
 
 async def test_an_unreadable_bell_lists_every_look_and_a_failed_ring_fails_nothing(
-    storage: Any,
+    storage: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="omniq.queue")
     async with make_queue(storage, **FAST) as q, make_queue(storage, bells=True) as producer:
         await settle(q)
         assert q.bells is not None and producer.bells is not None
@@ -227,6 +259,8 @@ async def test_an_unreadable_bell_lists_every_look_and_a_failed_ring_fails_nothi
         before = await bell(q)
         assert await producer.enqueue(Task(func="m:f", id="quiet", queue=QUEUE)) == "quiet"
         assert await bell(q) == before
+        warned = [r for r in caplog.records if "could not ring the bell" in r.getMessage()]
+        assert [r.levelno for r in warned] == [logging.WARNING]  # said (once a bell)
         producer.bells.ring = ring  # type: ignore[method-assign]
         await anyio.sleep(0.1)
         # Not throttled by the failed ring: the next enqueue rings.
@@ -234,7 +268,7 @@ async def test_an_unreadable_bell_lists_every_look_and_a_failed_ring_fails_nothi
         assert await bell(q) != before
         got = set()
         for _ in range(2):
-            claimed = await q.dequeue(QUEUE, wait=2.0)
+            claimed = await q.dequeue(QUEUE, wait=5.0)
             assert claimed is not None
             got.add(claimed.id)
         assert got == {"quiet", "loud"}

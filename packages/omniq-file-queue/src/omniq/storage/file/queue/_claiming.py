@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-import time
 from datetime import datetime
 from typing import Any
 
@@ -205,13 +204,10 @@ class ClaimHandling(Reaping):
                 if self._held_too_long(lease, held, claimed):
                     return  # no listing while the claims in hand age
                 self._listing.add(queue)
-                began = time.monotonic()
                 try:
                     items = await self.store.run(self._scan_program(queue))
                 finally:
                     self._listing.discard(queue)
-                if self.bells is not None:
-                    self.bells.listed(queue, began, not items)
                 # Stamped when the listing ended: a slow listing must not make the next
                 # dequeue list again at once.
                 order = self._spread(queue, self._unpicked(items), patient)
@@ -398,6 +394,7 @@ class ClaimHandling(Reaping):
     def _scan_program(self, queue: str) -> Program[list[layout.Candidate]]:
         if self.claims.pending:  # deferred deletes first: the listing then no longer shows them
             yield from self.claims.flush()
+        began = Bells.clock()  # (for bells) before the first listing request
         found: list[layout.Candidate] = []
         for rank_dir in (yield listdirs(f"{queue}/ready")):
             for name in (yield listhead(f"{queue}/ready/{rank_dir}", self.batch)):
@@ -416,8 +413,8 @@ class ClaimHandling(Reaping):
                 later = candidate.time_ms / 1000
                 break
             found.append(candidate)
-        if self.bells is not None:
-            self.bells.due_at(queue, later)
+        if self.bells is not None:  # empty: not even a spent copy the claims filter would drop
+            self.bells.listed(queue, began, not found, later)
         found.sort()
         return (yield from self.claims.filter(queue, found[: self.batch]))
 

@@ -135,7 +135,8 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
             one task (docs/queue.md, "Many consumers of one queue"). None (default): on
             object stores, unless ``spread=1``.
         bells: whatever adds a task to a queue rings its bell (a small object written at
-            most once a second by each queue object), and a waiting call that polls reads
+            most once a second by each queue object), and a waiting call that has polled
+            for a few seconds without work (its pause grown to ``max_poll_interval``) reads
             the bells of its queues and lists only the queues and shards that may have
             changed since it found them empty (each at least every 60 ``refresh_interval``s),
             instead of every one at every look (docs/queue.md, "Bells"). None (default): on
@@ -319,7 +320,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         if ready:
             yield create_many(ready)
         if self.bells is not None:  # after the tasks: a consumer that hears it lists them
-            yield from self.bells.ring(self.shards.collapse([task.queue for task, _ in items]))
+            yield from self.bells.ring(task.queue for task, _ in items)
 
     # -- dequeue -----------------------------------------------------------------------------
     async def dequeue(
@@ -390,7 +391,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
                 # Idle for a few looks: a worker of a busy fleet that finds nothing now and
                 # then lists as before (a bell read there would cost a GET, and save nothing
                 # while producers ring every second).
-                quiet = await self._quiet(names, order)
+                quiet = await self._quiet(order)
             for name in order:
                 if name in quiet:
                     continue
@@ -423,17 +424,19 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
                 await anyio.sleep(min(pause, left))
             pause = min(pause * 1.5, self.max_poll_interval)
 
-    async def _quiet(self, names: list[str], queues: list[str]) -> set[str]:
-        """The storage queues among ``queues`` (those of ``names``) that a poll need not list:
+    async def _quiet(self, queues: list[str]) -> set[str]:
+        """The storage queues among ``queues`` that a poll need not list:
         their bells say nothing was added since they were found empty (``_bells``). A queue
         whose reaper turn has come is reaped here, and listed if that requeued anything; one
         whose claim lane is due a look (to withdraw, after a busy spell) is listed."""
         assert self.bells is not None
-        await self.store.run(self.bells.listen(names))
+        if self.claims.unsettled:  # claims whose landing is unknown: settled by the next look
+            return set()
+        await self.store.run(self.bells.listen(queues))
         quiet: set[str] = set()
         for queue in queues:
             current = self._now()
-            if not self.bells.quiet(self.shards.collapse([queue])[0], queue, current):
+            if not self.bells.quiet(queue, current):
                 continue
             if self.lanes is not None and self.lanes.due(queue, current):
                 continue

@@ -317,7 +317,7 @@ class Reaping(LeaseHandling):
             yield write(layout.due_key(queue, int(eta * 1000), task.priority, *parsed), b"")
             redone += 1
         if redone and self.bells is not None:
-            yield from self.bells.ring(self.shards.collapse([queue]))
+            yield from self.bells.ring([queue])
         return redone
 
     def _pending(self, task: Task) -> Program[bool]:
