@@ -79,7 +79,7 @@ class Bells:
 
     @staticmethod
     def clock() -> float:
-        """The clock of listings' start times (monotonic: durations, not dates)."""
+        """The clock of rings, bells heard and listings begun (monotonic: durations only)."""
         return time.monotonic()
 
     def ring(self, queues: Iterable[str]) -> Program[None]:
@@ -87,7 +87,7 @@ class Bells:
         at most once a ``THROTTLE``. Never raises: a failed ring leaves its tasks (and those
         written meanwhile without a ring of their own) to the next ring, or the ``fallback``."""
         for name in sorted({bell_name(q) for q in queues}):
-            began = time.monotonic()
+            began = self.clock()
             last = self._rung.get(name)
             if last is not None and 0.0 <= began - last < THROTTLE:
                 continue  # the ring that began at ``last`` covers it (module docstring)
@@ -116,7 +116,7 @@ class Bells:
                 self._heard.pop(name, None)  # unknown: every queue of it is listed
             log.debug("could not read the bells of %s: %s", names, exc)
             return
-        heard = time.monotonic()
+        heard = self.clock()
         for name, key in keys.items():
             value = values.get(key)
             known = self._heard.get(name)
@@ -142,7 +142,7 @@ class Bells:
         known, empty = self._heard.get(bell_name(queue)), self._empty.get(queue)
         if known is None or empty is None or empty < known[1] + THROTTLE:
             return False
-        if time.monotonic() - empty >= self.fallback:
+        if self.clock() - empty >= self.fallback:
             return False
         due = self._due.get(queue)
         return due is None or due > current

@@ -425,10 +425,10 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
             pause = min(pause * 1.5, self.max_poll_interval)
 
     async def _quiet(self, queues: list[str]) -> set[str]:
-        """The storage queues among ``queues`` that a poll need not list:
-        their bells say nothing was added since they were found empty (``_bells``). A queue
-        whose reaper turn has come is reaped here, and listed if that requeued anything; one
-        whose claim lane is due a look (to withdraw, after a busy spell) is listed."""
+        """The storage queues among ``queues`` that a poll need not list: their bells say
+        nothing was added since they were found empty (``_bells``). A queue whose reaper turn
+        has come is reaped here, and listed if that requeued anything; one whose claim lane
+        is due a look (to withdraw, after a busy spell) is listed."""
         assert self.bells is not None
         if self.claims.unsettled:  # claims whose landing is unknown: settled by the next look
             return set()
