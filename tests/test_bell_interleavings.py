@@ -31,6 +31,7 @@ Q = "default"
 POLLS = 3  # the consumer actor's polls; the final check polls on
 ADVANCES = [Advance(0.4), Advance(0.7)]  # shorter than THROTTLE: rings are skipped
 SKIPPED = [0]  # polls that skipped their listing (the exploration is not vacuous)
+SAMPLES = {"memory": 3_000, "local": 1_000}  # per run; OMNIQ_EXPLORE_SAMPLES=N explores more
 
 
 class Scene:
@@ -143,7 +144,8 @@ def test_bell_interleavings(scenario: str, kind: str, tmp_path: Any) -> None:
         advances=ADVANCES,
         max_advances=3,
         max_crashes=0,
-        samples=1_000,
+        mode="random",
+        samples=SAMPLES[kind],
     )
     report.assert_clean()
     assert report.schedules > 0

@@ -34,6 +34,9 @@ FAST = {
     "max_poll_interval": 0.02,
     "refresh_interval": 0.05,
 }
+# The tests that take seconds of waiting run on memory, local and one object store; the
+# stores differ in the requests, which the others exercise on all five.
+SLOW = pytest.mark.parametrize("storage", ["memory", "local", "s3"], indirect=True)
 # Listed at least every 30 s: what such a consumer finds within a few seconds, its bells or
 # its due times found, not the fallback.
 NO_FALLBACK = {**FAST, "refresh_interval": 0.5}
@@ -103,6 +106,7 @@ async def test_an_idle_consumer_lists_again_only_when_the_bell_rings(storage: An
         await q.ack(claimed)
 
 
+@SLOW
 async def test_a_consumer_that_found_work_lately_reads_no_bell(storage: Any) -> None:
     # Looks 10 ms apart at first, growing 1.5x per empty one to 0.5 s (about 1 s from work).
     async with make_queue(storage, **{**FAST, "max_poll_interval": 0.5}) as q:
@@ -129,6 +133,7 @@ async def test_a_queue_without_bells_lists_at_every_look(storage: Any) -> None:
         assert await bell(q) is None
 
 
+@SLOW
 async def test_a_task_added_within_the_throttle_without_a_ring_is_found(
     storage: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -147,6 +152,7 @@ async def test_a_task_added_within_the_throttle_without_a_ring_is_found(
         assert claimed is not None and claimed.id == "second"
 
 
+@SLOW
 async def test_a_delayed_task_is_claimed_at_its_due_time_without_a_ring(storage: Any) -> None:
     async with make_queue(storage, **NO_FALLBACK) as q, make_queue(storage, bells=True) as producer:
         await settle(q)
@@ -162,6 +168,7 @@ async def test_a_delayed_task_is_claimed_at_its_due_time_without_a_ring(storage:
         assert claimed.task.eta is not None and utcnow() >= claimed.task.eta
 
 
+@SLOW
 async def test_a_task_of_a_producer_without_bells_waits_for_the_fallback(storage: Any) -> None:
     async with make_queue(storage, **FAST) as q, make_queue(storage, bells=False) as old:
         await settle(q)
@@ -172,17 +179,19 @@ async def test_a_task_of_a_producer_without_bells_waits_for_the_fallback(storage
 
 
 async def test_a_listing_that_found_something_is_not_taken_for_empty(storage: Any) -> None:
-    async with make_queue(storage, **FAST) as q:
+    # Listed at least every 60 x 0.02 s.
+    async with make_queue(storage, **{**FAST, "refresh_interval": 0.02}) as q:
         await settle(q)
         task = Task(func="m:f", queue=QUEUE)  # written by a newer OmniQ: listed, left alone
         raw = encode(task).replace(b'"v":1', b'"v":99')
         await q.store.write(f"{QUEUE}/ready/p0999/{task.id}.1.json", raw)
-        assert await q.dequeue(QUEUE, wait=4.0) is None  # listed by the fallback (60 x 0.05 s)
+        assert await q.dequeue(QUEUE, wait=2.0) is None  # listed by the fallback
         scans = count_scans(q)
-        assert await q.dequeue(QUEUE, wait=1.0) is None  # (the next fallback: 3 s on)
+        assert await q.dequeue(QUEUE, wait=0.5) is None  # (the next fallback: 1.2 s on)
         assert scans  # listed at every look: its last listing was not empty
 
 
+@SLOW
 async def test_an_expired_lease_is_taken_over_while_the_bells_are_quiet(storage: Any) -> None:
     async with (
         make_queue(storage, **NO_FALLBACK, lease=4.0, clock_skew=0.0) as q,
@@ -197,6 +206,7 @@ async def test_an_expired_lease_is_taken_over_while_the_bells_are_quiet(storage:
         assert claimed is not None and claimed.id == "stranded" and claimed.attempt == 2
 
 
+@SLOW
 async def test_a_quiet_consumer_still_withdraws_its_claim_lane(storage: Any) -> None:
     clock = FakeClock()  # the lanes' clock; bells measure on the monotonic one
     async with make_queue(storage, **FAST, lanes=True, clock=clock) as q:
