@@ -260,8 +260,15 @@ async def _drain(
 
 
 async def _idle(
-    url: str, options: dict[str, Any], idle_s: float, pickups: int, shards: int = 1
+    url: str,
+    options: dict[str, Any],
+    idle_s: float,
+    pickups: int,
+    shards: int = 1,
+    brief: bool = False,
 ) -> dict[str, Any]:
+    """One idle worker's requests a minute, then its pick-up latency. ``brief`` (smoke mode)
+    cuts the waits to fractions of a second: it checks the harness and measures nothing."""
     import anyio
 
     from omniq.backend.file import AsyncFileBackend
@@ -278,14 +285,17 @@ async def _idle(
     latencies: list[float] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
-        await anyio.sleep(2 * poll_max + 1)  # the worker has found the queue empty a while
+        # The worker has found the queue empty a while (its polls are at their slowest).
+        await anyio.sleep(0.5 if brief else 2 * poll_max + 1)
         COUNTS.clear()
         await anyio.sleep(idle_s)
         out["requests_per_idle_minute"] = sum(COUNTS.values()) * 60 / idle_s
         out["idle_by_operation"] = {k: v * 60 / idle_s for k, v in sorted(COUNTS.items())}
         STARTED.clear()
         for n in range(pickups):
-            await anyio.sleep(random.uniform(2 * poll_max, 3 * poll_max))
+            await anyio.sleep(
+                random.uniform(0.2, 0.4) if brief else random.uniform(2, 3) * poll_max
+            )
             await producer.enqueue(MARK, args=[n])
             sent = time.monotonic()
             while n not in STARTED:
@@ -339,7 +349,13 @@ def _store(ctx: Context, store: str, size: dict[str, Any]) -> dict[str, Any]:
                 out["latency"] = _latency(ctx, store, emulator, size)
             url = fresh(emulator).url(f"fleet-idle-{os.getpid()}-{time.time_ns()}")
             out["idle"] = asyncio.run(
-                _idle(url, emulator.storage_options, size["idle_s"], size["pickups"])
+                _idle(
+                    url,
+                    emulator.storage_options,
+                    size["idle_s"],
+                    size["pickups"],
+                    brief=ctx.mode == "smoke",
+                )
             )
             ctx.log(f"fleet: {store} idle: {out['idle']}")
     finally:

@@ -40,7 +40,7 @@ from .common import SPAWN, Context, fmt, md_table, percentile, plt, ratio
 NAME = "pickup"
 
 SIZES = {
-    "smoke": {"n": 10, "idle_s": 2.0, "warmup": 2},
+    "smoke": {"n": 4, "idle_s": 1.0, "warmup": 2},
     "quick": {"n": 60, "idle_s": 5.0, "warmup": 3},
     "full": {"n": 200, "idle_s": 5.0, "warmup": 3},
 }

@@ -105,7 +105,12 @@ def run(ctx: Context) -> dict[str, Any]:
                 url = fleet.fresh(emulator).url(f"shards-idle-{os.getpid()}-{time.time_ns()}")
                 got["idle"] = asyncio.run(
                     fleet._idle(
-                        url, emulator.storage_options, size["idle_s"], size["pickups"], shards=n
+                        url,
+                        emulator.storage_options,
+                        size["idle_s"],
+                        size["pickups"],
+                        shards=n,
+                        brief=ctx.mode == "smoke",
                     )
                 )
                 ctx.log(

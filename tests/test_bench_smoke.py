@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# One smoke run of every figure takes about 150 s (more under load), over the suite's 300 s
+# One smoke run of every figure takes about 140 s (more under load), over the suite's 300 s
 # per test on a loaded machine. It is one test: a module fixture would run once per xdist
 # worker that gets one of its tests.
 pytestmark = pytest.mark.timeout(900)
