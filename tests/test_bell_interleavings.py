@@ -130,6 +130,17 @@ SCENARIOS = {
 }
 
 
+# What every exploration here shares: the model, its clock's advances, no crashes.
+MODEL: dict[str, Any] = {
+    "make": make,
+    "final": final,
+    "advances": ADVANCES,
+    "max_advances": 3,
+    "max_crashes": 0,
+    "mode": "random",
+}
+
+
 @pytest.mark.parametrize("kind", ["memory", "local"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_bell_interleavings(scenario: str, kind: str, tmp_path: Any) -> None:
@@ -139,12 +150,7 @@ def test_bell_interleavings(scenario: str, kind: str, tmp_path: Any) -> None:
         SCENARIOS[scenario],
         kind=kind,
         base_dir=tmp_path,
-        make=make,
-        final=final,
-        advances=ADVANCES,
-        max_advances=3,
-        max_crashes=0,
-        mode="random",
+        **MODEL,
         samples=SAMPLES[kind],
     )
     report.assert_clean()
@@ -166,12 +172,7 @@ def test_the_invariant_catches_quiet_without_the_throttle_margin(
     report = explore(
         "control bells: quiet without the throttle margin",
         SCENARIOS["two enqueues x consumer"],
-        make=make,
-        final=final,
-        advances=ADVANCES,
-        max_advances=3,
-        max_crashes=0,
-        mode="random",
+        **MODEL,
         samples=3_000,
     )
     assert report.violations, "the explorer missed the unrung task"
