@@ -10,6 +10,7 @@ import types
 import zlib
 from collections import Counter
 from datetime import timedelta
+from typing import Any
 
 import anyio
 import pytest
@@ -18,8 +19,9 @@ from omniq.backend.file import AsyncFileBackend
 from omniq.core import ConfigurationError, InvalidNameError, Task, TaskStatus
 from omniq.core.models import ResultStatus, utcnow
 from omniq.storage.file.queue import AsyncFileQueue
+from omniq.storage.file.queue import _layout as layout
 from omniq.storage.file.queue import _shards as shards_module
-from queue_helpers import make_queue
+from queue_helpers import FakeClock, make_queue
 
 pytestmark = pytest.mark.anyio
 
@@ -191,6 +193,61 @@ async def test_testing_mode_runs_tasks_of_a_sharded_queue(storage) -> None:
         result = await b.result(task_id)
         assert result is not None and result.value == 5
         assert (await b.queue.size("orders")).total == 0
+
+
+async def test_the_shards_take_one_reaper_turn_and_any_shard_s_turn_reaps_them_all(
+    storage,
+) -> None:
+    """One turn key for the shards and the queue itself: a consumer reads one key a turn,
+    not n + 1, and the consumer whose turn comes reaps every shard, so an expired lease in a
+    shard no consumer is on is taken over at the next turn. A process without the setting
+    keeps its own turn of the queue itself (neither holds the other's queues back)."""
+    clock = FakeClock()
+    opts = {"clock": clock, "lease": 10, "clock_skew": 2}
+    passes: list[str] = []
+    reads: list[str] = []
+
+    def counted(q: AsyncFileQueue) -> AsyncFileQueue:
+        reap, turn = q._reap_queue, q._reap_turn
+
+        async def reap_counted(queue: str) -> Any:
+            passes.append(queue)
+            return await reap(queue)
+
+        def turn_counted(key: str, current: float) -> Any:
+            reads.append(key)
+            return turn(key, current)
+
+        q._reap_queue = reap_counted  # type: ignore[method-assign]
+        q._reap_turn = turn_counted  # type: ignore[method-assign]
+        return q
+
+    consumers = [counted(make_queue(storage, shards=SHARDS, **opts)) for _ in range(3)]
+    plain = counted(make_queue(storage, **opts))
+    try:
+        task = Task(func="m:f", queue="orders")
+        await consumers[0].enqueue(task)
+        held = await consumers[0].dequeue("orders", worker_id="gone")
+        assert held is not None and held.task.queue == shard_of(task.id)
+        group = layout.reaper_shards_key("orders", 4)
+        assert sorted(passes) == sorted(["orders", *NAMES]) and reads == [group]
+        for q in consumers[1:]:
+            assert await q.dequeue("orders") is None
+        assert len(passes) == 5 and reads == [group] * 3  # one key a turn, one pass a turn
+        assert await plain.dequeue("orders") is None
+        assert passes[5:] == ["orders"] and reads[3:] == [layout.reaper_key("orders")]
+
+        clock.catch_up()  # see test_lease_takeover_fences_the_old_holder
+        clock.advance(20)  # past the lease, the skew and the reap interval
+        passes.clear()
+        # Whichever shard this consumer looks at first, its turn takes the lease over.
+        again = await consumers[1].dequeue("orders", worker_id="next")
+        assert again is not None and again.id == task.id and again.attempt == 2
+        assert sorted(passes) == sorted(["orders", *NAMES])
+        await consumers[1].ack(again)
+    finally:
+        for q in (*consumers, plain):
+            await q.close()
 
 
 async def test_a_worker_drains_a_sharded_queue(storage) -> None:

@@ -186,7 +186,7 @@ class ClaimHandling(Reaping):
         current = self._now()
         cache = self._cache.get(queue)
         refreshed = False
-        if await self._reap_if_due(queue, current):
+        if queue in await self._reap_if_due(queue, current):
             cache = None  # requeued tasks: list again to see them
         if self.claims.unsettled:
             claimed += await self.store.run(self.claims.settle(queue, want, self.tombstone_ttl))
@@ -291,29 +291,37 @@ class ClaimHandling(Reaping):
             if cache is not None and (not cache.items or rank < cache.items[0].rank):
                 del self._cache[task.queue]
 
-    async def _reap_if_due(self, queue: str, current: float) -> bool:
-        """Reap ``queue`` if its turn has come (``_reap_turn``); True if tasks were requeued."""
-        if current - self._reaped.get(queue, 0.0) < self.reap_interval:
-            return False
-        return bool(await self.store.run(self._reap_turn(queue, current))) and bool(
-            await self._reap_queue(queue)
-        )
+    async def _reap_if_due(self, queue: str, current: float) -> set[str]:
+        """Reap ``queue`` (with the rest of its group: ``_reap_group``) if its turn has come
+        (``_reap_turn``); the storage queues in which tasks were requeued, whose listings
+        are dropped."""
+        turn, queues = self._reap_group(queue)
+        if current - self._reaped.get(turn, 0.0) < self.reap_interval:
+            return set()
+        if not await self.store.run(self._reap_turn(turn, current)):
+            return set()
+        requeued: set[str] = set()
+        for name in queues:
+            if await self._reap_queue(name):
+                requeued.add(name)
+                self._cache.pop(name, None)
+        return requeued
 
-    def _reap_turn(self, queue: str, current: float) -> Program[bool]:
-        """Whether this consumer reaps ``queue`` now: one reaper pass per ``reap_interval``
-        per queue, whatever the number of consumers. The pass's start time is kept in
-        ``{queue}/reaper/last``; a consumer that finds it fresh waits for the next interval.
-        Two consumers that both find it stale both reap, which is safe (every transition of
-        the reaper is an exclusive create); a clock far off makes the time look stale."""
-        data = yield read(layout.reaper_key(queue))
+    def _reap_turn(self, turn: str, current: float) -> Program[bool]:
+        """Whether this consumer reaps now: one reaper pass per ``reap_interval`` per queue
+        (or group of shards), whatever the number of consumers. The pass's start time is kept
+        in the ``turn`` key; a consumer that finds it fresh waits for the next interval. Two
+        consumers that both find it stale both reap, which is safe (every transition of the
+        reaper is an exclusive create); a clock far off makes the time look stale."""
+        data = yield read(turn)
         try:
             last = float(data or b"")
         except ValueError:
             last = 0.0
         if 0.0 <= current - last < self.reap_interval:
-            self._reaped[queue] = last + random.uniform(0.0, self.reap_interval / 4)
+            self._reaped[turn] = last + random.uniform(0.0, self.reap_interval / 4)
             return False
-        yield write(layout.reaper_key(queue), repr(current).encode())
+        yield write(turn, repr(current).encode())
         return True
 
     async def _claim_picks(

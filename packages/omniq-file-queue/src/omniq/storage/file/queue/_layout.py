@@ -19,6 +19,8 @@
     {queue}/cancel/{id}.{n}                      cancel request for running attempt n
     {queue}/quarantine/{area}.{name}.{time}      unreadable files, moved aside
     {queue}/reaper/last                          when the last reaper pass began (cadence)
+    {queue}/reaper/shards{n:03d}                 when the last pass over all n shards of the
+                                                 sharded queue and the queue itself began
     {queue}/lanes/{time:010d}.{consumer}         empty: a consumer busy claiming (_lanes)
     {queue}/bell/rung                            a producer's nonce: tasks were added (_bells)
     {queue}/wait/{id}.json                       task waiting for its dependencies
@@ -149,6 +151,10 @@ def due_key(queue: str, eta_ms: int, priority: int, task_id: str, attempt: int) 
 
 def reaper_key(queue: str) -> str:
     return f"{queue}/reaper/last"
+
+
+def reaper_shards_key(queue: str, shards: int) -> str:
+    return f"{queue}/reaper/shards{shards:03d}"
 
 
 def bell_key(queue: str) -> str:

@@ -434,15 +434,16 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
             return set()
         await self.store.run(self.bells.listen(queues))
         quiet: set[str] = set()
+        requeued: set[str] = set()  # a shard's turn reaps its siblings too
         for queue in queues:
             current = self._now()
             if not self.bells.quiet(queue, current):
                 continue
             if self.lanes is not None and self.lanes.due(queue, current):
                 continue
-            if not await self._reap_if_due(queue, current):
-                quiet.add(queue)
-        return quiet
+            requeued |= await self._reap_if_due(queue, current)
+            quiet.add(queue)
+        return quiet - requeued
 
     def _watch(self, names: list[str], queues: list[str]) -> DirWatch | None:
         """A wake-up on new ready tasks and due markers of ``queues``, the storage queues of

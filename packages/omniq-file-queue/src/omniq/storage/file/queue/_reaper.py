@@ -72,9 +72,21 @@ class Reaping(LeaseHandling):
             taken += await self._reap_queue(name)
         return taken
 
+    def _reap_group(self, queue: str) -> tuple[str, list[str]]:
+        """The key of storage queue ``queue``'s reaper turn, and the storage queues that turn
+        reaps. A sharded queue's shards and the queue itself take one turn together: an idle
+        consumer of ``n`` shards reads one key a turn, not ``n + 1`` (a process without the
+        setting, or with another count, keeps its own key: their turns never hold each
+        other's queues back)."""
+        sharded = self.shards.sharded(queue)
+        if sharded is None:
+            return layout.reaper_key(queue), [queue]
+        return layout.reaper_shards_key(*sharded), self.shards.queues(sharded[0])
+
     async def _reap_queue(self, queue: str) -> list[Claimed]:
         """``reap`` of one storage queue."""
-        self._reaped[queue] = self._now()  # an explicit pass counts: dequeue waits reap_interval
+        # An explicit pass counts: dequeue waits reap_interval.
+        self._reaped[self._reap_group(queue)[0]] = self._now()
         taken = await self.store.run(self._reap_program(queue), heavy=True)
         await self._report_settled()  # waits its dependency settling decided
         if taken:

@@ -136,13 +136,20 @@ class Shards:
         if queue in self.counts:
             self._base_busy[queue] = self._turn
 
+    def sharded(self, name: str) -> tuple[str, int] | None:
+        """The sharded queue and its shard count if storage queue ``name`` is one of its
+        shards or the queue itself, else None."""
+        match = _SHARD.fullmatch(name)
+        if match is not None and int(match[2]) < self.counts.get(match[1], 0):
+            name = match[1]
+        n = self.counts.get(name)
+        return None if n is None else (name, n)
+
     def collapse(self, names: list[str]) -> list[str]:
         """Storage queue names with the shards of a sharded queue shown as that queue."""
         shown: list[str] = []
         for name in names:
-            match = _SHARD.fullmatch(name)
-            if match is not None and int(match[2]) < self.counts.get(match[1], 0):
-                name = match[1]
+            name = (self.sharded(name) or (name, 1))[0]
             if name not in shown:
                 shown.append(name)
         return shown
