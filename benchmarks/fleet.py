@@ -285,8 +285,11 @@ async def _idle(
     latencies: list[float] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
-        # The worker has found the queue empty a while (its polls are at their slowest).
-        await anyio.sleep(0.5 if brief else 2 * poll_max + 1)
+        # The worker has found the queue empty a while: its pause has grown to poll_max and
+        # it trusts its bells (docs/queue.md, "Bells"). After 2 * poll_max + 1 the window
+        # still held 16 shards' first listings once their bell was heard (the full run of
+        # 3c7548e: 614 requests a minute, where a settled worker sends ~376).
+        await anyio.sleep(0.5 if brief else 5 * poll_max + 5)
         COUNTS.clear()
         await anyio.sleep(idle_s)
         out["requests_per_idle_minute"] = sum(COUNTS.values()) * 60 / idle_s
