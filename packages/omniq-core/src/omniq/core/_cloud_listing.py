@@ -18,6 +18,16 @@ def _visible(names: list[str]) -> list[str]:
     return sorted(n for n in names if n and not n.startswith("."))
 
 
+async def s3_files(s3: Any, path: str) -> list[dict[str, Any]]:
+    """The detailed listing of ``path`` (its files and sub-directories, as fsspec's ``ls``
+    gives them; [] if absent): one LIST request per 1,000 entries, none for the parent (an
+    idle queue's reaper pass paid one for its empty ``run/``)."""
+    try:
+        return list(await s3._lsdir(s3._strip_protocol(path).rstrip("/"), refresh=True))
+    except FileNotFoundError:
+        return []
+
+
 async def s3_dirs(s3: Any, path: str) -> list[str]:
     """The names of the "directories" (common prefixes) under ``path``: one LIST request per
     1,000 entries, none for the parent."""

@@ -17,7 +17,15 @@ from collections.abc import Awaitable, Callable, Collection, Generator
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
-from ._cloud_listing import azure_after, azure_dirs, gcs_after, gcs_dirs, s3_after, s3_dirs
+from ._cloud_listing import (
+    azure_after,
+    azure_dirs,
+    gcs_after,
+    gcs_dirs,
+    s3_after,
+    s3_dirs,
+    s3_files,
+)
 from ._ops_protocol import Entry
 from ._redact import RedactFilter, redact, scrub_exception
 from ._store_errors import is_exists_error, is_transient
@@ -299,6 +307,12 @@ class _FsspecSteps:
 
     def _infos(self, prefix: str) -> _Steps[list[dict[str, Any]]]:
         """The detailed fsspec listing of ``prefix`` ([] if absent)."""
+        if hasattr(self.fs.fs, "_call_s3"):  # s3fs: no second LIST (of the parent) when empty
+            path = self.fs._join(prefix)
+            infos: list[dict[str, Any]] = yield from _retrying(
+                "list", prefix, lambda: _s3(s3_files, path)
+            )
+            return infos
 
         def attempt() -> _Steps[list[dict[str, Any]]]:
             try:
