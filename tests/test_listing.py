@@ -485,3 +485,18 @@ def test_cli_tasks_lists_pages_and_refuses_bad_input(tmp_path) -> None:
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
     proc = cli("tasks", str(tmp_path / "missing"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("storage", ["s3"], indirect=True)
+async def test_an_empty_prefix_is_listed_with_one_request_on_s3(storage) -> None:
+    """s3fs' ``ls`` lists the parent of an empty prefix too (is it a file?). An idle queue's
+    reaper pass lists its empty ``run/`` every ``lease / 4``: one request, not two."""
+    async with make_queue(storage) as q:
+        await q.enqueue_many([])  # the start-up probe
+        with s3_requests("s3") as made:
+            assert await q.store.listdir("default/run") == []
+            assert await q.store.listdir("default/run", True) == []
+        assert made == ["ListObjectsV2"] * 2
+        with s3_requests("s3") as made:
+            assert await q.reap() == []
+        assert made == ["ListObjectsV2"] * 2  # deps/ and run/
