@@ -25,10 +25,11 @@ a setting one side could change), the empty listing would have shown it, so it h
 claimed (its ready copy deleted; a copy whose delete a claim deferred counts as something,
 so a listing cut to ``batch`` spent copies is never taken for empty). A ring that lands
 after the read changes the bell, and the next read lists again. A consumer holding claims
-whose landing it does not know yet (``unsettled``) lists as without bells. What no ring announces is looked at without one: a delayed task's due
-time (the listing that found ``q`` empty noted its earliest future marker), a lease that
-ends (the reaper keeps its own turns), and a task written by a producer without bells or
-that crashed before ringing: every storage queue is listed at least once a ``fallback``.
+whose landing it does not know yet (``unsettled``) lists as without bells. What no ring
+announces is looked at without one: a delayed task's due time (the listing that found ``q``
+empty noted its earliest future marker), a lease that ends (the reaper keeps its own turns),
+and a task written by a producer without bells or that crashed before ringing: every storage
+queue is listed at least once a ``fallback``.
 
 Correctness of the queue does not depend on bells: they only decide when to list. A failed
 read of a bell lists everything; a failed ring is logged (a warning, the first time per bell)
@@ -40,7 +41,6 @@ it owes, which the ``fallback`` covers.
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -49,10 +49,9 @@ from omniq.core.errors import StorageError
 from omniq.core.fs import Program, read_many, write
 
 from . import _layout as layout
+from ._shards import parse_shard
 
 log = logging.getLogger("omniq.queue")
-
-_SHARD = re.compile(r"(.+)\.shard\d{3}")
 
 THROTTLE = 1.0  # seconds: a producer rings one bell at most this often (part of the protocol)
 
@@ -60,8 +59,8 @@ THROTTLE = 1.0  # seconds: a producer rings one bell at most this often (part of
 def bell_name(queue: str) -> str:
     """The bell a storage queue rings and is heard by: a shard's is its queue's (by the name
     alone, whatever the shard settings of the process: producers, tools and consumers agree)."""
-    match = _SHARD.fullmatch(queue)
-    return queue if match is None else match[1]
+    shard = parse_shard(queue)
+    return queue if shard is None else shard[0]
 
 
 class Bells:

@@ -39,6 +39,13 @@ def shard_name(queue: str, k: int) -> str:
     return f"{queue}{_SUFFIX}{k:03d}"
 
 
+def parse_shard(name: str) -> tuple[str, int] | None:
+    """(queue, k) if ``name`` has the form of shard ``k`` of ``queue``, else None (by the
+    name alone, whatever the shard settings)."""
+    match = _SHARD.fullmatch(name)
+    return None if match is None else (match[1], int(match[2]))
+
+
 def shard_of(task_id: str, n: int) -> int:
     """The shard of ``task_id`` among ``n`` (CRC-32: the same in every process and version)."""
     return zlib.crc32(task_id.encode()) % n
@@ -68,7 +75,7 @@ class Shards:
                     f"queue name {queue!r} is too long to be sharded (its shards' names would "
                     f"pass the {MAX_NAME_LENGTH}-character limit)"
                 )
-            if _SHARD.fullmatch(queue):
+            if parse_shard(queue) is not None:
                 raise ConfigurationError(f"{queue!r} is a shard's name; shard its queue instead")
             if n > 1:
                 self.counts[queue] = n
@@ -139,9 +146,9 @@ class Shards:
     def sharded(self, name: str) -> tuple[str, int] | None:
         """The sharded queue and its shard count if storage queue ``name`` is one of its
         shards or the queue itself, else None."""
-        match = _SHARD.fullmatch(name)
-        if match is not None and int(match[2]) < self.counts.get(match[1], 0):
-            name = match[1]
+        shard = parse_shard(name)
+        if shard is not None and shard[1] < self.counts.get(shard[0], 0):
+            name = shard[0]
         n = self.counts.get(name)
         return None if n is None else (name, n)
 
