@@ -23,7 +23,11 @@ Each configuration runs in a fresh process that enqueues its N tasks first (not 
 logging configured at INFO into ``os.devnull`` (as a daemon logs; both workers log per task
 at INFO or DEBUG as their code decides). The timed window runs from the worker's start to
 the N-th result; worker CPU per task is the process's CPU time (all threads) in that window
-/ N. Order rotated per repetition; medians, and the median of per-repetition ratios.
+/ N. Order rotated per repetition; medians, and the median of per-repetition ratios. Before
+each configuration the page cache's dirty pages are written out (``os.sync``, not timed): the
+one that ran before, above all the floor's thousands of files, must not leave its writeback
+to the next one's window (the 3c7548e run: OmniQ 1,898 tasks/s first in the rotation, 1,093
+right after the floor).
 """
 
 from __future__ import annotations
@@ -242,6 +246,7 @@ def run(ctx: Context) -> dict[str, Any]:
         order = systems[rep % len(systems) :] + systems[: rep % len(systems)]
         for system in order:
             with ctx.scratch(ctx.disk_base, f"drain-{system}") as path:
+                os.sync()  # the writeback of what ran before stays out of this window
                 (got,) = run_children(child, [(system, os.path.join(path, "q"), n)])
             if got["done"] != n:
                 ctx.note(f"drain {system}: {got['done']} of {n} tasks finished")
