@@ -487,16 +487,56 @@ def test_cli_tasks_lists_pages_and_refuses_bad_input(tmp_path) -> None:
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
-@pytest.mark.parametrize("storage", ["s3"], indirect=True)
-async def test_an_empty_prefix_is_listed_with_one_request_on_s3(storage) -> None:
-    """s3fs' ``ls`` lists the parent of an empty prefix too (is it a file?). An idle queue's
-    reaper pass lists its empty ``run/`` every ``lease / 4``: one request, not two."""
+@contextlib.contextmanager
+def http_requests() -> Iterator[list[str]]:
+    """Every HTTP request the SDKs send inside (s3fs, gcsfs and adlfs all go through
+    aiohttp's ``ClientSession``), as ``"METHOD path?query"``."""
+    import aiohttp
+
+    made: list[str] = []
+    original = aiohttp.ClientSession._request
+
+    async def counted(self: Any, method: str, url: Any, *args: Any, **kw: Any) -> Any:
+        made.append(f"{method} {url}")
+        return await original(self, method, url, *args, **kw)
+
+    aiohttp.ClientSession._request = counted  # type: ignore[method-assign]
+    try:
+        yield made
+    finally:
+        aiohttp.ClientSession._request = original  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("storage", ["s3", "gcs", "azure"], indirect=True)
+async def test_a_prefix_is_listed_with_one_request_on_each_object_store(storage) -> None:
+    """The plugins' ``ls`` looks again at an empty prefix (is it a file?): s3fs lists the
+    parent, gcsfs GETs the object, adlfs HEADs it; adlfs also walks the parent level first
+    whatever the prefix holds. An idle queue's reaper pass lists its ``deps/`` and its empty
+    ``run/`` every ``lease / 4``: one request each."""
     async with make_queue(storage) as q:
         await q.enqueue_many([])  # the start-up probe
-        with s3_requests("s3") as made:
+        with http_requests() as made:
             assert await q.store.listdir("default/run") == []
             assert await q.store.listdir("default/run", True) == []
-        assert made == ["ListObjectsV2"] * 2
-        with s3_requests("s3") as made:
+        assert len(made) == 2, made
+        with http_requests() as made:
             assert await q.reap() == []
-        assert made == ["ListObjectsV2"] * 2  # deps/ and run/
+        assert len(made) == 2, made  # deps/ and run/
+        await q.store.write("default/run/a.json", b"12345")
+        await q.store.write("default/run/sub/b.json", b"1")
+        with http_requests() as made:
+            assert await q.store.listdir("default/run") == ["a.json"]
+            (entry,) = await q.store.listdir("default/run", True)
+            assert await q.store.listdirs("default") == ["run"]
+        assert len(made) == 3, made
+        assert (entry.name, entry.size) == ("a.json", 5)
+        assert abs(entry.mtime - time.time()) < 300  # the store's clock: the emulator's
+        if storage.kind == "azure":  # a Data Lake (hierarchical) account's folder is a blob
+            from azure.storage.blob.aio import BlobServiceClient
+
+            container, _, root = storage.base_dir.split("://", 1)[1].partition("/")
+            conn = storage.storage_options["connection_string"]
+            async with BlobServiceClient.from_connection_string(conn) as service:
+                blob = service.get_blob_client(container, f"{root}/default/run/folder")
+                await blob.upload_blob(b"", metadata={"hdi_isfolder": "true"})
+            assert await q.store.listdir("default/run") == ["a.json"]  # not a file

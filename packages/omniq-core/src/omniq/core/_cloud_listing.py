@@ -28,6 +28,58 @@ async def s3_files(s3: Any, path: str) -> list[dict[str, Any]]:
         return []
 
 
+async def gcs_files(gcs: Any, path: str) -> list[dict[str, Any]]:
+    """The detailed listing of ``path`` ([] if absent): object-listing pages with a delimiter,
+    no GET of the object ``path`` when it is empty (gcsfs' ``ls`` makes one: is it a file?)."""
+    bucket, key, _ = gcs.split_path(path)
+    prefix = _prefix(key)
+    out: list[dict[str, Any]] = []
+    more: dict[str, Any] = {}
+    while True:
+        page = await gcs._call_list_objects(
+            bucket, delimiter="/", prefix=prefix or None, maxResults=1000, **more
+        )
+        out += [
+            {"name": f"{bucket}/{p.rstrip('/')}", "size": 0, "type": "directory"}
+            for p in page.get("prefixes", [])
+        ]
+        out += [
+            gcs._process_object(bucket, item)
+            for item in page.get("items", [])
+            if not item["name"].endswith("/")  # a "directory" placeholder object
+        ]
+        if not page.get("nextPageToken"):
+            return out
+        more = {"pageToken": page["nextPageToken"]}
+
+
+async def azure_files(azure: Any, path: str) -> list[dict[str, Any]]:
+    """The detailed listing of ``path`` ([] if absent): one walk with a delimiter inside the
+    prefix. adlfs' ``ls`` walks the parent level first (two listing requests) and HEADs
+    an empty prefix (is it a file?)."""
+    container, key, _ = azure.split_path(path)
+    prefix = _prefix(key)
+    client = azure.service_client.get_container_client(container)
+    out: list[dict[str, Any]] = []
+    walk = client.walk_blobs(name_starts_with=prefix, include=["metadata"], results_per_page=1000)
+    async for item in walk:
+        name = f"{container}/{item['name'].rstrip('/')}"
+        meta = item.get("metadata") or {}
+        folder = str(meta.get("hdi_isfolder", meta.get("Hdi_isfolder", ""))).lower() == "true"
+        if item["name"].endswith("/") or folder:  # a prefix, or Data Lake's folder blob
+            out.append({"name": name, "size": 0, "type": "directory"})
+        else:
+            out.append(
+                {
+                    "name": name,
+                    "size": item["size"],
+                    "type": "file",
+                    "last_modified": item["last_modified"],
+                }
+            )
+    return out
+
+
 async def s3_dirs(s3: Any, path: str) -> list[str]:
     """The names of the "directories" (common prefixes) under ``path``: one LIST request per
     1,000 entries, none for the parent."""

@@ -20,8 +20,10 @@ from typing import Any, NamedTuple, TypeVar
 from ._cloud_listing import (
     azure_after,
     azure_dirs,
+    azure_files,
     gcs_after,
     gcs_dirs,
+    gcs_files,
     s3_after,
     s3_dirs,
     s3_files,
@@ -306,11 +308,14 @@ class _FsspecSteps:
             yield _Method("delete", [(key,) for key in keys])
 
     def _infos(self, prefix: str) -> _Steps[list[dict[str, Any]]]:
-        """The detailed fsspec listing of ``prefix`` ([] if absent)."""
-        if hasattr(self.fs.fs, "_call_s3"):  # s3fs: no second LIST (of the parent) when empty
+        """The detailed fsspec listing of ``prefix`` ([] if absent). On S3, GCS and Azure one
+        listing request (a page): the plugins' ``ls`` looks again at an empty prefix (is it
+        a file?), and adlfs' walks the parent level first."""
+        lister = _cloud_lister(self.fs.fs, s3_files, gcs_files, azure_files)
+        if lister is not None:
             path = self.fs._join(prefix)
             infos: list[dict[str, Any]] = yield from _retrying(
-                "list", prefix, lambda: _s3(s3_files, path)
+                "list", prefix, lambda: _s3(lister, path)
             )
             return infos
 
@@ -337,14 +342,7 @@ class _FsspecSteps:
         """Up to ``limit`` file names under ``prefix`` after ``after`` in key order. On S3,
         GCS and Azure one bounded request, whatever the prefix holds (start-after on S3 and
         GCS; Azure has none, so a name deep in a prefix pages there from its start)."""
-        inner = self.fs.fs
-        lister: Callable[..., Awaitable[list[str]]] | None = None
-        if hasattr(inner, "_call_s3"):
-            lister = s3_after
-        elif hasattr(inner, "_call_list_objects"):
-            lister = gcs_after
-        elif hasattr(inner, "service_client"):
-            lister = azure_after
+        lister = _cloud_lister(self.fs.fs, s3_after, gcs_after, azure_after)
         if lister is not None:
             path = self.fs._join(prefix)
             names: list[str] = yield from _retrying(
@@ -357,14 +355,7 @@ class _FsspecSteps:
     def _listdirs(self, prefix: str) -> _Steps[list[str]]:
         # The plugins look again when a prefix is empty (is it a file?): s3fs lists the
         # parent, gcsfs GETs the object, adlfs HEADs it. One listing request here.
-        inner = self.fs.fs
-        lister: Callable[..., Awaitable[list[str]]] | None = None
-        if hasattr(inner, "_call_s3"):
-            lister = s3_dirs
-        elif hasattr(inner, "_call_list_objects"):
-            lister = gcs_dirs
-        elif hasattr(inner, "service_client"):
-            lister = azure_dirs
+        lister = _cloud_lister(self.fs.fs, s3_dirs, gcs_dirs, azure_dirs)
         if lister is not None:
             path = self.fs._join(prefix)
             names: list[str] = yield from _retrying("list", prefix, lambda: _s3(lister, path))
@@ -373,6 +364,21 @@ class _FsspecSteps:
 
     def _exists(self, key: str) -> _Steps[bool]:
         return (yield from _retrying("exists", key, lambda: _exists_call(key)))
+
+
+_Lister = TypeVar("_Lister", bound=Callable[..., Awaitable[Any]])
+
+
+def _cloud_lister(inner: Any, s3: _Lister, gcs: _Lister, azure: _Lister) -> _Lister | None:
+    """Of a one-request listing's three versions, the one for the plugin ``inner`` (s3fs,
+    gcsfs, adlfs); None for another filesystem."""
+    if hasattr(inner, "_call_s3"):
+        return s3
+    if hasattr(inner, "_call_list_objects"):
+        return gcs
+    if hasattr(inner, "service_client"):
+        return azure
+    return None
 
 
 def _s3(fn: Callable[..., Awaitable[Any]], *args: Any) -> _Steps[Any]:
