@@ -512,7 +512,8 @@ async def test_a_prefix_is_listed_with_one_request_on_each_object_store(storage)
     """The plugins' ``ls`` looks again at an empty prefix (is it a file?): s3fs lists the
     parent, gcsfs GETs the object, adlfs HEADs it; adlfs also walks the parent level first
     whatever the prefix holds. An idle queue's reaper pass lists its ``deps/`` and its empty
-    ``run/`` every ``lease / 4``: one request each."""
+    ``run/``: one request each; after a pass that found ``run/`` empty, one bounded look at
+    ``run/`` (tests/test_queue.py: the pass after it finds a claim)."""
     async with make_queue(storage) as q:
         await q.enqueue_many([])  # the start-up probe
         with http_requests() as made:
@@ -522,6 +523,9 @@ async def test_a_prefix_is_listed_with_one_request_on_each_object_store(storage)
         with http_requests() as made:
             assert await q.reap() == []
         assert len(made) == 2, made  # deps/ and run/
+        with http_requests() as made:
+            assert await q.reap() == []
+        assert len(made) == 1, made  # run/ found empty last time: one bounded look
         await q.store.write("default/run/a.json", b"12345")
         await q.store.write("default/run/sub/b.json", b"1")
         with http_requests() as made:

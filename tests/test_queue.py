@@ -200,6 +200,26 @@ async def test_lease_takeover_fences_the_old_holder(storage) -> None:
         assert (await q.get_task(task.id)).status is TaskStatus.DONE
 
 
+async def test_a_reaper_that_found_run_empty_still_takes_over_a_later_claim(storage) -> None:
+    """After a pass that found ``run/`` empty the next one looks at ``run/`` first (one
+    bounded listing, no ``deps/``); a claim made since must bring the whole pass back."""
+    clock = FakeClock()
+    async with (
+        make_queue(storage, clock=clock, lease=10, clock_skew=2) as reaper,
+        make_queue(storage, clock=clock, lease=10, clock_skew=2) as other,
+    ):
+        assert await reaper.reap() == [] and "default" in reaper._run_empty
+        assert await reaper.reap() == []  # the bounded look
+        await other.enqueue(Task(func="m:f", id="t1"))
+        held = await other.dequeue(worker_id="died")
+        assert held is not None
+        clock.catch_up()
+        clock.advance(20)  # past the lease and the skew (see the test above)
+        (taken,) = await reaper.reap()
+        assert (taken.id, taken.attempt) == ("t1", 1) and "default" not in reaper._run_empty
+        assert (await reaper.dequeue(worker_id="new")).attempt == 2
+
+
 async def test_dequeue_many_and_ack_many(storage) -> None:
     clock = FakeClock()
     async with make_queue(storage, clock=clock, lease=10, clock_skew=1) as q:

@@ -195,6 +195,7 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
         self._listing: set[str] = set()  # queues a call of this instance is listing now
         self._picked: dict[str, float] = {}  # candidates' keys this instance tried, and when
         self._reaped: dict[str, float] = {}
+        self._run_empty: set[str] = set()
         self._idle: dict[tuple[str, ...], _Idle] = {}
         self.takeovers: dict[str, int] = {}  # expired leases this reaper requeued (metrics)
         self._spawning: set[tuple[str, str, int]] = set()

@@ -24,6 +24,7 @@ from omniq.core.fs import (
     exists,
     listdir,
     listdirs,
+    listhead,
     now,
     read,
     stat,
@@ -46,6 +47,7 @@ class Reaping(LeaseHandling):
     """reap, repair."""
 
     _reaped: dict[str, float]
+    _run_empty: set[str]  # storage queues whose last pass here found run/ empty
     shards: Shards
     bells: Bells | None
     takeovers: dict[str, int]
@@ -107,6 +109,13 @@ class Reaping(LeaseHandling):
         return taken
 
     def _reap_program(self, queue: str) -> Program[list[Claimed]]:
+        if queue in self._run_empty:
+            # The last pass found run/ empty (an idle queue, tombstone_ttl after its last
+            # task): one bounded look, not the listings of deps/ and run/. With run/ empty a
+            # pass has nothing to do, whatever deps/ holds (only run/ names end a link).
+            if not (yield listhead(f"{queue}/run", 1)):
+                return []
+            self._run_empty.discard(queue)
         current: float = yield now()
         old = current - self.tombstone_ttl
         suspect = current - self.claims.suspect_after(self.lease, self.clock_skew)
@@ -124,7 +133,11 @@ class Reaping(LeaseHandling):
                 return False
             return True  # old outcomes (to clean up), lease epochs and intents (few)
 
+        seen = 0
+
         def keep(entry: Entry) -> bool:  # filtered while scanning
+            nonlocal seen
+            seen += 1
             if linked:
                 self._note_linked(entry, linked, ended)
             name = entry.name
@@ -139,6 +152,8 @@ class Reaping(LeaseHandling):
             # that the second keeps only the claims still undecided (not every finished one).
             yield listdir(f"{queue}/run", True, lambda entry: note(entry) and False)
         attempts = group_run((yield listdir(f"{queue}/run", True, keep)))
+        if not seen:
+            self._run_empty.add(queue)
         # Forget what another worker cleaned up meanwhile.
         self._spawning -= {s for s in self._spawning if s[0] == queue and s[1:] not in attempts}
 
