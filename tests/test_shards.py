@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from omniq.backend.file import AsyncFileBackend
-from omniq.core import ConfigurationError, InvalidNameError, Task, TaskStatus
+from omniq.core import ConfigurationError, InvalidNameError, StorageError, Task, TaskStatus
 from omniq.core.models import ResultStatus, utcnow
 from omniq.storage.file.queue import AsyncFileQueue
 from omniq.storage.file.queue import _layout as layout
@@ -248,6 +248,40 @@ async def test_the_shards_take_one_reaper_turn_and_any_shard_s_turn_reaps_them_a
     finally:
         for q in (*consumers, plain):
             await q.close()
+
+
+async def test_a_turn_s_passes_run_side_by_side_and_a_failing_one_stops_no_other(
+    storage,
+) -> None:
+    """On an object store a sharded queue's reaper turn runs its passes at once (one after
+    another, 16 shards held the winner's dequeue 17 request latencies); locally one after
+    another. A pass that fails stops no other: its error is raised once they are done."""
+    q = make_queue(storage, shards=SHARDS)
+    reap, done = q._reap_queue, []
+    running = most = 0
+
+    async def tracked(queue: str) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await anyio.sleep(0.01)
+            if queue == NAMES[1]:
+                raise StorageError("this shard's listing failed")
+            taken = await reap(queue)
+            done.append(queue)
+            return taken
+        finally:
+            running -= 1
+
+    q._reap_queue = tracked  # type: ignore[method-assign]
+    async with q:
+        with pytest.raises(StorageError, match="listing failed"):
+            await q.dequeue("orders")
+        assert sorted(done) == sorted(["orders", *NAMES[:1], *NAMES[2:]])
+        assert most == (len(NAMES) + 1 if q.store.is_remote else 1)
+        await q.enqueue(Task(func="m:f", queue="orders"))  # the turn is taken: no pass now
+        assert await q.dequeue("orders") is not None and len(done) == len(NAMES)
 
 
 async def test_a_worker_drains_a_sharded_queue(storage) -> None:
