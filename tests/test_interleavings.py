@@ -240,6 +240,14 @@ def stalled_holder(**fields: Any) -> Callable[[World], None]:
     return setup
 
 
+def idle_reaper_then_task(world: World) -> None:
+    """Set-up: the reaper's pass found run/ empty (its next pass looks at run/ first), then a
+    task is enqueued."""
+    scene: Scene = world.obj
+    assert world.run(scene.q._reap_program(Q)) == [] and Q in scene.q._run_empty
+    ready_task(scene)
+
+
 def holding(call: Callable[[Scene, Claimed], Program[Any]]) -> Actor:
     def program(world: World) -> Program[Any]:
         scene: Scene = world.obj
@@ -324,6 +332,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             _actor("reaper", reaper),
         ],
         setup=stalled_holder(),
+    ),
+    "claimer x idle reaper": dict(
+        # A claimer that dies after its claim leaves the attempt to a reaper that found run/
+        # empty before: its look at run/ must bring the whole pass back (final: taken over).
+        actors=[_actor("claimer", claimer), _actor("reaper", reaper)],
+        setup=idle_reaper_then_task,
     ),
     "delayed enqueue x claimer ahead": dict(
         actors=[
@@ -424,6 +438,37 @@ def test_the_invariants_catch_a_read_then_write_heartbeat(tmp_path: Path) -> Non
     )
     assert report.violations, "the explorer missed a known race"
     assert any("holder believes" in m for v in report.violations for m in v.messages)
+
+
+def test_the_invariants_catch_a_reaper_that_trusts_an_old_empty_run(tmp_path: Path) -> None:
+    """A reaper that, once it found run/ empty, skipped its passes without looking again
+    would leave a claim whose holder died: the final worker finds the task stuck."""
+
+    class Trusting(Scene):
+        def __init__(self, world: World) -> None:
+            super().__init__(world)
+            real = self.q._reap_program
+
+            def trusting(queue: str) -> Program[list[Claimed]]:
+                if queue in self.q._run_empty:
+                    return []
+                return (yield from real(queue))
+
+            self.q._reap_program = trusting  # type: ignore[method-assign]
+
+    report = explore(
+        "control trusting idle reaper",
+        [_actor("claimer", claimer), _actor("reaper", reaper)],
+        make=Trusting,
+        setup=idle_reaper_then_task,
+        check=check,
+        final=final,
+        mode="exhaustive",
+        max_crashes=1,
+        max_advances=0,
+    )
+    assert report.violations, "the explorer missed a reaper that never looks again"
+    assert any("stuck" in m for v in report.violations for m in v.messages)
 
 
 # -- remote stores --------------------------------------------------------------------------
