@@ -26,8 +26,8 @@ the N-th result; worker CPU per task is the process's CPU time (all threads) in 
 / N. Order rotated per repetition; medians, and the median of per-repetition ratios. Before
 each configuration the page cache's dirty pages are written out (``os.sync``, not timed): the
 one that ran before, above all the floor's thousands of files, must not leave its writeback
-to the next one's window (the 3c7548e run: OmniQ 1,898 tasks/s first in the rotation, 1,093
-right after the floor).
+to the next one's window. (The configuration right after the floor still ran slowest at
+2e68ca1, with more CPU a task: that penalty is not writeback; results/drain-2026-12-04.md.)
 """
 
 from __future__ import annotations
