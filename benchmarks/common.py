@@ -155,6 +155,7 @@ class Context:
     out: str = ""
     notes: list[str] = field(default_factory=list)
     verbose: bool = True
+    kept: list[str] = field(default_factory=list)  # disk scratch directories, until the end
 
     def size(self, table: dict[str, Any]) -> Any:
         """The entry of ``table`` (keyed by mode) for the current mode."""
@@ -178,13 +179,27 @@ class Context:
 
     @contextlib.contextmanager
     def scratch(self, base: str, tag: str) -> Iterator[str]:
-        """A fresh empty directory under ``base``; removed (and synced) afterwards."""
+        """A fresh empty directory under ``base``. On tmpfs it is removed afterwards; on the
+        disk it stays until the run ends (``remove_scratch``): ext4 will not reuse an inode
+        freed in the last 60-300 s (``recently_deleted`` in its inode allocator) and scans
+        past every such one for each file it creates. A configuration that ran right after
+        another's thousands of files were deleted paid about a millisecond of kernel CPU a
+        file: OmniQ's `drain` 497-888 tasks/s after a deletion, 2,632-3,240 without, the
+        floor 948-1,464 against 8,767 (results/history.md, 2026-12-04)."""
         path = tempfile.mkdtemp(prefix=f"omniq-bench-{tag}-", dir=base)
         try:
             yield path
         finally:
-            shutil.rmtree(path, ignore_errors=True)
+            if base == self.tmpfs_base:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                self.kept.append(path)
             settle()
+
+    def remove_scratch(self) -> None:
+        """Delete the disk's scratch directories kept by ``scratch`` (at the end of a run)."""
+        while self.kept:
+            shutil.rmtree(self.kept.pop(), ignore_errors=True)
 
 
 def settle() -> None:

@@ -23,11 +23,10 @@ Each configuration runs in a fresh process that enqueues its N tasks first (not 
 logging configured at INFO into ``os.devnull`` (as a daemon logs; both workers log per task
 at INFO or DEBUG as their code decides). The timed window runs from the worker's start to
 the N-th result; worker CPU per task is the process's CPU time (all threads) in that window
-/ N. Order rotated per repetition; medians, and the median of per-repetition ratios. Before
-each configuration the page cache's dirty pages are written out (``os.sync``, not timed): the
-one that ran before, above all the floor's thousands of files, must not leave its writeback
-to the next one's window. (The configuration right after the floor still ran slowest at
-2e68ca1, with more CPU a task: that penalty is not writeback; results/drain-2026-12-04.md.)
+/ N. Order rotated per repetition (and reversed every other one, so that no system always
+follows the same one); medians, and the median of per-repetition ratios. Each configuration's
+directory is kept until the run ends (``Context.scratch``): a deletion of another's thousands
+of files just before slowed a run's file creations several-fold on ext4.
 """
 
 from __future__ import annotations
@@ -244,9 +243,10 @@ def run(ctx: Context) -> dict[str, Any]:
     raw: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
     for rep in range(ctx.repeat):
         order = systems[rep % len(systems) :] + systems[: rep % len(systems)]
+        if rep % 2:  # reversed every other time: each system follows another one
+            order.reverse()
         for system in order:
             with ctx.scratch(ctx.disk_base, f"drain-{system}") as path:
-                os.sync()  # the writeback of what ran before stays out of this window
                 (got,) = run_children(child, [(system, os.path.join(path, "q"), n)])
             if got["done"] != n:
                 ctx.note(f"drain {system}: {got['done']} of {n} tasks finished")

@@ -141,22 +141,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     targets: list[dict[str, Any]] = []
     errors: dict[str, str] = {}
-    for name in names:
-        module = _module(name)
-        t0 = time.monotonic()
-        load0 = os.getloadavg()[0]
-        ctx.log(f"== {name}")
-        try:
-            data = module.run(ctx)
-        except Exception:
-            errors[name] = traceback.format_exc()
-            ctx.log(f"{name} FAILED:\n{errors[name]}")
-            continue
-        data["seconds"] = time.monotonic() - t0
-        data["loadavg"] = [load0, os.getloadavg()[0]]
-        figures[name] = data
-        targets.extend(module.targets(data))
-        ctx.log(f"== {name} done in {data['seconds']:.0f}s")
+    try:
+        for name in names:
+            module = _module(name)
+            t0 = time.monotonic()
+            load0 = os.getloadavg()[0]
+            ctx.log(f"== {name}")
+            try:
+                data = module.run(ctx)
+            except Exception:
+                errors[name] = traceback.format_exc()
+                ctx.log(f"{name} FAILED:\n{errors[name]}")
+                continue
+            data["seconds"] = time.monotonic() - t0
+            data["loadavg"] = [load0, os.getloadavg()[0]]
+            figures[name] = data
+            targets.extend(module.targets(data))
+            ctx.log(f"== {name} done in {data['seconds']:.0f}s")
+    finally:
+        ctx.remove_scratch()  # kept so that no configuration ran beside a big deletion
     meta["seconds"] = time.monotonic() - started
     meta["loadavg_end"] = list(os.getloadavg())
     meta["notes"] = ctx.notes

@@ -61,6 +61,9 @@ def test_the_smoke_run_reports_every_figure(tmp_path: Path) -> None:
         timeout=840,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-5000:]}"
+    # The disk's scratch directories are kept until the run ends (no configuration runs
+    # beside another's deletion, see benchmarks/common.py), then removed.
+    assert list(scratch.iterdir()) == []
     smoke = json.loads((out / "results.json").read_text())
     assert (out / "results.md").read_text().startswith("# OmniQ benchmark results")
     _every_figure_reports(smoke)
