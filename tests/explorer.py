@@ -624,6 +624,18 @@ def explore(
         RESULTS.append(report)
 
 
+def explore_control(
+    name: str, actors: Sequence[Actor], *, max_crashes: int = 0, **options: Any
+) -> Report:
+    """Explore every schedule of a known-broken program (``name`` starts with "control"), with
+    no clock moves, and require the invariants to catch it; the report, for what caught it."""
+    report = explore(
+        name, actors, mode="exhaustive", max_crashes=max_crashes, max_advances=0, **options
+    )
+    assert report.violations, f"the explorer missed a known-broken program: {name}"
+    return report
+
+
 def _next_path(levels: list[tuple[list[_Choice], int]]) -> list[str] | None:
     """Depth-first successor of a schedule: its choices up to the deepest point with an
     untried option, then that option; None once every schedule was run."""
