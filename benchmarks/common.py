@@ -185,7 +185,7 @@ class Context:
         past every such one for each file it creates. A configuration that ran right after
         another's thousands of files were deleted paid about a millisecond of kernel CPU a
         file: OmniQ's `drain` 497-888 tasks/s after a deletion, 2,632-3,240 without, the
-        floor 948-1,464 against 8,767 (results/history.md, 2026-12-04)."""
+        floor 948-1,464 against 8,767 (results/drain-2026-12-04.md)."""
         path = tempfile.mkdtemp(prefix=f"omniq-bench-{tag}-", dir=base)
         try:
             yield path
