@@ -1,7 +1,8 @@
 """One-request listings on S3, GCS and Azure, called with the filesystem inside the
-``DirFileSystem`` (``_fsspec_ops`` runs them on the right loop and retries them): the
-sub-directories of a prefix, and the names after a given one in key order. The fsspec plugins'
-own listings look again at an empty prefix (is it a file?) and cannot start after a name."""
+``DirFileSystem`` (``_fsspec_ops`` runs them on the right loop and retries them): the entries
+of a prefix (its files and sub-directories), and the names after a given one in key order. The
+fsspec plugins' own listings look again at an empty prefix (is it a file?), adlfs' walks the
+parent level first, and none can start after a name."""
 
 from __future__ import annotations
 
@@ -11,11 +12,6 @@ from typing import Any
 def _prefix(key: str) -> str:
     """The listing prefix of the "directory" ``key`` (the bucket's root: empty)."""
     return f"{key.rstrip('/')}/" if key else ""
-
-
-def _visible(names: list[str]) -> list[str]:
-    """Sub-directory names in order, without hidden ones (names that start with ".")."""
-    return sorted(n for n in names if n and not n.startswith("."))
 
 
 async def s3_files(s3: Any, path: str) -> list[dict[str, Any]]:
@@ -78,52 +74,6 @@ async def azure_files(azure: Any, path: str) -> list[dict[str, Any]]:
                 }
             )
     return out
-
-
-async def s3_dirs(s3: Any, path: str) -> list[str]:
-    """The names of the "directories" (common prefixes) under ``path``: one LIST request per
-    1,000 entries, none for the parent."""
-    bucket, key, _ = s3.split_path(path)
-    prefix = _prefix(key)
-    out: list[str] = []
-    more: dict[str, Any] = {}
-    while True:
-        response = await s3._call_s3(
-            "list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/", **more
-        )
-        out += [p["Prefix"][len(prefix) :].rstrip("/") for p in response.get("CommonPrefixes", [])]
-        if not response.get("IsTruncated"):
-            return _visible(out)
-        more = {"ContinuationToken": response["NextContinuationToken"]}
-
-
-async def gcs_dirs(gcs: Any, path: str) -> list[str]:
-    """The sub-directory names under ``path``: object-listing pages with a delimiter."""
-    bucket, key, _ = gcs.split_path(path)
-    prefix = _prefix(key)
-    out: list[str] = []
-    more: dict[str, Any] = {}
-    while True:
-        page = await gcs._call_list_objects(
-            bucket, delimiter="/", prefix=prefix or None, maxResults=1000, **more
-        )
-        out += [p[len(prefix) :].rstrip("/") for p in page.get("prefixes", [])]
-        if not page.get("nextPageToken"):
-            return _visible(out)
-        more = {"pageToken": page["nextPageToken"]}
-
-
-async def azure_dirs(azure: Any, path: str) -> list[str]:
-    """The sub-directory names under ``path``: a walk with a delimiter."""
-    container, key, _ = azure.split_path(path)
-    prefix = _prefix(key)
-    client = azure.service_client.get_container_client(container)
-    out: list[str] = []
-    async for item in client.walk_blobs(name_starts_with=prefix, results_per_page=1000):
-        name = item["name"][len(prefix) :]
-        if name.endswith("/"):
-            out.append(name.rstrip("/"))
-    return _visible(out)
 
 
 async def gcs_after(gcs: Any, path: str, after: str, limit: int) -> list[str]:

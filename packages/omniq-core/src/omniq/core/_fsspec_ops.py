@@ -19,13 +19,10 @@ from typing import Any, NamedTuple, TypeVar
 
 from ._cloud_listing import (
     azure_after,
-    azure_dirs,
     azure_files,
     gcs_after,
-    gcs_dirs,
     gcs_files,
     s3_after,
-    s3_dirs,
     s3_files,
 )
 from ._ops_protocol import Entry
@@ -353,14 +350,7 @@ class _FsspecSteps:
         return [n for n in listed if n > after][:limit]
 
     def _listdirs(self, prefix: str) -> _Steps[list[str]]:
-        # The plugins look again when a prefix is empty (is it a file?): s3fs lists the
-        # parent, gcsfs GETs the object, adlfs HEADs it. One listing request here.
-        lister = _cloud_lister(self.fs.fs, s3_dirs, gcs_dirs, azure_dirs)
-        if lister is not None:
-            path = self.fs._join(prefix)
-            names: list[str] = yield from _retrying("list", prefix, lambda: _s3(lister, path))
-            return names
-        return _dirs((yield from self._infos(prefix)))
+        return _dirs((yield from self._infos(prefix)))  # one listing request on S3, GCS, Azure
 
     def _exists(self, key: str) -> _Steps[bool]:
         return (yield from _retrying("exists", key, lambda: _exists_call(key)))
