@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Collection, Generator
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
+from ._azure_batch import azure_delete
 from ._cloud_listing import (
     azure_after,
     azure_files,
@@ -135,8 +136,9 @@ class _Call(NamedTuple):
 
 
 class _S3Call(NamedTuple):
-    """A coroutine function of s3fs (the filesystem inside the ``DirFileSystem``), called with
-    it and ``args``: awaited on the running loop async, run on s3fs' own loop sync."""
+    """A coroutine function of a cloud plugin (the filesystem inside the ``DirFileSystem``),
+    called with it and ``args``: awaited on the running loop async, run on the plugin's own
+    loop sync."""
 
     fn: Callable[..., Awaitable[Any]]
     args: tuple[Any, ...]
@@ -299,6 +301,11 @@ class _FsspecSteps:
     def _delete_many(self, keys: list[str]) -> _Steps[None]:
         if not keys:
             return
+        batched = _for_plugin(self.fs.fs, None, None, azure_delete)  # adlfs: a DELETE each
+        if batched is not None:
+            paths = [self.fs._join(key) for key in keys]
+            yield from _retrying("delete", keys[0], lambda: _s3(batched, paths))
+            return
         try:
             yield from _retrying("delete", keys[0], lambda: _call("rm", keys))
         except FileNotFoundError:
@@ -308,7 +315,7 @@ class _FsspecSteps:
         """The detailed fsspec listing of ``prefix`` ([] if absent). On S3, GCS and Azure one
         listing request (a page): the plugins' ``ls`` looks again at an empty prefix (is it
         a file?), and adlfs' walks the parent level first."""
-        lister = _cloud_lister(self.fs.fs, s3_files, gcs_files, azure_files)
+        lister = _for_plugin(self.fs.fs, s3_files, gcs_files, azure_files)
         if lister is not None:
             path = self.fs._join(prefix)
             infos: list[dict[str, Any]] = yield from _retrying(
@@ -339,7 +346,7 @@ class _FsspecSteps:
         """Up to ``limit`` file names under ``prefix`` after ``after`` in key order. On S3,
         GCS and Azure one bounded request, whatever the prefix holds (start-after on S3 and
         GCS; Azure has none, so a name deep in a prefix pages there from its start)."""
-        lister = _cloud_lister(self.fs.fs, s3_after, gcs_after, azure_after)
+        lister = _for_plugin(self.fs.fs, s3_after, gcs_after, azure_after)
         if lister is not None:
             path = self.fs._join(prefix)
             names: list[str] = yield from _retrying(
@@ -359,9 +366,11 @@ class _FsspecSteps:
 _Lister = TypeVar("_Lister", bound=Callable[..., Awaitable[Any]])
 
 
-def _cloud_lister(inner: Any, s3: _Lister, gcs: _Lister, azure: _Lister) -> _Lister | None:
-    """Of a one-request listing's three versions, the one for the plugin ``inner`` (s3fs,
-    gcsfs, adlfs); None for another filesystem."""
+def _for_plugin(
+    inner: Any, s3: _Lister | None, gcs: _Lister | None, azure: _Lister | None
+) -> _Lister | None:
+    """Of a request's versions for s3fs, gcsfs and adlfs, the one for the plugin ``inner``;
+    None for another filesystem (or where that plugin has none)."""
     if hasattr(inner, "_call_s3"):
         return s3
     if hasattr(inner, "_call_list_objects"):

@@ -34,7 +34,7 @@ from datetime import datetime
 
 from omniq.core import codec
 from omniq.core.errors import StorageError
-from omniq.core.fs import Program, Store, create, delete, now, read, stat
+from omniq.core.fs import Program, Store, create, delete, delete_many, now, read, stat
 from omniq.core.models import UTC, Claimed, Task
 
 from . import _layout as layout
@@ -135,18 +135,20 @@ class DocumentClaims:
         yield from self.spend(cand)
 
     def spend(self, cand: layout.Candidate) -> Program[None]:
-        """Remove a copy (and its due marker) whose attempt is claimed or over."""
+        """Remove a copy, then its due marker, whose attempt is claimed or over."""
         for key in (cand.key, cand.marker):
             if key is not None:
-                yield from self.delete_spent(key)
+                yield from self.delete_spent([key])
 
-    def delete_spent(self, key: str) -> Program[None]:
-        """Delete one spent copy. Best effort: a copy left behind is harmless (see the
-        module docstring)."""
+    def delete_spent(self, keys: list[str]) -> Program[None]:
+        """Delete spent copies (on Azure one request for up to 256). Best effort: a copy
+        left behind is harmless (see the module docstring)."""
+        if not keys:
+            return
         try:
-            yield delete(key)
+            yield delete(keys[0]) if len(keys) == 1 else delete_many(keys)
         except Exception as exc:
-            log.warning("could not remove %s (removed later): %s", key, exc)
+            log.warning("could not remove %s (removed later): %s", ", ".join(keys), exc)
 
     def take_spent(self) -> list[str]:
         """Spent copies whose delete was deferred, handed to the caller to delete beside its

@@ -365,8 +365,8 @@ class ClaimHandling(Reaping):
                 out[i] = exc
 
         async with anyio.create_task_group() as tg:
-            for key in spent:
-                tg.start_soon(self.store.run, self.claims.delete_spent(key))
+            if spent:
+                tg.start_soon(self.store.run, self.claims.delete_spent(spent))
             for i, cand in enumerate(picks):
                 tg.start_soon(attempt, i, cand)
         for c, item in zip(picks, out, strict=True):

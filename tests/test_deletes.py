@@ -1,0 +1,118 @@
+"""Deleting many keys at once (``Store.delete_many``): on Azure blob batches, one request per
+256 blobs (adlfs sends a DELETE a blob); a queue's spent ready copies go that way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from omniq.core import Task
+from omniq.core.errors import StorageError
+from omniq.core.fs import Store
+from queue_helpers import make_queue
+from test_listing import http_requests
+
+pytestmark = pytest.mark.anyio
+AZURE = pytest.mark.parametrize("storage", ["azure"], indirect=True)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_many_keys_are_deleted_absent_ones_included(storage: Any) -> None:
+    store = Store(storage.base_dir, storage.storage_options)
+    keys = [f"q/{i:03}.json" for i in range(300)]
+    for key in keys:
+        await store.write(key, b"{}")
+    await store.write("q/kept.json", b"{}")
+    await store.delete_many([*keys, "q/absent.json", "elsewhere/absent.json"])
+    assert await store.listdir("q") == ["kept.json"]
+    await store.aclose()
+
+
+@AZURE
+async def test_azure_deletes_up_to_256_blobs_a_request(storage: Any) -> None:
+    store = Store(storage.base_dir, storage.storage_options)
+    keys = [f"q/{i:03}.json" for i in range(300)]
+    for key in keys:
+        await store.write(key, b"{}")
+    with http_requests() as made:
+        await store.delete_many(keys)
+    assert [r.split(" ")[0] for r in made] == ["POST", "POST"], made  # before: 300 DELETEs
+    assert await store.listdir("q") == []
+    await store.aclose()
+
+
+@AZURE
+async def test_a_blob_the_batch_cannot_delete_fails_alone(storage: Any) -> None:
+    """A leased blob refuses its delete inside the batch: deleted on its own, it raises the
+    error a single delete raises, and the others are gone."""
+    from azure.storage.blob.aio import BlobServiceClient
+
+    store = Store(storage.base_dir, storage.storage_options)
+    for key in ("q/a.json", "q/leased.json", "q/z.json"):
+        await store.write(key, b"{}")
+    container, _, prefix = storage.base_dir.split("://", 1)[1].partition("/")
+    conn = storage.storage_options["connection_string"]
+    async with BlobServiceClient.from_connection_string(conn) as service:
+        blob = service.get_blob_client(container, f"{prefix}/q/leased.json")
+        lease = await blob.acquire_lease(lease_duration=-1)
+        with pytest.raises(StorageError):
+            await store.delete_many(["q/a.json", "q/leased.json", "q/z.json"])
+        assert await store.listdir("q") == ["leased.json"]
+        await lease.release()
+    await store.delete_many(["q/leased.json"])
+    assert await store.listdir("q") == []
+    await store.aclose()
+
+
+@AZURE
+async def test_a_refused_batch_deletes_each_blob(
+    storage: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An account or a token without blob batches: a DELETE a blob, as adlfs does."""
+    from azure.core.exceptions import HttpResponseError
+    from azure.storage.blob.aio import ContainerClient
+
+    async def refused(self: Any, *names: str, **kw: Any) -> Any:
+        exc = HttpResponseError(message="This operation is not permitted")
+        exc.status_code = 403
+        raise exc
+
+    monkeypatch.setattr(ContainerClient, "delete_blobs", refused)
+    store = Store(storage.base_dir, storage.storage_options)
+    keys = [f"q/{i}.json" for i in range(3)]
+    for key in keys:
+        await store.write(key, b"{}")
+    with http_requests() as made:
+        await store.delete_many([*keys, "q/absent.json"])
+    assert sorted(r.split(" ")[0] for r in made) == ["DELETE"] * 4, made
+    assert await store.listdir("q") == []
+    await store.aclose()
+
+
+@AZURE
+async def test_a_consumer_deletes_the_copies_its_claims_spent_in_one_request(
+    storage: Any,
+) -> None:
+    """The ready copies of one call's claims are deleted beside the next call's claims, in
+    one batch (before: a DELETE each)."""
+    async with make_queue(storage) as q:
+        await q.enqueue_many([Task(func="m:f", queue="jobs") for _ in range(8)])
+        first = await q.dequeue_many(4, "jobs")
+        assert len(first) == 4
+        with http_requests() as made:
+            second = await q.dequeue_many(4, "jobs")
+        assert len(second) == 4
+        methods = [r.split(" ")[0] for r in made]
+        assert methods.count("POST") == 1 and "DELETE" not in methods, made
+        ready = [
+            name
+            for rank in await q.store.listdirs("jobs/ready")
+            for name in await q.store.listdir(f"jobs/ready/{rank}")
+        ]
+        assert len(ready) == 4  # the second call's copies wait for the next call
+        assert not {c.id for c in first} & {name.split(".")[0] for name in ready}, ready
