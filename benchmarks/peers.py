@@ -1,10 +1,11 @@
 """Figure group "peers": OmniQ against Huey FileStorage, kombu's filesystem transport,
 persist-queue SQLiteAckQueue and a rename floor, on local disk and on tmpfs.
 
-For every queue: enqueue N tasks (one producer process); dequeue + ack all N with one
-consumer process; enqueue N again and dequeue + ack them with two consumer processes racing
-(every consumer records the ids it got: duplicates and losses are counted); peak RSS of each
-child (``VmHWM``). Repetitions interleave the queues (the order rotates every repetition)
+For every queue: enqueue N tasks twice (one producer process each, into two directories);
+dequeue + ack the first N with one consumer process, the second with two consumer processes
+racing (every consumer records the ids it got: duplicates and losses are counted); peak RSS
+of each child (``VmHWM``). In a repetition every queue enqueues before any consumes (see
+``run``). Repetitions interleave the queues (the order rotates every repetition)
 and medians are reported, plus the median of the per-repetition ratios OmniQ / peer.
 
 Every child is a fresh ``spawn`` process that opens its queue, then waits at a barrier so
@@ -13,6 +14,7 @@ process start-up and imports are never timed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -305,27 +307,37 @@ def _check(ids: list[int], n: int) -> dict[str, int]:
     }
 
 
-def scenario(ctx: Context, peer: str, base: str, n: int) -> dict[str, Any]:
-    """One repetition of one queue on one filesystem."""
-    out: dict[str, Any] = {}
-    with ctx.scratch(base, peer) as path:
+def produce_both(ctx: Context, stack: contextlib.ExitStack, peer: str, base: str, n: int) -> Any:
+    """One repetition's two enqueues of one queue on one filesystem, each into its own
+    scratch directory (kept open on ``stack`` for ``consume_both``)."""
+    made = []
+    for _ in range(2):
+        path = stack.enter_context(ctx.scratch(base, peer))
         (p,) = run_children(produce, [(peer, path, n)])
-        (c,) = run_children(consume, [(peer, path)])
-        out["enqueue_per_s"] = n / (p["end"] - p["start"])
-        out["consume1_per_s"] = n / (c["end"] - c["start"])
-        out["consume1_check"] = _check(c["ids"], n)
-        out["rss_kb"] = {"producer": p["maxrss_kb"], "consumer": c["maxrss_kb"]}
-    with ctx.scratch(base, peer) as path:
-        (p2,) = run_children(produce, [(peer, path, n)])
-        cs = run_children(consume, [(peer, path), (peer, path)])
-        out["enqueue2_per_s"] = n / (p2["end"] - p2["start"])
-        window = max(c["end"] for c in cs) - min(c["start"] for c in cs)
-        all_ids = [i for c in cs for i in c["ids"]]
-        out["consume2_per_s"] = n / window
-        out["consume2_check"] = _check(all_ids, n)
-        out["consume2_split"] = [len(c["ids"]) for c in cs]
-        out["consume2_errors"] = sum(c["errors"] for c in cs)
-        out["rss_kb"]["racing_consumer_max"] = max(c["maxrss_kb"] for c in cs)
+        made.append((path, p))
+    return made
+
+
+def consume_both(peer: str, made: Any, n: int) -> dict[str, Any]:
+    """The tasks of ``produce_both`` dequeued + acked: the first lot by one consumer, the
+    second by two racing."""
+    (path, p), (path2, p2) = made
+    (c,) = run_children(consume, [(peer, path)])
+    out: dict[str, Any] = {
+        "enqueue_per_s": n / (p["end"] - p["start"]),
+        "consume1_per_s": n / (c["end"] - c["start"]),
+        "consume1_check": _check(c["ids"], n),
+        "rss_kb": {"producer": p["maxrss_kb"], "consumer": c["maxrss_kb"]},
+    }
+    cs = run_children(consume, [(peer, path2), (peer, path2)])
+    out["enqueue2_per_s"] = n / (p2["end"] - p2["start"])
+    window = max(c["end"] for c in cs) - min(c["start"] for c in cs)
+    all_ids = [i for c in cs for i in c["ids"]]
+    out["consume2_per_s"] = n / window
+    out["consume2_check"] = _check(all_ids, n)
+    out["consume2_split"] = [len(c["ids"]) for c in cs]
+    out["consume2_errors"] = sum(c["errors"] for c in cs)
+    out["rss_kb"]["racing_consumer_max"] = max(c["maxrss_kb"] for c in cs)
     return out
 
 
@@ -343,17 +355,26 @@ def run(ctx: Context) -> dict[str, Any]:
     for rep in range(ctx.repeat):
         order = queues[rep % len(queues) :] + queues[: rep % len(queues)]
         for label, base in ctx.filesystems():
-            for peer in order:
-                t0 = time.monotonic()
-                got = scenario(ctx, peer, base, n)
-                ctx.log(
-                    f"peers rep {rep + 1}/{ctx.repeat} {label:5} {peer:13} "
-                    f"enq {got['enqueue_per_s']:8.0f}/s  1c {got['consume1_per_s']:7.0f}/s  "
-                    f"2c {got['consume2_per_s']:7.0f}/s  dup/lost "
-                    f"{got['consume2_check']['duplicates']}/{got['consume2_check']['lost']}"
-                    f"  ({time.monotonic() - t0:.1f}s)"
-                )
-                reps.setdefault(label, {}).setdefault(peer, []).append(got)
+            # Every queue's enqueues first, then every queue's consumers: a consumer that
+            # deletes its files as it acks (the floor, Huey, kombu) slowed the next queue's
+            # file creations to ~1,000 a second (ext4's recently freed inodes, see
+            # ``Context.absorb_deletions``), and a dequeue + ack creates no inode.
+            absorbed = ctx.absorb_deletions(base)  # the last repetition's consumers deleted
+            if absorbed:
+                ctx.log(f"peers rep {rep + 1}/{ctx.repeat} {label:5} {absorbed} files absorbed")
+            with contextlib.ExitStack() as stack:
+                made = {peer: produce_both(ctx, stack, peer, base, n) for peer in order}
+                for peer in order:
+                    t0 = time.monotonic()
+                    got = consume_both(peer, made[peer], n)
+                    ctx.log(
+                        f"peers rep {rep + 1}/{ctx.repeat} {label:5} {peer:13} "
+                        f"enq {got['enqueue_per_s']:8.0f}/s {got['enqueue2_per_s']:8.0f}/s  "
+                        f"1c {got['consume1_per_s']:7.0f}/s  2c {got['consume2_per_s']:7.0f}/s  "
+                        f"dup/lost {got['consume2_check']['duplicates']}/"
+                        f"{got['consume2_check']['lost']}  ({time.monotonic() - t0:.1f}s)"
+                    )
+                    reps.setdefault(label, {}).setdefault(peer, []).append(got)
     return {
         "n": n,
         "repeat": ctx.repeat,
