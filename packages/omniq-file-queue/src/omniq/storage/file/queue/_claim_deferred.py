@@ -5,8 +5,8 @@ Correctness argument. The claim is the exclusive create of ``run/{id}.{n}.json``
 ``ifGenerationMatch=0``; Azure: ``overwrite=False``), as in ``DocumentClaims``. What differs is
 the clean-up: the winner does not DELETE the ready copy (and due marker) before handing the
 task out; the keys wait in memory and are deleted at this consumer's next claim call, beside
-its claims, in one ``delete_many`` (Azure: one blob batch; GCS: a DELETE each, as a batch
-there bills every call in it), or at its next listing, ``size`` or ``close``. Until then the copy is
+its claims, in one ``delete_many`` (Azure: one blob batch; GCS: gcsfs' batch on Google's
+endpoint, a DELETE each against an emulator), or at its next listing, ``size`` or ``close``. Until then the copy is
 still listed: a consumer that picks it loses the exclusive create to the claim and deletes
 the copy at once (``lost``), so it costs requests, never a second run. A consumer that dies
 with deletes pending leaves the copies to those claimers and to the reaper's clean-up, which
