@@ -198,8 +198,8 @@ class Context:
             settle()
 
     def absorb_deletions(self, base: str) -> int:
-        """On the disk, create empty files (kept until the run ends) until 1,000 of them are
-        made at the disk's full pace five times in a row; the number made. After thousands of
+        """On the disk, create empty files (kept until the run ends) until five thousands in a
+        row are each made within 1.5x of the fastest thousand's time; the number made. After thousands of
         files were deleted (by a peer that deletes its files as it acks), ext4 makes the next
         few thousand creations slow, whoever makes them, and then none: measured, after
         12,000 deletions, ~36,000 files a second, then ~1,600-8,900 for 6,000 files, then

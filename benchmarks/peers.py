@@ -307,10 +307,12 @@ def _check(ids: list[int], n: int) -> dict[str, int]:
     }
 
 
-def produce_both(ctx: Context, stack: contextlib.ExitStack, peer: str, base: str, n: int) -> Any:
+def produce_both(
+    ctx: Context, stack: contextlib.ExitStack, peer: str, base: str, n: int
+) -> list[tuple[str, dict[str, Any]]]:
     """One repetition's two enqueues of one queue on one filesystem, each into its own
     scratch directory (kept open on ``stack`` for ``consume_both``)."""
-    made = []
+    made: list[tuple[str, dict[str, Any]]] = []
     for _ in range(2):
         path = stack.enter_context(ctx.scratch(base, peer))
         (p,) = run_children(produce, [(peer, path, n)])
@@ -318,7 +320,7 @@ def produce_both(ctx: Context, stack: contextlib.ExitStack, peer: str, base: str
     return made
 
 
-def consume_both(peer: str, made: Any, n: int) -> dict[str, Any]:
+def consume_both(peer: str, made: list[tuple[str, dict[str, Any]]], n: int) -> dict[str, Any]:
     """The tasks of ``produce_both`` dequeued + acked: the first lot by one consumer, the
     second by two racing."""
     (path, p), (path2, p2) = made
