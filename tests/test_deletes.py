@@ -22,6 +22,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])  # trio: the sync ops in a thread
 async def test_many_keys_are_deleted_absent_ones_included(storage: Any) -> None:
     store = Store(storage.base_dir, storage.storage_options)
     keys = [f"q/{i:03}.json" for i in range(300)]
