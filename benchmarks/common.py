@@ -199,11 +199,11 @@ class Context:
 
     def absorb_deletions(self, base: str) -> int:
         """On the disk, create empty files (kept until the run ends) until five thousands in a
-        row are each made within 1.5x of the fastest thousand's time; the number made. After thousands of
-        files were deleted (by a peer that deletes its files as it acks), ext4 makes the next
-        few thousand creations slow, whoever makes them, and then none: measured, after
-        12,000 deletions, ~36,000 files a second, then ~1,600-8,900 for 6,000 files, then
-        ~38,000 again. Whatever queue came first after such a deletion paid for it."""
+        row are each made within 1.5x of the fastest thousand's time; the number made. After
+        thousands of files were deleted (by a peer that deletes its files as it acks), ext4
+        makes the next few thousand creations slow, whoever makes them, and then none:
+        measured, after 12,000 deletions, ~36,000 files a second, then ~1,600-8,900 for 6,000
+        files, then ~38,000 again. Whatever queue came first after such a deletion paid."""
         if base == self.tmpfs_base:
             return 0
         path, made, rates = tempfile.mkdtemp(prefix="omniq-bench-absorb-", dir=base), 0, []
