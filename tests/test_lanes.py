@@ -337,9 +337,20 @@ def test_a_consumer_with_an_empty_lane_helps_the_next_lane_first() -> None:
     assert {c.task_id for c in picked} == {
         c.task_id for c in items if c.time_ms <= (now - 1) * 1000
     }
-    assert [c.task_id for c in picked if lane_of(c.task_id, 4) == 3] == [  # each lane in order
+    # Each lane's in their order from a random place on: the helper does not walk into the
+    # owner, who takes them from the oldest.
+    lane3 = [
         c.task_id for c in items if lane_of(c.task_id, 4) == 3 and c.time_ms < now * 1000 - 1000
     ]
+    starts = set()
+    for _ in range(30):
+        picked = lanes.pick(QUEUE, items, now)
+        assert picked is not None
+        got = [c.task_id for c in picked if lane_of(c.task_id, 4) == 3]
+        start = lane3.index(got[0])
+        assert got == lane3[start:] + lane3[:start]
+        starts.add(start)
+    assert len(lane3) > 2 and len(starts) > 1
 
     # A backlog: every task overdue. Its own first, then the others lane by lane (all 16
     # consumers of a deep queue reached for the same oldest ones before).
@@ -355,6 +366,31 @@ def test_a_consumer_with_an_empty_lane_helps_the_next_lane_first() -> None:
 
     lanes._lane.clear()
     assert lanes.pick(QUEUE, items, now) is None  # no lane: the caller's own order
+
+
+def test_only_a_young_task_of_its_own_lane_taken_by_another_brings_a_look_sooner() -> None:
+    """A task of one's lane taken by another while not overdue: maybe by a consumer that sees
+    another list of consumers, so the lanes are looked at ``ripe`` seconds later. An overdue
+    one is anyone's (a backlog's helpers take them): its miss changes nothing."""
+    lanes = Lanes(period=10.0, ripe=1.0, clock_skew=5.0)
+    now = 1_800_000_000.0
+    lanes._claimed[QUEUE] = now
+    lanes._entry[QUEUE] = "entry"
+    lanes._lane[QUEUE] = (1, 4)
+    lanes._looks[QUEUE] = 5
+    lanes._looked[QUEUE] = now - 2  # the pace is 10 s: no look due yet
+    mine = [t for t in tasks(40, now - 30) if lane_of(t.id, 4) == 1]
+    theirs = [t for t in tasks(40, now - 3) if lane_of(t.id, 4) == 0]
+    assert mine and theirs
+
+    def cand(task_id: str, age: float) -> layout.Candidate:
+        return layout.Candidate(0, int((now - age) * 1000), task_id, 1, f"k/{task_id}", None)
+
+    lanes.missed(QUEUE, cand(mine[0].id, 30.0), now)  # overdue (10 x ripe)
+    lanes.missed(QUEUE, cand(theirs[0].id, 3.0), now)  # not of its lane
+    assert not lanes.due(QUEUE, now)
+    lanes.missed(QUEUE, cand(mine[0].id, 3.0), now)  # ripe, not overdue
+    assert lanes.due(QUEUE, now)
 
 
 def test_the_pace_of_looks_stays_bounded_however_long_a_consumer_is_busy() -> None:

@@ -255,7 +255,7 @@ class ClaimHandling(Reaping):
                         cache.items = self._spread(queue, cache.items, patient)
                         cache.misses += 1
                         if self.lanes is not None and pick is not None:
-                            self.lanes.missed(queue, pick)
+                            self.lanes.missed(queue, pick, self._now())
                 if len(claimed) >= want:
                     return
             if refreshed or queue in self._listing:
