@@ -117,3 +117,39 @@ async def test_a_consumer_deletes_the_copies_its_claims_spent_in_one_request(
         ]
         assert len(ready) == 4  # the second call's copies wait for the next call
         assert not {c.id for c in first} & {name.split(".")[0] for name in ready}, ready
+
+
+@pytest.mark.parametrize("storage", ["s3"], indirect=True)
+async def test_an_s3_listing_deletes_its_own_and_others_spent_copies_in_one_request(
+    storage: Any,
+) -> None:
+    """A listing on S3 shows the copies this consumer spent (their delete waits for it) and
+    copies other consumers claimed: it drops its own by key and the others' after one LIST
+    of ``run/``, and deletes both in one DeleteObjects (a flush before the listing and the
+    skipped copies' delete after it were two)."""
+    async with make_queue(storage) as q1, make_queue(storage) as q2:
+        await q1.enqueue_many([Task(func="m:f", queue="jobs") for _ in range(6)])
+        mine = await q1.dequeue_many(2, "jobs")
+        theirs = await q2.dequeue_many(2, "jobs")
+        assert len(mine) == 2 and len(theirs) == 2 and q1.claims.pending
+        q1._cache.clear()  # its next claim lists again
+        tried: list[str] = []
+        claim = q1._claim_program
+
+        def spy(queue: str, cand: Any, lease: float, worker: str) -> Any:
+            tried.append(cand.task_id)
+            return claim(queue, cand, lease, worker)
+
+        q1._claim_program = spy  # type: ignore[method-assign]
+        with http_requests() as made:
+            more = await q1.dequeue_many(2, "jobs")
+        assert len(more) == 2 and sorted(tried) == sorted(c.id for c in more)
+        posts = [r for r in made if r.startswith("POST") and "delete" in r]
+        assert len(posts) == 1, made
+        ready = [
+            name.split(".")[0]
+            for rank in await q1.store.listdirs("jobs/ready")
+            for name in await q1.store.listdir(f"jobs/ready/{rank}")
+        ]
+        # The four spent copies are gone; the two just claimed wait for the next listing.
+        assert sorted(ready) == sorted(c.id for c in more)

@@ -52,6 +52,13 @@ class DeferredClaims(DocumentClaims):
         failed create (16 workers on GCS: ~0.3 requests a task more when deferred too)."""
         yield from DocumentClaims.spend(self, cand)
 
+    def filter(self, queue: str, found: list[layout.Candidate]) -> Program[list[layout.Candidate]]:
+        """A listing shows the copies spent here whose delete was deferred: they are dropped,
+        and deleted now."""
+        spent = self.take_spent()
+        yield from self.delete_spent(spent)
+        return drop_spent(found, spent)
+
     def take_spent(self) -> list[str]:
         spent, self._spent = self._spent, []
         return spent
@@ -62,3 +69,11 @@ class DeferredClaims(DocumentClaims):
     @property
     def pending(self) -> bool:
         return bool(self._spent)
+
+
+def drop_spent(found: list[layout.Candidate], spent: list[str]) -> list[layout.Candidate]:
+    """``found`` without the candidates whose copy is among ``spent``."""
+    if not spent:
+        return found
+    gone = set(spent)
+    return [c for c in found if c.key not in gone]

@@ -5,8 +5,9 @@ Correctness argument. The claim is the exclusive create of ``run/{id}.{n}.json``
 with ``If-None-Match: *`` (S3 refuses it with 412 when the key exists), as in
 ``DocumentClaims``. What differs is the clean-up: the winner does not DELETE the ready copy
 at once; the keys wait in memory and go in one DeleteObjects at this worker's next listing
-(or at ``close``). Until then the copy is still listed, so every listing skips copies whose
-attempt has a claim (one LIST of ``run/`` with ``StartAfter``, deleting them too). A copy
+(or at ``close``). Until then the copy is still listed: a listing drops this worker's own by
+key, and skips copies whose attempt has a claim (one LIST of ``run/`` with ``StartAfter``),
+deleting both in that one DeleteObjects. A copy
 that slips through (more claims than one LIST shows) costs one failed create, never a second
 run: its claim exists. If the worker dies with deletes pending, the copies stay until a
 listing or the reaper's clean-up removes them, which deletes every copy of an attempt before
@@ -18,7 +19,7 @@ from __future__ import annotations
 from omniq.core.fs import Program, delete_many, listafter
 
 from . import _layout as layout
-from ._claim_deferred import DeferredClaims
+from ._claim_deferred import DeferredClaims, drop_spent
 
 
 class S3Claims(DeferredClaims):
@@ -41,17 +42,27 @@ class S3Claims(DeferredClaims):
 
     def filter(self, queue: str, found: list[layout.Candidate]) -> Program[list[layout.Candidate]]:
         """Drop (and delete) candidates whose attempt is already claimed or finished: copies
-        left by a claimer that deferred their deletion, or died before it."""
-        if not found:
-            return found
-        first = min(c.task_id for c in found)
-        names = set((yield listafter(f"{queue}/run", first, 1000)))
-        keep, spent = [], []
-        for c in found:
-            if f"{c.task_id}.{c.attempt}.json" in names:
-                spent += [c.key, c.marker] if c.marker else [c.key]
-            else:
-                keep.append(c)
-        if spent:
-            yield delete_many(spent)
-        return keep
+        this worker spent and has not deleted yet (known without a look), and copies left by
+        another claimer that deferred their deletion, or died before it (one LIST of
+        ``run/``). Both go in one DeleteObjects (a flush before the listing, then the
+        filter's own, sent two)."""
+        spent = self.take_spent()
+        found = drop_spent(found, spent)
+        stale: list[str] = []
+        try:
+            if found:
+                first = min(c.task_id for c in found)
+                names = set((yield listafter(f"{queue}/run", first, 1000)))
+                keep = []
+                for c in found:
+                    if f"{c.task_id}.{c.attempt}.json" in names:
+                        stale += [c.key, c.marker] if c.marker else [c.key]
+                    else:
+                        keep.append(c)
+                found = keep
+            if spent or stale:
+                yield delete_many(spent + stale)
+        except BaseException:
+            self._spent = spent + self._spent  # kept for the next listing (or close)
+            raise
+        return found

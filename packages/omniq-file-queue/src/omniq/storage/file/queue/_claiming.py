@@ -421,8 +421,6 @@ class ClaimHandling(Reaping):
         return given + head + rest
 
     def _scan_program(self, queue: str) -> Program[list[layout.Candidate]]:
-        if self.claims.pending:  # deferred deletes first: the listing then no longer shows them
-            yield from self.claims.flush()
         began = Bells.clock()  # (for bells) before the first listing request
         found: list[layout.Candidate] = []
         for rank_dir in (yield listdirs(f"{queue}/ready")):
@@ -445,6 +443,7 @@ class ClaimHandling(Reaping):
         if self.bells is not None:  # empty: not even a spent copy the claims filter would drop
             self.bells.listed(queue, began, not found, later)
         found.sort()
+        # The filter drops copies spent here whose delete was deferred, and deletes them.
         return (yield from self.claims.filter(queue, found[: self.batch]))
 
     def _claim_program(
