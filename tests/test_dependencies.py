@@ -307,6 +307,56 @@ async def test_a_busy_queue_without_dependents_looks_for_them_less_often(tmp_pat
 
 
 @pytest.mark.anyio
+async def test_a_hungry_consumer_looks_for_dependents_at_the_same_pace(tmp_path: Path) -> None:
+    """A worker of a hungry fleet finds nothing after most acks. Each empty dequeue settled
+    at once and listed the queue again: on an object store a LIST of ``deps/`` and a
+    listing more a task (16 workers on S3, a queue kept 100 deep: 0.33 LISTs of ``deps/`` a
+    task, 0.05 now).
+    Now an empty dequeue settles at the busy pace (quiet: up to QUIET_PACE intervals), and
+    lists again only after a look that saw links; a dependent is still released."""
+    clock = Clock()
+    queue = AsyncFileQueue(str(tmp_path), clock=clock, lease=3600)
+    looks: list[float] = []
+    scans: list[float] = []
+    owed_program, scan_program = queue._owed_program, queue._scan_program
+
+    def look(owed: Any) -> Any:
+        looks.append(clock.t)
+        return owed_program(owed)
+
+    def scan(name: str) -> Any:
+        scans.append(clock.t)
+        return scan_program(name)
+
+    queue._owed_program = look  # type: ignore[method-assign]
+    queue._scan_program = scan  # type: ignore[method-assign]
+    try:
+        for i in range(80):  # one task at a time, taken, acked, then a dequeue finds nothing
+            await queue.enqueue(Task(func="m:f", id=f"t{i:03d}"))
+            claimed = await queue.dequeue()
+            assert claimed is not None
+            await queue.ack(claimed)
+            assert await queue.dequeue() is None
+            clock.t += 0.5
+        gaps = [round(b - a, 1) for a, b in itertools.pairwise(looks)]
+        assert len(looks) <= 8 and max(gaps) == 8.0, looks
+        assert len(scans) <= 80 * 2, len(scans)  # no listing more after a look without links
+        await queue.enqueue(Task(func="m:f", id="D"))
+        running = await queue.dequeue()
+        assert running is not None and running.id == "D"
+        await queue.enqueue(Task(func="m:f", id="T", depends_on=["D"]))
+        await queue.ack(running)
+        before = len(looks)
+        # The empty dequeue whose look releases T lists again and takes it.
+        while (got := await queue.dequeue()) is None:
+            clock.t += 0.5
+        assert got.id == "T"
+        assert len(looks) == before + 1 and looks[-1] - looks[before - 1] <= 8.0, looks
+    finally:
+        await queue.close()
+
+
+@pytest.mark.anyio
 async def test_cancelling_a_dependency_settles_its_dependents_at_once(tmp_path: Path) -> None:
     """A producer-only process (a web app) that cancels a dependency kept the settle in
     memory until close: its dependent stayed waiting."""

@@ -7,11 +7,10 @@ with ``If-None-Match: *`` (S3 refuses it with 412 when the key exists), as in
 at once; the keys wait in memory and go in one DeleteObjects at this worker's next listing
 (or at ``close``). Until then the copy is still listed: a listing drops this worker's own by
 key, and skips copies whose attempt has a claim (one LIST of ``run/`` with ``StartAfter``),
-deleting both in that one DeleteObjects. A copy
-that slips through (more claims than one LIST shows) costs one failed create, never a second
-run: its claim exists. If the worker dies with deletes pending, the copies stay until a
-listing or the reaper's clean-up removes them, which deletes every copy of an attempt before
-its claim.
+deleting both in that one DeleteObjects. A copy that slips through (more claims than one
+LIST shows) costs one failed create, never a second run: its claim exists. If the worker
+dies with deletes pending, the copies stay until a listing or the reaper's clean-up removes
+them, which deletes every copy of an attempt before its claim.
 """
 
 from __future__ import annotations

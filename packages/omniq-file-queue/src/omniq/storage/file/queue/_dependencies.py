@@ -24,12 +24,12 @@ settles the pair. Likewise two dependencies ending at once each write their mark
 list the markers: the later lister sees both.
 
 At least once, and cost. The look is deferred and batched: a process that decided outcomes
-notes them in memory and settles them at its next ``dequeue`` when idle, at most
-``refresh_interval`` later when busy, or at ``close``; it then lists ``{dq}/deps/`` once (one
-LIST per flush, whatever the number of acks) and each ``deps/{D}/`` that is there. While its
-looks find no link at all (a queue that does not use dependencies), the busy pace doubles up
-to ``QUIET_PACE`` refresh intervals: a look costs a request on an object store, and a busy
-worker's cost should follow its work, not the clock. Only latency depends on the pace (a
+notes them in memory and settles them at its next ``dequeue`` (busy or finding nothing)
+once the last settle is ``refresh_interval`` old, or at ``close``; it then lists
+``{dq}/deps/`` once (one LIST per flush, whatever the number of acks) and each ``deps/{D}/``
+that is there. While its looks find no link at all (a queue that does not use dependencies),
+the pace doubles up to ``QUIET_PACE`` refresh intervals: a look costs a request on an object
+store, and a busy worker's cost should follow its work, not the clock. Only latency depends on the pace (a
 dependent registered meanwhile waits for the next look, or the reaper's); a link seen brings
 the pace back. A process that dies with settles owed leaves links behind: each reaper pass
 lists ``deps/`` once, notes (while scanning ``run/``, which it does anyway) which linked
@@ -402,10 +402,11 @@ class DependencyHandling:
                 ]
             yield remove_dir(f"{queue}/deps/{dep}")
 
-    async def _settle_owed(self) -> None:
-        """Settle the dependents of the tasks this process ended since the last call."""
+    async def _settle_owed(self) -> bool:
+        """Settle the dependents of the tasks this process ended since the last call; whether
+        any of their ``deps/`` had links (dependents may have been released)."""
         if not self._owed:
-            return
+            return False
         owed, self._owed = self._owed, {}
         self._owed_at = self._now()
         try:
@@ -420,6 +421,7 @@ class DependencyHandling:
         # QUIET_PACE looks' worth; any link seen brings back one look per refresh_interval.
         quiet = min(self._settle_pace * 2, self.refresh_interval * QUIET_PACE)
         self._settle_pace = self.refresh_interval if linked else quiet
+        return linked
 
     def _settle_is_due(self) -> bool:
         """Something is owed and the last settle is ``_settle_pace`` old (busy settles)."""

@@ -408,8 +408,10 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
                     self.shards.claimed_from(name)
                 if len(claimed) >= count:
                     break
-            if not claimed and self._owed:
-                await self._settle_owed()  # idle: settle now, then look again (released tasks)
+            # Idle: settle at the settles' pace, and look again if dependents may have been
+            # released. (A hungry fleet's worker finds nothing after most acks: a settle each
+            # time cost 16 workers on S3 kept 100 deep 0.33 LISTs of deps/ a task, now 0.05.)
+            if not claimed and self._settle_is_due() and await self._settle_owed():
                 continue
             left = deadline - time.monotonic()
             if claimed or left <= 0 or idle is not None:
