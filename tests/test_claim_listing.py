@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from omniq.core import Task, codec
-from omniq.core.fs import exists, listafter, listdirs, listhead, write
+from omniq.core.fs import exists, listafter, listdirs, listhead, listtree, write
 from omniq.storage.file.queue import _layout as layout
 from omniq.storage.file.queue import _queue as queue_module
 from queue_helpers import FakeClock, count_scans, make_queue
@@ -26,8 +26,9 @@ def anyio_backend() -> str:
 
 async def test_head_listings_are_ordered_and_bounded(storage: Any) -> None:
     """listhead/listafter return names in key order from where they are asked, at most
-    ``limit``, files only (not a sub-directory), [] for a missing prefix: the claim's
-    listing on S3, GCS and Azure is one bounded request built on these."""
+    ``limit``, files only (not a sub-directory), [] for a missing prefix; listtree the same
+    over the sub-directories: the claim's listing on S3, GCS and Azure is one bounded
+    request built on these."""
     q = make_queue(storage)
     try:
 
@@ -40,9 +41,16 @@ async def test_head_listings_are_ordered_and_bounded(storage: Any) -> None:
             tail = yield listafter("area", "a028", 5)
             missing = yield listhead("nothing-here", 5)
             dirs = yield listdirs("area")
-            return head, after, tail, missing, dirs
+            for rank in ("p2", "p1"):
+                for i in range(4):
+                    yield write(f"tree/{rank}/t{i}", b"x")
+            yield write("tree/top", b"x")  # not in a sub-directory: not listed
+            tree = yield listtree("tree", 6)
+            whole = yield listtree("tree", 100)
+            none = yield listtree("nothing-here", 5)
+            return head, after, tail, missing, dirs, tree, whole, none
 
-        head, after, tail, missing, dirs = await q.store.run(program())
+        head, after, tail, missing, dirs, tree, whole, none = await q.store.run(program())
     finally:
         await q.close()
     assert head == [f"a{i:03d}" for i in range(5)]
@@ -50,6 +58,10 @@ async def test_head_listings_are_ordered_and_bounded(storage: Any) -> None:
     assert tail == ["a029"]
     assert missing == []
     assert dirs == ["sub"]
+    # The head over the sub-directories, the first one's first (a queue's top priority).
+    assert tree == [f"p1/t{i}" for i in range(4)] + ["p2/t0", "p2/t1"]
+    assert whole == [f"p{r}/t{i}" for r in (1, 2) for i in range(4)]
+    assert none == []
 
 
 async def test_one_reaper_pass_per_interval_whatever_the_consumers(storage: Any) -> None:
@@ -244,5 +256,23 @@ async def test_a_queue_object_does_not_try_a_task_again_soon_after_its_own_try(
             return (yield exists(copy))
 
         assert not await q.store.run(left())  # and removed
+    finally:
+        await q.close()
+
+
+@pytest.mark.parametrize("storage", ["s3", "gcs", "azure"], indirect=True)
+async def test_a_claim_listing_reads_the_ready_head_in_one_request(storage: Any) -> None:
+    """The head of ``ready/`` over its priority directories is one flat listing: a refresh
+    of a queue with two priorities is that, the head of ``due/`` and on S3 the look at
+    ``run/`` (before: a listing of the priority directories, then one of each)."""
+    from test_listing import http_requests
+
+    q = make_queue(storage)
+    try:
+        await q.enqueue_many([Task(func="m:f", priority=p) for p in (0, 5, 5)])
+        with http_requests() as made:
+            found = await q.store.run(q._scan_program("default"))
+        assert [c.rank for c in found] == sorted(c.rank for c in found) and len(found) == 3
+        assert len(made) == (3 if q.store.kind == "s3" else 2), made
     finally:
         await q.close()

@@ -2,7 +2,8 @@
 ``DirFileSystem`` (``_fsspec_ops`` runs them on the right loop and retries them): the entries
 of a prefix (its files and sub-directories), and the names after a given one in key order. The
 fsspec plugins' own listings look again at an empty prefix (is it a file?), adlfs' walks the
-parent level first, and none can start after a name."""
+parent level first, and none can start after a name; and the head of a two-level prefix (its
+sub-directories' files in key order) in one flat listing."""
 
 from __future__ import annotations
 
@@ -126,3 +127,44 @@ async def s3_after(s3: Any, path: str, after: str, limit: int) -> list[str]:
         MaxKeys=limit,
     )
     return [item["Key"][len(prefix) :] for item in response.get("Contents", [])]
+
+
+def _two_levels(names: list[str]) -> list[str]:
+    """``dir/name`` entries of a flat listing (no deeper keys, directory markers or hidden
+    names), in key order."""
+    out = []
+    for name in names:
+        parts = name.split("/")
+        if len(parts) == 2 and all(p and not p.startswith(".") for p in parts):
+            out.append(name)
+    return out
+
+
+async def s3_tree(s3: Any, path: str, limit: int) -> list[str]:
+    """The first ``limit`` keys below ``path``'s sub-directories, as ``dir/name``: one LIST
+    without a delimiter."""
+    bucket, key, _ = s3.split_path(path)
+    prefix = _prefix(key)
+    response = await s3._call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=limit)
+    return _two_levels([item["Key"][len(prefix) :] for item in response.get("Contents", [])])
+
+
+async def gcs_tree(gcs: Any, path: str, limit: int) -> list[str]:
+    """As ``s3_tree``: one GET of the object listing without a delimiter."""
+    bucket, key, _ = gcs.split_path(path)
+    prefix = _prefix(key)
+    page = await gcs._call_list_objects(bucket, prefix=prefix or None, maxResults=limit)
+    return _two_levels([item["name"][len(prefix) :] for item in page.get("items", [])])
+
+
+async def azure_tree(azure: Any, path: str, limit: int) -> list[str]:
+    """As ``s3_tree``: the first page of a flat blob listing."""
+    container, key, _ = azure.split_path(path)
+    prefix = _prefix(key)
+    client = azure.service_client.get_container_client(container)
+    names: list[str] = []
+    pages = client.list_blobs(name_starts_with=prefix, results_per_page=limit).by_page()
+    async for page in pages:
+        names += [blob["name"][len(prefix) :] async for blob in page]
+        break
+    return _two_levels(names[:limit])

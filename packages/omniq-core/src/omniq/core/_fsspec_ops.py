@@ -21,10 +21,13 @@ from ._azure_batch import azure_delete
 from ._cloud_listing import (
     azure_after,
     azure_files,
+    azure_tree,
     gcs_after,
     gcs_files,
+    gcs_tree,
     s3_after,
     s3_files,
+    s3_tree,
 )
 from ._ops_protocol import Entry
 from ._redact import RedactFilter, redact, scrub_exception
@@ -359,6 +362,25 @@ class _FsspecSteps:
     def _listdirs(self, prefix: str) -> _Steps[list[str]]:
         return _dirs((yield from self._infos(prefix)))  # one listing request on S3, GCS, Azure
 
+    def _listtree(self, prefix: str, limit: int) -> _Steps[list[str]]:
+        """The first ``limit`` files of ``prefix``'s sub-directories as ``dir/name``, in key
+        order: on S3, GCS and Azure one flat listing request; elsewhere the sub-directories,
+        then each one's head until ``limit``."""
+        lister = _for_plugin(self.fs.fs, s3_tree, gcs_tree, azure_tree)
+        if lister is not None:
+            path = self.fs._join(prefix)
+            names: list[str] = yield from _retrying(
+                "list", prefix, lambda: _s3(lister, path, limit)
+            )
+            return names
+        out: list[str] = []
+        for sub in (yield from self._listdirs(prefix)):
+            head = yield from self._listhead(f"{prefix}/{sub}", limit - len(out))
+            out += [f"{sub}/{n}" for n in head]
+            if len(out) >= limit:
+                break
+        return out
+
     def _exists(self, key: str) -> _Steps[bool]:
         return (yield from _retrying("exists", key, lambda: _exists_call(key)))
 
@@ -439,6 +461,9 @@ class FsspecOps(_FsspecSteps):
     def listdirs(self, prefix: str) -> list[str]:
         return _run_sync(self, self._listdirs(prefix))
 
+    def listtree(self, prefix: str, limit: int) -> list[str]:
+        return _run_sync(self, self._listtree(prefix, limit))
+
     def exists(self, key: str) -> bool:
         return _run_sync(self, self._exists(key))
 
@@ -514,6 +539,9 @@ class AsyncFsspecOps(_FsspecSteps):
 
     async def listdirs(self, prefix: str) -> list[str]:
         return await _run_async(self, self._listdirs(prefix))
+
+    async def listtree(self, prefix: str, limit: int) -> list[str]:
+        return await _run_async(self, self._listtree(prefix, limit))
 
     async def exists(self, key: str) -> bool:
         return await _run_async(self, self._exists(key))

@@ -533,6 +533,14 @@ class LocalOps:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    def listtree(self, prefix: str, limit: int) -> list[str]:
+        out: list[str] = []
+        for sub in self.listdirs(prefix):
+            out += [f"{sub}/{n}" for n in self.listhead(f"{prefix}/{sub}", limit - len(out))]
+            if len(out) >= limit:
+                break
+        return out
+
     def exists(self, key: str) -> bool:
         return os.path.exists(self._path(key))
 

@@ -140,6 +140,13 @@ def listafter(prefix: str, after: str, limit: int) -> Op:
     return Op("listafter", (prefix, after, limit))
 
 
+def listtree(prefix: str, limit: int) -> Op:
+    """The first ``limit`` files of ``prefix``'s sub-directories, as ``dir/name``, in sorted
+    order (a queue's ready head over its priority directories). On S3, GCS and Azure one
+    flat listing request; elsewhere the sub-directories listed, then each one's head."""
+    return Op("listtree", (prefix, limit))
+
+
 def listdirs(prefix: str) -> Op:
     """Sorted names of the sub-directories directly under ``prefix``."""
     return Op("listdirs", (prefix,))

@@ -22,7 +22,7 @@ from omniq.core.errors import (
     StorageError,
     TaskCancelledError,
 )
-from omniq.core.fs import Program, create, delete, exists, listdirs, listhead, now, read, write
+from omniq.core.fs import Program, create, delete, exists, listhead, listtree, now, read, write
 from omniq.core.models import UTC, Claimed, EventType, Task
 
 from . import _layout as layout
@@ -423,13 +423,13 @@ class ClaimHandling(Reaping):
     def _scan_program(self, queue: str) -> Program[list[layout.Candidate]]:
         began = Bells.clock()  # (for bells) before the first listing request
         found: list[layout.Candidate] = []
-        for rank_dir in (yield listdirs(f"{queue}/ready")):
-            for name in (yield listhead(f"{queue}/ready/{rank_dir}", self.batch)):
-                candidate = layout.ready_candidate(queue, rank_dir, name)
-                if candidate is not None:
-                    found.append(candidate)
-            if len(found) >= self.batch:
-                break
+        # The head over the priority directories, top priority first: one flat listing on an
+        # object store (a listing of the directories and one of the first were two).
+        for entry in (yield listtree(f"{queue}/ready", self.batch)):
+            rank_dir, _, name = entry.partition("/")
+            candidate = layout.ready_candidate(queue, rank_dir, name)
+            if candidate is not None:
+                found.append(candidate)
         current_ms = (yield now()) * 1000
         later: float | None = None  # the first marker not due yet
         for name in (yield listhead(f"{queue}/due", self.batch)):
