@@ -6,24 +6,23 @@ a refused create and a delete when the race was lost), and soon a listing more. 
 on a GCS queue kept 100 deep sent ~12 requests a task instead of ~5 (docs/queue.md, "Many
 consumers of one queue").
 
-A consumer that claimed from a queue in the last ``period`` is *busy* there and says so with
-an empty object ``{queue}/lanes/{time}.{consumer}``, written again under a new time every
+A consumer that claimed from a queue in the last ``period`` is *busy* there and says so with an
+empty object ``{queue}/lanes/{time}.{consumer}``, written again under a new time every
 ``period`` (the old one deleted), and withdrawn at its first claim call after ``period``
-without a claim there, or when it closes. It lists ``lanes/`` ``ripe`` x 1, 2, 4, ...
-seconds apart up to ``period``, and ``ripe`` seconds after it found a task of its own lane
-not yet overdue taken by another consumer (one that may see another list). The busy consumers get the same
-sorted list of names; consumer ``i`` of ``k`` owns the tasks whose id hashes to ``i`` modulo
-``k``.
+without a claim there, or when it closes. It lists ``lanes/`` ``ripe`` x 1, 2, 4, ... seconds
+apart up to ``period``, and ``ripe`` seconds after it found a task of its own lane not yet
+overdue taken by another consumer (one that may see another list). The busy consumers get the
+same sorted list of names; consumer ``i`` of ``k`` owns the tasks whose id hashes to ``i``
+modulo ``k``.
 
-What a consumer claims from a listing's top priority (``pick``; the queue's ``_spread``):
-its own lane's tasks, then the others' ``OVERDUE`` x ``ripe`` seconds old (their owner is
-slow or gone, or the queue has a backlog); when its lane has none, the others' ``ripe``
-seconds old (by the time in the id, or the due time). The others' come lane by lane, the
-next lane's first, each from a random place (the owner takes its own from the oldest), so
-that hungry consumers rarely reach for the same task. A call that
-waits stops there: hungry consumers list again for tasks of their own instead of racing the
-owners for theirs. A call that does not wait goes on with the rest of the listing, so it
-never comes back empty-handed while a task is listed.
+What a consumer claims from a listing's top priority (``pick``; the queue's ``_spread``): its
+own lane's tasks, then the others' ``OVERDUE`` x ``ripe`` seconds old (their owner is slow or
+gone, or the queue has a backlog); when its lane has none, the others' ``ripe`` seconds old (by
+the time in the id, or the due time). The others' come lane by lane, the next lane's first,
+each from a random place (the owner takes its own from the oldest), so that hungry consumers
+rarely reach for the same task. A call that waits stops there: hungry consumers list again for
+tasks of their own instead of racing the owners for theirs. A call that does not wait goes on
+with the rest of the listing, so it never comes back empty-handed while a task is listed.
 
 Correctness: lanes only choose among the candidates of a listing. A claim is still the
 exclusive create of its attempt (``_claim_*``), so lanes cannot cause a second run. No task
