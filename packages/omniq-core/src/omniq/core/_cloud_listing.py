@@ -50,17 +50,21 @@ async def gcs_files(gcs: Any, path: str) -> list[dict[str, Any]]:
         more = {"pageToken": page["nextPageToken"]}
 
 
+def _azure_container(azure: Any, path: str) -> tuple[Any, str]:
+    """The container client of ``path`` and the listing prefix inside it."""
+    container, key, _ = azure.split_path(path)
+    return azure.service_client.get_container_client(container), _prefix(key)
+
+
 async def azure_files(azure: Any, path: str) -> list[dict[str, Any]]:
     """The detailed listing of ``path`` ([] if absent): one walk with a delimiter inside the
     prefix. adlfs' ``ls`` walks the parent level first (two listing requests) and HEADs
     an empty prefix (is it a file?)."""
-    container, key, _ = azure.split_path(path)
-    prefix = _prefix(key)
-    client = azure.service_client.get_container_client(container)
+    client, prefix = _azure_container(azure, path)
     out: list[dict[str, Any]] = []
     walk = client.walk_blobs(name_starts_with=prefix, include=["metadata"], results_per_page=1000)
     async for item in walk:
-        name = f"{container}/{item['name'].rstrip('/')}"
+        name = f"{client.container_name}/{item['name'].rstrip('/')}"
         meta = item.get("metadata") or {}
         folder = str(meta.get("hdi_isfolder", meta.get("Hdi_isfolder", ""))).lower() == "true"
         if item["name"].endswith("/") or folder:  # a prefix, or Data Lake's folder blob
@@ -98,9 +102,7 @@ async def azure_after(azure: Any, path: str, after: str, limit: int) -> list[str
     """Up to ``limit`` blob names under ``path`` after ``after``: pages of ``limit`` from the
     prefix's start (Azure lists in key order but has no start-after), usually one request:
     ``after`` is empty for a claim's listing of a queue's head."""
-    container, key, _ = azure.split_path(path)
-    prefix = _prefix(key)
-    client = azure.service_client.get_container_client(container)
+    client, prefix = _azure_container(azure, path)
     out: list[str] = []
     pages = client.walk_blobs(name_starts_with=prefix, results_per_page=limit).by_page()
     async for page in pages:
@@ -159,9 +161,7 @@ async def gcs_tree(gcs: Any, path: str, limit: int) -> list[str]:
 
 async def azure_tree(azure: Any, path: str, limit: int) -> list[str]:
     """As ``s3_tree``: the first page of a flat blob listing."""
-    container, key, _ = azure.split_path(path)
-    prefix = _prefix(key)
-    client = azure.service_client.get_container_client(container)
+    client, prefix = _azure_container(azure, path)
     names: list[str] = []
     pages = client.list_blobs(name_starts_with=prefix, results_per_page=limit).by_page()
     async for page in pages:
