@@ -312,8 +312,9 @@ async def test_a_hungry_consumer_looks_for_dependents_at_the_same_pace(tmp_path:
     at once and listed the queue again: on an object store a LIST of ``deps/`` and a
     listing more a task (16 workers on S3, a queue kept 100 deep: 0.33 LISTs of ``deps/`` a
     task, 0.05 now).
-    Now an empty dequeue settles at the busy pace (quiet: up to QUIET_PACE intervals), and
-    lists again only after a look that saw links; a dependent is still released."""
+    Now an empty waiting dequeue settles at the busy pace (quiet: up to QUIET_PACE
+    intervals), one that does not wait at once, and either lists again only after a look
+    that saw links; a dependent is still released."""
     clock = Clock()
     queue = AsyncFileQueue(str(tmp_path), clock=clock, lease=3600)
     looks: list[float] = []
@@ -336,22 +337,40 @@ async def test_a_hungry_consumer_looks_for_dependents_at_the_same_pace(tmp_path:
             claimed = await queue.dequeue()
             assert claimed is not None
             await queue.ack(claimed)
-            assert await queue.dequeue() is None
+            assert await queue.dequeue(wait=0.001) is None  # waits, as a worker's calls do
             clock.t += 0.5
         gaps = [round(b - a, 1) for a, b in itertools.pairwise(looks)]
         assert len(looks) <= 8 and max(gaps) == 8.0, looks
-        assert len(scans) <= 80 * 2, len(scans)  # no listing more after a look without links
         await queue.enqueue(Task(func="m:f", id="D"))
         running = await queue.dequeue()
         assert running is not None and running.id == "D"
         await queue.enqueue(Task(func="m:f", id="T", depends_on=["D"]))
         await queue.ack(running)
         before = len(looks)
-        # The empty dequeue whose look releases T lists again and takes it.
-        while (got := await queue.dequeue()) is None:
+        # The waiting dequeue whose look releases T lists again and takes it.
+        while (got := await queue.dequeue(wait=0.01)) is None:
             clock.t += 0.5
-        assert got.id == "T"
+        assert got.id == "T" and looks[-1] == clock.t, looks  # that call's own look
         assert len(looks) == before + 1 and looks[-1] - looks[before - 1] <= 8.0, looks
+        await queue.ack(got)
+        # A dequeue that does not wait (a burst worker's last look, a script's loop) looks at
+        # once: its empty answer must not leave a dependent waiting on a look to come. It lists
+        # the queue again only after a look that saw links.
+        clock.t += 0.5
+        await queue.enqueue(Task(func="m:f", id="E"))
+        running = await queue.dequeue()
+        assert running is not None
+        await queue.ack(running)
+        listed = len(scans)
+        assert await queue.dequeue() is None
+        assert looks[-1] == clock.t and len(scans) == listed + 1, (looks, len(scans) - listed)
+        await queue.enqueue(Task(func="m:f", id="D2"))
+        running = await queue.dequeue()
+        assert running is not None and running.id == "D2"
+        await queue.enqueue(Task(func="m:f", id="T2", depends_on=["D2"]))
+        await queue.ack(running)
+        got = await queue.dequeue()
+        assert got is not None and got.id == "T2"
     finally:
         await queue.close()
 

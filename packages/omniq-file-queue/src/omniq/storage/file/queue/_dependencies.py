@@ -24,8 +24,9 @@ settles the pair. Likewise two dependencies ending at once each write their mark
 list the markers: the later lister sees both.
 
 At least once, and cost. The look is deferred and batched: a process that decided outcomes
-notes them in memory and settles them at its next ``dequeue`` (busy or finding nothing) once
-the last settle is ``refresh_interval`` old, or at ``close``; it then lists ``{dq}/deps/`` once
+notes them in memory and settles them at its next ``dequeue`` once the last settle is
+``_settle_pace`` old (``refresh_interval``; longer while quiet, below), at once in a
+``dequeue`` that does not wait and finds nothing, or at ``close``; it then lists ``{dq}/deps/`` once
 (one LIST per flush, whatever the number of acks) and each ``deps/{D}/`` that is there. While
 its looks find no link at all (a queue that does not use dependencies), the pace doubles up to
 ``QUIET_PACE`` refresh intervals: a look costs a request on an object store, and a busy

@@ -408,10 +408,13 @@ class AsyncFileQueue(DependencyHandling, ClaimHandling, QueueInspection, QueueLi
                     self.shards.claimed_from(name)
                 if len(claimed) >= count:
                     break
-            # Idle: settle at the settles' pace, and look again if dependents may have been
-            # released. (A hungry fleet's worker finds nothing after most acks: a settle each
-            # time cost 16 workers on S3 kept 100 deep 0.33 LISTs of deps/ a task, now 0.05.)
-            if not claimed and self._settle_is_due() and await self._settle_owed():
+            # Idle: settle, and look again if dependents may have been released. A call that
+            # waits keeps the settles' pace (a hungry fleet's worker finds nothing after most
+            # acks: a settle each time cost 16 workers on S3 kept 100 deep 0.33 LISTs of
+            # deps/ a task, now 0.05); one that does not wait settles at once, so that an
+            # empty answer (a burst worker's last look, a script's loop) means nothing is owed.
+            settle = not claimed and self._owed and (wait <= 0 or self._settle_is_due())
+            if settle and await self._settle_owed():
                 continue
             left = deadline - time.monotonic()
             if claimed or left <= 0 or idle is not None:
