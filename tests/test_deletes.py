@@ -153,3 +153,45 @@ async def test_an_s3_listing_deletes_its_own_and_others_spent_copies_in_one_requ
         ]
         # The four spent copies are gone; the two just claimed wait for the next listing.
         assert sorted(ready) == sorted(c.id for c in more)
+
+
+@pytest.mark.parametrize("storage", ["s3"], indirect=True)
+async def test_an_s3_listing_drops_its_own_spent_copies_by_key(
+    storage: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer's own spent copies are dropped from its listing by key, whatever ``run/``
+    shows (here nothing: its LIST is blinded), and deleted by that listing."""
+    from omniq.core.fs import listafter
+    from omniq.storage.file.queue import _claim_s3
+
+    async with make_queue(storage) as q:
+        await q.enqueue_many([Task(func="m:f", queue="jobs") for _ in range(4)])
+        mine = await q.dequeue_many(2, "jobs")
+        assert len(mine) == 2 and q.claims.pending == 2
+        monkeypatch.setattr(
+            _claim_s3, "listafter", lambda prefix, first, limit: listafter(prefix, "~", limit)
+        )
+        found = await q.store.run(q._scan_program("jobs"))
+        assert len(found) == 2 and not {c.task_id for c in found} & {c.id for c in mine}
+        assert not q.claims.pending
+        ready = await q.store.listdir("jobs/ready/p0999")
+        assert sorted(name.split(".")[0] for name in ready) == sorted(c.task_id for c in found)
+
+
+@pytest.mark.parametrize("storage", ["s3"], indirect=True)
+async def test_a_small_listing_is_not_filled_with_its_own_spent_copies(storage: Any) -> None:
+    """With a small ``batch`` the copies a consumer spent could fill its whole listing (the
+    head is where it claimed): a few make the listing ask for that many more names, more
+    than half of ``batch`` are deleted before it. Either way the listing offers live tasks."""
+    async with make_queue(storage, batch=4) as q:
+        await q.enqueue_many([Task(func="m:f", queue="jobs") for _ in range(10)])
+        for spent in (1, 3):  # 1: listed past; 3 (of a batch of 4): deleted first
+            got = await q.dequeue_many(spent, "jobs")
+            assert len(got) == spent and q.claims.pending == spent
+            with http_requests() as made:
+                found = await q.store.run(q._scan_program("jobs"))
+            assert len(found) == 4 and not {c.task_id for c in found} & {c.id for c in got}
+            deletes = [r for r in made if r.startswith("POST") and "delete" in r]
+            assert len(deletes) == 1 and not q.claims.pending, made
+            for claimed in got:
+                await q.ack(claimed)

@@ -67,8 +67,8 @@ class DeferredClaims(DocumentClaims):
         yield from self.delete_spent(self.take_spent())
 
     @property
-    def pending(self) -> bool:
-        return bool(self._spent)
+    def pending(self) -> int:
+        return len(self._spent)
 
 
 def drop_spent(found: list[layout.Candidate], spent: list[str]) -> list[layout.Candidate]:

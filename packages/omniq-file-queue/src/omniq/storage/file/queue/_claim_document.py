@@ -184,5 +184,6 @@ class DocumentClaims:
         yield from ()
 
     @property
-    def pending(self) -> bool:
-        return False
+    def pending(self) -> int:
+        """How many spent copies (and due markers) wait for their deferred delete."""
+        return 0

@@ -421,18 +421,26 @@ class ClaimHandling(Reaping):
         return given + head + rest
 
     def _scan_program(self, queue: str) -> Program[list[layout.Candidate]]:
+        # Copies spent here whose delete was deferred are listed again; the claims' filter
+        # drops them and deletes them with its own (S3: in one request). The listing asks
+        # for that many more names; when they would be most of it, they go first.
+        spent = self.claims.pending
+        if spent > self.batch // 2:
+            yield from self.claims.flush()
+            spent = 0
+        want = self.batch + spent
         began = Bells.clock()  # (for bells) before the first listing request
         found: list[layout.Candidate] = []
         # The head over the priority directories, top priority first: one flat listing on an
         # object store (a listing of the directories and one of the first were two).
-        for entry in (yield listtree(f"{queue}/ready", self.batch)):
+        for entry in (yield listtree(f"{queue}/ready", want)):
             rank_dir, _, name = entry.partition("/")
             candidate = layout.ready_candidate(queue, rank_dir, name)
             if candidate is not None:
                 found.append(candidate)
         current_ms = (yield now()) * 1000
         later: float | None = None  # the first marker not due yet
-        for name in (yield listhead(f"{queue}/due", self.batch)):
+        for name in (yield listhead(f"{queue}/due", want)):
             candidate = layout.due_candidate(queue, name)
             if candidate is None:
                 continue
@@ -443,8 +451,7 @@ class ClaimHandling(Reaping):
         if self.bells is not None:  # empty: not even a spent copy the claims filter would drop
             self.bells.listed(queue, began, not found, later)
         found.sort()
-        # The filter drops copies spent here whose delete was deferred, and deletes them.
-        return (yield from self.claims.filter(queue, found[: self.batch]))
+        return (yield from self.claims.filter(queue, found[:want]))[: self.batch]
 
     def _claim_program(
         self, queue: str, cand: layout.Candidate, lease: float, worker: str
