@@ -45,6 +45,7 @@ async def test_head_listings_are_ordered_and_bounded(storage: Any) -> None:
                 for i in range(4):
                     yield write(f"tree/{rank}/t{i}", b"x")
             yield write("tree/top", b"x")  # not in a sub-directory: not listed
+            yield write("tree/p1/deeper/t9", b"x")  # two levels down: not listed either
             tree = yield listtree("tree", 6)
             whole = yield listtree("tree", 100)
             none = yield listtree("nothing-here", 5)
@@ -272,7 +273,7 @@ async def test_a_claim_listing_reads_the_ready_head_in_one_request(storage: Any)
         await q.enqueue_many([Task(func="m:f", priority=p) for p in (0, 5, 5)])
         with http_requests() as made:
             found = await q.store.run(q._scan_program("default"))
-        assert [c.rank for c in found] == sorted(c.rank for c in found) and len(found) == 3
+        assert len(found) == 3
         assert len(made) == (3 if q.store.kind == "s3" else 2), made
     finally:
         await q.close()

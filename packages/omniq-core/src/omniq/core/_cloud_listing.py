@@ -133,7 +133,8 @@ async def s3_after(s3: Any, path: str, after: str, limit: int) -> list[str]:
 
 def _two_levels(names: list[str]) -> list[str]:
     """``dir/name`` entries of a flat listing (no deeper keys, directory markers or hidden
-    names), in key order."""
+    names), in key order. (A Data Lake folder blob one level down would pass: ``listtree``
+    is for directories of files.)"""
     out = []
     for name in names:
         parts = name.split("/")
@@ -144,27 +145,44 @@ def _two_levels(names: list[str]) -> list[str]:
 
 async def s3_tree(s3: Any, path: str, limit: int) -> list[str]:
     """The first ``limit`` keys below ``path``'s sub-directories, as ``dir/name``: one LIST
-    without a delimiter."""
+    without a delimiter (more only if deeper keys took places in it)."""
     bucket, key, _ = s3.split_path(path)
     prefix = _prefix(key)
-    response = await s3._call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=limit)
-    return _two_levels([item["Key"][len(prefix) :] for item in response.get("Contents", [])])
+    names: list[str] = []
+    more: dict[str, Any] = {}
+    while True:
+        response = await s3._call_s3(
+            "list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=limit, **more
+        )
+        keys = [item["Key"][len(prefix) :] for item in response.get("Contents", [])]
+        names += _two_levels(keys)
+        if len(names) >= limit or not response.get("IsTruncated"):
+            return names[:limit]
+        more = {"ContinuationToken": response["NextContinuationToken"]}
 
 
 async def gcs_tree(gcs: Any, path: str, limit: int) -> list[str]:
-    """As ``s3_tree``: one GET of the object listing without a delimiter."""
+    """As ``s3_tree``: a GET of the object listing without a delimiter."""
     bucket, key, _ = gcs.split_path(path)
     prefix = _prefix(key)
-    page = await gcs._call_list_objects(bucket, prefix=prefix or None, maxResults=limit)
-    return _two_levels([item["name"][len(prefix) :] for item in page.get("items", [])])
+    names: list[str] = []
+    more: dict[str, Any] = {}
+    while True:
+        page = await gcs._call_list_objects(bucket, prefix=prefix or None, maxResults=limit, **more)
+        names += _two_levels([item["name"][len(prefix) :] for item in page.get("items", [])])
+        if len(names) >= limit or not page.get("nextPageToken"):
+            return names[:limit]
+        more = {"pageToken": page["nextPageToken"]}
 
 
 async def azure_tree(azure: Any, path: str, limit: int) -> list[str]:
-    """As ``s3_tree``: the first page of a flat blob listing."""
+    """As ``s3_tree``: pages of a flat blob listing until ``limit`` names (usually one
+    request; the service may also return a short page with a continuation)."""
     client, prefix = _azure_container(azure, path)
     names: list[str] = []
     pages = client.list_blobs(name_starts_with=prefix, results_per_page=limit).by_page()
     async for page in pages:
-        names += [blob["name"][len(prefix) :] async for blob in page]
-        break
-    return _two_levels(names[:limit])
+        names += _two_levels([blob["name"][len(prefix) :] async for blob in page])
+        if len(names) >= limit:
+            break
+    return names[:limit]

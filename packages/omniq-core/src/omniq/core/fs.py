@@ -143,7 +143,9 @@ def listafter(prefix: str, after: str, limit: int) -> Op:
 def listtree(prefix: str, limit: int) -> Op:
     """The first ``limit`` files of ``prefix``'s sub-directories, as ``dir/name``, in sorted
     order (a queue's ready head over its priority directories). On S3, GCS and Azure one
-    flat listing request; elsewhere the sub-directories listed, then each one's head."""
+    flat listing request; elsewhere the sub-directories listed, then each one's head. For
+    sub-directories of files whose names are of one width (``p0005``): where one name is a
+    prefix of another (``a``, ``a-b``) the flat key order and the directory order differ."""
     return Op("listtree", (prefix, limit))
 
 

@@ -43,8 +43,8 @@ class S3Claims(DeferredClaims):
         """Drop (and delete) candidates whose attempt is already claimed or finished: copies
         this worker spent and has not deleted yet (known without a look), and copies left by
         another claimer that deferred their deletion, or died before it (one LIST of
-        ``run/``). Both go in one DeleteObjects (a flush before the listing, then the
-        filter's own, sent two)."""
+        ``run/``). Both go in one DeleteObjects (a request per 1,000 keys; a flush before
+        the listing, then the filter's own, sent two)."""
         spent = self.take_spent()
         found = drop_spent(found, spent)
         stale: list[str] = []

@@ -90,9 +90,9 @@ class Lanes:
     def missed(self, queue: str, cand: layout.Candidate, current: float) -> None:
         """``cand`` was found taken by another consumer: if it is of this consumer's lane and
         not yet overdue, maybe by one that sees another list of consumers (see ``due``). An
-        overdue task is anyone's (``pick``): in a backlog the next lane's consumer helps with
-        this one's, and a look after each such miss cost 16 workers on S3 ~0.1 requests a
-        task more."""
+        overdue task is anyone's (``pick``; one whose id carries no time at once): in a
+        backlog the next lane's consumer helps with this one's, and a look after each such
+        miss cost 16 workers on S3 ~0.1 requests a task more."""
         lane = self._lane.get(queue)
         overdue = (current - OVERDUE * self.ripe) * 1000
         if lane is None or cand.time_ms <= overdue:
