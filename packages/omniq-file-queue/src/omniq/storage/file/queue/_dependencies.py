@@ -26,10 +26,10 @@ list the markers: the later lister sees both.
 At least once, and cost. The look is deferred and batched: a process that decided outcomes
 notes them in memory and settles them at its next ``dequeue`` once the last settle is
 ``_settle_pace`` old (``refresh_interval``; longer while quiet, below), at once in a
-``dequeue`` that does not wait and finds nothing, or at ``close``; it then lists ``{dq}/deps/`` once
-(one LIST per flush, whatever the number of acks) and each ``deps/{D}/`` that is there. While
-its looks find no link at all (a queue that does not use dependencies), the pace doubles up to
-``QUIET_PACE`` refresh intervals: a look costs a request on an object store, and a busy
+``dequeue`` that does not wait and finds nothing, or at ``close``; it then lists ``{dq}/deps/``
+once (one LIST per flush, whatever the number of acks) and each ``deps/{D}/`` that is there.
+While its looks find no link at all (a queue that does not use dependencies), the pace doubles
+up to ``QUIET_PACE`` refresh intervals: a look costs a request on an object store, and a busy
 worker's cost should follow its work, not the clock. Only latency depends on the pace (a
 dependent registered meanwhile waits for the next look, or the reaper's); a link seen brings
 the pace back. A process that dies with settles owed leaves links behind: each reaper pass
