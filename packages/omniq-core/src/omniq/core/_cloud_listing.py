@@ -99,12 +99,17 @@ async def gcs_after(gcs: Any, path: str, after: str, limit: int) -> list[str]:
 
 
 async def azure_after(azure: Any, path: str, after: str, limit: int) -> list[str]:
-    """Up to ``limit`` blob names under ``path`` after ``after``: pages of ``limit`` from the
-    prefix's start (Azure lists in key order but has no start-after), usually one request:
-    ``after`` is empty for a claim's listing of a queue's head."""
+    """Up to ``limit`` blob names under ``path`` after ``after``: a listing page from
+    ``after`` on (``startFrom``, inclusive: one more is asked for; service version
+    2026-02-06, azure-storage-blob 12.28), and more pages only if sub-directories took places.
+    Before ``startFrom`` a name deep in a prefix was paged to from the prefix's start."""
     client, prefix = _azure_container(azure, path)
     out: list[str] = []
-    pages = client.walk_blobs(name_starts_with=prefix, results_per_page=limit).by_page()
+    pages = client.walk_blobs(
+        name_starts_with=prefix,
+        start_from=f"{prefix}{after}" if after else None,
+        results_per_page=limit + (1 if after else 0),
+    ).by_page()
     async for page in pages:
         async for blob in page:
             name = blob["name"][len(prefix) :]

@@ -347,8 +347,7 @@ class _FsspecSteps:
 
     def _listafter(self, prefix: str, after: str, limit: int) -> _Steps[list[str]]:
         """Up to ``limit`` file names under ``prefix`` after ``after`` in key order. On S3,
-        GCS and Azure one bounded request, whatever the prefix holds (start-after on S3 and
-        GCS; Azure has none, so a name deep in a prefix pages there from its start)."""
+        GCS and Azure one bounded request from ``after`` on, whatever the prefix holds."""
         lister = _for_plugin(self.fs.fs, s3_after, gcs_after, azure_after)
         if lister is not None:
             path = self.fs._join(prefix)

@@ -568,7 +568,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
 
         Cost follows the events recorded, not what a partition holds: the hour partitions
         are listed only from the previous read's time minus ``place.settle`` on (one LIST
-        with start-after on S3 and GCS), and only files not seen before are read (a
+        from there on S3, GCS and Azure), and only files not seen before are read (a
         single-event file only if the type in its name matches)."""
         kinds = None if event_types is None else {EventType(k).value for k in event_types}
         await self.flush()  # this instance's own submitted events are visible to it

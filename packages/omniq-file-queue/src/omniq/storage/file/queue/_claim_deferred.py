@@ -1,12 +1,12 @@
-"""Claims on GCS and Azure: documents, with the ready copy's delete deferred off the task's
-path. (S3 defers it too, and batches it: ``_claim_s3``.)
+"""Claims on GCS: documents, with the ready copy's delete deferred off the task's path. (S3
+and Azure defer it further, to the next listing, and batch it there: ``_claim_batched``.)
 
-Correctness argument. The claim is the exclusive create of ``run/{id}.{n}.json`` (GCS:
-``ifGenerationMatch=0``; Azure: ``overwrite=False``), as in ``DocumentClaims``. What differs is
-the clean-up: the winner does not DELETE the ready copy (and due marker) before handing the
-task out; the keys wait in memory and are deleted at this consumer's next claim call, beside
-its claims, in one ``delete_many`` (Azure: one blob batch; GCS: gcsfs' batch on Google's
-endpoint, a DELETE each against an emulator), or at its next listing, ``size`` or ``close``.
+Correctness argument. The claim is the exclusive create of ``run/{id}.{n}.json``
+(``ifGenerationMatch=0``), as in ``DocumentClaims``. What differs is the clean-up: the winner
+does not DELETE the ready copy (and due marker) before handing the task out; the keys wait in
+memory and are deleted at this consumer's next claim call, beside its claims, in one
+``delete_many`` (gcsfs' batch on Google's endpoint, a DELETE each against an emulator), or at
+its next listing, ``size`` or ``close``.
 Until then the copy is still listed: a consumer that picks it loses the exclusive create to
 the claim and deletes the copy at once (``lost``), so it costs requests, never a second run.
 A consumer that dies with deletes pending leaves the copies to those claimers and to the
@@ -32,7 +32,7 @@ class DeferredClaims(DocumentClaims):
     """Claim documents whose spent copies are deleted later (see the module docstring)."""
 
     name = "deferred"
-    flush_early = True  # delete spent copies beside the next claims (S3: at the next listing)
+    flush_early = True  # delete spent copies beside the next claims (S3, Azure: next listing)
 
     def __init__(self, store: Store, batch: int | None = None) -> None:
         super().__init__(store, batch)

@@ -180,7 +180,7 @@ class DocumentClaims:
         return found
 
     def flush(self) -> Program[None]:
-        """Finish deferred clean-up (S3)."""
+        """Finish deferred clean-up (GCS, S3, Azure)."""
         yield from ()
 
     @property

@@ -1,7 +1,7 @@
 """How a file queue claims: the listing of candidates shared by one instance's callers,
 spreading consumers over the head of a queue, the claim attempts (concurrent on object stores,
 one program locally), and what comes back with its lease nearly spent. Mixed into
-``AsyncFileQueue``; the claim itself is a store's strategy (``_claim_link``, ``_claim_s3``,
+``AsyncFileQueue``; the claim itself is a store's strategy (``_claim_link``, ``_claim_batched``,
 ``_claim_document``: each carries its store's correctness argument).
 """
 

@@ -11,8 +11,8 @@ Where each status lives (see ``_layout``), in the order a page walks them:
 
 A page lists each area from the cursor on with ``listafter`` and reads only the entries it
 returns, so its cost follows the page (docs/queue.md, "Listing tasks", has the numbers per
-store). A ready or delayed copy whose attempt has a claim is stale (on S3 its delete is
-deferred, see ``_claim_s3``) and is not listed.
+store). A ready or delayed copy whose attempt has a claim is stale (on S3 and Azure its
+delete is deferred, see ``_claim_batched``) and is not listed.
 """
 
 from __future__ import annotations

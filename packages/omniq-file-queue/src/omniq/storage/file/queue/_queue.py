@@ -43,7 +43,7 @@ from ._bells import Bells
 from ._claim_deferred import DeferredClaims
 from ._claim_document import DocumentClaims
 from ._claim_link import LinkClaims
-from ._claim_s3 import S3Claims
+from ._claim_batched import BatchedClaims
 from ._claiming import ClaimHandling, ListingCache, hand_over_or_raise
 from ._dependencies import DependencyHandling, check_dependencies
 from ._inspect import QueueInspection
@@ -80,9 +80,9 @@ class _Idle:
 
 _STRATEGIES: dict[str, type[DocumentClaims]] = {
     "local": LinkClaims,
-    "s3": S3Claims,
+    "s3": BatchedClaims,
     "gcs": DeferredClaims,
-    "azure": DeferredClaims,
+    "azure": BatchedClaims,
 }
 
 

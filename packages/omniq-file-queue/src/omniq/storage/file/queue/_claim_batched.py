@@ -1,16 +1,18 @@
-"""Claims on S3: documents, with the ready copy's delete deferred (``_claim_deferred``) and
-batched.
+"""Claims on S3 and Azure: documents, with the ready copy's delete deferred
+(``_claim_deferred``) to the next listing and batched there (S3: one DeleteObjects for up to
+1,000 keys; Azure: one blob batch for up to 256).
 
-Correctness argument. The claim is the exclusive create of ``run/{id}.{n}.json`` by a PUT
-with ``If-None-Match: *`` (S3 refuses it with 412 when the key exists), as in
-``DocumentClaims``. What differs is the clean-up: the winner does not DELETE the ready copy
-at once; the keys wait in memory and go in one DeleteObjects at this worker's next listing
-(or at ``close``). Until then the copy is still listed: a listing drops this worker's own by
-key, and skips copies whose attempt has a claim (one LIST of ``run/`` with ``StartAfter``),
-deleting both in that one DeleteObjects. A copy that slips through (more claims than one
-LIST shows) costs one failed create, never a second run: its claim exists. If the worker
-dies with deletes pending, the copies stay until a listing or the reaper's clean-up removes
-them, which deletes every copy of an attempt before its claim.
+Correctness argument. The claim is the exclusive create of ``run/{id}.{n}.json`` (S3: a PUT
+with ``If-None-Match: *``, refused with 412 when the key exists; Azure: ``overwrite=False``,
+refused with 409), as in ``DocumentClaims``. What differs is the clean-up: the winner does not
+delete the ready copy at once; the keys wait in memory and go in one batch delete at this
+worker's next listing (or at ``close``). Until then the copy is still listed: a listing drops
+this worker's own by key, and skips copies whose attempt has a claim (one listing of
+``run/`` from the first candidate on: S3 ``StartAfter``, Azure ``startFrom``), deleting both
+in that one batch. A copy that slips through (more claims than one listing shows) costs one
+failed create, never a second run: its claim exists. If the worker dies with deletes pending,
+the copies stay until a listing or the reaper's clean-up removes them, which deletes every
+copy of an attempt before its claim.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from . import _layout as layout
 from ._claim_deferred import DeferredClaims, drop_spent
 
 
-class S3Claims(DeferredClaims):
-    name = "s3"
-    flush_early = False  # one DeleteObjects at the next listing: a request for up to 1,000
+class BatchedClaims(DeferredClaims):
+    """Claim documents whose spent copies go in one batch delete at the next listing."""
+
+    name = "batched"
+    flush_early = False  # at the next listing: a request for up to 1,000 keys (Azure 256)
 
     def lost(self, cand: layout.Candidate, run: str) -> Program[None]:
         """The copy a lost claim met goes into the batch too: listings skip such copies."""
@@ -42,9 +46,9 @@ class S3Claims(DeferredClaims):
     def filter(self, queue: str, found: list[layout.Candidate]) -> Program[list[layout.Candidate]]:
         """Drop (and delete) candidates whose attempt is already claimed or finished: copies
         this worker spent and has not deleted yet (known without a look), and copies left by
-        another claimer that deferred their deletion, or died before it (one LIST of
-        ``run/``). Both go in one DeleteObjects (a request per 1,000 keys; a flush before
-        the listing, then the filter's own, sent two)."""
+        another claimer that deferred their deletion, or died before it (one listing of
+        ``run/``). Both go in one batch delete (a flush before the listing, then the
+        filter's own, sent two)."""
         spent = self.take_spent()
         found = drop_spent(found, spent)
         stale: list[str] = []
