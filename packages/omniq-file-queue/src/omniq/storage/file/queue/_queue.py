@@ -40,10 +40,10 @@ from omniq.core.names import validate_name
 
 from . import _layout as layout
 from ._bells import Bells
+from ._claim_batched import BatchedClaims
 from ._claim_deferred import DeferredClaims
 from ._claim_document import DocumentClaims
 from ._claim_link import LinkClaims
-from ._claim_batched import BatchedClaims
 from ._claiming import ClaimHandling, ListingCache, hand_over_or_raise
 from ._dependencies import DependencyHandling, check_dependencies
 from ._inspect import QueueInspection
