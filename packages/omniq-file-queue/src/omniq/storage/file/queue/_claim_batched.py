@@ -17,7 +17,7 @@ copy of an attempt before its claim.
 
 from __future__ import annotations
 
-from omniq.core.fs import Program, delete_many, listafter
+from omniq.core.fs import Program, listafter
 
 from . import _layout as layout
 from ._claim_deferred import DeferredClaims, drop_spent
@@ -33,39 +33,31 @@ class BatchedClaims(DeferredClaims):
         """The copy a lost claim met goes into the batch too: listings skip such copies."""
         yield from self.spend(cand)
 
-    def flush(self) -> Program[None]:
-        spent = self.take_spent()
-        if not spent:
-            return
-        try:
-            yield delete_many(spent)
-        except BaseException:
-            self._spent = spent + self._spent
-            raise
-
     def filter(self, queue: str, found: list[layout.Candidate]) -> Program[list[layout.Candidate]]:
         """Drop (and delete) candidates whose attempt is already claimed or finished: copies
         this worker spent and has not deleted yet (known without a look), and copies left by
         another claimer that deferred their deletion, or died before it (one listing of
         ``run/``). Both go in one batch delete (a flush before the listing, then the
-        filter's own, sent two)."""
+        filter's own, sent two), best effort: a copy left (say, a blob under a lease on
+        Azure) is found by the next listing's look at ``run/`` while its claim exists, and
+        the clean-up of its attempt deletes it before the claim; a failed delete never fails
+        the listing."""
         spent = self.take_spent()
         found = drop_spent(found, spent)
         stale: list[str] = []
-        try:
-            if found:
-                first = min(c.task_id for c in found)
+        if found:
+            first = min(c.task_id for c in found)
+            try:
                 names = set((yield listafter(f"{queue}/run", first, 1000)))
-                keep = []
-                for c in found:
-                    if f"{c.task_id}.{c.attempt}.json" in names:
-                        stale += [c.key, c.marker] if c.marker else [c.key]
-                    else:
-                        keep.append(c)
-                found = keep
-            if spent or stale:
-                yield delete_many(spent + stale)
-        except BaseException:
-            self._spent = spent + self._spent  # kept for the next listing (or close)
-            raise
+            except BaseException:
+                self._spent = spent + self._spent  # kept for the next listing (or close)
+                raise
+            keep = []
+            for c in found:
+                if f"{c.task_id}.{c.attempt}.json" in names:
+                    stale += [c.key, c.marker] if c.marker else [c.key]
+                else:
+                    keep.append(c)
+            found = keep
+        yield from self.delete_spent(spent + stale)
         return found

@@ -148,7 +148,8 @@ class DocumentClaims:
         try:
             yield delete(keys[0]) if len(keys) == 1 else delete_many(keys)
         except Exception as exc:
-            log.warning("could not remove %s (removed later): %s", ", ".join(keys), exc)
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            log.warning("could not remove %s%s (removed later): %s", ", ".join(keys[:3]), more, exc)
 
     def take_spent(self) -> list[str]:
         """Spent copies whose delete was deferred, handed to the caller to delete beside its
