@@ -347,7 +347,7 @@ async def test_a_page_costs_the_same_whatever_the_depth_and_the_finished_tasks(
     q = make_queue(storage, clock=clock, tombstone_ttl=60, spread=1)
     async with q:
         await fill(q)
-        await q.store.run(q.claims.flush())  # S3: the claimed copies' deferred deletes
+        await q.store.run(q.claims.flush())  # S3, Azure: the claimed copies' deferred deletes
         spy = Spy(q, monkeypatch)
 
         async def cost(status: str | None) -> tuple[list[Any], int, list[str]]:
@@ -368,7 +368,7 @@ async def test_a_page_costs_the_same_whatever_the_depth_and_the_finished_tasks(
             claimed = await q.store.run(q._claim_program("default", candidate, 600, "w"))
             assert claimed is not None
             await q.ack(claimed)
-        await q.store.run(q.claims.flush())  # S3: the claimed copies' deferred deletes
+        await q.store.run(q.claims.flush())  # S3, Azure: the claimed copies' deferred deletes
         # ... and the queue deeper: 60 more pending, scheduled, waiting and dead tasks
         await q.enqueue_many([Task(func="m:f", id=f"q{n:02d}") for n in range(60)])
         later = utcnow() + timedelta(days=1)

@@ -250,9 +250,9 @@ async def test_dequeue_many_and_ack_many(storage) -> None:
             await q.dequeue_many(0)
 
 
-@pytest.mark.parametrize("storage", ["s3"], indirect=True)
-async def test_s3_defers_and_batches_the_ready_copy_deletes(storage) -> None:
-    """On S3 a claimer leaves the claimed task's ready copy for one batched DeleteObjects at
+@pytest.mark.parametrize("storage", ["s3", "azure"], indirect=True)
+async def test_s3_and_azure_defer_and_batch_the_ready_copy_deletes(storage) -> None:
+    """On S3 and Azure a claimer leaves the claimed task's ready copy for one batch delete at
     its next listing; other workers' listings skip (and delete) copies of claimed attempts,
     so they never try to claim them."""
     async with make_queue(storage) as q1, make_queue(storage) as q2:

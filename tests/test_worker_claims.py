@@ -71,8 +71,8 @@ async def test_a_batch_claim_on_an_object_store_overlaps_its_claims(storage):
         queue.store.run = runs
         got = await queue.dequeue_many(3)
         assert len(got) == 3 and {c.id for c in got} < ids
-        # Three claim programs in flight together; on GCS and Azure also the delete of the
-        # first claim's ready copy, deferred to these claims (``flush_early``).
+        # Three claim programs in flight together; on GCS also the delete of the first
+        # claim's ready copy, deferred to these claims (``flush_early``).
         assert runs.peak == 3 + (1 if queue.claims.flush_early else 0)
         for claimed in got:
             await queue.ack(claimed)

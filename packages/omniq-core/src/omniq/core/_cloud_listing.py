@@ -7,6 +7,7 @@ sub-directories' files in key order) in one flat listing."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
@@ -98,17 +99,26 @@ async def gcs_after(gcs: Any, path: str, after: str, limit: int) -> list[str]:
     return [n for n in names if n > after and "/" not in n][:limit]
 
 
+@functools.cache
+def azure_starts_from() -> bool:
+    """Whether the installed azure-storage-blob sends ``startFrom`` (12.28 and later; the
+    storage distributions' ``azure`` extras require it, adlfs alone does not)."""
+    from importlib.metadata import version
+
+    major, minor = (int(part) for part in version("azure-storage-blob").split(".")[:2])
+    return (major, minor) >= (12, 28)
+
+
 async def azure_after(azure: Any, path: str, after: str, limit: int) -> list[str]:
     """Up to ``limit`` blob names under ``path`` after ``after``: a listing page from
     ``after`` on (``startFrom``, inclusive: one more is asked for; service version
-    2026-02-06, azure-storage-blob 12.28), and more pages only if sub-directories took places.
-    Before ``startFrom`` a name deep in a prefix was paged to from the prefix's start."""
+    2026-02-06), and more pages only if sub-directories took places. With an SDK older than
+    12.28, pages from the prefix's start until ``limit`` names after ``after``."""
     client, prefix = _azure_container(azure, path)
     out: list[str] = []
+    start = {"start_from": f"{prefix}{after}"} if after and azure_starts_from() else {}
     pages = client.walk_blobs(
-        name_starts_with=prefix,
-        start_from=f"{prefix}{after}" if after else None,
-        results_per_page=limit + (1 if after else 0),
+        name_starts_with=prefix, results_per_page=limit + len(start), **start
     ).by_page()
     async for page in pages:
         async for blob in page:

@@ -422,7 +422,7 @@ class ClaimHandling(Reaping):
 
     def _scan_program(self, queue: str) -> Program[list[layout.Candidate]]:
         # Copies spent here whose delete was deferred are listed again; the claims' filter
-        # drops them and deletes them with its own (S3: in one request). The listing asks
+        # drops them and deletes them with its own (S3, Azure: in one request). The listing asks
         # for that many more names; when they would be most of it, they go first.
         spent = self.claims.pending
         if spent > self.batch // 2:

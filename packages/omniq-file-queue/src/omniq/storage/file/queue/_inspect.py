@@ -263,7 +263,7 @@ class QueueInspection:
         """Counts of ready, scheduled, running and dead tasks (lists the queue). A copy left
         by a claimer that died before removing it does not count: its attempt has a claim."""
         names = self.shards.queues(queue)
-        if self.claims.pending:  # this instance's spent copies go first (one request on S3)
+        if self.claims.pending:  # this instance's spent copies go first (a batch: S3, Azure)
             await self.store.run(self.claims.flush())
         sizes = [await self.store.run(self._size_program(name), heavy=True) for name in names]
         return QueueSize(
