@@ -6,14 +6,13 @@ Correctness argument. The claim is the exclusive create of ``run/{id}.{n}.json``
 does not DELETE the ready copy (and due marker) before handing the task out; the keys wait in
 memory and are deleted at this consumer's next claim call, beside its claims, in one
 ``delete_many`` (gcsfs' batch on Google's endpoint, a DELETE each against an emulator), or at
-its next listing, ``size`` or ``close``.
-Until then the copy is still listed: a consumer that picks it loses the exclusive create to
-the claim and deletes the copy at once (``lost``), so it costs requests, never a second run.
-A consumer that dies with deletes pending leaves the copies to those claimers and to the
-reaper's clean-up, which deletes every copy of an attempt before its claim. What it buys: a
-task's life has one request fewer in a row (read, create; then the result and the outcome),
-so under request latency a worker reaches more of ``concurrency / (requests per task x
-latency)``.
+its next listing, ``size`` or ``close``. Until then the copy is still listed: a consumer that
+picks it loses the exclusive create to the claim and deletes the copy at once (``lost``), so
+it costs requests, never a second run. A consumer that dies with deletes pending leaves the
+copies to those claimers and to the reaper's clean-up, which deletes every copy of an attempt
+before its claim. What it buys: a task's life has one request fewer in a row (read, create;
+then the result and the outcome), so under request latency a worker reaches more of
+``concurrency / (requests per task x latency)``.
 """
 
 from __future__ import annotations
