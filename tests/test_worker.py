@@ -6,6 +6,7 @@ Task functions live in ``worker_tasks`` (the worker imports ``"worker_tasks:name
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -691,3 +692,35 @@ async def test_sweep_removes_only_stale_temporary_files(tmp_path: Path, caplog) 
         assert (await backend.result(task_id)).value == 3
         notes = [r.getMessage() for r in caplog.records if "temporary file" in r.getMessage()]
         assert sorted(int(n.split()[1]) for n in notes) == [1, 1, 1], notes
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("schedules", [True, False])
+async def test_a_worker_makes_its_store_clients_before_it_claims(remote_storage, schedules):
+    """Making an object-store client costs the event loop up to seconds of CPU on a loaded
+    machine (botocore loads its models): made at a fresh worker's first result write, it held
+    the heartbeats back until the lease was taken over (tests/faults' S3 chaos, once in two
+    runs). Every store the worker writes to has its client before the first claim."""
+    async with make(remote_storage, events=True) as backend:
+        await backend.enqueue("worker_tasks:add", [1, 2])
+        stores = {
+            "queue": backend.queue.store,
+            "results": backend.results.store,
+            "events": backend.events.store,
+        }
+        if schedules:
+            stores["schedules"] = backend.schedules.store.store
+        unopened: list[list[str]] = []
+        real = backend.queue.dequeue_many
+
+        async def dequeue_many(*args, **kwargs):
+            loop = asyncio.get_running_loop()
+            unopened.append([name for name, s in stores.items() if loop not in s._async_ops])
+            return await real(*args, **kwargs)
+
+        backend.queue.dequeue_many = dequeue_many  # type: ignore[method-assign]
+        stats = await backend.worker(schedules=schedules, **BURST).run()
+    assert stats["succeeded"] == 1
+    assert unopened and unopened[0] == [], f"no client yet at the first claim: {unopened[0]}"
+    if not schedules:  # a worker that fires no schedules leaves their store alone
+        assert not backend.schedules.store.store._async_ops

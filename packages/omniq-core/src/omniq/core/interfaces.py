@@ -316,7 +316,8 @@ class WorkerBackend(Protocol):
     * ``config.event_retention``: see :class:`WorkerSettings`.
 
     Optional, looked up with ``getattr``: ``schedules``, the file backend's schedule store;
-    without it a worker fires no schedules.
+    without it a worker fires no schedules. ``open(schedules=...)``: awaited before the
+    worker's first claim (the file backend makes its object-store clients there).
     """
 
     @property

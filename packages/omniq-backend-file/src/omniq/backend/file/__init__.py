@@ -152,6 +152,7 @@ class FileBackend(SyncWrapper[AsyncFileBackend]):
         """The blocking schedules: ``list``, ``get``, ``pause``, ``resume``, ``delete``."""
         return Schedules.wrap(self._async.schedules)
 
+    open = blocking(AsyncFileBackend.open)
     emit = blocking(AsyncFileBackend.emit)
     enqueue = blocking(AsyncFileBackend.enqueue)
     enqueue_task = blocking(AsyncFileBackend.enqueue_task)

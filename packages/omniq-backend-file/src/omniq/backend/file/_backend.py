@@ -151,6 +151,19 @@ class AsyncFileBackend(AsyncResource):
         if error is not None:
             raise error
 
+    async def open(self, schedules: bool = False) -> None:
+        """Make the object-store clients of the queue, results and events (and, with
+        ``schedules``, of the schedules) on this event loop now (``Store.open``). A worker
+        calls it before its first claim: made at its first result or event write, a client
+        would stall the loop, and the heartbeats of the leases it holds, for up to seconds."""
+        await self.queue.store.open()
+        if self.results is not None:
+            await self.results.store.open()
+        if self.events is not None:
+            await self.events.store.open()
+        if schedules and self.schedules.available:
+            await self.schedules.store.store.open()
+
     async def emit(self, event: TaskEvent) -> None:
         """Record an event if event storage is on (never raises for storage trouble): by
         default before returning, so that a worker killed right after still leaves it; with

@@ -250,6 +250,9 @@ class AsyncWorker:
             ",".join(self.queues),
             self.concurrency,
         )
+        opener = getattr(self.backend, "open", None)
+        if opener is not None:  # before any lease is held (AsyncFileBackend.open says why)
+            await opener(schedules=self.schedules)
         slots = anyio.Semaphore(self.concurrency)
         self._live_hooks = self.hooks.live()
         self._process_limiter = anyio.CapacityLimiter(self.processes or 1)
