@@ -45,7 +45,15 @@ from ._ops_protocol import Ops as Ops
 from ._ops_protocol import Stat as Stat
 from ._ops_protocol import TakeResult as TakeResult
 from ._ops_protocol import TakeStatus as TakeStatus
-from ._plugins import KIND, check_options, fs_class, sdk_defaults, single_try
+from ._plugins import (
+    KIND,
+    check_options,
+    fs_class,
+    keep_s3_session,
+    s3_session,
+    sdk_defaults,
+    single_try,
+)
 from .errors import (
     CapabilityError,
     ConfigurationError,
@@ -290,6 +298,8 @@ class Store:
         extra: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
         if asynchronous:
             extra["asynchronous"] = True
+            if self.kind == "s3":
+                options.update(s3_session(self._options))
         try:
             fs = cls(**{**extra, **options})
         except TypeError:  # filesystems that do not take listing-cache arguments
@@ -361,6 +371,8 @@ class Store:
             setter = getattr(dirfs.fs, "set_session", None)
             if setter is not None and asyncio.iscoroutinefunction(setter):
                 await setter()
+            if self.kind == "s3":
+                keep_s3_session(self._options, dirfs.fs)
             # The plugins' own finalizers close their sessions at exit through this loop;
             # once it is closed, adlfs' raise "Loop is not running" (a traceback at every
             # exit of a program that did not close its storage). ``aclose`` closes them.
