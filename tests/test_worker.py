@@ -724,3 +724,27 @@ async def test_a_worker_makes_its_store_clients_before_it_claims(remote_storage,
     assert unopened and unopened[0] == [], f"no client yet at the first claim: {unopened[0]}"
     if not schedules:  # a worker that fires no schedules leaves their store alone
         assert not backend.schedules.store.store._async_ops
+
+
+@pytest.mark.anyio
+@MEMORY
+@pytest.mark.parametrize(
+    ("func", "lease", "warned"),
+    [("worker_tasks:block_the_loop", 0.9, True), ("worker_tasks:async_sleep", 30.0, False)],
+)
+async def test_heartbeats_held_back_by_a_blocked_loop_are_reported(
+    storage, caplog, func, lease, warned
+):
+    """An async task that blocks the event loop holds the heartbeats back: over a third of
+    a lease late, the worker warns (another worker takes the task over once a beat is a
+    lease late). One that awaits does not."""
+    async with make(storage, lease=lease) as backend:
+        task_id = await backend.enqueue(func, [0.7])
+        with caplog.at_level(logging.WARNING, "omniq.worker"):
+            stats = await backend.worker(**BURST).run()
+        assert stats["succeeded"] == 1, stats
+        assert (await backend.result(task_id)).status is ResultStatus.SUCCESS
+    late = [r.getMessage() for r in caplog.records if "heartbeats ran" in r.getMessage()]
+    assert bool(late) is warned, late
+    if warned:
+        assert "event loop was blocked" in late[0] and "lease (0.9 s)" in late[0], late

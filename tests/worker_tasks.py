@@ -83,6 +83,12 @@ def sync_sleep(seconds: float) -> str:
     return "slept"
 
 
+async def block_the_loop(seconds: float) -> str:
+    """An async function that blocks its event loop (a mistake the worker reports)."""
+    time.sleep(seconds)
+    return "blocked"
+
+
 async def record_async(key: str, seconds: float) -> float:
     start = time.monotonic()
     await anyio.sleep(seconds)

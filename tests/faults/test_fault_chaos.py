@@ -168,9 +168,12 @@ def _chaos(
             alive = [pid for pid in ordered if pid not in killed_set]
             if len(alive) > 1:
                 survivors_ran_twice[tag] = ordered
-        assert not unexplained, f"re-runs without a killed worker: {list(unexplained.items())[:5]}"
+        assert not unexplained, (
+            f"re-runs without a killed worker: {list(unexplained.items())[:5]}{_warnings(logs)}"
+        )
         assert not survivors_ran_twice, (
             f"tasks run twice by workers never killed: {list(survivors_ran_twice.items())[:5]}"
+            f"{_warnings(logs)}"
         )
         # A task whose claim was taken over was held by a killed worker: the reaper says whose.
         expired = []
@@ -191,6 +194,18 @@ def _chaos(
         for log in logs.glob("*.log"):
             text = log.read_text(errors="replace")
             assert "Traceback" not in text, f"{log.name}:\n{text[-3000:]}"
+
+
+def _warnings(logs: Path) -> str:
+    """The workers' warnings, for a failure message: a live worker that lost a lease says
+    why (its event loop blocked, its lease taken over)."""
+    lines = [
+        f"{log.name}: {line}"
+        for log in sorted(logs.glob("*.log"))
+        for line in log.read_text(errors="replace").splitlines()
+        if " WARNING " in line
+    ]
+    return "\nworker warnings:\n" + "\n".join(lines[-30:]) if lines else ""
 
 
 def _where(backend: FileBackend, ids: list[str]) -> str:

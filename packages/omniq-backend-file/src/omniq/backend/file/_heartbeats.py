@@ -51,6 +51,7 @@ class Heartbeats:
         self._wake = anyio.Event()
         self._token: Any = None
         self._thread = 0
+        self._warned = -math.inf
 
     def hold(self, state: dict[str, Any], ctx: TaskContext) -> Held:
         # A claim whose requests were slow comes with less than its lease left: its first
@@ -111,6 +112,23 @@ class Heartbeats:
                         until = min(until, due)
                 with anyio.move_on_after(until - now):
                     await self._wake.wait()
+                self._check_late(time.monotonic() - until)
+
+    def _check_late(self, late: float) -> None:
+        """Warn (at most once a lease) when the loop woke over a third of a lease late: the
+        event loop was blocked, and tasks held through a stall of about a lease are taken
+        over by other workers."""
+        lease = self.worker.lease
+        if late <= lease / 3 or time.monotonic() - self._warned < lease:
+            return
+        self._warned = time.monotonic()
+        log.warning(
+            "the worker's event loop was blocked: heartbeats ran %.1f s late (a sync hook,"
+            " CPU-bound code in an async task, an overloaded machine); tasks held through a"
+            " stall of the lease (%g s) plus the clock skew are taken over by other workers",
+            late,
+            lease,
+        )
 
     async def _write(self, held: Held) -> None:
         """Extend the lease, with the context's values if any; a write is a heartbeat: a
