@@ -357,9 +357,10 @@ class Store:
 
     async def open(self) -> None:
         """Make this event loop's object-store client now, not at the first request (no
-        request is sent; nothing to do locally, in memory or off asyncio). Making one costs
-        the loop 0.1-0.5 s of CPU (botocore loads its JSON models), seconds on a loaded
-        machine: a worker opens its stores before it holds a lease that must be renewed."""
+        request is sent; nothing to do locally, in memory or off asyncio). An S3 client costs
+        the loop ~60 ms of CPU (botocore parses its JSON models, once a loop and set of
+        options), seconds on a loaded machine: a worker opens its stores before it holds a
+        lease that must be renewed."""
         if self.is_remote and self._native_async and sniffio.current_async_library() == "asyncio":
             await self._ops_for_loop()
 
