@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import queue
 import threading
+import time
 from typing import Any
 
 import anyio
@@ -128,3 +129,46 @@ async def test_a_task_raising_stopiteration_fails_instead_of_hanging() -> None:
         result = await backend.result(task_id)
         assert result is not None and result.status is ResultStatus.FAILURE
         assert result.error is not None and "StopIteration" in result.error.message
+
+
+async def test_outcomes_that_end_together_wake_the_loop_once(monkeypatch) -> None:
+    """Each outcome handed to the loop on its own was a self-pipe write and a loop wake-up
+    (a worker's no-op tasks end a few at a time). Eight that end while the loop is busy are
+    handed over together; their values and errors each reach their own caller."""
+    threads = TaskThreads()
+    hand_overs = []
+    real = TaskThreads._hand_over
+
+    def counted(self: TaskThreads) -> None:
+        hand_overs.append(len(self._done))
+        real(self)
+
+    monkeypatch.setattr(TaskThreads, "_hand_over", counted)
+
+    go = threading.Event()
+
+    def job(n: int) -> int:
+        assert go.wait(10)
+        if n == 3:
+            raise ValueError(n)
+        return n * 10
+
+    async def call(n: int, out: dict[int, Any]) -> None:
+        try:
+            out[n] = await threads.run(lambda: job(n))
+        except ValueError as exc:
+            out[n] = exc
+
+    out: dict[int, Any] = {}
+    async with anyio.create_task_group() as tg:
+        for n in range(8):
+            tg.start_soon(call, n, out)
+        await anyio.sleep(0.01)  # every call queued its job, which waits for ``go``
+        go.set()
+        deadline = time.monotonic() + 10
+        while len(threads._done) < 8:  # the loop kept busy while all eight outcomes land
+            assert time.monotonic() < deadline, threads._done
+            time.sleep(0.001)
+    assert hand_overs == [8]
+    assert {n: v for n, v in out.items() if n != 3} == {n: n * 10 for n in range(8) if n != 3}
+    assert isinstance(out[3], ValueError)

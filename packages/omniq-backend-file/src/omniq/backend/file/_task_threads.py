@@ -60,6 +60,10 @@ class TaskThreads:
         # a thread), so there are always as many uncounted waiters as jobs in the queue.
         self._idle = 0
         self.started = 0
+        # Outcomes not handed to the loop yet, and whether a hand-over is already on its way:
+        # outcomes that end together wake the loop once (one self-pipe write, one callback).
+        self._done: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        self._waking = False
 
     async def run(self, func: Callable[[], T]) -> T:
         """``func()`` in a thread; its value, or its exception raised here. Not started if
@@ -78,6 +82,12 @@ class TaskThreads:
             self.started += 1
         self._jobs.put((loop, future, context, func))
         return await future
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            done, self._done, self._waking = self._done, [], False
+        for future, ok, outcome in done:
+            _settle(future, ok, outcome)
 
     def _serve(self) -> None:
         if _anyio_threadlocals is not None:
@@ -104,8 +114,12 @@ class TaskThreads:
                     outcome = exc
             with self._lock:  # idle before the caller hears back: its next call reuses it
                 self._idle += 1
-            try:
-                loop.call_soon_threadsafe(_settle, future, ok, outcome)
-            except RuntimeError:  # the loop is closed: the call was abandoned with it
-                pass
+                self._done.append((future, ok, outcome))
+                wake, self._waking = not self._waking, True
+            if wake:
+                try:
+                    loop.call_soon_threadsafe(self._hand_over)
+                except RuntimeError:  # the loop is closed: the calls were abandoned with it
+                    with self._lock:
+                        self._done, self._waking = [], False
             del loop, future, context, func, outcome  # no reference kept while idle
