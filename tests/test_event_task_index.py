@@ -165,6 +165,41 @@ async def test_a_batch_links_once_per_32_ms_span_of_tasks(storage, anyio_backend
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("storage", ["local"], indirect=True)
+async def test_a_dense_slice_of_a_batch_is_indexed_in_its_4_ms_group(
+    storage, anyio_backend, monkeypatch
+):
+    """Ids made in bulk put dozens of batches in one span; a batch's slice of ``DENSE`` or
+    more tasks all made in one 4 ms is indexed in that group (still one link), so a query by
+    task lists a few entries. Fewer tasks, or tasks of two groups, keep the span's entry."""
+    dense = [ulid(MS + n % 4, n) for n in range(layout.DENSE)]  # one 4 ms
+    straddling = [ulid(MS + 8 + n % 8, n) for n in range(layout.DENSE)]  # two 4 ms groups
+    sparse = [ulid(MS + 16, n) for n in range(layout.DENSE - 1)]  # one 4 ms, too few
+    batches = [events_of(dense), events_of(straddling), events_of(sparse)]
+    async with make(storage) as s:
+        for events in batches:
+            await s.log_many(events)
+        root = path(storage, "events/by-task-time")
+        span = layout.batch_group(dense[0])
+        assert {layout.batch_group(t) for t in straddling + sparse} == {span}
+        assert sorted(os.listdir(root)) == [span, layout.task_group(dense[0])]
+        (entry,) = os.listdir(f"{root}/{layout.task_group(dense[0])}")
+        assert layout.split_range_name(entry)[:2] == (min(dense), max(dense))  # type: ignore[index]
+        in_span = sorted(layout.split_range_name(n)[:2] for n in os.listdir(f"{root}/{span}"))  # type: ignore[index]
+        assert in_span == sorted([(min(straddling), max(straddling)), (min(sparse), max(sparse))])
+        for events in batches:
+            for task in dict.fromkeys(e.task_id for e in events):
+                got = await s.query(task_id=task)
+                assert [e.id for e in got] == [e.id for e in events if e.task_id == task]
+        spy = OpSpy(s, monkeypatch)
+        await s.query(task_id=dense[3])
+        assert len(spy.read()) == 1  # the dense batch only: the span's two hold other ids
+        assert await s.cleanup(T0 + timedelta(days=1)) == sum(map(len, batches))
+        assert find(storage, "events") == []
+    assert os.listdir(f"{path(storage, 'events')}/by-task-time") == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("storage", ["local"], indirect=True)
 @pytest.mark.parametrize("local_io", [None, "thread"])
 async def test_small_batches_are_written_on_the_loop_and_big_ones_in_a_thread(
     storage, anyio_backend, local_io, monkeypatch

@@ -32,6 +32,10 @@ backend and the worker use ``log``) share files instead::
         lines: tasks made one after another and run in about that order have their events
         in the same few batches, so the ranges of a span's batches overlap little (run out
         of order, more batches are read: a range covers up to 32 ms of ids).
+    events/by-task-time/{group}/{first_id}~{last_id}~{min_ms:013d}~{max_ms:013d}~{batch_id}.jsonl
+        the same entry in the 4 ms group instead, when the batch's tasks of the span are
+        ``DENSE`` and all of one 4 ms (ids made in bulk: a span then holds dozens of batches,
+        a group a few); a query by task lists the group anyway, for single events.
 
 ``~`` separates the fields because no task id, event id or event type can contain it
 (``validate_name`` allows only ``[A-Za-z0-9_.-]``). A file name alone therefore tells the
@@ -130,8 +134,8 @@ def batch_group(task_id: str) -> str | None:
 def task_dirs(task_id: str, grouped: bool) -> list[tuple[str, str]]:
     """Where ``task_id``'s index entries are, as (directory, name lead) pairs, the one a
     single event's entry goes to first. ``grouped`` (a local directory): a ULID id's single
-    entries go to its ``by-task-time`` 4 ms group and its batch entries to its 32 ms span;
-    its own directory is still read, and cleaned, for the entries written there before."""
+    entries go to its ``by-task-time`` 4 ms group and its batch entries to its 32 ms span
+    (or the group: ``batch_index_keys``); its own directory is still read, and cleaned, for the entries written there before."""
     own = (f"{BY_TASK}/{task_id}", "")
     group = task_group(task_id) if grouped else None
     if group is None:
@@ -210,24 +214,31 @@ def batch_time_key(b: Batch) -> str:
     return f"{BY_TIME}/{day_of(b.min_ms)}/{hour_of(b.min_ms)}/{b.name}"
 
 
+# A batch's slice of a span with this many tasks, all made in one 4 ms: a producer made ids
+# faster than one every 0.5 ms there, so the span holds many batches; the entry goes to the
+# 4 ms group instead (still one link), and a query by task lists that fewer of them.
+DENSE = 8
+
+
 def batch_index_keys(task_ids: Iterable[str], b: Batch, grouped: bool = False) -> list[str]:
     """The index entries of batch ``b`` holding events of ``task_ids``: one per task, but
     with ``grouped`` (a local directory) one per 32 ms span of ULID task ids, named by the
-    range of the span's ids in the batch. The same ids give the same keys (``cleanup`` finds
-    them from the batch's contents)."""
+    range of the span's ids in the batch, in the span's directory or, for a dense slice
+    (``DENSE``), in its 4 ms group's. The same ids give the same keys (``cleanup`` finds them
+    from the batch's contents)."""
     keys: list[str] = []
-    ranges: dict[str, tuple[str, str]] = {}
+    spans: dict[str, list[str]] = {}
     for task_id in dict.fromkeys(task_ids):
-        group = batch_group(task_id) if grouped else None
-        if group is None:
+        span = batch_group(task_id) if grouped else None
+        if span is None:
             keys.append(f"{BY_TASK}/{task_id}/{b.name}")
-        elif group in ranges:
-            first, last = ranges[group]
-            ranges[group] = min(first, task_id), max(last, task_id)
         else:
-            ranges[group] = task_id, task_id
-    for group, (first, last) in ranges.items():
-        keys.append(f"{BY_TASK_TIME}/{group}/{first}{SEP}{last}{SEP}{b.name}")
+            spans.setdefault(span, []).append(task_id)
+    for span, ids in spans.items():
+        first, last = min(ids), max(ids)
+        group = task_group(first)
+        where = group if len(ids) >= DENSE and group == task_group(last) else span
+        keys.append(f"{BY_TASK_TIME}/{where}/{first}{SEP}{last}{SEP}{b.name}")
     return keys
 
 
