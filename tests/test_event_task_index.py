@@ -179,13 +179,19 @@ async def test_a_dense_slice_of_a_batch_is_indexed_in_its_4_ms_group(
         for events in batches:
             await s.log_many(events)
         root = path(storage, "events/by-task-time")
-        span = layout.batch_group(dense[0])
+        span, group = layout.batch_group(dense[0]), layout.task_group(dense[0])
+        assert span is not None and group is not None
         assert {layout.batch_group(t) for t in straddling + sparse} == {span}
-        assert sorted(os.listdir(root)) == [span, layout.task_group(dense[0])]
-        (entry,) = os.listdir(f"{root}/{layout.task_group(dense[0])}")
-        assert layout.split_range_name(entry)[:2] == (min(dense), max(dense))  # type: ignore[index]
-        in_span = sorted(layout.split_range_name(n)[:2] for n in os.listdir(f"{root}/{span}"))  # type: ignore[index]
-        assert in_span == sorted([(min(straddling), max(straddling)), (min(sparse), max(sparse))])
+        assert sorted(os.listdir(root)) == [span, group]
+
+        def ranges(directory: str) -> list[tuple[str, str]]:
+            names = os.listdir(f"{root}/{directory}")
+            return sorted(layout.split_range_name(n)[:2] for n in names)  # type: ignore[index]
+
+        assert ranges(group) == [(min(dense), max(dense))]
+        assert ranges(span) == sorted(
+            [(min(straddling), max(straddling)), (min(sparse), max(sparse))]
+        )
         for events in batches:
             for task in dict.fromkeys(e.task_id for e in events):
                 got = await s.query(task_id=task)

@@ -135,7 +135,8 @@ def task_dirs(task_id: str, grouped: bool) -> list[tuple[str, str]]:
     """Where ``task_id``'s index entries are, as (directory, name lead) pairs, the one a
     single event's entry goes to first. ``grouped`` (a local directory): a ULID id's single
     entries go to its ``by-task-time`` 4 ms group and its batch entries to its 32 ms span
-    (or the group: ``batch_index_keys``); its own directory is still read, and cleaned, for the entries written there before."""
+    (or the group: ``batch_index_keys``); its own directory is still read, and cleaned, for
+    the entries written there before."""
     own = (f"{BY_TASK}/{task_id}", "")
     group = task_group(task_id) if grouped else None
     if group is None:
@@ -216,7 +217,7 @@ def batch_time_key(b: Batch) -> str:
 
 # A batch's slice of a span with this many tasks, all made in one 4 ms: a producer made ids
 # faster than one every 0.5 ms there, so the span holds many batches; the entry goes to the
-# 4 ms group instead (still one link), and a query by task lists that fewer of them.
+# 4 ms group instead (still one link), where a query by task lists a few entries, not dozens.
 DENSE = 8
 
 
