@@ -159,6 +159,64 @@ async def test_another_lanes_overdue_tasks_go_beside_ones_own(storage: Any) -> N
         await b.close()
 
 
+async def test_a_listing_in_hand_is_ordered_again_when_the_lanes_change(storage: Any) -> None:
+    """A consumer's listing is ordered for the lanes it saw; when a look finds another list
+    of consumers (one joined), its next claims come from its new lane, not from the old
+    order (whose first candidates are now others', and their owners miss them)."""
+    clock = FakeClock()
+    a, b = await lanes_of_two(storage, clock)
+    c = make_queue(storage, lanes=True, clock=clock)
+    try:
+        await make_busy(c, "c")  # (no look yet: that comes with its next claim call)
+        batch = tasks(120, clock())
+        await a.enqueue_many(batch)
+        first = await a.dequeue_many(1, QUEUE)  # lists (ordered for two lanes) and claims
+        assert [lane_of(t.id, 2) for t in first] == [own_lane(a)]
+        (joined,) = await c.dequeue_many(1, QUEUE)  # c's first look: its entry is written
+        clock.advance(5)  # a's look is due; its listing (one claim made) is not stale yet
+        scans = count_scans(a)
+        got = await a.dequeue_many(6, QUEUE)
+        assert scans == []  # the same listing
+        assert a.lanes is not None and a.lanes.lane(QUEUE) is not None
+        assert a.lanes.lane(QUEUE)[1] == 3
+        assert [lane_of(t.id, 3) for t in got] == [own_lane(a)] * 6
+        for claimed in [*first, *got]:
+            await a.ack(claimed)
+        await c.ack(joined)
+    finally:
+        for q in (a, b, c):
+            await q.close()
+
+
+async def test_a_look_that_changes_the_lane_brings_the_next_one_a_ripe_later(
+    storage: Any,
+) -> None:
+    """Consumers learn of a newcomer at their own next look, up to ``period`` apart once
+    their pace has grown, and until all have looked two may own one lane (16 workers on a
+    deep S3 queue saw 5, 11, 15, then 16 lanes). A consumer whose lane changed looks again
+    ``ripe`` later, then backs off again while its view holds."""
+    clock = FakeClock()
+    a, b = await lanes_of_two(storage, clock)
+    c = make_queue(storage, lanes=True, clock=clock)
+    try:
+        assert a.lanes is not None
+        ripe = a.lanes.ripe
+        a.lanes._looks[QUEUE] = 8  # long busy: its looks are ``period`` apart
+        await make_busy(c, "c")
+        assert await c.dequeue(QUEUE) is None  # c's first look writes its entry
+        a.lanes._looked[QUEUE] = clock() - a.lanes.period  # a's next look is due
+        await a.store.run(a.lanes.look(QUEUE, clock()))
+        lane = a.lanes.lane(QUEUE)
+        assert lane is not None and lane[1] == 3
+        assert a.lanes.due(QUEUE, clock() + ripe)
+        await a.store.run(a.lanes.look(QUEUE, clock() + ripe))  # the same view
+        assert not a.lanes.due(QUEUE, clock() + 2 * ripe)  # 2 x ripe after it, not 1
+        assert a.lanes.due(QUEUE, clock() + 3 * ripe)
+    finally:
+        for q in (a, b, c):
+            await q.close()
+
+
 async def test_an_idle_consumer_withdraws_and_so_does_a_closed_one(storage: Any) -> None:
     clock = FakeClock()
     a = make_queue(storage, lanes=True, clock=clock)

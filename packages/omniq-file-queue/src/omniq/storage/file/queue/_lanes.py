@@ -10,10 +10,11 @@ A consumer that claimed from a queue in the last ``period`` is *busy* there and 
 empty object ``{queue}/lanes/{time}.{consumer}``, written again under a new time every
 ``period`` (the old one deleted), and withdrawn at its first claim call after ``period``
 without a claim there, or when it closes. It lists ``lanes/`` ``ripe`` x 1, 2, 4, ... seconds
-apart up to ``period``, and ``ripe`` seconds after it found a task of its own lane not yet
-overdue taken by another consumer (one that may see another list). The busy consumers get the
-same sorted list of names; consumer ``i`` of ``k`` owns the tasks whose id hashes to ``i``
-modulo ``k``.
+apart up to ``period`` (from ``ripe`` again after a look that changed its lane), and ``ripe``
+seconds after it found a task of its own lane not yet overdue taken by another consumer (one
+that may see another list); a listing in hand is put in the new lane's order at once
+(``_claim_from``). The busy consumers get the same sorted list of names; consumer ``i`` of
+``k`` owns the tasks whose id hashes to ``i`` modulo ``k``.
 
 What a consumer claims from a listing's top priority (``pick``; the queue's ``_spread``): its
 own lane's tasks, then the others' ``OVERDUE`` x ``ripe`` seconds old (their owner is slow or
@@ -105,9 +106,10 @@ class Lanes:
 
     def due(self, queue: str, current: float) -> bool:
         """Whether to look at ``queue``'s lanes now: a busy consumer at once when it has no
-        entry, then ``ripe`` x 1, 2, 4, ... seconds apart up to ``period``, and ``ripe`` seconds
-        after a look when a task of its lane was found taken since (consumers started
-        together see each other within a second or two); an idle one to withdraw its entry."""
+        entry, then ``ripe`` x 1, 2, 4, ... seconds apart up to ``period`` (again from 1 after
+        a look that changed its lane), and ``ripe`` seconds after a look when a task of its
+        lane was found taken since (consumers started together see each other within a
+        second or two); an idle one to withdraw its entry."""
         if not self.busy(queue, current):
             return queue in self._entry
         since = current - self._looked.get(queue, float("-inf"))
@@ -149,11 +151,15 @@ class Lanes:
             if parsed is not None and parsed[0] <= current + self.clock_skew:
                 live.add(parsed[1])  # (one further ahead than the tolerated skew: not counted)
         ids = sorted(live)
-        if len(ids) > 1:
-            self._lane[queue] = (ids.index(self.id), len(ids))
+        lane = (ids.index(self.id), len(ids)) if len(ids) > 1 else None
+        changed = lane != self._lane.get(queue)
+        if lane is not None:
+            self._lane[queue] = lane
         else:
             self._lane.pop(queue, None)
-        self._looks[queue] = self._looks.get(queue, 0) + 1
+        # A changed lane starts the pace again: the others may not have looked yet (consumers
+        # started together saw 5, 11, 15, then 16 lanes, each view held up to ``period``).
+        self._looks[queue] = 1 if changed else self._looks.get(queue, 0) + 1
         if wrote:  # once a period: a few of the dead's entries removed (anyone may)
             forgotten = current - FORGOTTEN * self.period - self.clock_skew
             gone = []
