@@ -39,7 +39,7 @@ REAP_AT_ONCE = 16  # reaper passes of a sharded queue's group run at once on an 
 class ListingCache:
     """Claim candidates from the last listing of one queue, shared by this instance's callers."""
 
-    __slots__ = ("at", "items", "misses", "patient", "taken", "tolerated")
+    __slots__ = ("at", "items", "missed", "misses", "patient", "taken", "tolerated")
 
     def __init__(
         self,
@@ -53,18 +53,21 @@ class ListingCache:
         self.patient = patient  # ordered for a waiting call (see _spread)
         self.taken = 0  # claims made from it
         self.misses = 0  # candidates in a row found claimed by others
+        self.missed = False  # a candidate found claimed by another since the listing
         self.tolerated = tolerated  # misses in a row before listing again
 
     def stale(self, current: float, interval: float) -> bool:
         """Whether to list again: the candidates are used up, or ``tolerated`` in a row were
         taken by others, or the listing is ``interval`` old and 32 claims were made from it
-        (a busy consumer sees new higher priorities within ``interval``) or ten times as old
-        (a slow one lists at most every ``10 x interval``: with many consumers a claim
-        would otherwise pay for a listing of its own; see docs/design.md)."""
+        (a busy consumer sees new higher priorities within ``interval``), or one of its
+        candidates was found taken (others claim from the same part of it: the next listing's
+        look at claims drops theirs), or it is ten times as old (a slow one lists at most
+        every ``10 x interval``: with many consumers a claim would otherwise pay for a
+        listing of its own; see docs/design.md)."""
         age = current - self.at
         if not self.items or self.misses >= self.tolerated:
             return True
-        return age > interval and (self.taken >= 32 or age > 10 * interval)
+        return age > interval and (self.taken >= 32 or self.missed or age > 10 * interval)
 
 
 class ClaimHandling(Reaping):
@@ -229,6 +232,8 @@ class ClaimHandling(Reaping):
             # A listing made by this call is trusted for MISSES (they are races under way);
             # one kept from an earlier call for what ``_tolerated`` says.
             while cache.items and cache.misses < (MISSES if refreshed else cache.tolerated):
+                if not refreshed and cache.stale(self._now(), self.refresh_interval):
+                    break  # (a candidate of a listing kept from an earlier call was taken)
                 if self._held_too_long(lease, held, claimed):
                     return  # slow requests: start what is in hand, claim more later
                 picks = [
@@ -260,7 +265,7 @@ class ClaimHandling(Reaping):
                         await self._emit(EventType.EXPIRED, got, attempt=got.attempt)
                     else:  # taken by another consumer, who walks on from there: jump away
                         cache.items = self._spread(queue, cache.items, patient)
-                        cache.misses += 1
+                        cache.misses, cache.missed = cache.misses + 1, True
                         if self.lanes is not None and pick is not None:
                             self.lanes.missed(queue, pick, self._now())
                 if len(claimed) >= want:
