@@ -271,7 +271,8 @@ async def test_entries_of_dead_consumers_stop_counting_then_are_removed(storage:
     clock = FakeClock()
     q = make_queue(storage, lanes=True, clock=clock, clock_skew=5.0)
     now = int(clock())
-    alive = layout.lane_key(QUEUE, now - 30, "alive")  # within 3 periods + skew: counted
+    # (named to sort after q's hex id: q has lane 0, whose consumer removes the dead's)
+    alive = layout.lane_key(QUEUE, now - 30, "zz-alive")  # within 3 periods + skew: counted
     stale = layout.lane_key(QUEUE, now - 60, "stale")  # not counted, not yet removed
     dead = layout.lane_key(QUEUE, now - 200, "dead")  # over 10 periods + skew: removed
     ahead = layout.lane_key(QUEUE, now + 60, "ahead")  # a clock far ahead: not counted
@@ -297,6 +298,31 @@ async def test_entries_of_dead_consumers_stop_counting_then_are_removed(storage:
                 yield delete(key)
 
         await q.store.run(tidy())
+
+
+async def test_only_the_consumer_of_lane_0_removes_the_entries_of_the_dead(
+    storage: Any,
+) -> None:
+    """Removing forgotten entries is a listing a period: one consumer does it, not each."""
+    clock = FakeClock()
+    a, b = await lanes_of_two(storage, clock)
+    first, second = (a, b) if own_lane(a) == 0 else (b, a)
+    dead = layout.lane_key(QUEUE, int(clock()) - 200, "dead")
+    try:
+
+        def plant() -> Any:
+            yield write(dead, b"")
+
+        await a.store.run(plant())
+        for q in (second, first):  # each one's entry a period old: written again, and ...
+            assert q.lanes is not None
+            q.lanes._written[QUEUE] = clock() - q.lanes.period
+            await q.store.run(q.lanes.look(QUEUE, clock()))
+            listed = dead.rsplit("/", 1)[1] in await entries(q)
+            assert listed == (q is second)  # ... lane 1 leaves the dead's, lane 0 removes it
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def test_a_failed_look_at_the_lanes_does_not_fail_the_claim(storage: Any) -> None:

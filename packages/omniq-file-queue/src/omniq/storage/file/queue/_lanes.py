@@ -30,8 +30,9 @@ exclusive create of its attempt (``_claim_*``), so lanes cannot cause a second r
 waits on its owner for more than ``OVERDUE`` x ``ripe`` seconds (at once if its id carries
 no time): a task whose owner died, stalls, or sees another list of consumers (one joined
 since it looked) is claimed by the others then. Entries older than ``LIVE`` periods (plus
-the tolerated clock skew) are not counted, so a dead owner's lane is handed over; any
-consumer removes a few entries older than ``FORGOTTEN`` periods once a period. A producer
+the tolerated clock skew) are not counted, so a dead owner's lane is handed over; the
+consumer of lane 0 (or one alone) removes a few entries older than ``FORGOTTEN`` periods once a
+period (every consumer doing so cost 16 workers a listing each a period for nothing). A producer
 whose clock runs ahead makes its tasks ripen later for non-owners only; their owner takes
 them at once.
 """
@@ -160,7 +161,8 @@ class Lanes:
         # A changed lane starts the pace again: the others may not have looked yet (consumers
         # started together saw 5, 11, 15, then 16 lanes, each view held up to ``period``).
         self._looks[queue] = 1 if changed else self._looks.get(queue, 0) + 1
-        if wrote:  # once a period: a few of the dead's entries removed (anyone may)
+        if wrote and (lane is None or lane[0] == 0):  # once a period, by one consumer: a
+            # few of the dead's entries removed (anyone may; a wrong view skips a period)
             forgotten = current - FORGOTTEN * self.period - self.clock_skew
             gone = []
             for name in (yield listhead(layout.lanes_dir(queue), _TIDY)):
