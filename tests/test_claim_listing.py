@@ -215,7 +215,7 @@ async def test_a_kept_listing_whose_candidate_was_taken_is_listed_again(
     """A listing kept from an earlier call is trusted until a candidate of it is found taken
     once it is ``refresh_interval`` old: others claim from the same part of it, and the next
     listing drops their claims. A listing younger than that is trusted for three misses in a
-    row (races under way). 16 workers on a deep S3 queue tried tasks claimed 3-10 s before
+    row (races under way). 16 workers on a deep S3 queue tried tasks claimed 1-10 s before
     (their listings are kept up to ten intervals): 0.15-0.2 misses a task."""
     monkeypatch.setattr(random, "randrange", lambda n: 0)  # claims in listing order
     clock = FakeClock()
