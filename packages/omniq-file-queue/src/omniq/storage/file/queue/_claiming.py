@@ -232,7 +232,11 @@ class ClaimHandling(Reaping):
             # A listing made by this call is trusted for MISSES (they are races under way);
             # one kept from an earlier call for what ``_tolerated`` says.
             while cache.items and cache.misses < (MISSES if refreshed else cache.tolerated):
-                if not refreshed and cache.stale(self._now(), self.refresh_interval):
+                if (
+                    cache.missed
+                    and not refreshed
+                    and cache.stale(self._now(), self.refresh_interval)
+                ):
                     break  # (a candidate of a listing kept from an earlier call was taken)
                 if self._held_too_long(lease, held, claimed):
                     return  # slow requests: start what is in hand, claim more later
