@@ -638,3 +638,32 @@ async def test_the_reaper_keeps_no_recent_outcome_in_memory(
     assert await q.reap("default") == []
     assert called  # the reaper's scan went through the spy
     assert kept == []  # neither the 50 finished claims nor their recent outcomes
+
+
+async def test_a_pass_tells_many_finished_claims_from_the_stale_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass keeps the hashes of recent outcomes as sorted runs merged into one array
+    (``_Stems``: a set of Python integers was the worker's memory peak draining 100,000
+    tasks); with runs of three, 50 finished claims are still told from the one whose lease
+    ran out, and only that one is kept and taken over."""
+    import omniq.storage.file.queue._reaper as reaper
+
+    monkeypatch.setattr(reaper, "_RUN", 3)
+    clock = FakeClock()
+    q = queue(str(tmp_path / "q"), clock)
+    await q.enqueue_many([Task(func="m:f") for _ in range(51)])
+    *finished, stale = await q.dequeue_many(51, "default")
+    for claimed in finished:
+        await q.ack(claimed)
+    clock.advance(q.lease + q.clock_skew + 1)
+    kept: list[Any] = []
+    real = reaper.group_run
+
+    def spy(entries: list[Any]) -> Any:
+        kept.extend(entries)
+        return real(entries)
+
+    monkeypatch.setattr(reaper, "group_run", spy)
+    assert [c.id for c in await q.reap("default")] == [stale.id]
+    assert {e.name.split(".")[0] for e in kept} == {stale.id}

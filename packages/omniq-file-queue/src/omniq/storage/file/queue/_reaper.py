@@ -8,7 +8,10 @@ create.
 
 from __future__ import annotations
 
+import heapq
 import logging
+from array import array
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +44,44 @@ if TYPE_CHECKING:
     from ._shards import Shards
 
 log = logging.getLogger("omniq.queue")
+
+_RUN = 4096  # hashes sorted at a time by _Stems.freeze
+
+
+class _Stems:
+    """The hashes of attempt stems (``{id}.{n}``) decided less than ``tombstone_ttl`` ago, met
+    by one reaper pass. Those of a first pass (``add`` before ``freeze``) are kept as sorted
+    8-byte integers: ``run/`` holds an outcome for every task finished in that time (a tmpfs
+    worker drained 75,000 in the first 15 s, and a set of Python integers held ~60 bytes each:
+    its pass was the worker's peak memory). Added after ``freeze``: a set."""
+
+    __slots__ = ("_extra", "_new", "_sorted")
+
+    def __init__(self) -> None:
+        self._new: array[int] | None = array("q")
+        self._sorted: array[int] = array("q")
+        self._extra: set[int] = set()
+
+    def add(self, stem_hash: int) -> None:
+        if self._new is not None:
+            self._new.append(stem_hash)
+        elif not self._in_sorted(stem_hash):  # (a second pass meets the first's again)
+            self._extra.add(stem_hash)
+
+    def _in_sorted(self, stem_hash: int) -> bool:
+        i = bisect_left(self._sorted, stem_hash)
+        return i < len(self._sorted) and self._sorted[i] == stem_hash
+
+    def freeze(self) -> None:
+        """Sort what was added, a run at a time, then merge the runs (no list of them all)."""
+        new, self._new = self._new, None
+        if new:
+            runs = [array("q", sorted(new[i : i + _RUN])) for i in range(0, len(new), _RUN)]
+            self._sorted = array("q", heapq.merge(*runs))
+
+    def __contains__(self, stem_hash: int) -> bool:
+        assert self._new is None, "looked up before freeze"
+        return stem_hash in self._extra or self._in_sorted(stem_hash)
 
 
 class Reaping(LeaseHandling):
@@ -122,7 +163,7 @@ class Reaping(LeaseHandling):
         # Attempts decided less than tombstone_ttl ago are only remembered as a hash of their
         # stem: run/ holds one outcome per task finished in that time (100,000s at a high
         # rate), and all the reaper needs of them is that they are decided.
-        recent: set[int] = set()
+        recent = _Stems()
         # Dependencies with waiting dependents, and those of them that may have ended
         # (_dependencies.py: what a process that died before settling them left).
         linked, ended = set((yield listdirs(f"{queue}/deps"))), set[str]()
@@ -151,6 +192,7 @@ class Reaping(LeaseHandling):
             # A directory scan comes in no order: a first pass notes the recent outcomes, so
             # that the second keeps only the claims still undecided (not every finished one).
             yield listdir(f"{queue}/run", True, lambda entry: note(entry) and False)
+        recent.freeze()  # (the second pass notes the outcomes written since: a set)
         attempts = group_run((yield listdir(f"{queue}/run", True, keep)))
         if not seen:
             self._run_empty.add(queue)
