@@ -288,9 +288,10 @@ class ClaimHandling(Reaping):
         (``_claim_rounds``): a local pick of a task taken meanwhile is one failed system call,
         and a drain on tmpfs noted ~15,000 keys at a time (a sixth of a worker's memory growth
         draining 100,000 tasks, and a dict kept up at every claim)."""
-        if self._picked:
-            horizon = self._now() - 2 * self.refresh_interval
-            self._picked = {k: at for k, at in self._picked.items() if at > horizon}
+        if not self._picked:  # (always, locally: no copy of a listing of up to 2,048)
+            return items
+        horizon = self._now() - 2 * self.refresh_interval
+        self._picked = {k: at for k, at in self._picked.items() if at > horizon}
         return [c for c in items if c.key not in self._picked]
 
     def _tolerated(self, items: list[layout.Candidate]) -> int:
