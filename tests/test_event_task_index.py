@@ -52,6 +52,19 @@ def test_task_group_is_the_4_ms_the_id_was_made_in():
         assert layout.task_group(other) is None
 
 
+def test_a_groups_batch_entry_is_judged_by_its_range_alone():
+    """A query by task drops a group's batch entry whose range of ids cannot hold the task
+    before parsing anything of it (``range_may_hold``); an entry in range, or a name that is
+    not a range of ULID ids, is kept for the parse that decides."""
+    first, last = ulid(MS, 1), ulid(MS + 2, 1)
+    entry = f"{first}~{last}~{layout.Batch(MS, MS + 5, 'b1').name}"
+    for inside in (first, ulid(MS + 1, 9), last):
+        assert layout.range_may_hold(entry, inside)
+    for outside in (ulid(MS - 1, 1), ulid(MS + 2, 2), ulid(MS + 3, 1)):
+        assert not layout.range_may_hold(entry, outside)
+    assert layout.range_may_hold(f"job-1~{layout.Batch(MS, MS, 'b2').name}", ulid(MS + 9, 1))
+
+
 @pytest.mark.anyio
 async def test_ulid_tasks_share_an_index_directory_locally(storage, anyio_backend, monkeypatch):
     a, b, c = ulid(MS + 1, 5), ulid(MS + 3, 2), ulid(MS + 5, 7)  # a, b: one 4 ms; c the next

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -349,6 +350,48 @@ def test_take_reports_gone_and_taken(tmp_path: Path) -> None:
     assert ops.touch("run/a", 99.0) and (tmp_path / "run" / "a").stat().st_mtime == 99.0
     assert ops.touch("nope", 1.0) is False
     assert ops.owner("run/a") in ("w", None)
+
+
+def test_listdir_names_visible_files_and_survives_an_entry_vanishing(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """``listdir`` names the files of a directory, sorted: not subdirectories, not hidden
+    temp files, nothing for a missing directory; an entry deleted while its type is looked
+    up (a filesystem without types in its listing) is left out, not the whole listing."""
+    ops = LocalOps(str(tmp_path))
+    for name in ("b", "a", ".tmp-x", "c"):
+        (tmp_path / "d" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "d" / name).write_bytes(b"x")
+    (tmp_path / "d" / "sub").mkdir()
+    assert ops.listdir("d", False) == ["a", "b", "c"]
+    assert ops.listdir("missing", False) == []
+    assert ops.listdir("d/a", False) == []  # a file, not a directory
+    real_scandir = os.scandir
+
+    class Vanishing:
+        def __init__(self, entry: os.DirEntry[str]) -> None:
+            self.name, self._entry = entry.name, entry
+
+        def is_file(self) -> bool:
+            if self.name == "b":
+                raise FileNotFoundError(self.name)
+            return self._entry.is_file()
+
+    class Scan:
+        def __init__(self, path: str) -> None:
+            self._it = real_scandir(path)
+
+        def __iter__(self) -> Iterator[Vanishing]:
+            return (Vanishing(e) for e in self._it)
+
+        def __enter__(self) -> Scan:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._it.close()
+
+    monkeypatch.setattr(os, "scandir", Scan)
+    assert ops.listdir("d", False) == ["a", "c"]
 
 
 def test_take_restamps_after_a_racing_loser(tmp_path: Path, monkeypatch) -> None:

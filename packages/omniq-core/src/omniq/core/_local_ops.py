@@ -484,11 +484,28 @@ class LocalOps:
             return None
         return _entry(entry.name, st.st_size, st.st_mtime)
 
+    def _names(self, prefix: str) -> list[str]:
+        """The names of ``_files(prefix)``, unsorted, in one comprehension: a group of the
+        event index holds hundreds of entries, and the generator's steps cost ~0.2 us an
+        entry more on ext4 (a third of the scan's own cost)."""
+        try:
+            it = os.scandir(self._path(prefix))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        with it:
+            try:
+                return [e.name for e in it if e.name[0] != "." and e.is_file()]
+            except OSError:  # an entry gone while its type was looked up: the careful way
+                pass
+        return [e.name for e in self._files(prefix)]
+
     def listdir(
         self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
     ) -> list[Any]:
         if not detail:
-            return sorted(e.name for e in self._files(prefix))
+            names = self._names(prefix)
+            names.sort()
+            return names
         items = (self._stat(e) for e in self._files(prefix))
         return sorted(i for i in items if i is not None and (keep is None or keep(i)))
 

@@ -429,16 +429,14 @@ class AsyncFileEventStorage(AsyncEventStorage):
         group's batch entries whose range of task ids holds ``task_id``."""
         out = []
         wanted = task_id or ""
-        first_sep = slice(layout.RANGE_FIRST.stop, layout.RANGE_FIRST.stop + 1)
-        last_sep = slice(layout.RANGE_LAST.stop, layout.RANGE_LAST.stop + 1)
+        if lead:  # most of a group's entries are other tasks': dropped before any parsing
+            suffix, may_hold = layout.BATCH_SUFFIX, layout.range_may_hold
+            names = [
+                n
+                for n in names
+                if n.startswith(lead) or (n.endswith(suffix) and may_hold(n, wanted))
+            ]
         for listed in names:
-            if (
-                lead
-                and listed[first_sep] == listed[last_sep] == layout.SEP
-                and listed.endswith(layout.BATCH_SUFFIX)
-                and not listed[layout.RANGE_FIRST] <= wanted <= listed[layout.RANGE_LAST]
-            ):  # a batch entry of ULID ids (most of a span's) out of range: skipped unparsed
-                continue
             ranged = layout.split_range_name(listed) if lead else None
             if ranged is not None:
                 first, last, batch_name = ranged
