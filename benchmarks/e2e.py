@@ -30,9 +30,11 @@ succeeded) written as single files with ``log`` and task ids of our own (a direc
 task: the layout when the issue was filed), and with ULID ids, each made as its task's first
 event is written, as ``backend.enqueue`` makes them, through ``submit`` (batches: what the
 backend and worker write with ``event_flush_interval``) and with ``log`` (events on: the
-index grouped by 4 ms of ids); then the median
-of ``query(task_id=...)`` over 200 tasks, and ``query(since, until)`` over a 10 % window and
-over everything.
+index grouped by 4 ms of ids), and once more through ``submit`` with the batches indexed as
+on object stores, a directory per task and a link per task a batch ("per-task": not a mode
+users choose; it shows what a query by task as fast as a directory per task would cost the
+batched writes on a local disk); then the median of ``query(task_id=...)`` over 200 tasks,
+and ``query(since, until)`` over a 10 % window and over everything.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ NAME = "e2e"
 SIZES = {"smoke": {"n": 30}, "quick": {"n": 500}, "full": {"n": 2000}}
 CONCURRENCY = (1, 8, 32)
 FUNC = "benchmarks.tasks:noop"
-LAYOUTS = ("files", "batches", "grouped")  # see query_child
+LAYOUTS = ("files", "batches", "grouped", "per-task")  # see query_child
 EVENTS = ("off", "on", "batched")
 FLUSH_INTERVAL = 0.05  # event_flush_interval of the batched mode
 CHUNK = 250  # tasks a backend enqueues in one turn of the interleaved enqueue
@@ -148,7 +150,9 @@ def query_child(path: str, n: int, *, ready: Any) -> dict[str, Any]:
         ready()
         for layout in LAYOUTS:
             s = AsyncFileEventStorage(os.path.join(path, layout))
-            batches = layout == "batches"
+            batches = layout in ("batches", "per-task")
+            if layout == "per-task":  # the index of object stores: a directory per task
+                s._grouped = False
             # Producer, then worker order: enqueued events first, started/succeeded after.
             tasks, events = [], []
             t0 = time.perf_counter()
@@ -235,7 +239,7 @@ def run(ctx: Context) -> dict[str, Any]:
         with ctx.scratch(ctx.disk_base, "e2e-queries") as path:
             (got,) = run_children(query_child, [(path, n)])
         ctx.log(
-            f"e2e queries rep {rep + 1}/{ctx.repeat}: by task (files, batches, grouped) "
+            f"e2e queries rep {rep + 1}/{ctx.repeat}: by task ({', '.join(LAYOUTS)}) "
             + ", ".join(f"{got[layout]['by_task_ms']:.3f}" for layout in LAYOUTS)
             + " ms; all "
             + ", ".join(f"{got[layout]['all_ms']:.0f}" for layout in LAYOUTS)
@@ -399,9 +403,9 @@ def _queries_markdown(data: dict[str, Any]) -> str:
         ("all_ms", "query() everything ms"),
         ("files", "files on disk"),
     ):
-        a, b, c = (q[layout][field]["median"] for layout in LAYOUTS)
+        a, *others = (q[layout][field]["median"] for layout in LAYOUTS)
         rows.append(
-            [label, fmt(a, 2), fmt(b, 2), fmt(c, 2), fmt(ratio(b, a), 2), fmt(ratio(c, a), 2)]
+            [label, fmt(a, 2), *(fmt(v, 2) for v in others), *(fmt(ratio(v, a), 2) for v in others)]
         )
     ratio_rows = [
         [c, m, fmt(r["drain_per_s"]["median"], 2), fmt(r["enqueue_per_s"]["median"], 2)]
@@ -431,8 +435,14 @@ def _queries_markdown(data: dict[str, Any]) -> str:
         "directory per task (`log`, ids of our own: the layout when issue 13 was filed), and "
         "with OmniQ's ULID ids, each made as its task's first event is written, in batches "
         "(`submit`: what the backend and worker write with `event_flush_interval`) and one "
-        "file per event (`log`: events on; the index grouped by 4 ms of ids):\n\n"
-        + md_table(["", "files", "batches", "grouped", "batches / files", "grouped / files"], rows)
+        "file per event (`log`: events on; the index grouped by 4 ms of ids); per-task: the "
+        "same batches indexed as on object stores, a directory per task and a link per task "
+        "a batch (what a query by task as fast as a directory per task would cost the writes "
+        "on a local disk):\n\n"
+        + md_table(
+            ["", *LAYOUTS, *(f"{layout} / files" for layout in LAYOUTS[1:])],
+            rows,
+        )
     )
 
 

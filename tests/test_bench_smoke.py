@@ -209,6 +209,10 @@ def _latency_sync_rss_e2e(smoke: dict) -> None:
     for got in e2e["results"].values():
         assert got["succeeded"] == [e2e["n"]] * len(got["succeeded"])
         assert _number(got["drain_per_s"]["median"]) and got["drain_per_s"]["median"] > 0
+    # Event queries over each layout, the object stores' index written locally among them.
+    assert set(e2e["queries"]) == {"files", "batches", "grouped", "per-task"}
+    for got in e2e["queries"].values():
+        assert _number(got["by_task_ms"]["median"]) and got["by_task_ms"]["median"] > 0
 
 
 def _drain_against_every_peer(smoke: dict) -> None:
