@@ -58,7 +58,7 @@ SIZES = {
     "quick": {"stores": ["s3", "gcs", "azure"], "workers": [1, 4, 16], "depths": [100, 5000],
               "sample": 300, "idle_s": 20, "pickups": 10, "latency": True},
     "full": {"stores": ["s3", "gcs", "azure"], "workers": [1, 4, 16], "depths": [100, 5000],
-             "sample": 500, "idle_s": 30, "pickups": 20, "latency": True},
+             "sample": 500, "idle_s": 30, "pickups": 40, "latency": True},
 }  # fmt: skip
 LIMIT = 5.0  # target: requests per task (claim + result + ack)
 CONCURRENCY = 8
