@@ -23,6 +23,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def from_epoch(seconds: float) -> datetime:
+    """The UTC datetime of ``seconds`` since the epoch (a store's clock, a file's mtime)."""
+    return datetime.fromtimestamp(seconds, UTC)
+
+
 def ensure_utc(value: datetime | None, name: str = "timestamp") -> datetime | None:
     """Return ``value`` in UTC; naive datetimes are refused (their zone is unknown)."""
     if value is None:

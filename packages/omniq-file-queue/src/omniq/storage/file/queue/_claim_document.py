@@ -30,12 +30,11 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
 
 from omniq.core import codec
 from omniq.core.errors import StorageError
 from omniq.core.fs import Program, Store, create, delete, delete_many, now, read, stat
-from omniq.core.models import UTC, Claimed, Task
+from omniq.core.models import Claimed, Task, from_epoch
 
 from . import _layout as layout
 
@@ -50,10 +49,6 @@ class Unsettled:
     run: str
     data: bytes
     claimed: Claimed
-
-
-def _dt(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC)
 
 
 class DocumentClaims:
@@ -85,10 +80,10 @@ class DocumentClaims:
         claimed = Claimed(
             task=task,
             attempt=cand.attempt,
-            lease_until=_dt(current + lease),
+            lease_until=from_epoch(current + lease),
             worker_id=worker,
             token=uuid.uuid4().hex,
-            claimed_at=_dt(current),
+            claimed_at=from_epoch(current),
         )
         run = layout.run_key(task.queue, task.id, cand.attempt)
         data = codec.encode(claimed)

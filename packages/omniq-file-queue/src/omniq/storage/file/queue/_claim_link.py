@@ -25,10 +25,10 @@ from __future__ import annotations
 import msgspec
 
 from omniq.core.fs import Program, TakeStatus, exists, link, owner, stat, take
-from omniq.core.models import Claimed, Task
+from omniq.core.models import Claimed, Task, from_epoch
 
 from . import _layout as layout
-from ._claim_document import DocumentClaims, _dt
+from ._claim_document import DocumentClaims
 
 
 class LinkClaims(DocumentClaims):
@@ -70,7 +70,7 @@ class LinkClaims(DocumentClaims):
         worker = yield owner(key)
         return msgspec.structs.replace(
             claimed,
-            lease_until=_dt(info.mtime if info is not None else 0.0),
+            lease_until=from_epoch(info.mtime if info is not None else 0.0),
             worker_id=worker or "",
         )
 
@@ -94,8 +94,8 @@ class LinkClaims(DocumentClaims):
         return Claimed(
             task=task,
             attempt=cand.attempt,
-            lease_until=_dt(current + lease),
+            lease_until=from_epoch(current + lease),
             worker_id=worker,
             token=f"ino:{taken.ino}",
-            claimed_at=_dt(current),
+            claimed_at=from_epoch(current),
         )

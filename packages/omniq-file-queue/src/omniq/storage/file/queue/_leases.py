@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -38,7 +37,7 @@ from omniq.core.fs import (
     read,
     write,
 )
-from omniq.core.models import UTC, Claimed, ErrorInfo, Progress, Task, TaskStatus
+from omniq.core.models import Claimed, ErrorInfo, Progress, Task, TaskStatus, from_epoch
 
 from . import _layout as layout
 from ._layout import State
@@ -47,10 +46,6 @@ if TYPE_CHECKING:
     from ._claim_document import DocumentClaims
 
 log = logging.getLogger("omniq.queue")
-
-
-def _dt(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC)
 
 
 def _error_info(error: ErrorInfo | BaseException | str | None) -> ErrorInfo | None:
@@ -294,7 +289,9 @@ class LeaseHandling:
         )
         current = yield now()
         nxt = msgspec.structs.replace(
-            task, attempt=claimed.attempt + 1, eta=_dt(current + delay) if delay > 0 else None
+            task,
+            attempt=claimed.attempt + 1,
+            eta=from_epoch(current + delay) if delay > 0 else None,
         )
         if not (yield from self._decide(claimed, State.RETRIED, nxt)):
             return None
@@ -365,7 +362,9 @@ class LeaseHandling:
             return None  # a reaper's fence (or a finished attempt's clean-up) came first
         if claimed.epoch:  # the newest two epochs are enough for anyone
             yield from quietly(delete(layout.epoch_key(queue, task_id, attempt, claimed.epoch)))
-        return msgspec.structs.replace(claimed, epoch=epoch, lease_until=_dt(current + seconds))
+        return msgspec.structs.replace(
+            claimed, epoch=epoch, lease_until=from_epoch(current + seconds)
+        )
 
 
 def quietly(op: Any) -> Program[None]:

@@ -12,7 +12,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -36,7 +36,7 @@ from omniq.core.fs import (
 )
 from omniq.core.interfaces import AsyncResultStorage
 from omniq.core.maintenance import sweep_temp_files
-from omniq.core.models import SCHEMA_VERSION, UTC, ErrorInfo, ResultStatus, TaskResult
+from omniq.core.models import SCHEMA_VERSION, ErrorInfo, ResultStatus, TaskResult, from_epoch
 from omniq.core.names import validate_name
 
 from . import _layout as layout
@@ -46,10 +46,6 @@ log = logging.getLogger("omniq.results")
 
 DEFAULT_TTL = timedelta(days=7)
 _SERIALIZATION_ERROR = f"{SerializationError.__module__}.{SerializationError.__qualname__}"
-
-
-def _dt(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC)
 
 
 class NewerSchemaError(SerializationError):
@@ -350,7 +346,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
         if data is None:
             return None
         result = yield from self._decode(key, data)
-        if result is None or result.is_expired(_dt((yield now()))):
+        if result is None or result.is_expired(from_epoch((yield now()))):
             return None
         return result
 
@@ -438,7 +434,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
         is handled, and one whose due pairs are handled but not the others is replaced by a
         batch marker of the remaining pairs (written before the old one is deleted).
         """
-        now_dt, now_ms = _dt(current), int(current * 1000)
+        now_dt, now_ms = from_epoch(current), int(current * 1000)
         due: dict[str, builtins.list[tuple[int, str | _Batch]]] = {}
         kept = 0  # markers left in the bucket (so that it is not removed)
         batch_keys: builtins.list[str] = []
@@ -552,7 +548,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
         return out
 
     def _sweep_program(self) -> Program[int]:
-        now_dt = _dt((yield now()))
+        now_dt = from_epoch((yield now()))
         keys = yield from self._stored_keys()
         removed = 0
         for lo in range(0, len(keys), self.batch):
@@ -577,7 +573,7 @@ class AsyncFileResultStorage(AsyncResultStorage):
     def _list_program(
         self, status: ResultStatus | None, limit: int | None
     ) -> Program[builtins.list[TaskResult]]:
-        now_dt = _dt((yield now()))
+        now_dt = from_epoch((yield now()))
         keys = yield from self._stored_keys()
         step = self.batch if limit is None else min(self.batch, max(limit, 16))
         out: builtins.list[TaskResult] = []
