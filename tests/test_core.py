@@ -29,7 +29,7 @@ from omniq.core.errors import (
     SerializationError,
     StorageError,
 )
-from omniq.core.fs import Store
+from omniq.core.fs import Store, listdir
 from omniq.core.models import (
     EventType,
     ResultStatus,
@@ -597,6 +597,34 @@ async def test_store_basics(store: Store) -> None:
     await store.delete_many(["q/b.json", "q/c.json"])
     assert await store.listdir("q") == ["0.json", "A.json", "new.json"]
     await store.probe_exclusive_create()
+    await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_listdir_keeps_what_keep_accepts(store: Store) -> None:
+    """``keep`` filters names (or entries, with ``detail``) while listing; a local directory
+    looks at a name's type only once kept, and still returns files only: not a directory,
+    nor a hidden temporary file, however its name reads. A query by task over the event
+    index's groups lists through it."""
+    for name in ("t1~a.json", "t1~b.json", "t2~a.json", "t10~a.json", "z.jsonl"):
+        await store.write(f"g/{name}", name.encode())
+    await store.write("g/t1~dir/x", b"")  # a directory whose name is kept
+    if store.is_local:  # a writer's temporary file: hidden, wherever its name leads
+        (Path(store.root) / "g" / ".t1~c.jsonl").write_bytes(b"")
+
+    def keep(name: str) -> bool:
+        return name.startswith("t1~") or name.endswith(".jsonl")
+
+    def program():
+        names = yield listdir("g", keep=keep)
+        entries = yield listdir("g", True, lambda e: e.size > len("t1~a.json"))
+        missing = yield listdir("absent", keep=keep)
+        return names, entries, missing
+
+    names, entries, missing = await store.run(program())
+    assert names == ["t1~a.json", "t1~b.json", "z.jsonl"]
+    assert [e.name for e in entries] == ["t10~a.json"]
+    assert missing == []
     await store.aclose()
 
 

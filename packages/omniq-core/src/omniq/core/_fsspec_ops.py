@@ -75,7 +75,7 @@ def _basename(name: str) -> str:
 
 
 def _listing(
-    infos: list[dict[str, Any]], detail: bool, keep: Callable[[Entry], bool] | None = None
+    infos: list[dict[str, Any]], detail: bool, keep: Callable[[Any], bool] | None = None
 ) -> list[Any]:
     out: list[Any] = []
     for info in infos:
@@ -88,7 +88,7 @@ def _listing(
             item = _entry(name, int(info.get("size") or 0), _mtime(info))
             if keep is None or keep(item):
                 out.append(item)
-        else:
+        elif keep is None or keep(name):
             out.append(name)
     out.sort()
     return out
@@ -335,7 +335,7 @@ class _FsspecSteps:
         return (yield from _retrying("list", prefix, attempt))
 
     def _listdir(
-        self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
+        self, prefix: str, detail: bool, keep: Callable[[Any], bool] | None = None
     ) -> _Steps[list[Any]]:
         return _listing((yield from self._infos(prefix)), detail, keep)
 
@@ -444,7 +444,7 @@ class FsspecOps(_FsspecSteps):
         _run_sync(self, self._delete_many(keys))
 
     def listdir(
-        self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
+        self, prefix: str, detail: bool, keep: Callable[[Any], bool] | None = None
     ) -> list[Any]:
         return _run_sync(self, self._listdir(prefix, detail, keep))
 
@@ -523,7 +523,7 @@ class AsyncFsspecOps(_FsspecSteps):
         await _run_async(self, self._delete_many(keys))
 
     async def listdir(
-        self, prefix: str, detail: bool, keep: Callable[[Entry], bool] | None = None
+        self, prefix: str, detail: bool, keep: Callable[[Any], bool] | None = None
     ) -> list[Any]:
         return await _run_async(self, self._listdir(prefix, detail, keep))
 

@@ -121,12 +121,23 @@ def delete_many(keys: Iterable[str]) -> Op:
     return Op("delete_many", (list(keys),))
 
 
-def listdir(prefix: str, detail: bool = False, keep: Callable[[Entry], bool] | None = None) -> Op:
+@overload
+def listdir(
+    prefix: str, detail: Literal[False] = False, keep: Callable[[str], bool] | None = None
+) -> Op: ...
+@overload
+def listdir(
+    prefix: str, detail: Literal[True], keep: Callable[[Entry], bool] | None = None
+) -> Op: ...
+@overload
+def listdir(prefix: str, detail: bool, keep: None = None) -> Op: ...
+def listdir(prefix: str, detail: bool = False, keep: Callable[[Any], bool] | None = None) -> Op:
     """Files directly under ``prefix`` as sorted ``Entry`` (detail) or names; [] if absent.
 
-    With ``keep`` (used with ``detail=True`` only; ignored otherwise), only the entries it
-    accepts are returned; a local directory applies it while scanning, so a large directory
-    is never held in memory."""
+    With ``keep``, only the entries (detail) or names it accepts are returned. A local
+    directory applies it to entries while scanning, so a large directory's entries are
+    never held in memory, and to names before it looks at their type: a few names kept of
+    hundreds cost a listing of names alone."""
     return Op("listdir", (prefix, detail, keep))
 
 

@@ -425,17 +425,11 @@ class AsyncFileEventStorage(AsyncEventStorage):
     ) -> list[_Source]:
         """The listed files that may hold matching events (names only, no reads): single
         events by their name, batches by their time span. With ``lead`` (a group of the
-        index), the names starting with it, which it is taken off before parsing, and the
-        group's batch entries whose range of task ids holds ``task_id``."""
+        index, listed through ``layout.group_keep``), the names starting with it, which it
+        is taken off before parsing, and the group's batch entries whose range of task ids
+        holds ``task_id``."""
         out = []
         wanted = task_id or ""
-        if lead:  # most of a group's entries are other tasks': dropped before any parsing
-            suffix, may_hold = layout.BATCH_SUFFIX, layout.range_may_hold
-            names = [
-                n
-                for n in names
-                if n.startswith(lead) or (n.endswith(suffix) and may_hold(n, wanted))
-            ]
         for listed in names:
             ranged = layout.split_range_name(listed) if lead else None
             if ranged is not None:
@@ -468,7 +462,7 @@ class AsyncFileEventStorage(AsyncEventStorage):
     ) -> Program[list[TaskEvent]]:
         sources: list[_Source] = []
         for prefix, lead in layout.task_dirs(task_id, self._grouped):
-            listing = yield listdir(prefix)
+            listing = yield listdir(prefix, keep=layout.group_keep(task_id, lead) if lead else None)
             sources += self._sources(prefix, listing, task_id, kind, window, lead)
         out: list[TaskEvent] = []
         yield from self._read(sources, task_id, kind, window, out, limit)

@@ -46,7 +46,7 @@ time, id, type and task of an event: queries filter on names before reading anyt
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -262,6 +262,19 @@ def range_may_hold(name: str, task_id: str) -> bool:
         name[_FIRST_SEP] == name[_LAST_SEP] == SEP
         and not name[RANGE_FIRST] <= task_id <= name[RANGE_LAST]
     )
+
+
+def group_keep(task_id: str, lead: str) -> Callable[[str], bool]:
+    """Which names of a group (``task_dirs``) a query by ``task_id`` reads: its single
+    entries, led by ``lead``, and the batch entries whose range may hold it. Most of a
+    group's names are other tasks': dropped while listing, before any parsing."""
+
+    def keep(name: str) -> bool:
+        return name.startswith(lead) or (
+            name.endswith(BATCH_SUFFIX) and range_may_hold(name, task_id)
+        )
+
+    return keep
 
 
 def index_keys(task_id: str, name: str, grouped: bool) -> list[str]:
