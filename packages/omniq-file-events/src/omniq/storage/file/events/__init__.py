@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from omniq.core.sync import StorageTwin, blocking
 
-from ._events import AsyncFileEventStorage, Tail
+from ._events import AsyncFileEventStorage
+from ._queries import Tail
 
 __version__ = "0.1.0"  # the only copy (pyproject: dynamic); change it with tools/bump.py
 

@@ -61,6 +61,7 @@ SUFFIX = ".json"
 BATCH_SUFFIX = ".jsonl"
 DAY_FORMAT = "%Y-%m-%d"
 HOUR = 3600.0
+HOUR_MS = 3_600_000
 DAY = 86400.0
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
