@@ -58,7 +58,7 @@ from omniq.core.errors import (
     StorageError,
 )
 from omniq.core.fs import Entry, Store
-from omniq.core.models import UTC, Task
+from omniq.core.models import Task, from_epoch
 from omniq.core.names import validate_name
 from omniq.core.sync import SyncWrapper, blocking
 
@@ -307,7 +307,7 @@ class AsyncSchedules:
         return self._store
 
     def now(self) -> datetime:
-        return datetime.fromtimestamp(self.store.now(), UTC)
+        return from_epoch(self.store.now())
 
     async def close(self) -> None:
         if self._store is not None:

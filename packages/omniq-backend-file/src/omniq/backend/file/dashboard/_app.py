@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -25,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 from omniq.core import _redact
 from omniq.core.errors import NotFoundError, OmniQError
 from omniq.core.fs import redact_url
-from omniq.core.models import UTC
+from omniq.core.models import from_epoch
 
 from . import _charts
 from ._data import LISTED, Monitor, age, lease_left, short_duration, status_of
@@ -78,7 +77,7 @@ def make_environment() -> jinja2.Environment:
     env.filters.update(
         json=_json,
         age=age,
-        epoch_age=lambda t: age(datetime.fromtimestamp(t, UTC)),
+        epoch_age=lambda t: age(from_epoch(t)),
         duration=lambda s: "" if s is None else short_duration(float(s)),
         lease_left=lease_left,
         status_of=status_of,

@@ -31,6 +31,7 @@ from omniq.core.models import (
     TaskInfo,
     TaskResult,
     TaskStatus,
+    from_epoch,
 )
 from omniq.storage.file.events import Tail
 
@@ -149,7 +150,7 @@ class Monitor:
         if now - self._events_read_at >= THROUGHPUT_EVERY:
             self._events_read_at = now
             if self._tail is None:
-                self._tail = Tail(datetime.fromtimestamp(now - WINDOW, UTC), LOOKBACK)
+                self._tail = Tail(from_epoch(now - WINDOW), LOOKBACK)
             for event in await events.tail(self._tail, FINISHED_EVENTS):
                 minute = int(event.time.timestamp() // 60)
                 self._finished[minute] = self._finished.get(minute, 0) + 1

@@ -38,7 +38,7 @@ from omniq.core.fs import (
 from omniq.core.fs import write as write_op
 from omniq.core.interfaces import AsyncEventStorage
 from omniq.core.maintenance import sweep_temp_files
-from omniq.core.models import UTC, EventType, TaskEvent, ensure_utc
+from omniq.core.models import EventType, TaskEvent, ensure_utc, from_epoch
 from omniq.core.names import validate_name
 from omniq.core.sync import flush_at_exit, in_shared_loop
 
@@ -393,7 +393,7 @@ class AsyncFileEventStorage(EventQueries, AsyncEventStorage):
             log.info(
                 "deleted %d events older than %s from %s",
                 removed,
-                datetime.fromtimestamp(cutoff, UTC).isoformat(),
+                from_epoch(cutoff).isoformat(),
                 self.store.url,
             )
         return removed

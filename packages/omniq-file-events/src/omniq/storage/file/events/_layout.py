@@ -92,7 +92,7 @@ def day_of(time_ms: int) -> str:
 
 
 def hour_of(time_ms: int) -> str:
-    return f"{time_ms // 3_600_000 % 24:02d}"
+    return f"{time_ms // HOUR_MS % 24:02d}"
 
 
 def time_key(n: Name) -> str:

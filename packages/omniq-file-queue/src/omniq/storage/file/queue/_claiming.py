@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from datetime import datetime
 from typing import Any
 
 import anyio
@@ -23,7 +22,7 @@ from omniq.core.errors import (
     TaskCancelledError,
 )
 from omniq.core.fs import Program, create, delete, exists, listhead, listtree, now, read, write
-from omniq.core.models import UTC, Claimed, EventType, Task
+from omniq.core.models import Claimed, EventType, Task, from_epoch
 
 from . import _layout as layout
 from ._bells import Bells
@@ -496,7 +495,7 @@ class ClaimHandling(Reaping):
                 yield delete(cand.marker)
             return None
         current = yield now()
-        if task.is_expired(datetime.fromtimestamp(current, UTC)):
+        if task.is_expired(from_epoch(current)):
             won = yield create(
                 layout.run_key(queue, task.id, cand.attempt), layout.tombstone(layout.EXPIRED)
             )

@@ -27,7 +27,7 @@ from omniq.core.fs import (
     read_many,
     write,
 )
-from omniq.core.models import UTC, ErrorInfo, QueueSize, Task, TaskInfo, TaskStatus
+from omniq.core.models import ErrorInfo, QueueSize, Task, TaskInfo, TaskStatus, from_epoch
 from omniq.core.names import validate_name
 
 from . import _layout as layout
@@ -152,7 +152,7 @@ class QueueInspection:
                 raw = yield read(layout.epoch_key(queue, task_id, attempt, epoch + 1))
             rec = None if raw is None else layout.parse_record(raw)
             if rec is not None and rec.lease_until is not None:
-                lease_until = datetime.fromtimestamp(rec.lease_until, UTC)
+                lease_until = from_epoch(rec.lease_until)
         return TaskInfo(
             task=claimed.task,
             status=TaskStatus.RUNNING,
@@ -305,7 +305,7 @@ class QueueInspection:
             candidate = layout.due_candidate(queue, name)
             if candidate is None:
                 continue
-            due = datetime.fromtimestamp(candidate.time_ms / 1000, UTC)
+            due = from_epoch(candidate.time_ms / 1000)
             if after is None or due > after:
                 return due
         return None

@@ -37,14 +37,13 @@ design and each store's argument are in docs/design.md ("The attempt protocol").
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Any, NamedTuple
 
 import msgspec
 
 from omniq.core import codec
 from omniq.core.errors import SerializationError
-from omniq.core.models import MAX_PRIORITY, UTC, Claimed, Progress, Task
+from omniq.core.models import MAX_PRIORITY, Claimed, Progress, Task, from_epoch
 
 TOMBSTONE_MAX = 16
 """A claim file this small ended its attempt unclaimed (``cancelled``, ``expired``)."""
@@ -325,8 +324,8 @@ def as_claim(data: bytes, mtime: float, queue: str, key: str) -> Claimed | None:
     return Claimed(
         task=task,
         attempt=task.attempt,
-        lease_until=datetime.fromtimestamp(mtime, UTC),
+        lease_until=from_epoch(mtime),
         worker_id="",
         token="",
-        claimed_at=datetime.fromtimestamp(mtime, UTC),
+        claimed_at=from_epoch(mtime),
     )

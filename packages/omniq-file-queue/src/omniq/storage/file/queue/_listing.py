@@ -22,13 +22,12 @@ import binascii
 import json
 import re
 from collections.abc import Callable
-from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 
 from omniq.core.fs import Program, Store, listafter, listdirs, read_many
-from omniq.core.models import UTC, TaskInfo, TaskPage, TaskStatus
+from omniq.core.models import TaskInfo, TaskPage, TaskStatus, from_epoch
 from omniq.core.names import validate_name
 
 from . import _layout as layout
@@ -376,7 +375,7 @@ def _with_record(info: TaskInfo, rec: layout.Record) -> TaskInfo:
     metadata the task context persisted there (see ``_layout.Record``)."""
     lease_until = info.lease_until
     if rec.lease_until is not None:
-        lease_until = datetime.fromtimestamp(rec.lease_until, UTC)
+        lease_until = from_epoch(rec.lease_until)
     return msgspec.structs.replace(
         info, lease_until=lease_until, progress=rec.progress, metadata=rec.meta or {}
     )

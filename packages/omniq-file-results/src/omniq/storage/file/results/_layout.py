@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 
-from omniq.core.models import UTC
+from omniq.core.models import UTC, from_epoch
 
 RESULTS = "results"
 EXPIRY = "results/_expiry"
@@ -55,7 +55,7 @@ def task_id_of(name: str) -> str | None:
 
 
 def bucket(expires_ms: int) -> str:
-    return datetime.fromtimestamp(expires_ms / 1000, UTC).strftime(BUCKET_FORMAT)
+    return from_epoch(expires_ms / 1000).strftime(BUCKET_FORMAT)
 
 
 def bucket_start(name: str) -> float | None:
