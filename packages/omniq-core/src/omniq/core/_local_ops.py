@@ -497,8 +497,8 @@ class LocalOps:
                 names = os.listdir(directory)
             except (FileNotFoundError, NotADirectoryError):
                 return []
-            kept = [n for n in names if n[0] != "." and keep(n)]
-            return [n for n in kept if os.path.isfile(os.path.join(directory, n))]
+            isfile, join = os.path.isfile, os.path.join
+            return [n for n in names if n[0] != "." and keep(n) and isfile(join(directory, n))]
         try:
             it = os.scandir(directory)
         except (FileNotFoundError, NotADirectoryError):
