@@ -12,6 +12,7 @@ import pytest
 
 from omniq.core import Task, _cloud_listing, codec
 from omniq.core.fs import exists, listafter, listdirs, listhead, listtree, write
+from omniq.storage.file.queue import AsyncFileQueue
 from omniq.storage.file.queue import _layout as layout
 from omniq.storage.file.queue import _queue as queue_module
 from queue_helpers import FakeClock, count_scans, make_queue
@@ -384,5 +385,44 @@ async def test_names_after_one_deep_in_a_prefix_are_one_request(
                 names = await q.store.run(_listafter("area", "a020", 5))
             assert names == [f"a{i:03d}" for i in range(21, 26)]
             assert len(made) == 6, made
+    finally:
+        await q.close()
+
+
+def test_azure_listing_names_sent_encoded_are_decoded() -> None:
+    """A blob name with characters XML 1.0 cannot carry comes percent-encoded in a listing
+    (``Encoded="true"``); others as they are."""
+    import xml.etree.ElementTree as ET
+
+    page = ET.fromstring(
+        "<Blobs><Blob><Name Encoded='true'>a%0Bb%25</Name></Blob>"
+        "<Blob><Name>q/ready/x%41.json</Name></Blob><BlobPrefix><Name>q/p/</Name></BlobPrefix>"
+        "</Blobs>"
+    )
+    assert [_cloud_listing._azure_name(node) for node in page] == [
+        "a\x0bb%",
+        "q/ready/x%41.json",
+        "q/p/",
+    ]
+
+
+@pytest.mark.parametrize("storage", ["azure"], indirect=True)
+async def test_an_azure_listing_of_a_missing_container_is_a_storage_error(storage: Any) -> None:
+    """The listings' own List Blobs request raises what the SDK would (404: not found, not
+    retried), not an empty listing."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    from omniq.core._store_errors import is_transient
+    from omniq.core.errors import StorageError
+
+    container = storage.base_dir.split("://", 1)[1].split("/", 1)[0]
+    gone = storage.base_dir.replace(container, f"{container}-gone", 1)
+    q = AsyncFileQueue(gone, storage.storage_options)
+    try:
+        with pytest.raises(StorageError) as caught:
+            await q.store.listdir("area")
+        cause = caught.value.__cause__
+        assert isinstance(cause, ResourceNotFoundError) and cause.status_code == 404
+        assert not is_transient(cause)
     finally:
         await q.close()

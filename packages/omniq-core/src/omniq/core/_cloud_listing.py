@@ -3,12 +3,16 @@
 of a prefix (its files and sub-directories), and the names after a given one in key order. The
 fsspec plugins' own listings look again at an empty prefix (is it a file?), adlfs' walks the
 parent level first, and none can start after a name; and the head of a two-level prefix (its
-sub-directories' files in key order) in one flat listing."""
+sub-directories' files in key order) in one flat listing. Azure's are read from the List Blobs
+XML here (``_azure_page``: the SDK's pager cost several times the CPU)."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+import xml.etree.ElementTree as ET
+from email.utils import parsedate_to_datetime
+from typing import Any, NamedTuple
+from urllib.parse import quote, unquote
 
 
 def _prefix(key: str) -> str:
@@ -57,29 +61,91 @@ def _azure_container(azure: Any, path: str) -> tuple[Any, str]:
     return azure.service_client.get_container_client(container), _prefix(key)
 
 
+_AZURE_LIST = {"restype": "container", "comp": "list"}
+
+
+class _AzureBlob(NamedTuple):
+    name: str  # the whole blob name (a ``BlobPrefix``'s ends with the delimiter)
+    prefix: bool  # a ``BlobPrefix`` of a listing with a delimiter
+    node: ET.Element  # the ``Blob`` element: its properties and metadata, when asked for
+
+
+async def _azure_page(client: Any, query: dict[str, str]) -> tuple[list[_AzureBlob], str]:
+    """One page of a List Blobs request (``query``: ``prefix``, ``maxresults``, ``delimiter``,
+    ``startFrom``, ``include``, ``marker``) and the marker of the next ("" after the last),
+    sent through the container client's own pipeline (its credential, retry and transport
+    policies) and parsed for what a listing here uses. The SDK's pager turns every entry into
+    a model of a few dozen fields first: on azurite that took 58-95 ms of CPU for a page of
+    257 blobs, against 8-12 ms read this way (2026-12-06)."""
+    from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+    from azure.core.rest import HttpRequest
+
+    inner = client._client  # the generated client, as the SDK's own operations call it
+    request = HttpRequest(
+        "GET",
+        inner._config.url,
+        # Quoted here, as the SDK's serializer does: azure-core joins them as they are.
+        params={k: quote(v, safe="") for k, v in {**_AZURE_LIST, **query}.items()},
+        headers={"x-ms-version": inner._config.version, "Accept": "application/xml"},
+    )
+    response = await inner._send_request(request)
+    body = await response.read()
+    if response.status_code != 200:
+        kind = ResourceNotFoundError if response.status_code == 404 else HttpResponseError
+        raise kind(response=response)
+    root = ET.fromstring(body)
+    blobs = [
+        _AzureBlob(_azure_name(node), node.tag == "BlobPrefix", node)
+        for node in root.iterfind("Blobs/*")
+    ]
+    return blobs, root.findtext("NextMarker") or ""
+
+
+def _azure_query(prefix: str, per_page: int, **more: str) -> dict[str, str]:
+    return {"maxresults": str(per_page), **({"prefix": prefix} if prefix else {}), **more}
+
+
+def _azure_name(node: ET.Element) -> str:
+    """A listed entry's name; a name with characters XML cannot carry comes percent-encoded
+    (``Encoded="true"``)."""
+    name = node.find("Name")
+    if name is None:
+        return ""
+    text = name.text or ""
+    return unquote(text) if name.get("Encoded") == "true" else text
+
+
+def _azure_info(container: str, blob: _AzureBlob) -> dict[str, Any]:
+    """fsspec's entry of a listed blob: a directory for a prefix or for Data Lake's folder
+    blob (metadata ``hdi_isfolder``), else a file with its size and last modified time."""
+    name = f"{container}/{blob.name.rstrip('/')}"
+    folder = any(
+        m.tag.lower() == "hdi_isfolder" and (m.text or "").lower() == "true"
+        for m in blob.node.iterfind("Metadata/*")
+    )
+    if blob.prefix or blob.name.endswith("/") or folder:
+        return {"name": name, "size": 0, "type": "directory"}
+    modified = blob.node.findtext("Properties/Last-Modified")
+    return {
+        "name": name,
+        "size": int(blob.node.findtext("Properties/Content-Length") or 0),
+        "type": "file",
+        "last_modified": parsedate_to_datetime(modified) if modified else None,
+    }
+
+
 async def azure_files(azure: Any, path: str) -> list[dict[str, Any]]:
     """The detailed listing of ``path`` ([] if absent): one walk with a delimiter inside the
     prefix. adlfs' ``ls`` walks the parent level first (two listing requests) and HEADs
     an empty prefix (is it a file?)."""
     client, prefix = _azure_container(azure, path)
     out: list[dict[str, Any]] = []
-    walk = client.walk_blobs(name_starts_with=prefix, include=["metadata"], results_per_page=1000)
-    async for item in walk:
-        name = f"{client.container_name}/{item['name'].rstrip('/')}"
-        meta = item.get("metadata") or {}
-        folder = str(meta.get("hdi_isfolder", meta.get("Hdi_isfolder", ""))).lower() == "true"
-        if item["name"].endswith("/") or folder:  # a prefix, or Data Lake's folder blob
-            out.append({"name": name, "size": 0, "type": "directory"})
-        else:
-            out.append(
-                {
-                    "name": name,
-                    "size": item["size"],
-                    "type": "file",
-                    "last_modified": item["last_modified"],
-                }
-            )
-    return out
+    query = _azure_query(prefix, 1000, delimiter="/", include="metadata")
+    while True:
+        page, query["marker"] = await _azure_page(client, query)
+        out += [_azure_info(client.container_name, blob) for blob in page]
+        if not query["marker"]:
+            return out
 
 
 async def gcs_after(gcs: Any, path: str, after: str, limit: int) -> list[str]:
@@ -116,16 +182,15 @@ async def azure_after(azure: Any, path: str, after: str, limit: int) -> list[str
     12.28, pages from the prefix's start until ``limit`` names after ``after``."""
     client, prefix = _azure_container(azure, path)
     out: list[str] = []
-    start = {"start_from": f"{prefix}{after}"} if after and azure_starts_from() else {}
-    pages = client.walk_blobs(
-        name_starts_with=prefix, results_per_page=limit + len(start), **start
-    ).by_page()
-    async for page in pages:
-        async for blob in page:
-            name = blob["name"][len(prefix) :]
-            if name and "/" not in name and name > after:
+    start = {"startFrom": f"{prefix}{after}"} if after and azure_starts_from() else {}
+    query = _azure_query(prefix, limit + len(start), delimiter="/", **start)
+    while len(out) < limit:
+        page, query["marker"] = await _azure_page(client, query)
+        for blob in page:
+            name = blob.name[len(prefix) :]
+            if name and not blob.prefix and "/" not in name and name > after:
                 out.append(name)
-        if len(out) >= limit:
+        if not query["marker"]:
             break
     return out[:limit]
 
@@ -195,9 +260,10 @@ async def azure_tree(azure: Any, path: str, limit: int) -> list[str]:
     request; the service may also return a short page with a continuation)."""
     client, prefix = _azure_container(azure, path)
     names: list[str] = []
-    pages = client.list_blobs(name_starts_with=prefix, results_per_page=limit).by_page()
-    async for page in pages:
-        names += _two_levels([blob["name"][len(prefix) :] async for blob in page])
-        if len(names) >= limit:
+    query = _azure_query(prefix, limit)
+    while len(names) < limit:
+        page, query["marker"] = await _azure_page(client, query)
+        names += _two_levels([blob.name[len(prefix) :] for blob in page])
+        if not query["marker"]:
             break
     return names[:limit]
