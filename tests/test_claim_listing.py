@@ -389,6 +389,63 @@ async def test_names_after_one_deep_in_a_prefix_are_one_request(
         await q.close()
 
 
+def test_iso_timestamps_read_as_botocore_reads_them() -> None:
+    """S3 sessions read the ISO 8601 times of listings with ``datetime.fromisoformat``;
+    anything else goes to botocore's parser, with the same result or the same error."""
+    from botocore.utils import parse_timestamp
+
+    from omniq.core._plugins import iso_timestamp
+
+    for text in (
+        "2026-12-06T00:16:12.000Z",
+        "2026-12-06T00:16:12Z",
+        "2026-12-06T00:16:12.123456Z",
+        "Sat, 05 Dec 2026 23:50:43 GMT",  # a Last-Modified header
+        "2026-12-06T01:16:12+01:00",
+        1764979843,
+    ):
+        got, want = iso_timestamp(text), parse_timestamp(text)
+        assert got == want and got.utcoffset() == want.utcoffset(), text
+    with pytest.raises(ValueError):
+        parse_timestamp("yesterdayZ")
+    with pytest.raises(ValueError):
+        iso_timestamp("yesterdayZ")
+
+
+@pytest.mark.parametrize("storage", ["s3"], indirect=True)
+async def test_s3_listing_times_are_read_as_iso_timestamps(
+    storage: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store's S3 client reads its listings' times with ``iso_timestamp`` (botocore's own
+    parser, dateutil's, took ~60 % of a listing's CPU); a session the caller gave is left as
+    it was."""
+    from aiobotocore.session import AioSession
+    from botocore.utils import parse_timestamp
+
+    from omniq.core import _plugins
+
+    read: list[Any] = []
+
+    def counted(value: Any) -> Any:
+        read.append(value)
+        return parse_timestamp(value)
+
+    monkeypatch.setattr(_plugins, "iso_timestamp", counted)
+    for own in (False, True):
+        options = {**storage.storage_options, **({"session": AioSession()} if own else {})}
+        q = AsyncFileQueue(storage.base_dir, options)
+        try:
+            for n in range(3):
+                await q.store.write(f"area/f{n}", b"x")
+            read.clear()
+            entries = await q.store.listdir("area", True)
+            assert [e.name for e in entries] == ["f0", "f1", "f2"]
+            assert all(abs(e.mtime - time.time()) < 300 for e in entries)
+            assert len(read) == (0 if own else 3), read
+        finally:
+            await q.close()
+
+
 def test_azure_listing_names_sent_encoded_are_decoded() -> None:
     """A blob name with characters XML 1.0 cannot carry comes percent-encoded in a listing
     (``Encoded="true"``); others as they are."""

@@ -14,6 +14,7 @@ import json
 import logging
 import types
 import weakref
+from datetime import datetime
 from typing import Any
 
 import fsspec
@@ -187,7 +188,7 @@ def single_try(kind: str, fs: Any, options: dict[str, Any]) -> None:
     adlfs against a dead endpoint, per try)."""
     if kind == "s3":
         fs.retries = 1  # s3fs' own loop around each call (5 by default)
-        _no_expect_continue(fs)
+        _tune_s3_clients(fs, own_session="session" in options)
     elif kind == "gcs":
         # gcsfs retries every request 6 times with up to 32 s sleeps, a count fixed when its
         # class is defined: bind the undecorated request method to this instance.
@@ -212,22 +213,42 @@ def single_try(kind: str, fs: Any, options: dict[str, Any]) -> None:
             log.debug("azure retries or timeouts could not be configured")
 
 
-def _no_expect_continue(fs: Any) -> None:
-    """botocore sends a PUT with ``Expect: 100-continue`` and aiohttp then waits for the
-    interim answer with no timeout: against a server that accepts connections but never
-    answers, the PUT would hang forever (``read_timeout`` does not apply). OmniQ's bodies are
-    small: send them at once. Done on each client s3fs creates."""
+def _tune_s3_clients(fs: Any, own_session: bool) -> None:
+    """Done on each client s3fs creates (in its ``set_session``). botocore sends a PUT with
+    ``Expect: 100-continue`` and aiohttp then waits for the interim answer with no timeout:
+    against a server that accepts connections but never answers, the PUT would hang forever
+    (``read_timeout`` does not apply). OmniQ's bodies are small: they go at once. And the
+    session's responses read their ISO 8601 times with ``iso_timestamp`` (not on a session
+    the caller gave: theirs to set up)."""
     original = fs.set_session
 
     async def set_session(*args: Any, **kwargs: Any) -> Any:
         client = await original(*args, **kwargs)
         events = getattr(getattr(client, "meta", None), "events", None)
+        session = getattr(fs, "session", None)
+        try:
+            from botocore.handlers import add_expect_header
+        except ImportError:  # pragma: no cover - another botocore version
+            return client
         if events is not None:
-            try:
-                from botocore.handlers import add_expect_header
-            except ImportError:  # pragma: no cover - another botocore version
-                return client
             events.unregister("before-call.s3", add_expect_header)
+        if session is not None and not own_session:
+            parsers = session.get_component("response_parser_factory")
+            parsers.set_parser_defaults(timestamp_parser=iso_timestamp)
         return client
 
     fs.set_session = set_session
+
+
+def iso_timestamp(value: Any) -> Any:
+    """botocore's timestamp parser, with the ISO 8601 UTC times of S3's XML (every entry of a
+    listing has one) read by ``datetime.fromisoformat``: botocore's own, dateutil's parser,
+    took ~60 % of the CPU of a 257-key listing (26-28 ms -> 10-11 ms on moto, 2026-12-06)."""
+    if isinstance(value, str) and value.endswith("Z"):
+        try:
+            return datetime.fromisoformat(f"{value[:-1]}+00:00")
+        except ValueError:
+            pass
+    from botocore.utils import parse_timestamp
+
+    return parse_timestamp(value)
