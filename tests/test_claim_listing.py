@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from omniq.core import Task, _cloud_listing, codec
+from omniq.core import Task, _azure_rest, _cloud_listing, codec
 from omniq.core.fs import exists, listafter, listdirs, listhead, listtree, write
 from omniq.storage.file.queue import AsyncFileQueue
 from omniq.storage.file.queue import _layout as layout
@@ -456,7 +456,7 @@ def test_azure_listing_names_sent_encoded_are_decoded() -> None:
         "<Blob><Name>q/ready/x%41.json</Name></Blob><BlobPrefix><Name>q/p/</Name></BlobPrefix>"
         "</Blobs>"
     )
-    assert [_cloud_listing._azure_name(node) for node in page] == [
+    assert [_azure_rest.blob_name(node) for node in page] == [
         "a\x0bb%",
         "q/ready/x%41.json",
         "q/p/",
@@ -481,5 +481,41 @@ async def test_an_azure_listing_of_a_missing_container_is_a_storage_error(storag
         cause = caught.value.__cause__
         assert isinstance(cause, ResourceNotFoundError) and cause.status_code == 404
         assert not is_transient(cause)
+    finally:
+        await q.close()
+
+
+@pytest.mark.parametrize("storage", ["azure"], indirect=True)
+async def test_azure_reads_and_listings_with_a_sas_token(storage: Any) -> None:
+    """Reads and listings send their own requests through the SDK client's pipeline; with a
+    SAS token (in the client's URL, not a header) they carry it too."""
+    from datetime import datetime, timedelta, timezone
+
+    from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
+
+    parts = dict(
+        item.split("=", 1)
+        for item in storage.storage_options["connection_string"].split(";")
+        if item
+    )
+    sas = generate_account_sas(
+        parts["AccountName"],
+        parts["AccountKey"],
+        resource_types=ResourceTypes(service=True, container=True, object=True),
+        permission=AccountSasPermissions(read=True, write=True, list=True, create=True),
+        expiry=datetime.now(timezone.utc) + timedelta(hours=1),
+    )
+    options = {
+        "connection_string": f"BlobEndpoint={parts['BlobEndpoint']};SharedAccessSignature={sas}"
+    }
+    q = AsyncFileQueue(storage.base_dir, options)
+    try:
+        for n in range(3):
+            await q.store.write(f"area/f{n}", f"value {n}".encode())
+        assert await q.store.read("area/f1") == b"value 1"
+        assert await q.store.read("area/missing") is None
+        assert await q.store.listdir("area") == ["f0", "f1", "f2"]
+        assert [e.size for e in await q.store.listdir("area", True)] == [7, 7, 7]
+        assert await q.store.run(_listafter("area", "f0", 5)) == ["f1", "f2"]
     finally:
         await q.close()

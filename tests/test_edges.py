@@ -315,6 +315,14 @@ async def _lose_every_answer(store: Store, kind: str, monkeypatch) -> None:
 
     monkeypatch.setattr(dirfs, "_pipe_file", pipe_async)
     monkeypatch.setattr(dirfs, "_cat_file", cat_async)
+    read = _ops.azure_read  # an Azure read is a GET of its own, not adlfs' cat_file
+
+    async def read_async(azure: Any, path: str) -> Any:
+        if landed:
+            raise lost(path)
+        return await read(azure, path)
+
+    monkeypatch.setattr(_ops, "azure_read", read_async)
 
 
 @pytest.mark.anyio

@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
 from ._azure_batch import azure_delete
+from ._azure_rest import azure_read
 from ._cloud_listing import (
     azure_after,
     azure_files,
@@ -246,6 +247,12 @@ class _FsspecSteps:
         self.fs = fs
 
     def _read(self, key: str) -> _Steps[bytes | None]:
+        reader = _for_plugin(self.fs.fs, None, None, azure_read)  # adlfs: the SDK's downloader
+        if reader is not None:
+            path = self.fs._join(key)
+            data: bytes | None = yield from _retrying("read", key, lambda: _s3(reader, path))
+            return data
+
         def attempt() -> _Steps[bytes | None]:
             try:
                 return (yield from _call("cat_file", key, **_read_options(self.fs)))  # type: ignore[no-any-return]

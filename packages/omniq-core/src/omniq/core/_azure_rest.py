@@ -1,0 +1,82 @@
+"""Requests sent through an Azure SDK client's own pipeline (its credential, retry and
+transport policies) and read here: a page of a List Blobs request, a blob's bytes. The SDK
+builds a model of a few dozen fields for every listed blob, and its download helper a
+downloader for every read; what OmniQ uses of a response is a few elements or the body."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from typing import Any, NamedTuple
+from urllib.parse import quote, unquote
+
+_LIST = {"restype": "container", "comp": "list"}
+
+
+class AzureBlob(NamedTuple):
+    name: str  # the whole blob name (a ``BlobPrefix``'s ends with the delimiter)
+    prefix: bool  # a ``BlobPrefix`` of a listing with a delimiter
+    node: ET.Element  # the ``Blob`` element: its properties and metadata, when asked for
+
+
+async def azure_page(client: Any, query: dict[str, str]) -> tuple[list[AzureBlob], str]:
+    """One page of a List Blobs request (``query``: ``prefix``, ``maxresults``, ``delimiter``,
+    ``startFrom``, ``include``, ``marker``) and the marker of the next ("" after the last),
+    sent through the container client's own pipeline (its credential, retry and transport
+    policies) and parsed for what a listing here uses. The SDK's pager turns every entry into
+    a model of a few dozen fields first (and azure-core parses a response it is not asked to
+    stream): on azurite a page of 257 blobs took 58-105 ms of CPU, 6-9 ms read this way
+    (2026-12-06)."""
+    from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+    from azure.core.rest import HttpRequest
+
+    inner = client._client  # the generated client, as the SDK's own operations call it
+    request = HttpRequest(
+        "GET",
+        inner._config.url,
+        # Quoted here, as the SDK's serializer does: azure-core joins them as they are.
+        params={k: quote(v, safe="") for k, v in {**_LIST, **query}.items()},
+        headers={"x-ms-version": inner._config.version, "Accept": "application/xml"},
+    )
+    # A stream: azure-core would parse the XML of a whole response once more on its own.
+    response = await inner._send_request(request, stream=True)
+    body = await response.read()
+    if response.status_code != 200:
+        kind = ResourceNotFoundError if response.status_code == 404 else HttpResponseError
+        raise kind(response=response)
+    root = ET.fromstring(body)
+    blobs = [
+        AzureBlob(blob_name(node), node.tag == "BlobPrefix", node)
+        for node in root.iterfind("Blobs/*")
+    ]
+    return blobs, root.findtext("NextMarker") or ""
+
+
+def blob_name(node: ET.Element) -> str:
+    """A listed entry's name; a name with characters XML cannot carry comes percent-encoded
+    (``Encoded="true"``)."""
+    name = node.find("Name")
+    if name is None:
+        return ""
+    text = name.text or ""
+    return unquote(text) if name.get("Encoded") == "true" else text
+
+
+async def azure_read(azure: Any, path: str) -> bytes | None:
+    """The bytes of the blob ``path`` (``container/key``), None if it (or its container) is
+    absent: one GET. adlfs' ``cat_file`` goes through the SDK's downloader, which cost ~0.6-0.9
+    ms of CPU more a read on azurite than the request itself (2026-12-06)."""
+    from azure.core.exceptions import HttpResponseError
+    from azure.core.rest import HttpRequest
+
+    container, key, _ = azure.split_path(path)
+    inner = azure.service_client.get_container_client(container)._client
+    base, _, query = inner._config.url.partition("?")  # a SAS token rides in the query
+    url = f"{base}/{quote(key, safe='/~')}" + (f"?{query}" if query else "")
+    request = HttpRequest("GET", url, headers={"x-ms-version": inner._config.version})
+    response = await inner._send_request(request, stream=True)
+    body: bytes = await response.read()
+    if response.status_code == 404:
+        return None
+    if response.status_code != 200:
+        raise HttpResponseError(response=response)
+    return body
