@@ -519,3 +519,26 @@ async def test_azure_reads_and_listings_with_a_sas_token(storage: Any) -> None:
         assert await q.store.run(_listafter("area", "f0", 5)) == ["f1", "f2"]
     finally:
         await q.close()
+
+
+@pytest.mark.parametrize("storage", ["azure"], indirect=True)
+async def test_azure_requests_look_up_no_environment_unless_a_proxy_is_set(
+    storage: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp trusting the environment reads ``~/.netrc`` and the proxy settings in threads
+    on every request: the azure SDK's session does so only where a proxy is set."""
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    for proxy in (None, "http://proxy.invalid:3128"):
+        if proxy is not None:
+            monkeypatch.setenv("HTTPS_PROXY", proxy)
+            monkeypatch.setenv("HTTP_PROXY", proxy)
+            monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # the emulator: direct
+        q = AsyncFileQueue(storage.base_dir, storage.storage_options)
+        try:
+            await q.store.write("area/a", b"x")
+            assert await q.store.read("area/a") == b"x"
+            azure = (await q.store._ops_for_loop()).fs.fs
+            assert azure.service_client._config.transport.session.trust_env is (proxy is not None)
+        finally:
+            await q.close()

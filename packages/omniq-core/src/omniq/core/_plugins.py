@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import types
+import urllib.request
 import weakref
 from datetime import datetime
 from typing import Any
@@ -211,6 +212,19 @@ def single_try(kind: str, fs: Any, options: dict[str, Any]) -> None:
             connection.read_timeout = options.get("read_timeout") or READ_TIMEOUT
         if policy is None or connection is None:  # pragma: no cover - another adlfs version
             log.debug("azure retries or timeouts could not be configured")
+        _no_env_lookups(transport)
+
+
+def _no_env_lookups(transport: Any) -> None:
+    """The azure SDK's aiohttp session trusts the environment: on every request aiohttp
+    reads ``~/.netrc`` and the proxy settings in worker threads (~1 ms of CPU a request of
+    the ~2.3 a read took on azurite, 2026-12-06). Where the environment sets no proxy those
+    look-ups find nothing the SDK uses (a netrc entry for the account's host would even clash
+    with its Authorization header): the session is made without them. With a proxy set
+    (``HTTPS_PROXY`` and the like) nothing changes. Before the session exists: its first
+    request makes it."""
+    if hasattr(transport, "_use_env_settings") and not urllib.request.getproxies():
+        transport._use_env_settings = False
 
 
 def _tune_s3_clients(fs: Any, own_session: bool) -> None:
