@@ -4,6 +4,7 @@ without breaking priority order, an idle poller's pace kept across calls."""
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from typing import Any
@@ -406,10 +407,11 @@ def test_iso_timestamps_read_as_botocore_reads_them() -> None:
     ):
         got, want = iso_timestamp(text), parse_timestamp(text)
         assert got == want and got.utcoffset() == want.utcoffset(), text
-    with pytest.raises(ValueError):
-        parse_timestamp("yesterdayZ")
-    with pytest.raises(ValueError):
-        iso_timestamp("yesterdayZ")
+    for text in ("yesterdayZ", "2026-12-06Z"):  # the second: a naive date to fromisoformat
+        with pytest.raises(ValueError):
+            parse_timestamp(text)
+        with pytest.raises(ValueError):
+            iso_timestamp(text)
 
 
 @pytest.mark.parametrize("storage", ["s3"], indirect=True)
@@ -480,6 +482,7 @@ async def test_an_azure_listing_of_a_missing_container_is_a_storage_error(storag
             await q.store.listdir("area")
         cause = caught.value.__cause__
         assert isinstance(cause, ResourceNotFoundError) and cause.status_code == 404
+        assert cause.error_code == "ContainerNotFound"  # as the SDK's own errors carry it
         assert not is_transient(cause)
     finally:
         await q.close()
@@ -522,23 +525,58 @@ async def test_azure_reads_and_listings_with_a_sas_token(storage: Any) -> None:
 
 
 @pytest.mark.parametrize("storage", ["azure"], indirect=True)
-async def test_azure_requests_look_up_no_environment_unless_a_proxy_is_set(
-    storage: Any, monkeypatch: pytest.MonkeyPatch
+async def test_azure_requests_look_up_no_environment_unless_it_has_a_proxy_or_netrc(
+    storage: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
     """aiohttp trusting the environment reads ``~/.netrc`` and the proxy settings in threads
-    on every request: the azure SDK's session does so only where a proxy is set."""
-    for key in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(key, raising=False)
-    for proxy in (None, "http://proxy.invalid:3128"):
-        if proxy is not None:
-            monkeypatch.setenv("HTTPS_PROXY", proxy)
-            monkeypatch.setenv("HTTP_PROXY", proxy)
-            monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # the emulator: direct
-        q = AsyncFileQueue(storage.base_dir, storage.storage_options)
+    on every request: the azure SDK's session does so only where the environment has a proxy
+    for aiohttp's schemes or a netrc file when the storage is made."""
+    import urllib.request
+
+    for key in list(os.environ):
+        if key.lower().endswith("_proxy"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "absent"))
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine example.invalid login a password b\n")
+    proxy = {"HTTPS_PROXY": "http://proxy.invalid:3128", "NO_PROXY": "127.0.0.1,localhost"}
+    for case in ("no-proxy-only", "netrc", "proxy"):
+        with monkeypatch.context() as patch:
+            if case == "no-proxy-only":  # NO_PROXY alone sends nothing through a proxy
+                patch.setattr(urllib.request, "getproxies", lambda: {"no": "localhost"})
+            elif case == "netrc":
+                patch.setenv("NETRC", str(netrc))
+            else:
+                for key, value in proxy.items():  # the emulator's address bypasses it
+                    patch.setenv(key, value)
+            q = AsyncFileQueue(storage.base_dir, storage.storage_options)
+            try:
+                await q.store.write("area/a", b"x")
+                assert await q.store.read("area/a") == b"x"
+                azure = (await q.store._ops_for_loop()).fs.fs
+                session = azure.service_client._config.transport.session
+                assert session.trust_env is (case != "no-proxy-only"), case
+            finally:
+                await q.close()
+
+
+@pytest.mark.parametrize("storage", ["azure"], indirect=True)
+async def test_an_azure_read_asks_for_the_server_timeout_adlfs_was_given(storage: Any) -> None:
+    """adlfs' ``timeout`` option (the service's own time limit for a request) reaches reads
+    sent through the pipeline, as it reached the SDK's downloader."""
+    from test_listing import http_requests
+
+    for options, sent in (
+        (storage.storage_options, False),
+        ({**storage.storage_options, "timeout": 30}, True),
+    ):
+        q = AsyncFileQueue(storage.base_dir, options)
         try:
             await q.store.write("area/a", b"x")
-            assert await q.store.read("area/a") == b"x"
-            azure = (await q.store._ops_for_loop()).fs.fs
-            assert azure.service_client._config.transport.session.trust_env is (proxy is not None)
+            with http_requests() as made:
+                assert await q.store.read("area/a") == b"x"
+            (request,) = made
+            assert ("timeout=30" in request) is sent, request
         finally:
             await q.close()

@@ -12,6 +12,7 @@ import importlib
 import inspect
 import json
 import logging
+import os
 import types
 import urllib.request
 import weakref
@@ -218,13 +219,22 @@ def single_try(kind: str, fs: Any, options: dict[str, Any]) -> None:
 def _no_env_lookups(transport: Any) -> None:
     """The azure SDK's aiohttp session trusts the environment: on every request aiohttp
     reads ``~/.netrc`` and the proxy settings in worker threads (~1 ms of CPU a request of
-    the ~2.3 a read took on azurite, 2026-12-06). Where the environment sets no proxy those
-    look-ups find nothing the SDK uses (a netrc entry for the account's host would even clash
-    with its Authorization header): the session is made without them. With a proxy set
-    (``HTTPS_PROXY`` and the like) nothing changes. Before the session exists: its first
-    request makes it."""
-    if hasattr(transport, "_use_env_settings") and not urllib.request.getproxies():
+    the ~2.3 a read took on azurite, 2026-12-06). Where the environment, when the storage is
+    made, sets no proxy aiohttp uses and has no netrc file, those look-ups find nothing: the
+    session is made without them. Otherwise nothing changes. Before the session exists: its
+    first request makes it."""
+    if hasattr(transport, "_use_env_settings") and not _env_for_aiohttp():
         transport._use_env_settings = False
+
+
+def _env_for_aiohttp() -> bool:
+    """Whether aiohttp trusting the environment would find something in it: a proxy for its
+    schemes (``NO_PROXY`` alone sends nothing through a proxy), or a netrc file."""
+    if any(scheme in urllib.request.getproxies() for scheme in ("http", "https", "ws", "wss")):
+        return True
+    home = os.path.expanduser("~")
+    files = [os.environ.get("NETRC") or os.path.join(home, ".netrc"), os.path.join(home, "_netrc")]
+    return any(os.path.exists(f) for f in files)
 
 
 def _tune_s3_clients(fs: Any, own_session: bool) -> None:
@@ -258,11 +268,13 @@ def iso_timestamp(value: Any) -> Any:
     """botocore's timestamp parser, with the ISO 8601 UTC times of S3's XML (every entry of a
     listing has one) read by ``datetime.fromisoformat``: botocore's own, dateutil's parser,
     took ~60 % of the CPU of a 257-key listing (26-28 ms -> 10-11 ms on moto, 2026-12-06)."""
-    if isinstance(value, str) and value.endswith("Z"):
+    if isinstance(value, str) and value.endswith("Z") and "T" in value:
         try:
-            return datetime.fromisoformat(f"{value[:-1]}+00:00")
+            parsed = datetime.fromisoformat(f"{value[:-1]}+00:00")
         except ValueError:
-            pass
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:
+            return parsed
     from botocore.utils import parse_timestamp
 
     return parse_timestamp(value)
