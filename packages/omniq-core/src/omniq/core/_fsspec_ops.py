@@ -247,7 +247,8 @@ class _FsspecSteps:
         self.fs = fs
 
     def _read(self, key: str) -> _Steps[bytes | None]:
-        reader = _for_plugin(self.fs.fs, None, None, azure_read)  # adlfs: the SDK's downloader
+        # Azure: a GET of its own (adlfs' cat_file builds the SDK's downloader for each read).
+        reader = _for_plugin(self.fs.fs, None, None, azure_read)
         if reader is not None:
             path = self.fs._join(key)
             data: bytes | None = yield from _retrying("read", key, lambda: _s3(reader, path))

@@ -187,7 +187,7 @@ def keep_s3_session(options: dict[str, Any], fs: Any) -> None:
 def single_try(kind: str, fs: Any, options: dict[str, Any]) -> None:
     """Turn off the retry loops the plugins run outside the SDK's configuration (each under
     OmniQ's own would multiply the time to fail: ~9 s for s3fs, ~34 s for gcsfs, ~86 s for
-    adlfs against a dead endpoint, per try)."""
+    adlfs against a dead endpoint, per try), and set up the S3 and Azure clients (below)."""
     if kind == "s3":
         fs.retries = 1  # s3fs' own loop around each call (5 by default)
         _tune_s3_clients(fs, own_session="session" in options)
