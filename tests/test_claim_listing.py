@@ -1,6 +1,8 @@
 """What a claim lists and how often (issue 13): bounded head listings on every store, one
 reaper pass per interval whatever the number of consumers, consumers spread over the head
-without breaking priority order, an idle poller's pace kept across calls."""
+without breaking priority order, an idle poller's pace kept across calls; and what the S3 and
+Azure clients do for a listing or a read (times, the List Blobs XML, SAS tokens, the
+environment)."""
 
 from __future__ import annotations
 
