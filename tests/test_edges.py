@@ -218,6 +218,14 @@ async def _break_creates(store: Store, kind: str, monkeypatch) -> None:
         return original(path, data, **kwargs)
 
     monkeypatch.setattr(dirfs, name, failing)
+    write = _ops.azure_write  # an Azure write is a PUT of its own, not adlfs' pipe_file
+
+    async def failing_azure(azure: Any, path: str, data: bytes, create: bool) -> None:
+        if create and "/_omniq/" not in path:
+            raise _connection_error(kind, f"{store.url}/{path}")
+        await write(azure, path, data, create)
+
+    monkeypatch.setattr(_ops, "azure_write", failing_azure)
 
 
 @pytest.mark.anyio
@@ -315,14 +323,22 @@ async def _lose_every_answer(store: Store, kind: str, monkeypatch) -> None:
 
     monkeypatch.setattr(dirfs, "_pipe_file", pipe_async)
     monkeypatch.setattr(dirfs, "_cat_file", cat_async)
-    read = _ops.azure_read  # an Azure read is a GET of its own, not adlfs' cat_file
+    # Azure reads and writes are requests of their own, not adlfs' cat_file and pipe_file.
+    read, write = _ops.azure_read, _ops.azure_write
 
     async def read_async(azure: Any, path: str) -> Any:
         if landed:
             raise lost(path)
         return await read(azure, path)
 
+    async def write_async(azure: Any, path: str, data: bytes, create: bool) -> None:
+        await write(azure, path, data, create)
+        if create:
+            landed.append(path)
+            raise lost(path)
+
     monkeypatch.setattr(_ops, "azure_read", read_async)
+    monkeypatch.setattr(_ops, "azure_write", write_async)
 
 
 @pytest.mark.anyio
@@ -375,6 +391,13 @@ async def _retry_inside_sdk(store: Store, monkeypatch) -> None:
         return await original_async(path, data, **kwargs)
 
     monkeypatch.setattr(dirfs, "_pipe_file", twice_async)
+    write = _ops.azure_write  # an Azure write is a PUT of its own, not adlfs' pipe_file
+
+    async def twice_azure(azure: Any, path: str, data: bytes, create: bool) -> None:
+        await write(azure, path, data, create)
+        await write(azure, path, data, create)
+
+    monkeypatch.setattr(_ops, "azure_write", twice_azure)
 
 
 @pytest.mark.anyio

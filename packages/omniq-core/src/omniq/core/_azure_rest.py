@@ -1,7 +1,8 @@
 """Requests sent through an Azure SDK client's own pipeline (its credential, retry and
-transport policies) and read here: a page of a List Blobs request, a blob's bytes. The SDK
-builds a model of a few dozen fields for every listed blob, and its download helper a
-downloader for every read; what OmniQ uses of a response is a few elements or the body."""
+transport policies) and read here: a page of a List Blobs request, a blob's bytes, a blob's
+PUT. The SDK builds a model of a few dozen fields for every listed blob, a downloader for
+every read and an uploader for every write; what OmniQ uses is a few elements, the body, or
+the status."""
 
 from __future__ import annotations
 
@@ -68,16 +69,9 @@ async def azure_read(azure: Any, path: str) -> bytes | None:
     from azure.core.exceptions import HttpResponseError
     from azure.core.rest import HttpRequest
 
-    container, key, _ = azure.split_path(path)
-    inner = azure.service_client.get_container_client(container)._client
-    base, _, query = inner._config.url.partition("?")  # a SAS token rides in the query
-    url = f"{base}/{quote(key, safe='/~')}" + (f"?{query}" if query else "")
-    timeout = getattr(azure, "_timeout_kwargs", {}).get("timeout")  # adlfs' ``timeout``
+    inner, url, params = _blob_request(azure, path)
     request = HttpRequest(
-        "GET",
-        url,
-        params={"timeout": str(int(timeout))} if timeout is not None else None,
-        headers={"x-ms-version": inner._config.version},
+        "GET", url, params=params, headers={"x-ms-version": inner._config.version}
     )
     response = await inner._send_request(request, stream=True)
     body: bytes = await response.read()
@@ -86,6 +80,46 @@ async def azure_read(azure: Any, path: str) -> bytes | None:
     if response.status_code != 200:
         raise _with_code(HttpResponseError(response=response), response)
     return body
+
+
+async def azure_write(azure: Any, path: str, data: bytes, create: bool) -> None:
+    """Put the blob ``path`` (``container/key``) as adlfs' ``pipe_file`` does (a block blob,
+    metadata ``is_directory=false``): one PUT. With ``create`` only if it is absent
+    (``If-None-Match: *``, which Azure refuses with 409 ``BlobAlreadyExists``): then
+    ``FileExistsError``, as adlfs raises for the SDK's ``ResourceExistsError``. The SDK's
+    upload helper cost 0.3-0.4 ms of CPU more a create on azurite, ~0.9 more a refused one
+    (2026-12-06)."""
+    from azure.core.exceptions import HttpResponseError
+    from azure.core.rest import HttpRequest
+
+    inner, url, params = _blob_request(azure, path)
+    headers = {
+        "x-ms-version": inner._config.version,
+        "x-ms-blob-type": "BlockBlob",
+        "x-ms-meta-is_directory": "false",
+        "Content-Type": "application/octet-stream",  # signed: aiohttp would add it after
+    }
+    if create:
+        headers["If-None-Match"] = "*"
+    request = HttpRequest("PUT", url, params=params, headers=headers, content=data)
+    response = await inner._send_request(request, stream=True)
+    await response.read()
+    if response.status_code == 201:
+        return
+    if create and response.status_code == 409:  # the SDK's ResourceExistsError, as adlfs has it
+        raise FileExistsError(path)
+    raise _with_code(HttpResponseError(response=response), response)
+
+
+def _blob_request(azure: Any, path: str) -> tuple[Any, str, dict[str, str] | None]:
+    """The generated client of ``path``'s container, the blob's URL (a SAS token of the
+    client's URL kept in its query) and the query of adlfs' ``timeout`` option."""
+    container, key, _ = azure.split_path(path)
+    inner = azure.service_client.get_container_client(container)._client
+    base, _, query = inner._config.url.partition("?")
+    url = f"{base}/{quote(key, safe='/~')}" + (f"?{query}" if query else "")
+    timeout = getattr(azure, "_timeout_kwargs", {}).get("timeout")  # adlfs' ``timeout``
+    return inner, url, {"timeout": str(int(timeout))} if timeout is not None else None
 
 
 def _with_code(error: Any, response: Any) -> Any:

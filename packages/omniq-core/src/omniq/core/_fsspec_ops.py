@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
 from ._azure_batch import azure_delete
-from ._azure_rest import azure_read
+from ._azure_rest import azure_read, azure_write
 from ._cloud_listing import (
     azure_after,
     azure_files,
@@ -262,13 +262,22 @@ class _FsspecSteps:
 
         return (yield from _retrying("read", key, attempt))
 
+    def _put(self, key: str, data: bytes, create: bool) -> _Steps[None]:
+        """One PUT of ``key``; with ``create`` only if absent ("exists" raised otherwise)."""
+        # Azure: a request of its own (adlfs' pipe_file builds the SDK's uploader each time).
+        writer = _for_plugin(self.fs.fs, None, None, azure_write)
+        if writer is not None:
+            yield _S3Call(writer, (self.fs._join(key), data, create))
+        else:
+            yield _Call("pipe_file", (key, data), {"mode": "create"} if create else {})
+
     def _write(self, key: str, data: bytes) -> _Steps[None]:
-        yield from _retrying("write", key, lambda: _call("pipe_file", key, data))
+        yield from _retrying("write", key, lambda: self._put(key, data, create=False))
 
     def _create(self, key: str, data: bytes) -> _Steps[bool]:
         for attempt in range(RETRIES):
             try:
-                yield _Call("pipe_file", (key, data), {"mode": "create"})
+                yield from self._put(key, data, create=True)
                 return True
             except Exception as exc:
                 if is_exists_error(exc):
