@@ -582,3 +582,70 @@ async def test_an_azure_read_asks_for_the_server_timeout_adlfs_was_given(storage
             assert ("timeout=30" in request) is sent, request
         finally:
             await q.close()
+
+
+class _AzureAnswer:
+    """A response of the Azure pipeline, as ``_azure_rest`` reads it."""
+
+    reason = "stub"
+
+    def __init__(self, status: int, code: str | None) -> None:
+        self.status_code = status
+        self.headers = {"x-ms-error-code": code} if code else {}
+
+    async def read(self) -> bytes:
+        return b""
+
+    def text(self, encoding: str | None = None) -> str:
+        return ""
+
+
+class _AzureStub:
+    """adlfs' filesystem as ``azure_write`` uses it, its container client answering
+    ``answer`` to every request."""
+
+    def __init__(self, answer: _AzureAnswer) -> None:
+        config = type("Config", (), {"url": "http://azure.invalid/acct/c", "version": "v"})
+        self.service_client = self
+        self._client = type("Client", (), {"_config": config, "_send_request": self._send})()
+        self.answer = answer
+
+    async def _send(self, request: Any, stream: bool = False) -> _AzureAnswer:
+        return self.answer
+
+    def get_container_client(self, container: str) -> Any:
+        return self
+
+    def split_path(self, path: str) -> tuple[str, str, None]:
+        container, key = path.split("/", 1)
+        return container, key, None
+
+    def _parent(self, path: str) -> str:
+        return path.rsplit("/", 1)[0]
+
+    def invalidate_cache(self, path: str) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "exists", "transient"),
+    [
+        (409, "BlobAlreadyExists", True, False),
+        (409, None, True, False),
+        (409, "ContainerBeingDeleted", False, False),  # refused, but not for existing
+        (412, "ConditionNotMet", True, False),
+        (503, "ServerBusy", False, True),
+    ],
+)
+async def test_an_azure_create_is_answered_exists_only_when_the_blob_exists(
+    status: int, code: str | None, exists: bool, transient: bool
+) -> None:
+    """Azure refuses ``If-None-Match: *`` on an existing blob with 409 ``BlobAlreadyExists``;
+    another 409 is an error of its own (a create that fails is not a lost race)."""
+    from omniq.core._store_errors import is_exists_error, is_transient
+
+    with pytest.raises(Exception) as caught:
+        await _azure_rest.azure_write(_AzureStub(_AzureAnswer(status, code)), "c/k", b"x", True)
+    assert is_exists_error(caught.value) is exists
+    assert is_transient(caught.value) is transient
+    assert getattr(caught.value, "error_code", code) == code

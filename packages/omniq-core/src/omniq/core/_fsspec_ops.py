@@ -247,20 +247,18 @@ class _FsspecSteps:
         self.fs = fs
 
     def _read(self, key: str) -> _Steps[bytes | None]:
+        return (yield from _retrying("read", key, lambda: self._read_once(key)))
+
+    def _read_once(self, key: str) -> _Steps[bytes | None]:
         # Azure: a GET of its own (adlfs' cat_file builds the SDK's downloader for each read).
         reader = _for_plugin(self.fs.fs, None, None, azure_read)
         if reader is not None:
-            path = self.fs._join(key)
-            data: bytes | None = yield from _retrying("read", key, lambda: _s3(reader, path))
+            data: bytes | None = yield from _s3(reader, self.fs._join(key))
             return data
-
-        def attempt() -> _Steps[bytes | None]:
-            try:
-                return (yield from _call("cat_file", key, **_read_options(self.fs)))  # type: ignore[no-any-return]
-            except FileNotFoundError:
-                return None
-
-        return (yield from _retrying("read", key, attempt))
+        try:
+            return (yield from _call("cat_file", key, **_read_options(self.fs)))  # type: ignore[no-any-return]
+        except FileNotFoundError:
+            return None
 
     def _put(self, key: str, data: bytes, create: bool) -> _Steps[None]:
         """One PUT of ``key``; with ``create`` only if absent ("exists" raised otherwise)."""
@@ -293,7 +291,7 @@ class _FsspecSteps:
                     # left to be answered "exists": one look (no retries of its own, so an
                     # outage does not take longer to report) tells.
                     try:
-                        stored = yield from _call("cat_file", key, **_read_options(self.fs))
+                        stored = yield from self._read_once(key)
                     except Exception:
                         stored = None
                     if stored == data:
