@@ -86,9 +86,8 @@ async def azure_write(azure: Any, path: str, data: bytes, create: bool) -> None:
     """Put the blob ``path`` (``container/key``) as adlfs' ``pipe_file`` does (a block blob,
     metadata ``is_directory=false``): one PUT. With ``create`` only if it is absent
     (``If-None-Match: *``, which Azure refuses with 409 ``BlobAlreadyExists``): then
-    ``FileExistsError``, as adlfs raises it. The SDK's
-    upload helper cost 0.3-0.4 ms of CPU more a create on azurite, ~0.9 more a refused one
-    (2026-12-06)."""
+    ``FileExistsError``, as adlfs raises it. The SDK's upload helper cost 0.3-0.4 ms of CPU
+    more a create on azurite, ~0.9 more a refused one (2026-12-06)."""
     from azure.core.exceptions import HttpResponseError
     from azure.core.rest import HttpRequest
 
