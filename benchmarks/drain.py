@@ -14,8 +14,8 @@ Side by side in one run, on local disk, N no-op tasks with results, total concur
   (``benchmarks/redis_peers.py``); skipped, with a note, where no server binary is found;
 - ``floor`` -- the file operations of one task's life after its enqueue, replayed bare in
   one thread (no worker, no encoding): list the ready directory (once per 256 tasks), read
-  the task file, claim it (stat, utime, hard link into ``run/``, stat, unlink, utime,
-  owner xattr), write the result (an ``O_TMPFILE`` inode linked in, or a temp file +
+  the task file, claim it (stat, utime, hard link into ``run/``, unlink, stat, owner xattr;
+  a second utime only where the stat shows the first replaced), write the result (an ``O_TMPFILE`` inode linked in, or a temp file +
   rename: the way ``LocalOps`` found faster here), ack (hard link + utime). The same
   system calls as ``omniq.core._local_ops.LocalOps`` makes for the worker.
 
@@ -194,13 +194,14 @@ def _floor(path: str, n: int, ready: Any) -> dict[str, Any]:
             os.read(fd, 65536)
             os.close(fd)
             now = time.time()  # claim (take)
+            stamp = round(now * 1e9)
             if os.stat(src).st_nlink > 1 and os.path.exists(dst):
                 continue
-            os.utime(src, (now, now))
+            os.utime(src, ns=(stamp, stamp))
             os.link(src, dst)
-            os.stat(dst)
             os.unlink(src)
-            os.utime(dst, (now, now))
+            if os.stat(dst).st_mtime_ns != stamp:  # restamped only if it was replaced
+                os.utime(dst, ns=(stamp, stamp))
             if xattr:
                 try:
                     os.setxattr(dst, "user.omniq.owner", owner)

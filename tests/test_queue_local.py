@@ -413,6 +413,24 @@ def test_take_restamps_after_a_racing_loser(tmp_path: Path, monkeypatch) -> None
     assert ops.owner("run/a") in ("winner", None)
 
 
+def test_take_stamps_once_when_nobody_raced(tmp_path: Path, monkeypatch) -> None:
+    """The lease is stamped before the link; after the unlink only a stamp that was replaced
+    is made again (a stamp is a write: one a claim fewer)."""
+    ops = LocalOps(str(tmp_path))
+    (tmp_path / "a").write_bytes(b"x" * 40)
+    stamps: list[object] = []
+    real_utime = os.utime
+
+    def counted(path, *args, **kwargs):
+        stamps.append(path)
+        return real_utime(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "utime", counted)
+    assert ops.take("a", "run/a", 1234.5, "w").status is TakeStatus.TAKEN
+    assert stamps == [str(tmp_path / "a")]
+    assert (tmp_path / "run" / "a").stat().st_mtime == 1234.5
+
+
 def test_take_refuses_a_leftover_tombstone(tmp_path: Path) -> None:
     ops = LocalOps(str(tmp_path))
     (tmp_path / "a").write_bytes(b"done")

@@ -315,20 +315,21 @@ class LocalOps:
     def take(self, src: str, dst: str, mtime: float, owner: str, min_size: int = 0) -> TakeResult:
         """Claim ``src`` as ``dst`` without creating a file: stamp ``mtime`` on it, hard-link
         it to ``dst`` (exclusive like ``O_EXCL``: EEXIST means another claim exists), unlink
-        ``src``, then stamp ``mtime`` and ``owner`` (an extended attribute, where supported)
-        again. Returns ``TAKEN`` with the inode number on success -- also when the clean-up
+        ``src``, stamp ``mtime`` again if it was replaced meanwhile, then ``owner`` (an
+        extended attribute, where supported). Returns ``TAKEN`` with the inode number on success -- also when the clean-up
         after the link fails (the claim is won; a leftover ``src`` is dropped by its next
         claimer); ``EXISTS`` if ``dst`` exists or the file is smaller than ``min_size``;
         ``GONE`` if ``src`` is gone; ``REFUSED`` if this file cannot be taken here (owned by
         another user, links refused): the caller then claims another way."""
         source, target = self._path(src), self._path(dst)
+        stamp = round(mtime * 1e9)
         try:
             if os.stat(source).st_nlink > 1 and os.path.exists(target):
                 # Already taken (a claimer died between its link and its unlink): do not stamp
                 # it, which would extend that orphaned claim's lease.
                 return _EXISTS
             # Before the link, so the claim never exists without a lease.
-            os.utime(source, (mtime, mtime))
+            os.utime(source, ns=(stamp, stamp))
         except FileNotFoundError:
             return _GONE
         except PermissionError:  # only a file's owner may set its times
@@ -347,14 +348,20 @@ class LocalOps:
                 if exc.errno in _NO_LINK:  # protected_hardlinks, EXDEV, FUSE/SMB mounts
                     return _REFUSED
                 raise
-        st = os.stat(target)
         try:
             self.delete(src)
-            # Once more, now that no other claimer can reach the file by its ready name: a
-            # loser of the race may have stamped its own lease between our stamp and unlink.
-            os.utime(target, (mtime, mtime))
         except OSError as exc:  # the claim is won: keep it
-            log.warning("claimed %s, but finishing the take failed: %s", dst, exc)
+            log.warning("claimed %s, but removing its ready name failed: %s", dst, exc)
+        st = os.stat(target)
+        if st.st_mtime_ns != stamp:
+            # Once more, now that no other claimer can reach the file by its ready name: a
+            # loser of the race stamped its own lease between our stamp and unlink (or the
+            # filesystem keeps coarser times). Looked at first: the stat is needed anyway, a
+            # stamp is a write.
+            try:
+                os.utime(target, ns=(stamp, stamp))
+            except OSError as exc:  # the claim is won: keep it
+                log.warning("claimed %s, but stamping its lease failed: %s", dst, exc)
         if st.st_size < min_size:
             return _EXISTS
         if self._xattr_ok:
