@@ -239,9 +239,10 @@ class ClaimHandling(Reaping):
                     break  # (a candidate of a listing kept from an earlier call was taken)
                 if self._held_too_long(lease, held, claimed):
                     return  # slow requests: start what is in hand, claim more later
-                picks = [
-                    cache.items.pop(0) for _ in range(min(want - len(claimed), len(cache.items)))
-                ]
+                # One slice off the front (a pop(0) a pick moved the rest of a listing of up
+                # to 2,048 candidates each time).
+                picks = cache.items[: max(0, want - len(claimed))]
+                del cache.items[: len(picks)]
                 # Noted before the tries: a listing made by another call meanwhile leaves
                 # them out (see _unpicked).
                 remote = self.store.is_remote
