@@ -3,9 +3,10 @@
 Correctness argument. A claim of attempt n takes the ready file itself:
 ``utime(ready, lease end)``, then ``link(ready, run/{id}.{n}.json)``. ``link(2)`` fails with
 EEXIST when the name exists, exactly like ``O_EXCL``, so one claimer wins; the winner then
-unlinks the ready name and stamps the lease again (a loser may have stamped its own between
-the first stamp and the unlink). No file is created: the claim is the task's own inode, its
-lease is the file's mtime until the first heartbeat creates a lease epoch.
+unlinks the ready name and stamps the lease again if a loser stamped its own between the first
+stamp and the unlink (the stat the winner makes anyway shows it). No file is created: the
+claim is the task's own inode, its lease is the file's mtime until the first heartbeat
+creates a lease epoch.
 
 * The link is made after the stamp, so a claim never exists without a lease.
 * A claimer killed between link and unlink leaves the ready name beside the claim (the same
