@@ -316,11 +316,12 @@ class LocalOps:
         """Claim ``src`` as ``dst`` without creating a file: stamp ``mtime`` on it, hard-link
         it to ``dst`` (exclusive like ``O_EXCL``: EEXIST means another claim exists), unlink
         ``src``, stamp ``mtime`` again if it was replaced meanwhile, then ``owner`` (an
-        extended attribute, where supported). Returns ``TAKEN`` with the inode number on success -- also when the clean-up
-        after the link fails (the claim is won; a leftover ``src`` is dropped by its next
-        claimer); ``EXISTS`` if ``dst`` exists or the file is smaller than ``min_size``;
-        ``GONE`` if ``src`` is gone; ``REFUSED`` if this file cannot be taken here (owned by
-        another user, links refused): the caller then claims another way."""
+        extended attribute, where supported). Returns ``TAKEN`` with the inode number on
+        success -- also when the clean-up after the link fails (the claim is won; a leftover
+        ``src`` is dropped by its next claimer); ``EXISTS`` if ``dst`` exists or the file is
+        smaller than ``min_size``; ``GONE`` if ``src`` is gone; ``REFUSED`` if this file
+        cannot be taken here (owned by another user, links refused): the caller then claims
+        another way."""
         source, target = self._path(src), self._path(dst)
         stamp = round(mtime * 1e9)
         try:
@@ -373,8 +374,9 @@ class LocalOps:
 
     def link(self, src: str, dst: str, mtime: float | None = None) -> bool | None:
         """Hard-link ``src`` to ``dst`` (exclusive like ``O_EXCL``; ``dst``'s directory is made
-        if missing), then stamp ``mtime`` (if given) on the file: a new name without a new file. True if
-        linked; False if ``dst`` exists; None if ``src`` is gone or links are refused here
+        if missing), then stamp ``mtime`` (if given) on the file: a new name without a new
+        file. True if linked; False if ``dst`` exists; None if ``src`` is gone or links are
+        refused here
         (the caller creates instead)."""
         if not self._link_ok:
             return None
