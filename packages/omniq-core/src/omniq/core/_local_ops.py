@@ -376,8 +376,7 @@ class LocalOps:
         """Hard-link ``src`` to ``dst`` (exclusive like ``O_EXCL``; ``dst``'s directory is made
         if missing), then stamp ``mtime`` (if given) on the file: a new name without a new
         file. True if linked; False if ``dst`` exists; None if ``src`` is gone or links are
-        refused here
-        (the caller creates instead)."""
+        refused here (the caller creates instead)."""
         if not self._link_ok:
             return None
         source, target = self._path(src), self._path(dst)
