@@ -15,9 +15,10 @@ Side by side in one run, on local disk, N no-op tasks with results, total concur
 - ``floor`` -- the file operations of one task's life after its enqueue, replayed bare in
   one thread (no worker, no encoding): list the ready directory (once per 256 tasks), read
   the task file, claim it (stat, utime, hard link into ``run/``, unlink, stat, owner xattr;
-  a second utime only where the stat shows the first replaced), write the result (an ``O_TMPFILE`` inode linked in, or a temp file +
-  rename: the way ``LocalOps`` found faster here), ack (hard link + utime). The same
-  system calls as ``omniq.core._local_ops.LocalOps`` makes for the worker.
+  a second utime only where the stat shows the first replaced), write the result (an
+  ``O_TMPFILE`` inode linked in, or a temp file + rename: the way ``LocalOps`` found faster
+  here), ack (hard link + utime). The same system calls as ``omniq.core._local_ops.LocalOps``
+  makes for the worker.
 
 Each configuration runs in a fresh process that enqueues its N tasks first (not timed), with
 logging configured at INFO into ``os.devnull`` (as a daemon logs; both workers log per task

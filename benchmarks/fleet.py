@@ -20,10 +20,11 @@ queue, flat in depth, per-worker throughput under request latency, idle polling 
   ``tools/fault_proxy.py`` holding every response 20 ms, then 100 ms (``delay`` mode):
   per-worker tasks/s against ``concurrency / (requests per task x latency)``, the rate of a
   worker whose requests overlap up to its concurrency. Both are a steady drain's, as the
-  requests per task above: counted from the 50th task a worker finished to 200 more (its start
-  is a dozen requests in a row, ~0.4 s at 20 ms before its first task ends, and its last tasks
-  leave slots empty); the whole drain's rate is shown beside it (until the 2026-12-06 run the
-  figure was a whole drain of 100 tasks a worker). The same drain with no proxy gives the
+  requests per task above: counted from the fleet's 50 x K-th finished task to 200 x K more, of
+  300 x K queued, tasks/s divided by K (a worker's start is a dozen requests in a row, ~0.4 s at
+  20 ms before its first task ends, and a drain's last tasks leave slots empty); the rate from
+  the workers' start until they are stopped at the stretch's end (the "whole drain" column) is
+  shown beside it. Until the 2026-12-06 run the figure was a whole drain of 100 tasks a worker. The same drain with no proxy gives the
   *ceiling*: what the emulator and the worker, sharing this machine's cores, reach with no
   latency at all. Where the 20 ms bound is above that ceiling, the 20 ms ratio measures the
   emulator's CPU, not the worker; the 100 ms row keeps the bound under it.
@@ -544,9 +545,16 @@ def markdown(data: dict[str, Any]) -> str:
                 ]
                 for d in block["latency"]
             ]
+            steady = any("rate" in d for d in block["latency"])
             parts.append(
-                f"{store} with latency added to every request (fault proxy); tasks/s and "
-                "requests per task over a steady stretch, the whole drain's tasks/s beside\n\n"
+                f"{store} with latency added to every request (fault proxy)"
+                + (
+                    "; tasks/s and requests per task over a steady stretch, beside them the "
+                    "tasks/s from the workers' start until they were stopped"
+                    if steady
+                    else ""
+                )
+                + "\n\n"
                 + md_table(
                     [
                         "ms",

@@ -394,20 +394,35 @@ def test_listdir_names_visible_files_and_survives_an_entry_vanishing(
     assert ops.listdir("d", False) == ["a", "c"]
 
 
-def test_take_restamps_after_a_racing_loser(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("when", ["after the link", "just before the unlink"])
+def test_take_restamps_after_a_racing_loser(tmp_path: Path, monkeypatch, when: str) -> None:
     """A loser racing for the same ready file may stamp its own lease on the shared inode
-    between the winner's link and unlink; the winner stamps again once the name is gone."""
+    between the winner's link and unlink; the winner stamps again once the name is gone (it
+    looks after the unlink: a look before it misses a stamp made just before the unlink)."""
     ops = LocalOps(str(tmp_path))
     (tmp_path / "a").write_bytes(b"x" * 40)
-    real_link = os.link
+    source = str(tmp_path / "a")
+
+    def loser_stamps() -> None:
+        os.utime(source, (5.0, 5.0))  # the loser's utime, before the winner's unlink
+        if hasattr(os, "setxattr"):
+            os.setxattr(source, "user.omniq.owner", b"loser")
+
+    real_link, real_unlink = os.link, os.unlink
 
     def link_then_loser_stamps(src, dst, *args, **kwargs):
         real_link(src, dst, *args, **kwargs)
-        os.utime(src, (5.0, 5.0))  # the loser's utime, before the winner's unlink
-        if hasattr(os, "setxattr"):
-            os.setxattr(src, "user.omniq.owner", b"loser")
+        loser_stamps()
 
-    monkeypatch.setattr(os, "link", link_then_loser_stamps)
+    def loser_stamps_then_unlink(path, *args, **kwargs):
+        if path == source:
+            loser_stamps()
+        real_unlink(path, *args, **kwargs)
+
+    if when == "after the link":
+        monkeypatch.setattr(os, "link", link_then_loser_stamps)
+    else:
+        monkeypatch.setattr(os, "unlink", loser_stamps_then_unlink)
     assert ops.take("a", "run/a", 1234.0, "winner").status is TakeStatus.TAKEN
     assert (tmp_path / "run" / "a").stat().st_mtime == 1234.0
     assert ops.owner("run/a") in ("winner", None)
@@ -426,9 +441,10 @@ def test_take_stamps_once_when_nobody_raced(tmp_path: Path, monkeypatch) -> None
         return real_utime(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "utime", counted)
-    assert ops.take("a", "run/a", 1234.5, "w").status is TakeStatus.TAKEN
+    # A whole second: kept as set where a filesystem keeps coarse times.
+    assert ops.take("a", "run/a", 1234.0, "w").status is TakeStatus.TAKEN
     assert stamps == [str(tmp_path / "a")]
-    assert (tmp_path / "run" / "a").stat().st_mtime == 1234.5
+    assert (tmp_path / "run" / "a").stat().st_mtime == 1234.0
 
 
 def test_take_refuses_a_leftover_tombstone(tmp_path: Path) -> None:

@@ -355,10 +355,11 @@ class LocalOps:
             log.warning("claimed %s, but removing its ready name failed: %s", dst, exc)
         st = os.stat(target)
         if st.st_mtime_ns != stamp:
-            # Once more, now that no other claimer can reach the file by its ready name: a
+            # Once more, now that no new claimer can reach the file by its ready name: a
             # loser of the race stamped its own lease between our stamp and unlink (or the
-            # filesystem keeps coarser times). Looked at first: the stat is needed anyway, a
-            # stamp is a write.
+            # filesystem keeps coarser times). Looked at first, after the unlink: the stat is
+            # needed anyway, a stamp is a write. (A loser's stamp already under way can still
+            # land after this, as it could after an unconditional second stamp.)
             try:
                 os.utime(target, ns=(stamp, stamp))
             except OSError as exc:  # the claim is won: keep it
