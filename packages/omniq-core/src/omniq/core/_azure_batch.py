@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from ._azure_rest import container_client
+
 BATCH = 256  # the most sub-requests Azure takes in one batch
 _ACCEPTED, _GONE = 202, 404
 # The batch itself refused (an account, a token or an emulator without blob batches):
@@ -26,7 +28,7 @@ async def azure_delete(azure: Any, paths: list[str]) -> None:
         container, key, _ = azure.split_path(path)
         keys[container].append(key)
     for container, names in keys.items():
-        client = azure.service_client.get_container_client(container)
+        client = container_client(azure, container)
         left: list[str] = []
         for start in range(0, len(names), BATCH):
             chunk = names[start : start + BATCH]

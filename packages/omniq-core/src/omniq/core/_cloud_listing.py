@@ -12,7 +12,7 @@ import functools
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from ._azure_rest import AzureBlob, azure_page
+from ._azure_rest import AzureBlob, azure_page, container_client
 
 
 def _prefix(key: str) -> str:
@@ -58,7 +58,7 @@ async def gcs_files(gcs: Any, path: str) -> list[dict[str, Any]]:
 def _azure_container(azure: Any, path: str) -> tuple[Any, str]:
     """The container client of ``path`` and the listing prefix inside it."""
     container, key, _ = azure.split_path(path)
-    return azure.service_client.get_container_client(container), _prefix(key)
+    return container_client(azure, container), _prefix(key)
 
 
 def _azure_query(prefix: str, per_page: int, **more: str) -> dict[str, str]:

@@ -139,7 +139,7 @@ class _Call(NamedTuple):
     kwargs: dict[str, Any]
 
 
-class _S3Call(NamedTuple):
+class _PluginCall(NamedTuple):
     """A coroutine function of a cloud plugin (the filesystem inside the ``DirFileSystem``),
     called with it and ``args``: awaited on the running loop async, run on the plugin's own
     loop sync."""
@@ -162,7 +162,7 @@ class _Sleep(NamedTuple):
     seconds: float
 
 
-_Step = _Call | _S3Call | _Method | _Sleep
+_Step = _Call | _PluginCall | _Method | _Sleep
 _Steps = Generator[_Step, Any, T]
 
 
@@ -197,7 +197,7 @@ def _run_sync(ops: _FsspecSteps, steps: _Steps[T]) -> T:
             try:
                 if isinstance(step, _Call):
                     result = getattr(ops.fs, step.name)(*step.args, **step.kwargs)
-                elif isinstance(step, _S3Call):
+                elif isinstance(step, _PluginCall):
                     from fsspec.asyn import sync
 
                     inner = ops.fs.fs
@@ -224,7 +224,7 @@ async def _run_async(ops: _FsspecSteps, steps: _Steps[T]) -> T:
             try:
                 if isinstance(step, _Call):
                     result = await getattr(ops.fs, f"_{step.name}")(*step.args, **step.kwargs)
-                elif isinstance(step, _S3Call):
+                elif isinstance(step, _PluginCall):
                     result = await step.fn(ops.fs.fs, *step.args)
                 elif isinstance(step, _Method):
                     method = getattr(ops, step.name)
@@ -253,7 +253,7 @@ class _FsspecSteps:
         # Azure: a GET of its own (adlfs' cat_file builds the SDK's downloader for each read).
         reader = _for_plugin(self.fs.fs, None, None, azure_read)
         if reader is not None:
-            data: bytes | None = yield from _s3(reader, self.fs._join(key))
+            data: bytes | None = yield from _plugin_call(reader, self.fs._join(key))
             return data
         try:
             return (yield from _call("cat_file", key, **_read_options(self.fs)))  # type: ignore[no-any-return]
@@ -265,7 +265,7 @@ class _FsspecSteps:
         # Azure: a request of its own (adlfs' pipe_file builds the SDK's uploader each time).
         writer = _for_plugin(self.fs.fs, None, None, azure_write)
         if writer is not None:
-            yield _S3Call(writer, (self.fs._join(key), data, create))
+            yield from _plugin_call(writer, self.fs._join(key), data, create)
         else:
             yield _Call("pipe_file", (key, data), {"mode": "create"} if create else {})
 
@@ -322,7 +322,7 @@ class _FsspecSteps:
         batched = _for_plugin(self.fs.fs, None, None, azure_delete)  # adlfs: a DELETE each
         if batched is not None:
             paths = [self.fs._join(key) for key in keys]
-            yield from _retrying("delete", keys[0], lambda: _s3(batched, paths))
+            yield from _retrying("delete", keys[0], lambda: _plugin_call(batched, paths))
             return
         try:
             yield from _retrying("delete", keys[0], lambda: _call("rm", keys))
@@ -337,7 +337,7 @@ class _FsspecSteps:
         if lister is not None:
             path = self.fs._join(prefix)
             infos: list[dict[str, Any]] = yield from _retrying(
-                "list", prefix, lambda: _s3(lister, path)
+                "list", prefix, lambda: _plugin_call(lister, path)
             )
             return infos
 
@@ -367,7 +367,7 @@ class _FsspecSteps:
         if lister is not None:
             path = self.fs._join(prefix)
             names: list[str] = yield from _retrying(
-                "list", prefix, lambda: _s3(lister, path, after, limit)
+                "list", prefix, lambda: _plugin_call(lister, path, after, limit)
             )
             return names
         (listed,) = yield _Method("listdir", [(prefix, False)])
@@ -384,7 +384,7 @@ class _FsspecSteps:
         if lister is not None:
             path = self.fs._join(prefix)
             names: list[str] = yield from _retrying(
-                "list", prefix, lambda: _s3(lister, path, limit)
+                "list", prefix, lambda: _plugin_call(lister, path, limit)
             )
             return names
         out: list[str] = []
@@ -416,8 +416,8 @@ def _for_plugin(
     return None
 
 
-def _s3(fn: Callable[..., Awaitable[Any]], *args: Any) -> _Steps[Any]:
-    return (yield _S3Call(fn, args))
+def _plugin_call(fn: Callable[..., Awaitable[Any]], *args: Any) -> _Steps[Any]:
+    return (yield _PluginCall(fn, args))
 
 
 def _exists_call(key: str) -> _Steps[bool]:

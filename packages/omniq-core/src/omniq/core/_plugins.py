@@ -250,12 +250,13 @@ def _tune_s3_clients(fs: Any, own_session: bool) -> None:
         client = await original(*args, **kwargs)
         events = getattr(getattr(client, "meta", None), "events", None)
         session = getattr(fs, "session", None)
-        try:
-            from botocore.handlers import add_expect_header
-        except ImportError:  # pragma: no cover - another botocore version
-            return client
         if events is not None:
-            events.unregister("before-call.s3", add_expect_header)
+            try:
+                from botocore.handlers import add_expect_header
+            except ImportError:  # pragma: no cover - another botocore version
+                pass
+            else:
+                events.unregister("before-call.s3", add_expect_header)
         if session is not None and not own_session:
             parsers = session.get_component("response_parser_factory")
             parsers.set_parser_defaults(timestamp_parser=iso_timestamp)
