@@ -24,10 +24,11 @@ queue, flat in depth, per-worker throughput under request latency, idle polling 
   300 x K queued, tasks/s divided by K (a worker's start is a dozen requests in a row, ~0.4 s at
   20 ms before its first task ends, and a drain's last tasks leave slots empty); the rate from
   the workers' start until they are stopped at the stretch's end (the "whole drain" column) is
-  shown beside it. Until the 2026-12-06 run the figure was a whole drain of 100 tasks a worker. The same drain with no proxy gives the
-  *ceiling*: what the emulator and the worker, sharing this machine's cores, reach with no
-  latency at all. Where the 20 ms bound is above that ceiling, the 20 ms ratio measures the
-  emulator's CPU, not the worker; the 100 ms row keeps the bound under it.
+  shown beside it. Until the 2026-12-06 run the figure was a whole drain of 100 tasks a
+  worker. The same drain with no proxy gives the *ceiling*: what the emulator and the worker,
+  sharing this machine's cores, reach with no latency at all. Where the 20 ms bound is above
+  that ceiling, the 20 ms ratio measures the emulator's CPU, not the worker; the 100 ms row
+  keeps the bound under it.
 * **Idle polling.** One worker idles on an empty queue: requests it sends per minute (counted
   over ``idle_s``), then the pick-up latency of single tasks enqueued at random moments
   (enqueue returned -> the task function started), against ``max_poll_interval / 2``.
